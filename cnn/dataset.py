@@ -1,0 +1,146 @@
+"""An ingested dataset on disk: manifest, metadata and the memory-mapped uint8 image cache.
+
+Layout of `datasets/NAME/`:
+  manifest.parquet   one row per source file (MANIFEST_COLUMNS)
+  dataset.json       metadata; written last, it is the commit point of an ingest
+  report.json/.md    the dataset report
+  cache/images-<token>.npy  uint8 array (N, H, W, C), opened with np.load(mmap_mode="r")
+  cache/ids-<token>.npy     the image_id (sha256) of each cache slot ("" marks an unused slot)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cnn.errors import UserError
+
+MANIFEST_COLUMNS = [
+    "image_id", "path", "label", "split", "group", "width", "height", "format",
+    "status", "reason", "size_bytes", "mtime_ns",
+]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def validate_name(name: str) -> str:
+    """Return `name` if it is a safe dataset or model name, else raise UserError."""
+    if not _NAME.match(name or ""):
+        raise UserError(
+            f"invalid name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass
+class DatasetMeta:
+    """What dataset.json records: how the cache was built, how splits were drawn, what it holds."""
+
+    name: str
+    source: str
+    layout: str
+    image_size: int
+    channels: int
+    resize: str
+    seed: int
+    val_fraction: float
+    test_fraction: float
+    group_column: str
+    classes: list[str] = field(default_factory=list)
+    cache_token: str = ""
+    updated_at: str = ""
+    format_version: int = 1
+
+    def cache_key(self) -> tuple[int, int, str]:
+        """Decoding parameters; a change invalidates the cache."""
+        return (self.image_size, self.channels, self.resize)
+
+    def split_key(self) -> tuple[int, float, float, str]:
+        """Splitting parameters; a change redraws the splits."""
+        return (self.seed, self.val_fraction, self.test_fraction, self.group_column)
+
+
+class Dataset:
+    """Read access to an ingested dataset folder."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.parquet"
+
+    @property
+    def meta_path(self) -> Path:
+        return self.root / "dataset.json"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    def exists(self) -> bool:
+        return self.meta_path.is_file() and self.manifest_path.is_file()
+
+    def require(self) -> Dataset:
+        """Raise a UserError naming the fix when the dataset has not been ingested."""
+        if not self.exists():
+            raise UserError(
+                f"dataset {self.name!r} not found under {self.root.parent}; run `cnn ingest SOURCE --dataset {self.name}` first"
+            )
+        return self
+
+    def meta(self) -> DatasetMeta:
+        return DatasetMeta(**json.loads(self.meta_path.read_text(encoding="utf-8")))
+
+    def manifest(self) -> pd.DataFrame:
+        return pd.read_parquet(self.manifest_path)
+
+    def cache_paths(self, token: str) -> tuple[Path, Path]:
+        return self.cache_dir / f"images-{token}.npy", self.cache_dir / f"ids-{token}.npy"
+
+    def open_cache(self, token: str | None = None) -> ImageCache:
+        """Memory-map the image cache (no decoding, no copy)."""
+        token = token if token is not None else self.meta().cache_token
+        images_path, ids_path = self.cache_paths(token)
+        if not token or not images_path.is_file():
+            return ImageCache.empty()
+        images = np.load(images_path, mmap_mode="r")
+        ids = np.load(ids_path, allow_pickle=False)
+        return ImageCache(images, ids)
+
+
+@dataclass
+class ImageCache:
+    """The uint8 images of a dataset, addressed by image_id."""
+
+    images: np.ndarray  # (N, H, W, C) uint8, usually a read-only memmap
+    ids: np.ndarray  # (N,) str
+
+    @classmethod
+    def empty(cls) -> ImageCache:
+        return cls(np.zeros((0, 1, 1, 1), dtype=np.uint8), np.zeros((0,), dtype="<U64"))
+
+    def __len__(self) -> int:
+        return int((self.ids != "").sum())
+
+    def index(self) -> dict[str, int]:
+        """Map image_id -> slot."""
+        return {str(image_id): i for i, image_id in enumerate(self.ids) if image_id}
+
+    def get(self, image_id: str) -> np.ndarray:
+        slot = self.index().get(image_id)
+        if slot is None:
+            raise KeyError(image_id)
+        return self.images[slot]
+
+
+def meta_to_json(meta: DatasetMeta) -> dict[str, object]:
+    return asdict(meta)

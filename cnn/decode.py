@@ -1,0 +1,308 @@
+"""The one image decoder: every path (ingest, training, scoring, the MLflow pyfunc) decodes through here.
+
+Formats are recognised by their bytes, never by extension. Every decode runs under the same safety
+limits (file size, Pillow's decompression-bomb limit raised as an error, truncated data rejected) and
+the same normalisation (EXIF orientation, mode -> 8-bit L or RGB, aspect-preserving resize).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF", "DICOM")
+RESIZE_MODES = ("pad", "crop")
+DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
+_EXIF_ORIENTATION = 0x0112
+_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
+
+
+class DecodeError(Exception):
+    """A file that cannot be turned into an image; `reason` is the short text stored in manifests."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What the decoder produces and the limits it enforces."""
+
+    channels: Literal[1, 3] = 3
+    size: int | None = None  # side of the square output; None keeps the native size
+    resize: Literal["pad", "crop"] = "pad"
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    max_pixels: int | None = None  # None: Pillow's Image.MAX_IMAGE_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, not {self.channels}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, not {self.resize!r}")
+        if self.size is not None and self.size < 8:
+            raise ValueError(f"image size must be at least 8 pixels, not {self.size}")
+
+    @property
+    def pixel_limit(self) -> int:
+        """The largest number of pixels a source image may have."""
+        return self.max_pixels or Image.MAX_IMAGE_PIXELS or 2**31
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded image: uint8 array of shape (H, W, C) plus facts about the source."""
+
+    array: np.ndarray
+    width: int  # source width after EXIF orientation
+    height: int
+    format: str
+
+
+def sniff_format(head: bytes) -> str:
+    """Name the image format from the first bytes of a file, or raise DecodeError saying what it is."""
+    if not head:
+        raise DecodeError("empty file (0 bytes)")
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head.startswith(b"BM"):
+        return "BMP"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "TIFF"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[128:132] == b"DICM":
+        return "DICOM"
+    raise DecodeError(_describe_unknown(head))
+
+
+def _describe_unknown(head: bytes) -> str:
+    if head.startswith(b"%PDF"):
+        return "not an image: PDF document"
+    text = head[:512].lstrip(b"\xef\xbb\xbf").lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        return "not an image: HTML page"
+    if text.startswith(b"<?xml") or text.startswith(b"<svg"):
+        return "not an image: XML/SVG text (vector images are not supported)"
+    printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head[:512])
+    if printable >= 0.95 * min(len(head), 512):
+        return "not an image: text file"
+    return "unrecognised file format"
+
+
+def read_image_bytes(path: str | os.PathLike[str], spec: DecodeSpec) -> bytes:
+    """Read a file under the size limit; raise DecodeError for missing, unreadable or oversize files."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > spec.max_file_bytes:
+            raise DecodeError(
+                f"file too large: {size} bytes exceeds the {spec.max_file_bytes}-byte limit"
+            )
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DecodeError("file not found") from None
+    except IsADirectoryError:
+        raise DecodeError("not a file") from None
+    except PermissionError:
+        raise DecodeError("permission denied") from None
+
+
+def decode_bytes(data: bytes, spec: DecodeSpec) -> DecodedImage:
+    """Decode image bytes into a normalised uint8 (H, W, C) array, or raise DecodeError."""
+    if len(data) > spec.max_file_bytes:
+        raise DecodeError(f"file too large: {len(data)} bytes exceeds the {spec.max_file_bytes}-byte limit")
+    fmt = sniff_format(data[:1024])
+    try:
+        if fmt == "DICOM":
+            image, width, height = _open_dicom(data, spec)
+        else:
+            image, width, height = _open_pillow(data, fmt, spec)
+        image = _to_channels(image, spec.channels)
+        if spec.size is not None:
+            image = _fit_square(image, spec.size, spec.resize)
+        array = np.asarray(image, dtype=np.uint8)
+    except DecodeError:
+        raise
+    except MemoryError:
+        raise DecodeError(f"{fmt} image too large to decode in memory") from None
+    # Decoders fed untrusted bytes raise many exception types (OSError, SyntaxError, ValueError,
+    # struct.error, IndexError, zlib.error...); each one means "this file is bad", never "stop the batch".
+    except Exception as exc:  # noqa: BLE001
+        raise DecodeError(_describe_failure(fmt, exc)) from None
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return DecodedImage(array=np.ascontiguousarray(array), width=width, height=height, format=fmt)
+
+
+def decode_file(path: str | os.PathLike[str], spec: DecodeSpec) -> DecodedImage:
+    """Read and decode one file under `spec`'s limits."""
+    return decode_bytes(read_image_bytes(path, spec), spec)
+
+
+def _describe_failure(fmt: str, exc: Exception) -> str:
+    message = str(exc).strip() or type(exc).__name__
+    if "truncated" in message.lower():
+        return f"truncated {fmt} data: {message}"
+    return f"corrupt {fmt} data: {message}"
+
+
+def _open_pillow(data: bytes, fmt: str, spec: DecodeSpec) -> tuple[Image.Image, int, int]:
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; refusing to decode unsafely")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data), formats=[fmt])
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise DecodeError(f"decompression bomb: {exc}") from None
+        pixels = image.width * image.height
+        if pixels > spec.pixel_limit:
+            raise DecodeError(
+                f"decompression bomb: {pixels} pixels exceeds the limit of {spec.pixel_limit}"
+            )
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        width, height = image.size
+        if orientation in _SWAPPING_ORIENTATIONS:
+            width, height = height, width
+        if fmt == "JPEG" and spec.size is not None:
+            _draft_jpeg(image, spec)
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)  # animated GIF/WebP/TIFF: the first frame
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    return image, width, height
+
+
+def _draft_jpeg(image: Image.Image, spec: DecodeSpec) -> None:
+    """Let libjpeg decode at a reduced scale (1/2, 1/4, 1/8) when the target is much smaller."""
+    assert spec.size is not None
+    w, h = image.size
+    scale = spec.size / (max(w, h) if spec.resize == "pad" else min(w, h))
+    if scale >= 1:
+        return
+    mode = "L" if spec.channels == 1 and image.mode in ("L", "RGB", "YCbCr") else None
+    image.draft(mode, (math.ceil(w * scale), math.ceil(h * scale)))
+
+
+def _open_dicom(data: bytes, spec: DecodeSpec) -> tuple[Image.Image, int, int]:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import get_decoder
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
+        raise DecodeError(f"invalid DICOM file: {exc}") from None
+    if "PixelData" not in ds:
+        raise DecodeError("DICOM file has no pixel data")
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if rows * cols > spec.pixel_limit:
+        raise DecodeError(f"decompression bomb: {rows * cols} pixels exceeds the limit of {spec.pixel_limit}")
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is not None and syntax.is_compressed:
+        try:
+            available = get_decoder(syntax).is_available
+        except NotImplementedError:
+            available = False
+        if not available:
+            raise DecodeError(
+                f"compressed DICOM ({syntax.name}) needs a codec plugin that is not installed"
+                " (pylibjpeg or python-gdcm)"
+            )
+    pixels = np.asarray(ds.pixel_array)
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        pixels = pixels[0]
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric.startswith("MONOCHROME"):
+        gray = _dicom_grayscale(pixels, ds)
+        if photometric == "MONOCHROME1":
+            gray = 255 - gray  # MONOCHROME1: low values are white
+        return Image.fromarray(gray, mode="L"), cols, rows
+    rgb = pixels if pixels.dtype == np.uint8 else _minmax_to_uint8(pixels.astype(np.float32))
+    return Image.fromarray(rgb[..., :3], mode="RGB"), cols, rows
+
+
+def _dicom_grayscale(pixels: np.ndarray, ds: object) -> np.ndarray:
+    """Modality LUT (rescale slope/intercept), then the VOI window, then 0..255."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
+    center, width = _first_value(ds, "WindowCenter"), _first_value(ds, "WindowWidth")
+    if center is not None and width is not None and width > 0:
+        low = center - width / 2.0
+        scaled = np.clip((values - low) / width, 0.0, 1.0) * 255.0
+        return np.rint(scaled).astype(np.uint8)
+    if "VOILUTSequence" in ds:  # type: ignore[operator]
+        values = np.asarray(apply_voi_lut(values, ds), dtype=np.float32)
+    return _minmax_to_uint8(values)
+
+
+def _first_value(ds: object, keyword: str) -> float | None:
+    value = getattr(ds, keyword, None)
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0] if len(value) else None
+    return None if value is None else float(value)
+
+
+def _minmax_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Scale the image's own range to 0..255 (never clip high-bit-depth data)."""
+    values = values.astype(np.float32, copy=False)
+    low, high = float(np.min(values)), float(np.max(values))
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def _to_channels(image: Image.Image, channels: int) -> Image.Image:
+    """Normalise any Pillow mode to 8-bit L (1 channel) or RGB (3 channels)."""
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":  # 16/32-bit integer or float: scale the range, never clip
+        gray = _minmax_to_uint8(np.asarray(image))
+        image = Image.fromarray(gray, mode="L")
+    elif mode == "1":
+        image = image.convert("L")
+    elif mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode in ("L", "RGB") and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        image = _flatten_alpha(image)
+    target = "L" if channels == 1 else "RGB"
+    return image if image.mode == target else image.convert(target)
+
+
+def _flatten_alpha(image: Image.Image) -> Image.Image:
+    """Composite transparent images onto white, so transparent areas don't reveal hidden colours."""
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _fit_square(image: Image.Image, size: int, mode: str) -> Image.Image:
+    """Resize keeping the aspect ratio: `pad` letterboxes with black, `crop` keeps the centre."""
+    w, h = image.size
+    scale = size / (max(w, h) if mode == "pad" else min(w, h))
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    if mode == "crop":
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        return image.crop((left, top, left + size, top + size))
+    canvas = Image.new(image.mode, (size, size), 0)
+    canvas.paste(image, ((size - new_w) // 2, (size - new_h) // 2))
+    return canvas

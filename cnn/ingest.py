@@ -1,0 +1,302 @@
+"""Ingest a source into a dataset: scan -> decode into the cache -> split -> commit.
+
+Each stage is one call that reads and writes files in a staging folder and returns a path, so an
+orchestrator can run the stages as separate tasks that pass references, never arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from cnn.dataset import MANIFEST_COLUMNS, Dataset, DatasetMeta, ImageCache, validate_name
+from cnn.decode import DecodeSpec
+from cnn.errors import UserError
+from cnn.fsio import atomic_path, write_json_atomic
+from cnn.parallel import DecodeOutcome, ProgressFn, decode_many
+from cnn.sources import scan_source
+from cnn.splits import SplitFractions, assign_splits
+
+ALL_SPLITS = ("train", "val", "test")
+
+
+class IngestOptions(BaseModel):
+    """How a source becomes a dataset (unknown keys are rejected)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image_size: int = Field(224, ge=8, le=4096, description="side of the square cached images")
+    channels: Literal[1, 3] = 3
+    resize: Literal["pad", "crop"] = "pad"
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    group_column: str = "group"
+    seed: int = 0
+    workers: int = Field(0, ge=0, description="decoding processes; 0 = all cores")
+    max_file_mb: float = Field(256.0, gt=0)
+
+    def decode_spec(self) -> DecodeSpec:
+        return DecodeSpec(channels=self.channels, size=self.image_size, resize=self.resize,
+                          max_file_bytes=int(self.max_file_mb * 1024 * 1024))
+
+    def fractions(self) -> SplitFractions:
+        return SplitFractions(val=self.val_fraction, test=self.test_fraction)
+
+
+def staging_dir(dataset_dir: Path) -> Path:
+    """Where the stages of an ingest keep their intermediate files."""
+    return Path(dataset_dir) / ".staging"
+
+
+# --- stage 1: scan ---------------------------------------------------------------------------
+
+def stage_scan(source: str | Path, dataset_dir: Path, options: IngestOptions) -> Path:
+    """List the source's files into staging/scan.parquet; raise UserError for an unusable source."""
+    validate_name(Path(dataset_dir).name)
+    options.fractions()  # validate before any work
+    listing = scan_source(source, options.group_column)
+    staging = staging_dir(dataset_dir)
+    if staging.exists():
+        shutil.rmtree(staging)  # leftovers of an interrupted ingest
+    staging.mkdir(parents=True)
+    listing.files.to_parquet(staging / "scan.parquet", index=False)
+    write_json_atomic(staging / "scan.json", {"source": str(Path(source).expanduser().resolve()),
+                                              "layout": listing.layout, "unlabelled": listing.skipped})
+    return staging / "scan.parquet"
+
+
+# --- stage 2: decode -------------------------------------------------------------------------
+
+def stage_decode(dataset_dir: Path, options: IngestOptions, progress: ProgressFn | None = None) -> Path:
+    """Decode new or changed files into a new cache; write staging/decoded.parquet."""
+    dataset, staging = Dataset(dataset_dir), staging_dir(dataset_dir)
+    files = pd.read_parquet(staging / "scan.parquet")
+    previous, old_cache, old_token = _previous_state(dataset, options)
+    old_index = old_cache.index()
+    reuse_mask, reused = _reusable_rows(files, previous, old_index)
+    known = {r.image_id: (r.width, r.height, r.format) for r in previous.itertuples()
+             if r.status == "ok" and r.image_id in old_index}
+    todo = files.loc[~reuse_mask, "path"].tolist()
+
+    builder = _CacheBuilder(dataset, old_cache, options, capacity=len(todo))
+    builder.keep(reused.loc[reused["status"] == "ok", "image_id"])
+    fresh = []
+    for outcome in decode_many(todo, options.decode_spec(), options.workers, known, progress):
+        if outcome.status == "ok" and outcome.array is None:  # same bytes as a cached image
+            width, height, fmt = known[outcome.image_id]
+            outcome = DecodeOutcome(outcome.path, outcome.image_id, "ok", "", width, height, fmt)
+            builder.keep([outcome.image_id])
+        elif outcome.status == "ok":
+            builder.add(outcome.image_id, outcome.array)
+        fresh.append(outcome)
+    token = builder.finish(old_token)
+
+    decoded = _decoded_frame(files, reuse_mask, reused, fresh)
+    decoded.to_parquet(staging / "decoded.parquet", index=False)
+    write_json_atomic(staging / "decode.json", {
+        "cache_token": token, "decoded": sum(o.array is not None for o in fresh),
+        "reused": int(reuse_mask.sum()), "files": len(files),
+    })
+    return staging / "decoded.parquet"
+
+
+def _previous_state(dataset: Dataset, options: IngestOptions) -> tuple[pd.DataFrame, ImageCache, str]:
+    """The last committed manifest and cache, when the cache was built with the same decode settings."""
+    if not dataset.exists():
+        return pd.DataFrame(columns=MANIFEST_COLUMNS), ImageCache.empty(), ""
+    meta = dataset.meta()
+    if meta.cache_key() != (options.image_size, options.channels, options.resize):
+        return pd.DataFrame(columns=MANIFEST_COLUMNS), ImageCache.empty(), ""
+    return dataset.manifest(), dataset.open_cache(meta.cache_token), meta.cache_token
+
+
+def _reusable_rows(
+    files: pd.DataFrame, previous: pd.DataFrame, old_index: dict[str, int]
+) -> tuple[pd.Series, pd.DataFrame]:
+    """Rows whose file is unchanged (same path, size, mtime) and whose result is still cached."""
+    if previous.empty:
+        return pd.Series(False, index=files.index), previous
+    prev = previous.drop_duplicates("path").set_index("path")
+    joined = files.join(prev[["size_bytes", "mtime_ns", "status", "image_id"]], on="path", rsuffix="_prev")
+    unchanged = (joined["size_bytes"] == joined["size_bytes_prev"]) & (joined["mtime_ns"] == joined["mtime_ns_prev"])
+    still_valid = (joined["status"] == "rejected") | joined["image_id"].isin(list(old_index))
+    mask = (unchanged & still_valid & (files["size_bytes"] >= 0)).fillna(False).astype(bool)
+    reused = prev.loc[files.loc[mask, "path"]].reset_index()
+    return mask, reused
+
+
+class _CacheBuilder:
+    """Writes a new cache file: surviving slots of the old one plus freshly decoded images."""
+
+    def __init__(self, dataset: Dataset, old: ImageCache, options: IngestOptions, capacity: int) -> None:
+        self.dataset, self.old, self.options = dataset, old, options
+        self.old_index = old.index()
+        self.capacity = capacity
+        self.kept: dict[str, int] = {}
+        self.new_ids: list[str] = []
+        self.images: np.ndarray | None = None
+        self.token = uuid.uuid4().hex[:12]
+
+    def keep(self, image_ids: object) -> None:
+        for image_id in image_ids:  # type: ignore[attr-defined]
+            if image_id in self.old_index:
+                self.kept[image_id] = self.old_index[image_id]
+
+    def add(self, image_id: str, array: np.ndarray) -> None:
+        if image_id in self.kept or image_id in self.new_ids:
+            return  # identical bytes seen twice in one run: stored once
+        if self.images is None:
+            self.images = self._allocate(array.shape)
+        self.images[len(self.kept) + len(self.new_ids)] = array
+        self.new_ids.append(image_id)
+
+    def _allocate(self, shape: tuple[int, ...]) -> np.ndarray:
+        images_path, _ = self.dataset.cache_paths(self.token)
+        images_path.parent.mkdir(parents=True, exist_ok=True)
+        total = len(self.kept) + self.capacity
+        images = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(total, *shape))
+        for slot, (image_id, old_slot) in enumerate(self.kept.items()):
+            images[slot] = self.old.images[old_slot]
+        return images
+
+    def finish(self, old_token: str) -> str:
+        """Flush and return the token of the cache the manifest should use."""
+        if self.images is None:
+            if len(self.kept) == len(self.old_index) and old_token:
+                return old_token  # nothing new, nothing dropped: keep the old cache as is
+            if not self.kept:
+                return ""
+            spec = self.options
+            self.images = self._allocate((spec.image_size, spec.image_size, spec.channels))
+        self.images.flush()
+        ids = np.full(self.images.shape[0], "", dtype="<U64")
+        ids[: len(self.kept) + len(self.new_ids)] = list(self.kept) + self.new_ids
+        _, ids_path = self.dataset.cache_paths(self.token)
+        with atomic_path(ids_path) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, ids, allow_pickle=False)
+        return self.token
+
+
+def _decoded_frame(
+    files: pd.DataFrame, reuse_mask: pd.Series, reused: pd.DataFrame, fresh: list[DecodeOutcome]
+) -> pd.DataFrame:
+    """One row per scanned file with the decode results, in scan order."""
+    result_cols = ["image_id", "width", "height", "format", "status", "reason"]
+    fresh_frame = pd.DataFrame(
+        [(o.path, o.image_id, o.width, o.height, o.format, o.status, o.reason) for o in fresh],
+        columns=["path", *result_cols],
+    )
+    results = pd.concat([reused[["path", *result_cols]], fresh_frame], ignore_index=True)
+    frame = files.rename(columns={"split": "preset"}).merge(results, on="path", how="left")
+    return frame.astype({"width": "int64", "height": "int64"})
+
+
+# --- stage 3: split --------------------------------------------------------------------------
+
+def stage_split(dataset_dir: Path, options: IngestOptions) -> Path:
+    """Assign train/val/test; write staging/manifest.parquet. Raise UserError for unusable data."""
+    dataset, staging = Dataset(dataset_dir), staging_dir(dataset_dir)
+    frame = pd.read_parquet(staging / "decoded.parquet")
+    scan = json.loads((staging / "scan.json").read_text())
+    ok = frame["status"] == "ok"
+    if not ok.any():
+        reasons = frame["reason"].value_counts().head(3)
+        detail = "; ".join(f"{n} x {r}" for r, n in reasons.items())
+        raise UserError(f"{scan['source']} holds no usable image ({len(frame)} files rejected: {detail})")
+    classes = sorted(frame.loc[ok, "label"].unique())
+    if len(classes) < 2:
+        raise UserError(f"{scan['source']} has {len(classes)} class ({', '.join(classes)}); at least two are needed")
+
+    rows = frame.loc[ok, ["path", "image_id", "label", "group", "preset"]].copy()
+    rows["fixed"], rows["allowed"] = _fixed_and_allowed(rows, dataset, options, scan["layout"])
+    splits, moved = assign_splits(rows, options.fractions(), options.seed)
+    frame["split"] = None
+    frame.loc[ok, "split"] = splits.to_numpy()
+    manifest = frame[MANIFEST_COLUMNS]
+    manifest.to_parquet(staging / "manifest.parquet", index=False)
+    write_json_atomic(staging / "split.json", {"moved": moved})
+    return staging / "manifest.parquet"
+
+
+def _fixed_and_allowed(
+    rows: pd.DataFrame, dataset: Dataset, options: IngestOptions, layout: str
+) -> tuple[list[str | None], list[tuple[str, ...]]]:
+    """Which rows keep a split (given by the source, or drawn by an earlier ingest) and where the rest may go."""
+    previous: dict[str, str] = {}
+    if dataset.exists():
+        meta = dataset.meta()
+        if meta.split_key() == (options.seed, options.val_fraction, options.test_fraction, options.group_column):
+            old = dataset.manifest()
+            previous = dict(zip(old.loc[old["status"] == "ok", "path"], old.loc[old["status"] == "ok", "split"]))
+    carve_val = layout == "split-folders" and "val" not in set(rows["preset"].dropna())
+    fixed: list[str | None] = []
+    allowed: list[tuple[str, ...]] = []
+    for path, preset in zip(rows["path"], rows["preset"]):
+        if isinstance(preset, str) and not (carve_val and preset == "train"):
+            fixed.append(preset)
+            allowed.append((preset,))
+            continue
+        fixed.append(previous.get(path))
+        allowed.append(("train", "val") if preset == "train" else ALL_SPLITS)
+    return fixed, allowed
+
+
+# --- stage 4: commit -------------------------------------------------------------------------
+
+def commit_dataset(dataset_dir: Path, options: IngestOptions) -> Path:
+    """Publish the staged manifest and cache: manifest first, dataset.json (the commit point) last."""
+    dataset, staging = Dataset(dataset_dir), staging_dir(dataset_dir)
+    scan = json.loads((staging / "scan.json").read_text())
+    token = json.loads((staging / "decode.json").read_text())["cache_token"]
+    manifest = pd.read_parquet(staging / "manifest.parquet")
+    classes = sorted(manifest.loc[manifest["status"] == "ok", "label"].unique())
+    with atomic_path(dataset.manifest_path) as tmp:
+        manifest.to_parquet(tmp, index=False)
+    meta = DatasetMeta(
+        name=dataset.name, source=scan["source"], layout=scan["layout"], image_size=options.image_size,
+        channels=options.channels, resize=options.resize, seed=options.seed,
+        val_fraction=options.val_fraction, test_fraction=options.test_fraction,
+        group_column=options.group_column, classes=classes, cache_token=token,
+        updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    write_json_atomic(dataset.meta_path, meta.__dict__)
+    for stale in dataset.cache_dir.glob("*"):
+        if token not in stale.name or stale.name.endswith(".tmp"):
+            stale.unlink(missing_ok=True)
+    return dataset.manifest_path
+
+
+def staged_stats(dataset_dir: Path) -> dict[str, object]:
+    """Counters the stages recorded (files, decoded, reused, moved, unlabelled, layout)."""
+    staging = staging_dir(dataset_dir)
+    stats: dict[str, object] = {}
+    for name in ("scan.json", "decode.json", "split.json"):
+        path = staging / name
+        if path.is_file():
+            stats.update(json.loads(path.read_text()))
+    return stats
+
+
+def clear_staging(dataset_dir: Path) -> None:
+    shutil.rmtree(staging_dir(dataset_dir), ignore_errors=True)
+
+
+def ingest(
+    source: str | Path, dataset_dir: Path, options: IngestOptions | None = None,
+    progress: ProgressFn | None = None,
+) -> Path:
+    """Run every stage in this process (the library path, without an orchestrator)."""
+    options = options or IngestOptions()
+    stage_scan(source, dataset_dir, options)
+    stage_decode(dataset_dir, options, progress)
+    stage_split(dataset_dir, options)
+    return commit_dataset(dataset_dir, options)
+

@@ -1,0 +1,75 @@
+"""Prefect flow `ingest`: scan -> decode -> split -> commit -> report, each task one library call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from cnn import ingest as lib
+from cnn.ingest import IngestOptions
+from cnn.report import DatasetReport, build_report, save_report
+from flows import workspace
+from flows.logfilter import quiet_user_errors
+from flows.progress import reported_progress
+
+quiet_user_errors()
+
+
+@task(name="scan-source", cache_policy=NO_CACHE)
+def scan_source(source: str, dataset_dir: str, options: IngestOptions) -> str:
+    """List the source's files and labels."""
+    return str(lib.stage_scan(source, Path(dataset_dir), options))
+
+
+@task(name="decode-images", cache_policy=NO_CACHE)
+def decode_images(dataset_dir: str, options: IngestOptions) -> str:
+    """Decode new and changed files once each, in parallel, into the memory-mapped cache."""
+    with reported_progress("decoding images", key="ingest-decode") as progress:
+        return str(lib.stage_decode(Path(dataset_dir), options, progress))
+
+
+@task(name="assign-splits", cache_policy=NO_CACHE)
+def assign_splits(dataset_dir: str, options: IngestOptions) -> str:
+    """Draw stratified, group-aware train/val/test splits."""
+    return str(lib.stage_split(Path(dataset_dir), options))
+
+
+@task(name="commit-dataset", cache_policy=NO_CACHE)
+def commit_dataset(dataset_dir: str, options: IngestOptions) -> str:
+    """Publish the manifest and cache atomically."""
+    return str(lib.commit_dataset(Path(dataset_dir), options))
+
+
+@task(name="dataset-report", cache_policy=NO_CACHE)
+def write_report(dataset_dir: str) -> str:
+    """Save the dataset report beside the manifest and publish it as artifacts."""
+    report = build_report(Path(dataset_dir), lib.staged_stats(Path(dataset_dir)))
+    path = save_report(report, Path(dataset_dir))
+    lib.clear_staging(Path(dataset_dir))
+    _publish(report)
+    return str(path)
+
+
+def _publish(report: DatasetReport) -> None:
+    key = "dataset-" + "".join(c if c.isalnum() else "-" for c in report.dataset.lower())
+    create_markdown_artifact(report.to_markdown(), key=f"{key}-report", description="Dataset report")
+    table = report.class_table().reset_index(names="class")
+    create_table_artifact(table.to_dict(orient="records"), key=f"{key}-classes",
+                          description="Images per class and split")
+
+
+@flow(name="ingest", log_prints=True)
+def ingest_flow(source: str, dataset: str, options: IngestOptions | None = None,
+                home: str | None = None) -> dict[str, str]:
+    """Ingest SOURCE into dataset DATASET under CNN_HOME; return the manifest and report paths."""
+    options = options or IngestOptions()
+    dataset_dir = str(workspace.current(home).dataset(dataset).root)
+    scan_source(source, dataset_dir, options)
+    decode_images(dataset_dir, options)
+    assign_splits(dataset_dir, options)
+    manifest = commit_dataset(dataset_dir, options)
+    report = write_report(dataset_dir)
+    return {"dataset_dir": dataset_dir, "manifest": manifest, "report": report}

@@ -1,0 +1,76 @@
+"""The workspace: where everything `cnn` writes lives (CNN_HOME), and the defaults it gives Prefect and MLflow.
+
+Nothing happens at import time: `configure()` is called by the CLI (or a deployment's entry point)
+before Prefect or MLflow are imported, because both read their settings when they load.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cnn.dataset import Dataset, validate_name
+
+DEFAULT_HOME = "./data"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Paths under CNN_HOME."""
+
+    home: Path
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.home / "datasets"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.home / "prefect"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.home / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.home / "mlartifacts"
+
+    @property
+    def default_tracking_uri(self) -> str:
+        return f"sqlite:///{self.mlflow_db}"
+
+    def dataset(self, name: str) -> Dataset:
+        """The folder of dataset `name` (validated, not necessarily ingested yet)."""
+        return Dataset(self.datasets_dir / validate_name(name))
+
+
+def current(home: str | os.PathLike[str] | None = None) -> Workspace:
+    """The workspace for `home`, else $CNN_HOME, else ./data (made absolute)."""
+    raw = home if home is not None else os.environ.get("CNN_HOME") or DEFAULT_HOME
+    return Workspace(Path(raw).expanduser().resolve())
+
+
+def configure(home: str | os.PathLike[str] | None = None) -> Workspace:
+    """Create the workspace and set environment defaults for Prefect and MLflow (never overriding the user's)."""
+    ws = current(home)
+    ws.home.mkdir(parents=True, exist_ok=True)
+    os.environ["CNN_HOME"] = str(ws.home)
+    defaults = {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "true",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_TRACKING_URI": ws.default_tracking_uri,
+        "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true",
+    }
+    if not os.environ.get("PREFECT_API_URL"):
+        # No server given: Prefect runs a throwaway local server on a database under CNN_HOME.
+        defaults.update({
+            "PREFECT_HOME": str(ws.prefect_home),
+            "PREFECT_SERVER_EPHEMERAL_ENABLED": "true",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        })
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    return ws

@@ -61,7 +61,7 @@ def _publish(report: DatasetReport) -> None:
                           description="Images per class and split")
 
 
-@flow(name="ingest", log_prints=True)
+@flow(name="ingest")
 def ingest_flow(source: str, dataset: str, options: IngestOptions | None = None,
                 home: str | None = None) -> dict[str, str]:
     """Ingest SOURCE into dataset DATASET under CNN_HOME; return the manifest and report paths."""

@@ -1,0 +1,253 @@
+"""The one decoder: formats by content, odd modes, EXIF, DICOM, and every kind of bad input."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnn.decode import DecodeError, DecodeSpec, decode_bytes, decode_file, sniff_format
+from cnn.parallel import decode_many
+from tests.conftest import image_bytes
+
+RGB = DecodeSpec(channels=3)
+GRAY = DecodeSpec(channels=1)
+
+
+def _noise(h: int = 32, w: int = 32, c: int = 3, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, c), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("fmt,expected", [("PNG", "PNG"), ("JPEG", "JPEG"), ("BMP", "BMP"), ("TIFF", "TIFF"),
+                                          ("WEBP", "WEBP"), ("GIF", "GIF")])
+def test_each_format_decodes_by_content(fmt: str, expected: str) -> None:
+    out = decode_bytes(image_bytes(_noise(20, 30), fmt), RGB)
+    assert out.format == expected
+    assert out.array.shape == (20, 30, 3) and out.array.dtype == np.uint8
+    assert (out.width, out.height) == (30, 20)
+
+
+def test_wrong_extension_with_valid_content_decodes(tmp_path: Path) -> None:
+    path = tmp_path / "photo.jpg"
+    pixels = _noise()
+    path.write_bytes(image_bytes(pixels, "PNG"))
+    out = decode_file(path, RGB)
+    assert out.format == "PNG"
+    np.testing.assert_array_equal(out.array, pixels)  # PNG is lossless: exact pixels
+
+
+def test_gif_uses_first_frame() -> None:
+    red = Image.new("RGB", (16, 16), (255, 0, 0))
+    blue = Image.new("RGB", (16, 16), (0, 0, 255))
+    buffer = io.BytesIO()
+    red.save(buffer, "GIF", save_all=True, append_images=[blue])
+    out = decode_bytes(buffer.getvalue(), RGB).array
+    assert out[..., 0].min() > 200 and out[..., 2].max() < 50
+
+
+def test_cmyk_jpeg_becomes_rgb() -> None:
+    cmyk = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # pure red in CMYK
+    buffer = io.BytesIO()
+    cmyk.save(buffer, "JPEG", quality=95)
+    out = decode_bytes(buffer.getvalue(), RGB).array
+    assert out.shape == (16, 16, 3)
+    assert out[..., 0].mean() > 200 and out[..., 1].mean() < 60
+
+
+def test_palette_with_transparency_is_flattened_on_white() -> None:
+    image = Image.new("P", (8, 8), 0)
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    image.paste(1, (0, 0, 4, 8))  # left half red, right half index 0 = transparent black
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", transparency=0)
+    out = decode_bytes(buffer.getvalue(), RGB).array
+    assert tuple(out[0, 0]) == (255, 0, 0)
+    assert tuple(out[0, 7]) == (255, 255, 255)  # transparent shows white, not the hidden black
+
+
+def test_rgba_alpha_composited() -> None:
+    pixels = np.zeros((4, 4, 4), dtype=np.uint8)
+    pixels[..., 2] = 255
+    pixels[:, :2, 3] = 255  # left opaque blue, right fully transparent
+    out = decode_bytes(image_bytes(pixels), RGB).array
+    assert tuple(out[0, 0]) == (0, 0, 255) and tuple(out[0, 3]) == (255, 255, 255)
+
+
+def test_sixteen_bit_is_scaled_not_clipped() -> None:
+    ramp = np.linspace(0, 4095, 64, dtype=np.float64).astype(np.uint16).reshape(8, 8)  # 12-bit data
+    out = decode_bytes(image_bytes(ramp), GRAY).array[..., 0]
+    assert out.min() == 0 and out.max() == 255
+    assert len(np.unique(out)) > 50  # a clip at 255 would leave almost everything saturated
+    assert np.all(np.diff(out.ravel().astype(int)) >= 0)  # order preserved
+
+
+def test_one_bit_image() -> None:
+    image = Image.new("1", (8, 8), 0)
+    image.paste(1, (0, 0, 4, 8))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    out = decode_bytes(buffer.getvalue(), GRAY).array[..., 0]
+    assert out[0, 0] == 255 and out[0, 7] == 0
+
+
+def test_rgb_to_gray_and_gray_to_rgb() -> None:
+    gray = decode_bytes(image_bytes(_noise()), GRAY).array
+    assert gray.shape == (32, 32, 1)
+    rgb = decode_bytes(image_bytes(_noise(c=1)[..., 0]), RGB).array
+    assert rgb.shape == (32, 32, 3)
+    np.testing.assert_array_equal(rgb[..., 0], rgb[..., 2])
+
+
+def test_exif_orientation_is_applied() -> None:
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[:, :20] = 255  # left half white in the stored pixels
+    image = Image.fromarray(stored)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif, quality=95)
+    out = decode_bytes(buffer.getvalue(), GRAY)
+    assert (out.width, out.height) == (20, 40)
+    assert out.array.shape == (40, 20, 1)
+    expected = np.rot90(stored[..., 0], k=-1)  # clockwise: the left half ends up on top
+    assert np.abs(out.array[..., 0].astype(int) - expected).mean() < 10
+
+
+def test_pad_keeps_whole_image_and_crop_fills() -> None:
+    wide = np.full((50, 100, 3), 255, dtype=np.uint8)
+    padded = decode_bytes(image_bytes(wide), DecodeSpec(channels=1, size=32, resize="pad")).array[..., 0]
+    cropped = decode_bytes(image_bytes(wide), DecodeSpec(channels=1, size=32, resize="crop")).array[..., 0]
+    assert padded.shape == cropped.shape == (32, 32)
+    assert padded[0].max() == 0 and padded[16].min() == 255  # black bars top and bottom
+    assert cropped.min() == 255
+
+
+def test_jpeg_draft_decode_matches_full_decode() -> None:
+    big = np.kron(_noise(30, 40, seed=3), np.ones((16, 16, 1), dtype=np.uint8))  # 480x640
+    data = image_bytes(big, "JPEG", quality=95)
+    spec = DecodeSpec(channels=3, size=64)
+    fast = decode_bytes(data, spec).array.astype(int)
+    full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((64, 48), Image.Resampling.BILINEAR))
+    assert np.abs(fast[8:56] - full.astype(int)).mean() < 6
+
+
+BAD_INPUTS = {
+    "empty": (b"", "empty file"),
+    "text": (b"just some notes about the claim\n", "text file"),
+    "html": (b"<!DOCTYPE html><html><body>login</body></html>", "HTML"),
+    "pdf": (b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog >>\nendobj\n", "PDF"),
+    "garbage": (bytes(range(256)) * 4, "unrecognised"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_INPUTS))
+def test_non_images_are_rejected_with_a_reason(kind: str) -> None:
+    data, reason = BAD_INPUTS[kind]
+    with pytest.raises(DecodeError, match=reason):
+        decode_bytes(data, RGB)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_files_are_rejected(fmt: str) -> None:
+    data = image_bytes(_noise(64, 64), fmt)
+    with pytest.raises(DecodeError, match=f"(truncated|corrupt) {fmt}"):
+        decode_bytes(data[: len(data) // 2], RGB)
+
+
+def test_decompression_bomb_warning_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = image_bytes(_noise(40, 40))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1600 px: Pillow warns, we refuse
+    with pytest.raises(DecodeError, match="decompression bomb"):
+        decode_bytes(data, RGB)
+
+
+def test_pixel_limit_from_spec() -> None:
+    with pytest.raises(DecodeError, match="decompression bomb"):
+        decode_bytes(image_bytes(_noise(40, 40)), DecodeSpec(max_pixels=1000))
+
+
+def test_file_size_limit_and_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "a.png"
+    path.write_bytes(image_bytes(_noise()))
+    with pytest.raises(DecodeError, match="file too large"):
+        decode_file(path, DecodeSpec(max_file_bytes=100))
+    with pytest.raises(DecodeError, match="file not found"):
+        decode_file(tmp_path / "missing.png", RGB)
+
+
+def test_sniff_rejects_unknown() -> None:
+    assert sniff_format(b"\x89PNG\r\n\x1a\n" + b"\0" * 10) == "PNG"
+    with pytest.raises(DecodeError):
+        sniff_format(b"\x00\x01\x02\x03")
+
+
+def _dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", syntax: str | None = None,
+                 window: tuple[float, float] | None = None, slope: float = 1.0, intercept: float = 0.0) -> bytes:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = UID(syntax) if syntax else ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 12, 11, 0
+    ds.PhotometricInterpretation = photometric
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    if syntax:
+        ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\0" * 64])
+    else:
+        ds.PixelData = pixels.astype(np.uint16).tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_dicom_monochrome2_and_inverted_monochrome1() -> None:
+    ramp = np.tile(np.linspace(0, 4000, 16).astype(np.uint16), (16, 1))
+    normal = decode_bytes(_dicom_bytes(ramp), GRAY)
+    inverted = decode_bytes(_dicom_bytes(ramp, "MONOCHROME1"), GRAY)
+    assert normal.format == "DICOM" and (normal.width, normal.height) == (16, 16)
+    assert normal.array[0, 0, 0] == 0 and normal.array[0, -1, 0] == 255
+    np.testing.assert_array_equal(inverted.array, 255 - normal.array)
+
+
+def test_dicom_rescale_and_window() -> None:
+    stored = np.tile(np.arange(0, 4000, 250, dtype=np.uint16), (16, 1))  # 0..3750
+    # HU = stored*1 - 1000: window centre 0 width 1000 -> [-500, 500] HU -> stored [500, 1500]
+    out = decode_bytes(_dicom_bytes(stored, window=(0, 1000), intercept=-1000), GRAY).array[0, :, 0]
+    assert out[stored[0] <= 500].max() == 0
+    assert out[stored[0] >= 1500].min() == 255
+    assert 0 < out[list(stored[0]).index(1000)] < 255
+
+
+def test_compressed_dicom_without_codec_is_rejected() -> None:
+    data = _dicom_bytes(np.zeros((8, 8), np.uint16), syntax="1.2.840.10008.1.2.4.80")  # JPEG-LS lossless
+    with pytest.raises(DecodeError, match="codec"):
+        decode_bytes(data, GRAY)
+
+
+def test_decode_many_in_workers_keeps_order_and_survives_bad_files(tmp_path: Path) -> None:
+    paths = []
+    for i in range(20):
+        path = tmp_path / f"{i:02d}.png"
+        path.write_bytes(b"broken" if i == 7 else image_bytes(_noise(seed=i)))
+        paths.append(str(path))
+    spec = DecodeSpec(channels=3, size=16)
+    parallel = list(decode_many(paths, spec, workers=2))
+    inline = list(decode_many(paths, spec, workers=1))
+    assert [o.path for o in parallel] == paths
+    assert [o.status for o in parallel].count("rejected") == 1 and parallel[7].status == "rejected"
+    for a, b in zip(parallel, inline):
+        assert a.image_id == b.image_id
+        if a.array is not None:
+            np.testing.assert_array_equal(a.array, b.array)

@@ -1,0 +1,189 @@
+"""Ingest as a library: source layouts, manifests, incremental re-runs, the cache and the report."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cnn.dataset import MANIFEST_COLUMNS, Dataset
+from cnn.decode import DecodeSpec, decode_file
+from cnn.errors import UserError
+from cnn.ingest import IngestOptions, ingest, staged_stats
+from cnn.report import build_report
+from cnn.sources import scan_source
+from tests.conftest import image_bytes
+
+OPTS = IngestOptions(image_size=16, channels=3, workers=1)
+
+
+def _ingest(source: Path, tmp_path: Path, options: IngestOptions = OPTS) -> tuple[Dataset, dict[str, object]]:
+    root = tmp_path / "datasets" / "ds"
+    ingest(source, root, options)
+    return Dataset(root), staged_stats(root)
+
+
+def test_class_folders_with_nested_and_hidden_files(write_images: Callable[..., Path], tmp_path: Path) -> None:
+    src = write_images(per_class=6)
+    (src / "cat" / "nested" / "deeper").mkdir(parents=True)
+    (src / "cat" / "nested" / "deeper" / "x.png").write_bytes((src / "cat" / "cat000.png").read_bytes()[:-1] + b"!")
+    (src / "cat" / ".hidden.png").write_bytes(b"junk")
+    (src / ".cache").mkdir()
+    (src / ".cache" / "y.png").write_bytes(b"junk")
+    listing = scan_source(src)
+    assert listing.layout == "class-folders"
+    assert len(listing.files) == 13
+    assert not listing.files["path"].str.contains(r"/\.").any()
+    assert set(listing.files["label"]) == {"cat", "dog"}
+
+
+def test_manifest_columns_and_split_distribution(write_images: Callable[..., Path], tmp_path: Path) -> None:
+    dataset, stats = _ingest(write_images(per_class=20), tmp_path)
+    manifest = dataset.manifest()
+    assert list(manifest.columns) == MANIFEST_COLUMNS
+    assert (manifest["status"] == "ok").all()
+    assert manifest["image_id"].str.fullmatch(r"[0-9a-f]{64}").all()
+    assert set(manifest["split"]) == {"train", "val", "test"}
+    assert set(manifest["format"]) == {"PNG"} and (manifest["width"] == 32).all()
+    assert stats["decoded"] == 40 and stats["reused"] == 0
+
+
+def test_cache_holds_the_decoded_pixels(write_images: Callable[..., Path], tmp_path: Path) -> None:
+    dataset, _ = _ingest(write_images(per_class=5), tmp_path)
+    cache = dataset.open_cache()
+    assert isinstance(cache.images, np.memmap)
+    assert cache.images.shape[1:] == (16, 16, 3)
+    row = dataset.manifest().iloc[3]
+    expected = decode_file(row["path"], DecodeSpec(channels=3, size=16)).array
+    np.testing.assert_array_equal(cache.get(row["image_id"]), expected)
+
+
+def test_split_folders_keep_given_splits_and_carve_val(write_images: Callable[..., Path], tmp_path: Path) -> None:
+    write_images("tree/train", per_class=20)
+    write_images("tree/test", per_class=5, seed=1)
+    dataset, _ = _ingest(tmp_path / "tree", tmp_path)
+    manifest = dataset.manifest()
+    from_test = manifest["path"].str.contains("/tree/test/")
+    assert (manifest.loc[from_test, "split"] == "test").all()
+    assert set(manifest.loc[~from_test, "split"]) == {"train", "val"}
+    assert dataset.meta().layout == "split-folders"
+
+
+def test_csv_manifest_with_relative_paths_groups_and_splits(write_images: Callable[..., Path], tmp_path: Path) -> None:
+    src = write_images(per_class=12)
+    rows = []
+    for i, path in enumerate(sorted(src.rglob("*.png"))):
+        rows.append({"path": str(path.relative_to(src)), "label": path.parent.name, "patient": f"P{i // 3}",
+                     "split": "test" if i == 0 else ""})
+    pd.DataFrame(rows).to_csv(src / "labels.csv", index=False)
+    dataset, _ = _ingest(src / "labels.csv", tmp_path, OPTS.model_copy(update={"group_column": "patient"}))
+    manifest = dataset.manifest()
+    assert (manifest["status"] == "ok").all()
+    assert manifest.groupby("group")["split"].nunique().max() == 1
+    assert manifest.loc[manifest["group"] == "P0", "split"].eq("test").all()
+
+
+def test_parquet_manifest_and_missing_file_is_a_reject(write_images: Callable[..., Path], tmp_path: Path) -> None:
+    src = write_images(per_class=5)
+    paths = sorted(str(p) for p in src.rglob("*.png"))
+    table = pd.DataFrame({"path": paths + [str(src / "gone.png")], "label": ["a"] * 5 + ["b"] * 6})
+    table.to_parquet(tmp_path / "m.parquet")
+    dataset, _ = _ingest(tmp_path / "m.parquet", tmp_path)
+    manifest = dataset.manifest().set_index("path")
+    assert manifest.loc[str(src / "gone.png"), "status"] == "rejected"
+    assert manifest.loc[str(src / "gone.png"), "reason"] == "file not found"
+
+
+@pytest.mark.parametrize("content,message", [
+    ("label\ncat\n", "lacks column"),
+    ("path,label,split\na.png,cat,holdout\n", "not one of"),
+    ("path,label\n,cat\n", "empty path"),
+])
+def test_manifest_errors(tmp_path: Path, content: str, message: str) -> None:
+    (tmp_path / "m.csv").write_text(content)
+    with pytest.raises(UserError, match=message):
+        scan_source(tmp_path / "m.csv")
+
+
+def test_source_errors(tmp_path: Path, write_images: Callable[..., Path]) -> None:
+    with pytest.raises(UserError, match="source not found"):
+        scan_source(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no files found"):
+        scan_source(tmp_path / "empty")
+    one = write_images("one", classes=("cat",), per_class=3)
+    with pytest.raises(UserError, match="at least two are needed"):
+        _ingest(one, tmp_path)
+    bad = tmp_path / "bad"
+    for label in ("a", "b"):
+        (bad / label).mkdir(parents=True)
+        (bad / label / "x.jpg").write_text("<html></html>")
+    with pytest.raises(UserError, match="holds no usable image"):
+        _ingest(bad, tmp_path)
+
+
+def test_incremental_rerun_decodes_only_new_and_changed(write_images: Callable[..., Path], tmp_path: Path) -> None:
+    src = write_images(per_class=10)
+    dataset, _ = _ingest(src, tmp_path)
+    first = dataset.manifest().set_index("path")["split"]
+    token = dataset.meta().cache_token
+
+    _, stats = _ingest(src, tmp_path)
+    assert stats["decoded"] == 0 and stats["reused"] == 20
+    assert dataset.meta().cache_token == token  # nothing changed: same cache file
+
+    new = np.random.default_rng(9).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    (src / "dog" / "new.png").write_bytes(image_bytes(new))
+    changed = src / "cat" / "cat001.png"
+    changed.write_bytes(image_bytes(np.zeros((24, 32, 3), np.uint8)))
+    os.utime(changed, ns=(1, 1))
+    _, stats = _ingest(src, tmp_path)
+    assert stats["decoded"] == 2 and stats["reused"] == 19
+    manifest = dataset.manifest().set_index("path")
+    assert len(manifest) == 21
+    unchanged = first.drop(str(changed))
+    assert (manifest.loc[unchanged.index, "split"] == unchanged).all()  # old rows keep their splits
+    cache = dataset.open_cache()
+    assert len(cache) == 21
+    np.testing.assert_array_equal(cache.get(manifest.loc[str(changed), "image_id"]), 0)
+    assert len(list(dataset.cache_dir.iterdir())) == 2  # the old cache files were removed
+
+
+def test_changed_image_size_rebuilds_cache(write_images: Callable[..., Path], tmp_path: Path) -> None:
+    src = write_images(per_class=5)
+    _ingest(src, tmp_path)
+    dataset, stats = _ingest(src, tmp_path, OPTS.model_copy(update={"image_size": 24}))
+    assert stats["decoded"] == 10
+    assert dataset.open_cache().images.shape[1:] == (24, 24, 3)
+
+
+def test_duplicates_and_conflicting_labels_reported(write_images: Callable[..., Path], tmp_path: Path) -> None:
+    src = write_images(per_class=10)
+    data = (src / "cat" / "cat000.png").read_bytes()
+    (src / "cat" / "copy.png").write_bytes(data)
+    (src / "dog" / "mislabelled.png").write_bytes(data)
+    dataset, _ = _ingest(src, tmp_path)
+    manifest = dataset.manifest()
+    same = manifest[manifest["image_id"] == manifest.loc[manifest["path"].str.endswith("cat000.png"), "image_id"].iloc[0]]
+    assert len(same) == 3 and same["split"].nunique() == 1
+    report = build_report(dataset.root)
+    assert report.duplicate_sets == 1 and report.duplicate_files == 2
+    assert report.conflicting_duplicates[0]["labels"] == ["cat", "dog"]
+    assert len(dataset.open_cache()) == 20  # stored once
+    assert "conflicting labels" in report.to_markdown()
+
+
+def test_report_counts(write_images: Callable[..., Path], tmp_path: Path) -> None:
+    src = write_images(per_class=10)
+    (src / "cat" / "bad.jpg").write_bytes(b"")
+    dataset, _ = _ingest(src, tmp_path)
+    report = build_report(dataset.root)
+    table = report.class_table()
+    assert table.loc["total", "total"] == 20
+    assert table.loc["cat", "total"] == 10
+    assert report.rejects_by_reason == {"empty file (0 bytes)": 1}
+    assert report.size_stats["width"]["median"] == 32

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny generated images, an isolated CNN_HOME, and a session-wide Prefect test server."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+def image_bytes(array: np.ndarray, fmt: str = "PNG", **save: object) -> bytes:
+    """Encode an array (H, W) or (H, W, C) with Pillow."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def write_images(tmp_path: Path) -> Callable[..., Path]:
+    """Write `per_class` distinct small PNGs into class folders under `root`; return `root`."""
+
+    def write(root: str | Path = "src", classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 10,
+              size: tuple[int, int] = (24, 32), seed: int = 0) -> Path:
+        base = tmp_path / root
+        rng = np.random.default_rng(seed)
+        for label in classes:
+            (base / label).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+                (base / label / f"{label}{i:03d}.png").write_bytes(image_bytes(pixels))
+        return base
+
+    return write
+
+
+@pytest.fixture
+def cnn_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An isolated workspace; environment changes made by `workspace.configure()` are undone afterwards."""
+    saved = dict(os.environ)
+    home = tmp_path / "home"
+    monkeypatch.setenv("CNN_HOME", str(home))
+    yield home
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    """One throwaway Prefect server (SQLite) for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -85,12 +87,25 @@ def decode_many(
         outcomes: Iterator[DecodeOutcome] = (decode_one(p, spec, known_set) for p in paths)
         yield from _counted(outcomes, total, progress)
         return
-    # spawn, not fork: the host process (Prefect, a notebook) runs threads that fork would copy mid-flight.
-    context = multiprocessing.get_context("spawn")
+    context = _pool_context()
     chunksize = max(1, min(32, total // (workers * 8)))
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                              initargs=(spec, known_set)) as pool:
         yield from _counted(pool.map(_decode_in_worker, paths, chunksize=chunksize), total, progress)
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """fork when this process has a single thread (fast start, nothing to copy mid-flight); otherwise
+    (Prefect, notebooks and servers run threads, which fork must not copy) a forkserver, itself
+    single-threaded, that has already imported the decoder; spawn where neither exists."""
+    methods = multiprocessing.get_all_start_methods()
+    if sys.platform == "linux" and threading.active_count() == 1 and "fork" in methods:
+        return multiprocessing.get_context("fork")
+    if "forkserver" in methods:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["cnn.parallel"])
+        return context
+    return multiprocessing.get_context("spawn")
 
 
 def _counted(outcomes: Iterable[DecodeOutcome], total: int, progress: ProgressFn | None) -> Iterator[DecodeOutcome]:

@@ -215,16 +215,17 @@ def _scratch(draw: ImageDraw.ImageDraw, img: Image.Image, rng: np.random.Generat
     x0, y0, x1, y1 = body
     for _ in range(int(rng.integers(1, 4))):
         sx, sy = rng.uniform(x0 + 4, x1 - 4), rng.uniform(y0 + 3, y1 - 6)
-        length, angle = rng.uniform(0.15, 0.35) * (x1 - x0), rng.uniform(-0.5, 0.5)
+        length, angle = rng.uniform(0.25, 0.45) * (x1 - x0), rng.uniform(-0.5, 0.5)
         shade = int(rng.choice([rng.integers(200, 255), rng.integers(0, 50)]))
-        draw.line((sx, sy, sx + length * np.cos(angle), sy + length * np.sin(angle)), fill=(shade,) * 3, width=1)
+        width = max(2, round((x1 - x0) / 60))
+        draw.line((sx, sy, sx + length * np.cos(angle), sy + length * np.sin(angle)), fill=(shade,) * 3, width=width)
 
 
 def _dent(draw: ImageDraw.ImageDraw, img: Image.Image, rng: np.random.Generator, body: Box, window: Box) -> None:
     x0, y0, x1, y1 = body
     w, h = img.size
     cx, cy = rng.uniform(x0 + 0.15 * (x1 - x0), x1 - 0.15 * (x1 - x0)), rng.uniform(y0 + 4, y1 - 4)
-    s = rng.uniform(0.06, 0.1) * (x1 - x0)
+    s = rng.uniform(0.08, 0.12) * (x1 - x0)
     shade = _gaussian(h, w, cy - s * 0.4, cx - s * 0.4, s, s) - _gaussian(h, w, cy + s * 0.4, cx + s * 0.4, s, s)
     arr = np.asarray(img).astype(np.float32) + rng.uniform(45, 70) * shade[:, :, None]
     img.paste(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)))
@@ -237,7 +238,7 @@ def _broken_glass(draw: ImageDraw.ImageDraw, img: Image.Image, rng: np.random.Ge
         length = rng.uniform(0.3, 0.7) * (wx1 - wx0)
         ex = np.clip(cx + length * np.cos(angle), wx0, wx1)
         ey = np.clip(cy + length * np.sin(angle), wy0, wy1)
-        draw.line((cx, cy, ex, ey), fill=(235, 235, 235), width=1)
+        draw.line((cx, cy, ex, ey), fill=(235, 235, 235), width=max(2, round((wx1 - wx0) / 40)))
 
 
 _DAMAGE: dict[str, Callable[..., None]] = {
@@ -246,7 +247,7 @@ _DAMAGE: dict[str, Callable[..., None]] = {
 
 
 def _generate_claims(out: Path, n: int | None, seed: int, size: int | None) -> DemoDataset:
-    n = n or 400
+    n = n or 600
     for i in range(n):
         rng = _rng(seed, i)
         label = _pick_label(rng, CLAIMS_CLASSES)

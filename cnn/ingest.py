@@ -69,7 +69,7 @@ def stage_scan(source: str | Path, dataset_dir: Path, options: IngestOptions) ->
     staging.mkdir(parents=True)
     listing.files.to_parquet(staging / "scan.parquet", index=False)
     write_json_atomic(staging / "scan.json", {"source": str(Path(source).expanduser().resolve()),
-                                              "layout": listing.layout, "unlabelled": listing.skipped})
+                                              "layout": listing.layout, "skipped": listing.skipped})
     return staging / "scan.parquet"
 
 
@@ -275,7 +275,7 @@ def commit_dataset(dataset_dir: Path, options: IngestOptions) -> Path:
 
 
 def staged_stats(dataset_dir: Path) -> dict[str, object]:
-    """Counters the stages recorded (files, decoded, reused, moved, unlabelled, layout)."""
+    """Counters the stages recorded (files, decoded, reused, moved, skipped, layout)."""
     staging = staging_dir(dataset_dir)
     stats: dict[str, object] = {}
     for name in ("scan.json", "decode.json", "split.json"):

@@ -59,6 +59,9 @@ class DatasetReport:
                   "copies always share a split.", ""]
         for conflict in self.conflicting_duplicates:
             lines.append(f"- conflicting labels {conflict['labels']} for identical files: {', '.join(conflict['paths'])}")
+        if self.stats.get("skipped"):
+            lines += ["", f"{self.stats['skipped']} files skipped: loose files beside the class folders, "
+                      "or manifest rows repeating a path."]
         if self.stats.get("moved"):
             lines += ["", f"{self.stats['moved']} files with a given split were moved so that a group or "
                       "duplicate set stays in one split (test > val > train)."]

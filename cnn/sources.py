@@ -24,7 +24,7 @@ class SourceListing:
     files: pd.DataFrame
     layout: str  # "class-folders" | "split-folders" | "manifest"
     root: Path
-    skipped: int = 0  # files that could not be given a label (loose files at the top level)
+    skipped: int = 0  # loose files without a class folder, or repeated rows of a manifest
 
 
 def scan_source(source: str | os.PathLike[str], group_column: str = "group") -> SourceListing:
@@ -109,7 +109,9 @@ def _scan_manifest(manifest: Path, group_column: str) -> SourceListing:
             raise UserError(f"manifest {manifest} row {i + 2}: empty path or label")
         rows.append(_row(_resolve(manifest.parent, str(path)), str(label).strip(),
                          _parse_split(split, manifest, i), None if _blank(group) else str(group)))
-    return SourceListing(_frame(rows), "manifest", manifest.parent)
+    frame = _frame(rows)
+    repeated = int(frame["path"].duplicated().sum())  # a file listed twice is ingested once (first row wins)
+    return SourceListing(frame.drop_duplicates("path", ignore_index=True), "manifest", manifest.parent, repeated)
 
 
 def load_manifest_table(path: Path) -> pd.DataFrame:

@@ -165,7 +165,7 @@ def augment(
 def demo_data(
     kind: Annotated[str, typer.Argument(help="xray or claims.")],
     out: Annotated[Path | None, typer.Option(help="Output folder (default $CNN_HOME/demo/KIND).")] = None,
-    n: Annotated[int | None, typer.Option("--n", help="Number of images (default 600 xray, 400 claims).")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Number of images (default 600 each).")] = None,
     seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same files.")] = 0,
     size: Annotated[int | None, typer.Option(help="Side of the generated images in pixels.")] = None,
 ) -> None:

@@ -87,6 +87,17 @@ def test_csv_manifest_with_relative_paths_groups_and_splits(write_images: Callab
     assert manifest.loc[manifest["group"] == "P0", "split"].eq("test").all()
 
 
+def test_manifest_listing_a_file_twice_ingests_it_once(write_images: Callable[..., Path], tmp_path: Path) -> None:
+    src = write_images(per_class=4)
+    paths = sorted(str(p) for p in src.rglob("*.png"))
+    pd.DataFrame({"path": paths + paths[:2], "label": ["a", "b"] * 4 + ["b", "b"]}).to_csv(tmp_path / "m.csv", index=False)
+    dataset, stats = _ingest(tmp_path / "m.csv", tmp_path)
+    manifest = dataset.manifest()
+    assert len(manifest) == 8 and manifest["path"].is_unique
+    assert manifest.set_index("path").loc[paths[0], "label"] == "a"  # the first row wins
+    assert stats["skipped"] == 2
+
+
 def test_parquet_manifest_and_missing_file_is_a_reject(write_images: Callable[..., Path], tmp_path: Path) -> None:
     src = write_images(per_class=5)
     paths = sorted(str(p) for p in src.rglob("*.png"))

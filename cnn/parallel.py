@@ -87,14 +87,14 @@ def decode_many(
         outcomes: Iterator[DecodeOutcome] = (decode_one(p, spec, known_set) for p in paths)
         yield from _counted(outcomes, total, progress)
         return
-    context = _pool_context()
+    context = pool_context()
     chunksize = max(1, min(32, total // (workers * 8)))
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                              initargs=(spec, known_set)) as pool:
         yield from _counted(pool.map(_decode_in_worker, paths, chunksize=chunksize), total, progress)
 
 
-def _pool_context() -> multiprocessing.context.BaseContext:
+def pool_context() -> multiprocessing.context.BaseContext:
     """fork when this process has a single thread (fast start, nothing to copy mid-flight); otherwise
     (Prefect, notebooks and servers run threads, which fork must not copy) a forkserver, itself
     single-threaded, that has already imported the decoder; spawn where neither exists."""

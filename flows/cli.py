@@ -4,6 +4,7 @@ has set its environment defaults, so `cnn --help` is instant and settings are ri
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -103,10 +104,10 @@ def _run_ingest(source: str, dataset: str, options: Any) -> dict[str, str]:
 
 
 def _print_report(dataset_dir: Path) -> None:
+    import json
+
     from cnn.dataset import Dataset
     from cnn.report import DatasetReport
-
-    import json
 
     data = json.loads((dataset_dir / "report.json").read_text())
     report = DatasetReport(**data)
@@ -160,6 +161,109 @@ def augment(
     console.print(f"policy [bold]{policy}[/] is valid; preview written to {out}", highlight=False)
 
 
+@app.command()
+@_user_errors
+def train(
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="An ingested dataset.")],
+    model: Annotated[str | None, typer.Option(help="Model name (see the README's list); default small_cnn.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    policy: Annotated[str | None, typer.Option(help="Augmentation preset or albumentations YAML/JSON file.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Stop after this many minutes (time budget).")] = None,
+    weights: Annotated[str | None, typer.Option(help="Local file of pretrained weights (never downloaded).")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config; flags given here override it.")] = None,
+    register_as: Annotated[str | None, typer.Option(help="Registered model name (default: the dataset name).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the latest interrupted run of this model.")] = False,
+) -> None:
+    """Train a CNN, track it in MLflow, register a version and gate its promotion (Prefect flow `train`)."""
+    from cnn.config import TrainConfig
+    from flows import workspace
+
+    ws = workspace.configure()
+    ws.dataset(dataset).require()
+    cfg = TrainConfig.load(config, model=model, epochs=epochs, batch_size=batch_size, lr=lr, policy=policy,
+                           device=device, max_minutes=max_minutes, weights=weights, register_as=register_as)
+    from cnn.dataset import validate_name
+
+    validate_name(cfg.register_as or dataset)
+    result = _run_train(dataset, cfg, resume)
+    _print_training(result)
+
+
+def _run_train(dataset: str, cfg: Any, resume: bool = False) -> dict[str, Any]:
+    from flows.train import train_flow
+
+    return train_flow(dataset=dataset, config=cfg, resume=resume)
+
+
+def _print_training(result: dict[str, Any]) -> None:
+    table = Table(title="test metrics")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result["test_metrics"].items():
+        table.add_row(key, f"{value:.4f}")
+    console.print(table)
+    gate = result["gate"]
+    colour = "green" if gate["decision"] == "champion" else "yellow"
+    console.print(f"registered [bold]{gate['model']}[/] v{gate['version']} -> [{colour}]@{gate['decision']}[/]"
+                  f" ({gate['reason']})", highlight=False)
+    console.print(f"MLflow run {result['run_id']}; checkpoints in {result['run_dir']}\n"
+                  f"open the MLflow UI with: cnn ui", highlight=False)
+
+
+@app.command()
+@_user_errors
+def promote(
+    model: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[int, typer.Option(help="Version to make @champion.")],
+) -> None:
+    """Make a version the @champion by hand (the old champion keeps @previous)."""
+    from flows import workspace
+
+    workspace.configure()
+    from flows.registry import promote as promote_version
+
+    console.print(promote_version(model, str(version)), highlight=False)
+
+
+@app.command()
+@_user_errors
+def rollback(model: Annotated[str, typer.Argument(help="Registered model name.")]) -> None:
+    """Swap @champion and @previous: the previous champion serves again."""
+    from flows import workspace
+
+    workspace.configure()
+    from flows.registry import rollback as rollback_model
+
+    console.print(rollback_model(model), highlight=False)
+
+
+@app.command()
+@_user_errors
+def ui(
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
+) -> None:
+    """Start the MLflow UI on this workspace's tracking store."""
+    import os
+    import subprocess
+
+    from flows import workspace
+
+    ws = workspace.configure()
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    console.print(f"MLflow UI for {uri}\nopen http://{host}:{port} in a browser (Ctrl-C stops it)", highlight=False)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    if uri == ws.default_tracking_uri:
+        command += ["--default-artifact-root", ws.mlflow_artifacts.as_uri()]
+    try:
+        raise typer.Exit(subprocess.call(command))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
 @app.command("demo-data")
 @_user_errors
 def demo_data(
@@ -182,20 +286,25 @@ def demo_data(
 @app.command()
 @_user_errors
 def demo() -> None:
-    """Run the main job on generated data: xray demo set -> ingest, then print the report."""
+    """Run the main job on generated data: xray demo set -> ingest -> train -> register/promote."""
+    from cnn.config import TrainConfig
     from cnn.demo_data import generate
     from cnn.ingest import IngestOptions
     from flows import workspace
 
     ws = workspace.configure()
-    console.rule("[bold]1/2 generate the xray demo set")
+    console.rule("[bold]1/3 generate the xray demo set")
     made = generate("xray", ws.home / "demo" / "xray")
     console.print(f"{made.images} images + {made.corrupt} corrupt files in {made.root}", highlight=False)
-    console.rule("[bold]2/2 ingest (Prefect flow `ingest`)")
+    console.rule("[bold]2/3 ingest (Prefect flow `ingest`)")
     result = _run_ingest(str(made.source), "xray", IngestOptions(image_size=64, channels=1))
     _print_report(Path(result["dataset_dir"]))
+    console.rule("[bold]3/3 train, register and gate (Prefect flow `train`)")
+    cfg = TrainConfig(model="small_cnn", epochs=24, batch_size=32, lr=3e-3, policy="none", patience=8)
+    _print_training(_run_train("xray", cfg))
     console.print(f"\nworkspace: {ws.home}\nPrefect state: {ws.prefect_home}\n"
-                  f"next: cnn augment --dataset xray --policy xray --preview {ws.home / 'xray-preview.png'}",
+                  f"MLflow store: {os.environ.get('MLFLOW_TRACKING_URI')} (browse it with: cnn ui)\n"
+                  f"try: cnn augment --dataset xray --policy xray --preview {ws.home / 'xray-preview.png'}",
                   highlight=False)
 
 

@@ -1,0 +1,84 @@
+"""The training configuration: one typed object, loadable from YAML, overridable from the CLI, logged with every run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cnn.errors import UserError
+
+METRICS = ("macro_f1", "balanced_accuracy", "accuracy", "auroc_macro")
+
+
+class TrainConfig(BaseModel):
+    """Everything that decides a training run. Unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = "small_cnn"
+    model_options: dict[str, Any] = Field(default_factory=dict, description="extra arguments of the model builder")
+    weights: str | None = Field(None, description="local file with pretrained weights (never downloaded)")
+    freeze_epochs: int = Field(0, ge=0, description="train only the head for the first N epochs")
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    imbalance: Literal["none", "class_weights", "sampler"] = "class_weights"
+    policy: str = Field("none", description="augmentation preset or albumentations YAML/JSON file")
+    monitor: Literal["macro_f1", "balanced_accuracy", "accuracy", "auroc_macro"] = "macro_f1"
+    patience: int = Field(5, ge=0, description="early stopping after N epochs without improvement; 0 = off")
+    grad_clip: float | None = Field(1.0, gt=0)
+    max_minutes: float | None = Field(None, gt=0)
+    device: str = "auto"
+    amp: bool = Field(True, description="mixed precision on CUDA (bf16 where supported, else fp16 + grad scaler)")
+    channels_last: bool = True
+    compile: bool = False
+    workers: int | None = Field(None, ge=0, description="DataLoader workers; None = 0 without augmentation, else 2")
+    seed: int = 0
+    # registry and promotion gate (used by the flow, logged with the run)
+    register_as: str | None = None
+    gate_metric: Literal["macro_f1", "balanced_accuracy", "accuracy", "auroc_macro"] = "macro_f1"
+    min_improvement: float = Field(0.0, ge=0)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+        """Read YAML (if given), then apply the overrides that are not None."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise UserError(f"config file not found: {path}")
+            try:
+                loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError as exc:
+                raise UserError(f"config {path} is not valid YAML: {exc}") from None
+            if not isinstance(loaded, dict):
+                raise UserError(f"config {path} must be a mapping of option: value")
+            data.update(loaded)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**data)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+            raise UserError(f"invalid training config: {problems}") from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def flat(self) -> dict[str, str]:
+        """Flattened key -> string, for MLflow params."""
+        out: dict[str, str] = {}
+        for key, value in self.model_dump(mode="json").items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": str(v) for k, v in value.items()})
+            else:
+                out[key] = str(value)
+        return out

@@ -1,0 +1,68 @@
+"""The data contract a model carries: classes, input size, channels, resize, normalisation, policy.
+
+Inference builds its preprocessing from this, never from constants written twice.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cnn.decode import DecodeSpec
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelContract:
+    """What a trained model expects and produces."""
+
+    model: str
+    classes: list[str]
+    channels: int
+    image_size: int
+    resize: str
+    mean: list[float]
+    std: list[float]
+    model_options: dict[str, Any] = field(default_factory=dict)
+    policy: dict[str, Any] = field(default_factory=dict)  # albumentations serialisation (training only)
+    dataset: str = ""
+    format_version: int = 1
+
+    @staticmethod
+    def normalisation(channels: int, pretrained: bool) -> tuple[list[float], list[float]]:
+        """ImageNet statistics for pretrained weights (averaged for gray), else a neutral 0.5 / 0.25."""
+        if not pretrained:
+            return [0.5] * channels, [0.25] * channels
+        if channels == 3:
+            return list(IMAGENET_MEAN), list(IMAGENET_STD)
+        return [float(np.mean(IMAGENET_MEAN))] * channels, [float(np.mean(IMAGENET_STD))] * channels
+
+    def decode_spec(self, max_file_bytes: int | None = None) -> DecodeSpec:
+        """How to decode a file for this model: the same decoder and limits as ingest."""
+        spec = DecodeSpec(channels=self.channels, size=self.image_size, resize=self.resize)  # type: ignore[arg-type]
+        if max_file_bytes is not None:
+            spec = DecodeSpec(spec.channels, spec.size, spec.resize, max_file_bytes)
+        return spec
+
+    def save(self, path: str | Path) -> Path:
+        from cnn.fsio import write_json_atomic
+
+        return write_json_atomic(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelContract:
+        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def to_model_input(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
+                   channels_last: bool) -> torch.Tensor:
+    """uint8 NHWC batch -> normalised float NCHW on `device` (the one evaluation transform)."""
+    x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()

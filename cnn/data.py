@@ -1,0 +1,105 @@
+"""Training data from the ingest cache: uint8 arrays, augmented in DataLoader workers, no decoding per epoch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset as TorchDataset, WeightedRandomSampler
+
+from cnn.augment import Policy, policy_from_dict
+from cnn.dataset import Dataset
+from cnn.errors import UserError
+from cnn.parallel import pool_context
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """Where a split's images are in the cache, with their labels and source rows."""
+
+    images_path: str
+    slots: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+
+
+def load_split(dataset: Dataset, split: str, classes: list[str]) -> SplitData:
+    """The ok rows of `split` (one per distinct image), resolved to cache slots."""
+    meta = dataset.meta()
+    manifest = dataset.manifest()
+    rows = manifest[(manifest["status"] == "ok") & (manifest["split"] == split)].drop_duplicates("image_id")
+    index = dataset.open_cache(meta.cache_token).index()
+    missing = [i for i in rows["image_id"] if i not in index]
+    if missing:
+        raise UserError(f"dataset {dataset.name}: {len(missing)} images are missing from the cache; re-run `cnn ingest`")
+    images_path, _ = dataset.cache_paths(meta.cache_token)
+    slots = np.array([index[i] for i in rows["image_id"]], dtype=np.int64)
+    labels = np.array([classes.index(label) for label in rows["label"]], dtype=np.int64)
+    return SplitData(str(images_path), slots, labels, rows["path"].tolist())
+
+
+class CacheDataset(TorchDataset):
+    """Items are (uint8 HWC image, label); batches come out as uint8 NHWC tensors."""
+
+    def __init__(self, data: SplitData, policy: dict[str, Any] | None = None) -> None:
+        self.data = data
+        self.policy_dict = policy or None
+        self._images: np.ndarray | None = None
+        self._policy: Policy | None = None
+
+    def __len__(self) -> int:
+        return len(self.data.slots)
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:  # opened lazily: each DataLoader worker maps the file itself
+            self._images = np.load(self.data.images_path, mmap_mode="r")
+        return self._images
+
+    @property
+    def policy(self) -> Policy | None:
+        if self._policy is None and self.policy_dict:
+            self._policy = policy_from_dict(self.policy_dict)
+        return self._policy
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        image = np.asarray(self.images[self.data.slots[i]])
+        return (self.policy(image) if self.policy else image), int(self.data.labels[i])
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch in one read of the memmap (sorted slots read sequentially)."""
+        idx = np.asarray(indices)
+        batch = self.images[self.data.slots[idx]]
+        if self.policy is not None:
+            batch = np.stack([self.policy(image) for image in batch])
+        return torch.from_numpy(np.ascontiguousarray(batch)), torch.from_numpy(self.data.labels[idx])
+
+    def reseed(self, seed: int) -> None:
+        if self.policy is not None:
+            self.policy.seed(seed)
+
+
+def _collate(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch
+
+
+def _seed_worker(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    if info is not None:
+        info.dataset.reseed(int(torch.initial_seed() % 2**31))  # type: ignore[attr-defined]
+
+
+def make_loader(dataset: CacheDataset, batch_size: int, train: bool, workers: int,
+                sampler_weights: np.ndarray | None = None) -> DataLoader:
+    """A DataLoader over the cache; shuffled (or weighted-sampled) for training, in order otherwise."""
+    sampler = None
+    if train and sampler_weights is not None:
+        sampler = WeightedRandomSampler(torch.as_tensor(sampler_weights, dtype=torch.double), len(dataset), replacement=True)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler, num_workers=workers,
+        collate_fn=_collate, worker_init_fn=_seed_worker, drop_last=False, pin_memory=torch.cuda.is_available(),
+        persistent_workers=bool(workers), prefetch_factor=4 if workers else None,
+        multiprocessing_context=pool_context() if workers else None,
+    )

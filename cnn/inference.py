@@ -1,0 +1,76 @@
+"""Batch prediction from files: the ingest decoder, the model's own contract, batched `inference_mode`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cnn.contract import ModelContract, to_model_input
+from cnn.decode import DecodeError, decode_bytes, read_image_bytes
+from cnn.models import create_model
+from cnn.train import load_weights, resolve_device
+
+
+@dataclass
+class Predictor:
+    """A trained model plus its contract; predicts labels and probabilities for image files or bytes."""
+
+    model: torch.nn.Module
+    contract: ModelContract
+    device: torch.device
+
+    @classmethod
+    def load(cls, weights: str | Path, contract: str | Path | ModelContract, device: str = "cpu") -> Predictor:
+        """Rebuild the network from the contract and load a state_dict (weights_only: no pickled objects)."""
+        contract = contract if isinstance(contract, ModelContract) else ModelContract.load(contract)
+        model = create_model(contract.model, len(contract.classes), contract.channels, None, **contract.model_options)
+        load_weights(model, weights)
+        torch_device = resolve_device(device)
+        return cls(model.to(torch_device).eval(), contract, torch_device)
+
+    @property
+    def prob_columns(self) -> list[str]:
+        return [f"prob_{name}" for name in self.contract.classes]
+
+    def predict_arrays(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Probabilities (N, C) for uint8 NHWC arrays already decoded with the contract's spec."""
+        mean = torch.tensor(self.contract.mean, device=self.device)
+        std = torch.tensor(self.contract.std, device=self.device)
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
+                logits = self.model(to_model_input(batch, mean, std, self.device, channels_last=False))
+                out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.contract.classes)), dtype=np.float32)
+
+    def predict_files(self, sources: Sequence[str | os.PathLike[str] | bytes], batch_size: int = 64) -> pd.DataFrame:
+        """One row per input: label, confidence, prob_<class>..., error (None when scored)."""
+        spec = self.contract.decode_spec()
+        decoded: list[np.ndarray] = []
+        positions: list[int] = []
+        errors: list[str | None] = [None] * len(sources)
+        for i, source in enumerate(sources):
+            try:
+                data = source if isinstance(source, bytes) else read_image_bytes(source, spec)
+                decoded.append(decode_bytes(data, spec).array)
+                positions.append(i)
+            except DecodeError as exc:
+                errors[i] = exc.reason
+        probs = self.predict_arrays(np.stack(decoded) if decoded else np.zeros((0,)), batch_size)
+        frame = pd.DataFrame(np.nan, index=range(len(sources)), columns=self.prob_columns, dtype=np.float64)
+        frame.iloc[positions, :] = probs
+        full = frame.to_numpy()
+        has = ~np.isnan(full).any(axis=1)
+        labels = np.array(self.contract.classes, dtype=object)[np.nan_to_num(full).argmax(axis=1)]
+        frame.insert(0, "label", np.where(has, labels, None))
+        frame.insert(1, "confidence", np.where(has, np.nan_to_num(full).max(axis=1), np.nan))
+        frame["error"] = errors
+        return frame
+

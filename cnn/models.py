@@ -1,0 +1,195 @@
+"""Model registry: `create_model(name, num_classes, in_channels, weights=None)` and `list_models()`.
+
+Every model returns logits (softmax is applied at inference). Pretrained weights load from a local
+file only; nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from cnn.errors import UserError
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.1), "elu": nn.ELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
+}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    build: Callable[..., nn.Module]
+    head: str  # attribute path of the classifier head (trained even when the backbone is frozen)
+    pretrainable: bool
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def list_models() -> list[str]:
+    """Names accepted by `create_model`."""
+    return sorted(_REGISTRY)
+
+
+def head_prefix(name: str) -> str:
+    """Parameter-name prefix of the model's classifier head."""
+    return _entry(name).head
+
+
+def _entry(name: str) -> _Entry:
+    if name not in _REGISTRY:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+    return _REGISTRY[name]
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3, weights: str | Path | None = None,
+                 **kwargs: Any) -> nn.Module:
+    """Build model `name` for `num_classes` classes and `in_channels` input channels."""
+    entry = _entry(name)
+    if num_classes < 2:
+        raise UserError(f"a classifier needs at least 2 classes, not {num_classes}")
+    if weights is not None and not entry.pretrainable:
+        raise UserError(f"model {name!r} has no pretrained variant; train it from scratch (no --weights)")
+    return entry.build(num_classes=num_classes, in_channels=in_channels, weights=weights, **kwargs)
+
+
+def freeze_backbone(model: nn.Module, name: str, frozen: bool = True) -> None:
+    """Freeze (or unfreeze) every parameter outside the classifier head."""
+    prefix = head_prefix(name) + "."
+    for param_name, param in model.named_parameters():
+        param.requires_grad = (not frozen) or param_name.startswith(prefix)
+
+
+# --- small_cnn -----------------------------------------------------------------------------
+
+class SmallCNN(nn.Module):
+    """conv -> [batch norm] -> activation -> pool -> dropout, repeated; flatten -> dense -> logits."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, filters: tuple[int, ...] = (32, 64, 128),
+                 kernel_size: int = 3, padding: Literal["same", "valid"] = "same", stride: int = 1,
+                 activation: str = "relu", dropout: float = 0.2, batch_norm: bool = True, dense: int = 128) -> None:
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise UserError(f"unknown activation {activation!r}; choose one of: {', '.join(sorted(_ACTIVATIONS))}")
+        if padding not in ("same", "valid"):
+            raise UserError(f"padding must be 'same' or 'valid', not {padding!r}")
+        if padding == "same" and stride != 1:
+            raise UserError("padding 'same' needs stride 1 (PyTorch's rule); use padding 'valid' with stride > 1")
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for width in filters:
+            layers += [nn.Conv2d(channels, width, kernel_size, stride=stride, padding=padding, bias=not batch_norm)]
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(width))
+            layers += [_ACTIVATIONS[activation](), nn.MaxPool2d(2, ceil_mode=True), nn.Dropout(dropout / 2)]
+            channels = width
+        self.features = nn.Sequential(*layers)
+        # A fixed 4x4 grid before flattening keeps the dense layer independent of the input size.
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(channels * 16, dense), _ACTIVATIONS[activation](),
+                                  nn.Dropout(dropout), nn.Linear(dense, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)))
+
+
+def _small_cnn(num_classes: int, in_channels: int, weights: str | Path | None = None, **kwargs: Any) -> nn.Module:
+    if "filters" in kwargs:
+        kwargs["filters"] = tuple(kwargs["filters"])
+    try:
+        return SmallCNN(num_classes, in_channels, **kwargs)
+    except TypeError as exc:
+        raise UserError(f"small_cnn: {exc}") from None
+
+
+_REGISTRY["small_cnn"] = _Entry(_small_cnn, "head", pretrainable=False)
+
+
+# --- torchvision backbones -----------------------------------------------------------------
+
+def _torchvision(arch: str, stem: str, head: str) -> Callable[..., nn.Module]:
+    def build(num_classes: int, in_channels: int, weights: str | Path | None = None, **kwargs: Any) -> nn.Module:
+        import torchvision
+
+        if kwargs:
+            raise UserError(f"{arch} takes no model options; got {', '.join(kwargs)}")
+        model = getattr(torchvision.models, arch)(weights=None)  # weights=None: never a download
+        if weights is not None:
+            model.load_state_dict(_load_local_weights(weights, arch))
+        _adapt_stem(model, stem, in_channels)
+        _replace_head(model, head, num_classes)
+        return model
+
+    return build
+
+
+def _load_local_weights(path: str | Path, arch: str) -> dict[str, torch.Tensor]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(
+            f"pretrained weights not found: {path}. Weights load from a local file only (a torchvision "
+            f"{arch} state_dict saved with torch.save); nothing is downloaded"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        raise UserError(f"cannot read weights {path}: {type(exc).__name__}: {exc}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise UserError(f"weights file {path} does not hold a state_dict")
+    return state
+
+
+def _get(model: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        model = model[int(part)] if part.isdigit() else getattr(model, part)  # type: ignore[index]
+    return model
+
+
+def _set(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, last = path.rpartition(".")
+    parent = _get(model, parent_path) if parent_path else model
+    if last.isdigit():
+        parent[int(last)] = module  # type: ignore[index]
+    else:
+        setattr(parent, last, module)
+
+
+def _adapt_stem(model: nn.Module, stem: str, in_channels: int) -> None:
+    """Give the first convolution `in_channels` inputs, keeping pretrained filters (averaged for gray)."""
+    conv = _get(model, stem)
+    assert isinstance(conv, nn.Conv2d)
+    if in_channels == conv.in_channels:
+        return
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, conv.bias is not None)
+    with torch.no_grad():
+        mean = conv.weight.mean(dim=1, keepdim=True)
+        new.weight.copy_(mean.repeat(1, in_channels, 1, 1) * (3 / in_channels))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    _set(model, stem, new)
+
+
+def _replace_head(model: nn.Module, head: str, num_classes: int) -> None:
+    old = _get(model, head)
+    assert isinstance(old, nn.Linear)
+    _set(model, head, nn.Linear(old.in_features, num_classes))
+
+
+for _arch, _stem, _head in [
+    ("resnet18", "conv1", "fc"),
+    ("resnet50", "conv1", "fc"),
+    ("efficientnet_b0", "features.0.0", "classifier.1"),
+    ("mobilenet_v3_small", "features.0.0", "classifier.3"),
+    ("densenet121", "features.conv0", "classifier"),
+    ("convnext_tiny", "features.0.0", "classifier.2"),
+]:
+    _REGISTRY[_arch] = _Entry(_torchvision(_arch, _stem, _head), _head, pretrainable=True)

@@ -1,0 +1,115 @@
+"""MLflow tracking: one run per training, its params, metrics, artifacts, dataset input and logged model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema
+
+import cnn
+from cnn.config import TrainConfig
+from cnn.contract import ModelContract
+from cnn.dataset import Dataset
+from flows import workspace
+
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+LIBRARY = Path(cnn.__file__).parent
+
+
+def experiment_for(dataset: str) -> str:
+    """Create (or reuse) the experiment of a dataset; artifacts go under CNN_HOME on the default store."""
+    name = f"cnn-{dataset}"
+    if mlflow.get_experiment_by_name(name) is None:
+        ws = workspace.current()
+        local = mlflow.get_tracking_uri() == ws.default_tracking_uri
+        location = (ws.mlflow_artifacts / name).as_uri() if local else None
+        mlflow.create_experiment(name, artifact_location=location)
+    return name
+
+
+def start_run(dataset: Dataset, cfg: TrainConfig, model_name: str) -> str:
+    """Open the run: params (flattened config), environment tags, the dataset as an MLflow input."""
+    import torch
+
+    mlflow.set_experiment(experiment_for(dataset.name))
+    with mlflow.start_run(run_name=f"{model_name}-{cfg.model}") as run:
+        mlflow.log_params(cfg.flat())
+        manifest_digest = hashlib.sha256(dataset.manifest_path.read_bytes()).hexdigest()
+        mlflow.set_tags({
+            "cnn.version": cnn.__version__, "torch.version": torch.__version__,
+            "cuda.version": str(torch.version.cuda), "cuda.available": str(torch.cuda.is_available()),
+            "python.version": platform.python_version(), "dataset.name": dataset.name,
+            "dataset.manifest_sha256": manifest_digest, "model.name": model_name,
+        })
+        manifest = dataset.manifest()
+        ok = manifest[manifest["status"] == "ok"][["image_id", "path", "label", "split", "group"]]
+        source = mlflow.data.from_pandas(ok, source=str(dataset.manifest_path), name=dataset.name, targets="label")
+        mlflow.log_input(source, context="training")
+        mlflow.log_dict({"manifest_sha256": manifest_digest, "rows": len(manifest), "ok": len(ok)},
+                        "dataset/manifest_digest.json")
+        for name in ("report.md", "report.json", "dataset.json"):
+            if (dataset.root / name).is_file():
+                mlflow.log_artifact(str(dataset.root / name), "dataset")
+        mlflow.log_text(cfg.to_yaml(), "config/config.yaml")
+        return run.info.run_id
+
+
+def log_epoch(run_id: str, record: dict[str, float]) -> None:
+    """All of one epoch's metrics in one batched call."""
+    step = int(record["epoch"])
+    metrics = [mlflow.entities.Metric(k, float(v), int(1000 * time.time()), step)
+               for k, v in record.items() if k != "epoch" and v == v]
+    MlflowClient().log_batch(run_id, metrics=metrics)
+
+
+def log_results(run_id: str, fit: dict[str, Any], test_metrics: dict[str, float], files: list[Path],
+                policy: dict[str, Any]) -> None:
+    """Final metrics, plots, report and the augmentation policy."""
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({f"test_{k}": v for k, v in test_metrics.items()})
+        mlflow.log_metrics({"best_epoch": fit["best_epoch"], "epochs_run": fit["epochs_run"]})
+        mlflow.set_tags({"device": fit["device"], "stopped": fit["stopped"]})
+        for path in files:
+            mlflow.log_artifact(str(path), "evaluation")
+        mlflow.log_dict(policy, "config/augmentation_policy.json")
+
+
+def signature_for(contract: ModelContract) -> ModelSignature:
+    inputs = Schema([ColSpec("string", "path")])
+    outputs = Schema([ColSpec("string", "label"), ColSpec("double", "confidence")]
+                     + [ColSpec("double", f"prob_{c}") for c in contract.classes] + [ColSpec("string", "error")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def log_model(run_id: str, run_dir: Path, example_path: str) -> str:
+    """Log the pyfunc (models from code, state_dict weights, the contract) and return its model URI."""
+    contract = ModelContract.load(run_dir / "contract.json")
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(MODEL_CODE),
+            artifacts={"weights": str(run_dir / "best.pt"), "contract": str(run_dir / "contract.json")},
+            code_paths=[str(LIBRARY)],
+            signature=signature_for(contract),
+            input_example=pd.DataFrame({"path": [example_path]}),
+            pip_requirements=_requirements(),
+            metadata={"cnn_contract": json.loads((run_dir / "contract.json").read_text())},
+        )
+    return info.model_uri
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    names = ["torch", "torchvision", "numpy", "pandas", "pillow", "pydicom", "albumentations", "scikit-learn",
+             "pydantic", "pyyaml", "mlflow"]
+    return [f"{n}=={version(n)}" for n in names]

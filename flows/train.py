@@ -1,0 +1,112 @@
+"""Prefect flow `train`: start run -> fit -> evaluate -> log model -> register and gate."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from cnn.config import TrainConfig
+from cnn.dataset import Dataset
+from cnn.errors import UserError
+from cnn.evaluation import evaluate_run
+from cnn.fsio import write_json_atomic
+from cnn.train import fit
+from flows import registry, tracking, workspace
+from flows.logfilter import quiet_user_errors
+from flows.progress import reported_progress
+
+quiet_user_errors()
+
+
+def run_directory(home: Path, model_name: str, resume: bool) -> Path:
+    """A new run folder, or with `resume` the latest unfinished one."""
+    root = home / "runs" / model_name
+    if resume:
+        candidates = sorted(p for p in root.glob("*") if (p / "last.pt").is_file() and not (p / "done").exists())
+        if not candidates:
+            raise UserError(f"nothing to resume: no unfinished run of {model_name!r} under {root}")
+        return candidates[-1]
+    return root / datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
+
+
+@task(name="start-run", cache_policy=NO_CACHE)
+def start_run(dataset_dir: str, run_dir: str, config: TrainConfig, model_name: str) -> str:
+    """Open (or, on resume, reopen) the MLflow run of this training."""
+    id_file = Path(run_dir) / "mlflow_run_id"
+    if id_file.is_file():
+        return id_file.read_text().strip()
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    run_id = tracking.start_run(Dataset(dataset_dir), config, model_name)
+    id_file.write_text(run_id)
+    return run_id
+
+
+@task(name="fit-model", cache_policy=NO_CACHE)
+def fit_model(dataset_dir: str, run_dir: str, run_id: str, config: TrainConfig, resume: bool) -> str:
+    """Train with per-epoch checkpoints; each epoch's metrics go to MLflow as they come."""
+    with reported_progress(f"training {config.model}", key="train-epochs") as progress:
+        def on_epoch(record: dict[str, float]) -> None:
+            tracking.log_epoch(run_id, record)
+            progress(int(record["epoch"]), config.epochs)
+
+        result = fit(config, dataset_dir, run_dir, resume=resume, on_epoch=on_epoch)
+    summary = {k: v for k, v in asdict(result).items() if k not in ("contract",)}
+    return str(write_json_atomic(Path(run_dir) / "fit.json", summary))
+
+
+@task(name="evaluate-model", cache_policy=NO_CACHE)
+def evaluate_model(dataset_dir: str, run_dir: str, run_id: str, config: TrainConfig) -> dict[str, float]:
+    """Test-split metrics and plots, logged to the run."""
+    evaluation = evaluate_run(run_dir, dataset_dir, "test")
+    fit_summary = json.loads((Path(run_dir) / "fit.json").read_text())
+    policy = json.loads((Path(run_dir) / "contract.json").read_text())["policy"]
+    tracking.log_results(run_id, fit_summary, evaluation.metrics.flat(), evaluation.files, policy)
+    return evaluation.metrics.headline()
+
+
+@task(name="log-model", cache_policy=NO_CACHE)
+def log_model(dataset_dir: str, run_dir: str, run_id: str) -> str:
+    """Log the pyfunc model (weights as a state_dict, the contract as metadata)."""
+    manifest = Dataset(dataset_dir).manifest()
+    example = manifest.loc[manifest["status"] == "ok", "path"].iloc[0]
+    return tracking.log_model(run_id, Path(run_dir), example)
+
+
+@task(name="register-and-gate", cache_policy=NO_CACHE)
+def register_and_gate(model_uri: str, model_name: str, run_id: str, dataset_dir: str,
+                      config: TrainConfig) -> dict[str, object]:
+    """Register a version and decide @champion or @challenger against the current champion."""
+    decision = registry.register_and_gate(model_uri, model_name, run_id, Dataset(dataset_dir), config.gate_metric,
+                                          config.min_improvement)
+    create_markdown_artifact(
+        f"## {decision.model} v{decision.version}: **@{decision.decision}**\n\n{decision.reason}\n",
+        key="promotion-gate", description="Promotion gate decision",
+    )
+    return decision.to_dict()
+
+
+@flow(name="train")
+def train_flow(dataset: str, config: TrainConfig | None = None, resume: bool = False,
+               home: str | None = None) -> dict[str, object]:
+    """Train a classifier on DATASET, track it in MLflow, register it and gate its promotion."""
+    ws = workspace.current(home)
+    config = config or TrainConfig()
+    model_name = config.register_as or dataset
+    dataset_dir = str(ws.dataset(dataset).require().root)
+    run_dir = str(run_directory(ws.home, model_name, resume))
+    run_id = start_run(dataset_dir, run_dir, config, model_name)
+    fit_model(dataset_dir, run_dir, run_id, config, resume)
+    test_metrics = evaluate_model(dataset_dir, run_dir, run_id, config)
+    model_uri = log_model(dataset_dir, run_dir, run_id)
+    decision = register_and_gate(model_uri, model_name, run_id, dataset_dir, config)
+    (Path(run_dir) / "done").write_text(run_id)
+    create_table_artifact([{"metric": k, "test": round(v, 4)} for k, v in test_metrics.items()],
+                          key="test-metrics", description=f"{model_name}: test metrics")
+    return {"run_id": run_id, "run_dir": run_dir, "model_uri": model_uri, "test_metrics": test_metrics,
+            "gate": decision}

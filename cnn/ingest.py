@@ -293,10 +293,14 @@ def ingest(
     source: str | Path, dataset_dir: Path, options: IngestOptions | None = None,
     progress: ProgressFn | None = None,
 ) -> Path:
-    """Run every stage in this process (the library path, without an orchestrator)."""
+    """Run every stage in this process (the library path, without an orchestrator), report included."""
+    from cnn.report import build_report, save_report
+
     options = options or IngestOptions()
     stage_scan(source, dataset_dir, options)
     stage_decode(dataset_dir, options, progress)
     stage_split(dataset_dir, options)
-    return commit_dataset(dataset_dir, options)
+    manifest = commit_dataset(dataset_dir, options)
+    save_report(build_report(Path(dataset_dir), staged_stats(Path(dataset_dir))), Path(dataset_dir))
+    return manifest
 

@@ -24,7 +24,7 @@ from cnn.contract import ModelContract, to_model_input
 from cnn.data import CacheDataset, load_split, make_loader
 from cnn.dataset import Dataset
 from cnn.errors import UserError
-from cnn.fsio import atomic_path
+from cnn.fsio import atomic_path, write_text_atomic
 from cnn.metrics import ClassificationMetrics, compute_metrics
 from cnn.models import create_model, freeze_backbone
 
@@ -231,6 +231,18 @@ class _Setup:
         self.loss_weight = loss_weight
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """Catch mistakes before any work starts: unknown model, bad policy, missing weights, bad device."""
+    from cnn.models import list_models
+
+    if cfg.model not in list_models():
+        raise UserError(f"unknown model {cfg.model!r}; choose one of: {', '.join(list_models())}")
+    load_policy(cfg.policy)
+    if cfg.weights is not None and not Path(cfg.weights).expanduser().is_file():
+        raise UserError(f"pretrained weights not found: {cfg.weights} (weights load from a local file only)")
+    resolve_device(cfg.device)
+
+
 def fit(cfg: TrainConfig, dataset_root: str | Path, run_dir: str | Path, resume: bool = False,
         on_epoch: Callable[[dict[str, float]], None] | None = None) -> FitResult:
     """Train `cfg.model` on an ingested dataset, checkpointing into `run_dir` every epoch."""
@@ -240,6 +252,7 @@ def fit(cfg: TrainConfig, dataset_root: str | Path, run_dir: str | Path, resume:
     seed_everything(cfg.seed)
     setup = _Setup(cfg, dataset)
     model = create_model(cfg.model, len(setup.classes), setup.contract.channels, cfg.weights, **cfg.model_options)
+    _check_input_size(model, cfg.model, setup.contract)
     amp_dtype, scaler = _amp(device, cfg.amp)
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory)
@@ -253,8 +266,6 @@ def fit(cfg: TrainConfig, dataset_root: str | Path, run_dir: str | Path, resume:
     last, best = run_dir / "last.pt", run_dir / "best.pt"
     if resume and last.is_file():
         state = _restore(last, cfg, model, optimizer, scheduler, scaler)
-    setup.contract.save(run_dir / "contract.json")
-    (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     step_model = torch.compile(model) if cfg.compile else model
     deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else None
     stopped = "completed"
@@ -282,6 +293,9 @@ def fit(cfg: TrainConfig, dataset_root: str | Path, run_dir: str | Path, resume:
         _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                "scaler": scaler.state_dict(), "rng": _rng_state(), "config": cfg.model_dump(mode="json"),
                **state}, last)
+        if epoch == 0 or not (run_dir / "contract.json").is_file():
+            setup.contract.save(run_dir / "contract.json")
+            write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
         if on_epoch is not None:
             on_epoch(record)
         if out_of_time:
@@ -292,6 +306,20 @@ def fit(cfg: TrainConfig, dataset_root: str | Path, run_dir: str | Path, resume:
             break
     return FitResult(run_dir, best, setup.contract, state["best_epoch"], state["best_score"], state["epoch"],
                      stopped, state["history"], str(device))
+
+
+def _check_input_size(model: nn.Module, name: str, contract: ModelContract) -> None:
+    """Fail early, with the reason, when the network cannot take the dataset's image size."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, contract.channels, contract.image_size, contract.image_size))
+    except RuntimeError as exc:
+        raise UserError(f"model {name} with these options cannot take {contract.image_size}x{contract.image_size} "
+                        f"images ({exc}); use larger images, fewer layers, or stride 1") from None
+    finally:
+        model.train(was_training)
 
 
 def _restore(path: Path, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,

@@ -24,8 +24,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -186,8 +186,10 @@ def train(
     cfg = TrainConfig.load(config, model=model, epochs=epochs, batch_size=batch_size, lr=lr, policy=policy,
                            device=device, max_minutes=max_minutes, weights=weights, register_as=register_as)
     from cnn.dataset import validate_name
+    from cnn.train import check_config
 
     validate_name(cfg.register_as or dataset)
+    check_config(cfg)
     result = _run_train(dataset, cfg, resume)
     _print_training(result)
 

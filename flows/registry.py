@@ -37,7 +37,7 @@ class GateDecision:
 
 def alias_version(client: MlflowClient, model: str, alias: str) -> str | None:
     try:
-        return client.get_model_version_by_alias(model, alias).version
+        return str(client.get_model_version_by_alias(model, alias).version)
     except MlflowException:
         return None
 
@@ -70,7 +70,7 @@ def register_and_gate(model_uri: str, model: str, run_id: str, dataset: Dataset,
                       min_improvement: float) -> GateDecision:
     """Register a new version, compare it with @champion on the same split and metric, move the aliases."""
     client = MlflowClient()
-    version = mlflow.register_model(model_uri, model, tags={"run_id": run_id, "dataset": dataset.name}).version
+    version = str(mlflow.register_model(model_uri, model, tags={"run_id": run_id, "dataset": dataset.name}).version)
     split, rows = gate_split(dataset)
     new_score = score_version(model, version, rows, metric)
     if new_score is None:

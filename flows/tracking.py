@@ -6,6 +6,7 @@ import hashlib
 import json
 import platform
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,9 @@ def start_run(dataset: Dataset, cfg: TrainConfig, model_name: str) -> str:
         })
         manifest = dataset.manifest()
         ok = manifest[manifest["status"] == "ok"][["image_id", "path", "label", "split", "group"]]
-        source = mlflow.data.from_pandas(ok, source=str(dataset.manifest_path), name=dataset.name, targets="label")
+        with warnings.catch_warnings():  # MLflow cannot tell which local source class a path is; both are fine
+            warnings.simplefilter("ignore", UserWarning)
+            source = mlflow.data.from_pandas(ok, source=str(dataset.manifest_path), name=dataset.name, targets="label")
         mlflow.log_input(source, context="training")
         mlflow.log_dict({"manifest_sha256": manifest_digest, "rows": len(manifest), "ok": len(ok)},
                         "dataset/manifest_digest.json")

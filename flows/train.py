@@ -16,7 +16,7 @@ from cnn.dataset import Dataset
 from cnn.errors import UserError
 from cnn.evaluation import evaluate_run
 from cnn.fsio import write_json_atomic
-from cnn.train import fit
+from cnn.train import check_config, fit
 from flows import registry, tracking, workspace
 from flows.logfilter import quiet_user_errors
 from flows.progress import reported_progress
@@ -97,6 +97,7 @@ def train_flow(dataset: str, config: TrainConfig | None = None, resume: bool = F
     """Train a classifier on DATASET, track it in MLflow, register it and gate its promotion."""
     ws = workspace.current(home)
     config = config or TrainConfig()
+    check_config(config)
     model_name = config.register_as or dataset
     dataset_dir = str(ws.dataset(dataset).require().root)
     run_dir = str(run_directory(ws.home, model_name, resume))

@@ -115,3 +115,29 @@ def test_real_console_script_end_to_end(tmp_path: Path) -> None:
     assert (home / "prefect").is_dir()  # Prefect's state stays inside CNN_HOME
     again = _run_cli(["ingest", str(home / "demo" / "claims"), "--dataset", "claims", "--image-size", "32"], home)
     assert again.returncode == 0 and "decoded 0 files, 24 unchanged" in again.stdout
+
+
+def test_ui_serves_the_workspace_store(tmp_path: Path) -> None:
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(CNN_HOME=str(tmp_path / "home"))
+    proc = subprocess.Popen([CNN, "ui", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
+    try:
+        deadline, status = time.monotonic() + 90, None
+        while time.monotonic() < deadline and status is None:
+            try:
+                status = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status
+            except OSError:
+                time.sleep(0.5)
+        assert status == 200
+    finally:
+        os.killpg(proc.pid, 15)
+        output = proc.communicate(timeout=30)[0]
+    assert f"http://127.0.0.1:{port}" in output and "mlflow.db" in output

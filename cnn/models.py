@@ -70,9 +70,10 @@ def freeze_backbone(model: nn.Module, name: str, frozen: bool = True) -> None:
 class SmallCNN(nn.Module):
     """conv -> [batch norm] -> activation -> pool -> dropout, repeated; flatten -> dense -> logits."""
 
-    def __init__(self, num_classes: int, in_channels: int = 3, filters: tuple[int, ...] = (32, 64, 128),
+    def __init__(self, num_classes: int, in_channels: int = 3, filters: tuple[int, ...] = (16, 32, 64, 64),
                  kernel_size: int = 3, padding: Literal["same", "valid"] = "same", stride: int = 1,
-                 activation: str = "relu", dropout: float = 0.2, batch_norm: bool = True, dense: int = 128) -> None:
+                 activation: str = "relu", dropout: float = 0.2, batch_norm: bool = True, dense: int = 128,
+                 pool_size: int = 4) -> None:
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise UserError(f"unknown activation {activation!r}; choose one of: {', '.join(sorted(_ACTIVATIONS))}")
@@ -89,9 +90,9 @@ class SmallCNN(nn.Module):
             layers += [_ACTIVATIONS[activation](), nn.MaxPool2d(2, ceil_mode=True), nn.Dropout(dropout / 2)]
             channels = width
         self.features = nn.Sequential(*layers)
-        # A fixed 4x4 grid before flattening keeps the dense layer independent of the input size.
-        self.pool = nn.AdaptiveAvgPool2d(4)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(channels * 16, dense), _ACTIVATIONS[activation](),
+        # A fixed grid before flattening keeps the dense layer independent of the input size.
+        self.pool = nn.AdaptiveAvgPool2d(pool_size)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(channels * pool_size**2, dense), _ACTIVATIONS[activation](),
                                   nn.Dropout(dropout), nn.Linear(dense, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

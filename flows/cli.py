@@ -302,7 +302,7 @@ def demo() -> None:
     result = _run_ingest(str(made.source), "xray", IngestOptions(image_size=64, channels=1))
     _print_report(Path(result["dataset_dir"]))
     console.rule("[bold]3/3 train, register and gate (Prefect flow `train`)")
-    cfg = TrainConfig(model="small_cnn", epochs=24, batch_size=32, lr=3e-3, policy="none", patience=8)
+    cfg = TrainConfig(model="small_cnn", epochs=30, batch_size=32, lr=3e-3, policy="none", patience=10)
     _print_training(_run_train("xray", cfg))
     console.print(f"\nworkspace: {ws.home}\nPrefect state: {ws.prefect_home}\n"
                   f"MLflow store: {os.environ.get('MLFLOW_TRACKING_URI')} (browse it with: cnn ui)\n"

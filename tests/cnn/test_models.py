@@ -61,7 +61,7 @@ def test_freeze_backbone_leaves_only_the_head() -> None:
 
 
 @pytest.mark.parametrize("options", [
-    {"activation": "elu", "padding": "valid", "stride": 2, "batch_norm": False},
+    {"activation": "elu", "padding": "valid", "stride": 2, "batch_norm": False, "filters": [8, 16]},
     {"activation": "tanh", "filters": [8, 16], "kernel_size": 5, "dropout": 0.0},
     {"activation": "leaky_relu", "dense": 32},
     {"activation": "sigmoid"},

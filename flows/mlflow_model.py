@@ -19,9 +19,10 @@ class CnnClassifier(mlflow.pyfunc.PythonModel):
         self.predictor = Predictor.load(context.artifacts["weights"], context.artifacts["contract"], device="cpu")
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        if "image" in model_input.columns and model_input["image"].notna().any():
-            sources = [bytes(b) if b is not None else p for b, p in
-                       zip(model_input["image"], model_input.get("path", [None] * len(model_input)))]
+        if "image" in model_input.columns:
+            paths = model_input["path"] if "path" in model_input.columns else [None] * len(model_input)
+            sources = [bytes(b) if isinstance(b, (bytes, bytearray)) else str(p)
+                       for b, p in zip(model_input["image"], paths)]
         elif "path" in model_input.columns:
             sources = [str(p) for p in model_input["path"]]
         else:

@@ -87,7 +87,7 @@ def log_results(run_id: str, fit: dict[str, Any], test_metrics: dict[str, float]
 
 
 def signature_for(contract: ModelContract) -> ModelSignature:
-    inputs = Schema([ColSpec("string", "path")])
+    inputs = Schema([ColSpec("string", "path", required=False), ColSpec("binary", "image", required=False)])
     outputs = Schema([ColSpec("string", "label"), ColSpec("double", "confidence")]
                      + [ColSpec("double", f"prob_{c}") for c in contract.classes] + [ColSpec("string", "error")])
     return ModelSignature(inputs=inputs, outputs=outputs)

@@ -110,6 +110,9 @@ def test_pyfunc_from_registry_agrees_with_the_engine(trained: Path, cnn_home: Pa
     probs = frame[[f"prob_{c}" for c in contract.classes]].to_numpy()[:-1]
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert str(version.version) == "1"
+    raw = [Path(p).read_bytes() for p in split.paths[:3]]
+    from_bytes = pyfunc.predict(pd.DataFrame({"image": raw}))
+    assert from_bytes["label"].tolist() == engine_labels[:3]
 
     csv = tmp_path / "paths.csv"
     pd.DataFrame({"path": split.paths[:5]}).to_csv(csv, index=False)

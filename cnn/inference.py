@@ -24,15 +24,29 @@ class Predictor:
     model: torch.nn.Module
     contract: ModelContract
     device: torch.device
+    channels_last: bool = False
+    autocast_dtype: torch.dtype | None = None  # bf16/fp16 autocast; None = full precision
 
     @classmethod
-    def load(cls, weights: str | Path, contract: str | Path | ModelContract, device: str = "cpu") -> Predictor:
-        """Rebuild the network from the contract and load a state_dict (weights_only: no pickled objects)."""
+    def load(cls, weights: str | Path, contract: str | Path | ModelContract, device: str = "cpu",
+             channels_last: bool = False) -> Predictor:
+        """Rebuild the network from the contract and load a state_dict (weights_only: no pickled objects).
+
+        On CUDA, inference runs under autocast (bf16 where supported, else fp16)."""
         contract = contract if isinstance(contract, ModelContract) else ModelContract.load(contract)
         model = create_model(contract.model, len(contract.classes), contract.channels, None, **contract.model_options)
         load_weights(model, weights)
         torch_device = resolve_device(device)
-        return cls(model.to(torch_device).eval(), contract, torch_device)
+        memory = torch.channels_last if channels_last else torch.contiguous_format
+        model = model.to(torch_device, memory_format=memory).eval()
+        dtype = None
+        if torch_device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return cls(model, contract, torch_device, channels_last, dtype)
+
+    def with_precision(self, dtype: torch.dtype | None) -> Predictor:
+        """The same model under another autocast dtype (shares the weights)."""
+        return Predictor(self.model, self.contract, self.device, self.channels_last, dtype)
 
     @property
     def prob_columns(self) -> list[str]:
@@ -46,7 +60,9 @@ class Predictor:
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
                 batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
-                logits = self.model(to_model_input(batch, mean, std, self.device, channels_last=False))
+                x = to_model_input(batch, mean, std, self.device, self.channels_last)
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                    logits = self.model(x)
                 out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.contract.classes)), dtype=np.float32)
 

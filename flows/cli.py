@@ -217,6 +217,47 @@ def _print_training(result: dict[str, Any]) -> None:
 
 @app.command()
 @_user_errors
+def score(
+    source: Annotated[str, typer.Argument(help="Folder (recursive), glob, or CSV/Parquet manifest with a path column.")],
+    model: Annotated[str, typer.Option(help="MODEL (= MODEL@champion), MODEL@alias or MODEL:version.")],
+    output: Annotated[str | None, typer.Option(help="Prediction file, .parquet or .csv (rejects beside it).")] = None,
+    table: Annotated[str | None, typer.Option(
+        help="SQLAlchemy URL#table (default sqlite:///$CNN_HOME/predictions.db#predictions when no --output).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    top_k: Annotated[int, typer.Option(help="How many ranked labels to keep per image.")] = 3,
+    review_below: Annotated[float, typer.Option(help="Flag predictions whose confidence is below this.")] = 0.0,
+    workers: Annotated[int, typer.Option(help="Decoding processes (0 = all cores).")] = 0,
+    shard_size: Annotated[int, typer.Option(help="Files per shard (each shard commits on its own).")] = 256,
+    precision: Annotated[str, typer.Option(help="auto (bf16 on CPUs with native bf16 when validated), fp32, bf16.")] = "auto",
+) -> None:
+    """Score new images with a registered model into prediction tables, exactly once (Prefect flow `score`)."""
+    from flows import workspace
+
+    workspace.configure()
+    from flows.models import parse_spec
+    from flows.score import score_flow
+
+    parse_spec(model)
+    summary = score_flow(source=source, model=model, output=output, table=table, batch_size=batch_size,
+                         device=device, top_k=top_k, review_below=review_below, workers=workers,
+                         shard_size=shard_size, precision=precision)
+    _print_scoring(summary)
+
+
+def _print_scoring(summary: dict[str, Any]) -> None:
+    table = Table(title=f"scored with {summary['model']} ({summary['precision']})")
+    table.add_column("item")
+    table.add_column("count", justify="right")
+    for row in summary["table"]:
+        table.add_row(row["item"], str(row["count"]))
+    console.print(table)
+    console.print(f"{summary['predicted']} predictions, {summary['rejected']} rejects, {summary['skipped']} already "
+                  f"scored; tables:\n  " + "\n  ".join(summary["tables"]), highlight=False)
+
+
+@app.command()
+@_user_errors
 def promote(
     model: Annotated[str, typer.Argument(help="Registered model name.")],
     version: Annotated[int, typer.Option(help="Version to make @champion.")],

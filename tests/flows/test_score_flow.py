@@ -1,0 +1,205 @@
+"""`cnn score`: every input exactly once (prediction or reject), idempotent re-runs, kill -9 and re-run,
+SQLite and PostgreSQL tables, id columns carried, and agreement with the MLflow pyfunc."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tests.helpers import pattern_dataset, write_patterns
+
+runner = CliRunner()
+CNN = str(Path(sys.executable).with_name("cnn"))
+PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(scope="module")
+def home(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A workspace with the pattern dataset and a registered `patterns` champion."""
+    saved = dict(os.environ)
+    root = tmp_path_factory.mktemp("scoring")
+    os.environ["CNN_HOME"] = str(root / "home")
+    from flows import workspace
+
+    workspace.configure()
+    pattern_dataset(root / "home")
+    config = root / "fast.yaml"
+    config.write_text("model_options: {filters: [8, 16], dense: 32}\nworkers: 0\nepochs: 3\nbatch_size: 16\n")
+    result = runner.invoke(app, ["train", "--dataset", "patterns", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    yield root / "home"
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _mixed_folder(base: Path, n_per_class: int = 4, seed: int = 7) -> tuple[Path, int]:
+    folder = write_patterns(base, per_class=n_per_class, seed=seed)
+    (folder / "bad").mkdir()
+    (folder / "bad" / "empty.png").write_bytes(b"")
+    (folder / "bad" / "notes.jpg").write_text("call the adjuster")
+    first = next(folder.glob("checker/*.png"))
+    (folder / "bad" / "half.png").write_bytes(first.read_bytes()[:100])
+    shutil.copy(first, folder / "copy_of_first.png")
+    return folder, 3 * n_per_class + 4
+
+
+def _paths_once(predictions: pd.DataFrame, rejects: pd.DataFrame) -> list[str]:
+    return sorted(predictions["path"].tolist() + rejects["path"].tolist())
+
+
+def test_exactly_once_then_idempotent_then_incremental(home: Path, tmp_path: Path) -> None:
+    folder, total = _mixed_folder(tmp_path / "incoming")
+    out = tmp_path / "preds.parquet"
+    args = ["score", str(folder), "--model", "patterns", "--output", str(out), "--review-below", "0.9",
+            "--shard-size", "5", "--top-k", "2"]
+    result = runner.invoke(app, args + ["--table", f"sqlite:///{tmp_path / 'p.db'}#preds"])
+    assert result.exit_code == 0, result.output
+    preds, rejects = pd.read_parquet(out), pd.read_parquet(tmp_path / "preds.rejects.parquet")
+    all_files = sorted(str(p) for p in folder.rglob("*") if p.is_file())
+    assert len(all_files) == total
+    assert _paths_once(preds, rejects) == all_files  # every input exactly once
+    assert len(rejects) == 4 and rejects["reason"].str.contains("duplicate of").sum() == 1
+    assert set(preds["label"]) <= {"horizontal", "vertical", "checker"}
+    assert {"image_id", "confidence", "top_k", "needs_review", "prob_checker", "model_name", "model_version",
+            "run_id", "scored_at", "flow_run_id"} <= set(preds.columns)
+    assert (preds["model_version"].astype(str) == "1").all() and preds["flow_run_id"].str.len().min() > 10
+    assert preds["scored_at"].dt.tz is not None
+    assert (preds["needs_review"] == (preds["confidence"] < 0.9)).all()
+    with sqlite3.connect(tmp_path / "p.db") as db:
+        assert db.execute("select count(*), count(distinct path) from preds").fetchone() == (len(preds), len(preds))
+        assert db.execute("select count(*) from preds_rejects").fetchone()[0] == 4
+
+    again = runner.invoke(app, args + ["--table", f"sqlite:///{tmp_path / 'p.db'}#preds"])
+    assert again.exit_code == 0 and f"0 predictions, 0 rejects, {total} already scored" in again.output
+    assert len(pd.read_parquet(out)) == len(preds)
+
+    write_patterns(folder / "more", per_class=1, seed=99)
+    more = runner.invoke(app, args + ["--table", f"sqlite:///{tmp_path / 'p.db'}#preds"])
+    assert more.exit_code == 0 and f"3 predictions, 0 rejects, {total} already scored" in more.output
+    assert len(pd.read_parquet(out)) == len(preds) + 3
+    with sqlite3.connect(tmp_path / "p.db") as db:
+        assert db.execute("select count(*) from preds").fetchone()[0] == len(preds) + 3
+
+
+def test_manifest_id_columns_csv_output_and_version_pin(home: Path, tmp_path: Path) -> None:
+    folder = write_patterns(tmp_path / "claims", per_class=2, seed=3)
+    files = sorted(folder.rglob("*.png"))
+    manifest = pd.DataFrame({"path": [str(p.relative_to(folder)) for p in files],
+                             "claim_id": [f"C{i:03d}" for i in range(len(files))], "policy_no": "P-1"})
+    manifest.to_csv(folder / "batch.csv", index=False)
+    out = tmp_path / "preds.csv"
+    result = runner.invoke(app, ["score", str(folder / "batch.csv"), "--model", "patterns:1", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    preds = pd.read_csv(out)
+    assert sorted(preds["claim_id"]) == sorted(manifest["claim_id"]) and (preds["policy_no"] == "P-1").all()
+    assert (tmp_path / "preds.rejects.csv").is_file()
+
+
+def test_errors_are_one_line(home: Path, tmp_path: Path) -> None:
+    missing = runner.invoke(app, ["score", str(tmp_path), "--model", "nosuchmodel"])
+    assert missing.exit_code == 2 and "not found in the registry" in missing.output
+    bad_spec = runner.invoke(app, ["score", str(tmp_path), "--model", "a b"])
+    assert bad_spec.exit_code == 2 and "MODEL@alias" in bad_spec.output
+    nothing = runner.invoke(app, ["score", str(tmp_path / "nope"), "--model", "patterns"])
+    assert nothing.exit_code == 2 and "nothing to score" in nothing.output
+    bad_table = runner.invoke(app, ["score", str(tmp_path), "--model", "patterns",
+                                    "--table", f"sqlite:///{tmp_path / 'x.db'}#drop table"])
+    assert bad_table.exit_code == 2 and "invalid table name" in bad_table.output
+    bad_output = runner.invoke(app, ["score", str(tmp_path), "--model", "patterns", "--output", "x.json"])
+    assert bad_output.exit_code == 2 and ".parquet or .csv" in bad_output.output
+
+
+def _pg_available() -> bool:
+    try:
+        from sqlalchemy import create_engine, text
+
+        with create_engine(PG_URL).connect() as conn:
+            conn.execute(text("select 1"))
+        return True
+    except Exception:  # noqa: BLE001 - any failure means no server to test against
+        return False
+
+
+@pytest.mark.skipif(not _pg_available(), reason="no PostgreSQL reachable at 127.0.0.1:5432 (user postgres, db test)")
+def test_postgresql_sink(home: Path, tmp_path: Path) -> None:
+    from sqlalchemy import create_engine, text
+
+    folder, total = _mixed_folder(tmp_path / "incoming", n_per_class=2)
+    table = f"preds_{uuid.uuid4().hex[:8]}"
+    engine = create_engine(PG_URL)
+    try:
+        for _ in range(2):  # the second run must add nothing
+            result = runner.invoke(app, ["score", str(folder), "--model", "patterns", "--table", f"{PG_URL}#{table}",
+                                         "--shard-size", "3"])
+            assert result.exit_code == 0, result.output
+        with engine.connect() as conn:
+            rows = conn.execute(text(f'select count(*), count(distinct path) from "{table}"')).one()
+            rejects = conn.execute(text(f'select count(*) from "{table}_rejects"')).scalar()
+            review_type = conn.execute(text("select data_type from information_schema.columns "
+                                            f"where table_name = '{table}' and column_name = 'needs_review'")).scalar()
+        assert rows[0] == rows[1] == total - 4 and rejects == 4
+        assert review_type == "boolean"
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(f'drop table if exists "{table}"'))
+            conn.execute(text(f'drop table if exists "{table}_rejects"'))
+
+
+def test_kill_9_and_rerun_leaves_no_duplicate_and_no_gap(home: Path, tmp_path: Path) -> None:
+    folder = write_patterns(tmp_path / "big", per_class=40, seed=11)
+    total = 120
+    db = tmp_path / "k.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(CNN_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    args = [CNN, "score", str(folder), "--model", "patterns", "--table", f"sqlite:///{db}#preds",
+            "--output", str(tmp_path / "k.parquet"), "--shard-size", "4", "--workers", "1"]
+
+    def committed() -> int:
+        if not db.is_file():
+            return 0
+        try:
+            with sqlite3.connect(db) as conn:
+                return conn.execute("select count(*) from preds").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 180
+    while committed() < 8 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = committed()
+    assert 0 < partial < total, "the run must be killed part-way for this test to mean anything"
+    finished = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("select count(*), count(distinct path) from preds").fetchone() == (total, total)
+    parquet = pd.read_parquet(tmp_path / "k.parquet")
+    assert len(parquet) == total and parquet["path"].is_unique
+
+
+def test_scoring_engine_and_pyfunc_agree(home: Path, tmp_path: Path) -> None:
+    import mlflow
+
+    folder = write_patterns(tmp_path / "agree", per_class=5, seed=21)
+    out = tmp_path / "a.parquet"
+    assert runner.invoke(app, ["score", str(folder), "--model", "patterns", "--output", str(out)]).exit_code == 0
+    engine = pd.read_parquet(out).sort_values("path")
+    pyfunc = mlflow.pyfunc.load_model("models:/patterns@champion")
+    direct = pyfunc.predict(pd.DataFrame({"path": engine["path"].tolist()}))
+    assert direct["label"].tolist() == engine["label"].tolist()

@@ -30,5 +30,5 @@ def render_preview(dataset_dir: str, policy: str, out: str, rows: int, augmented
 def augment_flow(dataset: str, policy: str, preview: str, rows: int = 6, augmented: int = 5,
                  seed: int = 0, home: str | None = None) -> str:
     """Check POLICY on DATASET and save a grid of originals beside augmented samples to PREVIEW."""
-    dataset_dir = workspace.current(home).dataset(dataset).require().root
+    dataset_dir = workspace.configure(home).dataset(dataset).require().root
     return render_preview(str(dataset_dir), policy, str(Path(preview).resolve()), rows, augmented, seed)

@@ -307,6 +307,54 @@ def ui(
         raise typer.Exit(0) from None
 
 
+@app.command()
+@_user_errors
+def serve(
+    model: Annotated[str, typer.Option(help="Registered model the nightly scoring uses (its @champion).")] = "xray",
+    incoming: Annotated[Path | None, typer.Option(help="Folder scored on schedule (default $CNN_HOME/incoming).")] = None,
+    output: Annotated[str | None, typer.Option(help="Prediction file (.parquet/.csv) for scheduled scoring.")] = None,
+    table: Annotated[str | None, typer.Option(help="SQLAlchemy URL#table (default: SQLite under CNN_HOME).")] = None,
+    score_cron: Annotated[str, typer.Option(help="Cron of the scoring deployment (UTC).")] = "0 2 * * *",
+    train_cron: Annotated[str, typer.Option(help="Cron of the training deployment (UTC); '' turns it off.")] = "0 3 * * 0",
+    dataset: Annotated[str | None, typer.Option(help="Dataset the scheduled training uses (default: MODEL).")] = None,
+    config: Annotated[Path | None, typer.Option(help="Training config YAML for the scheduled training.")] = None,
+    port: Annotated[int, typer.Option(help="Port of the local Prefect server (when PREFECT_API_URL is unset).")] = 4200,
+) -> None:
+    """Serve the scheduled `score` and `train` deployments until Ctrl-C (starts a local Prefect server if needed)."""
+    from cnn.config import TrainConfig
+    from flows import workspace
+    from flows.serve import deployments, start_local_server
+
+    ws = workspace.configure()
+    server = None
+    if not os.environ.get("PREFECT_API_URL"):
+        api_url, server = start_local_server(ws, port)
+        os.environ["PREFECT_API_URL"] = api_url
+        os.environ.pop("PREFECT_SERVER_EPHEMERAL_ENABLED", None)
+    folder = (incoming or ws.home / "incoming").expanduser().resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    train_config = TrainConfig.load(config).model_dump(mode="json") if config else None
+    params = {"incoming": str(folder), "model": model, "output": output, "table": table, "score_cron": score_cron,
+              "train_cron": train_cron, "dataset": dataset or model, "config": train_config}
+    ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
+    console.print(f"serving deployments score/nightly ({score_cron}) over {folder}"
+                  + (f" and train/scheduled ({train_cron}) on dataset {params['dataset']}" if train_cron else "")
+                  + f"\nPrefect API {os.environ['PREFECT_API_URL']} (UI {ui}); Ctrl-C stops", highlight=False)
+    try:
+        from prefect import serve as prefect_serve
+
+        prefect_serve(*deployments(params))
+    except KeyboardInterrupt:
+        console.print("stopped")
+    finally:
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except Exception:  # noqa: BLE001 - a server that will not stop is killed
+                server.kill()
+
+
 @app.command("demo-data")
 @_user_errors
 def demo_data(

@@ -66,7 +66,7 @@ def ingest_flow(source: str, dataset: str, options: IngestOptions | None = None,
                 home: str | None = None) -> dict[str, str]:
     """Ingest SOURCE into dataset DATASET under CNN_HOME; return the manifest and report paths."""
     options = options or IngestOptions()
-    dataset_dir = str(workspace.current(home).dataset(dataset).root)
+    dataset_dir = str(workspace.configure(home).dataset(dataset).root)
     scan_source(source, dataset_dir, options)
     decode_images(dataset_dir, options)
     assign_splits(dataset_dir, options)

@@ -102,13 +102,14 @@ def publish(output: str | None, table: str | None) -> list[str]:
 @flow(name="score")
 def score_flow(source: str, model: str, output: str | None = None, table: str | None = None, batch_size: int = 64,
                device: str = "auto", top_k: int = 3, review_below: float = 0.0, workers: int = 0,
-               shard_size: int = 256, precision: str = "auto") -> dict[str, Any]:
+               shard_size: int = 256, precision: str = "auto", home: str | None = None) -> dict[str, Any]:
     """Score every new image of SOURCE with MODEL into prediction tables, exactly once."""
+    ws = workspace.configure(home)
     if top_k < 1 or batch_size < 1 or shard_size < 1 or not 0.0 <= review_below <= 1.0:
         raise UserError("--top-k, --batch-size and the shard size must be positive; --review-below in [0, 1]")
     context = get_run_context()
     flow_run_id = str(context.flow_run.id) if getattr(context, "flow_run", None) else ""
-    run_dir = workspace.current().home / "scoring" / (flow_run_id or "local")
+    run_dir = ws.home / "scoring" / (flow_run_id or "local")
     run_dir.mkdir(parents=True, exist_ok=True)
     pinned = resolve_model(model, device, precision)
     plan = plan_shards(source, output, table, pinned, shard_size, str(run_dir))

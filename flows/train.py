@@ -95,7 +95,7 @@ def register_and_gate(model_uri: str, model_name: str, run_id: str, dataset_dir:
 def train_flow(dataset: str, config: TrainConfig | None = None, resume: bool = False,
                home: str | None = None) -> dict[str, object]:
     """Train a classifier on DATASET, track it in MLflow, register it and gate its promotion."""
-    ws = workspace.current(home)
+    ws = workspace.configure(home)
     config = config or TrainConfig()
     check_config(config)
     model_name = config.register_as or dataset

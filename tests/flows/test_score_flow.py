@@ -203,3 +203,56 @@ def test_scoring_engine_and_pyfunc_agree(home: Path, tmp_path: Path) -> None:
     pyfunc = mlflow.pyfunc.load_model("models:/patterns@champion")
     direct = pyfunc.predict(pd.DataFrame({"path": engine["path"].tolist()}))
     assert direct["label"].tolist() == engine["label"].tolist()
+
+
+def test_served_deployment_triggered_through_the_api(home: Path, tmp_path: Path) -> None:
+    """`cnn serve` starts a real `prefect server` on loopback; a run created through the REST API scores."""
+    import json
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    api = f"http://127.0.0.1:{port}/api"
+    folder = write_patterns(tmp_path / "incoming", per_class=2, seed=5)
+    out = tmp_path / "served.parquet"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(CNN_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    proc = subprocess.Popen([CNN, "serve", "--model", "patterns", "--incoming", str(folder), "--output", str(out),
+                             "--train-cron", "", "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def call(path: str, body: dict | None = None) -> dict:
+        request = urllib.request.Request(f"{api}{path}", data=None if body is None else json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"},
+                                         method="GET" if body is None else "POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    try:
+        deployment, deadline = None, time.monotonic() + 180
+        while deployment is None and time.monotonic() < deadline:
+            try:
+                deployment = call("/deployments/name/score/nightly")
+            except OSError:
+                time.sleep(1)
+        assert deployment is not None, "the deployment never appeared"
+        assert deployment["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+        run = call(f"/deployments/{deployment['id']}/create_flow_run", {})
+        state, deadline = None, time.monotonic() + 240
+        while state not in ("COMPLETED", "FAILED", "CRASHED") and time.monotonic() < deadline:
+            time.sleep(1)
+            state = call(f"/flow_runs/{run['id']}")["state_type"]
+        assert state == "COMPLETED"
+        preds = pd.read_parquet(out)
+        assert len(preds) == 6 and set(preds["flow_run_id"]) == {run["id"]}
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            output = proc.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output = proc.communicate()[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert "Traceback" not in output

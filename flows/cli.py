@@ -377,26 +377,52 @@ def demo_data(
 @app.command()
 @_user_errors
 def demo() -> None:
-    """Run the main job on generated data: xray demo set -> ingest -> train -> register/promote."""
+    """Run the main job on generated data: xray demo set -> ingest -> train -> register -> score a new batch."""
     from cnn.config import TrainConfig
     from cnn.demo_data import generate
     from cnn.ingest import IngestOptions
     from flows import workspace
 
     ws = workspace.configure()
-    console.rule("[bold]1/3 generate the xray demo set")
+    console.rule("[bold]1/4 generate the xray demo set")
     made = generate("xray", ws.home / "demo" / "xray")
     console.print(f"{made.images} images + {made.corrupt} corrupt files in {made.root}", highlight=False)
-    console.rule("[bold]2/3 ingest (Prefect flow `ingest`)")
+    console.rule("[bold]2/4 ingest (Prefect flow `ingest`)")
     result = _run_ingest(str(made.source), "xray", IngestOptions(image_size=64, channels=1))
     _print_report(Path(result["dataset_dir"]))
-    console.rule("[bold]3/3 train, register and gate (Prefect flow `train`)")
+    console.rule("[bold]3/4 train, register and gate (Prefect flow `train`)")
     cfg = TrainConfig(model="small_cnn", epochs=30, batch_size=32, lr=3e-3, policy="none", patience=10)
     _print_training(_run_train("xray", cfg))
+    console.rule("[bold]4/4 score a fresh batch with xray@champion (Prefect flow `score`)")
+    batch = generate("xray", ws.home / "incoming" / "xray-batch", n=60, seed=1)
+    _score_demo_batch(ws.home, batch.root / "images")
     console.print(f"\nworkspace: {ws.home}\nPrefect state: {ws.prefect_home}\n"
                   f"MLflow store: {os.environ.get('MLFLOW_TRACKING_URI')} (browse it with: cnn ui)\n"
-                  f"try: cnn augment --dataset xray --policy xray --preview {ws.home / 'xray-preview.png'}",
-                  highlight=False)
+                  f"try: cnn augment --dataset xray --policy xray --preview {ws.home / 'xray-preview.png'}\n"
+                  f"     cnn serve   (nightly scoring of {ws.home / 'incoming'})", highlight=False)
+
+
+def _score_demo_batch(home: Path, images: Path) -> None:
+    """Score the batch into Parquet + SQLite, then CSV (the SQL rows are upserted, never doubled)."""
+    import pandas as pd
+
+    from flows.score import score_flow
+
+    table = f"sqlite:///{home / 'predictions.db'}#predictions"
+    parquet, csv = home / "predictions" / "xray.parquet", home / "predictions" / "xray.csv"
+    summary = score_flow(source=str(images), model="xray", output=str(parquet), table=table, review_below=0.6)
+    score_flow(source=str(images), model="xray", output=str(csv), table=table, review_below=0.6)
+    _print_scoring(summary)
+    sample = pd.read_parquet(parquet).head(6)
+    view = Table(title="sample predictions")
+    for column in ("file", "label", "confidence", "needs_review", "model"):
+        view.add_column(column)
+    for row in sample.itertuples():
+        view.add_row(Path(row.path).name, row.label, f"{row.confidence:.3f}", str(row.needs_review),
+                     f"{row.model_name} v{row.model_version}")
+    console.print(view)
+    console.print(f"prediction tables:\n  Parquet {parquet} (+ {parquet.stem}.rejects.parquet)\n  CSV     {csv}"
+                  f" (+ {csv.stem}.rejects.csv)\n  SQLite  {table} (+ predictions_rejects)", highlight=False)
 
 
 def main() -> None:

@@ -53,7 +53,7 @@ def resolve(spec: str, device: str, precision: str = "auto") -> dict[str, Any]:
 def load_predictor(pinned: dict[str, Any]) -> Predictor:
     """The pinned version as a Predictor: channels_last, autocast on GPU, bf16 on CPU when it was approved."""
     weights, contract = _artifact_paths(Path(pinned["dir"]))
-    predictor = Predictor.load(weights, contract, pinned["device"], channels_last=True)
+    predictor = Predictor.load(weights, contract, pinned["device"], channels_last=True, fuse=True)
     if predictor.device.type == "cpu" and pinned["precision"] == "bf16":
         import torch
 

@@ -1,0 +1,212 @@
+"""Scoring throughput, JPEG files to Parquet, against (a) the same model's forward pass on tensors already
+in memory (the limit) and (b) a loop calling the MLflow pyfunc once per file; peak memory at two input
+sizes; and the speed-up of the engine's inference path (channels_last, bf16 where approved) over fp32
+eager NCHW.
+
+    python bench/score.py [--model resnet18] [--size 224] [--n 512] [--pyfunc-n 96] [--precision auto|fp32|bf16]
+
+Targets for resnet18 at 224 px on CPU: engine >= 0.8 x (a), >= 3 x (b), and peak memory that does not
+grow with the number of images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cnn.contract import ModelContract
+from cnn.decode import decode_file
+from cnn.demo_data import render_claim
+from cnn.inference import Predictor
+from cnn.models import create_model
+from cnn.scoring import ModelRef, bf16_agreement, cpu_bf16_available, score_files
+from cnn.sinks import FileSink
+
+CLASSES = ["none", "scratch", "dent", "broken_glass"]
+
+
+def make_model(work: Path, name: str, size: int, images: np.ndarray | None = None) -> tuple[Path, Path]:
+    """The bench model; with `images`, its head is trained for a few epochs so that it predicts with the
+    confidence of a real model (bf16 is only approved where labels agree with fp32)."""
+    if (work / "best.pt").is_file():
+        return work / "best.pt", work / "contract.json"
+    torch.manual_seed(0)
+    mean, std = ModelContract.normalisation(3, pretrained=True)
+    contract = ModelContract(name, CLASSES, 3, size, "pad", mean, std, {}, {}, "bench")
+    model = create_model(name, len(CLASSES), 3)
+    if images is not None:
+        _train_head(model, name, contract, images)
+    contract.save(work / "contract.json")
+    torch.save(model.state_dict(), work / "best.pt")
+    return work / "best.pt", work / "contract.json"
+
+
+def _train_head(model: torch.nn.Module, name: str, contract: ModelContract, images: np.ndarray) -> None:
+    from cnn.contract import to_model_input
+    from cnn.models import freeze_backbone
+
+    freeze_backbone(model, name)
+    model = model.to(memory_format=torch.channels_last)
+    labels = torch.tensor([i % len(CLASSES) for i in range(len(images))])
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    mean, std = torch.tensor(contract.mean), torch.tensor(contract.std)
+    model.train()
+    for _ in range(4):
+        for idx in torch.randperm(len(images)).split(32):
+            x = to_model_input(torch.from_numpy(images[idx.numpy()]), mean, std, torch.device("cpu"), True)
+            loss = torch.nn.functional.cross_entropy(model(x), labels[idx])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    model.eval()
+
+
+def make_jpegs(folder: Path, n: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"{i:05d}.jpg"
+        if not path.exists():
+            render_claim(CLASSES[i % 4], np.random.default_rng([3, i]), (640, 480)).save(path, quality=88)
+        paths.append(str(path))
+    return paths
+
+
+def engine_predictor(weights: Path, contract: Path, sample: np.ndarray,
+                     precision: str = "auto") -> tuple[Predictor, str, float]:
+    """The scoring engine's choice: channels_last, bf16 on native-bf16 CPUs when labels agree >= 99.5%
+    (`precision` bf16/fp32 forces it, as `cnn score --precision` does)."""
+    predictor = Predictor.load(weights, contract, "cpu", channels_last=True, fuse=True)
+    if precision == "fp32" or (precision == "auto" and not cpu_bf16_available()):
+        return predictor, "fp32", float("nan")
+    agreement = bf16_agreement(predictor, sample)
+    if agreement >= 0.995 or precision == "bf16":
+        return predictor.with_precision(torch.bfloat16), "bf16", agreement
+    return predictor, "fp32", agreement
+
+
+def run_engine(paths: list[str], predictor: Predictor, out: Path, shard: int = 256, batch: int = 64) -> float:
+    """Files -> decode workers -> batched inference -> Parquet (shards, then the atomic merge)."""
+    sink = FileSink(out)
+    start = time.perf_counter()
+    ref = ModelRef("bench", "1", "")
+    for s in range(0, len(paths), shard):
+        files = pd.DataFrame({"path": paths[s:s + shard]})
+        preds, rejects = score_files(files, [], predictor, ref, "", batch, 3, 0.0)
+        sink.commit(s // shard, preds, rejects)
+    sink.finish()
+    return len(paths) / (time.perf_counter() - start)
+
+
+def forward_rate(predictor: Predictor, images: np.ndarray, repeats: int = 2) -> float:
+    predictor.predict_arrays(images[:64])  # warm-up
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        predictor.predict_arrays(images, 64)
+        best = max(best, len(images) / (time.perf_counter() - start))
+    return best
+
+
+def pyfunc_loop(paths: list[str], weights: Path, contract: Path, work: Path) -> float:
+    """What a user writes by hand: load the MLflow model, call predict once per file."""
+    import mlflow
+
+    from flows import tracking
+
+    os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    mlflow.create_experiment("bench", artifact_location=(work / "mlartifacts").as_uri())
+    mlflow.set_experiment("bench")
+    run_dir = weights.parent
+    with mlflow.start_run() as run:
+        pass
+    uri = tracking.log_model(run.info.run_id, run_dir, paths[0])
+    model = mlflow.pyfunc.load_model(uri)
+    model.predict(pd.DataFrame({"path": paths[:1]}))
+    start = time.perf_counter()
+    for path in paths:
+        model.predict(pd.DataFrame({"path": [path]}))
+    return len(paths) / (time.perf_counter() - start)
+
+
+def child_peak_rss(n: int, args: argparse.Namespace, work: Path) -> tuple[float, float]:
+    """Run the engine on n images in a fresh process; return (images/s, peak RSS MiB of that process)."""
+    cmd = [sys.executable, __file__, "--child", str(n), "--work", str(work), "--model", args.model,
+           "--size", str(args.size)]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    return data["rate"], data["rss_mib"]
+
+
+def child(n: int, work: Path, model: str, size: int) -> None:
+    weights, contract = make_model(work, model, size)
+    paths = make_jpegs(work / "jpegs", n)
+    predictor = Predictor.load(weights, contract, "cpu", channels_last=True, fuse=True)
+    rate = run_engine(paths, predictor, work / f"child-{n}.parquet")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"rate": rate, "rss_mib": rss}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--n", type=int, default=512)
+    parser.add_argument("--pyfunc-n", type=int, default=96)
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--work", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, Path(args.work), args.model, args.size)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        paths = make_jpegs(work / "jpegs", max(args.n, 4 * 256))
+        spec = ModelContract(args.model, CLASSES, 3, args.size, "pad", [0.0] * 3, [1.0] * 3).decode_spec()
+        images = np.stack([decode_file(p, spec).array for p in paths[: args.n]])
+        weights, contract = make_model(work, args.model, args.size, images[128:384])
+        plain = Predictor.load(weights, contract, "cpu")
+        engine, precision, agreement = engine_predictor(weights, contract, images[:128], args.precision)
+        print(f"{args.model} at {args.size}px, 640x480 JPEGs, {torch.get_num_threads()} torch threads; "
+              f"engine precision {precision} (bf16 top-1 agreement with fp32 on 128 images: {agreement:.4f})")
+
+        limit = forward_rate(engine, images)
+        end_to_end = run_engine(paths[: args.n], engine, work / "engine.parquet")
+        by_hand = pyfunc_loop(paths[: args.pyfunc_n], weights, contract, work)
+        fp32_nchw = forward_rate(plain, images)
+        cl_fp32 = forward_rate(Predictor.load(weights, contract, "cpu", channels_last=True, fuse=True), images)
+        cl_bf16 = forward_rate(Predictor.load(weights, contract, "cpu", channels_last=True, fuse=True)
+                               .with_precision(torch.bfloat16), images)
+        rows = [
+            ("(a) forward pass on tensors in memory (limit)", limit),
+            (f"engine: {args.n} JPEG files -> Parquet", end_to_end),
+            (f"(b) MLflow pyfunc, one call per file ({args.pyfunc_n} files)", by_hand),
+        ]
+        width = max(len(r[0]) for r in rows)
+        for name, rate in rows:
+            print(f"{name:<{width}}  {rate:8.1f} images/s")
+        print(f"\nengine / (a) = {end_to_end / limit:.2f} (target >= 0.8); engine / (b) = {end_to_end / by_hand:.1f}x "
+              f"(target >= 3x)")
+        print(f"inference path, forward only: fp32 NCHW {fp32_nchw:.1f}/s; fused channels_last fp32 {cl_fp32:.1f}/s "
+              f"({cl_fp32 / fp32_nchw:.2f}x); fused channels_last bf16 {cl_bf16:.1f}/s ({cl_bf16 / fp32_nchw:.2f}x); "
+              f"engine's choice ({precision}) {limit / fp32_nchw:.2f}x")
+        for n in (256, 1024) if args.precision == "auto" else ():
+            rate, rss = child_peak_rss(n, args, work)
+            print(f"peak RSS scoring {n:5d} images: {rss:7.1f} MiB  ({rate:.1f} images/s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -31,3 +31,21 @@ def test_deployment_entrypoints_and_parameters(deployment: dict) -> None:
     for schedule in deployment.get("schedules", []):
         CronSchedule(cron=schedule["cron"], timezone=schedule.get("timezone"))
     assert deployment["work_pool"]["name"] in {"cpu", "gpu"}
+
+
+def test_shard_retries_only_for_transient_failures() -> None:
+    from types import SimpleNamespace
+
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    from cnn.errors import UserError
+    from flows.score import _transient
+
+    def retried(exc: BaseException) -> bool:
+        return _transient(None, None, SimpleNamespace(data=exc))
+
+    assert retried(OperationalError("select 1", {}, Exception("server closed the connection")))
+    assert retried(ConnectionResetError("reset by peer")) and retried(TimeoutError())
+    assert not retried(UserError("invalid table name"))
+    assert not retried(IntegrityError("insert", {}, Exception("duplicate key")))
+    assert not retried(ValueError("bad input"))

@@ -43,6 +43,12 @@ class TrainConfig(BaseModel):
     compile: bool = False
     workers: int | None = Field(None, ge=0, description="DataLoader workers; None = 0 without augmentation, else 2")
     seed: int = 0
+    # distributed data parallel (torchrun): processes per node, nodes, this node, rendezvous
+    nproc_per_node: int = Field(1, ge=1)
+    nnodes: int = Field(1, ge=1)
+    node_rank: int = Field(0, ge=0)
+    master_addr: str = "127.0.0.1"
+    master_port: int = Field(29500, ge=1, le=65535)
     # registry and promotion gate (used by the flow, logged with the run)
     register_as: str | None = None
     gate_metric: Literal["macro_f1", "balanced_accuracy", "accuracy", "auroc_macro"] = "macro_f1"
@@ -69,6 +75,10 @@ class TrainConfig(BaseModel):
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
             raise UserError(f"invalid training config: {problems}") from None
+
+    @property
+    def distributed(self) -> bool:
+        return self.nproc_per_node * self.nnodes > 1
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

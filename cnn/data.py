@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset as TorchDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset as TorchDataset, Sampler, WeightedRandomSampler
 
 from cnn.augment import Policy, policy_from_dict
 from cnn.dataset import Dataset
@@ -92,9 +92,8 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset: CacheDataset, batch_size: int, train: bool, workers: int,
-                sampler_weights: np.ndarray | None = None) -> DataLoader:
-    """A DataLoader over the cache; shuffled (or weighted-sampled) for training, in order otherwise."""
-    sampler = None
+                sampler_weights: np.ndarray | None = None, sampler: Sampler | None = None) -> DataLoader:
+    """A DataLoader over the cache; shuffled (or weighted-sampled, or by `sampler`) for training, in order otherwise."""
     if train and sampler_weights is not None:
         sampler = WeightedRandomSampler(torch.as_tensor(sampler_weights, dtype=torch.double), len(dataset), replacement=True)
     return DataLoader(

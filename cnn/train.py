@@ -17,11 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 
 from cnn.augment import load_policy, validate_policy
 from cnn.config import TrainConfig
 from cnn.contract import ModelContract, to_model_input
 from cnn.data import CacheDataset, load_split, make_loader
+from cnn.distributed import Dist
 from cnn.dataset import Dataset
 from cnn.errors import UserError
 from cnn.fsio import atomic_path, write_text_atomic
@@ -126,10 +129,10 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
 
 def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
                     loss_fn: nn.Module, rt: Runtime, grad_clip: float | None, epoch: int,
-                    deadline: float | None) -> tuple[float, int, bool]:
-    """One pass over the training data; returns (mean loss, images, ran out of time)."""
+                    deadline: float | None) -> tuple[float, int, int, bool]:
+    """One pass over the training data; returns (summed loss, images, optimizer steps, ran out of time)."""
     model.train()
-    total, seen = 0.0, 0
+    total, seen, steps = 0.0, 0, 0
     for step, (images, labels) in enumerate(loader):
         x, y = rt.inputs(images), labels.to(rt.device, non_blocking=True)
         with rt.autocast():
@@ -149,9 +152,10 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
         scheduler.step()
         total += loss.item() * len(y)
         seen += len(y)
+        steps += 1
         if deadline is not None and time.monotonic() > deadline:
-            return total / max(seen, 1), seen, True
-    return total / max(seen, 1), seen, False
+            return total, seen, steps, True
+    return total, seen, steps, False
 
 
 @torch.inference_mode()
@@ -209,7 +213,7 @@ def _class_weights(labels: np.ndarray, k: int) -> np.ndarray:
 class _Setup:
     """Everything fit needs, built once (and rebuilt identically on resume)."""
 
-    def __init__(self, cfg: TrainConfig, dataset: Dataset) -> None:
+    def __init__(self, cfg: TrainConfig, dataset: Dataset, dist: Dist) -> None:
         meta = dataset.meta()
         self.classes = meta.classes
         self.policy = load_policy(cfg.policy)
@@ -225,7 +229,18 @@ class _Setup:
         policy = None if cfg.policy == "none" else self.policy.to_dict()
         weights = _class_weights(self.train.labels, len(self.classes))
         sampler = weights[self.train.labels] if cfg.imbalance == "sampler" else None
-        self.train_loader = make_loader(CacheDataset(self.train, policy), cfg.batch_size, True, workers, sampler)
+        train_data = CacheDataset(self.train, policy)
+        if dist.enabled:
+            if cfg.batch_size % dist.world:
+                raise UserError(f"batch size {cfg.batch_size} must be divisible by the {dist.world} processes")
+            if sampler is not None or cfg.freeze_epochs:
+                raise UserError("distributed training supports imbalance none/class_weights and no freeze_epochs")
+            self.sampler = DistributedSampler(train_data, dist.world, dist.rank, shuffle=True, seed=cfg.seed)
+            self.train_loader = make_loader(train_data, cfg.batch_size // dist.world, True, workers,
+                                            sampler=self.sampler)
+        else:
+            self.sampler = None
+            self.train_loader = make_loader(train_data, cfg.batch_size, True, workers, sampler)
         self.val_loader = make_loader(CacheDataset(self.val), cfg.batch_size * 2, False, 0)
         loss_weight = torch.tensor(weights, dtype=torch.float32) if cfg.imbalance == "class_weights" else None
         self.loss_weight = loss_weight
@@ -248,9 +263,19 @@ def fit(cfg: TrainConfig, dataset_root: str | Path, run_dir: str | Path, resume:
     """Train `cfg.model` on an ingested dataset, checkpointing into `run_dir` every epoch."""
     dataset, run_dir = Dataset(dataset_root).require(), Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    dist = Dist.from_env()
+    device = dist.device(resolve_device(cfg.device))
+    created = dist.start(device)
+    try:
+        return _fit(cfg, dataset, run_dir, resume, on_epoch, dist, device)
+    finally:
+        dist.stop(created)
+
+
+def _fit(cfg: TrainConfig, dataset: Dataset, run_dir: Path, resume: bool,
+         on_epoch: Callable[[dict[str, float]], None] | None, dist: Dist, device: torch.device) -> FitResult:
     seed_everything(cfg.seed)
-    setup = _Setup(cfg, dataset)
+    setup = _Setup(cfg, dataset, dist)
     model = create_model(cfg.model, len(setup.classes), setup.contract.channels, cfg.weights, **cfg.model_options)
     _check_input_size(model, cfg.model, setup.contract)
     amp_dtype, scaler = _amp(device, cfg.amp)
@@ -266,19 +291,34 @@ def fit(cfg: TrainConfig, dataset_root: str | Path, run_dir: str | Path, resume:
     last, best = run_dir / "last.pt", run_dir / "best.pt"
     if resume and last.is_file():
         state = _restore(last, cfg, model, optimizer, scheduler, scaler)
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model: nn.Module = torch.compile(model) if cfg.compile else model
+    if dist.enabled:
+        step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
     deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else None
     stopped = "completed"
     for epoch in range(state["epoch"], cfg.epochs):
-        freeze_backbone(model, cfg.model, frozen=epoch < cfg.freeze_epochs)
+        if not dist.enabled:
+            freeze_backbone(model, cfg.model, frozen=epoch < cfg.freeze_epochs)
+        if setup.sampler is not None:
+            setup.sampler.set_epoch(epoch)
         setup.train_loader.dataset.reseed(int(torch.randint(0, 2**31 - 1, (1,)).item()))
         start = time.perf_counter()
-        train_loss, seen, out_of_time = train_one_epoch(step_model, setup.train_loader, optimizer, scheduler,
-                                                        loss_fn, rt, cfg.grad_clip, epoch, deadline)
+        # Under DDP every rank must run the same steps: the time budget is checked between epochs only.
+        loss_sum, seen, steps, out_of_time = train_one_epoch(step_model, setup.train_loader, optimizer, scheduler,
+                                                             loss_fn, rt, cfg.grad_clip, epoch,
+                                                             None if dist.enabled else deadline)
+        if dist.enabled and deadline is not None:
+            out_of_time = dist.any(time.monotonic() > deadline)
+        train_loss, seen = dist.mean(loss_sum, seen)
         seconds = time.perf_counter() - start
-        val = evaluate(step_model, setup.val_loader, rt, setup.classes) if len(setup.val.slots) else None
+        if not dist.main:
+            state = dist.broadcast(None)
+            if state["stop"]:
+                break
+            continue
+        val = evaluate(model, setup.val_loader, rt, setup.classes) if len(setup.val.slots) else None
         record = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
-                  "epoch_seconds": seconds, "train_images_per_s": seen / max(seconds, 1e-9)}
+                  "steps": steps, "epoch_seconds": seconds, "train_images_per_s": seen / max(seconds, 1e-9)}
         if val is not None:
             record.update({f"val_{k}": v for k, v in val.headline().items()})
         score = None if val is None else val.headline().get(cfg.monitor)
@@ -300,9 +340,11 @@ def fit(cfg: TrainConfig, dataset_root: str | Path, run_dir: str | Path, resume:
             on_epoch(record)
         if out_of_time:
             stopped = "time_budget"
-            break
-        if cfg.patience and state["stale"] >= cfg.patience:
+        elif cfg.patience and state["stale"] >= cfg.patience:
             stopped = "early_stopping"
+        state["stop"] = stopped != "completed"
+        dist.broadcast(state)
+        if state.pop("stop"):
             break
     return FitResult(run_dir, best, setup.contract, state["best_epoch"], state["best_score"], state["epoch"],
                      stopped, state["history"], str(device))

@@ -176,6 +176,11 @@ def train(
     config: Annotated[Path | None, typer.Option(help="YAML config; flags given here override it.")] = None,
     register_as: Annotated[str | None, typer.Option(help="Registered model name (default: the dataset name).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the latest interrupted run of this model.")] = False,
+    nproc_per_node: Annotated[int | None, typer.Option(help="DDP processes on this node (torchrun).")] = None,
+    nnodes: Annotated[int | None, typer.Option(help="Number of nodes in the DDP job.")] = None,
+    node_rank: Annotated[int | None, typer.Option(help="This node's rank (0 tracks, registers and gates).")] = None,
+    master_addr: Annotated[str | None, typer.Option(help="Address of node 0 for the rendezvous.")] = None,
+    master_port: Annotated[int | None, typer.Option(help="Port of node 0 for the rendezvous.")] = None,
 ) -> None:
     """Train a CNN, track it in MLflow, register a version and gate its promotion (Prefect flow `train`)."""
     from cnn.config import TrainConfig
@@ -184,12 +189,22 @@ def train(
     ws = workspace.configure()
     ws.dataset(dataset).require()
     cfg = TrainConfig.load(config, model=model, epochs=epochs, batch_size=batch_size, lr=lr, policy=policy,
-                           device=device, max_minutes=max_minutes, weights=weights, register_as=register_as)
+                           device=device, max_minutes=max_minutes, weights=weights, register_as=register_as,
+                           nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
+                           master_addr=master_addr, master_port=master_port)
     from cnn.dataset import validate_name
     from cnn.train import check_config
 
     validate_name(cfg.register_as or dataset)
     check_config(cfg)
+    if cfg.node_rank > 0:  # other nodes of a multi-node job only compute; node 0 tracks and registers
+        from flows.train import launch_distributed, run_directory
+
+        name = cfg.register_as or dataset
+        run_dir = run_directory(ws.home, name, resume) if resume else ws.home / "runs" / name / f"node-{cfg.node_rank}"
+        launch_distributed(str(ws.dataset(dataset).root), str(run_dir), cfg, "", resume)
+        console.print(f"node {cfg.node_rank} finished its part of the distributed training")
+        return
     result = _run_train(dataset, cfg, resume)
     _print_training(result)
 

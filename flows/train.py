@@ -50,6 +50,8 @@ def start_run(dataset_dir: str, run_dir: str, config: TrainConfig, model_name: s
 @task(name="fit-model", cache_policy=NO_CACHE)
 def fit_model(dataset_dir: str, run_dir: str, run_id: str, config: TrainConfig, resume: bool) -> str:
     """Train with per-epoch checkpoints; each epoch's metrics go to MLflow as they come."""
+    if config.distributed:
+        return str(launch_distributed(dataset_dir, run_dir, config, run_id, resume))
     with reported_progress(f"training {config.model}", key="train-epochs") as progress:
         def on_epoch(record: dict[str, float]) -> None:
             tracking.log_epoch(run_id, record)
@@ -58,6 +60,28 @@ def fit_model(dataset_dir: str, run_dir: str, run_id: str, config: TrainConfig, 
         result = fit(config, dataset_dir, run_dir, resume=resume, on_epoch=on_epoch)
     summary = {k: v for k, v in asdict(result).items() if k not in ("contract",)}
     return str(write_json_atomic(Path(run_dir) / "fit.json", summary))
+
+
+def launch_distributed(dataset_dir: str, run_dir: str, config: TrainConfig, run_id: str, resume: bool) -> Path:
+    """Run `fit` in `nproc_per_node` processes per node with torchrun (DDP); rank 0 writes fit.json."""
+    import subprocess
+    import sys
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    config_file = Path(run_dir) / "ddp_config.json"
+    write_json_atomic(config_file, config.model_dump(mode="json"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(config.nproc_per_node),
+               "--nnodes", str(config.nnodes), "--node-rank", str(config.node_rank),
+               "--master-addr", config.master_addr, "--master-port", str(config.master_port),
+               "-m", "flows.ddp_fit", "--dataset-dir", dataset_dir, "--run-dir", run_dir,
+               "--config", str(config_file), "--run-id", run_id] + (["--resume"] if resume else [])
+    result = subprocess.run(command, capture_output=True, text=True)
+    print(result.stdout[-4000:], end="")
+    if result.returncode != 0:
+        errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+        raise UserError(errors[-1].removeprefix("error: ") if errors else
+                        f"distributed training failed (exit {result.returncode}): {result.stderr[-1500:]}")
+    return Path(run_dir) / "fit.json"
 
 
 @task(name="evaluate-model", cache_policy=NO_CACHE)

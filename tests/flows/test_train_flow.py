@@ -133,3 +133,33 @@ def test_resume_and_errors(trained: Path, cnn_home: Path) -> None:
     assert bad.exit_code == 2 and "unknown model" in bad.output
     absent = runner.invoke(app, ["train", "--dataset", "ghost"])
     assert absent.exit_code == 2 and "cnn ingest" in absent.output
+
+
+def test_ddp_two_cpu_processes_match_single_process_steps(prefect_server: None, cnn_home: Path,
+                                                          tmp_path: Path) -> None:
+    """2 gloo processes: one version registered, same optimizer steps as one process with the same global batch."""
+    from mlflow.tracking import MlflowClient
+
+    from cnn.config import TrainConfig
+    from cnn.train import fit
+    from flows import workspace
+
+    workspace.configure()
+    root = pattern_dataset(cnn_home)
+    options = {"model_options": {"filters": [8, 16], "dense": 32}, "workers": 0, "epochs": 2, "batch_size": 16}
+    single = fit(TrainConfig(**options), root, tmp_path / "single")
+    config = tmp_path / "ddp.yaml"
+    config.write_text("model_options: {filters: [8, 16], dense: 32}\nworkers: 0\nepochs: 2\nbatch_size: 16\n"
+                      "master_port: 29533\n")
+    result = runner.invoke(app, ["train", "--dataset", "patterns", "--config", str(config), "--nproc-per-node", "2"])
+    assert result.exit_code == 0, result.output
+    run_dir = next((cnn_home / "runs" / "patterns").iterdir())
+    ddp = json.loads((run_dir / "fit.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["epochs_run"] == 2
+    assert [h["steps"] for h in ddp["history"]] == [h["steps"] for h in single.history]
+    assert [h["train_images_per_s"] > 0 for h in ddp["history"]] == [True, True]
+    versions = MlflowClient().search_model_versions("name='patterns'")
+    assert len(versions) == 1
+    run = MlflowClient().get_run(versions[0].run_id)
+    assert run.data.params["nproc_per_node"] == "2"
+    assert len(MlflowClient().get_metric_history(run.info.run_id, "train_loss")) == 2  # rank 0 logs alone

@@ -1,0 +1,49 @@
+"""Entry point of each torchrun process: `fit` under DDP; rank 0 alone logs to MLflow and writes results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from cnn.config import TrainConfig
+from cnn.distributed import Dist
+from cnn.errors import UserError
+from cnn.fsio import write_json_atomic
+from cnn.train import fit
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dataset-dir", required=True)
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--config", required=True, help="TrainConfig as a JSON file")
+    parser.add_argument("--run-id", default="")
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args()
+    cfg = TrainConfig(**json.loads(Path(args.config).read_text()))
+    dist = Dist.from_env()
+    on_epoch = None
+    if dist.main and args.run_id:
+        from flows import tracking
+
+        def on_epoch(record: dict[str, float]) -> None:
+            tracking.log_epoch(args.run_id, record)
+            print(f"epoch {int(record['epoch'])}/{cfg.epochs}: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("train_loss", "val_macro"))), flush=True)
+
+    try:
+        result = fit(cfg, args.dataset_dir, args.run_dir, resume=args.resume, on_epoch=on_epoch)
+    except UserError as exc:
+        print(f"error: {exc}", flush=True)
+        return 2
+    if dist.main:
+        summary = {k: v for k, v in asdict(result).items() if k != "contract"}
+        summary["world_size"] = dist.world
+        write_json_atomic(Path(args.run_dir) / "fit.json", summary)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

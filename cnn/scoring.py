@@ -4,6 +4,7 @@ batches, and turn the results into prediction rows and reject rows (every input 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ def list_inputs(source: str) -> ScoringInputs:
         files["path"] = [str(p if Path(p).is_absolute() else path.parent / p) for p in files["path"].astype(str)]
         files[ids] = files[ids].astype(str)
     elif path.is_dir():
-        files, ids = pd.DataFrame({"path": [str(p) for p in iter_files(path)]}), []
+        files, ids = pd.DataFrame({"path": sorted(str(p) for p in iter_files(path))}), []
     elif any(ch in source for ch in "*?["):
         matches = sorted(p for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         files, ids = pd.DataFrame({"path": matches}), []
@@ -84,17 +85,55 @@ def bf16_agreement(predictor: Predictor, images: np.ndarray, batch_size: int = 1
     return float((fp32 == bf16).mean())
 
 
+def mark_duplicates(files: pd.DataFrame, predicted: dict[str, str] | None = None, threads: int = 4) -> pd.DataFrame:
+    """Add `image_id` and `duplicate_of`: a file whose bytes an earlier file has (in path order, or an earlier
+    run's prediction) is a duplicate of it. Done once before sharding, so shards scored in parallel agree."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def digest(path: str) -> str:
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    h.update(block)
+        except OSError:
+            return ""  # unreadable: the decoder reports why
+        return h.hexdigest()
+
+    with ThreadPoolExecutor(threads) as pool:  # hashlib and file reads release the GIL
+        ids = list(pool.map(digest, files["path"]))
+    owner = dict(predicted or {})
+    duplicate_of: list[str | None] = []
+    for path, image_id in zip(files["path"], ids):
+        if not image_id:
+            duplicate_of.append(None)
+        elif image_id in owner and owner[image_id] != path:
+            duplicate_of.append(owner[image_id])
+        else:
+            owner.setdefault(image_id, path)
+            duplicate_of.append(None)
+    return files.assign(image_id=ids, duplicate_of=duplicate_of)
+
+
 def score_files(files: pd.DataFrame, id_columns: list[str], predictor: Predictor, model: ModelRef,
                 flow_run_id: str = "", batch_size: int = 64, top_k: int = 3, review_below: float = 0.0,
                 workers: int = 0, predicted: dict[str, str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Score one shard: (prediction rows, reject rows), one row per input file.
 
     `predicted` maps image_id -> path of what this model version already predicted: those bytes are not
-    decoded again, and a file repeating them under another path becomes a "duplicate" reject."""
+    decoded again, and a file repeating them under another path becomes a "duplicate" reject; rows that
+    `mark_duplicates` marked (`duplicate_of`) become such rejects without being decoded."""
     spec = predictor.contract.decode_spec()
     arrays: list[np.ndarray] = []
     kept: list[tuple[int, str]] = []
     rejects: list[dict[str, object]] = []
+    ids_by_path = files[["path", *id_columns]]
+    if "duplicate_of" in files.columns:
+        marked = files["duplicate_of"].notna()
+        rejects += [{"image_id": i, "path": p, "reason": f"duplicate of {d} (same bytes, predicted once)"}
+                    for i, p, d in zip(files.loc[marked, "image_id"], files.loc[marked, "path"],
+                                       files.loc[marked, "duplicate_of"])]
+        files = files.loc[~marked].reset_index(drop=True)
     seen: dict[str, str] = dict(predicted or {})
     for i, outcome in enumerate(decode_many(files["path"].tolist(), spec, workers, seen)):
         if outcome.status != "ok":
@@ -116,7 +155,7 @@ def score_files(files: pd.DataFrame, id_columns: list[str], predictor: Predictor
     for key, value in stamp.items():
         predictions[key] = value
     reject_frame = pd.DataFrame(rejects, columns=["image_id", "path", "reason"])
-    reject_frame = reject_frame.merge(files, on="path", how="left") if id_columns else reject_frame
+    reject_frame = reject_frame.merge(ids_by_path, on="path", how="left") if id_columns else reject_frame
     for key, value in stamp.items():
         reject_frame[key] = value
     return predictions, reject_frame

@@ -242,8 +242,10 @@ def score(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     top_k: Annotated[int, typer.Option(help="How many ranked labels to keep per image.")] = 3,
     review_below: Annotated[float, typer.Option(help="Flag predictions whose confidence is below this.")] = 0.0,
-    workers: Annotated[int, typer.Option(help="Decoding processes (0 = all cores).")] = 0,
+    decode_workers: Annotated[int, typer.Option(help="Decoding processes (0 = all cores).")] = 0,
     shard_size: Annotated[int, typer.Option(help="Files per shard (each shard commits on its own).")] = 256,
+    cluster: Annotated[str | None, typer.Option(help="Dask scheduler address (tcp://host:8786): shards fan out to it.")] = None,
+    workers: Annotated[int, typer.Option(help="Fan shards out to a local Dask cluster of N worker processes.")] = 0,
     precision: Annotated[str, typer.Option(help="auto (bf16 on CPUs with native bf16 when validated), fp32, bf16.")] = "auto",
 ) -> None:
     """Score new images with a registered model into prediction tables, exactly once (Prefect flow `score`)."""
@@ -254,9 +256,17 @@ def score(
     from flows.score import score_flow
 
     parse_spec(model)
-    summary = score_flow(source=source, model=model, output=output, table=table, batch_size=batch_size,
-                         device=device, top_k=top_k, review_below=review_below, workers=workers,
-                         shard_size=shard_size, precision=precision)
+    if workers < 0:
+        raise UserError("--workers must be 0 (no Dask) or a number of Dask workers")
+    fan_out = bool(cluster or workers)
+    runner = score_flow
+    if fan_out:
+        from flows.score import on_dask
+
+        runner = on_dask(cluster, workers)
+    summary = runner(source=source, model=model, output=output, table=table, batch_size=batch_size,
+                     device=device, top_k=top_k, review_below=review_below, workers=decode_workers,
+                     shard_size=shard_size, precision=precision, fan_out=fan_out)
     _print_scoring(summary)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from prefect.context import get_run_context
 from cnn.errors import UserError
 from cnn.fsio import atomic_path
 from cnn.inference import Predictor
-from cnn.scoring import ModelRef, list_inputs, score_files
+from cnn.scoring import ModelRef, list_inputs, mark_duplicates, score_files
 from cnn.sinks import Sink, open_sink
 from flows import models, workspace
 from flows.logfilter import quiet_user_errors
@@ -37,7 +38,11 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def _sinks(output: str | None, table: str | None) -> list[Sink]:
-    default = f"sqlite:///{workspace.current().home / 'predictions.db'}#predictions"
+    """The sinks of a run. The default table is CNN_PREDICTIONS_URL (kept in the environment, so a password
+    never becomes a flow parameter), else SQLite under CNN_HOME."""
+    default = os.environ.get("CNN_PREDICTIONS_URL") or f"sqlite:///{workspace.current().home / 'predictions.db'}"
+    if "#" not in default:
+        default += "#predictions"
     return open_sink(output, table, default)
 
 
@@ -53,11 +58,14 @@ def plan_shards(source: str, output: str | None, table: str | None, model: dict[
     """List the inputs, drop those already accounted for by this model version, and cut the rest into shards."""
     inputs = list_inputs(source)
     done: set[str] | None = None
+    owners: dict[str, str] = {}
     for sink in _sinks(output, table):
         predicted, rejected = sink.scored(model["name"], model["version"])
+        owners.update(predicted)
         paths = set(predicted.values()) | rejected
         done = paths if done is None else done & paths  # done only when every sink has it
     files = inputs.files[~inputs.files["path"].isin(done or set())].reset_index(drop=True)
+    files = mark_duplicates(files, owners)
     files["shard"] = files.index // shard_size
     plan = Path(run_dir) / "plan.parquet"
     with atomic_path(plan) as tmp:
@@ -76,12 +84,10 @@ def score_shard(plan: dict[str, Any], shard: int, model: dict[str, Any], output:
     ref = ModelRef(model["name"], model["version"], model["run_id"])
     start = time.perf_counter()
     sinks = _sinks(output, table)
-    predicted: dict[str, str] = {}
-    for sink in sinks:
-        predicted.update(sink.scored(ref.name, ref.version)[0])
+    # Duplicates were resolved for the whole run in the plan, so shards need no shared state.
     preds, rejects = score_files(files, plan["id_columns"], predictor, ref, options["flow_run_id"],
                                  options["batch_size"], options["top_k"], options["review_below"],
-                                 options["workers"], predicted)
+                                 options["workers"])
     for sink in sinks:
         sink.commit(shard, preds, rejects)
     seconds = time.perf_counter() - start
@@ -102,7 +108,8 @@ def publish(output: str | None, table: str | None) -> list[str]:
 @flow(name="score")
 def score_flow(source: str, model: str, output: str | None = None, table: str | None = None, batch_size: int = 64,
                device: str = "auto", top_k: int = 3, review_below: float = 0.0, workers: int = 0,
-               shard_size: int = 256, precision: str = "auto", home: str | None = None) -> dict[str, Any]:
+               shard_size: int = 256, precision: str = "auto", home: str | None = None,
+               fan_out: bool = False) -> dict[str, Any]:
     """Score every new image of SOURCE with MODEL into prediction tables, exactly once."""
     ws = workspace.configure(home)
     if top_k < 1 or batch_size < 1 or shard_size < 1 or not 0.0 <= review_below <= 1.0:
@@ -113,18 +120,37 @@ def score_flow(source: str, model: str, output: str | None = None, table: str | 
     run_dir.mkdir(parents=True, exist_ok=True)
     pinned = resolve_model(model, device, precision)
     plan = plan_shards(source, output, table, pinned, shard_size, str(run_dir))
-    options = {"batch_size": batch_size, "top_k": top_k, "review_below": review_below, "workers": workers,
-               "flow_run_id": flow_run_id}
+    # On a Dask cluster the shards fan out to its workers, which decode in-process (they are daemons).
+    options = {"batch_size": batch_size, "top_k": top_k, "review_below": review_below,
+               "workers": 1 if fan_out else workers, "flow_run_id": flow_run_id}
     results, start = [], time.perf_counter()
     with reported_progress(f"scoring with {pinned['name']} v{pinned['version']}", key="score-progress") as progress:
         progress(0, plan["files"])
-        for shard in range(plan["shards"]):
-            results.append(score_shard(plan, shard, pinned, output, table, options))
-            progress(sum(r["files"] for r in results), plan["files"])
+        if fan_out:
+            futures = [score_shard.submit(plan, shard, pinned, output, table, options) for shard in range(plan["shards"])]
+            for future in futures:
+                results.append(future.result())
+                progress(sum(r["files"] for r in results), plan["files"])
+        else:
+            for shard in range(plan["shards"]):
+                results.append(score_shard(plan, shard, pinned, output, table, options))
+                progress(sum(r["files"] for r in results), plan["files"])
     locations = publish(output, table)
     summary = _summarise(results, plan, pinned, time.perf_counter() - start, locations)
     create_table_artifact(summary["table"], key="score-summary", description="Scoring summary")
     return summary
+
+
+def on_dask(cluster: str | None = None, workers: int = 0) -> Any:
+    """`score_flow` whose shards run on an existing Dask scheduler (`cluster`) or a local cluster of `workers`."""
+    from prefect_dask import DaskTaskRunner
+
+    if cluster:
+        runner = DaskTaskRunner(address=cluster)
+    else:
+        runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                                "dashboard_address": None})
+    return score_flow.with_options(task_runner=runner)
 
 
 def _summarise(results: list[dict[str, Any]], plan: dict[str, Any], model: dict[str, Any], seconds: float,

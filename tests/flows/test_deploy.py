@@ -49,3 +49,54 @@ def test_shard_retries_only_for_transient_failures() -> None:
     assert not retried(UserError("invalid table name"))
     assert not retried(IntegrityError("insert", {}, Exception("duplicate key")))
     assert not retried(ValueError("bad input"))
+
+
+COMPOSE = PREFECT_YAML.with_name("docker-compose.yml")
+
+
+def test_compose_file_validates_and_mirrors_the_tested_setup() -> None:
+    import shutil
+    import subprocess
+
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    assert {"postgres", "prefect-server", "mlflow", "worker-cpu", "worker-gpu"} <= set(services)
+    assert "postgresql+asyncpg" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert "--app-name basic-auth" in " ".join(services["mlflow"]["command"])
+    assert services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    assert "--pool cpu" in services["worker-cpu"]["command"] and "--pool gpu" in services["worker-gpu"]["command"]
+    text = COMPOSE.read_text()
+    assert "PASSWORD: ${" in text and "change-me" not in text  # secrets only from the environment
+    tool = shutil.which("docker-compose")
+    if tool is None:
+        pytest.skip("docker-compose (Debian's 1.29 package) is not installed; .ci/run installs it")
+    env = {"PATH": "/usr/bin:/bin", "POSTGRES_PASSWORD": "x", "MLFLOW_TRACKING_PASSWORD": "y",
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "z"}
+    checked = subprocess.run([tool, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, env=env)
+    assert checked.returncode == 0, checked.stderr
+    missing = subprocess.run([tool, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
+                             env={"PATH": "/usr/bin:/bin"})
+    assert missing.returncode != 0 and "POSTGRES_PASSWORD" in missing.stderr
+
+
+def test_kubernetes_gpu_template() -> None:
+    import json
+
+    template = json.loads((PREFECT_YAML.parent / "k8s" / "gpu-base-job-template.json").read_text())
+    pod = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
+    assert pod["nodeSelector"] == "{{ node_selector }}" and pod["tolerations"] == "{{ tolerations }}"
+    variables = template["variables"]["properties"]
+    assert variables["gpu_count"]["default"] == 1
+    assert variables["tolerations"]["default"][0]["key"] == "nvidia.com/gpu"
+    placeholders = {"gpu_count", "node_selector", "tolerations", "image", "secret_name", "data_claim"}
+    assert placeholders <= set(variables)
+
+
+def test_prefect_yaml_covers_every_flow() -> None:
+    entrypoints = {d["entrypoint"] for d in _deployments()}
+    assert {"flows/score.py:score_flow", "flows/train.py:train_flow", "flows/ingest.py:ingest_flow",
+            "flows/pipeline.py:pipeline_flow"} <= entrypoints
+    pools = {d["work_pool"]["name"] for d in _deployments()}
+    assert pools == {"cpu", "gpu"}

@@ -165,7 +165,7 @@ def test_kill_9_and_rerun_leaves_no_duplicate_and_no_gap(home: Path, tmp_path: P
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(CNN_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     args = [CNN, "score", str(folder), "--model", "patterns", "--table", f"sqlite:///{db}#preds",
-            "--output", str(tmp_path / "k.parquet"), "--shard-size", "4", "--workers", "1"]
+            "--output", str(tmp_path / "k.parquet"), "--shard-size", "4", "--decode-workers", "1"]
 
     def committed() -> int:
         if not db.is_file():
@@ -256,3 +256,20 @@ def test_served_deployment_triggered_through_the_api(home: Path, tmp_path: Path)
             output = proc.communicate()[0]
     assert proc.returncode == 0, output[-3000:]
     assert "Traceback" not in output
+
+
+def test_dask_local_cluster_scores_what_the_single_process_run_scores(home: Path, tmp_path: Path) -> None:
+    folder, total = _mixed_folder(tmp_path / "fan", n_per_class=6, seed=13)
+    single, dask = tmp_path / "single.parquet", tmp_path / "dask.parquet"
+    base = ["score", str(folder), "--model", "patterns", "--shard-size", "4", "--top-k", "2"]
+    assert runner.invoke(app, base + ["--output", str(single)]).exit_code == 0
+    result = runner.invoke(app, base + ["--output", str(dask), "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    ignore = ["scored_at", "flow_run_id"]
+    a = pd.read_parquet(single).drop(columns=ignore).sort_values("path").reset_index(drop=True)
+    b = pd.read_parquet(dask).drop(columns=ignore).sort_values("path").reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+    ra = pd.read_parquet(tmp_path / "single.rejects.parquet").drop(columns=ignore).sort_values("path")
+    rb = pd.read_parquet(tmp_path / "dask.rejects.parquet").drop(columns=ignore).sort_values("path")
+    pd.testing.assert_frame_equal(ra.reset_index(drop=True), rb.reset_index(drop=True))
+    assert len(a) + len(ra) == total

@@ -1,0 +1,97 @@
+"""Scoring library: input listing, duplicate marking, shard rows, and the file and SQL sinks."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cnn.errors import UserError
+from cnn.scoring import list_inputs, mark_duplicates
+from cnn.sinks import FileSink, SqlSink, open_sink
+from tests.helpers import write_patterns
+
+
+def test_list_inputs_folder_glob_and_manifest(tmp_path: Path) -> None:
+    folder = write_patterns(tmp_path / "in", per_class=2)
+    (folder / ".hidden.png").write_bytes(b"x")
+    assert len(list_inputs(str(folder)).files) == 6
+    assert len(list_inputs(str(folder / "*" / "checker*.png")).files) == 2
+    pd.DataFrame({"path": ["checker/checker000.png"], "claim_id": ["C1"]}).to_csv(folder / "m.csv", index=False)
+    listed = list_inputs(str(folder / "m.csv"))
+    assert listed.id_columns == ["claim_id"] and listed.files["path"][0] == str(folder / "checker/checker000.png")
+    pd.DataFrame({"path": ["a.png"], "label": ["x"]}).to_csv(folder / "bad.csv", index=False)
+    with pytest.raises(UserError, match="cannot be carried"):
+        list_inputs(str(folder / "bad.csv"))
+    with pytest.raises(UserError, match="nothing to score"):
+        list_inputs(str(tmp_path / "missing"))
+
+
+def test_mark_duplicates_in_path_order_and_against_earlier_runs(tmp_path: Path) -> None:
+    folder = write_patterns(tmp_path / "in", per_class=1)
+    first = folder / "checker" / "checker000.png"
+    shutil.copy(first, folder / "zz_copy.png")
+    files = list_inputs(str(folder)).files
+    marked = mark_duplicates(files).set_index("path")
+    assert marked.loc[str(folder / "zz_copy.png"), "duplicate_of"] == str(first)
+    assert marked["duplicate_of"].notna().sum() == 1
+    earlier = {marked.loc[str(first), "image_id"]: "/old/place.png"}
+    again = mark_duplicates(files, earlier).set_index("path")
+    assert again.loc[str(first), "duplicate_of"] == "/old/place.png"
+
+
+def _rows(n: int, version: str = "1") -> tuple[pd.DataFrame, pd.DataFrame]:
+    preds = pd.DataFrame({"image_id": [f"id{i}" for i in range(n)], "path": [f"/p/{i}.png" for i in range(n)],
+                          "label": "a", "confidence": 0.9, "needs_review": False, "model_name": "m",
+                          "model_version": version, "scored_at": pd.Timestamp("2026-01-01", tz="UTC")})
+    rejects = pd.DataFrame({"image_id": [""], "path": [f"/bad/{version}.png"], "reason": ["empty file (0 bytes)"],
+                            "model_name": "m", "model_version": version})
+    return preds, rejects
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_file_sink_commits_parts_and_merges_once(tmp_path: Path, suffix: str) -> None:
+    sink = FileSink(tmp_path / f"out{suffix}")
+    preds, rejects = _rows(3)
+    sink.commit(0, preds, rejects)
+    sink.commit(0, preds, rejects)  # a retried shard
+    assert sink.scored("m", "1") == ({f"id{i}": f"/p/{i}.png" for i in range(3)}, {"/bad/1.png"})
+    sink.finish()
+    assert not (tmp_path / f"out{suffix}.parts").exists()
+    out = pd.read_parquet(sink.path) if suffix == ".parquet" else pd.read_csv(sink.path)
+    assert len(out) == 3
+    sink.commit(1, *_rows(2, version="2"))
+    sink.finish()
+    out = pd.read_parquet(sink.path) if suffix == ".parquet" else pd.read_csv(sink.path)
+    assert len(out) == 5 and sink.scored("m", "2")[1] == {"/bad/2.png"}
+
+
+def test_sql_sink_upserts_and_adds_columns(tmp_path: Path) -> None:
+    sink = SqlSink.from_url(f"sqlite:///{tmp_path / 't.db'}#preds")
+    preds, rejects = _rows(3)
+    sink.commit(0, preds, rejects)
+    sink.commit(0, preds.assign(label="b"), rejects)  # same keys: updated, not doubled
+    more = _rows(1, version="2")[0].assign(claim_id="C9")
+    sink.commit(1, more, _rows(0, version="2")[1])
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        assert db.execute("select count(*), min(label) from preds where model_version='1'").fetchone() == (3, "b")
+        assert db.execute("select claim_id from preds where model_version='2'").fetchone() == ("C9",)
+        assert db.execute("select count(*) from preds_rejects").fetchone()[0] == 2
+    assert "sqlite" in sink.finish()[0]
+
+
+def test_sink_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="invalid table name"):
+        SqlSink.from_url(f"sqlite:///{tmp_path / 'x.db'}#1bad")
+    with pytest.raises(UserError, match="cannot open"):
+        SqlSink.from_url("postgresql+psycopg2://nobody:secret@127.0.0.1:1/none#t")
+    with pytest.raises(UserError, match=".parquet or .csv"):
+        open_sink(str(tmp_path / "x.txt"), None, "sqlite://#t")
+    try:
+        SqlSink.from_url("postgresql+psycopg2://nobody:secret@127.0.0.1:1/none#t")
+    except UserError as exc:
+        assert "secret" not in str(exc)

@@ -1,0 +1,207 @@
+"""End to end on real servers, loopback only: `prefect server` on PostgreSQL, `mlflow server` on PostgreSQL
+with basic auth, deployments created from deploy/prefect.yaml with `prefect deploy`, process workers,
+train then score triggered through the Prefect API; the champion checked over MLflow's REST API and the
+predictions in PostgreSQL. Secrets never appear in flow parameters or MLflow params/tags."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import pattern_dataset, write_patterns
+
+ROOT = Path(__file__).parents[2]
+BIN = Path(sys.executable).parent
+PG = "postgres@127.0.0.1:5432"
+PASSWORD = "s3cret-" + uuid.uuid4().hex[:8]
+
+
+def _pg_available() -> bool:
+    try:
+        import psycopg2
+
+        psycopg2.connect(host="127.0.0.1", user="postgres", dbname="test", connect_timeout=3).close()
+        return True
+    except Exception:  # noqa: BLE001 - no server, no test
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _pg_available(),
+                                reason="no PostgreSQL reachable at 127.0.0.1:5432 (user postgres, db test)")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _databases(names: list[str], create: bool) -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(host="127.0.0.1", user="postgres", dbname="test")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        for name in names:
+            if create:
+                cur.execute(f'CREATE DATABASE "{name}"')
+            else:
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    conn.close()
+
+
+def _wait(url: str, timeout: float = 120, auth: str | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            request = urllib.request.Request(url, headers={"Authorization": auth} if auth else {})
+            with urllib.request.urlopen(request, timeout=3):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers (even 401): up
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not come up")
+
+
+def _json(url: str, body: dict | None = None, auth: str | None = None) -> dict:
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = auth
+    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), headers=headers,
+                                     method="GET" if body is None else "POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Prefect and MLflow servers on fresh PostgreSQL databases, and two process workers."""
+    tmp = tmp_path_factory.mktemp("stack")
+    suffix = uuid.uuid4().hex[:8]
+    dbs = [f"prefect_{suffix}", f"mlflow_{suffix}", f"mlauth_{suffix}", f"preds_{suffix}"]
+    _databases(dbs, create=True)
+    prefect_port, mlflow_port = _port(), _port()
+    (tmp / "auth.ini").write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = postgresql+psycopg2://{PG}/{dbs[2]}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "CNN_"))}
+    base.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true")
+    env = {
+        **base,
+        "PREFECT_HOME": str(tmp / "prefect-client"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+        "MLFLOW_TRACKING_USERNAME": "admin",
+        "MLFLOW_TRACKING_PASSWORD": PASSWORD,
+        "CNN_HOME": str(tmp / "home"),
+        "CNN_PROJECT_DIR": str(ROOT),
+        "CNN_PREDICTIONS_URL": f"postgresql+psycopg2://{PG}/{dbs[3]}#predictions",
+        "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true",
+    }
+    processes: list[subprocess.Popen[bytes]] = []
+    logs = tmp / "logs"
+    logs.mkdir()
+
+    def start(name: str, command: list[str], extra: dict[str, str]) -> None:
+        log = (logs / f"{name}.log").open("wb")
+        processes.append(subprocess.Popen(command, env={**env, **extra}, stdout=log, stderr=subprocess.STDOUT,
+                                          cwd=ROOT, start_new_session=True))
+
+    try:
+        start("prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                          str(prefect_port), "--analytics-off", "--no-ui"],
+              {"PREFECT_API_URL": "", "PREFECT_HOME": str(tmp / "prefect-server"),
+               "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{PG}/{dbs[0]}"})
+        start("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+                         "--app-name", "basic-auth", "--backend-store-uri", f"postgresql+psycopg2://{PG}/{dbs[1]}",
+                         "--artifacts-destination", str(tmp / "mlartifacts"), "--serve-artifacts"],
+              {"MLFLOW_AUTH_CONFIG_PATH": str(tmp / "auth.ini"), "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+               "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD, "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex})
+        _wait(f"{env['PREFECT_API_URL']}/health")
+        _wait(f"{env['MLFLOW_TRACKING_URI']}/health")
+        for pool in ("cpu", "gpu"):
+            subprocess.run([str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process"], env=env,
+                           check=True, capture_output=True, cwd=ROOT)
+        deployed = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file",
+                                   "deploy/prefect.yaml"], env=env, capture_output=True, text=True, cwd=ROOT)
+        assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+        for pool in ("cpu", "gpu"):
+            start(f"worker-{pool}", [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"], {})
+        yield {**env, "tmp": str(tmp), "preds_db": dbs[3]}
+    finally:
+        for proc in processes:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc in processes:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        _databases(dbs, create=False)
+
+
+def _run_deployment(env: dict[str, str], name: str, parameters: dict) -> dict:
+    api = env["PREFECT_API_URL"]
+    deployment = _json(f"{api}/deployments/name/{name}")
+    run = _json(f"{api}/deployments/{deployment['id']}/create_flow_run", {"parameters": parameters})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        state = _json(f"{api}/flow_runs/{run['id']}")
+        if state["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return state
+        time.sleep(1)
+    raise AssertionError(f"{name} did not finish")
+
+
+def test_train_then_score_on_real_servers(stack: dict[str, str]) -> None:
+    tmp = Path(stack["tmp"])
+    pattern_dataset(Path(stack["CNN_HOME"]))
+    config = {"model_options": {"filters": [8, 16], "dense": 32}, "workers": 0, "epochs": 2, "batch_size": 16}
+    trained = _run_deployment(stack, "train/scheduled", {"dataset": "patterns", "config": config})
+    logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in (tmp / "logs").glob("worker-*.log"))
+    assert trained["state_type"] == "COMPLETED", logs
+
+    mlflow_api = f"{stack['MLFLOW_TRACKING_URI']}/api/2.0/mlflow"
+    auth = "Basic " + base64.b64encode(f"admin:{PASSWORD}".encode()).decode()
+    alias = _json(f"{mlflow_api}/registered-models/alias?name=patterns&alias=champion", auth=auth)
+    assert alias["model_version"]["version"] == "1"
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        _json(f"{mlflow_api}/registered-models/alias?name=patterns&alias=champion")
+    assert denied.value.code == 401
+
+    incoming = write_patterns(tmp / "incoming", per_class=2, seed=8)
+    scored = _run_deployment(stack, "score/nightly", {"source": str(incoming), "model": "patterns", "output": None})
+    assert scored["state_type"] == "COMPLETED"
+
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(f"postgresql+psycopg2://{PG}/{stack['preds_db']}")
+    with engine.connect() as conn:
+        rows = conn.execute(text("select count(*), count(distinct path), min(model_version) from predictions")).one()
+    engine.dispose()
+    assert rows == (6, 6, "1")
+
+    # No secret in flow parameters (the table URL stays in the environment) or in MLflow params and tags.
+    for run in (trained, scored):
+        assert PASSWORD not in json.dumps(run["parameters"])
+    run_id = alias["model_version"]["run_id"]
+    mlflow_run = _json(f"{mlflow_api}/runs/get?run_id={run_id}", auth=auth)["run"]
+    assert PASSWORD not in json.dumps(mlflow_run["data"])
+    assert "postgresql" not in json.dumps(run["parameters"])

@@ -10,8 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cnn.errors import UserError
 
-METRICS = ("macro_f1", "balanced_accuracy", "accuracy", "auroc_macro")
-
 
 class TrainConfig(BaseModel):
     """Everything that decides a training run. Unknown keys are rejected."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +141,3 @@ class ImageCache:
             raise KeyError(image_id)
         return self.images[slot]
 
-
-def meta_to_json(meta: DatasetMeta) -> dict[str, object]:
-    return asdict(meta)

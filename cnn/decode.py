@@ -18,7 +18,6 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF", "DICOM")
 RESIZE_MODES = ("pad", "crop")
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
 _EXIF_ORIENTATION = 0x0112

@@ -22,7 +22,6 @@ from cnn.sources import MANIFEST_SUFFIXES, iter_files, load_manifest_table
 
 OUTPUT_COLUMNS = ["image_id", "path", "label", "confidence", "top_k", "needs_review", "model_name",
                   "model_version", "run_id", "scored_at", "flow_run_id"]
-REJECT_COLUMNS = ["image_id", "path", "reason", "model_name", "model_version", "run_id", "scored_at", "flow_run_id"]
 _ID_COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 

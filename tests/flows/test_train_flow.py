@@ -163,3 +163,27 @@ def test_ddp_two_cpu_processes_match_single_process_steps(prefect_server: None, 
     run = MlflowClient().get_run(versions[0].run_id)
     assert run.data.params["nproc_per_node"] == "2"
     assert len(MlflowClient().get_metric_history(run.info.run_id, "train_loss")) == 2  # rank 0 logs alone
+
+
+def test_ddp_resume_continues_from_the_last_checkpoint(tmp_path: Path) -> None:
+    """Two gloo ranks train one epoch; a resumed job (same settings, more epochs) continues from epoch 1."""
+    from cnn.config import TrainConfig
+
+    root = pattern_dataset(tmp_path)
+    run_dir = tmp_path / "run"
+
+    def launch(epochs: int, resume: bool) -> dict:
+        cfg = TrainConfig(model_options={"filters": [8, 16], "dense": 32}, workers=0, epochs=epochs, batch_size=16)
+        (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29547",
+                   "-m", "flows.ddp_fit", "--dataset-dir", str(root), "--run-dir", str(run_dir),
+                   "--config", str(tmp_path / "cfg.json")] + (["--resume"] if resume else [])
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return json.loads((run_dir / "fit.json").read_text())
+
+    first = launch(1, resume=False)
+    assert first["epochs_run"] == 1 and first["world_size"] == 2
+    resumed = launch(3, resume=True)
+    assert resumed["epochs_run"] == 3 and [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    assert resumed["history"][0] == first["history"][0]  # epoch 1 was not trained again

@@ -373,6 +373,9 @@ def serve(
         console.print("stopped")
     finally:
         if server is not None:
+            from flows.serve import server_marker
+
+            server_marker(ws).unlink(missing_ok=True)
             server.terminate()
             try:
                 server.wait(timeout=30)

@@ -22,8 +22,15 @@ def healthy(api_url: str) -> bool:
         return False
 
 
+def server_marker(ws: Workspace) -> Path:
+    """Where `cnn serve` notes the API URL of the local server it runs, so other commands can join it."""
+    return ws.prefect_home / "server.json"
+
+
 def start_local_server(ws: Workspace, port: int, timeout_s: float = 120) -> tuple[str, subprocess.Popen[bytes] | None]:
     """Reuse a healthy server on 127.0.0.1:port, or start `prefect server start` with its state under CNN_HOME."""
+    import json
+
     api_url = f"http://127.0.0.1:{port}/api"
     if healthy(api_url):
         return api_url, None
@@ -37,6 +44,7 @@ def start_local_server(ws: Workspace, port: int, timeout_s: float = 120) -> tupl
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if healthy(api_url):
+            server_marker(ws).write_text(json.dumps({"api_url": api_url, "pid": proc.pid}))
             return api_url, proc
         if proc.poll() is not None:
             raise UserError(f"the local Prefect server exited (code {proc.returncode}); see {ws.prefect_home / 'server.log'}")

@@ -64,6 +64,8 @@ def configure(home: str | os.PathLike[str] | None = None) -> Workspace:
         "MLFLOW_TRACKING_URI": ws.default_tracking_uri,
         "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true",
     }
+    if not os.environ.get("PREFECT_API_URL") and (served := _served_api_url(ws)):
+        os.environ["PREFECT_API_URL"] = served  # `cnn serve` is running here: runs show up in its UI
     if not os.environ.get("PREFECT_API_URL"):
         # No server given: Prefect runs a throwaway local server on a database under CNN_HOME.
         defaults.update({
@@ -74,3 +76,17 @@ def configure(home: str | os.PathLike[str] | None = None) -> Workspace:
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     return ws
+
+
+def _served_api_url(ws: Workspace) -> str | None:
+    """The API URL of the local server `cnn serve` started for this workspace, if it still answers."""
+    import json
+    import urllib.request
+
+    marker = ws.prefect_home / "server.json"
+    try:
+        api_url = json.loads(marker.read_text())["api_url"]
+        with urllib.request.urlopen(f"{api_url}/health", timeout=0.5) as response:
+            return api_url if response.status == 200 else None
+    except (OSError, ValueError, KeyError):
+        return None

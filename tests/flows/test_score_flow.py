@@ -247,6 +247,15 @@ def test_served_deployment_triggered_through_the_api(home: Path, tmp_path: Path)
         assert state == "COMPLETED"
         preds = pd.read_parquet(out)
         assert len(preds) == 6 and set(preds["flow_run_id"]) == {run["id"]}
+        # Other commands in this CNN_HOME join the served server instead of starting a throwaway one.
+        other = write_patterns(tmp_path / "other", per_class=1, seed=6)
+        joined = subprocess.run([CNN, "score", str(other), "--model", "patterns", "--output",
+                                 str(tmp_path / "other.parquet")], env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert joined.returncode == 0, joined.stderr[-2000:]
+        assert "Starting temporary server" not in joined.stdout + joined.stderr
+        runs = call("/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})
+        assert len(runs) >= 2
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:

@@ -267,7 +267,10 @@ def fit(cfg: TrainConfig, dataset_root: str | Path, run_dir: str | Path, resume:
     device = dist.device(resolve_device(cfg.device))
     created = dist.start(device)
     try:
-        return _fit(cfg, dataset, run_dir, resume, on_epoch, dist, device)
+        result = _fit(cfg, dataset, run_dir, resume, on_epoch, dist, device)
+        # Leave together: a rank tearing down while another still uses the store aborts the job.
+        dist.barrier()
+        return result
     finally:
         dist.stop(created)
 

@@ -70,17 +70,24 @@ def launch_distributed(dataset_dir: str, run_dir: str, config: TrainConfig, run_
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     config_file = Path(run_dir) / "ddp_config.json"
     write_json_atomic(config_file, config.model_dump(mode="json"))
+    # One node: a standalone rendezvous on a free port; several: node 0's address and port.
+    topology = (["--standalone"] if config.nnodes == 1 else
+                ["--nnodes", str(config.nnodes), "--node-rank", str(config.node_rank),
+                 "--master-addr", config.master_addr, "--master-port", str(config.master_port)])
+    logs = Path(run_dir) / "ddp-logs"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(config.nproc_per_node),
-               "--nnodes", str(config.nnodes), "--node-rank", str(config.node_rank),
-               "--master-addr", config.master_addr, "--master-port", str(config.master_port),
+               *topology, "--log-dir", str(logs), "--redirects", "3",
                "-m", "flows.ddp_fit", "--dataset-dir", dataset_dir, "--run-dir", run_dir,
                "--config", str(config_file), "--run-id", run_id] + (["--resume"] if resume else [])
     result = subprocess.run(command, capture_output=True, text=True)
-    print(result.stdout[-4000:], end="")
+    rank_output = "".join(p.read_text(errors="replace") for p in sorted(logs.rglob("std*.log")))
+    print(rank_output[-4000:], end="")
     if result.returncode != 0:
-        errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
-        raise UserError(errors[-1].removeprefix("error: ") if errors else
-                        f"distributed training failed (exit {result.returncode}): {result.stderr[-1500:]}")
+        errors = [line for line in rank_output.splitlines() if line.startswith("error:")]
+        if errors:
+            raise UserError(errors[-1].removeprefix("error: "))
+        raise RuntimeError(f"distributed training failed (exit {result.returncode}); rank output:\n"
+                           f"{rank_output[-3000:]}\n{result.stderr[-1500:]}")
     return Path(run_dir) / "fit.json"
 
 

@@ -150,7 +150,7 @@ def test_ddp_two_cpu_processes_match_single_process_steps(prefect_server: None, 
     single = fit(TrainConfig(**options), root, tmp_path / "single")
     config = tmp_path / "ddp.yaml"
     config.write_text("model_options: {filters: [8, 16], dense: 32}\nworkers: 0\nepochs: 2\nbatch_size: 16\n"
-                      "master_port: 29533\n")
+                      )
     result = runner.invoke(app, ["train", "--dataset", "patterns", "--config", str(config), "--nproc-per-node", "2"])
     assert result.exit_code == 0, result.output
     run_dir = next((cnn_home / "runs" / "patterns").iterdir())
@@ -175,11 +175,14 @@ def test_ddp_resume_continues_from_the_last_checkpoint(tmp_path: Path) -> None:
     def launch(epochs: int, resume: bool) -> dict:
         cfg = TrainConfig(model_options={"filters": [8, 16], "dense": 32}, workers=0, epochs=epochs, batch_size=16)
         (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29547",
+        logs = tmp_path / f"logs-{epochs}"
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                   "--log-dir", str(logs), "--redirects", "3",
                    "-m", "flows.ddp_fit", "--dataset-dir", str(root), "--run-dir", str(run_dir),
                    "--config", str(tmp_path / "cfg.json")] + (["--resume"] if resume else [])
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        ranks = "".join(p.read_text(errors="replace") for p in sorted(logs.rglob("std*.log")))
+        assert done.returncode == 0, ranks[-3000:] + done.stderr[-1500:]
         return json.loads((run_dir / "fit.json").read_text())
 
     first = launch(1, resume=False)

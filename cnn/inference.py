@@ -42,7 +42,7 @@ class Predictor:
             model = _fuse_conv_bn(model)
         torch_device = resolve_device(device)
         memory = torch.channels_last if channels_last else torch.contiguous_format
-        model = model.to(torch_device, memory_format=memory).eval()
+        model = model.to(torch_device, memory_format=memory)
         dtype = None
         if torch_device.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -93,7 +93,6 @@ class Predictor:
         frame.insert(1, "confidence", np.where(has, np.nan_to_num(full).max(axis=1), np.nan))
         frame["error"] = errors
         return frame
-
 
 
 def _fuse_conv_bn(model: torch.nn.Module) -> torch.nn.Module:

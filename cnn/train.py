@@ -10,7 +10,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from cnn.data import CacheDataset, load_split, make_loader
 from cnn.distributed import Dist
 from cnn.dataset import Dataset
 from cnn.errors import UserError
-from cnn.fsio import atomic_path, write_text_atomic
+from cnn.fsio import atomic_path, write_json_atomic, write_text_atomic
 from cnn.metrics import ClassificationMetrics, compute_metrics
 from cnn.models import create_model, freeze_backbone
 
@@ -71,6 +71,11 @@ class FitResult:
     stopped: str  # "completed" | "early_stopping" | "time_budget"
     history: list[dict[str, float]] = field(default_factory=list)
     device: str = "cpu"
+
+    def save_summary(self, path: Path, **extra: Any) -> Path:
+        """fit.json: everything but the contract (saved beside it as contract.json)."""
+        summary = {k: v for k, v in asdict(self).items() if k != "contract"}
+        return write_json_atomic(path, {**summary, **extra})
 
 
 def resolve_device(spec: str) -> torch.device:

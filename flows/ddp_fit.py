@@ -6,13 +6,11 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from cnn.config import TrainConfig
 from cnn.distributed import Dist
 from cnn.errors import UserError
-from cnn.fsio import write_json_atomic
 from cnn.train import fit
 
 
@@ -41,9 +39,7 @@ def main() -> int:
         print(f"error: {exc}", flush=True)
         return 2
     if dist.main:
-        summary = {k: v for k, v in asdict(result).items() if k != "contract"}
-        summary["world_size"] = dist.world
-        write_json_atomic(Path(args.run_dir) / "fit.json", summary)
+        result.save_summary(Path(args.run_dir) / "fit.json", world_size=dist.world)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -52,9 +53,16 @@ def resolve(spec: str, device: str, precision: str = "auto") -> dict[str, Any]:
 
 def load_predictor(pinned: dict[str, Any]) -> Predictor:
     """The pinned version as a Predictor: channels_last, autocast on GPU, bf16 on CPU when it was approved."""
-    weights, contract = _artifact_paths(Path(pinned["dir"]))
-    predictor = Predictor.load(weights, contract, pinned["device"], channels_last=True, fuse=True)
-    if predictor.device.type == "cpu" and pinned["precision"] == "bf16":
+    return _cached_predictor(pinned["dir"], pinned["device"], pinned["precision"])
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_predictor(model_dir: str, device: str, precision: str) -> Predictor:
+    # Shards run one after another in this process (or on the same Dask worker): build the network, load
+    # the weights and fold batch norm once per version rather than once per shard.
+    weights, contract = _artifact_paths(Path(model_dir))
+    predictor = Predictor.load(weights, contract, device, channels_last=True, fuse=True)
+    if predictor.device.type == "cpu" and precision == "bf16":
         import torch
 
         predictor = predictor.with_precision(torch.bfloat16)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -58,8 +57,7 @@ def fit_model(dataset_dir: str, run_dir: str, run_id: str, config: TrainConfig, 
             progress(int(record["epoch"]), config.epochs)
 
         result = fit(config, dataset_dir, run_dir, resume=resume, on_epoch=on_epoch)
-    summary = {k: v for k, v in asdict(result).items() if k not in ("contract",)}
-    return str(write_json_atomic(Path(run_dir) / "fit.json", summary))
+    return str(result.save_summary(Path(run_dir) / "fit.json"))
 
 
 def launch_distributed(dataset_dir: str, run_dir: str, config: TrainConfig, run_id: str, resume: bool) -> Path:

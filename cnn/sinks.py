@@ -103,7 +103,13 @@ class FileSink:
         for part in self._parts("pred") + self._parts("rej"):
             part.unlink()
         if self.parts.is_dir():
-            self.parts.rmdir()
+            # A run killed mid-write leaves its temporary part behind: an incomplete write, never a commit.
+            for stale in self.parts.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
+            try:
+                self.parts.rmdir()
+            except OSError:  # something else appeared meanwhile: keep it; the next run merges it
+                pass
         return [str(self.path), str(self.rejects_path)]
 
 

@@ -89,9 +89,10 @@ class Predictor:
         full = frame.to_numpy()
         has = ~np.isnan(full).any(axis=1)
         labels = np.array(self.contract.classes, dtype=object)[np.nan_to_num(full).argmax(axis=1)]
-        frame.insert(0, "label", np.where(has, labels, None))
+        # object columns keep None (JSON null); pandas' string dtype would turn it into NaN
+        frame.insert(0, "label", pd.Series(np.where(has, labels, None), dtype=object))
         frame.insert(1, "confidence", np.where(has, np.nan_to_num(full).max(axis=1), np.nan))
-        frame["error"] = errors
+        frame["error"] = pd.Series(errors, dtype=object)
         return frame
 
 

@@ -99,7 +99,7 @@ def test_pyfunc_from_registry_agrees_with_the_engine(trained: Path, cnn_home: Pa
     contract = ModelContract.load(run_dir / "contract.json")
     dataset = Dataset(cnn_home / "datasets" / "patterns")
     split = load_split(dataset, "test", contract.classes)
-    cached = np.load(split.images_path, mmap_mode="r")[split.slots]
+    cached = split.read_images()
     engine = Predictor.load(run_dir / "best.pt", contract).predict_arrays(cached).argmax(axis=1)
     engine_labels = [contract.classes[i] for i in engine]
 
@@ -122,8 +122,10 @@ def test_pyfunc_from_registry_agrees_with_the_engine(trained: Path, cnn_home: Pa
         capture_output=True, text=True, timeout=300, env={**os.environ},
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    payload = json.loads(out.stdout.strip().splitlines()[-1].replace("NaN", "null"))
+    strict = json.JSONDecoder(parse_constant=lambda c: pytest.fail(f"{c} in the predictions is not JSON"))
+    payload = strict.decode(out.stdout.strip().splitlines()[-1])
     assert [row["label"] for row in payload["predictions"]] == engine_labels[:5]
+    assert all(row["error"] is None for row in payload["predictions"])
 
 
 def test_resume_and_errors(trained: Path, cnn_home: Path) -> None:

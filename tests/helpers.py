@@ -1,8 +1,13 @@
-"""Generated data for training tests: three texture classes a small CNN learns in a few epochs."""
+"""Test helpers: generated data (three texture classes a small CNN learns in a few epochs) and a JSON client."""
 
 from __future__ import annotations
 
+import json
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -41,3 +46,19 @@ def pattern_dataset(folder: Path, per_class: int = 40, seed: int = 0, size: int 
     root = folder / "datasets" / "patterns"
     ingest(source, root, IngestOptions(image_size=size, channels=1, workers=1, val_fraction=0.2, test_fraction=0.2))
     return root
+
+
+def api_json(url: str, body: dict[str, Any] | None = None, auth: str | None = None, tries: int = 10) -> Any:
+    """GET (or POST `body`) a JSON API. Retries 503, which Prefect's server answers for errors a client should
+    retry (a busy SQLite database), as Prefect's own client does."""
+    headers = {"Content-Type": "application/json", **({"Authorization": auth} if auth else {})}
+    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), headers=headers,
+                                     method="GET" if body is None else "POST")
+    for attempt in range(tries):
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or attempt == tries - 1:
+                raise
+            time.sleep(1)

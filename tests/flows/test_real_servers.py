@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import pattern_dataset, write_patterns
+from tests.helpers import api_json, pattern_dataset, write_patterns
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
@@ -75,16 +75,6 @@ def _wait(url: str, timeout: float = 120, auth: str | None = None) -> None:
         except OSError:
             time.sleep(0.5)
     raise AssertionError(f"{url} did not come up")
-
-
-def _json(url: str, body: dict | None = None, auth: str | None = None) -> dict:
-    headers = {"Content-Type": "application/json"}
-    if auth:
-        headers["Authorization"] = auth
-    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), headers=headers,
-                                     method="GET" if body is None else "POST")
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
 
 
 @pytest.fixture(scope="module")
@@ -159,11 +149,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
 
 def _run_deployment(env: dict[str, str], name: str, parameters: dict) -> dict:
     api = env["PREFECT_API_URL"]
-    deployment = _json(f"{api}/deployments/name/{name}")
-    run = _json(f"{api}/deployments/{deployment['id']}/create_flow_run", {"parameters": parameters})
+    deployment = api_json(f"{api}/deployments/name/{name}")
+    run = api_json(f"{api}/deployments/{deployment['id']}/create_flow_run", {"parameters": parameters})
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        state = _json(f"{api}/flow_runs/{run['id']}")
+        state = api_json(f"{api}/flow_runs/{run['id']}")
         if state["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             return state
         time.sleep(1)
@@ -180,10 +170,10 @@ def test_train_then_score_on_real_servers(stack: dict[str, str]) -> None:
 
     mlflow_api = f"{stack['MLFLOW_TRACKING_URI']}/api/2.0/mlflow"
     auth = "Basic " + base64.b64encode(f"admin:{PASSWORD}".encode()).decode()
-    alias = _json(f"{mlflow_api}/registered-models/alias?name=patterns&alias=champion", auth=auth)
+    alias = api_json(f"{mlflow_api}/registered-models/alias?name=patterns&alias=champion", auth=auth)
     assert alias["model_version"]["version"] == "1"
     with pytest.raises(urllib.error.HTTPError) as denied:
-        _json(f"{mlflow_api}/registered-models/alias?name=patterns&alias=champion")
+        api_json(f"{mlflow_api}/registered-models/alias?name=patterns&alias=champion")
     assert denied.value.code == 401
 
     incoming = write_patterns(tmp / "incoming", per_class=2, seed=8)
@@ -202,6 +192,6 @@ def test_train_then_score_on_real_servers(stack: dict[str, str]) -> None:
     for run in (trained, scored):
         assert PASSWORD not in json.dumps(run["parameters"])
     run_id = alias["model_version"]["run_id"]
-    mlflow_run = _json(f"{mlflow_api}/runs/get?run_id={run_id}", auth=auth)["run"]
+    mlflow_run = api_json(f"{mlflow_api}/runs/get?run_id={run_id}", auth=auth)["run"]
     assert PASSWORD not in json.dumps(mlflow_run["data"])
     assert "postgresql" not in json.dumps(run["parameters"])

@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tests.helpers import pattern_dataset, write_patterns
+from tests.helpers import api_json, pattern_dataset, write_patterns
 
 runner = CliRunner()
 CNN = str(Path(sys.executable).with_name("cnn"))
@@ -207,9 +208,7 @@ def test_scoring_engine_and_pyfunc_agree(home: Path, tmp_path: Path) -> None:
 
 def test_served_deployment_triggered_through_the_api(home: Path, tmp_path: Path) -> None:
     """`cnn serve` starts a real `prefect server` on loopback; a run created through the REST API scores."""
-    import json
     import socket
-    import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -223,12 +222,8 @@ def test_served_deployment_triggered_through_the_api(home: Path, tmp_path: Path)
                              "--train-cron", "", "--port", str(port)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
-    def call(path: str, body: dict | None = None) -> dict:
-        request = urllib.request.Request(f"{api}{path}", data=None if body is None else json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"},
-                                         method="GET" if body is None else "POST")
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
+    def call(path: str, body: dict | None = None) -> Any:
+        return api_json(f"{api}{path}", body)
 
     try:
         deployment, deadline = None, time.monotonic() + 180

@@ -19,19 +19,15 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from torch import nn
 
+from cnn.data import load_split
 from cnn.dataset import Dataset
 from cnn.demo_data import generate
 from cnn.ingest import IngestOptions, ingest
 
 
-def load_split(dataset: Dataset, split: str, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    manifest = dataset.manifest()
-    rows = manifest[(manifest["status"] == "ok") & (manifest["split"] == split)]
-    cache = dataset.open_cache()
-    index = cache.index()
-    x = np.stack([np.asarray(cache.images[index[i]]) for i in rows["image_id"]])
-    y = np.array([classes.index(label) for label in rows["label"]])
-    return x, y
+def load_xy(dataset: Dataset, split: str, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    data = load_split(dataset, split, classes)
+    return data.read_images(), data.labels
 
 
 def small_cnn(channels: int, classes: int) -> nn.Module:
@@ -73,8 +69,8 @@ def main() -> None:
         ingest(made.source, root, IngestOptions(image_size=args.size, channels=channels))
         dataset = Dataset(root)
         classes = dataset.meta().classes
-        x_train, y_train = load_split(dataset, "train", classes)
-        x_test, y_test = load_split(dataset, "test", classes)
+        x_train, y_train = load_xy(dataset, "train", classes)
+        x_test, y_test = load_xy(dataset, "test", classes)
         results = {}
         majority = np.full_like(y_test, np.bincount(y_train).argmax())
         results["majority class"] = majority

@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -64,7 +63,7 @@ def in_memory(root: Path, model_name: str, epochs: int) -> float:
     dataset = Dataset(root)
     meta = dataset.meta()
     split = load_split(dataset, "train", meta.classes)
-    images = torch.from_numpy(np.load(split.images_path, mmap_mode="r")[split.slots].copy())
+    images = torch.from_numpy(split.read_images())
     mean, std = ModelContract.normalisation(meta.channels, False)
     x_all = ((images.permute(0, 3, 1, 2).float() / 255) - torch.tensor(mean).view(1, -1, 1, 1)) / \
         torch.tensor(std).view(1, -1, 1, 1)

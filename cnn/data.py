@@ -24,6 +24,10 @@ class SplitData:
     labels: np.ndarray
     paths: list[str]
 
+    def read_images(self) -> np.ndarray:
+        """The split's images, in row order, as one uint8 NHWC array read from the cache."""
+        return np.load(self.images_path, mmap_mode="r")[self.slots]
+
 
 def load_split(dataset: Dataset, split: str, classes: list[str]) -> SplitData:
     """The ok rows of `split` (one per distinct image), resolved to cache slots."""

@@ -14,7 +14,6 @@ from mlflow.tracking import MlflowClient
 
 from cnn.contract import ModelContract
 from cnn.data import load_split
-from cnn.dataset import Dataset
 from cnn.errors import UserError
 from cnn.inference import Predictor
 from cnn.scoring import bf16_agreement, cpu_bf16_available
@@ -109,4 +108,4 @@ def _validation_images(contract: ModelContract) -> np.ndarray | None:
     split = load_split(dataset, "val", contract.classes)
     if not len(split.slots):
         return None
-    return np.load(split.images_path, mmap_mode="r")[np.sort(split.slots)]
+    return split.read_images()

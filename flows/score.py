@@ -15,7 +15,6 @@ from prefect.context import get_run_context
 
 from cnn.errors import UserError
 from cnn.fsio import atomic_path
-from cnn.inference import Predictor
 from cnn.scoring import ModelRef, list_inputs, mark_duplicates, score_files
 from cnn.sinks import Sink, open_sink
 from flows import models, workspace

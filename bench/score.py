@@ -4,6 +4,10 @@ sizes; and the speed-up of the engine's inference path (channels_last, bf16 wher
 eager NCHW.
 
     python bench/score.py [--model resnet18] [--size 224] [--n 512] [--pyfunc-n 96] [--precision auto|fp32|bf16]
+                          [--compile]
+
+`--compile` scores as `cnn score --compile` does (torch.compile, weights frozen), prints the one-off
+compilation time separately, and adds the compiled forward passes to the inference-path line.
 
 Targets for resnet18 at 224 px on CPU: engine >= 0.8 x (a), >= 3 x (b), and peak memory that does not
 grow with the number of images.
@@ -96,6 +100,11 @@ def engine_predictor(weights: Path, contract: Path, sample: np.ndarray,
     return predictor, "fp32", agreement
 
 
+def fused(weights: Path, contract: Path, dtype: torch.dtype | None = None, compiled: bool = False) -> Predictor:
+    predictor = Predictor.load(weights, contract, "cpu", channels_last=True, fuse=True).with_precision(dtype)
+    return predictor.compiled() if compiled else predictor
+
+
 def run_engine(paths: list[str], predictor: Predictor, out: Path, shard: int = 256, batch: int = 64) -> float:
     """Files -> decode workers -> batched inference -> Parquet (shards, then the atomic merge)."""
     sink = FileSink(out)
@@ -166,6 +175,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--pyfunc-n", type=int, default=96)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--compile", action="store_true", help="score with torch.compile, as cnn score --compile")
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--work", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -181,15 +191,24 @@ def main() -> None:
         plain = Predictor.load(weights, contract, "cpu")
         engine, precision, agreement = engine_predictor(weights, contract, images[:128], args.precision)
         print(f"{args.model} at {args.size}px, 640x480 JPEGs, {torch.get_num_threads()} torch threads; "
-              f"engine precision {precision} (bf16 top-1 agreement with fp32 on 128 images: {agreement:.4f})")
+              f"engine precision {precision}{', compiled' if args.compile else ''} "
+              f"(bf16 top-1 agreement with fp32 on 128 images: {agreement:.4f})")
 
-        limit = forward_rate(engine, images)
-        end_to_end = run_engine(paths[: args.n], engine, work / "engine.parquet")
+        scoring, compile_seconds = engine, 0.0
+        if args.compile:  # once per process (and faster again with inductor's on-disk cache warm)
+            scoring = engine.compiled()
+            start = time.perf_counter()
+            scoring.predict_arrays(images[:64], 64)
+            compile_seconds = time.perf_counter() - start
+        end_to_end = run_engine(paths[: args.n], scoring, work / "engine.parquet")
+        limit = forward_rate(scoring, images)
         by_hand = pyfunc_loop(paths[: args.pyfunc_n], weights, contract, work)
         fp32_nchw = forward_rate(plain, images)
-        cl_fp32 = forward_rate(Predictor.load(weights, contract, "cpu", channels_last=True, fuse=True), images)
-        cl_bf16 = forward_rate(Predictor.load(weights, contract, "cpu", channels_last=True, fuse=True)
-                               .with_precision(torch.bfloat16), images)
+        paths_rates = {"fused channels_last fp32": forward_rate(fused(weights, contract), images),
+                       "fused channels_last bf16": forward_rate(fused(weights, contract, torch.bfloat16), images)}
+        if args.compile:
+            for dtype, name in ((None, "fp32"), (torch.bfloat16, "bf16")):
+                paths_rates[f"compiled {name}"] = forward_rate(fused(weights, contract, dtype, True), images)
         rows = [
             ("(a) forward pass on tensors in memory (limit)", limit),
             (f"engine: {args.n} JPEG files -> Parquet", end_to_end),
@@ -198,11 +217,14 @@ def main() -> None:
         width = max(len(r[0]) for r in rows)
         for name, rate in rows:
             print(f"{name:<{width}}  {rate:8.1f} images/s")
+        if args.compile:
+            print(f"compiling (first batch): {compile_seconds:.1f} s once per process; with it the engine run "
+                  f"above takes {args.n / end_to_end + compile_seconds:.1f} s instead of {args.n / end_to_end:.1f} s")
         print(f"\nengine / (a) = {end_to_end / limit:.2f} (target >= 0.8); engine / (b) = {end_to_end / by_hand:.1f}x "
               f"(target >= 3x)")
-        print(f"inference path, forward only: fp32 NCHW {fp32_nchw:.1f}/s; fused channels_last fp32 {cl_fp32:.1f}/s "
-              f"({cl_fp32 / fp32_nchw:.2f}x); fused channels_last bf16 {cl_bf16:.1f}/s ({cl_bf16 / fp32_nchw:.2f}x); "
-              f"engine's choice ({precision}) {limit / fp32_nchw:.2f}x")
+        print(f"inference path, forward only: fp32 NCHW {fp32_nchw:.1f}/s; " + "; ".join(
+            f"{name} {rate:.1f}/s ({rate / fp32_nchw:.2f}x)" for name, rate in paths_rates.items())
+            + f"; engine's choice ({precision}) {limit / fp32_nchw:.2f}x")
         for n in (256, 1024) if args.precision == "auto" else ():
             rate, rss = child_peak_rss(n, args, work)
             print(f"peak RSS scoring {n:5d} images: {rss:7.1f} MiB  ({rate:.1f} images/s)")

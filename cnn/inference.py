@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ from cnn.decode import DecodeError, decode_bytes, read_image_bytes
 from cnn.models import create_model
 from cnn.train import load_weights, resolve_device
 
+_log = logging.getLogger(__name__)
+
 
 @dataclass
 class Predictor:
@@ -26,6 +29,9 @@ class Predictor:
     device: torch.device
     channels_last: bool = False
     autocast_dtype: torch.dtype | None = None  # bf16/fp16 autocast; None = full precision
+    compile: bool = False  # torch.compile (inductor, weights frozen); eager again if compiling fails
+    _compiled: torch.nn.Module | None = field(default=None, init=False, repr=False)
+    _compile_failed: bool = field(default=False, init=False, repr=False)
 
     @classmethod
     def load(cls, weights: str | Path, contract: str | Path | ModelContract, device: str = "cpu",
@@ -50,7 +56,24 @@ class Predictor:
 
     def with_precision(self, dtype: torch.dtype | None) -> Predictor:
         """The same model under another autocast dtype (shares the weights)."""
-        return Predictor(self.model, self.contract, self.device, self.channels_last, dtype)
+        return Predictor(self.model, self.contract, self.device, self.channels_last, dtype, self.compile)
+
+    def compiled(self) -> Predictor:
+        """The same model under torch.compile. Batches are padded to one shape so it compiles once (seconds to a
+        minute, paid back on large batches); where compiling fails (no C++ compiler, say) it predicts eagerly."""
+        return Predictor(self.model, self.contract, self.device, self.channels_last, self.autocast_dtype, True)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compile and not self._compile_failed:
+            try:
+                if self._compiled is None:
+                    self._compiled = torch.compile(self.model, dynamic=False, options={"freezing": True})
+                return self._compiled(x)
+            except Exception as exc:  # noqa: BLE001 - compiler and backend errors vary; eager always works
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                _log.warning("torch.compile failed (%s: %s); predicting without it", type(exc).__name__, first)
+                self._compile_failed = True
+        return self.model(x)
 
     @property
     def prob_columns(self) -> list[str]:
@@ -64,9 +87,12 @@ class Predictor:
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
                 batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
+                n = len(batch)
+                if self.compile and n < batch_size:  # one input shape, one compilation
+                    batch = torch.cat([batch, batch[:1].expand(batch_size - n, *batch.shape[1:])])
                 x = to_model_input(batch, mean, std, self.device, self.channels_last)
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                    logits = self.model(x)
+                    logits = self._forward(x)[:n]
                 out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.contract.classes)), dtype=np.float32)
 

@@ -247,6 +247,7 @@ def score(
     cluster: Annotated[str | None, typer.Option(help="Dask scheduler address (tcp://host:8786): shards fan out to it.")] = None,
     workers: Annotated[int, typer.Option(help="Fan shards out to a local Dask cluster of N worker processes.")] = 0,
     precision: Annotated[str, typer.Option(help="auto (bf16 on CPUs with native bf16 when validated), fp32, bf16.")] = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (pays back on large batches).")] = False,
 ) -> None:
     """Score new images with a registered model into prediction tables, exactly once (Prefect flow `score`)."""
     from flows import workspace
@@ -266,7 +267,7 @@ def score(
         runner = on_dask(cluster, workers)
     summary = runner(source=source, model=model, output=output, table=table, batch_size=batch_size,
                      device=device, top_k=top_k, review_below=review_below, workers=decode_workers,
-                     shard_size=shard_size, precision=precision, fan_out=fan_out)
+                     shard_size=shard_size, precision=precision, fan_out=fan_out, compile=compile)
     _print_scoring(summary)
 
 

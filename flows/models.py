@@ -32,8 +32,8 @@ def parse_spec(spec: str) -> tuple[str, str | None, str | None]:
     return match["name"], (alias or ("champion" if version is None else None)), version
 
 
-def resolve(spec: str, device: str, precision: str = "auto") -> dict[str, Any]:
-    """The concrete version, its local files, and the inference precision to use for this run."""
+def resolve(spec: str, device: str, precision: str = "auto", compile: bool = False) -> dict[str, Any]:
+    """The concrete version, its local files, and the inference precision (and compilation) for this run."""
     name, alias, version = parse_spec(spec)
     client = MlflowClient()
     try:
@@ -45,18 +45,18 @@ def resolve(spec: str, device: str, precision: str = "auto") -> dict[str, Any]:
     if not (target / "MLmodel").is_file():
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(target))
     pinned = {"name": name, "version": str(mv.version), "run_id": mv.run_id or "", "dir": str(target),
-              "device": device, "precision": "fp32"}
+              "device": device, "precision": "fp32", "compile": compile}
     pinned["precision"] = _choose_precision(client, pinned, precision)
     return pinned
 
 
 def load_predictor(pinned: dict[str, Any]) -> Predictor:
     """The pinned version as a Predictor: channels_last, autocast on GPU, bf16 on CPU when it was approved."""
-    return _cached_predictor(pinned["dir"], pinned["device"], pinned["precision"])
+    return _cached_predictor(pinned["dir"], pinned["device"], pinned["precision"], pinned["compile"])
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_predictor(model_dir: str, device: str, precision: str) -> Predictor:
+def _cached_predictor(model_dir: str, device: str, precision: str, compile: bool) -> Predictor:
     # Shards run one after another in this process (or on the same Dask worker): build the network, load
     # the weights and fold batch norm once per version rather than once per shard.
     weights, contract = _artifact_paths(Path(model_dir))
@@ -65,7 +65,7 @@ def _cached_predictor(model_dir: str, device: str, precision: str) -> Predictor:
         import torch
 
         predictor = predictor.with_precision(torch.bfloat16)
-    return predictor
+    return predictor.compiled() if compile else predictor
 
 
 def _artifact_paths(model_dir: Path) -> tuple[Path, Path]:

@@ -46,9 +46,9 @@ def _sinks(output: str | None, table: str | None) -> list[Sink]:
 
 
 @task(name="resolve-model", cache_policy=NO_CACHE)
-def resolve_model(spec: str, device: str, precision: str) -> dict[str, Any]:
+def resolve_model(spec: str, device: str, precision: str, compile: bool) -> dict[str, Any]:
     """Pin MODEL[@alias|:version] to one version for the whole run and fetch its weights and contract."""
-    return models.resolve(spec, device, precision)
+    return models.resolve(spec, device, precision, compile)
 
 
 @task(name="plan-shards", cache_policy=NO_CACHE)
@@ -108,7 +108,7 @@ def publish(output: str | None, table: str | None) -> list[str]:
 def score_flow(source: str, model: str, output: str | None = None, table: str | None = None, batch_size: int = 64,
                device: str = "auto", top_k: int = 3, review_below: float = 0.0, workers: int = 0,
                shard_size: int = 256, precision: str = "auto", home: str | None = None,
-               fan_out: bool = False) -> dict[str, Any]:
+               fan_out: bool = False, compile: bool = False) -> dict[str, Any]:
     """Score every new image of SOURCE with MODEL into prediction tables, exactly once."""
     ws = workspace.configure(home)
     if top_k < 1 or batch_size < 1 or shard_size < 1 or not 0.0 <= review_below <= 1.0:
@@ -117,7 +117,7 @@ def score_flow(source: str, model: str, output: str | None = None, table: str | 
     flow_run_id = str(context.flow_run.id) if getattr(context, "flow_run", None) else ""
     run_dir = ws.home / "scoring" / (flow_run_id or "local")
     run_dir.mkdir(parents=True, exist_ok=True)
-    pinned = resolve_model(model, device, precision)
+    pinned = resolve_model(model, device, precision, compile)
     plan = plan_shards(source, output, table, pinned, shard_size, str(run_dir))
     # On a Dask cluster the shards fan out to its workers, which decode in-process (they are daemons).
     options = {"batch_size": batch_size, "top_k": top_k, "review_below": review_below,
@@ -168,6 +168,6 @@ def _summarise(results: list[dict[str, Any]], plan: dict[str, Any], model: dict[
     table += [{"item": "needs review", "count": sum(r["review"] for r in results)},
               {"item": "already scored (skipped)", "count": plan["skipped"]},
               {"item": "images/s", "count": round(plan["files"] / seconds, 1) if seconds > 0 else 0}]
-    return {"model": f"{model['name']} v{model['version']}", "precision": model["precision"], "files": plan["files"],
+    return {"model": f"{model['name']} v{model['version']}", "precision": model["precision"] + (", compiled" if model["compile"] else ""), "files": plan["files"],
             "predicted": predicted, "rejected": rejected, "skipped": plan["skipped"], "labels": labels,
             "review": sum(r["review"] for r in results), "seconds": seconds, "tables": locations, "table": table}

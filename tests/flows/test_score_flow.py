@@ -277,3 +277,17 @@ def test_dask_local_cluster_scores_what_the_single_process_run_scores(home: Path
     rb = pd.read_parquet(tmp_path / "dask.rejects.parquet").drop(columns=ignore).sort_values("path")
     pd.testing.assert_frame_equal(ra.reset_index(drop=True), rb.reset_index(drop=True))
     assert len(a) + len(ra) == total
+
+
+def test_compiled_scoring_matches_eager(home: Path, tmp_path: Path) -> None:
+    folder = write_patterns(tmp_path / "c", per_class=3, seed=17)
+    eager, compiled = tmp_path / "eager.parquet", tmp_path / "compiled.parquet"
+    base = ["score", str(folder), "--model", "patterns", "--batch-size", "4", "--precision", "fp32"]
+    assert runner.invoke(app, base + ["--output", str(eager)]).exit_code == 0
+    result = runner.invoke(app, base + ["--output", str(compiled), "--compile"])
+    assert result.exit_code == 0, result.output
+    assert "fp32, compiled" in result.output
+    a, b = (pd.read_parquet(p).sort_values("path").reset_index(drop=True) for p in (eager, compiled))
+    assert len(a) == 9 and a["label"].tolist() == b["label"].tolist()
+    probs = [c for c in a.columns if c.startswith("prob_")]
+    assert (a[probs] - b[probs]).abs().to_numpy().max() < 1e-4

@@ -1,0 +1,55 @@
+"""Predictor paths: torch.compile gives the eager model's predictions, and falls back to eager when it cannot."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cnn.contract import ModelContract
+from cnn.inference import Predictor
+from cnn.models import create_model
+
+
+@pytest.fixture()
+def predictor(tmp_path: Path) -> Predictor:
+    torch.manual_seed(0)
+    contract = ModelContract("small_cnn", ["a", "b", "c"], 3, 32, "pad", [0.5] * 3, [0.25] * 3, {}, {}, "t")
+    model = create_model("small_cnn", 3, 3)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    return Predictor.load(tmp_path / "w.pt", contract, "cpu", channels_last=True, fuse=True)
+
+
+def _images(n: int) -> np.ndarray:
+    return np.random.default_rng(1).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def test_compiled_predictor_matches_eager_on_full_and_partial_batches(predictor: Predictor) -> None:
+    images = _images(40)  # batches of 16: two full, one of 8 padded to 16
+    eager = predictor.predict_arrays(images, batch_size=16)
+    compiled = predictor.compiled()
+    out = compiled.predict_arrays(images, batch_size=16)
+    assert not compiled._compile_failed and compiled._compiled is not None
+    assert out.shape == eager.shape == (40, 3)
+    np.testing.assert_allclose(out, eager, atol=1e-4)
+    np.testing.assert_allclose(compiled.predict_arrays(images[:5], batch_size=16), eager[:5], atol=1e-4)
+
+
+def test_compile_failure_falls_back_to_eager(predictor: Predictor, caplog: pytest.LogCaptureFixture) -> None:
+    import torch._dynamo
+    import torch._inductor.config as inductor
+
+    images = _images(6)
+    eager = predictor.predict_arrays(images)
+    torch._dynamo.reset()
+    compiled = predictor.compiled()
+    with inductor.patch({"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}), \
+            caplog.at_level(logging.WARNING, logger="cnn.inference"):
+        out = compiled.predict_arrays(images)
+    torch._dynamo.reset()
+    assert compiled._compile_failed
+    assert "torch.compile failed" in caplog.text and "C++ compiler" in caplog.text
+    np.testing.assert_allclose(out, eager, atol=1e-6)

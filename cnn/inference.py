@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,12 +56,12 @@ class Predictor:
 
     def with_precision(self, dtype: torch.dtype | None) -> Predictor:
         """The same model under another autocast dtype (shares the weights)."""
-        return Predictor(self.model, self.contract, self.device, self.channels_last, dtype, self.compile)
+        return replace(self, autocast_dtype=dtype)
 
     def compiled(self) -> Predictor:
         """The same model under torch.compile. Batches are padded to one shape so it compiles once (seconds to a
         minute, paid back on large batches); where compiling fails (no C++ compiler, say) it predicts eagerly."""
-        return Predictor(self.model, self.contract, self.device, self.channels_last, self.autocast_dtype, True)
+        return replace(self, compile=True)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.compile and not self._compile_failed:

@@ -64,5 +64,5 @@ start = time.perf_counter()
 compiled.predict_arrays(images, 256)
 torch.cuda.synchronize()
 print(f"forward only, compiled: {1024 / (time.perf_counter() - start):.0f} images/s "
-      f"(compiling took {compile_seconds:.0f} s; fell back to eager: {compiled._compile_failed})")
+      f"(compiling took {compile_seconds:.0f} s; fell back to eager: {compiled.compile_failed})")
 PYEOF

@@ -63,6 +63,11 @@ class Predictor:
         minute, paid back on large batches); where compiling fails (no C++ compiler, say) it predicts eagerly."""
         return replace(self, compile=True)
 
+    @property
+    def compile_failed(self) -> bool:
+        """True once compiling failed and prediction went on eagerly."""
+        return self._compile_failed
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.compile and not self._compile_failed:
             try:

@@ -91,6 +91,7 @@ def score_shard(plan: dict[str, Any], shard: int, model: dict[str, Any], output:
         sink.commit(shard, preds, rejects)
     seconds = time.perf_counter() - start
     return {"files": len(files), "predicted": len(preds), "rejected": len(rejects), "seconds": seconds,
+            "compile_failed": predictor.compile_failed,
             "labels": preds["label"].value_counts().to_dict(), "review": int(preds["needs_review"].sum()),
             "reasons": rejects["reason"].str.split(":").str[0].str.split(" of ").str[0].value_counts().to_dict()}
 
@@ -168,6 +169,13 @@ def _summarise(results: list[dict[str, Any]], plan: dict[str, Any], model: dict[
     table += [{"item": "needs review", "count": sum(r["review"] for r in results)},
               {"item": "already scored (skipped)", "count": plan["skipped"]},
               {"item": "images/s", "count": round(plan["files"] / seconds, 1) if seconds > 0 else 0}]
-    return {"model": f"{model['name']} v{model['version']}", "precision": model["precision"] + (", compiled" if model["compile"] else ""), "files": plan["files"],
+    return {"model": f"{model['name']} v{model['version']}", "precision": _precision(model, results), "files": plan["files"],
             "predicted": predicted, "rejected": rejected, "skipped": plan["skipped"], "labels": labels,
             "review": sum(r["review"] for r in results), "seconds": seconds, "tables": locations, "table": table}
+
+
+def _precision(model: dict[str, Any], results: list[dict[str, Any]]) -> str:
+    if not model["compile"]:
+        return model["precision"]
+    failed = any(r["compile_failed"] for r in results)
+    return model["precision"] + (", eager (torch.compile failed, see the log)" if failed else ", compiled")

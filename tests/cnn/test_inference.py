@@ -32,7 +32,7 @@ def test_compiled_predictor_matches_eager_on_full_and_partial_batches(predictor:
     eager = predictor.predict_arrays(images, batch_size=16)
     compiled = predictor.compiled()
     out = compiled.predict_arrays(images, batch_size=16)
-    assert not compiled._compile_failed and compiled._compiled is not None
+    assert not compiled.compile_failed and compiled._compiled is not None
     assert out.shape == eager.shape == (40, 3)
     np.testing.assert_allclose(out, eager, atol=1e-4)
     np.testing.assert_allclose(compiled.predict_arrays(images[:5], batch_size=16), eager[:5], atol=1e-4)
@@ -50,6 +50,6 @@ def test_compile_failure_falls_back_to_eager(predictor: Predictor, caplog: pytes
             caplog.at_level(logging.WARNING, logger="cnn.inference"):
         out = compiled.predict_arrays(images)
     torch._dynamo.reset()
-    assert compiled._compile_failed
+    assert compiled.compile_failed
     assert "torch.compile failed" in caplog.text and "C++ compiler" in caplog.text
     np.testing.assert_allclose(out, eager, atol=1e-6)

@@ -92,6 +92,8 @@ class FileSink:
 
     def finish(self) -> list[str]:
         for kind, target, key in (("pred", self.path, KEY), ("rej", self.rejects_path, REJECT_KEY)):
+            for stale in target.parent.glob(f".{target.name}.*.tmp"):  # a killed run's unfinished merge
+                stale.unlink(missing_ok=True)
             merged = self._all(kind)
             if not merged.empty:
                 merged = merged.loc[~_frame_key(merged, key).duplicated()]

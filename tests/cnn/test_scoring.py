@@ -68,14 +68,16 @@ def test_file_sink_commits_parts_and_merges_once(tmp_path: Path, suffix: str) ->
     assert len(out) == 5 and sink.scored("m", "2")[1] == {"/bad/2.png"}
 
 
-def test_file_sink_finishes_over_a_killed_runs_temporary_part(tmp_path: Path) -> None:
+def test_file_sink_finishes_over_a_killed_runs_temporary_files(tmp_path: Path) -> None:
     sink = FileSink(tmp_path / "out.parquet")
     sink.commit(0, *_rows(2))
     # kill -9 during a part write leaves the temporary file of atomic_path behind
     (sink.parts / ".shard-000001-abc.pred.parquet.x1y2.tmp").write_bytes(b"PAR1 half written")
+    (tmp_path / ".out.parquet.k3j4.tmp").write_bytes(b"PAR1 half merged")  # ... or of the final merge
     assert sink.scored("m", "1")[0] == {"id0": "/p/0.png", "id1": "/p/1.png"}
     sink.finish()
     assert not sink.parts.exists() and len(pd.read_parquet(sink.path)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.parquet", "out.rejects.parquet"]
 
 
 def test_sql_sink_upserts_and_adds_columns(tmp_path: Path) -> None:

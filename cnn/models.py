@@ -72,7 +72,7 @@ class SmallCNN(nn.Module):
 
     def __init__(self, num_classes: int, in_channels: int = 3, filters: tuple[int, ...] = (16, 32, 64, 64),
                  kernel_size: int = 3, padding: Literal["same", "valid"] = "same", stride: int = 1,
-                 activation: str = "relu", dropout: float = 0.2, batch_norm: bool = True, dense: int = 128,
+                 activation: str = "relu", dropout: float = 0.1, batch_norm: bool = True, dense: int = 128,
                  pool_size: int = 4) -> None:
         super().__init__()
         if activation not in _ACTIVATIONS:

@@ -87,22 +87,23 @@ def make_jpegs(folder: Path, n: int) -> list[str]:
     return paths
 
 
+def fused(weights: Path, contract: Path, dtype: torch.dtype | None = None, compiled: bool = False) -> Predictor:
+    """The engine's inference path: BN folded, channels_last; optionally autocast and torch.compile."""
+    predictor = Predictor.load(weights, contract, "cpu", channels_last=True, fuse=True).with_precision(dtype)
+    return predictor.compiled() if compiled else predictor
+
+
 def engine_predictor(weights: Path, contract: Path, sample: np.ndarray,
                      precision: str = "auto") -> tuple[Predictor, str, float]:
     """The scoring engine's choice: channels_last, bf16 on native-bf16 CPUs when labels agree >= 99.5%
     (`precision` bf16/fp32 forces it, as `cnn score --precision` does)."""
-    predictor = Predictor.load(weights, contract, "cpu", channels_last=True, fuse=True)
+    predictor = fused(weights, contract)
     if precision == "fp32" or (precision == "auto" and not cpu_bf16_available()):
         return predictor, "fp32", float("nan")
     agreement = bf16_agreement(predictor, sample)
     if agreement >= 0.995 or precision == "bf16":
         return predictor.with_precision(torch.bfloat16), "bf16", agreement
     return predictor, "fp32", agreement
-
-
-def fused(weights: Path, contract: Path, dtype: torch.dtype | None = None, compiled: bool = False) -> Predictor:
-    predictor = Predictor.load(weights, contract, "cpu", channels_last=True, fuse=True).with_precision(dtype)
-    return predictor.compiled() if compiled else predictor
 
 
 def run_engine(paths: list[str], predictor: Predictor, out: Path, shard: int = 256, batch: int = 64) -> float:
@@ -162,7 +163,7 @@ def child_peak_rss(n: int, args: argparse.Namespace, work: Path) -> tuple[float,
 def child(n: int, work: Path, model: str, size: int) -> None:
     weights, contract = make_model(work, model, size)
     paths = make_jpegs(work / "jpegs", n)
-    predictor = Predictor.load(weights, contract, "cpu", channels_last=True, fuse=True)
+    predictor = fused(weights, contract)
     rate = run_engine(paths, predictor, work / f"child-{n}.parquet")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"rate": rate, "rss_mib": rss}))

@@ -6,6 +6,8 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +64,17 @@ def api_json(url: str, body: dict[str, Any] | None = None, auth: str | None = No
             if exc.code != 503 or attempt == tries - 1:
                 raise
             time.sleep(1)
+
+
+@contextmanager
+def unusable_compiler() -> Iterator[None]:
+    """torch.compile as on a machine without a C++ compiler: inductor's real failure, no graph cache to hide it."""
+    import torch._dynamo
+    import torch._inductor.config as inductor
+
+    torch._dynamo.reset()
+    try:
+        with inductor.patch({"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}):
+            yield
+    finally:
+        torch._dynamo.reset()

@@ -12,6 +12,7 @@ import torch
 from cnn.contract import ModelContract
 from cnn.inference import Predictor
 from cnn.models import create_model
+from tests.helpers import unusable_compiler
 
 
 @pytest.fixture()
@@ -39,17 +40,11 @@ def test_compiled_predictor_matches_eager_on_full_and_partial_batches(predictor:
 
 
 def test_compile_failure_falls_back_to_eager(predictor: Predictor, caplog: pytest.LogCaptureFixture) -> None:
-    import torch._dynamo
-    import torch._inductor.config as inductor
-
     images = _images(6)
     eager = predictor.predict_arrays(images)
-    torch._dynamo.reset()
     compiled = predictor.compiled()
-    with inductor.patch({"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}), \
-            caplog.at_level(logging.WARNING, logger="cnn.inference"):
+    with unusable_compiler(), caplog.at_level(logging.WARNING, logger="cnn.inference"):
         out = compiled.predict_arrays(images)
-    torch._dynamo.reset()
     assert compiled.compile_failed
     assert "torch.compile failed" in caplog.text and "C++ compiler" in caplog.text
     np.testing.assert_allclose(out, eager, atol=1e-6)

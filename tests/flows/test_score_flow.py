@@ -12,15 +12,15 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tests.helpers import api_json, pattern_dataset, write_patterns
+from tests.helpers import api_json, pattern_dataset, unusable_compiler, write_patterns
 
 runner = CliRunner()
 CNN = str(Path(sys.executable).with_name("cnn"))
@@ -292,15 +292,10 @@ def test_compiled_scoring_matches_eager(home: Path, tmp_path: Path) -> None:
     probs = [c for c in a.columns if c.startswith("prob_")]
     assert (a[probs] - b[probs]).abs().to_numpy().max() < 1e-4
     # Where compiling fails (no C++ compiler here), the run still scores, eagerly, and says so.
-    import torch._dynamo
-    import torch._inductor.config as inductor
-
-    torch._dynamo.reset()
     fallback = tmp_path / "fallback.parquet"
-    with inductor.patch({"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}):
+    with unusable_compiler():
         result = runner.invoke(app, ["score", str(folder), "--model", "patterns", "--batch-size", "4",
                                      "--precision", "bf16", "--compile", "--output", str(fallback)])
-    torch._dynamo.reset()
     assert result.exit_code == 0, result.output
     assert "bf16, eager (torch.compile failed" in result.output
     assert len(pd.read_parquet(fallback)) == 9

@@ -35,7 +35,7 @@ def load_xy(dataset: Dataset, split: str, classes: list[str]) -> tuple[np.ndarra
 def engine_scores(root: Path, work: Path, epochs: int, seed: int) -> tuple[float, float]:
     """Test accuracy and balanced accuracy of the default small_cnn trained by the engine (best val epoch)."""
     cfg = TrainConfig(model="small_cnn", epochs=epochs, batch_size=32, lr=3e-3, policy="none", patience=10,
-                      workers=0, seed=seed)
+                      loader_workers=0, seed=seed)
     fit(cfg, root, work / f"run-{seed}")
     metrics = evaluate_run(work / f"run-{seed}", root).metrics
     return metrics.accuracy, metrics.balanced_accuracy

@@ -181,9 +181,7 @@ def preview_dataset(
     dataset = Dataset(dataset_root).require()
     meta = dataset.meta()
     validate_policy(policy, meta.channels, meta.image_size)
-    manifest = dataset.manifest()
-    ok = manifest[(manifest["status"] == "ok") & (manifest["split"] == "train")]
-    ok = ok.drop_duplicates("image_id")
+    ok = dataset.usable("train", distinct=True)
     rng = np.random.default_rng(seed)
     picks = []
     by_class = {label: group.sample(frac=1.0, random_state=int(rng.integers(2**31))) for label, group in ok.groupby("label")}

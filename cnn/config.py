@@ -1,59 +1,27 @@
-"""The training configuration: one typed object, loadable from YAML, overridable from the CLI, logged with every run."""
+"""The typed configs of the flows: one pydantic model per flow, loadable from YAML, overridable from the
+command line, logged with every run. Unknown keys are rejected."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cnn.errors import UserError
+from cnn.metrics import Metric
+from cnn.precision import Precision
 
 
-class TrainConfig(BaseModel):
-    """Everything that decides a training run. Unknown keys are rejected."""
+class FlowConfig(BaseModel):
+    """Shared behaviour: YAML in, overrides on top, a readable error for every bad key or value."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    model: str = "small_cnn"
-    model_options: dict[str, Any] = Field(default_factory=dict, description="extra arguments of the model builder")
-    weights: str | None = Field(None, description="local file with pretrained weights (never downloaded)")
-    freeze_epochs: int = Field(0, ge=0, description="train only the head for the first N epochs")
-    epochs: int = Field(10, ge=1, le=10_000)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
-    warmup_epochs: float = Field(1.0, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    imbalance: Literal["none", "class_weights", "sampler"] = "class_weights"
-    policy: str = Field("none", description="augmentation preset or albumentations YAML/JSON file")
-    monitor: Literal["macro_f1", "balanced_accuracy", "accuracy", "auroc_macro"] = "macro_f1"
-    patience: int = Field(5, ge=0, description="early stopping after N epochs without improvement; 0 = off")
-    grad_clip: float | None = Field(1.0, gt=0)
-    max_minutes: float | None = Field(None, gt=0)
-    device: str = "auto"
-    amp: bool = Field(True, description="mixed precision on CUDA (bf16 where supported, else fp16 + grad scaler)")
-    channels_last: bool = True
-    compile: bool = False
-    workers: int | None = Field(None, ge=0, description="DataLoader workers; None = 0 without augmentation, else 2")
-    seed: int = 0
-    # distributed data parallel (torchrun): processes per node, nodes, this node, rendezvous
-    nproc_per_node: int = Field(1, ge=1)
-    nnodes: int = Field(1, ge=1)
-    node_rank: int = Field(0, ge=0)
-    master_addr: str = "127.0.0.1"
-    master_port: int = Field(29500, ge=1, le=65535)
-    # registry and promotion gate (used by the flow, logged with the run)
-    register_as: str | None = None
-    gate_metric: Literal["macro_f1", "balanced_accuracy", "accuracy", "auroc_macro"] = "macro_f1"
-    min_improvement: float = Field(0.0, ge=0)
+    kind: ClassVar[str] = "config"
 
     @classmethod
-    def load(cls, path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    def load(cls, path: str | Path | None = None, **overrides: Any) -> Self:
         """Read YAML (if given), then apply the overrides that are not None."""
         data: dict[str, Any] = {}
         if path is not None:
@@ -71,12 +39,7 @@ class TrainConfig(BaseModel):
         try:
             return cls(**data)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
-            raise UserError(f"invalid training config: {problems}") from None
-
-    @property
-    def distributed(self) -> bool:
-        return self.nproc_per_node * self.nnodes > 1
+            raise UserError(f"invalid {cls.kind}: {describe_validation_error(exc)}") from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -90,3 +53,78 @@ class TrainConfig(BaseModel):
             else:
                 out[key] = str(value)
         return out
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """pydantic's errors as one line: `field: problem; ...`."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+
+
+class TrainConfig(FlowConfig):
+    """Everything that decides a training run."""
+
+    kind: ClassVar[str] = "training config"
+
+    model: str = "small_cnn"
+    model_options: dict[str, Any] = Field(default_factory=dict, description="extra arguments of the model builder")
+    weights: str | None = Field(None, description="local file with pretrained weights (never downloaded)")
+    freeze_epochs: int = Field(0, ge=0, description="train only the head for the first N epochs")
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    imbalance: Literal["none", "class_weights", "sampler"] = "class_weights"
+    policy: str = Field("none", description="augmentation preset or albumentations YAML/JSON file")
+    monitor: Metric = "macro_f1"
+    patience: int = Field(5, ge=0, description="early stopping after N epochs without improvement; 0 = off")
+    grad_clip: float | None = Field(1.0, gt=0)
+    max_minutes: float | None = Field(None, gt=0)
+    device: str = "auto"
+    amp: bool = Field(True, description="mixed precision on CUDA (bf16 where supported, else fp16 + grad scaler)")
+    channels_last: bool = True
+    compile: bool = False
+    loader_workers: int | None = Field(None, ge=0, description="DataLoader workers; None = 0 without augmentation, else 2")
+    seed: int = 0
+    # distributed data parallel (torchrun): processes per node, nodes, this node, rendezvous
+    nproc_per_node: int = Field(1, ge=1)
+    nnodes: int = Field(1, ge=1)
+    node_rank: int = Field(0, ge=0)
+    master_addr: str = "127.0.0.1"
+    master_port: int = Field(29500, ge=1, le=65535)
+    # registry and promotion gate (used by the flow, logged with the run)
+    register_as: str | None = None
+    gate_metric: Metric = "macro_f1"
+    min_improvement: float = Field(0.0, ge=0)
+
+    @property
+    def distributed(self) -> bool:
+        return self.nproc_per_node * self.nnodes > 1
+
+
+class ScoreConfig(FlowConfig):
+    """Everything that decides a scoring run (the source is the command's argument)."""
+
+    kind: ClassVar[str] = "scoring config"
+
+    model: str = Field(..., description="MODEL (= MODEL@champion), MODEL@alias or MODEL:version")
+    output: str | None = Field(None, description="prediction file, .parquet or .csv (rejects beside it)")
+    table: str | None = Field(None, description="SQLAlchemy URL#table")
+    batch_size: int = Field(64, ge=1, description="images per forward pass")
+    device: str = "auto"
+    top_k: int = Field(3, ge=1, description="ranked labels kept per image")
+    review_below: float = Field(0.6, ge=0.0, le=1.0, description="flag predictions whose confidence is below this")
+    decode_workers: int = Field(0, ge=0, description="decoding processes of a single-process run; 0 = all cores")
+    shard_size: int = Field(256, ge=1, description="files per shard; each shard commits on its own")
+    precision: Precision = "auto"
+    compile: bool = False
+    cluster: str | None = Field(None, description="Dask scheduler address: shards fan out to it")
+    dask_workers: int = Field(0, ge=0, description="fan shards out to a local Dask cluster of N workers; 0 = no Dask")
+
+    @property
+    def fan_out(self) -> bool:
+        return bool(self.cluster or self.dask_workers)

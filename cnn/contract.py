@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnn.decode import DecodeSpec
+from cnn.decode import DEFAULT_MAX_FILE_BYTES, DecodeSpec
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -32,6 +32,8 @@ class ModelContract:
     model_options: dict[str, Any] = field(default_factory=dict)
     policy: dict[str, Any] = field(default_factory=dict)  # albumentations serialisation (training only)
     dataset: str = ""
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # the ingest's decode limits travel with the model
+    max_pixels: int | None = None
     format_version: int = 1
 
     @staticmethod
@@ -43,20 +45,20 @@ class ModelContract:
             return list(IMAGENET_MEAN), list(IMAGENET_STD)
         return [float(np.mean(IMAGENET_MEAN))] * channels, [float(np.mean(IMAGENET_STD))] * channels
 
-    def decode_spec(self, max_file_bytes: int | None = None) -> DecodeSpec:
-        """How to decode a file for this model: the same decoder and limits as ingest."""
-        spec = DecodeSpec(channels=self.channels, size=self.image_size, resize=self.resize)  # type: ignore[arg-type]
-        if max_file_bytes is not None:
-            spec = DecodeSpec(spec.channels, spec.size, spec.resize, max_file_bytes)
-        return spec
+    def decode_spec(self) -> DecodeSpec:
+        """How to decode a file for this model: the same decoder and limits as the ingest it trained on."""
+        return DecodeSpec(channels=self.channels, size=self.image_size, resize=self.resize,  # type: ignore[arg-type]
+                          max_file_bytes=self.max_file_bytes, max_pixels=self.max_pixels)  # (validated there)
 
     def save(self, path: str | Path) -> Path:
+        """Write contract.json atomically."""
         from cnn.fsio import write_json_atomic
 
         return write_json_atomic(path, asdict(self))
 
     @classmethod
     def load(cls, path: str | Path) -> ModelContract:
+        """Read contract.json (the one reader of that file)."""
         return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
 
 

@@ -23,6 +23,7 @@ class SplitData:
     slots: np.ndarray
     labels: np.ndarray
     paths: list[str]
+    image_ids: list[str]
 
     def read_images(self) -> np.ndarray:
         """The split's images, in row order, as one uint8 NHWC array read from the cache."""
@@ -32,8 +33,7 @@ class SplitData:
 def load_split(dataset: Dataset, split: str, classes: list[str]) -> SplitData:
     """The ok rows of `split` (one per distinct image), resolved to cache slots."""
     meta = dataset.meta()
-    manifest = dataset.manifest()
-    rows = manifest[(manifest["status"] == "ok") & (manifest["split"] == split)].drop_duplicates("image_id")
+    rows = dataset.usable(split, distinct=True)
     index = dataset.open_cache(meta.cache_token).index()
     missing = [i for i in rows["image_id"] if i not in index]
     if missing:
@@ -41,7 +41,7 @@ def load_split(dataset: Dataset, split: str, classes: list[str]) -> SplitData:
     images_path, _ = dataset.cache_paths(meta.cache_token)
     slots = np.array([index[i] for i in rows["image_id"]], dtype=np.int64)
     labels = np.array([classes.index(label) for label in rows["label"]], dtype=np.int64)
-    return SplitData(str(images_path), slots, labels, rows["path"].tolist())
+    return SplitData(str(images_path), slots, labels, rows["path"].tolist(), rows["image_id"].tolist())
 
 
 class CacheDataset(TorchDataset):

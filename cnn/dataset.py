@@ -18,13 +18,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cnn.decode import DEFAULT_MAX_FILE_BYTES
 from cnn.errors import UserError
 
+SPLITS = ("train", "val", "test")  # the one list of splits, in this order everywhere
 MANIFEST_COLUMNS = [
     "image_id", "path", "label", "split", "group", "width", "height", "format",
-    "status", "reason", "size_bytes", "mtime_ns",
+    "status", "reason", "reject_kind", "size_bytes", "mtime_ns",
 ]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def usable_rows(manifest: pd.DataFrame, split: str | None = None, distinct: bool = False) -> pd.DataFrame:
+    """The rows of a manifest (or staged frame) that decoded: optionally one split, optionally one row per image."""
+    rows = manifest[manifest["status"] == "ok"]
+    if split is not None:
+        rows = rows[rows["split"] == split]
+    return rows.drop_duplicates("image_id") if distinct else rows
 
 
 def validate_name(name: str) -> str:
@@ -53,6 +63,7 @@ class DatasetMeta:
     classes: list[str] = field(default_factory=list)
     cache_token: str = ""
     updated_at: str = ""
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # the decode limit of this ingest; models trained on it carry it
     format_version: int = 1
 
     def cache_key(self) -> tuple[int, int, str]:
@@ -101,7 +112,14 @@ class Dataset:
         return DatasetMeta(**json.loads(self.meta_path.read_text(encoding="utf-8")))
 
     def manifest(self) -> pd.DataFrame:
-        return pd.read_parquet(self.manifest_path)
+        manifest = pd.read_parquet(self.manifest_path)
+        if "reject_kind" not in manifest.columns:  # written before reject kinds existed
+            manifest.insert(MANIFEST_COLUMNS.index("reject_kind"), "reject_kind", None)
+        return manifest
+
+    def usable(self, split: str | None = None, distinct: bool = False) -> pd.DataFrame:
+        """The manifest rows that decoded (see `usable_rows`)."""
+        return usable_rows(self.manifest(), split, distinct)
 
     def cache_paths(self, token: str) -> tuple[Path, Path]:
         return self.cache_dir / f"images-{token}.npy", self.cache_dir / f"ids-{token}.npy"

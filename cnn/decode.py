@@ -12,11 +12,14 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
+
+from cnn.errors import UserError
 
 RESIZE_MODES = ("pad", "crop")
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
@@ -24,11 +27,32 @@ _EXIF_ORIENTATION = 0x0112
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 
 
-class DecodeError(Exception):
-    """A file that cannot be turned into an image; `reason` is the short text stored in manifests."""
+class RejectKind(StrEnum):
+    """Why a file was rejected, for machines: group and filter by this, never by the human `reason` text."""
 
-    def __init__(self, reason: str) -> None:
+    NOT_FOUND = "not_found"
+    NOT_A_FILE = "not_a_file"
+    PERMISSION_DENIED = "permission_denied"
+    TOO_LARGE = "too_large"
+    EMPTY = "empty"
+    NOT_AN_IMAGE = "not_an_image"
+    UNRECOGNISED = "unrecognised_format"
+    TRUNCATED = "truncated"
+    CORRUPT = "corrupt"
+    DECOMPRESSION_BOMB = "decompression_bomb"
+    OUT_OF_MEMORY = "out_of_memory"
+    INVALID_DICOM = "invalid_dicom"
+    NO_PIXEL_DATA = "no_pixel_data"
+    MISSING_CODEC = "missing_codec"
+    DUPLICATE = "duplicate"
+
+
+class DecodeError(Exception):
+    """A file that cannot be turned into an image; `reason` is the short text stored in manifests, `kind` its class."""
+
+    def __init__(self, kind: RejectKind, reason: str) -> None:
         super().__init__(reason)
+        self.kind = kind
         self.reason = reason
 
 
@@ -69,7 +93,7 @@ class DecodedImage:
 def sniff_format(head: bytes) -> str:
     """Name the image format from the first bytes of a file, or raise DecodeError saying what it is."""
     if not head:
-        raise DecodeError("empty file (0 bytes)")
+        raise DecodeError(RejectKind.EMPTY, "empty file (0 bytes)")
     if head.startswith(b"\xff\xd8\xff"):
         return "JPEG"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -84,21 +108,21 @@ def sniff_format(head: bytes) -> str:
         return "WEBP"
     if head[128:132] == b"DICM":
         return "DICOM"
-    raise DecodeError(_describe_unknown(head))
+    raise _unknown_format(head)
 
 
-def _describe_unknown(head: bytes) -> str:
+def _unknown_format(head: bytes) -> DecodeError:
     if head.startswith(b"%PDF"):
-        return "not an image: PDF document"
+        return DecodeError(RejectKind.NOT_AN_IMAGE, "not an image: PDF document")
     text = head[:512].lstrip(b"\xef\xbb\xbf").lstrip().lower()
     if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
-        return "not an image: HTML page"
+        return DecodeError(RejectKind.NOT_AN_IMAGE, "not an image: HTML page")
     if text.startswith(b"<?xml") or text.startswith(b"<svg"):
-        return "not an image: XML/SVG text (vector images are not supported)"
+        return DecodeError(RejectKind.NOT_AN_IMAGE, "not an image: XML/SVG text (vector images are not supported)")
     printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head[:512])
     if printable >= 0.95 * min(len(head), 512):
-        return "not an image: text file"
-    return "unrecognised file format"
+        return DecodeError(RejectKind.NOT_AN_IMAGE, "not an image: text file")
+    return DecodeError(RejectKind.UNRECOGNISED, "unrecognised file format")
 
 
 def read_image_bytes(path: str | os.PathLike[str], spec: DecodeSpec) -> bytes:
@@ -107,22 +131,32 @@ def read_image_bytes(path: str | os.PathLike[str], spec: DecodeSpec) -> bytes:
     try:
         size = path.stat().st_size
         if size > spec.max_file_bytes:
-            raise DecodeError(
-                f"file too large: {size} bytes exceeds the {spec.max_file_bytes}-byte limit"
-            )
+            raise _too_large(size, spec)
         return path.read_bytes()
     except FileNotFoundError:
-        raise DecodeError("file not found") from None
+        raise DecodeError(RejectKind.NOT_FOUND, "file not found") from None
     except IsADirectoryError:
-        raise DecodeError("not a file") from None
+        raise DecodeError(RejectKind.NOT_A_FILE, "not a file") from None
     except PermissionError:
-        raise DecodeError("permission denied") from None
+        raise DecodeError(RejectKind.PERMISSION_DENIED, "permission denied") from None
+
+
+def _too_large(size: int, spec: DecodeSpec) -> DecodeError:
+    return DecodeError(RejectKind.TOO_LARGE, f"file too large: {size} bytes exceeds the {spec.max_file_bytes}-byte limit")
+
+
+def check_decoder_settings() -> None:
+    """Refuse to decode at all when a process-wide setting makes decoding unsafe (a setting, not a bad file)."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise UserError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set in this process, so truncated files would decode "
+                        "as if whole; unset it (the decoder rejects truncated files instead)")
 
 
 def decode_bytes(data: bytes, spec: DecodeSpec) -> DecodedImage:
     """Decode image bytes into a normalised uint8 (H, W, C) array, or raise DecodeError."""
+    check_decoder_settings()  # outside the try below: a setting must not turn every file into a reject
     if len(data) > spec.max_file_bytes:
-        raise DecodeError(f"file too large: {len(data)} bytes exceeds the {spec.max_file_bytes}-byte limit")
+        raise _too_large(len(data), spec)
     fmt = sniff_format(data[:1024])
     try:
         if fmt == "DICOM":
@@ -136,11 +170,11 @@ def decode_bytes(data: bytes, spec: DecodeSpec) -> DecodedImage:
     except DecodeError:
         raise
     except MemoryError:
-        raise DecodeError(f"{fmt} image too large to decode in memory") from None
+        raise DecodeError(RejectKind.OUT_OF_MEMORY, f"{fmt} image too large to decode in memory") from None
     # Decoders fed untrusted bytes raise many exception types (OSError, SyntaxError, ValueError,
     # struct.error, IndexError, zlib.error...); each one means "this file is bad", never "stop the batch".
-    except Exception as exc:  # noqa: BLE001
-        raise DecodeError(_describe_failure(fmt, exc)) from None
+    except Exception as exc:  # noqa: BLE001 - see the comment above
+        raise _describe_failure(fmt, exc) from None
     if array.ndim == 2:
         array = array[:, :, None]
     return DecodedImage(array=np.ascontiguousarray(array), width=width, height=height, format=fmt)
@@ -151,27 +185,21 @@ def decode_file(path: str | os.PathLike[str], spec: DecodeSpec) -> DecodedImage:
     return decode_bytes(read_image_bytes(path, spec), spec)
 
 
-def _describe_failure(fmt: str, exc: Exception) -> str:
+def _describe_failure(fmt: str, exc: Exception) -> DecodeError:
     message = str(exc).strip() or type(exc).__name__
-    if "truncated" in message.lower():
-        return f"truncated {fmt} data: {message}"
-    return f"corrupt {fmt} data: {message}"
+    if "truncated" in message.lower():  # the decoder's own words are the only signal Pillow gives
+        return DecodeError(RejectKind.TRUNCATED, f"truncated {fmt} data: {message}")
+    return DecodeError(RejectKind.CORRUPT, f"corrupt {fmt} data: {message}")
 
 
 def _open_pillow(data: bytes, fmt: str, spec: DecodeSpec) -> tuple[Image.Image, int, int]:
-    if ImageFile.LOAD_TRUNCATED_IMAGES:
-        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; refusing to decode unsafely")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data), formats=[fmt])
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise DecodeError(f"decompression bomb: {exc}") from None
-        pixels = image.width * image.height
-        if pixels > spec.pixel_limit:
-            raise DecodeError(
-                f"decompression bomb: {pixels} pixels exceeds the limit of {spec.pixel_limit}"
-            )
+            raise DecodeError(RejectKind.DECOMPRESSION_BOMB, f"decompression bomb: {exc}") from None
+        _check_pixels(image.width * image.height, spec)
         orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
         width, height = image.size
         if orientation in _SWAPPING_ORIENTATIONS:
@@ -183,6 +211,12 @@ def _open_pillow(data: bytes, fmt: str, spec: DecodeSpec) -> tuple[Image.Image, 
         image.load()
         image = ImageOps.exif_transpose(image)
     return image, width, height
+
+
+def _check_pixels(pixels: int, spec: DecodeSpec) -> None:
+    if pixels > spec.pixel_limit:
+        raise DecodeError(RejectKind.DECOMPRESSION_BOMB,
+                          f"decompression bomb: {pixels} pixels exceeds the limit of {spec.pixel_limit}")
 
 
 def _draft_jpeg(image: Image.Image, spec: DecodeSpec) -> None:
@@ -204,12 +238,11 @@ def _open_dicom(data: bytes, spec: DecodeSpec) -> tuple[Image.Image, int, int]:
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
     except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
-        raise DecodeError(f"invalid DICOM file: {exc}") from None
+        raise DecodeError(RejectKind.INVALID_DICOM, f"invalid DICOM file: {exc}") from None
     if "PixelData" not in ds:
-        raise DecodeError("DICOM file has no pixel data")
+        raise DecodeError(RejectKind.NO_PIXEL_DATA, "DICOM file has no pixel data")
     rows, cols = int(ds.Rows), int(ds.Columns)
-    if rows * cols > spec.pixel_limit:
-        raise DecodeError(f"decompression bomb: {rows * cols} pixels exceeds the limit of {spec.pixel_limit}")
+    _check_pixels(rows * cols, spec)
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is not None and syntax.is_compressed:
         try:
@@ -218,8 +251,8 @@ def _open_dicom(data: bytes, spec: DecodeSpec) -> tuple[Image.Image, int, int]:
             available = False
         if not available:
             raise DecodeError(
-                f"compressed DICOM ({syntax.name}) needs a codec plugin that is not installed"
-                " (pylibjpeg or python-gdcm)"
+                RejectKind.MISSING_CODEC,
+                f"compressed DICOM ({syntax.name}) needs a codec plugin that is not installed (pylibjpeg or python-gdcm)",
             )
     pixels = np.asarray(ds.pixel_array)
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:

@@ -15,7 +15,9 @@ import torch
 from cnn.contract import ModelContract, to_model_input
 from cnn.decode import DecodeError, decode_bytes, read_image_bytes
 from cnn.models import create_model
-from cnn.train import load_weights, resolve_device
+from cnn.precision import default_inference_dtype, top1_agreement
+from cnn.predictions import prediction_columns, prob_columns
+from cnn.runtime import load_weights, resolve_device
 
 _log = logging.getLogger(__name__)
 
@@ -38,8 +40,9 @@ class Predictor:
              channels_last: bool = False, fuse: bool = False) -> Predictor:
         """Rebuild the network from the contract and load a state_dict (weights_only: no pickled objects).
 
-        On CUDA, inference runs under autocast (bf16 where supported, else fp16). `fuse` folds batch norm
-        into the preceding convolutions (same outputs up to rounding, fewer passes over memory)."""
+        It starts with the precision policy's default (autocast on CUDA, fp32 elsewhere; see `with_precision`).
+        `fuse` folds batch norm into the preceding convolutions (same outputs up to rounding, fewer passes over
+        memory)."""
         contract = contract if isinstance(contract, ModelContract) else ModelContract.load(contract)
         model = create_model(contract.model, len(contract.classes), contract.channels, None, **contract.model_options)
         load_weights(model, weights)
@@ -49,10 +52,7 @@ class Predictor:
         torch_device = resolve_device(device)
         memory = torch.channels_last if channels_last else torch.contiguous_format
         model = model.to(torch_device, memory_format=memory)
-        dtype = None
-        if torch_device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return cls(model, contract, torch_device, channels_last, dtype)
+        return cls(model, contract, torch_device, channels_last, default_inference_dtype(torch_device))
 
     def with_precision(self, dtype: torch.dtype | None) -> Predictor:
         """The same model under another autocast dtype (shares the weights)."""
@@ -82,7 +82,7 @@ class Predictor:
 
     @property
     def prob_columns(self) -> list[str]:
-        return [f"prob_{name}" for name in self.contract.classes]
+        return prob_columns(self.contract.classes)
 
     def predict_arrays(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Probabilities (N, C) for uint8 NHWC arrays already decoded with the contract's spec."""
@@ -114,17 +114,19 @@ class Predictor:
                 positions.append(i)
             except DecodeError as exc:
                 errors[i] = exc.reason
-        probs = self.predict_arrays(np.stack(decoded) if decoded else np.zeros((0,)), batch_size)
-        frame = pd.DataFrame(np.nan, index=range(len(sources)), columns=self.prob_columns, dtype=np.float64)
-        frame.iloc[positions, :] = probs
-        full = frame.to_numpy()
-        has = ~np.isnan(full).any(axis=1)
-        labels = np.array(self.contract.classes, dtype=object)[np.nan_to_num(full).argmax(axis=1)]
-        # object columns keep None (JSON null); pandas' string dtype would turn it into NaN
-        frame.insert(0, "label", pd.Series(np.where(has, labels, None), dtype=object))
-        frame.insert(1, "confidence", np.where(has, np.nan_to_num(full).max(axis=1), np.nan))
+        probs = np.full((len(sources), len(self.contract.classes)), np.nan)
+        if decoded:
+            probs[positions] = self.predict_arrays(np.stack(decoded), batch_size)
+        frame = prediction_columns(probs, self.contract.classes)
         frame["error"] = pd.Series(errors, dtype=object)
         return frame
+
+
+def bf16_agreement(predictor: Predictor, images: np.ndarray, batch_size: int = 128) -> float:
+    """Share of images whose top-1 label under bf16 autocast equals fp32's."""
+    fp32 = predictor.with_precision(None).predict_arrays(images, batch_size)
+    bf16 = predictor.with_precision(torch.bfloat16).predict_arrays(images, batch_size)
+    return top1_agreement(fp32, bf16)
 
 
 def _fuse_conv_bn(model: torch.nn.Module) -> torch.nn.Module:

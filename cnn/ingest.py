@@ -9,15 +9,17 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal, Self
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from cnn.dataset import MANIFEST_COLUMNS, Dataset, DatasetMeta, ImageCache, validate_name
+from cnn.config import FlowConfig
+from cnn.dataset import MANIFEST_COLUMNS, SPLITS, Dataset, DatasetMeta, ImageCache, usable_rows, validate_name
 from cnn.decode import DecodeSpec
 from cnn.errors import UserError
 from cnn.fsio import atomic_path, write_json_atomic
@@ -25,13 +27,12 @@ from cnn.parallel import DecodeOutcome, ProgressFn, decode_many
 from cnn.sources import scan_source
 from cnn.splits import SplitFractions, assign_splits
 
-ALL_SPLITS = ("train", "val", "test")
 
-
-class IngestOptions(BaseModel):
-    """How a source becomes a dataset (unknown keys are rejected)."""
+class IngestOptions(FlowConfig):
+    """How a source becomes a dataset (the ingest flow's config; unknown keys are rejected)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: ClassVar[str] = "ingest config"
 
     image_size: int = Field(224, ge=8, le=4096, description="side of the square cached images")
     channels: Literal[1, 3] = 3
@@ -40,12 +41,16 @@ class IngestOptions(BaseModel):
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     group_column: str = "group"
     seed: int = 0
-    workers: int = Field(0, ge=0, description="decoding processes; 0 = all cores")
+    decode_workers: int = Field(0, ge=0, description="decoding processes; 0 = all cores")
     max_file_mb: float = Field(256.0, gt=0)
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * 1024 * 1024)
 
     def decode_spec(self) -> DecodeSpec:
         return DecodeSpec(channels=self.channels, size=self.image_size, resize=self.resize,
-                          max_file_bytes=int(self.max_file_mb * 1024 * 1024))
+                          max_file_bytes=self.max_file_bytes)
 
     def fractions(self) -> SplitFractions:
         return SplitFractions(val=self.val_fraction, test=self.test_fraction)
@@ -54,6 +59,66 @@ class IngestOptions(BaseModel):
 def staging_dir(dataset_dir: Path) -> Path:
     """Where the stages of an ingest keep their intermediate files."""
     return Path(dataset_dir) / ".staging"
+
+
+class _StageRecord:
+    """A stage's facts, saved as one JSON file in staging and read back typed by the next stages."""
+
+    file: ClassVar[str]
+
+    def save(self, dataset_dir: Path) -> Path:
+        return write_json_atomic(staging_dir(dataset_dir) / self.file, asdict(self))  # type: ignore[call-overload]
+
+    @classmethod
+    def load(cls, dataset_dir: Path) -> Self:
+        path = staging_dir(dataset_dir) / cls.file
+        return cls(**json.loads(path.read_text(encoding="utf-8")))
+
+
+@dataclass(frozen=True)
+class ScanRecord(_StageRecord):
+    """What scanning found: the resolved source, its layout, and files it skipped."""
+
+    file: ClassVar[str] = "scan.json"
+    source: str
+    layout: str
+    skipped: int
+
+
+@dataclass(frozen=True)
+class DecodeRecord(_StageRecord):
+    """What decoding did: the cache it produced, files decoded and reused."""
+
+    file: ClassVar[str] = "decode.json"
+    cache_token: str
+    decoded: int
+    reused: int
+    files: int
+
+
+@dataclass(frozen=True)
+class SplitRecord(_StageRecord):
+    """What splitting did: files whose given split moved to keep a group or duplicate set together."""
+
+    file: ClassVar[str] = "split.json"
+    moved: int
+
+
+@dataclass(frozen=True)
+class IngestStats:
+    """The counters of one ingest, for the report (zero where a stage did not run)."""
+
+    layout: str = ""
+    skipped: int = 0
+    files: int = 0
+    decoded: int = 0
+    reused: int = 0
+    moved: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> IngestStats:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})  # type: ignore[arg-type]
 
 
 # --- stage 1: scan ---------------------------------------------------------------------------
@@ -68,8 +133,7 @@ def stage_scan(source: str | Path, dataset_dir: Path, options: IngestOptions) ->
         shutil.rmtree(staging)  # leftovers of an interrupted ingest
     staging.mkdir(parents=True)
     listing.files.to_parquet(staging / "scan.parquet", index=False)
-    write_json_atomic(staging / "scan.json", {"source": str(Path(source).expanduser().resolve()),
-                                              "layout": listing.layout, "skipped": listing.skipped})
+    ScanRecord(str(Path(source).expanduser().resolve()), listing.layout, listing.skipped).save(dataset_dir)
     return staging / "scan.parquet"
 
 
@@ -82,29 +146,26 @@ def stage_decode(dataset_dir: Path, options: IngestOptions, progress: ProgressFn
     previous, old_cache, old_token = _previous_state(dataset, options)
     old_index = old_cache.index()
     reuse_mask, reused = _reusable_rows(files, previous, old_index)
-    known = {r.image_id: (r.width, r.height, r.format) for r in previous.itertuples()
-             if r.status == "ok" and r.image_id in old_index}
+    known = {r.image_id: (r.width, r.height, r.format) for r in usable_rows(previous).itertuples()
+             if r.image_id in old_index}
     todo = files.loc[~reuse_mask, "path"].tolist()
 
     builder = _CacheBuilder(dataset, old_cache, options, capacity=len(todo))
-    builder.keep(reused.loc[reused["status"] == "ok", "image_id"])
+    builder.keep(usable_rows(reused)["image_id"])
     fresh = []
-    for outcome in decode_many(todo, options.decode_spec(), options.workers, known, progress):
-        if outcome.status == "ok" and outcome.array is None:  # same bytes as a cached image
+    for outcome in decode_many(todo, options.decode_spec(), options.decode_workers, known, progress):
+        if outcome.ok and outcome.array is None:  # same bytes as a cached image
             width, height, fmt = known[outcome.image_id]
             outcome = DecodeOutcome(outcome.path, outcome.image_id, "ok", "", width, height, fmt)
             builder.keep([outcome.image_id])
-        elif outcome.status == "ok":
+        elif outcome.ok and outcome.array is not None:
             builder.add(outcome.image_id, outcome.array)
         fresh.append(outcome)
     token = builder.finish(old_token)
 
     decoded = _decoded_frame(files, reuse_mask, reused, fresh)
     decoded.to_parquet(staging / "decoded.parquet", index=False)
-    write_json_atomic(staging / "decode.json", {
-        "cache_token": token, "decoded": sum(o.array is not None for o in fresh),
-        "reused": int(reuse_mask.sum()), "files": len(files),
-    })
+    DecodeRecord(token, sum(o.array is not None for o in fresh), int(reuse_mask.sum()), len(files)).save(dataset_dir)
     return staging / "decoded.parquet"
 
 
@@ -189,9 +250,10 @@ def _decoded_frame(
     files: pd.DataFrame, reuse_mask: pd.Series, reused: pd.DataFrame, fresh: list[DecodeOutcome]
 ) -> pd.DataFrame:
     """One row per scanned file with the decode results, in scan order."""
-    result_cols = ["image_id", "width", "height", "format", "status", "reason"]
+    result_cols = ["image_id", "width", "height", "format", "status", "reason", "reject_kind"]
     fresh_frame = pd.DataFrame(
-        [(o.path, o.image_id, o.width, o.height, o.format, o.status, o.reason) for o in fresh],
+        [(o.path, o.image_id, o.width, o.height, o.format, o.status, o.reason, o.kind and o.kind.value)
+         for o in fresh],
         columns=["path", *result_cols],
     )
     results = pd.concat([reused[["path", *result_cols]], fresh_frame], ignore_index=True)
@@ -205,24 +267,24 @@ def stage_split(dataset_dir: Path, options: IngestOptions) -> Path:
     """Assign train/val/test; write staging/manifest.parquet. Raise UserError for unusable data."""
     dataset, staging = Dataset(dataset_dir), staging_dir(dataset_dir)
     frame = pd.read_parquet(staging / "decoded.parquet")
-    scan = json.loads((staging / "scan.json").read_text())
-    ok = frame["status"] == "ok"
+    scan = ScanRecord.load(dataset_dir)
+    ok = frame.index.isin(usable_rows(frame).index)
     if not ok.any():
         reasons = frame["reason"].value_counts().head(3)
         detail = "; ".join(f"{n} x {r}" for r, n in reasons.items())
-        raise UserError(f"{scan['source']} holds no usable image ({len(frame)} files rejected: {detail})")
+        raise UserError(f"{scan.source} holds no usable image ({len(frame)} files rejected: {detail})")
     classes = sorted(frame.loc[ok, "label"].unique())
     if len(classes) < 2:
-        raise UserError(f"{scan['source']} has {len(classes)} class ({', '.join(classes)}); at least two are needed")
+        raise UserError(f"{scan.source} has {len(classes)} class ({', '.join(classes)}); at least two are needed")
 
     rows = frame.loc[ok, ["path", "image_id", "label", "group", "preset"]].copy()
-    rows["fixed"], rows["allowed"] = _fixed_and_allowed(rows, dataset, options, scan["layout"])
+    rows["fixed"], rows["allowed"] = _fixed_and_allowed(rows, dataset, options, scan.layout)
     splits, moved = assign_splits(rows, options.fractions(), options.seed)
     frame["split"] = None
     frame.loc[ok, "split"] = splits.to_numpy()
     manifest = frame[MANIFEST_COLUMNS]
     manifest.to_parquet(staging / "manifest.parquet", index=False)
-    write_json_atomic(staging / "split.json", {"moved": moved})
+    SplitRecord(moved).save(dataset_dir)
     return staging / "manifest.parquet"
 
 
@@ -234,8 +296,8 @@ def _fixed_and_allowed(
     if dataset.exists():
         meta = dataset.meta()
         if meta.split_key() == (options.seed, options.val_fraction, options.test_fraction, options.group_column):
-            old = dataset.manifest()
-            previous = dict(zip(old.loc[old["status"] == "ok", "path"], old.loc[old["status"] == "ok", "split"]))
+            old = dataset.usable()
+            previous = dict(zip(old["path"], old["split"]))
     carve_val = layout == "split-folders" and "val" not in set(rows["preset"].dropna())
     fixed: list[str | None] = []
     allowed: list[tuple[str, ...]] = []
@@ -245,7 +307,7 @@ def _fixed_and_allowed(
             allowed.append((preset,))
             continue
         fixed.append(previous.get(path))
-        allowed.append(("train", "val") if preset == "train" else ALL_SPLITS)
+        allowed.append(("train", "val") if preset == "train" else SPLITS)
     return fixed, allowed
 
 
@@ -254,18 +316,17 @@ def _fixed_and_allowed(
 def commit_dataset(dataset_dir: Path, options: IngestOptions) -> Path:
     """Publish the staged manifest and cache: manifest first, dataset.json (the commit point) last."""
     dataset, staging = Dataset(dataset_dir), staging_dir(dataset_dir)
-    scan = json.loads((staging / "scan.json").read_text())
-    token = json.loads((staging / "decode.json").read_text())["cache_token"]
+    scan, token = ScanRecord.load(dataset_dir), DecodeRecord.load(dataset_dir).cache_token
     manifest = pd.read_parquet(staging / "manifest.parquet")
-    classes = sorted(manifest.loc[manifest["status"] == "ok", "label"].unique())
+    classes = sorted(usable_rows(manifest)["label"].unique())
     with atomic_path(dataset.manifest_path) as tmp:
         manifest.to_parquet(tmp, index=False)
     meta = DatasetMeta(
-        name=dataset.name, source=scan["source"], layout=scan["layout"], image_size=options.image_size,
+        name=dataset.name, source=scan.source, layout=scan.layout, image_size=options.image_size,
         channels=options.channels, resize=options.resize, seed=options.seed,
         val_fraction=options.val_fraction, test_fraction=options.test_fraction,
         group_column=options.group_column, classes=classes, cache_token=token,
-        updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        updated_at=datetime.now(UTC).isoformat(timespec="seconds"), max_file_bytes=options.max_file_bytes,
     )
     write_json_atomic(dataset.meta_path, meta.__dict__)
     for stale in dataset.cache_dir.glob("*"):
@@ -274,15 +335,13 @@ def commit_dataset(dataset_dir: Path, options: IngestOptions) -> Path:
     return dataset.manifest_path
 
 
-def staged_stats(dataset_dir: Path) -> dict[str, object]:
+def staged_stats(dataset_dir: Path) -> IngestStats:
     """Counters the stages recorded (files, decoded, reused, moved, skipped, layout)."""
-    staging = staging_dir(dataset_dir)
     stats: dict[str, object] = {}
-    for name in ("scan.json", "decode.json", "split.json"):
-        path = staging / name
-        if path.is_file():
-            stats.update(json.loads(path.read_text()))
-    return stats
+    for record in (ScanRecord, DecodeRecord, SplitRecord):
+        if (staging_dir(dataset_dir) / record.file).is_file():
+            stats.update(asdict(record.load(dataset_dir)))
+    return IngestStats.from_dict(stats)
 
 
 def clear_staging(dataset_dir: Path) -> None:

@@ -4,9 +4,13 @@ specificity, one-vs-rest AUROC, confusion matrix and expected calibration error.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
+
+
+Metric = Literal["macro_f1", "balanced_accuracy", "accuracy", "auroc_macro"]  # what selects and gates models
 
 
 @dataclass
@@ -41,6 +45,11 @@ class ClassificationMetrics:
         if self.loss is not None:
             out["loss"] = self.loss
         return out
+
+    def score(self, metric: Metric) -> float | None:
+        """One headline metric (None where it is undefined, such as AUROC with one class present)."""
+        value: float | None = getattr(self, metric)
+        return value
 
     def flat(self) -> dict[str, float]:
         """Headline plus per-class metrics as `name.class` keys."""

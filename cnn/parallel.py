@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cnn.decode import DecodeError, DecodeSpec, decode_bytes, read_image_bytes
+from cnn.decode import DecodeError, DecodeSpec, RejectKind, check_decoder_settings, decode_bytes, read_image_bytes
 
 ProgressFn = Callable[[int, int], None]
 _INLINE_BELOW = 16  # fewer files than this: worker start-up costs more than it saves
@@ -31,6 +31,11 @@ class DecodeOutcome:
     height: int = 0
     format: str = ""
     array: np.ndarray | None = None
+    kind: RejectKind | None = None  # why it was rejected, for machines
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
 
 
 _worker_spec: DecodeSpec | None = None
@@ -47,14 +52,14 @@ def decode_one(path: str, spec: DecodeSpec, known: frozenset[str] = frozenset())
     try:
         data = read_image_bytes(path, spec)
     except DecodeError as exc:
-        return DecodeOutcome(path, "", "rejected", exc.reason)
+        return DecodeOutcome(path, "", "rejected", exc.reason, kind=exc.kind)
     image_id = hashlib.sha256(data).hexdigest()
     if image_id in known:
         return DecodeOutcome(path, image_id, "ok")
     try:
         image = decode_bytes(data, spec)
     except DecodeError as exc:
-        return DecodeOutcome(path, image_id, "rejected", exc.reason)
+        return DecodeOutcome(path, image_id, "rejected", exc.reason, kind=exc.kind)
     return DecodeOutcome(path, image_id, "ok", "", image.width, image.height, image.format, image.array)
 
 
@@ -79,6 +84,7 @@ def decode_many(
     progress: ProgressFn | None = None,
 ) -> Iterator[DecodeOutcome]:
     """Yield one DecodeOutcome per path, in input order, decoding in `workers` processes (0 = all cores)."""
+    check_decoder_settings()  # in this process too: a setting is an error of the run, not of each file
     paths = [str(p) for p in paths]
     known_set = frozenset(known)
     workers = workers or default_workers()

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from cnn.dataset import Dataset
+from cnn.dataset import SPLITS, Dataset, usable_rows
 from cnn.fsio import write_json_atomic, write_text_atomic
 
-SPLIT_ORDER = ("train", "val", "test")
+if TYPE_CHECKING:
+    from cnn.ingest import IngestStats
 
 
 @dataclass
@@ -31,25 +34,37 @@ class DatasetReport:
     conflicting_duplicates: list[dict[str, object]] = field(default_factory=list)
     size_stats: dict[str, dict[str, float]] = field(default_factory=dict)
     size_buckets: dict[str, int] = field(default_factory=dict)
-    stats: dict[str, object] = field(default_factory=dict)  # decoded / reused / moved / layout
+    stats: IngestStats | None = None  # decoded / reused / moved / layout of the ingest that wrote it
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
+    @classmethod
+    def load(cls, dataset_dir: Path) -> DatasetReport:
+        """Read report.json back (the one reader of that file)."""
+        from cnn.ingest import IngestStats
+
+        data = json.loads((Path(dataset_dir) / "report.json").read_text(encoding="utf-8"))
+        data["stats"] = IngestStats.from_dict(data.get("stats") or {})
+        return cls(**data)
+
     def class_table(self) -> pd.DataFrame:
         """Rows: classes (+ total); columns: splits (+ total)."""
         table = pd.DataFrame(self.class_counts).T.reindex(self.classes).fillna(0).astype(int)
-        table = table.reindex(columns=[s for s in SPLIT_ORDER if s in table.columns])
+        table = table.reindex(columns=[s for s in SPLITS if s in table.columns])
         table["total"] = table.sum(axis=1)
         table.loc["total"] = table.sum(axis=0)
         return table
 
     def to_markdown(self) -> str:
         """A human-readable report (also the Prefect artifact)."""
+        from cnn.ingest import IngestStats
+
+        stats = self.stats or IngestStats()
         lines = [f"# Dataset report: {self.dataset}", "",
                  f"{self.files} files: {self.ok} ok, {self.rejected} rejected; "
-                 f"{len(self.classes)} classes; layout {self.stats.get('layout', '?')}; "
-                 f"{self.stats.get('decoded', 0)} decoded, {self.stats.get('reused', 0)} unchanged.", "",
+                 f"{len(self.classes)} classes; layout {stats.layout or '?'}; "
+                 f"{stats.decoded} decoded, {stats.reused} unchanged.", "",
                  "## Images per class and split", "", _markdown_table(self.class_table()), ""]
         if self.rejects_by_reason:
             lines += ["## Rejected files", "", "| reason | files |", "|---|---|"]
@@ -59,11 +74,11 @@ class DatasetReport:
                   "copies always share a split.", ""]
         for conflict in self.conflicting_duplicates:
             lines.append(f"- conflicting labels {conflict['labels']} for identical files: {', '.join(conflict['paths'])}")
-        if self.stats.get("skipped"):
-            lines += ["", f"{self.stats['skipped']} files skipped: loose files beside the class folders, "
+        if stats.skipped:
+            lines += ["", f"{stats.skipped} files skipped: loose files beside the class folders, "
                       "or manifest rows repeating a path."]
-        if self.stats.get("moved"):
-            lines += ["", f"{self.stats['moved']} files with a given split were moved so that a group or "
+        if stats.moved:
+            lines += ["", f"{stats.moved} files with a given split were moved so that a group or "
                       "duplicate set stays in one split (test > val > train)."]
         lines += ["", "## Source image sizes", "", "| | min | median | max |", "|---|---|---|---|"]
         for dim, s in self.size_stats.items():
@@ -83,17 +98,17 @@ def _markdown_table(frame: pd.DataFrame) -> str:
 _BUCKETS = [(0, 64), (64, 128), (128, 256), (256, 512), (512, 1024), (1024, 2048), (2048, 10**9)]
 
 
-def build_report(dataset_dir: Path, stats: dict[str, object] | None = None) -> DatasetReport:
+def build_report(dataset_dir: Path, stats: IngestStats | None = None) -> DatasetReport:
     """Summarise the committed manifest of `dataset_dir`."""
     dataset = Dataset(dataset_dir)
     manifest = dataset.manifest()
-    ok = manifest[manifest["status"] == "ok"]
+    ok = usable_rows(manifest)
     classes = sorted(ok["label"].unique())
     counts = ok.groupby(["label", "split"]).size()
     class_counts: dict[str, dict[str, int]] = {}
     for (label, split), n in counts.items():
         class_counts.setdefault(str(label), {})[str(split)] = int(n)
-    rejected = manifest[manifest["status"] == "rejected"]
+    rejected = manifest[~manifest.index.isin(ok.index)]
     per_id = ok.groupby("image_id")
     sizes = per_id.size()
     conflicts = [
@@ -113,7 +128,7 @@ def build_report(dataset_dir: Path, stats: dict[str, object] | None = None) -> D
         size_stats={dim: {"min": float(ok[dim].min()), "median": float(ok[dim].median()),
                           "max": float(ok[dim].max())} for dim in ("width", "height")} if len(ok) else {},
         size_buckets={k: v for k, v in buckets.items() if v},
-        stats=dict(stats or {}),
+        stats=stats,
     )
 
 

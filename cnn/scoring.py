@@ -1,27 +1,39 @@
-"""Batch scoring: list the inputs, decode each shard in parallel with the ingest decoder, predict in
-batches, and turn the results into prediction rows and reject rows (every input exactly once)."""
+"""Batch scoring in the library: list the inputs, plan shards against what the sinks already hold, score one
+shard (decode in parallel with the ingest decoder, predict in batches, commit to every sink), and combine the
+shard results into a summary. Every input ends up exactly once, as a prediction or a reject.
+
+An orchestrator runs `plan_shards` once, `score_shard` once per shard (anywhere: shards share no state), then
+`Sink.finish` and `summarise`; it passes the typed results below, never frames or tensors.
+"""
 
 from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import re
-from dataclasses import dataclass
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
+from cnn.decode import RejectKind
 from cnn.errors import UserError
+from cnn.fsio import atomic_path
 from cnn.inference import Predictor
 from cnn.parallel import decode_many
+from cnn.predictions import prediction_columns
+from cnn.sinks import Sink
 from cnn.sources import MANIFEST_SUFFIXES, iter_files, load_manifest_table
 
-OUTPUT_COLUMNS = ["image_id", "path", "label", "confidence", "top_k", "needs_review", "model_name",
-                  "model_version", "run_id", "scored_at", "flow_run_id"]
+STAMP_COLUMNS = ["model_name", "model_version", "run_id", "scored_at", "flow_run_id"]
+OUTPUT_COLUMNS = ["image_id", "path", "label", "confidence", "top_k", "needs_review", *STAMP_COLUMNS]
+REJECT_COLUMNS = ["image_id", "path", "reason", "reject_kind"]
 _ID_COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
@@ -35,11 +47,91 @@ class ScoringInputs:
 
 @dataclass(frozen=True)
 class ModelRef:
-    """The concrete model version a scoring run uses from start to end."""
+    """The model version a scoring run pinned, used from start to end: where its files are, and how it runs."""
 
     name: str
     version: str
     run_id: str
+    files: str = ""  # local folder with the version's weights and contract
+    device: str = "cpu"
+    precision: str = "fp32"  # fp32 | bf16 | fp16, as the precision policy chose
+    precision_reason: str = ""
+    compile: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} v{self.version}"
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How each shard is scored."""
+
+    batch_size: int = 64
+    top_k: int = 3
+    review_below: float = 0.6
+    decode_workers: int = 0  # 0 = all cores
+    flow_run_id: str = ""
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """The files still to score, cut into shards (saved as Parquet; shards read their rows from it)."""
+
+    path: str
+    shards: int
+    files: int
+    skipped: int  # already accounted for by this model version in every sink
+    id_columns: tuple[str, ...] = ()
+
+    def rows(self, shard: int) -> pd.DataFrame:
+        """The files of one shard, with their image_id and duplicate mark."""
+        files = pd.read_parquet(self.path)
+        return files[files["shard"] == shard].drop(columns="shard").reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What one committed shard held."""
+
+    files: int
+    predicted: int
+    rejected: int
+    seconds: float
+    needs_review: int
+    labels: dict[str, int] = field(default_factory=dict)
+    rejects_by_kind: dict[str, int] = field(default_factory=dict)
+    compile_failed: bool = False
+
+
+@dataclass(frozen=True)
+class ScoringSummary:
+    """A whole run: counts, where the tables are, and how it ran."""
+
+    model: str
+    precision: str
+    files: int
+    predicted: int
+    rejected: int
+    skipped: int
+    needs_review: int
+    seconds: float
+    labels: dict[str, int]
+    rejects_by_kind: dict[str, int]
+    tables: list[str]
+
+    @property
+    def images_per_s(self) -> float:
+        return round(self.files / self.seconds, 1) if self.seconds > 0 else 0.0
+
+    def rows(self) -> list[dict[str, object]]:
+        """item/count rows, for the terminal table and the Prefect artifact."""
+        rows: list[dict[str, object]] = [{"item": f"label {k}", "count": v} for k, v in sorted(self.labels.items())]
+        rows += [{"item": f"rejected: {k}", "count": v} for k, v in sorted(self.rejects_by_kind.items())]
+        rows += [{"item": "needs review", "count": self.needs_review},
+                 {"item": "already scored (skipped)", "count": self.skipped},
+                 {"item": "images/s", "count": self.images_per_s}]
+        return rows
 
 
 def list_inputs(source: str) -> ScoringInputs:
@@ -50,7 +142,7 @@ def list_inputs(source: str) -> ScoringInputs:
         if "path" not in table.columns:
             raise UserError(f"manifest {path} has no `path` column; it has: {', '.join(map(str, table.columns))}")
         ids = [str(c) for c in table.columns if c != "path"]
-        reserved = set(OUTPUT_COLUMNS) | {c for c in ids if c.startswith("prob_")}
+        reserved = set(OUTPUT_COLUMNS) | set(REJECT_COLUMNS) | {c for c in ids if c.startswith("prob_")}
         for column in ids:
             if not _ID_COLUMN.match(column) or column in reserved:
                 raise UserError(f"manifest column {column!r} cannot be carried to the output "
@@ -69,25 +161,9 @@ def list_inputs(source: str) -> ScoringInputs:
     return ScoringInputs(files[["path", *ids]], ids)
 
 
-def cpu_bf16_available() -> bool:
-    """Native bf16 on this CPU (AVX512-BF16 or AMX), where bf16 autocast pays off."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def bf16_agreement(predictor: Predictor, images: np.ndarray, batch_size: int = 128) -> float:
-    """Share of images whose top-1 label under bf16 autocast equals fp32's."""
-    if len(images) == 0:
-        return 0.0
-    fp32 = predictor.with_precision(None).predict_arrays(images, batch_size).argmax(axis=1)
-    bf16 = predictor.with_precision(torch.bfloat16).predict_arrays(images, batch_size).argmax(axis=1)
-    return float((fp32 == bf16).mean())
-
-
 def mark_duplicates(files: pd.DataFrame, predicted: dict[str, str] | None = None, threads: int = 4) -> pd.DataFrame:
     """Add `image_id` and `duplicate_of`: a file whose bytes an earlier file has (in path order, or an earlier
     run's prediction) is a duplicate of it. Done once before sharding, so shards scored in parallel agree."""
-    from concurrent.futures import ThreadPoolExecutor
 
     def digest(path: str) -> str:
         h = hashlib.sha256()
@@ -114,67 +190,104 @@ def mark_duplicates(files: pd.DataFrame, predicted: dict[str, str] | None = None
     return files.assign(image_id=ids, duplicate_of=duplicate_of)
 
 
-def score_files(files: pd.DataFrame, id_columns: list[str], predictor: Predictor, model: ModelRef,
-                flow_run_id: str = "", batch_size: int = 64, top_k: int = 3, review_below: float = 0.0,
-                workers: int = 0, predicted: dict[str, str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Score one shard: (prediction rows, reject rows), one row per input file.
+def plan_shards(inputs: ScoringInputs, sinks: Sequence[Sink], model: ModelRef, shard_size: int,
+                run_dir: Path) -> ShardPlan:
+    """Drop the inputs every sink already holds for this version, resolve duplicates by content, number shards."""
+    done: set[str] | None = None
+    owners: dict[str, str] = {}
+    for sink in sinks:
+        predicted, rejected = sink.scored(model.name, model.version)
+        owners.update(predicted)
+        paths = set(predicted.values()) | rejected
+        done = paths if done is None else done & paths  # done only when every sink has it
+    files = inputs.files[~inputs.files["path"].isin(done or set())].reset_index(drop=True)
+    files = mark_duplicates(files, owners)
+    files["shard"] = files.index // shard_size
+    plan = Path(run_dir) / "plan.parquet"
+    with atomic_path(plan) as tmp:
+        files.to_parquet(tmp, index=False)
+    shards = int(files["shard"].max() + 1) if len(files) else 0
+    return ShardPlan(str(plan), shards, len(files), len(inputs.files) - len(files), tuple(inputs.id_columns))
 
-    `predicted` maps image_id -> path of what this model version already predicted: those bytes are not
-    decoded again, and a file repeating them under another path becomes a "duplicate" reject; rows that
-    `mark_duplicates` marked (`duplicate_of`) become such rejects without being decoded."""
-    spec = predictor.contract.decode_spec()
-    arrays: list[np.ndarray] = []
-    kept: list[tuple[int, str]] = []
-    rejects: list[dict[str, object]] = []
+
+def score_shard(plan: ShardPlan, shard: int, predictor: Predictor, model: ModelRef, sinks: Sequence[Sink],
+                options: ScoringOptions) -> ShardResult:
+    """Score one shard of the plan and commit it to every sink (one transaction or one atomic part file each)."""
+    files = plan.rows(shard)
+    start = time.perf_counter()
+    predictions, rejects = score_files(files, list(plan.id_columns), predictor, model, options)
+    for sink in sinks:
+        sink.commit(shard, predictions, rejects)
+    return ShardResult(
+        files=len(files), predicted=len(predictions), rejected=len(rejects), seconds=time.perf_counter() - start,
+        needs_review=int(predictions["needs_review"].sum()),
+        labels={str(k): int(v) for k, v in predictions["label"].value_counts().items()},
+        rejects_by_kind={str(k): int(v) for k, v in rejects["reject_kind"].value_counts().items()},
+        compile_failed=predictor.compile_failed,
+    )
+
+
+def score_files(files: pd.DataFrame, id_columns: list[str], predictor: Predictor, model: ModelRef,
+                options: ScoringOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(prediction rows, reject rows), one row per input file. Rows that `mark_duplicates` marked
+    (`duplicate_of`) become "duplicate" rejects without being decoded."""
+    rejects: list[tuple[str, str, str, str]] = []
     ids_by_path = files[["path", *id_columns]]
     if "duplicate_of" in files.columns:
         marked = files["duplicate_of"].notna()
-        rejects += [{"image_id": i, "path": p, "reason": f"duplicate of {d} (same bytes, predicted once)"}
+        rejects += [(i, p, f"duplicate of {d} (same bytes, predicted once)", RejectKind.DUPLICATE.value)
                     for i, p, d in zip(files.loc[marked, "image_id"], files.loc[marked, "path"],
                                        files.loc[marked, "duplicate_of"])]
         files = files.loc[~marked].reset_index(drop=True)
-    seen: dict[str, str] = dict(predicted or {})
-    for i, outcome in enumerate(decode_many(files["path"].tolist(), spec, workers, seen)):
-        if outcome.status != "ok":
-            rejects.append({"image_id": outcome.image_id, "path": outcome.path, "reason": outcome.reason})
-        elif outcome.image_id in seen:
-            if seen[outcome.image_id] == outcome.path:
-                continue  # this very file was predicted by an earlier run
-            rejects.append({"image_id": outcome.image_id, "path": outcome.path,
-                            "reason": f"duplicate of {seen[outcome.image_id]} (same bytes, predicted once)"})
+    arrays: list[np.ndarray] = []
+    kept: list[tuple[int, str]] = []
+    first_path: dict[str, str] = {}  # a file that changed after planning may repeat another one's bytes
+    spec = predictor.contract.decode_spec()
+    for i, outcome in enumerate(decode_many(files["path"].tolist(), spec, options.decode_workers)):
+        if not outcome.ok or outcome.array is None:
+            kind = outcome.kind.value if outcome.kind else RejectKind.CORRUPT.value
+            rejects.append((outcome.image_id, outcome.path, outcome.reason, kind))
+        elif outcome.image_id in first_path:
+            rejects.append((outcome.image_id, outcome.path,
+                            f"duplicate of {first_path[outcome.image_id]} (same bytes, predicted once)",
+                            RejectKind.DUPLICATE.value))
         else:
-            seen[outcome.image_id] = outcome.path
+            first_path[outcome.image_id] = outcome.path
             arrays.append(outcome.array)
             kept.append((i, outcome.image_id))
-    probs = predictor.predict_arrays(np.stack(arrays), batch_size) if arrays else np.zeros((0, 0))
-    now = datetime.now(UTC)
+    classes = predictor.contract.classes
+    probs = predictor.predict_arrays(np.stack(arrays), options.batch_size) if arrays else np.zeros((0, len(classes)))
     stamp = {"model_name": model.name, "model_version": model.version, "run_id": model.run_id,
-             "scored_at": now, "flow_run_id": flow_run_id}
-    predictions = _prediction_rows(files, id_columns, kept, probs, predictor.contract.classes, top_k, review_below)
+             "scored_at": datetime.now(UTC), "flow_run_id": options.flow_run_id}
+    rows = files.iloc[[i for i, _ in kept]].reset_index(drop=True)
+    predictions = pd.DataFrame({"image_id": [image_id for _, image_id in kept], "path": rows["path"],
+                                **{column: rows[column] for column in id_columns}})
+    predictions = pd.concat([predictions, prediction_columns(probs, classes, options.top_k, options.review_below)],
+                            axis=1)
+    reject_frame = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
+    if id_columns:
+        reject_frame = reject_frame.merge(ids_by_path, on="path", how="left")
     for key, value in stamp.items():
         predictions[key] = value
-    reject_frame = pd.DataFrame(rejects, columns=["image_id", "path", "reason"])
-    reject_frame = reject_frame.merge(ids_by_path, on="path", how="left") if id_columns else reject_frame
-    for key, value in stamp.items():
         reject_frame[key] = value
     return predictions, reject_frame
 
 
-def _prediction_rows(files: pd.DataFrame, id_columns: list[str], kept: list[tuple[int, str]], probs: np.ndarray,
-                     classes: list[str], top_k: int, review_below: float) -> pd.DataFrame:
-    rows = files.iloc[[i for i, _ in kept]].reset_index(drop=True)
-    frame = pd.DataFrame({"image_id": [image_id for _, image_id in kept], "path": rows["path"]})
-    for column in id_columns:
-        frame[column] = rows[column]
-    if len(kept):
-        best = probs.argmax(axis=1)
-        frame["label"] = [classes[j] for j in best]
-        frame["confidence"] = probs.max(axis=1).astype(np.float64)
-        order = np.argsort(-probs, axis=1)[:, :max(1, top_k)]
-        frame["top_k"] = [json.dumps([[classes[j], round(float(p[j]), 6)] for j in row]) for row, p in zip(order, probs)]
-    else:
-        frame["label"], frame["confidence"], frame["top_k"] = [], np.zeros(0), []
-    frame["needs_review"] = frame["confidence"] < review_below
-    for j, name in enumerate(classes):
-        frame[f"prob_{name}"] = probs[:, j].astype(np.float64) if len(kept) else np.zeros(0)
-    return frame
+def summarise(results: Sequence[ShardResult], plan: ShardPlan, model: ModelRef, seconds: float,
+              tables: list[str]) -> ScoringSummary:
+    """Combine the shards of a run into one summary."""
+    labels: Counter[str] = Counter()
+    kinds: Counter[str] = Counter()
+    for result in results:
+        labels.update(result.labels)
+        kinds.update(result.rejects_by_kind)
+    precision = model.precision
+    if model.compile:
+        failed = any(r.compile_failed for r in results)
+        precision += ", eager (torch.compile failed, see the log)" if failed else ", compiled"
+    return ScoringSummary(
+        model=model.label, precision=precision, files=plan.files,
+        predicted=sum(r.predicted for r in results), rejected=sum(r.rejected for r in results),
+        skipped=plan.skipped, needs_review=sum(r.needs_review for r in results), seconds=seconds,
+        labels=dict(labels), rejects_by_kind=dict(kinds), tables=tables,
+    )

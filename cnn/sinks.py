@@ -129,7 +129,7 @@ class SqlSink:
             with self.engine.connect():
                 pass
         except Exception as exc:  # noqa: BLE001 - drivers raise their own types for bad URLs and servers
-            raise UserError(f"cannot open the table database {_redact(url)}: {type(exc).__name__}: {exc}") from None
+            raise UserError(f"cannot open the table database {redact(url)}: {type(exc).__name__}: {exc}") from None
 
     @classmethod
     def from_url(cls, spec: str) -> SqlSink:
@@ -209,7 +209,7 @@ class SqlSink:
         conn.execute(statement.on_conflict_do_update(index_elements=key, set_=update))
 
     def finish(self) -> list[str]:
-        return [f"{_redact(self.url)}#{self.table}", f"{_redact(self.url)}#{self.rejects}"]
+        return [f"{redact(self.url)}#{self.table}", f"{redact(self.url)}#{self.rejects}"]
 
 
 def _sql_ready(frame: pd.DataFrame) -> pd.DataFrame:
@@ -218,7 +218,7 @@ def _sql_ready(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
     """Hide a password in a database URL."""
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 

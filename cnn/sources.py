@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from cnn.dataset import SPLITS
 from cnn.errors import UserError
-
-SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                   "validation": "val", "test": "test", "testing": "test"}
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")

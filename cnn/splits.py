@@ -12,9 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from cnn.dataset import SPLITS
 from cnn.errors import UserError
-
-SPLITS = ("train", "val", "test")
 _PRIORITY = {"test": 0, "val": 1, "train": 2}  # where a unit's members disagree, evaluation wins
 
 

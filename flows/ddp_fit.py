@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 from cnn.config import TrainConfig
 from cnn.distributed import Dist
 from cnn.errors import UserError
-from cnn.train import fit
+from cnn.train import EpochRecord, fit
 
 
 def main() -> int:
@@ -22,13 +21,13 @@ def main() -> int:
     parser.add_argument("--run-id", default="")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
-    cfg = TrainConfig(**json.loads(Path(args.config).read_text()))
+    cfg = TrainConfig.model_validate_json(Path(args.config).read_text())
     dist = Dist.from_env()
     on_epoch = None
     if dist.main and args.run_id:
         from flows import tracking
 
-        def on_epoch(record: dict[str, float]) -> None:
+        def on_epoch(record: EpochRecord) -> None:
             tracking.log_epoch(args.run_id, record)
             print(f"epoch {int(record['epoch'])}/{cfg.epochs}: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("train_loss", "val_macro"))), flush=True)
@@ -39,7 +38,7 @@ def main() -> int:
         print(f"error: {exc}", flush=True)
         return 2
     if dist.main:
-        result.save_summary(Path(args.run_dir) / "fit.json", world_size=dist.world)
+        result.save()
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, task
@@ -16,6 +17,15 @@ from flows.logfilter import quiet_user_errors
 from flows.progress import reported_progress
 
 quiet_user_errors()
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    """Where the ingested dataset, its manifest and its report are."""
+
+    dataset_dir: str
+    manifest: str
+    report: str
 
 
 @task(name="scan-source", cache_policy=NO_CACHE)
@@ -63,13 +73,14 @@ def _publish(report: DatasetReport) -> None:
 
 @flow(name="ingest")
 def ingest_flow(source: str, dataset: str, options: IngestOptions | None = None,
-                home: str | None = None) -> dict[str, str]:
+                home: str | None = None) -> IngestOutcome:
     """Ingest SOURCE into dataset DATASET under CNN_HOME; return the manifest and report paths."""
     options = options or IngestOptions()
     dataset_dir = str(workspace.configure(home).dataset(dataset).root)
+    create_markdown_artifact(f"```yaml\n{options.to_yaml()}```\n", key="ingest-config", description="Ingest config")
     scan_source(source, dataset_dir, options)
     decode_images(dataset_dir, options)
     assign_splits(dataset_dir, options)
     manifest = commit_dataset(dataset_dir, options)
     report = write_report(dataset_dir)
-    return {"dataset_dir": dataset_dir, "manifest": manifest, "report": report}
+    return IngestOutcome(dataset_dir, manifest, report)

@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 from prefect import flow
 
-from cnn.config import TrainConfig
+from cnn.config import ScoreConfig, TrainConfig
 from cnn.ingest import IngestOptions
-from flows.ingest import ingest_flow
+from cnn.scoring import ScoringSummary
+from flows.ingest import IngestOutcome, ingest_flow
 from flows.score import score_flow
-from flows.train import train_flow
+from flows.train import TrainOutcome, train_flow
+
+
+@dataclass(frozen=True)
+class PipelineOutcome:
+    """The three stages' results."""
+
+    ingest: IngestOutcome
+    train: TrainOutcome
+    score: ScoringSummary
 
 
 @flow(name="pipeline")
 def pipeline_flow(source: str, dataset: str, incoming: str, options: IngestOptions | None = None,
-                  config: TrainConfig | None = None, output: str | None = None, table: str | None = None,
-                  review_below: float = 0.0) -> dict[str, Any]:
-    """Refresh DATASET from SOURCE, train and gate a model, then score INCOMING with the champion."""
+                  config: TrainConfig | None = None, scoring: ScoreConfig | None = None) -> PipelineOutcome:
+    """Refresh DATASET from SOURCE, train and gate a model, then score INCOMING with its champion (the scoring
+    config's model is replaced by the model just trained)."""
     ingested = ingest_flow(source=source, dataset=dataset, options=options)
     trained = train_flow(dataset=dataset, config=config)
-    model = trained["gate"]["model"]
-    scored = score_flow(source=incoming, model=f"{model}@champion", output=output, table=table,
-                        review_below=review_below)
-    return {"ingest": ingested, "train": trained, "score": scored}
+    champion = f"{trained.gate.model}@champion"
+    score_config = scoring.model_copy(update={"model": champion}) if scoring else ScoreConfig(model=champion)
+    scored = score_flow(source=incoming, config=score_config)
+    return PipelineOutcome(ingested, trained, scored)

@@ -2,37 +2,35 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Literal
 
 import mlflow
-import numpy as np
-import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cnn.dataset import Dataset
 from cnn.errors import UserError
-from cnn.metrics import compute_metrics
+from cnn.evaluation import score_split
+from cnn.metrics import Metric
+from flows import versions
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 
 
-@dataclass
+@dataclass(frozen=True)
 class GateDecision:
     """What the promotion gate decided for a new version, and why."""
 
     model: str
     version: str
-    decision: str  # "champion" | "challenger"
+    decision: Literal["champion", "challenger"]
     reason: str
-    metric: str
+    metric: Metric
     split: str
     new_score: float
     champion_version: str | None = None
     champion_score: float | None = None
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 def alias_version(client: MlflowClient, model: str, alias: str) -> str | None:
@@ -42,41 +40,35 @@ def alias_version(client: MlflowClient, model: str, alias: str) -> str | None:
         return None
 
 
-def gate_split(dataset: Dataset) -> tuple[str, pd.DataFrame]:
-    """The rows the gate scores: the test split (validation if the dataset has no test split)."""
-    manifest = dataset.manifest()
-    ok = manifest[manifest["status"] == "ok"].drop_duplicates("image_id")
+def gate_split(dataset: Dataset) -> str:
+    """The split the gate scores on: test (validation if the dataset has no test split)."""
     for split in ("test", "val"):
-        rows = ok[ok["split"] == split]
-        if len(rows):
-            return split, rows
+        if len(dataset.usable(split)):
+            return split
     raise UserError(f"dataset {dataset.name} has neither a test nor a validation split to compare models on")
 
 
-def score_version(model: str, version: str, rows: pd.DataFrame, metric: str) -> float | None:
-    """Load a registered version as MLflow users do and score it on `rows`; None if its classes differ."""
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{model}/{version}")
-    out = pyfunc.predict(pd.DataFrame({"path": rows["path"].tolist()}))
-    classes = [c[len("prob_"):] for c in out.columns if c.startswith("prob_")]
-    if set(rows["label"]) - set(classes):
+def score_version(model: str, version: str, dataset: Dataset, split: str, metric: Metric) -> float | None:
+    """A registered version's `metric` on a split, loaded with the project's own loader; None if it predicts
+    other classes than the split holds."""
+    predictor = versions.load(model, version)
+    if set(dataset.usable(split)["label"]) - set(predictor.contract.classes):
         return None
-    ok = out["error"].isna().to_numpy()
-    probs = out.loc[ok, [f"prob_{c}" for c in classes]].to_numpy()
-    labels = np.array([classes.index(label) for label in rows["label"].to_numpy()[ok]])
-    return float(compute_metrics(probs, labels, classes).headline().get(metric, float("nan")))
+    value = score_split(predictor, dataset, split).metrics().score(metric)
+    return float("nan") if value is None else value  # undefined (AUROC of one class): never beats anything
 
 
-def register_and_gate(model_uri: str, model: str, run_id: str, dataset: Dataset, metric: str,
+def register_and_gate(model_uri: str, model: str, run_id: str, dataset: Dataset, metric: Metric,
                       min_improvement: float) -> GateDecision:
     """Register a new version, compare it with @champion on the same split and metric, move the aliases."""
     client = MlflowClient()
     version = str(mlflow.register_model(model_uri, model, tags={"run_id": run_id, "dataset": dataset.name}).version)
-    split, rows = gate_split(dataset)
-    new_score = score_version(model, version, rows, metric)
+    split = gate_split(dataset)
+    new_score = score_version(model, version, dataset, split, metric)
     if new_score is None:
         raise UserError(f"the new version of {model} cannot score its own {split} split")
     champion = alias_version(client, model, CHAMPION)
-    champion_score = score_version(model, champion, rows, metric) if champion else None
+    champion_score = score_version(model, champion, dataset, split, metric) if champion else None
     if champion is None:
         decision, reason = CHAMPION, "no champion yet"
     elif champion_score is None:
@@ -89,11 +81,12 @@ def register_and_gate(model_uri: str, model: str, run_id: str, dataset: Dataset,
         decision = CHALLENGER
         reason = (f"{metric} {new_score:.4f} < champion v{champion} {champion_score:.4f}"
                   f" + min improvement {min_improvement:g} on {dataset.name}/{split}")
+    decision_kind: Literal["champion", "challenger"] = "champion" if decision == CHAMPION else "challenger"
     if decision == CHAMPION:
         _crown(client, model, version, champion)
     else:
         client.set_registered_model_alias(model, CHALLENGER, version)
-    result = GateDecision(model, version, decision, reason, metric, split, new_score, champion, champion_score)
+    result = GateDecision(model, version, decision_kind, reason, metric, split, new_score, champion, champion_score)
     client.set_model_version_tag(model, version, "gate.decision", decision)
     client.set_model_version_tag(model, version, "gate.reason", reason)
     client.set_model_version_tag(model, version, f"gate.{split}_{metric}", f"{new_score:.6f}")

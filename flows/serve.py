@@ -2,22 +2,39 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cnn.config import ScoreConfig, TrainConfig
 from cnn.errors import UserError
 from flows.workspace import Workspace
+
+
+@dataclass(frozen=True)
+class Schedules:
+    """What `cnn serve` deploys: nightly scoring of a folder, and (unless its cron is empty) weekly training."""
+
+    incoming: str
+    scoring: ScoreConfig
+    score_cron: str = "0 2 * * *"
+    train_cron: str = "0 3 * * 0"
+    dataset: str = ""
+    training: TrainConfig | None = None
 
 
 def healthy(api_url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=2) as response:
-            return response.status == 200
+            return bool(response.status == 200)
     except OSError:
         return False
 
@@ -27,13 +44,30 @@ def server_marker(ws: Workspace) -> Path:
     return ws.prefect_home / "server.json"
 
 
-def start_local_server(ws: Workspace, port: int, timeout_s: float = 120) -> tuple[str, subprocess.Popen[bytes] | None]:
-    """Reuse a healthy server on 127.0.0.1:port, or start `prefect server start` with its state under CNN_HOME."""
-    import json
-
+@contextmanager
+def local_server(ws: Workspace, port: int, timeout_s: float = 120) -> Iterator[str]:
+    """PREFECT_API_URL when set; else a healthy server on 127.0.0.1:port; else `prefect server start` with its
+    state under CNN_HOME, stopped (and its marker removed) when the block ends. Sets PREFECT_API_URL inside."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"]
+        return
     api_url = f"http://127.0.0.1:{port}/api"
-    if healthy(api_url):
-        return api_url, None
+    proc = None if healthy(api_url) else _start(ws, port, api_url, timeout_s)
+    os.environ["PREFECT_API_URL"] = api_url
+    os.environ.pop("PREFECT_SERVER_EPHEMERAL_ENABLED", None)
+    try:
+        yield api_url
+    finally:
+        if proc is not None:
+            server_marker(ws).unlink(missing_ok=True)
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # a server that will not stop is killed
+                proc.kill()
+
+
+def _start(ws: Workspace, port: int, api_url: str, timeout_s: float) -> subprocess.Popen[bytes]:
     ws.prefect_home.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(ws.prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
@@ -45,7 +79,7 @@ def start_local_server(ws: Workspace, port: int, timeout_s: float = 120) -> tupl
     while time.monotonic() < deadline:
         if healthy(api_url):
             server_marker(ws).write_text(json.dumps({"api_url": api_url, "pid": proc.pid}))
-            return api_url, proc
+            return proc
         if proc.poll() is not None:
             raise UserError(f"the local Prefect server exited (code {proc.returncode}); see {ws.prefect_home / 'server.log'}")
         time.sleep(0.5)
@@ -53,22 +87,32 @@ def start_local_server(ws: Workspace, port: int, timeout_s: float = 120) -> tupl
     raise UserError(f"the local Prefect server did not answer on {api_url} within {timeout_s:.0f} s")
 
 
-def deployments(params: dict[str, Any]) -> list[Any]:
+def deployments(schedules: Schedules) -> list[Any]:
     """The `score` and `train` deployments with their schedules (imports Prefect: call after configuring)."""
     from flows.score import score_flow
     from flows.train import train_flow
 
-    score_parameters = {"source": params["incoming"], "model": params["model"]}
-    for key in ("output", "table"):
-        if params.get(key):
-            score_parameters[key] = params[key]
-    deployed = [score_flow.to_deployment(name="nightly", cron=params["score_cron"], parameters=score_parameters,
+    score_parameters = {"source": schedules.incoming, "config": schedules.scoring.model_dump(mode="json")}
+    deployed = [score_flow.to_deployment(name="nightly", cron=schedules.score_cron, parameters=score_parameters,
                                          description="Score new images in the incoming folder with @champion")]
-    if params.get("train_cron"):
-        train_parameters: dict[str, Any] = {"dataset": params["dataset"]}
-        if params.get("config"):
-            train_parameters["config"] = params["config"]
-        deployed.append(train_flow.to_deployment(name="scheduled", cron=params["train_cron"],
+    if schedules.train_cron:
+        train_parameters: dict[str, Any] = {"dataset": schedules.dataset}
+        if schedules.training is not None:
+            train_parameters["config"] = schedules.training.model_dump(mode="json")
+        deployed.append(train_flow.to_deployment(name="scheduled", cron=schedules.train_cron,
                                                  parameters=train_parameters,
                                                  description="Retrain, register and gate the model"))
     return deployed
+
+
+def serve(ws: Workspace, schedules: Schedules, port: int, started: Any = None) -> None:
+    """Serve the deployments until interrupted, on the server `local_server` provides."""
+    with local_server(ws, port) as api_url:
+        from prefect import serve as prefect_serve  # after PREFECT_API_URL is set: Prefect reads it on import
+
+        if started is not None:
+            started(api_url)
+        try:
+            prefect_serve(*deployments(schedules))
+        except KeyboardInterrupt:
+            pass

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import pandas as pd
@@ -19,7 +18,8 @@ from mlflow.types import ColSpec, Schema
 import cnn
 from cnn.config import TrainConfig
 from cnn.contract import ModelContract
-from cnn.dataset import Dataset
+from cnn.dataset import Dataset, usable_rows
+from cnn.train import EpochRecord, FitResult
 from flows import workspace
 
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
@@ -52,7 +52,7 @@ def start_run(dataset: Dataset, cfg: TrainConfig, model_name: str) -> str:
             "dataset.manifest_sha256": manifest_digest, "model.name": model_name,
         })
         manifest = dataset.manifest()
-        ok = manifest[manifest["status"] == "ok"][["image_id", "path", "label", "split", "group"]]
+        ok = usable_rows(manifest)[["image_id", "path", "label", "split", "group"]]
         with warnings.catch_warnings():  # MLflow cannot tell which local source class a path is; both are fine
             warnings.simplefilter("ignore", UserWarning)
             source = mlflow.data.from_pandas(ok, source=str(dataset.manifest_path), name=dataset.name, targets="label")
@@ -66,7 +66,7 @@ def start_run(dataset: Dataset, cfg: TrainConfig, model_name: str) -> str:
         return run.info.run_id
 
 
-def log_epoch(run_id: str, record: dict[str, float]) -> None:
+def log_epoch(run_id: str, record: EpochRecord) -> None:
     """All of one epoch's metrics in one batched call."""
     step = int(record["epoch"])
     metrics = [mlflow.entities.Metric(k, float(v), int(1000 * time.time()), step)
@@ -74,16 +74,15 @@ def log_epoch(run_id: str, record: dict[str, float]) -> None:
     MlflowClient().log_batch(run_id, metrics=metrics)
 
 
-def log_results(run_id: str, fit: dict[str, Any], test_metrics: dict[str, float], files: list[Path],
-                policy: dict[str, Any]) -> None:
+def log_results(run_id: str, fit: FitResult, test_metrics: dict[str, float], files: list[Path]) -> None:
     """Final metrics, plots, report and the augmentation policy."""
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"test_{k}": v for k, v in test_metrics.items()})
-        mlflow.log_metrics({"best_epoch": fit["best_epoch"], "epochs_run": fit["epochs_run"]})
-        mlflow.set_tags({"device": fit["device"], "stopped": fit["stopped"]})
+        mlflow.log_metrics({"best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run})
+        mlflow.set_tags({"device": fit.device, "stopped": fit.stopped})
         for path in files:
             mlflow.log_artifact(str(path), "evaluation")
-        mlflow.log_dict(policy, "config/augmentation_policy.json")
+        mlflow.log_dict(fit.contract.policy, "config/augmentation_policy.json")
 
 
 def signature_for(contract: ModelContract) -> ModelSignature:
@@ -105,7 +104,7 @@ def log_model(run_id: str, run_dir: Path, example_path: str) -> str:
             signature=signature_for(contract),
             input_example=pd.DataFrame({"path": [example_path]}),
             pip_requirements=_requirements(),
-            metadata={"cnn_contract": json.loads((run_dir / "contract.json").read_text())},
+            metadata={"cnn_contract": asdict(contract)},
         )
     return info.model_uri
 

@@ -1,8 +1,14 @@
-"""Prefect flow `train`: start run -> fit -> evaluate -> log model -> register and gate."""
+"""Prefect flow `train`: start run -> fit -> evaluate -> log model -> register and gate.
+
+`train` is the entry point for every node of a job: node 0 runs the flow (tracking, registering, gating);
+other nodes of a multi-node DDP job only compute their share.
+"""
 
 from __future__ import annotations
 
-import json
+import subprocess
+import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,16 +17,36 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from cnn.config import TrainConfig
-from cnn.dataset import Dataset
+from cnn.dataset import Dataset, validate_name
 from cnn.errors import UserError
 from cnn.evaluation import evaluate_run
 from cnn.fsio import write_json_atomic
-from cnn.train import check_config, fit
+from cnn.train import EpochRecord, FitResult, check_config, fit
 from flows import registry, tracking, workspace
 from flows.logfilter import quiet_user_errors
 from flows.progress import reported_progress
+from flows.registry import GateDecision
 
 quiet_user_errors()
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What a training run produced: its MLflow run, checkpoints, test metrics and the gate's decision."""
+
+    run_id: str
+    run_dir: str
+    model_uri: str
+    test_metrics: dict[str, float]
+    gate: GateDecision
+
+
+@dataclass(frozen=True)
+class NodeOutcome:
+    """What a non-zero node of a multi-node job did (node 0 tracks and registers)."""
+
+    node_rank: int
+    run_dir: str
 
 
 def run_directory(home: Path, model_name: str, resume: bool) -> Path:
@@ -32,6 +58,20 @@ def run_directory(home: Path, model_name: str, resume: bool) -> Path:
             raise UserError(f"nothing to resume: no unfinished run of {model_name!r} under {root}")
         return candidates[-1]
     return root / datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
+
+
+def train(dataset: str, config: TrainConfig, resume: bool = False) -> TrainOutcome | NodeOutcome:
+    """Check the config, then run the flow on node 0 or this node's share of a multi-node job."""
+    ws = workspace.configure()
+    ws.dataset(dataset).require()
+    validate_name(config.register_as or dataset)
+    check_config(config)
+    if config.node_rank == 0:
+        return train_flow(dataset=dataset, config=config, resume=resume)
+    name = config.register_as or dataset
+    run_dir = run_directory(ws.home, name, resume) if resume else ws.home / "runs" / name / f"node-{config.node_rank}"
+    launch_distributed(str(ws.dataset(dataset).root), str(run_dir), config, "", resume)
+    return NodeOutcome(config.node_rank, str(run_dir))
 
 
 @task(name="start-run", cache_policy=NO_CACHE)
@@ -52,19 +92,16 @@ def fit_model(dataset_dir: str, run_dir: str, run_id: str, config: TrainConfig, 
     if config.distributed:
         return str(launch_distributed(dataset_dir, run_dir, config, run_id, resume))
     with reported_progress(f"training {config.model}", key="train-epochs") as progress:
-        def on_epoch(record: dict[str, float]) -> None:
+        def on_epoch(record: EpochRecord) -> None:
             tracking.log_epoch(run_id, record)
             progress(int(record["epoch"]), config.epochs)
 
         result = fit(config, dataset_dir, run_dir, resume=resume, on_epoch=on_epoch)
-    return str(result.save_summary(Path(run_dir) / "fit.json"))
+    return str(result.save())
 
 
 def launch_distributed(dataset_dir: str, run_dir: str, config: TrainConfig, run_id: str, resume: bool) -> Path:
     """Run `fit` in `nproc_per_node` processes per node with torchrun (DDP); rank 0 writes fit.json."""
-    import subprocess
-    import sys
-
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     config_file = Path(run_dir) / "ddp_config.json"
     write_json_atomic(config_file, config.model_dump(mode="json"))
@@ -90,26 +127,23 @@ def launch_distributed(dataset_dir: str, run_dir: str, config: TrainConfig, run_
 
 
 @task(name="evaluate-model", cache_policy=NO_CACHE)
-def evaluate_model(dataset_dir: str, run_dir: str, run_id: str, config: TrainConfig) -> dict[str, float]:
+def evaluate_model(dataset_dir: str, run_dir: str, run_id: str) -> dict[str, float]:
     """Test-split metrics and plots, logged to the run."""
     evaluation = evaluate_run(run_dir, dataset_dir, "test")
-    fit_summary = json.loads((Path(run_dir) / "fit.json").read_text())
-    policy = json.loads((Path(run_dir) / "contract.json").read_text())["policy"]
-    tracking.log_results(run_id, fit_summary, evaluation.metrics.flat(), evaluation.files, policy)
+    tracking.log_results(run_id, FitResult.load(run_dir), evaluation.metrics.flat(), evaluation.files)
     return evaluation.metrics.headline()
 
 
 @task(name="log-model", cache_policy=NO_CACHE)
 def log_model(dataset_dir: str, run_dir: str, run_id: str) -> str:
     """Log the pyfunc model (weights as a state_dict, the contract as metadata)."""
-    manifest = Dataset(dataset_dir).manifest()
-    example = manifest.loc[manifest["status"] == "ok", "path"].iloc[0]
+    example = Dataset(dataset_dir).usable()["path"].iloc[0]
     return tracking.log_model(run_id, Path(run_dir), example)
 
 
 @task(name="register-and-gate", cache_policy=NO_CACHE)
 def register_and_gate(model_uri: str, model_name: str, run_id: str, dataset_dir: str,
-                      config: TrainConfig) -> dict[str, object]:
+                      config: TrainConfig) -> GateDecision:
     """Register a version and decide @champion or @challenger against the current champion."""
     decision = registry.register_and_gate(model_uri, model_name, run_id, Dataset(dataset_dir), config.gate_metric,
                                           config.min_improvement)
@@ -117,12 +151,12 @@ def register_and_gate(model_uri: str, model_name: str, run_id: str, dataset_dir:
         f"## {decision.model} v{decision.version}: **@{decision.decision}**\n\n{decision.reason}\n",
         key="promotion-gate", description="Promotion gate decision",
     )
-    return decision.to_dict()
+    return decision
 
 
 @flow(name="train")
 def train_flow(dataset: str, config: TrainConfig | None = None, resume: bool = False,
-               home: str | None = None) -> dict[str, object]:
+               home: str | None = None) -> TrainOutcome:
     """Train a classifier on DATASET, track it in MLflow, register it and gate its promotion."""
     ws = workspace.configure(home)
     config = config or TrainConfig()
@@ -132,11 +166,10 @@ def train_flow(dataset: str, config: TrainConfig | None = None, resume: bool = F
     run_dir = str(run_directory(ws.home, model_name, resume))
     run_id = start_run(dataset_dir, run_dir, config, model_name)
     fit_model(dataset_dir, run_dir, run_id, config, resume)
-    test_metrics = evaluate_model(dataset_dir, run_dir, run_id, config)
+    test_metrics = evaluate_model(dataset_dir, run_dir, run_id)
     model_uri = log_model(dataset_dir, run_dir, run_id)
     decision = register_and_gate(model_uri, model_name, run_id, dataset_dir, config)
     (Path(run_dir) / "done").write_text(run_id)
     create_table_artifact([{"metric": k, "test": round(v, 4)} for k, v in test_metrics.items()],
                           key="test-metrics", description=f"{model_name}: test metrics")
-    return {"run_id": run_id, "run_dir": run_dir, "model_uri": model_uri, "test_metrics": test_metrics,
-            "gate": decision}
+    return TrainOutcome(run_id, run_dir, model_uri, test_metrics, decision)

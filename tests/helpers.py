@@ -46,7 +46,7 @@ def pattern_dataset(folder: Path, per_class: int = 40, seed: int = 0, size: int 
     """Generate and ingest the pattern set into `folder/datasets/patterns`; return the dataset root."""
     source = write_patterns(folder / "pattern-src", per_class, seed)
     root = folder / "datasets" / "patterns"
-    ingest(source, root, IngestOptions(image_size=size, channels=1, workers=1, val_fraction=0.2, test_fraction=0.2))
+    ingest(source, root, IngestOptions(image_size=size, channels=1, decode_workers=1, val_fraction=0.2, test_fraction=0.2))
     return root
 
 

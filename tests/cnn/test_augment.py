@@ -68,7 +68,7 @@ def test_policy_that_changes_shape_is_refused(tmp_path: Path) -> None:
 
 def test_preview_grid(write_images: Callable[..., Path], tmp_path: Path) -> None:
     root = tmp_path / "datasets" / "pets"
-    ingest(write_images(per_class=8), root, IngestOptions(image_size=24, workers=1))
+    ingest(write_images(per_class=8), root, IngestOptions(image_size=24, decode_workers=1))
     out = preview_dataset(root, load_policy("photo"), tmp_path / "preview.png", rows=4, augmented=3)
     grid = Image.open(out)
     assert grid.size[0] == 4 + 4 * (128 + 4)

@@ -18,7 +18,7 @@ from cnn.report import build_report
 from cnn.sources import scan_source
 from tests.conftest import image_bytes
 
-OPTS = IngestOptions(image_size=16, channels=3, workers=1)
+OPTS = IngestOptions(image_size=16, channels=3, decode_workers=1)
 
 
 def _ingest(source: Path, tmp_path: Path, options: IngestOptions = OPTS) -> tuple[Dataset, dict[str, object]]:
@@ -49,7 +49,7 @@ def test_manifest_columns_and_split_distribution(write_images: Callable[..., Pat
     assert manifest["image_id"].str.fullmatch(r"[0-9a-f]{64}").all()
     assert set(manifest["split"]) == {"train", "val", "test"}
     assert set(manifest["format"]) == {"PNG"} and (manifest["width"] == 32).all()
-    assert stats["decoded"] == 40 and stats["reused"] == 0
+    assert stats.decoded == 40 and stats.reused == 0
 
 
 def test_cache_holds_the_decoded_pixels(write_images: Callable[..., Path], tmp_path: Path) -> None:
@@ -95,7 +95,7 @@ def test_manifest_listing_a_file_twice_ingests_it_once(write_images: Callable[..
     manifest = dataset.manifest()
     assert len(manifest) == 8 and manifest["path"].is_unique
     assert manifest.set_index("path").loc[paths[0], "label"] == "a"  # the first row wins
-    assert stats["skipped"] == 2
+    assert stats.skipped == 2
 
 
 def test_parquet_manifest_and_missing_file_is_a_reject(write_images: Callable[..., Path], tmp_path: Path) -> None:
@@ -144,7 +144,7 @@ def test_incremental_rerun_decodes_only_new_and_changed(write_images: Callable[.
     token = dataset.meta().cache_token
 
     _, stats = _ingest(src, tmp_path)
-    assert stats["decoded"] == 0 and stats["reused"] == 20
+    assert stats.decoded == 0 and stats.reused == 20
     assert dataset.meta().cache_token == token  # nothing changed: same cache file
 
     new = np.random.default_rng(9).integers(0, 256, (24, 32, 3), dtype=np.uint8)
@@ -153,7 +153,7 @@ def test_incremental_rerun_decodes_only_new_and_changed(write_images: Callable[.
     changed.write_bytes(image_bytes(np.zeros((24, 32, 3), np.uint8)))
     os.utime(changed, ns=(1, 1))
     _, stats = _ingest(src, tmp_path)
-    assert stats["decoded"] == 2 and stats["reused"] == 19
+    assert stats.decoded == 2 and stats.reused == 19
     manifest = dataset.manifest().set_index("path")
     assert len(manifest) == 21
     unchanged = first.drop(str(changed))
@@ -168,7 +168,7 @@ def test_changed_image_size_rebuilds_cache(write_images: Callable[..., Path], tm
     src = write_images(per_class=5)
     _ingest(src, tmp_path)
     dataset, stats = _ingest(src, tmp_path, OPTS.model_copy(update={"image_size": 24}))
-    assert stats["decoded"] == 10
+    assert stats.decoded == 10
     assert dataset.open_cache().images.shape[1:] == (24, 24, 3)
 
 

@@ -17,7 +17,7 @@ from cnn.train import NonFiniteLossError, fit
 from tests.helpers import pattern_dataset
 
 FAST = dict(model="small_cnn", model_options={"filters": [8, 16], "dense": 32}, batch_size=16, lr=3e-3,
-            warmup_epochs=0.5, workers=0)
+            warmup_epochs=0.5, loader_workers=0)
 
 
 @pytest.fixture(scope="module")

@@ -163,7 +163,7 @@ def _run_deployment(env: dict[str, str], name: str, parameters: dict) -> dict:
 def test_train_then_score_on_real_servers(stack: dict[str, str]) -> None:
     tmp = Path(stack["tmp"])
     pattern_dataset(Path(stack["CNN_HOME"]))
-    config = {"model_options": {"filters": [8, 16], "dense": 32}, "workers": 0, "epochs": 2, "batch_size": 16}
+    config = {"model_options": {"filters": [8, 16], "dense": 32}, "loader_workers": 0, "epochs": 2, "batch_size": 16}
     trained = _run_deployment(stack, "train/scheduled", {"dataset": "patterns", "config": config})
     logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in (tmp / "logs").glob("worker-*.log"))
     assert trained["state_type"] == "COMPLETED", logs
@@ -177,7 +177,7 @@ def test_train_then_score_on_real_servers(stack: dict[str, str]) -> None:
     assert denied.value.code == 401
 
     incoming = write_patterns(tmp / "incoming", per_class=2, seed=8)
-    scored = _run_deployment(stack, "score/nightly", {"source": str(incoming), "model": "patterns", "output": None})
+    scored = _run_deployment(stack, "score/nightly", {"source": str(incoming), "config": {"model": "patterns"}})
     assert scored["state_type"] == "COMPLETED"
 
     from sqlalchemy import create_engine, text

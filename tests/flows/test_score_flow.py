@@ -38,7 +38,7 @@ def home(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Iter
     workspace.configure()
     pattern_dataset(root / "home")
     config = root / "fast.yaml"
-    config.write_text("model_options: {filters: [8, 16], dense: 32}\nworkers: 0\nepochs: 3\nbatch_size: 16\n")
+    config.write_text("model_options: {filters: [8, 16], dense: 32}\nloader_workers: 0\nepochs: 3\nbatch_size: 16\n")
     result = runner.invoke(app, ["train", "--dataset", "patterns", "--config", str(config)])
     assert result.exit_code == 0, result.output
     yield root / "home"
@@ -267,7 +267,7 @@ def test_dask_local_cluster_scores_what_the_single_process_run_scores(home: Path
     single, dask = tmp_path / "single.parquet", tmp_path / "dask.parquet"
     base = ["score", str(folder), "--model", "patterns", "--shard-size", "4", "--top-k", "2"]
     assert runner.invoke(app, base + ["--output", str(single)]).exit_code == 0
-    result = runner.invoke(app, base + ["--output", str(dask), "--workers", "2"])
+    result = runner.invoke(app, base + ["--output", str(dask), "--dask-workers", "2"])
     assert result.exit_code == 0, result.output
     ignore = ["scored_at", "flow_run_id"]
     a = pd.read_parquet(single).drop(columns=ignore).sort_values("path").reset_index(drop=True)

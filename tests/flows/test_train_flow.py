@@ -28,7 +28,7 @@ def trained(prefect_server: None, cnn_home: Path, tmp_path: Path) -> Path:
     workspace.configure()
     pattern_dataset(cnn_home)
     config = tmp_path / "fast.yaml"
-    config.write_text("model_options: {filters: [8, 16], dense: 32}\nworkers: 0\nwarmup_epochs: 0.5\n")
+    config.write_text("model_options: {filters: [8, 16], dense: 32}\nloader_workers: 0\nwarmup_epochs: 0.5\n")
     result = runner.invoke(app, ["train", "--dataset", "patterns", "--config", str(config), *EPOCHS])
     assert result.exit_code == 0, result.output
     assert "@champion" in result.output and "no champion yet" in result.output
@@ -148,10 +148,10 @@ def test_ddp_two_cpu_processes_match_single_process_steps(prefect_server: None, 
 
     workspace.configure()
     root = pattern_dataset(cnn_home)
-    options = {"model_options": {"filters": [8, 16], "dense": 32}, "workers": 0, "epochs": 2, "batch_size": 16}
+    options = {"model_options": {"filters": [8, 16], "dense": 32}, "loader_workers": 0, "epochs": 2, "batch_size": 16}
     single = fit(TrainConfig(**options), root, tmp_path / "single")
     config = tmp_path / "ddp.yaml"
-    config.write_text("model_options: {filters: [8, 16], dense: 32}\nworkers: 0\nepochs: 2\nbatch_size: 16\n"
+    config.write_text("model_options: {filters: [8, 16], dense: 32}\nloader_workers: 0\nepochs: 2\nbatch_size: 16\n"
                       )
     result = runner.invoke(app, ["train", "--dataset", "patterns", "--config", str(config), "--nproc-per-node", "2"])
     assert result.exit_code == 0, result.output
@@ -175,7 +175,7 @@ def test_ddp_resume_continues_from_the_last_checkpoint(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
 
     def launch(epochs: int, resume: bool) -> dict:
-        cfg = TrainConfig(model_options={"filters": [8, 16], "dense": 32}, workers=0, epochs=epochs, batch_size=16)
+        cfg = TrainConfig(model_options={"filters": [8, 16], "dense": 32}, loader_workers=0, epochs=epochs, batch_size=16)
         (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
         logs = tmp_path / f"logs-{epochs}"
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",

@@ -1,0 +1,100 @@
+"""The one precision policy: which autocast dtype runs where, and when bf16 may replace fp32.
+
+Training, scoring, the MLflow model and the benchmarks all ask here, so the rule exists once:
+- training on CUDA with `amp`: bf16 where the GPU supports it, else fp16 with a grad scaler; CPU trains in fp32;
+- inference on CUDA: autocast (bf16, else fp16) unless fp32 is forced;
+- inference on CPU: `auto` uses bf16 only on CPUs with native bf16 and only when its top-1 labels agree with
+  fp32 on at least `BF16_MIN_AGREEMENT` of the model's validation images; `bf16` forces it and reports the
+  measured agreement; `fp32` forces full precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import numpy as np
+import torch
+
+from cnn.errors import UserError
+
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+BF16_MIN_AGREEMENT = 0.995
+_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The precision a run uses, why, and (on CPU) the measured bf16 agreement with fp32."""
+
+    name: Literal["fp32", "bf16", "fp16"]
+    reason: str
+    agreement: float | None = None
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype; None runs in full precision."""
+        return _DTYPES[self.name]
+
+    def describe(self) -> str:
+        measured = "" if self.agreement is None else f", bf16 top-1 agreement {self.agreement:.4f}"
+        return f"{self.name} ({self.reason}{measured})"
+
+
+def cpu_bf16_available() -> bool:
+    """Native bf16 on this CPU (AVX512-BF16 or AMX)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def cuda_autocast_dtype() -> torch.dtype:
+    """bf16 on GPUs that support it, else fp16."""
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def default_inference_dtype(device: torch.device) -> torch.dtype | None:
+    """Autocast on CUDA, full precision elsewhere: what a predictor starts with before a choice is made."""
+    return cuda_autocast_dtype() if device.type == "cuda" else None
+
+
+def training_amp(device: torch.device, enabled: bool) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
+    """Autocast dtype and grad scaler for training: mixed precision on CUDA only (fp16 needs the scaler)."""
+    if device.type != "cuda" or not enabled:
+        return None, torch.amp.GradScaler("cpu", enabled=False)
+    dtype = cuda_autocast_dtype()
+    return dtype, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+
+def choose_inference_precision(requested: str, device: torch.device,
+                               agreement: Callable[[], float | None]) -> PrecisionChoice:
+    """Apply the policy. `agreement` measures (or recalls) bf16's top-1 agreement with fp32; it is called only
+    when the answer depends on it, and returns None when there are no images to check on."""
+    if requested not in PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
+    if requested == "fp32":
+        return PrecisionChoice("fp32", "forced")
+    if device.type == "cuda":
+        if requested == "bf16":
+            if not torch.cuda.is_bf16_supported():
+                raise UserError("--precision bf16: this GPU does not support bf16; use auto (fp16) or fp32")
+            return PrecisionChoice("bf16", "forced, CUDA autocast")
+        return PrecisionChoice("bf16" if cuda_autocast_dtype() == torch.bfloat16 else "fp16", "CUDA autocast")
+    if requested == "auto" and not cpu_bf16_available():
+        return PrecisionChoice("fp32", "this CPU has no native bf16")
+    measured = agreement()
+    if requested == "bf16":
+        return PrecisionChoice("bf16", "forced", measured)
+    if measured is None:
+        return PrecisionChoice("fp32", "no validation images to check bf16 on")
+    if measured >= BF16_MIN_AGREEMENT:
+        return PrecisionChoice("bf16", f"agrees with fp32 on >= {BF16_MIN_AGREEMENT:.1%} of validation images", measured)
+    return PrecisionChoice("fp32", f"bf16 agrees with fp32 on < {BF16_MIN_AGREEMENT:.1%} of validation images", measured)
+
+
+def top1_agreement(reference: np.ndarray, other: np.ndarray) -> float:
+    """Share of rows whose argmax is the same in two probability arrays (0.0 for none)."""
+    if len(reference) == 0:
+        return 0.0
+    return float((reference.argmax(axis=1) == other.argmax(axis=1)).mean())

@@ -1,0 +1,48 @@
+"""`cnn demo`: the main job on generated data. The pipeline flow does the work (ingest -> train -> register ->
+score a fresh batch); this module only makes the data and names the outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cnn.config import ScoreConfig, TrainConfig
+from cnn.demo_data import DemoDataset, generate
+from cnn.ingest import IngestOptions
+from cnn.scoring import ScoringSummary
+from flows.pipeline import PipelineOutcome, pipeline_flow
+from flows.score import score_flow
+
+# The demo's recipe: 64 px grayscale, small_cnn for up to 30 epochs with early stopping.
+DEMO_INGEST = IngestOptions(image_size=64, channels=1)
+DEMO_TRAIN = TrainConfig(model="small_cnn", epochs=30, batch_size=32, lr=3e-3, policy="none", patience=10)
+
+
+@dataclass(frozen=True)
+class DemoOutcome:
+    """What the demo made and where the prediction tables are."""
+
+    data: DemoDataset
+    pipeline: PipelineOutcome
+    csv_run: ScoringSummary
+    parquet: Path
+    csv: Path
+    table: str
+
+
+def make_data(home: Path) -> tuple[DemoDataset, DemoDataset]:
+    """The xray training set and a fresh batch of 60 images (plus a duplicate and broken files) to score."""
+    return generate("xray", home / "demo" / "xray"), generate("xray", home / "incoming" / "xray-batch", n=60, seed=1)
+
+
+def run_demo(home: Path, data: DemoDataset, batch: DemoDataset) -> DemoOutcome:
+    """The pipeline flow into Parquet + SQLite, then the same batch into CSV (SQL rows upserted, never doubled)."""
+    table = f"sqlite:///{home / 'predictions.db'}#predictions"
+    parquet, csv = home / "predictions" / "xray.parquet", home / "predictions" / "xray.csv"
+    scoring = ScoreConfig(model="xray", output=str(parquet), table=table)
+    outcome = pipeline_flow(source=str(data.source), dataset="xray", incoming=str(batch.root / "images"),
+                            options=DEMO_INGEST, config=DEMO_TRAIN, scoring=scoring)
+    csv_run = score_flow(source=str(batch.root / "images"),
+                         config=scoring.model_copy(update={"model": outcome.score.model.split(" ")[0],
+                                                           "output": str(csv)}))
+    return DemoOutcome(data, outcome, csv_run, parquet, csv, table)

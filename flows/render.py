@@ -1,0 +1,88 @@
+"""What the CLI prints: tables of typed results, rendered with rich. Nothing here computes anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from cnn.dataset import Dataset
+from cnn.report import DatasetReport
+from cnn.scoring import ScoringSummary
+from flows.train import NodeOutcome, TrainOutcome
+
+console = Console(soft_wrap=True)
+
+
+def dataset_report(dataset_dir: Path) -> None:
+    """The class table, rejects, duplicates and where the files are."""
+    report = DatasetReport.load(dataset_dir)
+    table = Table(title=f"dataset {report.dataset}: images per class and split")
+    frame = report.class_table()
+    table.add_column("class")
+    for column in frame.columns:
+        table.add_column(str(column), justify="right")
+    for label, row in frame.iterrows():
+        table.add_row(str(label), *(str(v) for v in row), style="bold" if label == "total" else None)
+    console.print(table)
+    if report.rejects_by_reason:
+        rejects = Table(title=f"{report.rejected} rejected files")
+        rejects.add_column("reason")
+        rejects.add_column("files", justify="right")
+        for reason, n in report.rejects_by_reason.items():
+            rejects.add_row(reason, str(n))
+        console.print(rejects)
+    console.print(f"duplicates: {report.duplicate_sets} images appear more than once "
+                  f"({report.duplicate_files} extra files, kept in one split)")
+    for conflict in report.conflicting_duplicates:
+        console.print(f"[yellow]warning:[/] identical files with labels {conflict['labels']}: "
+                      f"{', '.join(map(str, conflict['paths']))}", highlight=False)  # type: ignore[call-overload]
+    if report.stats is not None:
+        console.print(f"decoded {report.stats.decoded} files, {report.stats.reused} unchanged since the last ingest")
+    ds = Dataset(dataset_dir)
+    console.print(f"manifest: {ds.manifest_path}\nreport:   {dataset_dir / 'report.md'}\ncache:    {ds.cache_dir}",
+                  highlight=False)
+
+
+def training(outcome: TrainOutcome | NodeOutcome) -> None:
+    """Test metrics and the gate's decision (or what a worker node did)."""
+    if isinstance(outcome, NodeOutcome):
+        console.print(f"node {outcome.node_rank} finished its part of the distributed training")
+        return
+    table = Table(title="test metrics")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in outcome.test_metrics.items():
+        table.add_row(key, f"{value:.4f}")
+    console.print(table)
+    gate = outcome.gate
+    colour = "green" if gate.decision == "champion" else "yellow"
+    console.print(f"registered [bold]{gate.model}[/] v{gate.version} -> [{colour}]@{gate.decision}[/]"
+                  f" ({gate.reason})", highlight=False)
+    console.print(f"MLflow run {outcome.run_id}; checkpoints in {outcome.run_dir}\n"
+                  f"open the MLflow UI with: cnn ui", highlight=False)
+
+
+def scoring(summary: ScoringSummary) -> None:
+    """Counts per label, rejects by kind, review count, and where the tables are."""
+    table = Table(title=f"scored with {summary.model} ({summary.precision})")
+    table.add_column("item")
+    table.add_column("count", justify="right")
+    for row in summary.rows():
+        table.add_row(str(row["item"]), str(row["count"]))
+    console.print(table)
+    console.print(f"{summary.predicted} predictions, {summary.rejected} rejects, {summary.skipped} already "
+                  f"scored; tables:\n  " + "\n  ".join(summary.tables), highlight=False)
+
+
+def sample_predictions(parquet: Path, n: int = 6) -> None:
+    """The first rows of a prediction file."""
+    view = Table(title="sample predictions")
+    for column in ("file", "label", "confidence", "needs_review", "model"):
+        view.add_column(column)
+    for row in pd.read_parquet(parquet).head(n).itertuples():
+        view.add_row(Path(str(row.path)).name, str(row.label), f"{row.confidence:.3f}", str(row.needs_review),
+                     f"{row.model_name} v{row.model_version}")
+    console.print(view)

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,18 @@ install: $(STAMP)
 demo: install
 	$(BIN)/cnn demo
 
-test: install
+# ruff (lint and format) and mypy (strict on cnn/), then the whole suite
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q
+
+# the edit-test loop: everything but the slow flow runs and the real-server end-to-end tests (under 90 s)
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not e2e"
 
 bench: install
 	$(BIN)/python bench/ingest.py

@@ -34,8 +34,16 @@ def load_xy(dataset: Dataset, split: str, classes: list[str]) -> tuple[np.ndarra
 
 def engine_scores(root: Path, work: Path, epochs: int, seed: int) -> tuple[float, float]:
     """Test accuracy and balanced accuracy of the default small_cnn trained by the engine (best val epoch)."""
-    cfg = TrainConfig(model="small_cnn", epochs=epochs, batch_size=32, lr=3e-3, policy="none", patience=10,
-                      loader_workers=0, seed=seed)
+    cfg = TrainConfig(
+        model="small_cnn",
+        epochs=epochs,
+        batch_size=32,
+        lr=3e-3,
+        policy="none",
+        patience=10,
+        loader_workers=0,
+        seed=seed,
+    )
     fit(cfg, root, work / f"run-{seed}")
     metrics = evaluate_run(work / f"run-{seed}", root).metrics
     return metrics.accuracy, metrics.balanced_accuracy
@@ -64,7 +72,8 @@ def main() -> None:
         linear = LogisticRegression(max_iter=2000, class_weight="balanced", C=0.1)
         linear.fit(x_train.reshape(len(x_train), -1) / 255.0, y_train)
         results["logistic regression, raw pixels"] = _scores(
-            y_test, linear.predict(x_test.reshape(len(x_test), -1) / 255.0))
+            y_test, linear.predict(x_test.reshape(len(x_test), -1) / 255.0)
+        )
         runs = [engine_scores(root, Path(tmp), args.epochs, seed) for seed in range(args.seeds)]
         for seed, run in enumerate(runs):
             results[f"small_cnn (engine), seed {seed}"] = run

@@ -89,16 +89,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         paths = make_jpegs(work / "src", args.n, args.width)
-        print(f"{args.n} JPEGs {args.width}x{args.width * 3 // 4} -> {args.size}px, "
-              f"{default_workers()} cores, best of {args.repeats}")
+        print(
+            f"{args.n} JPEGs {args.width}x{args.width * 3 // 4} -> {args.size}px, "
+            f"{default_workers()} cores, best of {args.repeats}"
+        )
         base = best_rate(lambda: sequential_pil(paths, args.size), args.n, args.repeats)
         rates = {
             "sequential PIL loop (baseline)": base,
             "engine decode (decode_many)": best_rate(lambda: engine_decode(paths, args.size), args.n, args.repeats),
-            "engine decode, forkserver workers (as under Prefect)":
-                best_rate(lambda: engine_decode_forkserver(paths, args.size), args.n, args.repeats),
-            "engine ingest (scan+decode+cache+split)":
-                best_rate(lambda: engine_ingest(work / "src", args.size, work), args.n, args.repeats),
+            "engine decode, forkserver workers (as under Prefect)": best_rate(
+                lambda: engine_decode_forkserver(paths, args.size), args.n, args.repeats
+            ),
+            "engine ingest (scan+decode+cache+split)": best_rate(
+                lambda: engine_ingest(work / "src", args.size, work), args.n, args.repeats
+            ),
         }
         width = max(map(len, rates))
         for name, rate in rates.items():

@@ -32,9 +32,10 @@ import torch
 from cnn.contract import ModelContract
 from cnn.decode import decode_file
 from cnn.demo_data import render_claim
-from cnn.inference import Predictor
+from cnn.inference import Predictor, bf16_agreement
 from cnn.models import create_model
-from cnn.scoring import ModelRef, bf16_agreement, cpu_bf16_available, score_files
+from cnn.precision import choose_inference_precision
+from cnn.scoring import ModelRef, ScoringInputs, ScoringOptions, plan_shards, score_shard
 from cnn.sinks import FileSink
 
 CLASSES = ["none", "scratch", "dent", "broken_glass"]
@@ -93,28 +94,25 @@ def fused(weights: Path, contract: Path, dtype: torch.dtype | None = None, compi
     return predictor.compiled() if compiled else predictor
 
 
-def engine_predictor(weights: Path, contract: Path, sample: np.ndarray,
-                     precision: str = "auto") -> tuple[Predictor, str, float]:
-    """The scoring engine's choice: channels_last, bf16 on native-bf16 CPUs when labels agree >= 99.5%
-    (`precision` bf16/fp32 forces it, as `cnn score --precision` does)."""
+def engine_predictor(
+    weights: Path, contract: Path, sample: np.ndarray, precision: str = "auto"
+) -> tuple[Predictor, str, float]:
+    """The scoring engine's choice through the one precision policy (`cnn score --precision` applies the same),
+    with the bf16 agreement measured on `sample` instead of the model's validation split."""
     predictor = fused(weights, contract)
-    if precision == "fp32" or (precision == "auto" and not cpu_bf16_available()):
-        return predictor, "fp32", float("nan")
-    agreement = bf16_agreement(predictor, sample)
-    if agreement >= 0.995 or precision == "bf16":
-        return predictor.with_precision(torch.bfloat16), "bf16", agreement
-    return predictor, "fp32", agreement
+    choice = choose_inference_precision(precision, predictor.device, lambda: bf16_agreement(predictor, sample))
+    agreement = float("nan") if choice.agreement is None else choice.agreement
+    return predictor.with_precision(choice.autocast_dtype), choice.name, agreement
 
 
 def run_engine(paths: list[str], predictor: Predictor, out: Path, shard: int = 256, batch: int = 64) -> float:
-    """Files -> decode workers -> batched inference -> Parquet (shards, then the atomic merge)."""
-    sink = FileSink(out)
+    """What `cnn score` runs, minus Prefect: plan (hash, duplicates), score each shard (decode workers, batched
+    inference, commit a Parquet part), then the atomic merge."""
+    sink, ref = FileSink(out), ModelRef("bench", "1", "")
     start = time.perf_counter()
-    ref = ModelRef("bench", "1", "")
-    for s in range(0, len(paths), shard):
-        files = pd.DataFrame({"path": paths[s:s + shard]})
-        preds, rejects = score_files(files, [], predictor, ref, "", batch, 3, 0.0)
-        sink.commit(s // shard, preds, rejects)
+    plan = plan_shards(ScoringInputs(pd.DataFrame({"path": paths}), []), [sink], ref, shard, out.parent)
+    for i in range(plan.shards):
+        score_shard(plan, i, predictor, ref, [sink], ScoringOptions(batch_size=batch))
     sink.finish()
     return len(paths) / (time.perf_counter() - start)
 
@@ -153,8 +151,18 @@ def pyfunc_loop(paths: list[str], weights: Path, contract: Path, work: Path) -> 
 
 def child_peak_rss(n: int, args: argparse.Namespace, work: Path) -> tuple[float, float]:
     """Run the engine on n images in a fresh process; return (images/s, peak RSS MiB of that process)."""
-    cmd = [sys.executable, __file__, "--child", str(n), "--work", str(work), "--model", args.model,
-           "--size", str(args.size)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        str(n),
+        "--work",
+        str(work),
+        "--model",
+        args.model,
+        "--size",
+        str(args.size),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, check=True)
     data = json.loads(result.stdout.strip().splitlines()[-1])
     return data["rate"], data["rss_mib"]
@@ -191,9 +199,11 @@ def main() -> None:
         weights, contract = make_model(work, args.model, args.size, images[128:384])
         plain = Predictor.load(weights, contract, "cpu")
         engine, precision, agreement = engine_predictor(weights, contract, images[:128], args.precision)
-        print(f"{args.model} at {args.size}px, 640x480 JPEGs, {torch.get_num_threads()} torch threads; "
-              f"engine precision {precision}{', compiled' if args.compile else ''} "
-              f"(bf16 top-1 agreement with fp32 on 128 images: {agreement:.4f})")
+        print(
+            f"{args.model} at {args.size}px, 640x480 JPEGs, {torch.get_num_threads()} torch threads; "
+            f"engine precision {precision}{', compiled' if args.compile else ''} "
+            f"(bf16 top-1 agreement with fp32 on 128 images: {agreement:.4f})"
+        )
 
         scoring, compile_seconds = engine, 0.0
         if args.compile:  # once per process (and faster again with inductor's on-disk cache warm)
@@ -205,8 +215,10 @@ def main() -> None:
         limit = forward_rate(scoring, images)
         by_hand = pyfunc_loop(paths[: args.pyfunc_n], weights, contract, work)
         fp32_nchw = forward_rate(plain, images)
-        paths_rates = {"fused channels_last fp32": forward_rate(fused(weights, contract), images),
-                       "fused channels_last bf16": forward_rate(fused(weights, contract, torch.bfloat16), images)}
+        paths_rates = {
+            "fused channels_last fp32": forward_rate(fused(weights, contract), images),
+            "fused channels_last bf16": forward_rate(fused(weights, contract, torch.bfloat16), images),
+        }
         if args.compile:
             for dtype, name in ((None, "fp32"), (torch.bfloat16, "bf16")):
                 paths_rates[f"compiled {name}"] = forward_rate(fused(weights, contract, dtype, True), images)
@@ -219,13 +231,19 @@ def main() -> None:
         for name, rate in rows:
             print(f"{name:<{width}}  {rate:8.1f} images/s")
         if args.compile:
-            print(f"compiling (first batch): {compile_seconds:.1f} s once per process; with it the engine run "
-                  f"above takes {args.n / end_to_end + compile_seconds:.1f} s instead of {args.n / end_to_end:.1f} s")
-        print(f"\nengine / (a) = {end_to_end / limit:.2f} (target >= 0.8); engine / (b) = {end_to_end / by_hand:.1f}x "
-              f"(target >= 3x)")
-        print(f"inference path, forward only: fp32 NCHW {fp32_nchw:.1f}/s; " + "; ".join(
-            f"{name} {rate:.1f}/s ({rate / fp32_nchw:.2f}x)" for name, rate in paths_rates.items())
-            + f"; engine's choice ({precision}) {limit / fp32_nchw:.2f}x")
+            print(
+                f"compiling (first batch): {compile_seconds:.1f} s once per process; with it the engine run "
+                f"above takes {args.n / end_to_end + compile_seconds:.1f} s instead of {args.n / end_to_end:.1f} s"
+            )
+        print(
+            f"\nengine / (a) = {end_to_end / limit:.2f} (target >= 0.8); engine / (b) = {end_to_end / by_hand:.1f}x "
+            f"(target >= 3x)"
+        )
+        print(
+            f"inference path, forward only: fp32 NCHW {fp32_nchw:.1f}/s; "
+            + "; ".join(f"{name} {rate:.1f}/s ({rate / fp32_nchw:.2f}x)" for name, rate in paths_rates.items())
+            + f"; engine's choice ({precision}) {limit / fp32_nchw:.2f}x"
+        )
         for n in (256, 1024) if args.precision == "auto" else ():
             rate, rss = child_peak_rss(n, args, work)
             print(f"peak RSS scoring {n:5d} images: {rss:7.1f} MiB  ({rate:.1f} images/s)")

@@ -33,8 +33,9 @@ BATCH = 64
 
 
 def engine(root: Path, work: Path, model: str, epochs: int, policy: str) -> float:
-    cfg = TrainConfig(model=model, epochs=epochs, batch_size=BATCH, policy=policy, patience=0,
-                      imbalance="none", grad_clip=None)
+    cfg = TrainConfig(
+        model=model, epochs=epochs, batch_size=BATCH, policy=policy, patience=0, imbalance="none", grad_clip=None
+    )
     result = fit(cfg, root, work / f"engine-{policy}")
     timed = result.history[1:]
     return sum(h["train_images_per_s"] for h in timed) / len(timed)
@@ -65,8 +66,9 @@ def in_memory(root: Path, model_name: str, epochs: int) -> float:
     split = load_split(dataset, "train", meta.classes)
     images = torch.from_numpy(split.read_images())
     mean, std = ModelContract.normalisation(meta.channels, False)
-    x_all = ((images.permute(0, 3, 1, 2).float() / 255) - torch.tensor(mean).view(1, -1, 1, 1)) / \
-        torch.tensor(std).view(1, -1, 1, 1)
+    x_all = ((images.permute(0, 3, 1, 2).float() / 255) - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(
+        std
+    ).view(1, -1, 1, 1)
     y_all = torch.from_numpy(split.labels)
     torch.manual_seed(0)
     model = create_model(model_name, len(meta.classes), meta.channels).to(memory_format=torch.channels_last)
@@ -86,12 +88,17 @@ def image_folder(root: Path, source: Path, model_name: str, epochs: int, augment
     train_paths = set(load_split(Dataset(root), "train", meta.classes).paths)
     steps = [transforms.Resize((meta.image_size, meta.image_size))]
     if augment:
-        steps += [transforms.RandomHorizontalFlip(), transforms.ColorJitter(0.2, 0.2, 0.2, 0.03),
-                  transforms.RandomPerspective(0.06, p=0.3), transforms.RandomApply([transforms.GaussianBlur(3)], p=0.2)]
+        steps += [
+            transforms.RandomHorizontalFlip(),
+            transforms.ColorJitter(0.2, 0.2, 0.2, 0.03),
+            transforms.RandomPerspective(0.06, p=0.3),
+            transforms.RandomApply([transforms.GaussianBlur(3)], p=0.2),
+        ]
     mean, std = ModelContract.normalisation(meta.channels, False)
     steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    folder = datasets.ImageFolder(str(source), transform=transforms.Compose(steps),
-                                  is_valid_file=lambda p: str(Path(p).resolve()) in train_paths)
+    folder = datasets.ImageFolder(
+        str(source), transform=transforms.Compose(steps), is_valid_file=lambda p: str(Path(p).resolve()) in train_paths
+    )
     loader = DataLoader(folder, batch_size=BATCH, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
     torch.manual_seed(0)
     model = create_model(model_name, len(meta.classes), meta.channels).to(memory_format=torch.channels_last)
@@ -112,23 +119,32 @@ def main() -> None:
         made = generate("claims", work / "src", n=args.n, size=args.source_width)
         root = work / "ds"
         ingest(made.source, root, IngestOptions(image_size=args.size, channels=3))
-        print(f"claims: {args.n} JPEGs {args.source_width}x{args.source_width * 3 // 4} -> {args.size}px RGB, {args.model}, batch {BATCH}, "
-              f"{torch.get_num_threads()} torch threads, timed epochs {args.epochs - 1}")
+        print(
+            f"claims: {args.n} JPEGs {args.source_width}x{args.source_width * 3 // 4} -> {args.size}px RGB, "
+            f"{args.model}, batch {BATCH}, "
+            f"{torch.get_num_threads()} torch threads, timed epochs {args.epochs - 1}"
+        )
         limit = in_memory(root, args.model, args.epochs)
         rows = [("(a) tensors in memory, no augmentation (limit)", limit, None)]
         off = engine(root, work, args.model, args.epochs, "none")
         folder_off = image_folder(root, made.source, args.model, args.epochs, False, args.workers)
-        rows += [("engine, augmentation off", off, None),
-                 (f"(b) ImageFolder + PIL, {args.workers} workers, no augmentation", folder_off, None)]
+        rows += [
+            ("engine, augmentation off", off, None),
+            (f"(b) ImageFolder + PIL, {args.workers} workers, no augmentation", folder_off, None),
+        ]
         on = engine(root, work, args.model, args.epochs, "photo")
         folder_on = image_folder(root, made.source, args.model, args.epochs, True, args.workers)
-        rows += [("engine, policy photo (2 workers)", on, None),
-                 (f"(b) ImageFolder + PIL, {args.workers} workers, similar augmentation", folder_on, None)]
+        rows += [
+            ("engine, policy photo (2 workers)", on, None),
+            (f"(b) ImageFolder + PIL, {args.workers} workers, similar augmentation", folder_on, None),
+        ]
         width = max(len(r[0]) for r in rows)
         for name, rate, _ in rows:
             print(f"{name:<{width}}  {rate:8.1f} images/s")
-        print(f"\naugmentation off: engine / (a) = {off / limit:.2f} (target >= 0.85); "
-              f"engine / (b) = {off / folder_off:.2f}x (target >= 1.5x)")
+        print(
+            f"\naugmentation off: engine / (a) = {off / limit:.2f} (target >= 0.85); "
+            f"engine / (b) = {off / folder_off:.2f}x (target >= 1.5x)"
+        )
         print(f"policy photo:     engine / (b) = {on / folder_on:.2f}x")
 
 

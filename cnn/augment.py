@@ -19,7 +19,7 @@ from cnn.errors import UserError
 
 # albumentations asks PyPI for a newer release when imported unless told not to: no network at run time.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-import albumentations as A  # noqa: E402
+import albumentations as A
 
 
 def _none() -> A.Compose:
@@ -28,22 +28,26 @@ def _none() -> A.Compose:
 
 def _xray() -> A.Compose:
     """Mild geometry and exposure changes; no flips (anatomy has a side) and no colour shifts."""
-    return A.Compose([
-        A.Affine(scale=(0.93, 1.07), translate_percent=(-0.04, 0.04), rotate=(-7, 7), p=0.7),
-        A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
-        A.CLAHE(clip_limit=(1.0, 2.0), tile_grid_size=(4, 4), p=0.3),
-    ])
+    return A.Compose(
+        [
+            A.Affine(scale=(0.93, 1.07), translate_percent=(-0.04, 0.04), rotate=(-7, 7), p=0.7),
+            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
+            A.CLAHE(clip_limit=(1.0, 2.0), tile_grid_size=(4, 4), p=0.3),
+        ]
+    )
 
 
 def _photo() -> A.Compose:
     """Phone and camera photos: flips, colour jitter, perspective, blur and JPEG artefacts."""
-    return A.Compose([
-        A.HorizontalFlip(p=0.5),
-        A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03, p=0.7),
-        A.Perspective(scale=(0.02, 0.06), p=0.3),
-        A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.MotionBlur(blur_limit=(3, 5))], p=0.2),
-        A.ImageCompression(quality_range=(50, 95), p=0.3),
-    ])
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=0.5),
+            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03, p=0.7),
+            A.Perspective(scale=(0.02, 0.06), p=0.3),
+            A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.MotionBlur(blur_limit=(3, 5))], p=0.2),
+            A.ImageCompression(quality_range=(50, 95), p=0.3),
+        ]
+    )
 
 
 PRESETS: dict[str, Callable[[], A.Compose]] = {"none": _none, "xray": _xray, "photo": _photo}
@@ -62,12 +66,13 @@ class Policy:
     transform: A.Compose
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        out = self.transform(image=image)["image"]
+        out = np.asarray(self.transform(image=image)["image"])
         return out if out.ndim == 3 else out[:, :, None]
 
     def to_dict(self) -> dict[str, Any]:
         """albumentations' own serialisation: what `A.from_dict` (and `load_policy` on a file) reads."""
-        return A.to_dict(self.transform)
+        serialised: dict[str, Any] = A.to_dict(self.transform)
+        return serialised
 
     def save(self, path: str | Path) -> Path:
         """Write the policy as YAML or JSON (by suffix) in albumentations' format."""
@@ -145,7 +150,11 @@ def validate_policy(policy: Policy, channels: int, size: int) -> None:
 
 
 def render_preview(
-    images: Sequence[np.ndarray], labels: Sequence[str], policy: Policy, augmented: int = 5, seed: int = 0,
+    images: Sequence[np.ndarray],
+    labels: Sequence[str],
+    policy: Policy,
+    augmented: int = 5,
+    seed: int = 0,
     cell: int = 128,
 ) -> Image.Image:
     """A grid: one row per image, the original first, then `augmented` samples of the policy."""
@@ -155,8 +164,9 @@ def render_preview(
     height = header + len(images) * (cell + pad + header) + pad
     grid = Image.new("RGB", (width, height), (32, 32, 32))
     draw = ImageDraw.Draw(grid)
-    draw.text((pad, 2), f"policy: {policy.name}   (left: original, then {augmented} augmented samples)",
-              fill=(230, 230, 230))
+    draw.text(
+        (pad, 2), f"policy: {policy.name}   (left: original, then {augmented} augmented samples)", fill=(230, 230, 230)
+    )
     for row, (image, label) in enumerate(zip(images, labels)):
         y = header + row * (cell + pad + header)
         draw.text((pad, y + 2), str(label), fill=(255, 210, 120))
@@ -183,8 +193,10 @@ def preview_dataset(
     validate_policy(policy, meta.channels, meta.image_size)
     ok = dataset.usable("train", distinct=True)
     rng = np.random.default_rng(seed)
-    picks = []
-    by_class = {label: group.sample(frac=1.0, random_state=int(rng.integers(2**31))) for label, group in ok.groupby("label")}
+    picks: list[Any] = []
+    by_class = {
+        label: group.sample(frac=1.0, random_state=int(rng.integers(2**31))) for label, group in ok.groupby("label")
+    }
     while len(picks) < rows and any(len(g) for g in by_class.values()):
         for label in sorted(by_class):
             if len(by_class[label]) and len(picks) < rows:

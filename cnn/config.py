@@ -88,7 +88,9 @@ class TrainConfig(FlowConfig):
     amp: bool = Field(True, description="mixed precision on CUDA (bf16 where supported, else fp16 + grad scaler)")
     channels_last: bool = True
     compile: bool = False
-    loader_workers: int | None = Field(None, ge=0, description="DataLoader workers; None = 0 without augmentation, else 2")
+    loader_workers: int | None = Field(
+        None, ge=0, description="DataLoader workers; None = 0 without augmentation, else 2"
+    )
     seed: int = 0
     # distributed data parallel (torchrun): processes per node, nodes, this node, rendezvous
     nproc_per_node: int = Field(1, ge=1)

@@ -47,8 +47,13 @@ class ModelContract:
 
     def decode_spec(self) -> DecodeSpec:
         """How to decode a file for this model: the same decoder and limits as the ingest it trained on."""
-        return DecodeSpec(channels=self.channels, size=self.image_size, resize=self.resize,  # type: ignore[arg-type]
-                          max_file_bytes=self.max_file_bytes, max_pixels=self.max_pixels)  # (validated there)
+        return DecodeSpec(  # channels and resize come from JSON as int and str; DecodeSpec validates both
+            channels=self.channels,  # type: ignore[arg-type]
+            size=self.image_size,
+            resize=self.resize,  # type: ignore[arg-type]
+            max_file_bytes=self.max_file_bytes,
+            max_pixels=self.max_pixels,
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write contract.json atomically."""
@@ -62,8 +67,9 @@ class ModelContract:
         return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
 
 
-def to_model_input(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
-                   channels_last: bool) -> torch.Tensor:
+def to_model_input(
+    batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device: torch.device, channels_last: bool
+) -> torch.Tensor:
     """uint8 NHWC batch -> normalised float NCHW on `device` (the one evaluation transform).
 
     The permuted NHWC batch already has the channels_last layout, so no copy is needed for it; the

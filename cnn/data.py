@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset as TorchDataset, Sampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
+from torch.utils.data import Dataset as TorchDataset
 
 from cnn.augment import Policy, policy_from_dict
 from cnn.dataset import Dataset
@@ -27,7 +28,7 @@ class SplitData:
 
     def read_images(self) -> np.ndarray:
         """The split's images, in row order, as one uint8 NHWC array read from the cache."""
-        return np.load(self.images_path, mmap_mode="r")[self.slots]
+        return np.asarray(np.load(self.images_path, mmap_mode="r")[self.slots])
 
 
 def load_split(dataset: Dataset, split: str, classes: list[str]) -> SplitData:
@@ -37,14 +38,16 @@ def load_split(dataset: Dataset, split: str, classes: list[str]) -> SplitData:
     index = dataset.open_cache(meta.cache_token).index()
     missing = [i for i in rows["image_id"] if i not in index]
     if missing:
-        raise UserError(f"dataset {dataset.name}: {len(missing)} images are missing from the cache; re-run `cnn ingest`")
+        raise UserError(
+            f"dataset {dataset.name}: {len(missing)} images are missing from the cache; re-run `cnn ingest`"
+        )
     images_path, _ = dataset.cache_paths(meta.cache_token)
     slots = np.array([index[i] for i in rows["image_id"]], dtype=np.int64)
     labels = np.array([classes.index(label) for label in rows["label"]], dtype=np.int64)
     return SplitData(str(images_path), slots, labels, rows["path"].tolist(), rows["image_id"].tolist())
 
 
-class CacheDataset(TorchDataset):
+class CacheDataset(TorchDataset[tuple[np.ndarray, int]]):
     """Items are (uint8 HWC image, label); batches come out as uint8 NHWC tensors."""
 
     def __init__(self, data: SplitData, policy: dict[str, Any] | None = None) -> None:
@@ -95,14 +98,28 @@ def _seed_worker(worker_id: int) -> None:
         info.dataset.reseed(int(torch.initial_seed() % 2**31))  # type: ignore[attr-defined]
 
 
-def make_loader(dataset: CacheDataset, batch_size: int, train: bool, workers: int,
-                sampler_weights: np.ndarray | None = None, sampler: Sampler | None = None) -> DataLoader:
+def make_loader(
+    dataset: CacheDataset,
+    batch_size: int,
+    train: bool,
+    workers: int,
+    sampler_weights: np.ndarray | None = None,
+    sampler: Sampler[int] | None = None,
+) -> DataLoader[tuple[np.ndarray, int]]:
     """A DataLoader over the cache; shuffled (or weighted-sampled, or by `sampler`) for training, in order otherwise."""
     if train and sampler_weights is not None:
-        sampler = WeightedRandomSampler(torch.as_tensor(sampler_weights, dtype=torch.double), len(dataset), replacement=True)
+        sampler = WeightedRandomSampler(sampler_weights.astype(np.float64).tolist(), len(dataset), replacement=True)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler, num_workers=workers,
-        collate_fn=_collate, worker_init_fn=_seed_worker, drop_last=False, pin_memory=torch.cuda.is_available(),
-        persistent_workers=bool(workers), prefetch_factor=4 if workers else None,
+        dataset,
+        batch_size=batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=_collate,  # type: ignore[arg-type]  # __getitems__ hands over a whole batch, not a list
+        worker_init_fn=_seed_worker,
+        drop_last=False,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=bool(workers),
+        prefetch_factor=4 if workers else None,
         multiprocessing_context=pool_context() if workers else None,
     )

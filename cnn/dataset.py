@@ -23,8 +23,19 @@ from cnn.errors import UserError
 
 SPLITS = ("train", "val", "test")  # the one list of splits, in this order everywhere
 MANIFEST_COLUMNS = [
-    "image_id", "path", "label", "split", "group", "width", "height", "format",
-    "status", "reason", "reject_kind", "size_bytes", "mtime_ns",
+    "image_id",
+    "path",
+    "label",
+    "split",
+    "group",
+    "width",
+    "height",
+    "format",
+    "status",
+    "reason",
+    "reject_kind",
+    "size_bytes",
+    "mtime_ns",
 ]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -104,7 +115,8 @@ class Dataset:
         """Raise a UserError naming the fix when the dataset has not been ingested."""
         if not self.exists():
             raise UserError(
-                f"dataset {self.name!r} not found under {self.root.parent}; run `cnn ingest SOURCE --dataset {self.name}` first"
+                f"dataset {self.name!r} not found under {self.root.parent}; "
+                f"run `cnn ingest SOURCE --dataset {self.name}` first"
             )
         return self
 
@@ -157,5 +169,4 @@ class ImageCache:
         slot = self.index().get(image_id)
         if slot is None:
             raise KeyError(image_id)
-        return self.images[slot]
-
+        return np.asarray(self.images[slot])

@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -142,14 +142,18 @@ def read_image_bytes(path: str | os.PathLike[str], spec: DecodeSpec) -> bytes:
 
 
 def _too_large(size: int, spec: DecodeSpec) -> DecodeError:
-    return DecodeError(RejectKind.TOO_LARGE, f"file too large: {size} bytes exceeds the {spec.max_file_bytes}-byte limit")
+    return DecodeError(
+        RejectKind.TOO_LARGE, f"file too large: {size} bytes exceeds the {spec.max_file_bytes}-byte limit"
+    )
 
 
 def check_decoder_settings() -> None:
     """Refuse to decode at all when a process-wide setting makes decoding unsafe (a setting, not a bad file)."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
-        raise UserError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set in this process, so truncated files would decode "
-                        "as if whole; unset it (the decoder rejects truncated files instead)")
+        raise UserError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set in this process, so truncated files would decode "
+            "as if whole; unset it (the decoder rejects truncated files instead)"
+        )
 
 
 def decode_bytes(data: bytes, spec: DecodeSpec) -> DecodedImage:
@@ -209,14 +213,16 @@ def _open_pillow(data: bytes, fmt: str, spec: DecodeSpec) -> tuple[Image.Image, 
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)  # animated GIF/WebP/TIFF: the first frame
         image.load()
-        image = ImageOps.exif_transpose(image)
-    return image, width, height
+        oriented: Image.Image = ImageOps.exif_transpose(image)
+    return oriented, width, height
 
 
 def _check_pixels(pixels: int, spec: DecodeSpec) -> None:
     if pixels > spec.pixel_limit:
-        raise DecodeError(RejectKind.DECOMPRESSION_BOMB,
-                          f"decompression bomb: {pixels} pixels exceeds the limit of {spec.pixel_limit}")
+        raise DecodeError(
+            RejectKind.DECOMPRESSION_BOMB,
+            f"decompression bomb: {pixels} pixels exceeds the limit of {spec.pixel_limit}",
+        )
 
 
 def _draft_jpeg(image: Image.Image, spec: DecodeSpec) -> None:
@@ -233,7 +239,7 @@ def _draft_jpeg(image: Image.Image, spec: DecodeSpec) -> None:
 def _open_dicom(data: bytes, spec: DecodeSpec) -> tuple[Image.Image, int, int]:
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import get_decoder
+    from pydicom.pixels import get_decoder  # type: ignore[attr-defined]  # public, not in pydicom's __all__
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
@@ -252,7 +258,8 @@ def _open_dicom(data: bytes, spec: DecodeSpec) -> tuple[Image.Image, int, int]:
         if not available:
             raise DecodeError(
                 RejectKind.MISSING_CODEC,
-                f"compressed DICOM ({syntax.name}) needs a codec plugin that is not installed (pylibjpeg or python-gdcm)",
+                f"compressed DICOM ({syntax.name}) needs a codec plugin that is not installed"
+                " (pylibjpeg or python-gdcm)",
             )
     pixels = np.asarray(ds.pixel_array)
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
@@ -267,17 +274,17 @@ def _open_dicom(data: bytes, spec: DecodeSpec) -> tuple[Image.Image, int, int]:
     return Image.fromarray(rgb[..., :3], mode="RGB"), cols, rows
 
 
-def _dicom_grayscale(pixels: np.ndarray, ds: object) -> np.ndarray:
+def _dicom_grayscale(pixels: np.ndarray, ds: Any) -> np.ndarray:
     """Modality LUT (rescale slope/intercept), then the VOI window, then 0..255."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut  # type: ignore[attr-defined]  # public, not in __all__
 
     values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
     center, width = _first_value(ds, "WindowCenter"), _first_value(ds, "WindowWidth")
     if center is not None and width is not None and width > 0:
         low = center - width / 2.0
         scaled = np.clip((values - low) / width, 0.0, 1.0) * 255.0
-        return np.rint(scaled).astype(np.uint8)
-    if "VOILUTSequence" in ds:  # type: ignore[operator]
+        return np.asarray(np.rint(scaled), dtype=np.uint8)
+    if "VOILUTSequence" in ds:
         values = np.asarray(apply_voi_lut(values, ds), dtype=np.float32)
     return _minmax_to_uint8(values)
 

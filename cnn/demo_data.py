@@ -56,10 +56,11 @@ def _pick_label(rng: np.random.Generator, classes: dict[str, float]) -> str:
 
 def _gaussian(h: int, w: int, cy: float, cx: float, sy: float, sx: float) -> np.ndarray:
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    return np.exp(-(((y - cy) / sy) ** 2 + ((x - cx) / sx) ** 2) / 2.0)
+    return np.asarray(np.exp(-(((y - cy) / sy) ** 2 + ((x - cx) / sx) ** 2) / 2.0), dtype=np.float32)
 
 
 # --- xray --------------------------------------------------------------------------------
+
 
 def render_xray(label: str, rng: np.random.Generator, size: int = 128) -> np.ndarray:
     """One chest-X-ray-like image as float32 in [0, 1] (H, W)."""
@@ -85,15 +86,19 @@ def render_xray(label: str, rng: np.random.Generator, size: int = 128) -> np.nda
             for _ in range(int(rng.integers(1, 3))):
                 r, t = np.sqrt(rng.uniform(0, 0.6)), rng.uniform(0, 2 * np.pi)
                 sigma = rng.uniform(0.018, 0.03) * w
-                img += rng.uniform(0.22, 0.35) * _gaussian(h, w, ly + r * ay * np.sin(t), lx + r * ax * np.cos(t), sigma, sigma)
+                img += rng.uniform(0.22, 0.35) * _gaussian(
+                    h, w, ly + r * ay * np.sin(t), lx + r * ax * np.cos(t), sigma, sigma
+                )
         else:
             oy, ox = ly + rng.uniform(0.1, 0.5) * ay, lx + rng.uniform(-0.3, 0.3) * ax
             blob = _gaussian(h, w, oy, ox, rng.uniform(0.1, 0.16) * h, rng.uniform(0.07, 0.11) * w)
             img += rng.uniform(0.18, 0.28) * blob * mask
     gain, offset = rng.uniform(0.8, 1.15), rng.uniform(-0.08, 0.08)
-    img = img * gain + offset + rng.normal(0, 0.04, img.shape)
-    img = np.asarray(Image.fromarray(np.clip(img * 255, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.8)))
-    return np.clip(img.astype(np.float32) / 255.0 + rng.normal(0, 0.015, img.shape), 0, 1)
+    noisy = img * gain + offset + rng.normal(0, 0.04, img.shape)
+    blurred = np.asarray(
+        Image.fromarray(np.clip(noisy * 255, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.8))
+    )
+    return np.clip(blurred.astype(np.float32) / 255.0 + rng.normal(0, 0.015, blurred.shape), 0, 1)
 
 
 def _write_dicom(path: Path, image: np.ndarray, monochrome1: bool, index: int) -> None:
@@ -176,6 +181,7 @@ def _write_corrupt_files(images: Path, rows: list[tuple[str, str, str]]) -> int:
 
 # --- claims ------------------------------------------------------------------------------
 
+
 def render_claim(label: str, rng: np.random.Generator, size: tuple[int, int] = (160, 120)) -> Image.Image:
     """One vehicle-photo-like RGB image with the given damage."""
     w, h = size
@@ -231,7 +237,9 @@ def _dent(draw: ImageDraw.ImageDraw, img: Image.Image, rng: np.random.Generator,
     img.paste(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)))
 
 
-def _broken_glass(draw: ImageDraw.ImageDraw, img: Image.Image, rng: np.random.Generator, body: Box, window: Box) -> None:
+def _broken_glass(
+    draw: ImageDraw.ImageDraw, img: Image.Image, rng: np.random.Generator, body: Box, window: Box
+) -> None:
     wx0, wy0, wx1, wy1 = window
     cx, cy = rng.uniform(wx0 + 3, wx1 - 3), rng.uniform(wy0 + 2, wy1 - 2)
     for angle in rng.uniform(0, 2 * np.pi, int(rng.integers(4, 8))):
@@ -242,7 +250,10 @@ def _broken_glass(draw: ImageDraw.ImageDraw, img: Image.Image, rng: np.random.Ge
 
 
 _DAMAGE: dict[str, Callable[..., None]] = {
-    "none": _no_damage, "scratch": _scratch, "dent": _dent, "broken_glass": _broken_glass,
+    "none": _no_damage,
+    "scratch": _scratch,
+    "dent": _dent,
+    "broken_glass": _broken_glass,
 }
 
 

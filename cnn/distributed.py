@@ -20,8 +20,9 @@ class Dist:
 
     @classmethod
     def from_env(cls) -> Dist:
-        return cls(int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
+        return cls(
+            int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+        )
 
     @property
     def enabled(self) -> bool:
@@ -59,7 +60,8 @@ class Dist:
             return total / max(count, 1), count
         t = torch.tensor([total, float(count)], dtype=torch.float64)
         torch_dist.all_reduce(t)
-        return float(t[0] / max(t[1], 1)), int(t[1])
+        total_sum, count_sum = float(t[0]), int(t[1])
+        return total_sum / max(count_sum, 1), count_sum
 
     def any(self, flag: bool) -> bool:
         if not self.enabled:

@@ -36,8 +36,14 @@ class Predictor:
     _compile_failed: bool = field(default=False, init=False, repr=False)
 
     @classmethod
-    def load(cls, weights: str | Path, contract: str | Path | ModelContract, device: str = "cpu",
-             channels_last: bool = False, fuse: bool = False) -> Predictor:
+    def load(
+        cls,
+        weights: str | Path,
+        contract: str | Path | ModelContract,
+        device: str = "cpu",
+        channels_last: bool = False,
+        fuse: bool = False,
+    ) -> Predictor:
         """Rebuild the network from the contract and load a state_dict (weights_only: no pickled objects).
 
         It starts with the precision policy's default (autocast on CUDA, fp32 elsewhere; see `with_precision`).
@@ -51,7 +57,7 @@ class Predictor:
             model = _fuse_conv_bn(model)
         torch_device = resolve_device(device)
         memory = torch.channels_last if channels_last else torch.contiguous_format
-        model = model.to(torch_device, memory_format=memory)
+        model = model.to(torch_device).to(memory_format=memory)
         return cls(model, contract, torch_device, channels_last, default_inference_dtype(torch_device))
 
     def with_precision(self, dtype: torch.dtype | None) -> Predictor:
@@ -69,16 +75,21 @@ class Predictor:
         return self._compile_failed
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor
         if self.compile and not self._compile_failed:
             try:
                 if self._compiled is None:
-                    self._compiled = torch.compile(self.model, dynamic=False, options={"freezing": True})
-                return self._compiled(x)
+                    self._compiled = torch.compile(  # type: ignore[assignment]  # a callable wrapping the module
+                        self.model, dynamic=False, options={"freezing": True}
+                    )
+                out = self._compiled(x)  # type: ignore[misc]  # set just above
+                return out
             except Exception as exc:  # noqa: BLE001 - compiler and backend errors vary; eager always works
                 first = (str(exc).strip().splitlines() or [""])[0][:200]
                 _log.warning("torch.compile failed (%s: %s); predicting without it", type(exc).__name__, first)
                 self._compile_failed = True
-        return self.model(x)
+        out = self.model(x)
+        return out
 
     @property
     def prob_columns(self) -> list[str]:
@@ -91,12 +102,14 @@ class Predictor:
         out = []
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
+                batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
                 n = len(batch)
                 if self.compile and n < batch_size:  # one input shape, one compilation
                     batch = torch.cat([batch, batch[:1].expand(batch_size - n, *batch.shape[1:])])
                 x = to_model_input(batch, mean, std, self.device, self.channels_last)
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                with torch.autocast(
+                    self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+                ):
                     logits = self._forward(x)[:n]
                 out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.contract.classes)), dtype=np.float32)

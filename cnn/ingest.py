@@ -49,8 +49,9 @@ class IngestOptions(FlowConfig):
         return int(self.max_file_mb * 1024 * 1024)
 
     def decode_spec(self) -> DecodeSpec:
-        return DecodeSpec(channels=self.channels, size=self.image_size, resize=self.resize,
-                          max_file_bytes=self.max_file_bytes)
+        return DecodeSpec(
+            channels=self.channels, size=self.image_size, resize=self.resize, max_file_bytes=self.max_file_bytes
+        )
 
     def fractions(self) -> SplitFractions:
         return SplitFractions(val=self.val_fraction, test=self.test_fraction)
@@ -123,6 +124,7 @@ class IngestStats:
 
 # --- stage 1: scan ---------------------------------------------------------------------------
 
+
 def stage_scan(source: str | Path, dataset_dir: Path, options: IngestOptions) -> Path:
     """List the source's files into staging/scan.parquet; raise UserError for an unusable source."""
     validate_name(Path(dataset_dir).name)
@@ -139,6 +141,7 @@ def stage_scan(source: str | Path, dataset_dir: Path, options: IngestOptions) ->
 
 # --- stage 2: decode -------------------------------------------------------------------------
 
+
 def stage_decode(dataset_dir: Path, options: IngestOptions, progress: ProgressFn | None = None) -> Path:
     """Decode new or changed files into a new cache; write staging/decoded.parquet."""
     dataset, staging = Dataset(dataset_dir), staging_dir(dataset_dir)
@@ -146,8 +149,9 @@ def stage_decode(dataset_dir: Path, options: IngestOptions, progress: ProgressFn
     previous, old_cache, old_token = _previous_state(dataset, options)
     old_index = old_cache.index()
     reuse_mask, reused = _reusable_rows(files, previous, old_index)
-    known = {r.image_id: (r.width, r.height, r.format) for r in usable_rows(previous).itertuples()
-             if r.image_id in old_index}
+    known = {
+        r.image_id: (r.width, r.height, r.format) for r in usable_rows(previous).itertuples() if r.image_id in old_index
+    }
     todo = files.loc[~reuse_mask, "path"].tolist()
 
     builder = _CacheBuilder(dataset, old_cache, options, capacity=len(todo))
@@ -224,7 +228,7 @@ class _CacheBuilder:
         images_path.parent.mkdir(parents=True, exist_ok=True)
         total = len(self.kept) + self.capacity
         images = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(total, *shape))
-        for slot, (image_id, old_slot) in enumerate(self.kept.items()):
+        for slot, old_slot in enumerate(self.kept.values()):
             images[slot] = self.old.images[old_slot]
         return images
 
@@ -237,7 +241,7 @@ class _CacheBuilder:
                 return ""
             spec = self.options
             self.images = self._allocate((spec.image_size, spec.image_size, spec.channels))
-        self.images.flush()
+        self.images.flush()  # type: ignore[attr-defined]  # an open_memmap
         ids = np.full(self.images.shape[0], "", dtype="<U64")
         ids[: len(self.kept) + len(self.new_ids)] = list(self.kept) + self.new_ids
         _, ids_path = self.dataset.cache_paths(self.token)
@@ -252,8 +256,7 @@ def _decoded_frame(
     """One row per scanned file with the decode results, in scan order."""
     result_cols = ["image_id", "width", "height", "format", "status", "reason", "reject_kind"]
     fresh_frame = pd.DataFrame(
-        [(o.path, o.image_id, o.width, o.height, o.format, o.status, o.reason, o.kind and o.kind.value)
-         for o in fresh],
+        [(o.path, o.image_id, o.width, o.height, o.format, o.status, o.reason, o.kind and o.kind.value) for o in fresh],
         columns=["path", *result_cols],
     )
     results = pd.concat([reused[["path", *result_cols]], fresh_frame], ignore_index=True)
@@ -262,6 +265,7 @@ def _decoded_frame(
 
 
 # --- stage 3: split --------------------------------------------------------------------------
+
 
 def stage_split(dataset_dir: Path, options: IngestOptions) -> Path:
     """Assign train/val/test; write staging/manifest.parquet. Raise UserError for unusable data."""
@@ -313,6 +317,7 @@ def _fixed_and_allowed(
 
 # --- stage 4: commit -------------------------------------------------------------------------
 
+
 def commit_dataset(dataset_dir: Path, options: IngestOptions) -> Path:
     """Publish the staged manifest and cache: manifest first, dataset.json (the commit point) last."""
     dataset, staging = Dataset(dataset_dir), staging_dir(dataset_dir)
@@ -322,11 +327,20 @@ def commit_dataset(dataset_dir: Path, options: IngestOptions) -> Path:
     with atomic_path(dataset.manifest_path) as tmp:
         manifest.to_parquet(tmp, index=False)
     meta = DatasetMeta(
-        name=dataset.name, source=scan.source, layout=scan.layout, image_size=options.image_size,
-        channels=options.channels, resize=options.resize, seed=options.seed,
-        val_fraction=options.val_fraction, test_fraction=options.test_fraction,
-        group_column=options.group_column, classes=classes, cache_token=token,
-        updated_at=datetime.now(UTC).isoformat(timespec="seconds"), max_file_bytes=options.max_file_bytes,
+        name=dataset.name,
+        source=scan.source,
+        layout=scan.layout,
+        image_size=options.image_size,
+        channels=options.channels,
+        resize=options.resize,
+        seed=options.seed,
+        val_fraction=options.val_fraction,
+        test_fraction=options.test_fraction,
+        group_column=options.group_column,
+        classes=classes,
+        cache_token=token,
+        updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        max_file_bytes=options.max_file_bytes,
     )
     write_json_atomic(dataset.meta_path, meta.__dict__)
     for stale in dataset.cache_dir.glob("*"):
@@ -349,7 +363,9 @@ def clear_staging(dataset_dir: Path) -> None:
 
 
 def ingest(
-    source: str | Path, dataset_dir: Path, options: IngestOptions | None = None,
+    source: str | Path,
+    dataset_dir: Path,
+    options: IngestOptions | None = None,
     progress: ProgressFn | None = None,
 ) -> Path:
     """Run every stage in this process (the library path, without an orchestrator), report included."""
@@ -362,4 +378,3 @@ def ingest(
     manifest = commit_dataset(dataset_dir, options)
     save_report(build_report(Path(dataset_dir), staged_stats(Path(dataset_dir))), Path(dataset_dir))
     return manifest
-

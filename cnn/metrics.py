@@ -9,7 +9,6 @@ from typing import Literal
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
-
 Metric = Literal["macro_f1", "balanced_accuracy", "accuracy", "auroc_macro"]  # what selects and gates models
 
 
@@ -38,8 +37,12 @@ class ClassificationMetrics:
 
     def headline(self) -> dict[str, float]:
         """The scalar metrics (for MLflow and tables)."""
-        out = {"accuracy": self.accuracy, "balanced_accuracy": self.balanced_accuracy, "macro_f1": self.macro_f1,
-               "ece": self.ece}
+        out = {
+            "accuracy": self.accuracy,
+            "balanced_accuracy": self.balanced_accuracy,
+            "macro_f1": self.macro_f1,
+            "ece": self.ece,
+        }
         if self.auroc_macro is not None:
             out["auroc_macro"] = self.auroc_macro
         if self.loss is not None:
@@ -69,8 +72,10 @@ class ClassificationMetrics:
         lines = [f"{'class':<20}{'precision':>10}{'recall':>10}{'f1':>8}{'specif.':>9}{'auroc':>8}{'support':>9}"]
         for name, m in self.per_class.items():
             auroc = f"{m.auroc:.3f}" if m.auroc is not None else "-"
-            lines.append(f"{name:<20}{m.precision:>10.3f}{m.recall:>10.3f}{m.f1:>8.3f}{m.specificity:>9.3f}"
-                         f"{auroc:>8}{m.support:>9}")
+            lines.append(
+                f"{name:<20}{m.precision:>10.3f}{m.recall:>10.3f}{m.f1:>8.3f}{m.specificity:>9.3f}"
+                f"{auroc:>8}{m.support:>9}"
+            )
         lines.append("")
         lines += [f"{k:<20}{v:.4f}" for k, v in self.headline().items()]
         return "\n".join(lines) + "\n"
@@ -89,14 +94,16 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     return float(ece)
 
 
-def compute_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[str],
-                    loss: float | None = None) -> ClassificationMetrics:
+def compute_metrics(
+    probs: np.ndarray, labels: np.ndarray, classes: list[str], loss: float | None = None
+) -> ClassificationMetrics:
     """All metrics for `probs` (N, C) against integer `labels` (N,)."""
     k = len(classes)
     pred = probs.argmax(axis=1)
     cm = confusion_matrix(labels, pred, labels=list(range(k)))
     precision, recall, f1, support = precision_recall_fscore_support(
-        labels, pred, labels=list(range(k)), zero_division=0)
+        labels, pred, labels=list(range(k)), zero_division=0
+    )
     per_class: dict[str, ClassMetrics] = {}
     aurocs = []
     total = cm.sum()
@@ -108,8 +115,9 @@ def compute_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[str],
         auroc = float(roc_auc_score(positives, probs[:, c])) if 0 < positives.sum() < len(labels) else None
         if auroc is not None:
             aurocs.append(auroc)
-        per_class[name] = ClassMetrics(float(precision[c]), float(recall[c]), float(f1[c]), specificity, auroc,
-                                       int(support[c]))
+        per_class[name] = ClassMetrics(
+            float(precision[c]), float(recall[c]), float(f1[c]), specificity, auroc, int(support[c])
+        )
     present = support > 0
     return ClassificationMetrics(
         accuracy=float((pred == labels).mean()) if len(labels) else 0.0,
@@ -117,5 +125,7 @@ def compute_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[str],
         macro_f1=float(np.mean(f1[present])) if present.any() else 0.0,
         auroc_macro=float(np.mean(aurocs)) if aurocs else None,
         ece=expected_calibration_error(probs, labels) if len(labels) else 0.0,
-        loss=loss, confusion=cm.tolist(), per_class=per_class,
+        loss=loss,
+        confusion=cm.tolist(),
+        per_class=per_class,
     )

@@ -17,7 +17,11 @@ from torch import nn
 from cnn.errors import UserError
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.1), "elu": nn.ELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
+    "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.1),
+    "elu": nn.ELU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
 }
 
 
@@ -47,8 +51,9 @@ def _entry(name: str) -> _Entry:
     return _REGISTRY[name]
 
 
-def create_model(name: str, num_classes: int, in_channels: int = 3, weights: str | Path | None = None,
-                 **kwargs: Any) -> nn.Module:
+def create_model(
+    name: str, num_classes: int, in_channels: int = 3, weights: str | Path | None = None, **kwargs: Any
+) -> nn.Module:
     """Build model `name` for `num_classes` classes and `in_channels` input channels."""
     entry = _entry(name)
     if num_classes < 2:
@@ -67,13 +72,24 @@ def freeze_backbone(model: nn.Module, name: str, frozen: bool = True) -> None:
 
 # --- small_cnn -----------------------------------------------------------------------------
 
+
 class SmallCNN(nn.Module):
     """conv -> [batch norm] -> activation -> pool -> dropout, repeated; flatten -> dense -> logits."""
 
-    def __init__(self, num_classes: int, in_channels: int = 3, filters: tuple[int, ...] = (16, 32, 64, 64),
-                 kernel_size: int = 3, padding: Literal["same", "valid"] = "same", stride: int = 1,
-                 activation: str = "relu", dropout: float = 0.1, batch_norm: bool = True, dense: int = 128,
-                 pool_size: int = 4) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        filters: tuple[int, ...] = (16, 32, 64, 64),
+        kernel_size: int = 3,
+        padding: Literal["same", "valid"] = "same",
+        stride: int = 1,
+        activation: str = "relu",
+        dropout: float = 0.1,
+        batch_norm: bool = True,
+        dense: int = 128,
+        pool_size: int = 4,
+    ) -> None:
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise UserError(f"unknown activation {activation!r}; choose one of: {', '.join(sorted(_ACTIVATIONS))}")
@@ -92,11 +108,17 @@ class SmallCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         # A fixed grid before flattening keeps the dense layer independent of the input size.
         self.pool = nn.AdaptiveAvgPool2d(pool_size)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(channels * pool_size**2, dense), _ACTIVATIONS[activation](),
-                                  nn.Dropout(dropout), nn.Linear(dense, num_classes))
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels * pool_size**2, dense),
+            _ACTIVATIONS[activation](),
+            nn.Dropout(dropout),
+            nn.Linear(dense, num_classes),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.features(x)))
+        logits: torch.Tensor = self.head(self.pool(self.features(x)))
+        return logits
 
 
 def _small_cnn(num_classes: int, in_channels: int, weights: str | Path | None = None, **kwargs: Any) -> nn.Module:
@@ -113,6 +135,7 @@ _REGISTRY["small_cnn"] = _Entry(_small_cnn, "head", pretrainable=False)
 
 # --- torchvision backbones -----------------------------------------------------------------
 
+
 def _torchvision(arch: str, stem: str, head: str) -> Callable[..., nn.Module]:
     def build(num_classes: int, in_channels: int, weights: str | Path | None = None, **kwargs: Any) -> nn.Module:
         import torchvision
@@ -124,7 +147,8 @@ def _torchvision(arch: str, stem: str, head: str) -> Callable[..., nn.Module]:
             model.load_state_dict(_load_local_weights(weights, arch))
         _adapt_stem(model, stem, in_channels)
         _replace_head(model, head, num_classes)
-        return model
+        built: nn.Module = model
+        return built
 
     return build
 
@@ -158,7 +182,7 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, last = path.rpartition(".")
     parent = _get(model, parent_path) if parent_path else model
     if last.isdigit():
-        parent[int(last)] = module  # type: ignore[index]
+        parent[int(last)] = module  # type: ignore[operator]  # Sequential supports item assignment
     else:
         setattr(parent, last, module)
 
@@ -169,12 +193,20 @@ def _adapt_stem(model: nn.Module, stem: str, in_channels: int) -> None:
     assert isinstance(conv, nn.Conv2d)
     if in_channels == conv.in_channels:
         return
-    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, conv.bias is not None)
+    new = nn.Conv2d(
+        in_channels,
+        conv.out_channels,
+        conv.kernel_size,  # type: ignore[arg-type]  # torch types it tuple[int, ...]; it holds two ints
+        conv.stride,  # type: ignore[arg-type]
+        conv.padding,  # type: ignore[arg-type]
+        conv.dilation,  # type: ignore[arg-type]
+        conv.groups,
+        conv.bias is not None,
+    )
     with torch.no_grad():
         mean = conv.weight.mean(dim=1, keepdim=True)
         new.weight.copy_(mean.repeat(1, in_channels, 1, 1) * (3 / in_channels))
-        if conv.bias is not None:
+        if conv.bias is not None and new.bias is not None:
             new.bias.copy_(conv.bias)
     _set(model, stem, new)
 

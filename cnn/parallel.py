@@ -95,8 +95,7 @@ def decode_many(
         return
     context = pool_context()
     chunksize = max(1, min(32, total // (workers * 8)))
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(spec, known_set)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(spec, known_set)) as pool:
         yield from _counted(pool.map(_decode_in_worker, paths, chunksize=chunksize), total, progress)
 
 

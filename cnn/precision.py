@@ -67,8 +67,9 @@ def training_amp(device: torch.device, enabled: bool) -> tuple[torch.dtype | Non
     return dtype, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
 
-def choose_inference_precision(requested: str, device: torch.device,
-                               agreement: Callable[[], float | None]) -> PrecisionChoice:
+def choose_inference_precision(
+    requested: str, device: torch.device, agreement: Callable[[], float | None]
+) -> PrecisionChoice:
     """Apply the policy. `agreement` measures (or recalls) bf16's top-1 agreement with fp32; it is called only
     when the answer depends on it, and returns None when there are no images to check on."""
     if requested not in PRECISIONS:
@@ -89,8 +90,12 @@ def choose_inference_precision(requested: str, device: torch.device,
     if measured is None:
         return PrecisionChoice("fp32", "no validation images to check bf16 on")
     if measured >= BF16_MIN_AGREEMENT:
-        return PrecisionChoice("bf16", f"agrees with fp32 on >= {BF16_MIN_AGREEMENT:.1%} of validation images", measured)
-    return PrecisionChoice("fp32", f"bf16 agrees with fp32 on < {BF16_MIN_AGREEMENT:.1%} of validation images", measured)
+        return PrecisionChoice(
+            "bf16", f"agrees with fp32 on >= {BF16_MIN_AGREEMENT:.1%} of validation images", measured
+        )
+    return PrecisionChoice(
+        "fp32", f"bf16 agrees with fp32 on < {BF16_MIN_AGREEMENT:.1%} of validation images", measured
+    )
 
 
 def top1_agreement(reference: np.ndarray, other: np.ndarray) -> float:

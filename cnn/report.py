@@ -61,25 +61,45 @@ class DatasetReport:
         from cnn.ingest import IngestStats
 
         stats = self.stats or IngestStats()
-        lines = [f"# Dataset report: {self.dataset}", "",
-                 f"{self.files} files: {self.ok} ok, {self.rejected} rejected; "
-                 f"{len(self.classes)} classes; layout {stats.layout or '?'}; "
-                 f"{stats.decoded} decoded, {stats.reused} unchanged.", "",
-                 "## Images per class and split", "", _markdown_table(self.class_table()), ""]
+        lines = [
+            f"# Dataset report: {self.dataset}",
+            "",
+            f"{self.files} files: {self.ok} ok, {self.rejected} rejected; "
+            f"{len(self.classes)} classes; layout {stats.layout or '?'}; "
+            f"{stats.decoded} decoded, {stats.reused} unchanged.",
+            "",
+            "## Images per class and split",
+            "",
+            _markdown_table(self.class_table()),
+            "",
+        ]
         if self.rejects_by_reason:
             lines += ["## Rejected files", "", "| reason | files |", "|---|---|"]
             lines += [f"| {r} | {n} |" for r, n in self.rejects_by_reason.items()] + [""]
-        lines += ["## Duplicates", "",
-                  f"{self.duplicate_sets} images appear more than once ({self.duplicate_files} extra files); "
-                  "copies always share a split.", ""]
+        lines += [
+            "## Duplicates",
+            "",
+            f"{self.duplicate_sets} images appear more than once ({self.duplicate_files} extra files); "
+            "copies always share a split.",
+            "",
+        ]
         for conflict in self.conflicting_duplicates:
-            lines.append(f"- conflicting labels {conflict['labels']} for identical files: {', '.join(conflict['paths'])}")
+            lines.append(
+                f"- conflicting labels {conflict['labels']} for identical files: "
+                f"{', '.join(map(str, conflict['paths']))}"  # type: ignore[call-overload]
+            )
         if stats.skipped:
-            lines += ["", f"{stats.skipped} files skipped: loose files beside the class folders, "
-                      "or manifest rows repeating a path."]
+            lines += [
+                "",
+                f"{stats.skipped} files skipped: loose files beside the class folders, "
+                "or manifest rows repeating a path.",
+            ]
         if stats.moved:
-            lines += ["", f"{stats.moved} files with a given split were moved so that a group or "
-                      "duplicate set stays in one split (test > val > train)."]
+            lines += [
+                "",
+                f"{stats.moved} files with a given split were moved so that a group or "
+                "duplicate set stays in one split (test > val > train).",
+            ]
         lines += ["", "## Source image sizes", "", "| | min | median | max |", "|---|---|---|---|"]
         for dim, s in self.size_stats.items():
             lines.append(f"| {dim} | {s['min']:.0f} | {s['median']:.0f} | {s['max']:.0f} |")
@@ -113,20 +133,32 @@ def build_report(dataset_dir: Path, stats: IngestStats | None = None) -> Dataset
     sizes = per_id.size()
     conflicts = [
         {"image_id": image_id, "labels": sorted(group["label"].unique()), "paths": group["path"].tolist()}
-        for image_id, group in per_id if group["label"].nunique() > 1
+        for image_id, group in per_id
+        if group["label"].nunique() > 1
     ]
     longer = np.maximum(ok["width"].to_numpy(), ok["height"].to_numpy())
-    buckets = {(f"{lo}-{hi - 1}" if hi < 10**9 else f"{lo}+"): int(((longer >= lo) & (longer < hi)).sum())
-               for lo, hi in _BUCKETS}
+    buckets = {
+        (f"{lo}-{hi - 1}" if hi < 10**9 else f"{lo}+"): int(((longer >= lo) & (longer < hi)).sum())
+        for lo, hi in _BUCKETS
+    }
     return DatasetReport(
-        dataset=dataset.name, files=len(manifest), ok=len(ok), rejected=len(rejected), classes=classes,
+        dataset=dataset.name,
+        files=len(manifest),
+        ok=len(ok),
+        rejected=len(rejected),
+        classes=classes,
         class_counts=class_counts,
         rejects_by_reason={str(r): int(n) for r, n in rejected["reason"].value_counts().items()},
         formats={str(f): int(n) for f, n in ok["format"].value_counts().items()},
-        duplicate_sets=int((sizes > 1).sum()), duplicate_files=int((sizes - 1).clip(lower=0).sum()),
+        duplicate_sets=int((sizes > 1).sum()),
+        duplicate_files=int((sizes - 1).clip(lower=0).sum()),
         conflicting_duplicates=conflicts,
-        size_stats={dim: {"min": float(ok[dim].min()), "median": float(ok[dim].median()),
-                          "max": float(ok[dim].max())} for dim in ("width", "height")} if len(ok) else {},
+        size_stats={
+            dim: {"min": float(ok[dim].min()), "median": float(ok[dim].median()), "max": float(ok[dim].max())}
+            for dim in ("width", "height")
+        }
+        if len(ok)
+        else {},
         size_buckets={k: v for k, v in buckets.items() if v},
         stats=stats,
     )

@@ -37,11 +37,15 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG's state as tensors and plain types (loadable with weights_only=True)."""
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "numpy_pos": int(np_state[2]), "python": [list(map(int, random.getstate()[1]))],
-            "python_version": int(random.getstate()[0]),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]  # legacy: a tuple
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "python": [list(map(int, random.getstate()[1]))],
+        "python_version": int(random.getstate()[0]),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

@@ -128,9 +128,11 @@ class ScoringSummary:
         """item/count rows, for the terminal table and the Prefect artifact."""
         rows: list[dict[str, object]] = [{"item": f"label {k}", "count": v} for k, v in sorted(self.labels.items())]
         rows += [{"item": f"rejected: {k}", "count": v} for k, v in sorted(self.rejects_by_kind.items())]
-        rows += [{"item": "needs review", "count": self.needs_review},
-                 {"item": "already scored (skipped)", "count": self.skipped},
-                 {"item": "images/s", "count": self.images_per_s}]
+        rows += [
+            {"item": "needs review", "count": self.needs_review},
+            {"item": "already scored (skipped)", "count": self.skipped},
+            {"item": "images/s", "count": self.images_per_s},
+        ]
         return rows
 
 
@@ -145,8 +147,10 @@ def list_inputs(source: str) -> ScoringInputs:
         reserved = set(OUTPUT_COLUMNS) | set(REJECT_COLUMNS) | {c for c in ids if c.startswith("prob_")}
         for column in ids:
             if not _ID_COLUMN.match(column) or column in reserved:
-                raise UserError(f"manifest column {column!r} cannot be carried to the output "
-                                "(use letters, digits and _, and avoid the output's own column names)")
+                raise UserError(
+                    f"manifest column {column!r} cannot be carried to the output "
+                    "(use letters, digits and _, and avoid the output's own column names)"
+                )
         files = table.copy()
         files["path"] = [str(p if Path(p).is_absolute() else path.parent / p) for p in files["path"].astype(str)]
         files[ids] = files[ids].astype(str)
@@ -190,8 +194,9 @@ def mark_duplicates(files: pd.DataFrame, predicted: dict[str, str] | None = None
     return files.assign(image_id=ids, duplicate_of=duplicate_of)
 
 
-def plan_shards(inputs: ScoringInputs, sinks: Sequence[Sink], model: ModelRef, shard_size: int,
-                run_dir: Path) -> ShardPlan:
+def plan_shards(
+    inputs: ScoringInputs, sinks: Sequence[Sink], model: ModelRef, shard_size: int, run_dir: Path
+) -> ShardPlan:
     """Drop the inputs every sink already holds for this version, resolve duplicates by content, number shards."""
     done: set[str] | None = None
     owners: dict[str, str] = {}
@@ -210,8 +215,9 @@ def plan_shards(inputs: ScoringInputs, sinks: Sequence[Sink], model: ModelRef, s
     return ShardPlan(str(plan), shards, len(files), len(inputs.files) - len(files), tuple(inputs.id_columns))
 
 
-def score_shard(plan: ShardPlan, shard: int, predictor: Predictor, model: ModelRef, sinks: Sequence[Sink],
-                options: ScoringOptions) -> ShardResult:
+def score_shard(
+    plan: ShardPlan, shard: int, predictor: Predictor, model: ModelRef, sinks: Sequence[Sink], options: ScoringOptions
+) -> ShardResult:
     """Score one shard of the plan and commit it to every sink (one transaction or one atomic part file each)."""
     files = plan.rows(shard)
     start = time.perf_counter()
@@ -219,7 +225,10 @@ def score_shard(plan: ShardPlan, shard: int, predictor: Predictor, model: ModelR
     for sink in sinks:
         sink.commit(shard, predictions, rejects)
     return ShardResult(
-        files=len(files), predicted=len(predictions), rejected=len(rejects), seconds=time.perf_counter() - start,
+        files=len(files),
+        predicted=len(predictions),
+        rejected=len(rejects),
+        seconds=time.perf_counter() - start,
         needs_review=int(predictions["needs_review"].sum()),
         labels={str(k): int(v) for k, v in predictions["label"].value_counts().items()},
         rejects_by_kind={str(k): int(v) for k, v in rejects["reject_kind"].value_counts().items()},
@@ -227,17 +236,21 @@ def score_shard(plan: ShardPlan, shard: int, predictor: Predictor, model: ModelR
     )
 
 
-def score_files(files: pd.DataFrame, id_columns: list[str], predictor: Predictor, model: ModelRef,
-                options: ScoringOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
+def score_files(
+    files: pd.DataFrame, id_columns: list[str], predictor: Predictor, model: ModelRef, options: ScoringOptions
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(prediction rows, reject rows), one row per input file. Rows that `mark_duplicates` marked
     (`duplicate_of`) become "duplicate" rejects without being decoded."""
     rejects: list[tuple[str, str, str, str]] = []
     ids_by_path = files[["path", *id_columns]]
     if "duplicate_of" in files.columns:
         marked = files["duplicate_of"].notna()
-        rejects += [(i, p, f"duplicate of {d} (same bytes, predicted once)", RejectKind.DUPLICATE.value)
-                    for i, p, d in zip(files.loc[marked, "image_id"], files.loc[marked, "path"],
-                                       files.loc[marked, "duplicate_of"])]
+        rejects += [
+            (i, p, f"duplicate of {d} (same bytes, predicted once)", RejectKind.DUPLICATE.value)
+            for i, p, d in zip(
+                files.loc[marked, "image_id"], files.loc[marked, "path"], files.loc[marked, "duplicate_of"]
+            )
+        ]
         files = files.loc[~marked].reset_index(drop=True)
     arrays: list[np.ndarray] = []
     kept: list[tuple[int, str]] = []
@@ -248,22 +261,38 @@ def score_files(files: pd.DataFrame, id_columns: list[str], predictor: Predictor
             kind = outcome.kind.value if outcome.kind else RejectKind.CORRUPT.value
             rejects.append((outcome.image_id, outcome.path, outcome.reason, kind))
         elif outcome.image_id in first_path:
-            rejects.append((outcome.image_id, outcome.path,
-                            f"duplicate of {first_path[outcome.image_id]} (same bytes, predicted once)",
-                            RejectKind.DUPLICATE.value))
+            rejects.append(
+                (
+                    outcome.image_id,
+                    outcome.path,
+                    f"duplicate of {first_path[outcome.image_id]} (same bytes, predicted once)",
+                    RejectKind.DUPLICATE.value,
+                )
+            )
         else:
             first_path[outcome.image_id] = outcome.path
             arrays.append(outcome.array)
             kept.append((i, outcome.image_id))
     classes = predictor.contract.classes
     probs = predictor.predict_arrays(np.stack(arrays), options.batch_size) if arrays else np.zeros((0, len(classes)))
-    stamp = {"model_name": model.name, "model_version": model.version, "run_id": model.run_id,
-             "scored_at": datetime.now(UTC), "flow_run_id": options.flow_run_id}
+    stamp = {
+        "model_name": model.name,
+        "model_version": model.version,
+        "run_id": model.run_id,
+        "scored_at": datetime.now(UTC),
+        "flow_run_id": options.flow_run_id,
+    }
     rows = files.iloc[[i for i, _ in kept]].reset_index(drop=True)
-    predictions = pd.DataFrame({"image_id": [image_id for _, image_id in kept], "path": rows["path"],
-                                **{column: rows[column] for column in id_columns}})
-    predictions = pd.concat([predictions, prediction_columns(probs, classes, options.top_k, options.review_below)],
-                            axis=1)
+    predictions = pd.DataFrame(
+        {
+            "image_id": [image_id for _, image_id in kept],
+            "path": rows["path"],
+            **{column: rows[column] for column in id_columns},
+        }
+    )
+    predictions = pd.concat(
+        [predictions, prediction_columns(probs, classes, options.top_k, options.review_below)], axis=1
+    )
     reject_frame = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
     if id_columns:
         reject_frame = reject_frame.merge(ids_by_path, on="path", how="left")
@@ -273,8 +302,9 @@ def score_files(files: pd.DataFrame, id_columns: list[str], predictor: Predictor
     return predictions, reject_frame
 
 
-def summarise(results: Sequence[ShardResult], plan: ShardPlan, model: ModelRef, seconds: float,
-              tables: list[str]) -> ScoringSummary:
+def summarise(
+    results: Sequence[ShardResult], plan: ShardPlan, model: ModelRef, seconds: float, tables: list[str]
+) -> ScoringSummary:
     """Combine the shards of a run into one summary."""
     labels: Counter[str] = Counter()
     kinds: Counter[str] = Counter()
@@ -286,8 +316,15 @@ def summarise(results: Sequence[ShardResult], plan: ShardPlan, model: ModelRef, 
         failed = any(r.compile_failed for r in results)
         precision += ", eager (torch.compile failed, see the log)" if failed else ", compiled"
     return ScoringSummary(
-        model=model.label, precision=precision, files=plan.files,
-        predicted=sum(r.predicted for r in results), rejected=sum(r.rejected for r in results),
-        skipped=plan.skipped, needs_review=sum(r.needs_review for r in results), seconds=seconds,
-        labels=dict(labels), rejects_by_kind=dict(kinds), tables=tables,
+        model=model.label,
+        precision=precision,
+        files=plan.files,
+        predicted=sum(r.predicted for r in results),
+        rejected=sum(r.rejected for r in results),
+        skipped=plan.skipped,
+        needs_review=sum(r.needs_review for r in results),
+        seconds=seconds,
+        labels=dict(labels),
+        rejects_by_kind=dict(kinds),
+        tables=tables,
     )

@@ -159,8 +159,12 @@ class SqlSink:
         existing = self._columns(name)
         if not existing:
             meta = MetaData()
-            Table(name, meta, *[Column(c, column_type(frame[c])) for c in frame.columns],
-                  UniqueConstraint(*key, name=f"uq_{name}_key"))
+            Table(
+                name,
+                meta,
+                *[Column(c, column_type(frame[c])) for c in frame.columns],
+                UniqueConstraint(*key, name=f"uq_{name}_key"),
+            )
             meta.create_all(self.engine)
             return
         with self.engine.begin() as conn:
@@ -200,7 +204,7 @@ class SqlSink:
         if dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert
         elif dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert
+            from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]  # same API, other dialect
         else:
             raise UserError(f"SQL sink supports SQLite and PostgreSQL, not {dialect}")
         records = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
@@ -221,4 +225,3 @@ def _sql_ready(frame: pd.DataFrame) -> pd.DataFrame:
 def redact(url: str) -> str:
     """Hide a password in a database URL."""
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
-

@@ -10,8 +10,16 @@ import pandas as pd
 
 from cnn.dataset import SPLITS
 from cnn.errors import UserError
-_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-                  "validation": "val", "test": "test", "testing": "test"}
+
+_SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 SOURCE_COLUMNS = ["path", "label", "split", "group", "size_bytes", "mtime_ns"]
 
@@ -95,8 +103,7 @@ def _scan_manifest(manifest: Path, group_column: str) -> SourceListing:
     missing = [c for c in ("path", "label") if c not in table.columns]
     if missing:
         raise UserError(
-            f"manifest {manifest} lacks column(s) {', '.join(missing)}; "
-            f"it has: {', '.join(map(str, table.columns))}"
+            f"manifest {manifest} lacks column(s) {', '.join(missing)}; it has: {', '.join(map(str, table.columns))}"
         )
     if group_column != "group" and group_column not in table.columns:
         raise UserError(f"manifest {manifest} has no group column {group_column!r}")
@@ -106,8 +113,14 @@ def _scan_manifest(manifest: Path, group_column: str) -> SourceListing:
     for i, (path, label, split, group) in enumerate(zip(table["path"], table["label"], splits, groups)):
         if _blank(path) or _blank(label):
             raise UserError(f"manifest {manifest} row {i + 2}: empty path or label")
-        rows.append(_row(_resolve(manifest.parent, str(path)), str(label).strip(),
-                         _parse_split(split, manifest, i), None if _blank(group) else str(group)))
+        rows.append(
+            _row(
+                _resolve(manifest.parent, str(path)),
+                str(label).strip(),
+                _parse_split(split, manifest, i),
+                None if _blank(group) else str(group),
+            )
+        )
     frame = _frame(rows)
     repeated = int(frame["path"].duplicated().sum())  # a file listed twice is ingested once (first row wins)
     return SourceListing(frame.drop_duplicates("path", ignore_index=True), "manifest", manifest.parent, repeated)
@@ -132,9 +145,7 @@ def _parse_split(value: object, manifest: Path, index: int) -> str | None:
         return None
     split = _SPLIT_ALIASES.get(str(value).strip().lower())
     if split is None:
-        raise UserError(
-            f"manifest {manifest} row {index + 2}: split {value!r} is not one of {', '.join(SPLITS)}"
-        )
+        raise UserError(f"manifest {manifest} row {index + 2}: split {value!r} is not one of {', '.join(SPLITS)}")
     return split
 
 
@@ -149,8 +160,14 @@ def _row(path: Path, label: str, split: str | None, group: str | None) -> dict[s
         size, mtime = int(stat.st_size), int(stat.st_mtime_ns)
     except OSError:
         size, mtime = -1, -1  # missing: the decoder reports it as a reject
-    return {"path": str(path.absolute()), "label": label, "split": split, "group": group,
-            "size_bytes": size, "mtime_ns": mtime}
+    return {
+        "path": str(path.absolute()),
+        "label": label,
+        "split": split,
+        "group": group,
+        "size_bytes": size,
+        "mtime_ns": mtime,
+    }
 
 
 def _frame(rows: list[dict[str, object]]) -> pd.DataFrame:

@@ -14,6 +14,7 @@ import pandas as pd
 
 from cnn.dataset import SPLITS
 from cnn.errors import UserError
+
 _PRIORITY = {"test": 0, "val": 1, "train": 2}  # where a unit's members disagree, evaluation wins
 
 
@@ -63,9 +64,7 @@ def find_units(image_ids: pd.Series, groups: pd.Series) -> np.ndarray:
     return np.array([find(i) for i in range(len(image_ids))], dtype=np.int64)
 
 
-def assign_splits(
-    rows: pd.DataFrame, fractions: SplitFractions, seed: int
-) -> tuple[pd.Series, int]:
+def assign_splits(rows: pd.DataFrame, fractions: SplitFractions, seed: int) -> tuple[pd.Series, int]:
     """Return each row's split and how many fixed rows moved to keep a unit in one split.
 
     `rows` needs columns image_id, label, group, fixed (a split or None) and allowed (a tuple of the
@@ -87,9 +86,7 @@ def assign_splits(
     return frame["unit"].map(unit_split).rename("split"), moved
 
 
-def _place_free_units(
-    frame: pd.DataFrame, unit_split: dict[int, str], fractions: SplitFractions, seed: int
-) -> None:
+def _place_free_units(frame: pd.DataFrame, unit_split: dict[int, str], fractions: SplitFractions, seed: int) -> None:
     """Greedy stratified placement of the units that have no fixed split, pool by pool."""
     rng = np.random.default_rng(seed)
     for allowed, pool in frame.groupby("allowed", sort=True):
@@ -113,7 +110,8 @@ def _place_free_units(
             labels = members_of[unit]["label"].tolist()
 
             def deficit(split: str, labels: list[str] = labels) -> float:
-                return sum(shares[split] * label_totals[lb] - counts[lb][split] for lb in labels)
+                total: float = sum(shares[split] * label_totals[lb] - counts[lb][split] for lb in labels)  # noqa: B023 - max() calls it at once
+                return total
 
             best = max(allowed, key=lambda s: (deficit(s), -SPLITS.index(s)))
             unit_split[unit] = best

@@ -35,8 +35,23 @@ from cnn.precision import training_amp
 from cnn.runtime import Runtime, resolve_device, rng_state, seed_everything, set_rng_state
 
 # Settings that must match for --resume to continue the same optimisation.
-_RESUME_KEYS = ("model", "model_options", "weights", "batch_size", "lr", "weight_decay", "optimizer", "momentum",
-                "schedule", "warmup_epochs", "label_smoothing", "imbalance", "policy", "seed", "freeze_epochs")
+_RESUME_KEYS = (
+    "model",
+    "model_options",
+    "weights",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "optimizer",
+    "momentum",
+    "schedule",
+    "warmup_epochs",
+    "label_smoothing",
+    "imbalance",
+    "policy",
+    "seed",
+    "freeze_epochs",
+)
 Stopped = Literal["completed", "early_stopping", "time_budget"]
 EpochRecord = dict[str, float]  # epoch, train_loss, lr, steps, epoch_seconds, train_images_per_s, val_*
 
@@ -70,8 +85,9 @@ class FitResult:
         """Read fit.json and contract.json of a run (the one reader of fit.json)."""
         run_dir = Path(run_dir)
         data = json.loads((run_dir / "fit.json").read_text(encoding="utf-8"))
-        data.update(run_dir=run_dir, weights=Path(data["weights"]),
-                    contract=ModelContract.load(run_dir / "contract.json"))
+        data.update(
+            run_dir=run_dir, weights=Path(data["weights"]), contract=ModelContract.load(run_dir / "contract.json")
+        )
         return cls(**data)
 
 
@@ -87,9 +103,15 @@ class TrainState:
 
     def to_checkpoint(self, parts: _Parts, cfg: TrainConfig) -> dict[str, Any]:
         """last.pt's content: weights, optimiser, schedule, scaler, every RNG, the config and this state."""
-        return {"model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
-                "scheduler": parts.scheduler.state_dict(), "scaler": parts.rt.scaler.state_dict(),
-                "rng": rng_state(), "config": cfg.model_dump(mode="json"), **asdict(self)}
+        return {
+            "model": parts.model.state_dict(),
+            "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(),
+            "scaler": parts.rt.scaler.state_dict(),
+            "rng": rng_state(),
+            "config": cfg.model_dump(mode="json"),
+            **asdict(self),
+        }
 
     @classmethod
     def from_checkpoint(cls, path: Path, cfg: TrainConfig, parts: _Parts) -> TrainState:
@@ -98,8 +120,10 @@ class TrainState:
         saved, current = checkpoint["config"], cfg.model_dump(mode="json")
         changed = [k for k in _RESUME_KEYS if saved.get(k) != current.get(k)]
         if changed:
-            raise UserError(f"cannot resume {path.parent}: the checkpoint was made with different "
-                            f"{', '.join(changed)}; resume with the same settings or start a new run")
+            raise UserError(
+                f"cannot resume {path.parent}: the checkpoint was made with different "
+                f"{', '.join(changed)}; resume with the same settings or start a new run"
+            )
         parts.model.load_state_dict(checkpoint["model"])
         parts.optimizer.load_state_dict(checkpoint["optimizer"])
         parts.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -122,8 +146,9 @@ class _Parts:
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=True)
+        return torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+        )
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -132,8 +157,9 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = min(total - 1, int(cfg.warmup_epochs * steps_per_epoch))
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total,
-                                                   pct_start=max(warmup / total, 0.05))
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=max(warmup / total, 0.05)
+        )
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -156,8 +182,9 @@ class EpochStats:
     out_of_time: bool
 
 
-def train_one_epoch(parts: _Parts, loader: DataLoader, grad_clip: float | None, epoch: int,
-                    deadline: float | None) -> EpochStats:
+def train_one_epoch(
+    parts: _Parts, loader: DataLoader[Any], grad_clip: float | None, epoch: int, deadline: float | None
+) -> EpochStats:
     """One pass over the training data (cut short when `deadline` passes)."""
     model, rt = parts.step_model, parts.rt
     model.train()
@@ -188,7 +215,7 @@ def train_one_epoch(parts: _Parts, loader: DataLoader, grad_clip: float | None, 
 
 
 @torch.inference_mode()
-def predict_probs(model: nn.Module, loader: DataLoader, rt: Runtime) -> tuple[np.ndarray, np.ndarray, float]:
+def predict_probs(model: nn.Module, loader: DataLoader[Any], rt: Runtime) -> tuple[np.ndarray, np.ndarray, float]:
     """Softmax probabilities, labels and mean cross-entropy over a loader, in order."""
     model.eval()
     probs, labels, loss_sum = [], [], 0.0
@@ -206,7 +233,7 @@ def predict_probs(model: nn.Module, loader: DataLoader, rt: Runtime) -> tuple[np
     return np.concatenate(probs), labels_np, loss_sum / len(labels_np)
 
 
-def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime, classes: list[str]) -> ClassificationMetrics:
+def evaluate(model: nn.Module, loader: DataLoader[Any], rt: Runtime, classes: list[str]) -> ClassificationMetrics:
     """Metrics of the model being trained on a loader (the per-epoch validation)."""
     probs, labels, loss = predict_probs(model, loader, rt)
     return compute_metrics(probs, labels, classes, loss)
@@ -226,9 +253,19 @@ class _Setup:
         self.policy = load_policy(cfg.policy)
         validate_policy(self.policy, meta.channels, meta.image_size)
         mean, std = ModelContract.normalisation(meta.channels, pretrained=cfg.weights is not None)
-        self.contract = ModelContract(cfg.model, self.classes, meta.channels, meta.image_size, meta.resize, mean, std,
-                                      cfg.model_options, self.policy.to_dict(), dataset.name,
-                                      max_file_bytes=meta.max_file_bytes)
+        self.contract = ModelContract(
+            cfg.model,
+            self.classes,
+            meta.channels,
+            meta.image_size,
+            meta.resize,
+            mean,
+            std,
+            cfg.model_options,
+            self.policy.to_dict(),
+            dataset.name,
+            max_file_bytes=meta.max_file_bytes,
+        )
         self.train: SplitData = load_split(dataset, "train", self.classes)
         self.val: SplitData = load_split(dataset, "val", self.classes)
         if len(self.train.slots) == 0:
@@ -245,8 +282,9 @@ class _Setup:
             if sampler is not None or cfg.freeze_epochs:
                 raise UserError("distributed training supports imbalance none/class_weights and no freeze_epochs")
             self.sampler = DistributedSampler(self.train_data, dist.world, dist.rank, shuffle=True, seed=cfg.seed)
-            self.train_loader = make_loader(self.train_data, cfg.batch_size // dist.world, True, workers,
-                                            sampler=self.sampler)
+            self.train_loader = make_loader(
+                self.train_data, cfg.batch_size // dist.world, True, workers, sampler=self.sampler
+            )
         else:
             self.train_loader = make_loader(self.train_data, cfg.batch_size, True, workers, sampler)
         self.val_loader = make_loader(CacheDataset(self.val), cfg.batch_size * 2, False, 0)
@@ -265,8 +303,13 @@ def check_config(cfg: TrainConfig) -> None:
     resolve_device(cfg.device)
 
 
-def fit(cfg: TrainConfig, dataset_root: str | Path, run_dir: str | Path, resume: bool = False,
-        on_epoch: Callable[[EpochRecord], None] | None = None) -> FitResult:
+def fit(
+    cfg: TrainConfig,
+    dataset_root: str | Path,
+    run_dir: str | Path,
+    resume: bool = False,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> FitResult:
     """Train `cfg.model` on an ingested dataset, checkpointing into `run_dir` every epoch."""
     dataset, run_dir = Dataset(dataset_root).require(), Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -286,13 +329,20 @@ def _build_parts(cfg: TrainConfig, setup: _Setup, device: torch.device) -> _Part
     model = create_model(cfg.model, len(setup.classes), setup.contract.channels, cfg.weights, **cfg.model_options)
     _check_input_size(model, cfg.model, setup.contract)
     amp_dtype, scaler = training_amp(device, cfg.amp)
-    model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-    rt = Runtime(device, torch.tensor(setup.contract.mean, device=device),
-                 torch.tensor(setup.contract.std, device=device), cfg.channels_last, amp_dtype, scaler)
+    model = model.to(device).to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    rt = Runtime(
+        device,
+        torch.tensor(setup.contract.mean, device=device),
+        torch.tensor(setup.contract.std, device=device),
+        cfg.channels_last,
+        amp_dtype,
+        scaler,
+    )
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, len(setup.train_loader))
-    loss_fn = nn.CrossEntropyLoss(weight=None if setup.loss_weight is None else setup.loss_weight.to(device),
-                                  label_smoothing=cfg.label_smoothing)
+    loss_fn = nn.CrossEntropyLoss(
+        weight=None if setup.loss_weight is None else setup.loss_weight.to(device), label_smoothing=cfg.label_smoothing
+    )
     return _Parts(model, model, optimizer, scheduler, loss_fn, rt)
 
 
@@ -303,8 +353,15 @@ def _wrap_for_steps(parts: _Parts, cfg: TrainConfig, dist: Dist, device: torch.d
     parts.step_model = step_model
 
 
-def _fit(cfg: TrainConfig, dataset: Dataset, run_dir: Path, resume: bool,
-         on_epoch: Callable[[EpochRecord], None] | None, dist: Dist, device: torch.device) -> FitResult:
+def _fit(
+    cfg: TrainConfig,
+    dataset: Dataset,
+    run_dir: Path,
+    resume: bool,
+    on_epoch: Callable[[EpochRecord], None] | None,
+    dist: Dist,
+    device: torch.device,
+) -> FitResult:
     seed_everything(cfg.seed)
     setup = _Setup(cfg, dataset, dist)
     parts = _build_parts(cfg, setup, device)
@@ -324,12 +381,23 @@ def _fit(cfg: TrainConfig, dataset: Dataset, run_dir: Path, resume: bool,
             stopped = _stop_reason(cfg, state, stats.out_of_time)
         if dist.broadcast(stopped != "completed"):  # every rank leaves the loop together
             break
-    return FitResult(run_dir, run_dir / "best.pt", setup.contract, state.best_epoch, state.best_score, state.epoch,
-                     stopped, state.history, str(device), dist.world)
+    return FitResult(
+        run_dir,
+        run_dir / "best.pt",
+        setup.contract,
+        state.best_epoch,
+        state.best_score,
+        state.epoch,
+        stopped,
+        state.history,
+        str(device),
+        dist.world,
+    )
 
 
-def _run_epoch(parts: _Parts, setup: _Setup, cfg: TrainConfig, dist: Dist, epoch: int,
-               deadline: float | None) -> tuple[float, EpochStats]:
+def _run_epoch(
+    parts: _Parts, setup: _Setup, cfg: TrainConfig, dist: Dist, epoch: int, deadline: float | None
+) -> tuple[float, EpochStats]:
     """Prepare the epoch (freezing, sampler epoch, augmentation seed) and train it; (seconds, stats)."""
     if not dist.enabled:
         freeze_backbone(parts.model, cfg.model, frozen=epoch < cfg.freeze_epochs)
@@ -344,12 +412,27 @@ def _run_epoch(parts: _Parts, setup: _Setup, cfg: TrainConfig, dist: Dist, epoch
     return time.perf_counter() - start, stats
 
 
-def end_of_epoch(parts: _Parts, setup: _Setup, state: TrainState, cfg: TrainConfig, epoch: int, train_loss: float,
-                 steps: int, images: int, seconds: float) -> EpochRecord:
+def end_of_epoch(
+    parts: _Parts,
+    setup: _Setup,
+    state: TrainState,
+    cfg: TrainConfig,
+    epoch: int,
+    train_loss: float,
+    steps: int,
+    images: int,
+    seconds: float,
+) -> EpochRecord:
     """Validate, record the epoch and update the best epoch and the patience counter (rank 0)."""
     val = evaluate(parts.model, setup.val_loader, parts.rt, setup.classes) if len(setup.val.slots) else None
-    record: EpochRecord = {"epoch": epoch + 1, "train_loss": train_loss, "lr": parts.optimizer.param_groups[0]["lr"],
-                           "steps": steps, "epoch_seconds": seconds, "train_images_per_s": images / max(seconds, 1e-9)}
+    record: EpochRecord = {
+        "epoch": epoch + 1,
+        "train_loss": train_loss,
+        "lr": parts.optimizer.param_groups[0]["lr"],
+        "steps": steps,
+        "epoch_seconds": seconds,
+        "train_images_per_s": images / max(seconds, 1e-9),
+    }
     if val is not None:
         record.update({f"val_{k}": v for k, v in val.headline().items()})
     score = None if val is None else val.score(cfg.monitor)
@@ -363,8 +446,9 @@ def end_of_epoch(parts: _Parts, setup: _Setup, state: TrainState, cfg: TrainConf
     return record
 
 
-def save_checkpoint(parts: _Parts, setup: _Setup, state: TrainState, cfg: TrainConfig, run_dir: Path,
-                    epoch: int) -> None:
+def save_checkpoint(
+    parts: _Parts, setup: _Setup, state: TrainState, cfg: TrainConfig, run_dir: Path, epoch: int
+) -> None:
     """best.pt when this epoch is the best so far, last.pt always, and the contract and config once (rank 0)."""
     if state.best_epoch == epoch + 1:
         _save(parts.model.state_dict(), run_dir / "best.pt")
@@ -395,7 +479,9 @@ def _check_input_size(model: nn.Module, name: str, contract: ModelContract) -> N
         with torch.no_grad():
             model(torch.zeros(1, contract.channels, contract.image_size, contract.image_size))
     except RuntimeError as exc:
-        raise UserError(f"model {name} with these options cannot take {contract.image_size}x{contract.image_size} "
-                        f"images ({exc}); use larger images, fewer layers, or stride 1") from None
+        raise UserError(
+            f"model {name} with these options cannot take {contract.image_size}x{contract.image_size} "
+            f"images ({exc}); use larger images, fewer layers, or stride 1"
+        ) from None
     finally:
         model.train(was_training)

@@ -21,14 +21,16 @@ def render_preview(dataset_dir: str, policy: str, out: str, rows: int, augmented
     path = preview_dataset(dataset_dir, load_policy(policy), out, rows, augmented, seed)
     create_markdown_artifact(
         f"Augmentation preview of policy `{policy}` on `{Path(dataset_dir).name}`: `{path}`",
-        key="augment-preview", description="Augmentation preview",
+        key="augment-preview",
+        description="Augmentation preview",
     )
     return str(path)
 
 
 @flow(name="augment")
-def augment_flow(dataset: str, policy: str, preview: str, rows: int = 6, augmented: int = 5,
-                 seed: int = 0, home: str | None = None) -> str:
+def augment_flow(
+    dataset: str, policy: str, preview: str, rows: int = 6, augmented: int = 5, seed: int = 0, home: str | None = None
+) -> str:
     """Check POLICY on DATASET and save a grid of originals beside augmented samples to PREVIEW."""
     dataset_dir = workspace.configure(home).dataset(dataset).require().root
     return render_preview(str(dataset_dir), policy, str(Path(preview).resolve()), rows, augmented, seed)

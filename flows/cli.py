@@ -74,8 +74,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Show the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
 ) -> None:
     """Batch image classification pipeline (Prefect flows, MLflow tracking)."""
 
@@ -89,32 +90,51 @@ def ingest(
     source: Annotated[Path, typer.Argument(help="Class folders, train/val/test folders, or a CSV/Parquet manifest.")],
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset name (folder under $CNN_HOME/datasets).")],
     config: ConfigFile = None,
-    image_size: Annotated[int | None, typer.Option(
-        help=_help(IngestOptions, "image_size", "Side of the square cached images, in pixels."))] = None,
-    channels: Annotated[Literal["1", "3"] | None, typer.Option(
-        help=_help(IngestOptions, "channels", "1 (grayscale) or 3 (RGB)."))] = None,
-    resize: Annotated[Literal["pad", "crop"] | None, typer.Option(
-        help=_help(IngestOptions, "resize", "pad (letterbox, keeps the whole image) or crop (centre)."))] = None,
-    val_fraction: Annotated[float | None, typer.Option(
-        help=_help(IngestOptions, "val_fraction", "Share of images for validation."))] = None,
-    test_fraction: Annotated[float | None, typer.Option(
-        help=_help(IngestOptions, "test_fraction", "Share of images for test."))] = None,
-    group_column: Annotated[str | None, typer.Option(
-        help=_help(IngestOptions, "group_column", "Manifest column holding the patient/claim id."))] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option(help=_help(IngestOptions, "image_size", "Side of the square cached images, in pixels.")),
+    ] = None,
+    channels: Annotated[
+        Literal["1", "3"] | None, typer.Option(help=_help(IngestOptions, "channels", "1 (grayscale) or 3 (RGB)."))
+    ] = None,
+    resize: Annotated[
+        Literal["pad", "crop"] | None,
+        typer.Option(help=_help(IngestOptions, "resize", "pad (letterbox, keeps the whole image) or crop (centre).")),
+    ] = None,
+    val_fraction: Annotated[
+        float | None, typer.Option(help=_help(IngestOptions, "val_fraction", "Share of images for validation."))
+    ] = None,
+    test_fraction: Annotated[
+        float | None, typer.Option(help=_help(IngestOptions, "test_fraction", "Share of images for test."))
+    ] = None,
+    group_column: Annotated[
+        str | None,
+        typer.Option(help=_help(IngestOptions, "group_column", "Manifest column holding the patient/claim id.")),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help=_help(IngestOptions, "seed", "Seed of the split draw."))] = None,
-    decode_workers: Annotated[int | None, typer.Option(
-        help=_help(IngestOptions, "decode_workers", "Decoding processes (0 = all cores)."))] = None,
-    max_file_mb: Annotated[float | None, typer.Option(
-        help=_help(IngestOptions, "max_file_mb", "Reject files larger than this many MiB."))] = None,
+    decode_workers: Annotated[
+        int | None, typer.Option(help=_help(IngestOptions, "decode_workers", "Decoding processes (0 = all cores)."))
+    ] = None,
+    max_file_mb: Annotated[
+        float | None, typer.Option(help=_help(IngestOptions, "max_file_mb", "Reject files larger than this many MiB."))
+    ] = None,
 ) -> None:
     """Ingest SOURCE: decode every image once, validate, split and cache it (Prefect flow `ingest`)."""
     from flows import render, workspace
     from flows.ingest import ingest_flow
 
-    options = IngestOptions.load(config, image_size=image_size, channels=None if channels is None else int(channels),
-                                 resize=resize, val_fraction=val_fraction, test_fraction=test_fraction,
-                                 group_column=group_column, seed=seed, decode_workers=decode_workers,
-                                 max_file_mb=max_file_mb)
+    options = IngestOptions.load(
+        config,
+        image_size=image_size,
+        channels=None if channels is None else int(channels),
+        resize=resize,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        group_column=group_column,
+        seed=seed,
+        decode_workers=decode_workers,
+        max_file_mb=max_file_mb,
+    )
     options.fractions()
     workspace.current().dataset(dataset)
     if not source.exists():
@@ -154,72 +174,135 @@ def train(
     epochs: Annotated[int | None, typer.Option(help=_help(TrainConfig, "epochs", "Number of epochs."))] = None,
     batch_size: Annotated[int | None, typer.Option(help=_help(TrainConfig, "batch_size", "Images per batch."))] = None,
     lr: Annotated[float | None, typer.Option(help=_help(TrainConfig, "lr", "Peak learning rate."))] = None,
-    policy: Annotated[str | None, typer.Option(
-        help=_help(TrainConfig, "policy", "Augmentation preset or albumentations YAML/JSON file."))] = None,
+    policy: Annotated[
+        str | None,
+        typer.Option(help=_help(TrainConfig, "policy", "Augmentation preset or albumentations YAML/JSON file.")),
+    ] = None,
     device: Annotated[str | None, typer.Option(help=_help(TrainConfig, "device", "auto, cpu, cuda or cuda:N."))] = None,
-    max_minutes: Annotated[float | None, typer.Option(
-        help=_help(TrainConfig, "max_minutes", "Stop after this many minutes (time budget)."))] = None,
+    max_minutes: Annotated[
+        float | None,
+        typer.Option(help=_help(TrainConfig, "max_minutes", "Stop after this many minutes (time budget).")),
+    ] = None,
     weights: Annotated[str | None, typer.Option(help="Local file of pretrained weights (never downloaded).")] = None,
     register_as: Annotated[str | None, typer.Option(help="Registered model name (default: the dataset name).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the latest interrupted run of this model.")] = False,
-    nproc_per_node: Annotated[int | None, typer.Option(
-        help=_help(TrainConfig, "nproc_per_node", "DDP processes on this node (torchrun)."))] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the latest interrupted run of this model.")
+    ] = False,
+    nproc_per_node: Annotated[
+        int | None, typer.Option(help=_help(TrainConfig, "nproc_per_node", "DDP processes on this node (torchrun)."))
+    ] = None,
     nnodes: Annotated[int | None, typer.Option(help=_help(TrainConfig, "nnodes", "Nodes in the DDP job."))] = None,
-    node_rank: Annotated[int | None, typer.Option(
-        help=_help(TrainConfig, "node_rank", "This node's rank (0 tracks, registers and gates)."))] = None,
-    master_addr: Annotated[str | None, typer.Option(
-        help=_help(TrainConfig, "master_addr", "Address of node 0 for the rendezvous."))] = None,
-    master_port: Annotated[int | None, typer.Option(
-        help=_help(TrainConfig, "master_port", "Port of node 0 for the rendezvous."))] = None,
+    node_rank: Annotated[
+        int | None,
+        typer.Option(help=_help(TrainConfig, "node_rank", "This node's rank (0 tracks, registers and gates).")),
+    ] = None,
+    master_addr: Annotated[
+        str | None, typer.Option(help=_help(TrainConfig, "master_addr", "Address of node 0 for the rendezvous."))
+    ] = None,
+    master_port: Annotated[
+        int | None, typer.Option(help=_help(TrainConfig, "master_port", "Port of node 0 for the rendezvous."))
+    ] = None,
 ) -> None:
     """Train a CNN, track it in MLflow, register a version and gate its promotion (Prefect flow `train`)."""
     from flows import render
     from flows.train import train as run_training
 
-    cfg = TrainConfig.load(config, model=model, epochs=epochs, batch_size=batch_size, lr=lr, policy=policy,
-                           device=device, max_minutes=max_minutes, weights=weights, register_as=register_as,
-                           nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
-                           master_addr=master_addr, master_port=master_port)
+    cfg = TrainConfig.load(
+        config,
+        model=model,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        policy=policy,
+        device=device,
+        max_minutes=max_minutes,
+        weights=weights,
+        register_as=register_as,
+        nproc_per_node=nproc_per_node,
+        nnodes=nnodes,
+        node_rank=node_rank,
+        master_addr=master_addr,
+        master_port=master_port,
+    )
     render.training(run_training(dataset, cfg, resume))
 
 
 @app.command()
 @_command
 def score(
-    source: Annotated[str, typer.Argument(help="Folder (recursive), glob, or CSV/Parquet manifest with a path column.")],
-    model: Annotated[str | None, typer.Option(
-        help="MODEL (= MODEL@champion), MODEL@alias or MODEL:version (required here or in --config).")] = None,
+    source: Annotated[
+        str, typer.Argument(help="Folder (recursive), glob, or CSV/Parquet manifest with a path column.")
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(help="MODEL (= MODEL@champion), MODEL@alias or MODEL:version (required here or in --config)."),
+    ] = None,
     config: ConfigFile = None,
     output: Annotated[str | None, typer.Option(help="Prediction file, .parquet or .csv (rejects beside it).")] = None,
-    table: Annotated[str | None, typer.Option(
-        help="SQLAlchemy URL#table (default sqlite:///$CNN_HOME/predictions.db#predictions when no --output).")] = None,
-    batch_size: Annotated[int | None, typer.Option(
-        help=_help(ScoreConfig, "batch_size", "Images per forward pass."))] = None,
+    table: Annotated[
+        str | None,
+        typer.Option(
+            help="SQLAlchemy URL#table (default sqlite:///$CNN_HOME/predictions.db#predictions when no --output)."
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help=_help(ScoreConfig, "batch_size", "Images per forward pass."))
+    ] = None,
     device: Annotated[str | None, typer.Option(help=_help(ScoreConfig, "device", "auto, cpu, cuda or cuda:N."))] = None,
-    top_k: Annotated[int | None, typer.Option(help=_help(ScoreConfig, "top_k", "Ranked labels kept per image."))] = None,
-    review_below: Annotated[float | None, typer.Option(
-        help=_help(ScoreConfig, "review_below", "Flag predictions whose confidence is below this (0 = off)."))] = None,
-    decode_workers: Annotated[int | None, typer.Option(
-        help=_help(ScoreConfig, "decode_workers", "Decoding processes (0 = all cores)."))] = None,
-    shard_size: Annotated[int | None, typer.Option(
-        help=_help(ScoreConfig, "shard_size", "Files per shard (each shard commits on its own)."))] = None,
-    cluster: Annotated[str | None, typer.Option(
-        help="Dask scheduler address (tcp://host:8786): shards fan out to it.")] = None,
-    dask_workers: Annotated[int | None, typer.Option(
-        help=_help(ScoreConfig, "dask_workers", "Fan shards out to a local Dask cluster of N processes."))] = None,
-    precision: Annotated[Literal["auto", "fp32", "bf16"] | None, typer.Option(
-        help=_help(ScoreConfig, "precision", "auto: bf16 on CPUs with native bf16 when it agrees with fp32."))] = None,
-    compile: Annotated[bool | None, typer.Option(
-        "--compile/--no-compile", help=_help(ScoreConfig, "compile", "torch.compile the model."))] = None,
+    top_k: Annotated[
+        int | None, typer.Option(help=_help(ScoreConfig, "top_k", "Ranked labels kept per image."))
+    ] = None,
+    review_below: Annotated[
+        float | None,
+        typer.Option(
+            help=_help(ScoreConfig, "review_below", "Flag predictions whose confidence is below this (0 = off).")
+        ),
+    ] = None,
+    decode_workers: Annotated[
+        int | None, typer.Option(help=_help(ScoreConfig, "decode_workers", "Decoding processes (0 = all cores)."))
+    ] = None,
+    shard_size: Annotated[
+        int | None,
+        typer.Option(help=_help(ScoreConfig, "shard_size", "Files per shard (each shard commits on its own).")),
+    ] = None,
+    cluster: Annotated[
+        str | None, typer.Option(help="Dask scheduler address (tcp://host:8786): shards fan out to it.")
+    ] = None,
+    dask_workers: Annotated[
+        int | None,
+        typer.Option(help=_help(ScoreConfig, "dask_workers", "Fan shards out to a local Dask cluster of N processes.")),
+    ] = None,
+    precision: Annotated[
+        Literal["auto", "fp32", "bf16"] | None,
+        typer.Option(
+            help=_help(ScoreConfig, "precision", "auto: bf16 on CPUs with native bf16 when it agrees with fp32.")
+        ),
+    ] = None,
+    compile: Annotated[
+        bool | None,
+        typer.Option("--compile/--no-compile", help=_help(ScoreConfig, "compile", "torch.compile the model.")),
+    ] = None,
 ) -> None:
     """Score new images with a registered model into prediction tables, exactly once (Prefect flow `score`)."""
     from flows import render
     from flows.score import score as run_scoring
 
-    cfg = ScoreConfig.load(config, model=model, output=output, table=table, batch_size=batch_size, device=device,
-                           top_k=top_k, review_below=review_below, decode_workers=decode_workers,
-                           shard_size=shard_size, cluster=cluster, dask_workers=dask_workers, precision=precision,
-                           compile=compile)
+    cfg = ScoreConfig.load(
+        config,
+        model=model,
+        output=output,
+        table=table,
+        batch_size=batch_size,
+        device=device,
+        top_k=top_k,
+        review_below=review_below,
+        decode_workers=decode_workers,
+        shard_size=shard_size,
+        cluster=cluster,
+        dask_workers=dask_workers,
+        precision=precision,
+        compile=compile,
+    )
     render.scoring(run_scoring(source, cfg))
 
 
@@ -271,12 +354,16 @@ def ui(
 @_command
 def serve(
     model: Annotated[str, typer.Option(help="Registered model the nightly scoring uses (its @champion).")] = "xray",
-    incoming: Annotated[Path | None, typer.Option(help="Folder scored on schedule (default $CNN_HOME/incoming).")] = None,
+    incoming: Annotated[
+        Path | None, typer.Option(help="Folder scored on schedule (default $CNN_HOME/incoming).")
+    ] = None,
     output: Annotated[str | None, typer.Option(help="Prediction file (.parquet/.csv) for scheduled scoring.")] = None,
     table: Annotated[str | None, typer.Option(help="SQLAlchemy URL#table (default: SQLite under CNN_HOME).")] = None,
     score_config: Annotated[Path | None, typer.Option(help="Scoring config YAML for the nightly scoring.")] = None,
     score_cron: Annotated[str, typer.Option(help="Cron of the scoring deployment (UTC).")] = "0 2 * * *",
-    train_cron: Annotated[str, typer.Option(help="Cron of the training deployment (UTC); '' turns it off.")] = "0 3 * * 0",
+    train_cron: Annotated[
+        str, typer.Option(help="Cron of the training deployment (UTC); '' turns it off.")
+    ] = "0 3 * * 0",
     dataset: Annotated[str | None, typer.Option(help="Dataset the scheduled training uses (default: MODEL).")] = None,
     config: Annotated[Path | None, typer.Option(help="Training config YAML for the scheduled training.")] = None,
     port: Annotated[int, typer.Option(help="Port of the local Prefect server (when PREFECT_API_URL is unset).")] = 4200,
@@ -289,14 +376,23 @@ def serve(
     ws = workspace.current()
     folder = (incoming or ws.home / "incoming").expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    schedules = Schedules(str(folder), ScoreConfig.load(score_config, model=model, output=output, table=table),
-                          score_cron, train_cron, dataset or model, TrainConfig.load(config) if config else None)
+    schedules = Schedules(
+        str(folder),
+        ScoreConfig.load(score_config, model=model, output=output, table=table),
+        score_cron,
+        train_cron,
+        dataset or model,
+        TrainConfig.load(config) if config else None,
+    )
 
     def started(api_url: str) -> None:
         ui_url = api_url.removesuffix("/api")
-        console.print(f"serving deployments score/nightly ({score_cron}) over {folder}"
-                      + (f" and train/scheduled ({train_cron}) on dataset {schedules.dataset}" if train_cron else "")
-                      + f"\nPrefect API {api_url} (UI {ui_url}); Ctrl-C stops", highlight=False)
+        console.print(
+            f"serving deployments score/nightly ({score_cron}) over {folder}"
+            + (f" and train/scheduled ({train_cron}) on dataset {schedules.dataset}" if train_cron else "")
+            + f"\nPrefect API {api_url} (UI {ui_url}); Ctrl-C stops",
+            highlight=False,
+        )
 
     serve_deployments(ws, schedules, port, started)
     console.print("stopped")
@@ -316,8 +412,11 @@ def demo_data(
     from flows import workspace
 
     made = generate(kind, out or workspace.current().home / "demo" / kind, n=n, seed=seed, size=size)
-    console.print(f"wrote {made.images} {kind} images ({made.corrupt} deliberately corrupt files) to {made.root}\n"
-                  f"ingest it with: cnn ingest {made.source} --dataset {kind}", highlight=False)
+    console.print(
+        f"wrote {made.images} {kind} images ({made.corrupt} deliberately corrupt files) to {made.root}\n"
+        f"ingest it with: cnn ingest {made.source} --dataset {kind}",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -330,8 +429,9 @@ def demo() -> None:
     home = workspace.current().home
     console.rule("[bold]1/3 generate the xray demo set and a fresh batch to score")
     data, batch = make_data(home)
-    console.print(f"{data.images} images + {data.corrupt} corrupt files in {data.root}; batch in {batch.root}",
-                  highlight=False)
+    console.print(
+        f"{data.images} images + {data.corrupt} corrupt files in {data.root}; batch in {batch.root}", highlight=False
+    )
     console.rule("[bold]2/3 Prefect flow `pipeline`: ingest -> train, register, gate -> score with @champion")
     outcome = run_demo(home, data, batch)
     render.dataset_report(Path(outcome.pipeline.ingest.dataset_dir))
@@ -340,12 +440,14 @@ def demo() -> None:
     console.rule("[bold]3/3 the same batch into CSV: nothing is scored twice in SQLite")
     render.scoring(outcome.csv_run)
     render.sample_predictions(outcome.parquet)
-    console.print(f"prediction tables:\n  Parquet {outcome.parquet} (+ {outcome.parquet.stem}.rejects.parquet)\n"
-                  f"  CSV     {outcome.csv} (+ {outcome.csv.stem}.rejects.csv)\n  SQLite  {outcome.table} "
-                  f"(+ predictions_rejects)\n\nworkspace: {home}\nMLflow store: {os.environ.get('MLFLOW_TRACKING_URI')}"
-                  f" (browse it with: cnn ui)\ntry: cnn augment --dataset xray --policy xray --preview "
-                  f"{home / 'xray-preview.png'}\n     cnn serve   (nightly scoring of {home / 'incoming'})",
-                  highlight=False)
+    console.print(
+        f"prediction tables:\n  Parquet {outcome.parquet} (+ {outcome.parquet.stem}.rejects.parquet)\n"
+        f"  CSV     {outcome.csv} (+ {outcome.csv.stem}.rejects.csv)\n  SQLite  {outcome.table} "
+        f"(+ predictions_rejects)\n\nworkspace: {home}\nMLflow store: {os.environ.get('MLFLOW_TRACKING_URI')}"
+        f" (browse it with: cnn ui)\ntry: cnn augment --dataset xray --policy xray --preview "
+        f"{home / 'xray-preview.png'}\n     cnn serve   (nightly scoring of {home / 'incoming'})",
+        highlight=False,
+    )
 
 
 def main() -> None:

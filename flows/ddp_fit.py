@@ -29,8 +29,11 @@ def main() -> int:
 
         def on_epoch(record: EpochRecord) -> None:
             tracking.log_epoch(args.run_id, record)
-            print(f"epoch {int(record['epoch'])}/{cfg.epochs}: " + ", ".join(
-                f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("train_loss", "val_macro"))), flush=True)
+            print(
+                f"epoch {int(record['epoch'])}/{cfg.epochs}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("train_loss", "val_macro"))),
+                flush=True,
+            )
 
     try:
         result = fit(cfg, args.dataset_dir, args.run_dir, resume=args.resume, on_epoch=on_epoch)

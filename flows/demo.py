@@ -40,9 +40,16 @@ def run_demo(home: Path, data: DemoDataset, batch: DemoDataset) -> DemoOutcome:
     table = f"sqlite:///{home / 'predictions.db'}#predictions"
     parquet, csv = home / "predictions" / "xray.parquet", home / "predictions" / "xray.csv"
     scoring = ScoreConfig(model="xray", output=str(parquet), table=table)
-    outcome = pipeline_flow(source=str(data.source), dataset="xray", incoming=str(batch.root / "images"),
-                            options=DEMO_INGEST, config=DEMO_TRAIN, scoring=scoring)
-    csv_run = score_flow(source=str(batch.root / "images"),
-                         config=scoring.model_copy(update={"model": outcome.score.model.split(" ")[0],
-                                                           "output": str(csv)}))
+    outcome = pipeline_flow(
+        source=str(data.source),
+        dataset="xray",
+        incoming=str(batch.root / "images"),
+        options=DEMO_INGEST,
+        config=DEMO_TRAIN,
+        scoring=scoring,
+    )
+    csv_run = score_flow(
+        source=str(batch.root / "images"),
+        config=scoring.model_copy(update={"model": outcome.score.model.split(" ")[0], "output": str(csv)}),
+    )
     return DemoOutcome(data, outcome, csv_run, parquet, csv, table)

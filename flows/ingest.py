@@ -67,13 +67,15 @@ def _publish(report: DatasetReport) -> None:
     key = "dataset-" + "".join(c if c.isalnum() else "-" for c in report.dataset.lower())
     create_markdown_artifact(report.to_markdown(), key=f"{key}-report", description="Dataset report")
     table = report.class_table().reset_index(names="class")
-    create_table_artifact(table.to_dict(orient="records"), key=f"{key}-classes",
-                          description="Images per class and split")
+    create_table_artifact(
+        table.to_dict(orient="records"), key=f"{key}-classes", description="Images per class and split"
+    )
 
 
 @flow(name="ingest")
-def ingest_flow(source: str, dataset: str, options: IngestOptions | None = None,
-                home: str | None = None) -> IngestOutcome:
+def ingest_flow(
+    source: str, dataset: str, options: IngestOptions | None = None, home: str | None = None
+) -> IngestOutcome:
     """Ingest SOURCE into dataset DATASET under CNN_HOME; return the manifest and report paths."""
     options = options or IngestOptions()
     dataset_dir = str(workspace.configure(home).dataset(dataset).root)

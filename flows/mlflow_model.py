@@ -21,8 +21,9 @@ class CnnClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         if "image" in model_input.columns:
             paths = model_input["path"] if "path" in model_input.columns else [None] * len(model_input)
-            sources = [bytes(b) if isinstance(b, (bytes, bytearray)) else str(p)
-                       for b, p in zip(model_input["image"], paths)]
+            sources = [
+                bytes(b) if isinstance(b, (bytes, bytearray)) else str(p) for b, p in zip(model_input["image"], paths)
+            ]
         elif "path" in model_input.columns:
             sources = [str(p) for p in model_input["path"]]
         else:

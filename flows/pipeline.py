@@ -24,8 +24,14 @@ class PipelineOutcome:
 
 
 @flow(name="pipeline")
-def pipeline_flow(source: str, dataset: str, incoming: str, options: IngestOptions | None = None,
-                  config: TrainConfig | None = None, scoring: ScoreConfig | None = None) -> PipelineOutcome:
+def pipeline_flow(
+    source: str,
+    dataset: str,
+    incoming: str,
+    options: IngestOptions | None = None,
+    config: TrainConfig | None = None,
+    scoring: ScoreConfig | None = None,
+) -> PipelineOutcome:
     """Refresh DATASET from SOURCE, train and gate a model, then score INCOMING with its champion (the scoring
     config's model is replaced by the model just trained)."""
     ingested = ingest_flow(source=source, dataset=dataset, options=options)

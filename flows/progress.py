@@ -29,8 +29,13 @@ def reported_progress(description: str, key: str | None = None) -> Iterator[Call
         log.debug("no progress artifact: %s", exc)
     last_update = 0.0
     console = Console(file=sys.stderr)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, transient=False) as bar:
         task_id = bar.add_task(description, total=None)
 

@@ -58,8 +58,9 @@ def score_version(model: str, version: str, dataset: Dataset, split: str, metric
     return float("nan") if value is None else value  # undefined (AUROC of one class): never beats anything
 
 
-def register_and_gate(model_uri: str, model: str, run_id: str, dataset: Dataset, metric: Metric,
-                      min_improvement: float) -> GateDecision:
+def register_and_gate(
+    model_uri: str, model: str, run_id: str, dataset: Dataset, metric: Metric, min_improvement: float
+) -> GateDecision:
     """Register a new version, compare it with @champion on the same split and metric, move the aliases."""
     client = MlflowClient()
     version = str(mlflow.register_model(model_uri, model, tags={"run_id": run_id, "dataset": dataset.name}).version)
@@ -75,12 +76,16 @@ def register_and_gate(model_uri: str, model: str, run_id: str, dataset: Dataset,
         decision, reason = CHAMPION, f"champion v{champion} predicts other classes; the new class set replaces it"
     elif new_score >= champion_score + min_improvement:
         decision = CHAMPION
-        reason = (f"{metric} {new_score:.4f} >= champion v{champion} {champion_score:.4f}"
-                  f" + min improvement {min_improvement:g} on {dataset.name}/{split}")
+        reason = (
+            f"{metric} {new_score:.4f} >= champion v{champion} {champion_score:.4f}"
+            f" + min improvement {min_improvement:g} on {dataset.name}/{split}"
+        )
     else:
         decision = CHALLENGER
-        reason = (f"{metric} {new_score:.4f} < champion v{champion} {champion_score:.4f}"
-                  f" + min improvement {min_improvement:g} on {dataset.name}/{split}")
+        reason = (
+            f"{metric} {new_score:.4f} < champion v{champion} {champion_score:.4f}"
+            f" + min improvement {min_improvement:g} on {dataset.name}/{split}"
+        )
     decision_kind: Literal["champion", "challenger"] = "champion" if decision == CHAMPION else "challenger"
     if decision == CHAMPION:
         _crown(client, model, version, champion)

@@ -34,16 +34,23 @@ def dataset_report(dataset_dir: Path) -> None:
         for reason, n in report.rejects_by_reason.items():
             rejects.add_row(reason, str(n))
         console.print(rejects)
-    console.print(f"duplicates: {report.duplicate_sets} images appear more than once "
-                  f"({report.duplicate_files} extra files, kept in one split)")
+    console.print(
+        f"duplicates: {report.duplicate_sets} images appear more than once "
+        f"({report.duplicate_files} extra files, kept in one split)"
+    )
     for conflict in report.conflicting_duplicates:
-        console.print(f"[yellow]warning:[/] identical files with labels {conflict['labels']}: "
-                      f"{', '.join(map(str, conflict['paths']))}", highlight=False)  # type: ignore[call-overload]
+        console.print(
+            f"[yellow]warning:[/] identical files with labels {conflict['labels']}: "
+            f"{', '.join(map(str, conflict['paths']))}",
+            highlight=False,
+        )  # type: ignore[call-overload]
     if report.stats is not None:
         console.print(f"decoded {report.stats.decoded} files, {report.stats.reused} unchanged since the last ingest")
     ds = Dataset(dataset_dir)
-    console.print(f"manifest: {ds.manifest_path}\nreport:   {dataset_dir / 'report.md'}\ncache:    {ds.cache_dir}",
-                  highlight=False)
+    console.print(
+        f"manifest: {ds.manifest_path}\nreport:   {dataset_dir / 'report.md'}\ncache:    {ds.cache_dir}",
+        highlight=False,
+    )
 
 
 def training(outcome: TrainOutcome | NodeOutcome) -> None:
@@ -59,10 +66,14 @@ def training(outcome: TrainOutcome | NodeOutcome) -> None:
     console.print(table)
     gate = outcome.gate
     colour = "green" if gate.decision == "champion" else "yellow"
-    console.print(f"registered [bold]{gate.model}[/] v{gate.version} -> [{colour}]@{gate.decision}[/]"
-                  f" ({gate.reason})", highlight=False)
-    console.print(f"MLflow run {outcome.run_id}; checkpoints in {outcome.run_dir}\n"
-                  f"open the MLflow UI with: cnn ui", highlight=False)
+    console.print(
+        f"registered [bold]{gate.model}[/] v{gate.version} -> [{colour}]@{gate.decision}[/] ({gate.reason})",
+        highlight=False,
+    )
+    console.print(
+        f"MLflow run {outcome.run_id}; checkpoints in {outcome.run_dir}\nopen the MLflow UI with: cnn ui",
+        highlight=False,
+    )
 
 
 def scoring(summary: ScoringSummary) -> None:
@@ -73,8 +84,11 @@ def scoring(summary: ScoringSummary) -> None:
     for row in summary.rows():
         table.add_row(str(row["item"]), str(row["count"]))
     console.print(table)
-    console.print(f"{summary.predicted} predictions, {summary.rejected} rejects, {summary.skipped} already "
-                  f"scored; tables:\n  " + "\n  ".join(summary.tables), highlight=False)
+    console.print(
+        f"{summary.predicted} predictions, {summary.rejected} rejects, {summary.skipped} already "
+        f"scored; tables:\n  " + "\n  ".join(summary.tables),
+        highlight=False,
+    )
 
 
 def sample_predictions(parquet: Path, n: int = 6) -> None:
@@ -83,6 +97,11 @@ def sample_predictions(parquet: Path, n: int = 6) -> None:
     for column in ("file", "label", "confidence", "needs_review", "model"):
         view.add_column(column)
     for row in pd.read_parquet(parquet).head(n).itertuples():
-        view.add_row(Path(str(row.path)).name, str(row.label), f"{row.confidence:.3f}", str(row.needs_review),
-                     f"{row.model_name} v{row.model_version}")
+        view.add_row(
+            Path(str(row.path)).name,
+            str(row.label),
+            f"{row.confidence:.3f}",
+            str(row.needs_review),
+            f"{row.model_name} v{row.model_version}",
+        )
     console.print(view)

@@ -63,8 +63,9 @@ def plan_shards(source: str, config: ScoreConfig, model: ModelRef, run_dir: str)
 
 
 @task(name="score-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, retry_condition_fn=_transient)
-def score_shard(plan: ShardPlan, shard: int, model: ModelRef, config: ScoreConfig,
-                options: ScoringOptions) -> ShardResult:
+def score_shard(
+    plan: ShardPlan, shard: int, model: ModelRef, config: ScoreConfig, options: ScoringOptions
+) -> ShardResult:
     """Decode, predict and commit one shard to every sink (one transaction or one atomic part file each)."""
     sinks = _sinks(config.output, config.table)
     return scoring.score_shard(plan, shard, versions.load_predictor(model), model, sinks, options)
@@ -88,8 +89,13 @@ def score_flow(source: str, config: ScoreConfig, home: str | None = None) -> Sco
     model = resolve_model(config)
     plan = plan_shards(source, config, model, str(run_dir))
     # On a Dask cluster the shards fan out to its workers, which decode in-process (they are daemons).
-    options = ScoringOptions(config.batch_size, config.top_k, config.review_below,
-                             1 if config.fan_out else config.decode_workers, flow_run_id)
+    options = ScoringOptions(
+        config.batch_size,
+        config.top_k,
+        config.review_below,
+        1 if config.fan_out else config.decode_workers,
+        flow_run_id,
+    )
     results: list[ShardResult] = []
     start = time.perf_counter()
     with reported_progress(f"scoring with {model.label}", key="score-progress") as progress:
@@ -123,8 +129,14 @@ def runner(config: ScoreConfig) -> Flow[..., ScoringSummary]:
     if config.cluster:
         task_runner = DaskTaskRunner(address=config.cluster)
     else:
-        task_runner = DaskTaskRunner(cluster_kwargs={"n_workers": config.dask_workers, "threads_per_worker": 1,
-                                                     "processes": True, "dashboard_address": None})
+        task_runner = DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": config.dask_workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": None,
+            }
+        )
     return score_flow.with_options(task_runner=task_runner)
 
 

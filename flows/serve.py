@@ -73,15 +73,22 @@ def _start(ws: Workspace, port: int, api_url: str, timeout_s: float) -> subproce
     env.update(PREFECT_HOME=str(ws.prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     log = (ws.prefect_home / "server.log").open("ab")
     prefect = Path(sys.executable).with_name("prefect")
-    proc = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                             "--analytics-off"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--analytics-off"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if healthy(api_url):
             server_marker(ws).write_text(json.dumps({"api_url": api_url, "pid": proc.pid}))
             return proc
         if proc.poll() is not None:
-            raise UserError(f"the local Prefect server exited (code {proc.returncode}); see {ws.prefect_home / 'server.log'}")
+            raise UserError(
+                f"the local Prefect server exited (code {proc.returncode}); see {ws.prefect_home / 'server.log'}"
+            )
         time.sleep(0.5)
     proc.terminate()
     raise UserError(f"the local Prefect server did not answer on {api_url} within {timeout_s:.0f} s")
@@ -93,15 +100,26 @@ def deployments(schedules: Schedules) -> list[Any]:
     from flows.train import train_flow
 
     score_parameters = {"source": schedules.incoming, "config": schedules.scoring.model_dump(mode="json")}
-    deployed = [score_flow.to_deployment(name="nightly", cron=schedules.score_cron, parameters=score_parameters,
-                                         description="Score new images in the incoming folder with @champion")]
+    deployed = [
+        score_flow.to_deployment(
+            name="nightly",
+            cron=schedules.score_cron,
+            parameters=score_parameters,
+            description="Score new images in the incoming folder with @champion",
+        )
+    ]
     if schedules.train_cron:
         train_parameters: dict[str, Any] = {"dataset": schedules.dataset}
         if schedules.training is not None:
             train_parameters["config"] = schedules.training.model_dump(mode="json")
-        deployed.append(train_flow.to_deployment(name="scheduled", cron=schedules.train_cron,
-                                                 parameters=train_parameters,
-                                                 description="Retrain, register and gate the model"))
+        deployed.append(
+            train_flow.to_deployment(
+                name="scheduled",
+                cron=schedules.train_cron,
+                parameters=train_parameters,
+                description="Retrain, register and gate the model",
+            )
+        )
     return deployed
 
 

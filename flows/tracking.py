@@ -45,20 +45,27 @@ def start_run(dataset: Dataset, cfg: TrainConfig, model_name: str) -> str:
     with mlflow.start_run(run_name=f"{model_name}-{cfg.model}") as run:
         mlflow.log_params(cfg.flat())
         manifest_digest = hashlib.sha256(dataset.manifest_path.read_bytes()).hexdigest()
-        mlflow.set_tags({
-            "cnn.version": cnn.__version__, "torch.version": torch.__version__,
-            "cuda.version": str(torch.version.cuda), "cuda.available": str(torch.cuda.is_available()),
-            "python.version": platform.python_version(), "dataset.name": dataset.name,
-            "dataset.manifest_sha256": manifest_digest, "model.name": model_name,
-        })
+        mlflow.set_tags(
+            {
+                "cnn.version": cnn.__version__,
+                "torch.version": torch.__version__,
+                "cuda.version": str(torch.version.cuda),
+                "cuda.available": str(torch.cuda.is_available()),
+                "python.version": platform.python_version(),
+                "dataset.name": dataset.name,
+                "dataset.manifest_sha256": manifest_digest,
+                "model.name": model_name,
+            }
+        )
         manifest = dataset.manifest()
         ok = usable_rows(manifest)[["image_id", "path", "label", "split", "group"]]
         with warnings.catch_warnings():  # MLflow cannot tell which local source class a path is; both are fine
             warnings.simplefilter("ignore", UserWarning)
             source = mlflow.data.from_pandas(ok, source=str(dataset.manifest_path), name=dataset.name, targets="label")
         mlflow.log_input(source, context="training")
-        mlflow.log_dict({"manifest_sha256": manifest_digest, "rows": len(manifest), "ok": len(ok)},
-                        "dataset/manifest_digest.json")
+        mlflow.log_dict(
+            {"manifest_sha256": manifest_digest, "rows": len(manifest), "ok": len(ok)}, "dataset/manifest_digest.json"
+        )
         for name in ("report.md", "report.json", "dataset.json"):
             if (dataset.root / name).is_file():
                 mlflow.log_artifact(str(dataset.root / name), "dataset")
@@ -69,8 +76,11 @@ def start_run(dataset: Dataset, cfg: TrainConfig, model_name: str) -> str:
 def log_epoch(run_id: str, record: EpochRecord) -> None:
     """All of one epoch's metrics in one batched call."""
     step = int(record["epoch"])
-    metrics = [mlflow.entities.Metric(k, float(v), int(1000 * time.time()), step)
-               for k, v in record.items() if k != "epoch" and v == v]
+    metrics = [
+        mlflow.entities.Metric(k, float(v), int(1000 * time.time()), step)
+        for k, v in record.items()
+        if k != "epoch" and v == v
+    ]
     MlflowClient().log_batch(run_id, metrics=metrics)
 
 
@@ -87,8 +97,11 @@ def log_results(run_id: str, fit: FitResult, test_metrics: dict[str, float], fil
 
 def signature_for(contract: ModelContract) -> ModelSignature:
     inputs = Schema([ColSpec("string", "path", required=False), ColSpec("binary", "image", required=False)])
-    outputs = Schema([ColSpec("string", "label"), ColSpec("double", "confidence")]
-                     + [ColSpec("double", f"prob_{c}") for c in contract.classes] + [ColSpec("string", "error")])
+    outputs = Schema(
+        [ColSpec("string", "label"), ColSpec("double", "confidence")]
+        + [ColSpec("double", f"prob_{c}") for c in contract.classes]
+        + [ColSpec("string", "error")]
+    )
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
@@ -112,6 +125,17 @@ def log_model(run_id: str, run_dir: Path, example_path: str) -> str:
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    names = ["torch", "torchvision", "numpy", "pandas", "pillow", "pydicom", "albumentations", "scikit-learn",
-             "pydantic", "pyyaml", "mlflow"]
+    names = [
+        "torch",
+        "torchvision",
+        "numpy",
+        "pandas",
+        "pillow",
+        "pydicom",
+        "albumentations",
+        "scikit-learn",
+        "pydantic",
+        "pyyaml",
+        "mlflow",
+    ]
     return [f"{n}=={version(n)}" for n in names]

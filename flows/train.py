@@ -92,6 +92,7 @@ def fit_model(dataset_dir: str, run_dir: str, run_id: str, config: TrainConfig, 
     if config.distributed:
         return str(launch_distributed(dataset_dir, run_dir, config, run_id, resume))
     with reported_progress(f"training {config.model}", key="train-epochs") as progress:
+
         def on_epoch(record: EpochRecord) -> None:
             tracking.log_epoch(run_id, record)
             progress(int(record["epoch"]), config.epochs)
@@ -106,14 +107,43 @@ def launch_distributed(dataset_dir: str, run_dir: str, config: TrainConfig, run_
     config_file = Path(run_dir) / "ddp_config.json"
     write_json_atomic(config_file, config.model_dump(mode="json"))
     # One node: a standalone rendezvous on a free port; several: node 0's address and port.
-    topology = (["--standalone"] if config.nnodes == 1 else
-                ["--nnodes", str(config.nnodes), "--node-rank", str(config.node_rank),
-                 "--master-addr", config.master_addr, "--master-port", str(config.master_port)])
+    topology = (
+        ["--standalone"]
+        if config.nnodes == 1
+        else [
+            "--nnodes",
+            str(config.nnodes),
+            "--node-rank",
+            str(config.node_rank),
+            "--master-addr",
+            config.master_addr,
+            "--master-port",
+            str(config.master_port),
+        ]
+    )
     logs = Path(run_dir) / "ddp-logs"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(config.nproc_per_node),
-               *topology, "--log-dir", str(logs), "--redirects", "3",
-               "-m", "flows.ddp_fit", "--dataset-dir", dataset_dir, "--run-dir", run_dir,
-               "--config", str(config_file), "--run-id", run_id] + (["--resume"] if resume else [])
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(config.nproc_per_node),
+        *topology,
+        "--log-dir",
+        str(logs),
+        "--redirects",
+        "3",
+        "-m",
+        "flows.ddp_fit",
+        "--dataset-dir",
+        dataset_dir,
+        "--run-dir",
+        run_dir,
+        "--config",
+        str(config_file),
+        "--run-id",
+        run_id,
+    ] + (["--resume"] if resume else [])
     result = subprocess.run(command, capture_output=True, text=True)
     rank_output = "".join(p.read_text(errors="replace") for p in sorted(logs.rglob("std*.log")))
     print(rank_output[-4000:], end="")
@@ -121,8 +151,10 @@ def launch_distributed(dataset_dir: str, run_dir: str, config: TrainConfig, run_
         errors = [line for line in rank_output.splitlines() if line.startswith("error:")]
         if errors:
             raise UserError(errors[-1].removeprefix("error: "))
-        raise RuntimeError(f"distributed training failed (exit {result.returncode}); rank output:\n"
-                           f"{rank_output[-3000:]}\n{result.stderr[-1500:]}")
+        raise RuntimeError(
+            f"distributed training failed (exit {result.returncode}); rank output:\n"
+            f"{rank_output[-3000:]}\n{result.stderr[-1500:]}"
+        )
     return Path(run_dir) / "fit.json"
 
 
@@ -142,21 +174,25 @@ def log_model(dataset_dir: str, run_dir: str, run_id: str) -> str:
 
 
 @task(name="register-and-gate", cache_policy=NO_CACHE)
-def register_and_gate(model_uri: str, model_name: str, run_id: str, dataset_dir: str,
-                      config: TrainConfig) -> GateDecision:
+def register_and_gate(
+    model_uri: str, model_name: str, run_id: str, dataset_dir: str, config: TrainConfig
+) -> GateDecision:
     """Register a version and decide @champion or @challenger against the current champion."""
-    decision = registry.register_and_gate(model_uri, model_name, run_id, Dataset(dataset_dir), config.gate_metric,
-                                          config.min_improvement)
+    decision = registry.register_and_gate(
+        model_uri, model_name, run_id, Dataset(dataset_dir), config.gate_metric, config.min_improvement
+    )
     create_markdown_artifact(
         f"## {decision.model} v{decision.version}: **@{decision.decision}**\n\n{decision.reason}\n",
-        key="promotion-gate", description="Promotion gate decision",
+        key="promotion-gate",
+        description="Promotion gate decision",
     )
     return decision
 
 
 @flow(name="train")
-def train_flow(dataset: str, config: TrainConfig | None = None, resume: bool = False,
-               home: str | None = None) -> TrainOutcome:
+def train_flow(
+    dataset: str, config: TrainConfig | None = None, resume: bool = False, home: str | None = None
+) -> TrainOutcome:
     """Train a classifier on DATASET, track it in MLflow, register it and gate its promotion."""
     ws = workspace.configure(home)
     config = config or TrainConfig()
@@ -170,6 +206,9 @@ def train_flow(dataset: str, config: TrainConfig | None = None, resume: bool = F
     model_uri = log_model(dataset_dir, run_dir, run_id)
     decision = register_and_gate(model_uri, model_name, run_id, dataset_dir, config)
     (Path(run_dir) / "done").write_text(run_id)
-    create_table_artifact([{"metric": k, "test": round(v, 4)} for k, v in test_metrics.items()],
-                          key="test-metrics", description=f"{model_name}: test metrics")
+    create_table_artifact(
+        [{"metric": k, "test": round(v, 4)} for k, v in test_metrics.items()],
+        key="test-metrics",
+        description=f"{model_name}: test metrics",
+    )
     return TrainOutcome(run_id, run_dir, model_uri, test_metrics, decision)

@@ -53,10 +53,13 @@ def resolve(spec: str, device: str, precision: str = "auto", compile: bool = Fal
     try:
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException:
-        raise UserError(f"model {spec!r} not found in the registry at {mlflow.get_tracking_uri()}; "
-                        "train one with `cnn train` or check the name, alias and version") from None
-    ref = ModelRef(name, str(mv.version), mv.run_id or "", str(fetch(name, str(mv.version))), device, "fp32", "",
-                   compile)
+        raise UserError(
+            f"model {spec!r} not found in the registry at {mlflow.get_tracking_uri()}; "
+            "train one with `cnn train` or check the name, alias and version"
+        ) from None
+    ref = ModelRef(
+        name, str(mv.version), mv.run_id or "", str(fetch(name, str(mv.version))), device, "fp32", "", compile
+    )
     choice = _choose_precision(client, ref, precision)
     return ModelRef(ref.name, ref.version, ref.run_id, ref.files, device, choice.name, choice.describe(), compile)
 

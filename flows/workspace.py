@@ -68,11 +68,13 @@ def configure(home: str | os.PathLike[str] | None = None) -> Workspace:
         os.environ["PREFECT_API_URL"] = served  # `cnn serve` is running here: runs show up in its UI
     if not os.environ.get("PREFECT_API_URL"):
         # No server given: Prefect runs a throwaway local server on a database under CNN_HOME.
-        defaults.update({
-            "PREFECT_HOME": str(ws.prefect_home),
-            "PREFECT_SERVER_EPHEMERAL_ENABLED": "true",
-            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-        })
+        defaults.update(
+            {
+                "PREFECT_HOME": str(ws.prefect_home),
+                "PREFECT_SERVER_EPHEMERAL_ENABLED": "true",
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+            }
+        )
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     return ws

@@ -2,33 +2,31 @@
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+
+from tests.helpers import image_bytes
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 
-def image_bytes(array: np.ndarray, fmt: str = "PNG", **save: object) -> bytes:
-    """Encode an array (H, W) or (H, W, C) with Pillow."""
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format=fmt, **save)
-    return buffer.getvalue()
-
-
 @pytest.fixture
 def write_images(tmp_path: Path) -> Callable[..., Path]:
     """Write `per_class` distinct small PNGs into class folders under `root`; return `root`."""
 
-    def write(root: str | Path = "src", classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 10,
-              size: tuple[int, int] = (24, 32), seed: int = 0) -> Path:
+    def write(
+        root: str | Path = "src",
+        classes: tuple[str, ...] = ("cat", "dog"),
+        per_class: int = 10,
+        size: tuple[int, int] = (24, 32),
+        seed: int = 0,
+    ) -> Path:
         base = tmp_path / root
         rng = np.random.default_rng(seed)
         for label in classes:
@@ -47,6 +45,7 @@ def cnn_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     saved = dict(os.environ)
     home = tmp_path / "home"
     monkeypatch.setenv("CNN_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the workspace's own store, not an earlier test's
     yield home
     os.environ.clear()
     os.environ.update(saved)

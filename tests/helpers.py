@@ -1,8 +1,13 @@
-"""Test helpers: generated data (three texture classes a small CNN learns in a few epochs) and a JSON client."""
+"""Test helpers, in one place: generated data (three texture classes a small CNN learns in a few epochs), image
+bytes, free ports, a clean environment for child processes, waiting for a server, a PostgreSQL marker, a JSON
+client."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -12,9 +17,67 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from cnn.ingest import IngestOptions, ingest
+
+PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+
+
+def image_bytes(array: np.ndarray, fmt: str = "PNG", **save: object) -> bytes:
+    """Encode an array (H, W) or (H, W, C) with Pillow."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env(home: Path | None = None, drop: tuple[str, ...] = ("PREFECT_",), **extra: str) -> dict[str, str]:
+    """This environment without the variables a child process must not inherit (the test session's Prefect
+    server, say), with CNN_HOME and `extra` set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    if home is not None:
+        env["CNN_HOME"] = str(home)
+    env.update(extra)
+    return env
+
+
+def wait_until_up(url: str, timeout: float = 120, auth: str | None = None) -> None:
+    """Poll `url` until it answers (any HTTP status counts: 401 means up); fail the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            request = urllib.request.Request(url, headers={"Authorization": auth} if auth else {})
+            with urllib.request.urlopen(request, timeout=3):
+                return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not come up within {timeout:.0f} s")
+
+
+def _postgres_up() -> bool:
+    try:
+        import psycopg2
+
+        psycopg2.connect(host="127.0.0.1", user="postgres", dbname="test", connect_timeout=3).close()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means no server to test against
+        return False
+
+
+requires_postgres = pytest.mark.skipif(
+    not _postgres_up(), reason="no PostgreSQL at 127.0.0.1:5432 (user postgres, db test)"
+)
 
 PATTERNS = ("horizontal", "vertical", "checker")
 
@@ -46,7 +109,9 @@ def pattern_dataset(folder: Path, per_class: int = 40, seed: int = 0, size: int 
     """Generate and ingest the pattern set into `folder/datasets/patterns`; return the dataset root."""
     source = write_patterns(folder / "pattern-src", per_class, seed)
     root = folder / "datasets" / "patterns"
-    ingest(source, root, IngestOptions(image_size=size, channels=1, decode_workers=1, val_fraction=0.2, test_fraction=0.2))
+    ingest(
+        source, root, IngestOptions(image_size=size, channels=1, decode_workers=1, val_fraction=0.2, test_fraction=0.2)
+    )
     return root
 
 
@@ -54,8 +119,12 @@ def api_json(url: str, body: dict[str, Any] | None = None, auth: str | None = No
     """GET (or POST `body`) a JSON API. Retries 503, which Prefect's server answers for errors a client should
     retry (a busy SQLite database), as Prefect's own client does."""
     headers = {"Content-Type": "application/json", **({"Authorization": auth} if auth else {})}
-    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), headers=headers,
-                                     method="GET" if body is None else "POST")
+    request = urllib.request.Request(
+        url,
+        data=None if body is None else json.dumps(body).encode(),
+        headers=headers,
+        method="GET" if body is None else "POST",
+    )
     for attempt in range(tries):
         try:
             with urllib.request.urlopen(request, timeout=30) as response:

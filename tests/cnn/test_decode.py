@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
-from cnn.decode import DecodeError, DecodeSpec, decode_bytes, decode_file, sniff_format
+from cnn.decode import DecodeError, DecodeSpec, RejectKind, decode_bytes, decode_file, sniff_format
+from cnn.errors import UserError
 from cnn.parallel import decode_many
-from tests.conftest import image_bytes
+from tests.helpers import image_bytes
 
 RGB = DecodeSpec(channels=3)
 GRAY = DecodeSpec(channels=1)
@@ -21,8 +22,10 @@ def _noise(h: int = 32, w: int = 32, c: int = 3, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, c), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("fmt,expected", [("PNG", "PNG"), ("JPEG", "JPEG"), ("BMP", "BMP"), ("TIFF", "TIFF"),
-                                          ("WEBP", "WEBP"), ("GIF", "GIF")])
+@pytest.mark.parametrize(
+    "fmt,expected",
+    [("PNG", "PNG"), ("JPEG", "JPEG"), ("BMP", "BMP"), ("TIFF", "TIFF"), ("WEBP", "WEBP"), ("GIF", "GIF")],
+)
 def test_each_format_decodes_by_content(fmt: str, expected: str) -> None:
     out = decode_bytes(image_bytes(_noise(20, 30), fmt), RGB)
     assert out.format == expected
@@ -172,10 +175,47 @@ def test_pixel_limit_from_spec() -> None:
 def test_file_size_limit_and_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "a.png"
     path.write_bytes(image_bytes(_noise()))
-    with pytest.raises(DecodeError, match="file too large"):
+    with pytest.raises(DecodeError, match="file too large") as large:
         decode_file(path, DecodeSpec(max_file_bytes=100))
-    with pytest.raises(DecodeError, match="file not found"):
+    with pytest.raises(DecodeError, match="file not found") as missing:
         decode_file(tmp_path / "missing.png", RGB)
+    assert (large.value.kind, missing.value.kind) == (RejectKind.TOO_LARGE, RejectKind.NOT_FOUND)
+
+
+@pytest.mark.parametrize(
+    "data,kind",
+    [
+        (b"", RejectKind.EMPTY),
+        (b"<!DOCTYPE html><html></html>", RejectKind.NOT_AN_IMAGE),
+        (b"%PDF-1.7 ...", RejectKind.NOT_AN_IMAGE),
+        (bytes(range(256)) * 4, RejectKind.UNRECOGNISED),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, RejectKind.CORRUPT),
+    ],
+)
+def test_every_reject_carries_a_machine_readable_kind(data: bytes, kind: RejectKind) -> None:
+    with pytest.raises(DecodeError) as caught:
+        decode_bytes(data, RGB)
+    assert caught.value.kind == kind and caught.value.reason
+
+
+def test_truncated_kind_and_reject_outcomes_carry_it(tmp_path: Path) -> None:
+    data = image_bytes(_noise(64, 64), "PNG")
+    (tmp_path / "half.png").write_bytes(data[: len(data) // 2])
+    outcome = next(decode_many([str(tmp_path / "half.png")], RGB, workers=1))
+    assert outcome.status == "rejected" and outcome.kind == RejectKind.TRUNCATED
+
+
+def test_load_truncated_images_setting_stops_the_run_instead_of_rejecting_every_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A process-wide Pillow setting is checked once, outside the decoder's catch-all: one clear error, no
+    batch of files all rejected as 'corrupt'."""
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(UserError, match="LOAD_TRUNCATED_IMAGES"):
+        decode_bytes(image_bytes(_noise()), RGB)
+    (tmp_path / "a.png").write_bytes(image_bytes(_noise()))
+    with pytest.raises(UserError, match="LOAD_TRUNCATED_IMAGES"):
+        list(decode_many([str(tmp_path / "a.png")], RGB, workers=1))
 
 
 def test_sniff_rejects_unknown() -> None:
@@ -184,8 +224,14 @@ def test_sniff_rejects_unknown() -> None:
         sniff_format(b"\x00\x01\x02\x03")
 
 
-def _dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", syntax: str | None = None,
-                 window: tuple[float, float] | None = None, slope: float = 1.0, intercept: float = 0.0) -> bytes:
+def _dicom_bytes(
+    pixels: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    syntax: str | None = None,
+    window: tuple[float, float] | None = None,
+    slope: float = 1.0,
+    intercept: float = 0.0,
+) -> bytes:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
     from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid

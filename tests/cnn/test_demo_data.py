@@ -37,7 +37,8 @@ def test_claims_class_folders(tmp_path: Path) -> None:
     made = generate("claims", tmp_path / "c", n=40, seed=0)
     labels = {p.parent.name for p in made.root.rglob("*.jpg")}
     assert labels == {"none", "scratch", "dent", "broken_glass"}
-    assert generate("claims", tmp_path / "d", n=40, seed=1) and _digest(made.root) != _digest(tmp_path / "d")
+    other = generate("claims", tmp_path / "d", n=40, seed=1)
+    assert other.images == 40 and _digest(made.root) != _digest(other.root)
 
 
 def test_unknown_kind() -> None:

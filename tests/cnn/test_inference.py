@@ -33,7 +33,7 @@ def test_compiled_predictor_matches_eager_on_full_and_partial_batches(predictor:
     eager = predictor.predict_arrays(images, batch_size=16)
     compiled = predictor.compiled()
     out = compiled.predict_arrays(images, batch_size=16)
-    assert not compiled.compile_failed and compiled._compiled is not None
+    assert not compiled.compile_failed
     assert out.shape == eager.shape == (40, 3)
     np.testing.assert_allclose(out, eager, atol=1e-4)
     np.testing.assert_allclose(compiled.predict_arrays(images[:5], batch_size=16), eager[:5], atol=1e-4)
@@ -48,3 +48,21 @@ def test_compile_failure_falls_back_to_eager(predictor: Predictor, caplog: pytes
     assert compiled.compile_failed
     assert "torch.compile failed" in caplog.text and "C++ compiler" in caplog.text
     np.testing.assert_allclose(out, eager, atol=1e-6)
+
+
+def test_predict_files_one_row_per_input_with_errors(predictor: Predictor, tmp_path: Path) -> None:
+    from tests.helpers import image_bytes
+
+    good = image_bytes(_images(1)[0])
+    (tmp_path / "a.png").write_bytes(good)
+    (tmp_path / "text.png").write_text("not an image")
+    frame = predictor.predict_files(
+        [str(tmp_path / "a.png"), good, str(tmp_path / "missing.png"), str(tmp_path / "text.png")]
+    )
+    assert list(frame.columns) == ["label", "confidence", "prob_a", "prob_b", "prob_c", "error"]
+    assert frame["error"].tolist() == [None, None, "file not found", "not an image: text file"]
+    assert frame["label"].iloc[0] == frame["label"].iloc[1] in ("a", "b", "c")
+    assert frame["label"].iloc[2] is None and np.isnan(frame["confidence"].iloc[2])
+    np.testing.assert_allclose(
+        frame.loc[0, predictor.prob_columns].to_numpy(dtype=float), predictor.predict_arrays(_images(1))[0], atol=1e-6
+    )

@@ -16,7 +16,7 @@ from cnn.errors import UserError
 from cnn.ingest import IngestOptions, ingest, staged_stats
 from cnn.report import build_report
 from cnn.sources import scan_source
-from tests.conftest import image_bytes
+from tests.helpers import image_bytes
 
 OPTS = IngestOptions(image_size=16, channels=3, decode_workers=1)
 
@@ -77,8 +77,14 @@ def test_csv_manifest_with_relative_paths_groups_and_splits(write_images: Callab
     src = write_images(per_class=12)
     rows = []
     for i, path in enumerate(sorted(src.rglob("*.png"))):
-        rows.append({"path": str(path.relative_to(src)), "label": path.parent.name, "patient": f"P{i // 3}",
-                     "split": "test" if i == 0 else ""})
+        rows.append(
+            {
+                "path": str(path.relative_to(src)),
+                "label": path.parent.name,
+                "patient": f"P{i // 3}",
+                "split": "test" if i == 0 else "",
+            }
+        )
     pd.DataFrame(rows).to_csv(src / "labels.csv", index=False)
     dataset, _ = _ingest(src / "labels.csv", tmp_path, OPTS.model_copy(update={"group_column": "patient"}))
     manifest = dataset.manifest()
@@ -90,7 +96,9 @@ def test_csv_manifest_with_relative_paths_groups_and_splits(write_images: Callab
 def test_manifest_listing_a_file_twice_ingests_it_once(write_images: Callable[..., Path], tmp_path: Path) -> None:
     src = write_images(per_class=4)
     paths = sorted(str(p) for p in src.rglob("*.png"))
-    pd.DataFrame({"path": paths + paths[:2], "label": ["a", "b"] * 4 + ["b", "b"]}).to_csv(tmp_path / "m.csv", index=False)
+    pd.DataFrame({"path": paths + paths[:2], "label": ["a", "b"] * 4 + ["b", "b"]}).to_csv(
+        tmp_path / "m.csv", index=False
+    )
     dataset, stats = _ingest(tmp_path / "m.csv", tmp_path)
     manifest = dataset.manifest()
     assert len(manifest) == 8 and manifest["path"].is_unique
@@ -109,11 +117,14 @@ def test_parquet_manifest_and_missing_file_is_a_reject(write_images: Callable[..
     assert manifest.loc[str(src / "gone.png"), "reason"] == "file not found"
 
 
-@pytest.mark.parametrize("content,message", [
-    ("label\ncat\n", "lacks column"),
-    ("path,label,split\na.png,cat,holdout\n", "not one of"),
-    ("path,label\n,cat\n", "empty path"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("label\ncat\n", "lacks column"),
+        ("path,label,split\na.png,cat,holdout\n", "not one of"),
+        ("path,label\n,cat\n", "empty path"),
+    ],
+)
 def test_manifest_errors(tmp_path: Path, content: str, message: str) -> None:
     (tmp_path / "m.csv").write_text(content)
     with pytest.raises(UserError, match=message):
@@ -179,7 +190,9 @@ def test_duplicates_and_conflicting_labels_reported(write_images: Callable[..., 
     (src / "dog" / "mislabelled.png").write_bytes(data)
     dataset, _ = _ingest(src, tmp_path)
     manifest = dataset.manifest()
-    same = manifest[manifest["image_id"] == manifest.loc[manifest["path"].str.endswith("cat000.png"), "image_id"].iloc[0]]
+    same = manifest[
+        manifest["image_id"] == manifest.loc[manifest["path"].str.endswith("cat000.png"), "image_id"].iloc[0]
+    ]
     assert len(same) == 3 and same["split"].nunique() == 1
     report = build_report(dataset.root)
     assert report.duplicate_sets == 1 and report.duplicate_files == 2

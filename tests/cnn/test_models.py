@@ -26,8 +26,15 @@ def test_forward_and_backward(name: str, channels: int) -> None:
 
 
 def test_registry_lists_required_models_and_rejects_unknown() -> None:
-    assert {"small_cnn", "resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_small", "densenet121",
-            "convnext_tiny"} <= set(list_models())
+    assert {
+        "small_cnn",
+        "resnet18",
+        "resnet50",
+        "efficientnet_b0",
+        "mobilenet_v3_small",
+        "densenet121",
+        "convnext_tiny",
+    } <= set(list_models())
     with pytest.raises(UserError, match="choose one of: .*resnet18"):
         create_model("vgg_ultra", 3, 3)
 
@@ -60,22 +67,28 @@ def test_freeze_backbone_leaves_only_the_head() -> None:
     assert all(p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.parametrize("options", [
-    {"activation": "elu", "padding": "valid", "stride": 2, "batch_norm": False, "filters": [8, 16]},
-    {"activation": "tanh", "filters": [8, 16], "kernel_size": 5, "dropout": 0.0},
-    {"activation": "leaky_relu", "dense": 32},
-    {"activation": "sigmoid"},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"activation": "elu", "padding": "valid", "stride": 2, "batch_norm": False, "filters": [8, 16]},
+        {"activation": "tanh", "filters": [8, 16], "kernel_size": 5, "dropout": 0.0},
+        {"activation": "leaky_relu", "dense": 32},
+        {"activation": "sigmoid"},
+    ],
+)
 def test_small_cnn_options(options: dict[str, object]) -> None:
     model = create_model("small_cnn", 3, 1, **options)
     assert model(torch.randn(2, 1, 96, 96)).shape == (2, 3)
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"activation": "swishy"}, "unknown activation"),
-    ({"padding": "same", "stride": 2}, "stride 1"),
-    ({"pooling": "max"}, "small_cnn"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"activation": "swishy"}, "unknown activation"),
+        ({"padding": "same", "stride": 2}, "stride 1"),
+        ({"pooling": "max"}, "small_cnn"),
+    ],
+)
 def test_small_cnn_bad_options(options: dict[str, object], message: str) -> None:
     with pytest.raises(UserError, match=message):
         create_model("small_cnn", 3, 1, **options)

@@ -1,17 +1,33 @@
-"""Scoring library: input listing, duplicate marking, shard rows, and the file and SQL sinks."""
+"""Scoring library: input listing, duplicate marking, planning against the sinks, scoring shards directly, and
+combining shard results; every input ends up exactly once."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from cnn.decode import RejectKind
 from cnn.errors import UserError
-from cnn.scoring import list_inputs, mark_duplicates
-from cnn.sinks import FileSink, SqlSink, open_sink
+from cnn.inference import Predictor
+from cnn.scoring import (
+    ModelRef,
+    ScoringOptions,
+    list_inputs,
+    mark_duplicates,
+    plan_shards,
+    score_files,
+    score_shard,
+    summarise,
+)
+from cnn.sinks import FileSink
+from cnn.train import FitResult
 from tests.helpers import write_patterns
+
+MODEL = ModelRef("patterns", "1", "run-1")
 
 
 def test_list_inputs_folder_glob_and_manifest(tmp_path: Path) -> None:
@@ -42,68 +58,54 @@ def test_mark_duplicates_in_path_order_and_against_earlier_runs(tmp_path: Path) 
     assert again.loc[str(first), "duplicate_of"] == "/old/place.png"
 
 
-def _rows(n: int, version: str = "1") -> tuple[pd.DataFrame, pd.DataFrame]:
-    preds = pd.DataFrame({"image_id": [f"id{i}" for i in range(n)], "path": [f"/p/{i}.png" for i in range(n)],
-                          "label": "a", "confidence": 0.9, "needs_review": False, "model_name": "m",
-                          "model_version": version, "scored_at": pd.Timestamp("2026-01-01", tz="UTC")})
-    rejects = pd.DataFrame({"image_id": [""], "path": [f"/bad/{version}.png"], "reason": ["empty file (0 bytes)"],
-                            "model_name": "m", "model_version": version})
-    return preds, rejects
+def _predictor(trained: FitResult) -> Predictor:
+    return Predictor.load(trained.weights, trained.contract, "cpu", channels_last=True, fuse=True)
 
 
-@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
-def test_file_sink_commits_parts_and_merges_once(tmp_path: Path, suffix: str) -> None:
-    sink = FileSink(tmp_path / f"out{suffix}")
-    preds, rejects = _rows(3)
-    sink.commit(0, preds, rejects)
-    sink.commit(0, preds, rejects)  # a retried shard
-    assert sink.scored("m", "1") == ({f"id{i}": f"/p/{i}.png" for i in range(3)}, {"/bad/1.png"})
-    sink.finish()
-    assert not (tmp_path / f"out{suffix}.parts").exists()
-    out = pd.read_parquet(sink.path) if suffix == ".parquet" else pd.read_csv(sink.path)
-    assert len(out) == 3
-    sink.commit(1, *_rows(2, version="2"))
-    sink.finish()
-    out = pd.read_parquet(sink.path) if suffix == ".parquet" else pd.read_csv(sink.path)
-    assert len(out) == 5 and sink.scored("m", "2")[1] == {"/bad/2.png"}
+def _incoming(base: Path) -> Path:
+    folder = write_patterns(base, per_class=3, seed=5)
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.png").write_text("call the adjuster")
+    shutil.copy(next(folder.glob("checker/*.png")), folder / "zz_copy.png")
+    return folder
 
 
-def test_file_sink_finishes_over_a_killed_runs_temporary_files(tmp_path: Path) -> None:
+def test_score_files_rows_rejects_and_ids(trained: FitResult, tmp_path: Path) -> None:
+    folder = _incoming(tmp_path / "in")
+    files = mark_duplicates(list_inputs(str(folder)).files.assign(claim_id=lambda f: [f"C{i}" for i in f.index]))
+    preds, rejects = score_files(
+        files, ["claim_id"], _predictor(trained), MODEL, ScoringOptions(batch_size=4, top_k=2, review_below=0.99)
+    )
+    assert len(preds) == 9 and len(rejects) == 3
+    assert sorted(preds["path"].tolist() + rejects["path"].tolist()) == sorted(files["path"])
+    assert dict(zip(rejects["path"].map(lambda p: Path(p).name), rejects["reject_kind"])) == {
+        "empty.png": RejectKind.EMPTY,
+        "notes.png": RejectKind.NOT_AN_IMAGE,
+        "zz_copy.png": RejectKind.DUPLICATE,
+    }
+    assert rejects["claim_id"].notna().all() and preds["claim_id"].str.startswith("C").all()
+    probs = preds[[f"prob_{c}" for c in trained.contract.classes]].to_numpy()
+    assert abs(probs.sum(axis=1) - 1).max() < 1e-5
+    assert (preds["label"] == [trained.contract.classes[i] for i in probs.argmax(axis=1)]).all()
+    assert (preds["needs_review"] == (preds["confidence"] < 0.99)).all()
+    assert preds["top_k"].map(lambda t: len(json.loads(t))).eq(2).all()
+    assert set(preds["model_name"]) == {"patterns"} and set(rejects["model_version"]) == {"1"}
+
+
+def test_plan_then_shards_then_summary_exactly_once(trained: FitResult, tmp_path: Path) -> None:
+    folder = _incoming(tmp_path / "in")
     sink = FileSink(tmp_path / "out.parquet")
-    sink.commit(0, *_rows(2))
-    # kill -9 during a part write leaves the temporary file of atomic_path behind
-    (sink.parts / ".shard-000001-abc.pred.parquet.x1y2.tmp").write_bytes(b"PAR1 half written")
-    (tmp_path / ".out.parquet.k3j4.tmp").write_bytes(b"PAR1 half merged")  # ... or of the final merge
-    assert sink.scored("m", "1")[0] == {"id0": "/p/0.png", "id1": "/p/1.png"}
-    sink.finish()
-    assert not sink.parts.exists() and len(pd.read_parquet(sink.path)) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.parquet", "out.rejects.parquet"]
-
-
-def test_sql_sink_upserts_and_adds_columns(tmp_path: Path) -> None:
-    sink = SqlSink.from_url(f"sqlite:///{tmp_path / 't.db'}#preds")
-    preds, rejects = _rows(3)
-    sink.commit(0, preds, rejects)
-    sink.commit(0, preds.assign(label="b"), rejects)  # same keys: updated, not doubled
-    more = _rows(1, version="2")[0].assign(claim_id="C9")
-    sink.commit(1, more, _rows(0, version="2")[1])
-    import sqlite3
-
-    with sqlite3.connect(tmp_path / "t.db") as db:
-        assert db.execute("select count(*), min(label) from preds where model_version='1'").fetchone() == (3, "b")
-        assert db.execute("select claim_id from preds where model_version='2'").fetchone() == ("C9",)
-        assert db.execute("select count(*) from preds_rejects").fetchone()[0] == 2
-    assert "sqlite" in sink.finish()[0]
-
-
-def test_sink_errors(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="invalid table name"):
-        SqlSink.from_url(f"sqlite:///{tmp_path / 'x.db'}#1bad")
-    with pytest.raises(UserError, match="cannot open"):
-        SqlSink.from_url("postgresql+psycopg2://nobody:secret@127.0.0.1:1/none#t")
-    with pytest.raises(UserError, match=".parquet or .csv"):
-        open_sink(str(tmp_path / "x.txt"), None, "sqlite://#t")
-    try:
-        SqlSink.from_url("postgresql+psycopg2://nobody:secret@127.0.0.1:1/none#t")
-    except UserError as exc:
-        assert "secret" not in str(exc)
+    inputs = list_inputs(str(folder))
+    plan = plan_shards(inputs, [sink], MODEL, shard_size=4, run_dir=tmp_path)
+    assert (plan.files, plan.shards, plan.skipped) == (12, 3, 0)
+    predictor = _predictor(trained)
+    results = [score_shard(plan, i, predictor, MODEL, [sink], ScoringOptions()) for i in range(plan.shards)]
+    summary = summarise(results, plan, MODEL, seconds=1.0, tables=sink.finish())
+    assert (summary.predicted, summary.rejected, summary.files) == (9, 3, 12)
+    assert summary.rejects_by_kind == {"empty": 1, "not_an_image": 1, "duplicate": 1}
+    assert sum(summary.labels.values()) == 9 and summary.model == "patterns v1"
+    assert {"item": "rejected: duplicate", "count": 1} in summary.rows()
+    again = plan_shards(inputs, [sink], MODEL, shard_size=4, run_dir=tmp_path)
+    assert (again.files, again.shards, again.skipped) == (0, 0, 12)  # everything is accounted for
+    other_version = plan_shards(inputs, [sink], ModelRef("patterns", "2", ""), shard_size=4, run_dir=tmp_path)
+    assert other_version.files == 12

@@ -18,8 +18,7 @@ def _rows(n_groups: int = 120, seed: int = 0) -> pd.DataFrame:
     for g in range(n_groups):
         label = ["a", "a", "a", "b", "c"][g % 5]  # imbalanced: a 60%, b 20%, c 20%
         for k in range(int(rng.integers(1, 4))):
-            rows.append({"image_id": f"img{g}-{k}", "label": label, "group": f"G{g}", "fixed": None,
-                         "allowed": ALL})
+            rows.append({"image_id": f"img{g}-{k}", "label": label, "group": f"G{g}", "fixed": None, "allowed": ALL})
     return pd.DataFrame(rows)
 
 

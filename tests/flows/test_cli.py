@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
+from tests.helpers import clean_env, free_port, wait_until_up
 
 runner = CliRunner()
 CNN = str(Path(sys.executable).with_name("cnn"))
@@ -33,9 +34,9 @@ def test_version_and_help_on_every_command() -> None:
 
 
 def _run_cli(args: list[str], home: Path, timeout: int = 240) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(CNN_HOME=str(home), COLUMNS="120", PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    return subprocess.run([CNN, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run(
+        [CNN, *args], capture_output=True, text=True, env=clean_env(home, COLUMNS="120"), timeout=timeout
+    )
 
 
 def test_missing_source_is_one_line_and_exit_2(tmp_path: Path) -> None:
@@ -45,12 +46,15 @@ def test_missing_source_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr + result.stdout
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--dataset", "bad name!"], "invalid name"),
-    (["--dataset", "ok", "--channels", "2"], "channels"),
-    (["--dataset", "ok", "--val-fraction", "0.7", "--test-fraction", "0.5"], "leave some data"),
-    (["--dataset", "ok", "--resize", "stretch"], "resize"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--dataset", "bad name!"], "invalid name"),
+        (["--dataset", "ok", "--channels", "2"], "channels"),
+        (["--dataset", "ok", "--val-fraction", "0.7", "--test-fraction", "0.5"], "leave some data"),
+        (["--dataset", "ok", "--resize", "stretch"], "resize"),
+    ],
+)
 def test_option_errors(tmp_path: Path, cnn_home: Path, args: list[str], message: str) -> None:
     (tmp_path / "src").mkdir()
     result = runner.invoke(app, ["ingest", str(tmp_path / "src"), *args])
@@ -58,15 +62,28 @@ def test_option_errors(tmp_path: Path, cnn_home: Path, args: list[str], message:
     assert message in result.output
 
 
-def test_ingest_and_augment_through_prefect(prefect_server: None, cnn_home: Path, tmp_path: Path,
-                                            capfd: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.slow
+def test_ingest_and_augment_through_prefect(
+    prefect_server: None, cnn_home: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowFilter, FlowFilterName
 
     made = runner.invoke(app, ["demo-data", "xray", "--n", "80", "--out", str(tmp_path / "xray")])
     assert made.exit_code == 0, made.output
-    result = runner.invoke(app, ["ingest", str(tmp_path / "xray" / "manifest.csv"), "--dataset", "xray",
-                                 "--image-size", "32", "--channels", "1"])
+    result = runner.invoke(
+        app,
+        [
+            "ingest",
+            str(tmp_path / "xray" / "manifest.csv"),
+            "--dataset",
+            "xray",
+            "--image-size",
+            "32",
+            "--channels",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "images per class and split" in result.output and "rejected files" in result.output
     manifest = pd.read_parquet(cnn_home / "datasets" / "xray" / "manifest.parquet")
@@ -81,8 +98,22 @@ def test_ingest_and_augment_through_prefect(prefect_server: None, cnn_home: Path
         assert {a.key for a in artifacts} == set(keys)
 
     preview = tmp_path / "preview.png"
-    result = runner.invoke(app, ["augment", "--dataset", "xray", "--policy", "xray", "--preview", str(preview),
-                                 "--rows", "3", "--samples", "2"])
+    result = runner.invoke(
+        app,
+        [
+            "augment",
+            "--dataset",
+            "xray",
+            "--policy",
+            "xray",
+            "--preview",
+            str(preview),
+            "--rows",
+            "3",
+            "--samples",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert preview.is_file() and preview.stat().st_size > 1000
 
@@ -92,9 +123,10 @@ def test_ingest_and_augment_through_prefect(prefect_server: None, cnn_home: Path
     assert missing.exit_code == 2 and "cnn ingest" in missing.output
 
 
-def test_user_error_inside_the_flow_has_no_traceback(prefect_server: None, cnn_home: Path,
-                                                     write_images: Callable[..., Path],
-                                                     capfd: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.slow
+def test_user_error_inside_the_flow_has_no_traceback(
+    prefect_server: None, cnn_home: Path, write_images: Callable[..., Path], capfd: pytest.CaptureFixture[str]
+) -> None:
     src = write_images(classes=("only",), per_class=3)
     result = runner.invoke(app, ["ingest", str(src), "--dataset", "single", "--image-size", "16"])
     captured = capfd.readouterr()
@@ -103,6 +135,7 @@ def test_user_error_inside_the_flow_has_no_traceback(prefect_server: None, cnn_h
     assert "Traceback" not in result.output + captured.err + captured.out
 
 
+@pytest.mark.e2e
 def test_real_console_script_end_to_end(tmp_path: Path) -> None:
     """The installed `cnn` against Prefect's local server, as a user runs it."""
     home = tmp_path / "home"
@@ -117,26 +150,23 @@ def test_real_console_script_end_to_end(tmp_path: Path) -> None:
     assert again.returncode == 0 and "decoded 0 files, 24 unchanged" in again.stdout
 
 
+@pytest.mark.e2e
 def test_ui_serves_the_workspace_store(tmp_path: Path) -> None:
-    import socket
-    import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update(CNN_HOME=str(tmp_path / "home"))
-    proc = subprocess.Popen([CNN, "ui", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env, start_new_session=True)
+    port = free_port()
+    env = clean_env(tmp_path / "home", drop=("PREFECT_", "MLFLOW_"))
+    proc = subprocess.Popen(
+        [CNN, "ui", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
-        deadline, status = time.monotonic() + 90, None
-        while time.monotonic() < deadline and status is None:
-            try:
-                status = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status
-            except OSError:
-                time.sleep(0.5)
-        assert status == 200
+        wait_until_up(f"http://127.0.0.1:{port}/", timeout=90)
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).status == 200
     finally:
         os.killpg(proc.pid, 15)
         output = proc.communicate(timeout=30)[0]

@@ -70,12 +70,17 @@ def test_compose_file_validates_and_mirrors_the_tested_setup() -> None:
     tool = shutil.which("docker-compose")
     if tool is None:
         pytest.skip("docker-compose (Debian's 1.29 package) is not installed; .ci/run installs it")
-    env = {"PATH": "/usr/bin:/bin", "POSTGRES_PASSWORD": "x", "MLFLOW_TRACKING_PASSWORD": "y",
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": "z"}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "POSTGRES_PASSWORD": "x",
+        "MLFLOW_TRACKING_PASSWORD": "y",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "z",
+    }
     checked = subprocess.run([tool, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, env=env)
     assert checked.returncode == 0, checked.stderr
-    missing = subprocess.run([tool, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
-                             env={"PATH": "/usr/bin:/bin"})
+    missing = subprocess.run(
+        [tool, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}
+    )
     assert missing.returncode != 0 and "POSTGRES_PASSWORD" in missing.stderr
 
 
@@ -96,7 +101,49 @@ def test_kubernetes_gpu_template() -> None:
 
 def test_prefect_yaml_covers_every_flow() -> None:
     entrypoints = {d["entrypoint"] for d in _deployments()}
-    assert {"flows/score.py:score_flow", "flows/train.py:train_flow", "flows/ingest.py:ingest_flow",
-            "flows/pipeline.py:pipeline_flow"} <= entrypoints
+    assert {
+        "flows/score.py:score_flow",
+        "flows/train.py:train_flow",
+        "flows/ingest.py:ingest_flow",
+        "flows/pipeline.py:pipeline_flow",
+    } <= entrypoints
     pools = {d["work_pool"]["name"] for d in _deployments()}
     assert pools == {"cpu", "gpu"}
+
+
+def test_scoring_defaults_live_in_one_place() -> None:
+    """The CLI, the flow, `cnn serve` and prefect.yaml take their defaults from ScoreConfig, so they cannot drift."""
+    import inspect
+
+    from typer.testing import CliRunner
+
+    from cnn.config import ScoreConfig
+    from flows.cli import app
+    from flows.score import score_flow
+    from flows.serve import Schedules, deployments
+
+    assert set(inspect.signature(score_flow.fn).parameters) == {"source", "config", "home"}
+    defaults = ScoreConfig(model="m")
+    help_text = " ".join(CliRunner().invoke(app, ["score", "--help"], terminal_width=200).output.split())
+    for option in ("review_below", "top_k", "batch_size", "shard_size", "precision"):
+        assert f"(default: {getattr(defaults, option)})" in help_text, option
+    nightly = next(d for d in _deployments() if d["name"] == "nightly")["parameters"]["config"]
+    assert ScoreConfig(**nightly).review_below == defaults.review_below  # not restated, so the same
+    served = deployments(Schedules("/in", ScoreConfig(model="m"), train_cron=""))[0].parameters["config"]
+    assert ScoreConfig(**served) == defaults
+
+
+def test_flow_configs_load_yaml_and_let_options_override(tmp_path: Path) -> None:
+    from cnn.config import ScoreConfig
+    from cnn.errors import UserError
+    from cnn.ingest import IngestOptions
+
+    path = tmp_path / "score.yaml"
+    path.write_text("model: xray@challenger\nreview_below: 0.8\nshard_size: 32\n")
+    cfg = ScoreConfig.load(path, shard_size=8, output=None)
+    assert (cfg.model, cfg.review_below, cfg.shard_size, cfg.output) == ("xray@challenger", 0.8, 8, None)
+    with pytest.raises(UserError, match="invalid scoring config: model: Field required"):
+        ScoreConfig.load(None)
+    path.write_text("image_size: 64\nworkers: 2\n")
+    with pytest.raises(UserError, match="invalid ingest config: workers: Extra inputs are not permitted"):
+        IngestOptions.load(path)

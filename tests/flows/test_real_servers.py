@@ -9,7 +9,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import api_json, pattern_dataset, write_patterns
+from tests.helpers import api_json, free_port, pattern_dataset, requires_postgres, wait_until_up, write_patterns
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
@@ -29,24 +28,7 @@ PG = "postgres@127.0.0.1:5432"
 PASSWORD = "s3cret-" + uuid.uuid4().hex[:8]
 
 
-def _pg_available() -> bool:
-    try:
-        import psycopg2
-
-        psycopg2.connect(host="127.0.0.1", user="postgres", dbname="test", connect_timeout=3).close()
-        return True
-    except Exception:  # noqa: BLE001 - no server, no test
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _pg_available(),
-                                reason="no PostgreSQL reachable at 127.0.0.1:5432 (user postgres, db test)")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = [requires_postgres, pytest.mark.e2e]
 
 
 def _databases(names: list[str], create: bool) -> None:
@@ -63,20 +45,6 @@ def _databases(names: list[str], create: bool) -> None:
     conn.close()
 
 
-def _wait(url: str, timeout: float = 120, auth: str | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            request = urllib.request.Request(url, headers={"Authorization": auth} if auth else {})
-            with urllib.request.urlopen(request, timeout=3):
-                return
-        except urllib.error.HTTPError:
-            return  # it answers (even 401): up
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not come up")
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """Prefect and MLflow servers on fresh PostgreSQL databases, and two process workers."""
@@ -84,11 +52,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     suffix = uuid.uuid4().hex[:8]
     dbs = [f"prefect_{suffix}", f"mlflow_{suffix}", f"mlauth_{suffix}", f"preds_{suffix}"]
     _databases(dbs, create=True)
-    prefect_port, mlflow_port = _port(), _port()
+    prefect_port, mlflow_port = free_port(), free_port()
     (tmp / "auth.ini").write_text(
         "[mlflow]\ndefault_permission = READ\n"
         f"database_uri = postgresql+psycopg2://{PG}/{dbs[2]}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "CNN_"))}
     base.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true")
     env = {
@@ -109,26 +78,73 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
 
     def start(name: str, command: list[str], extra: dict[str, str]) -> None:
         log = (logs / f"{name}.log").open("wb")
-        processes.append(subprocess.Popen(command, env={**env, **extra}, stdout=log, stderr=subprocess.STDOUT,
-                                          cwd=ROOT, start_new_session=True))
+        processes.append(
+            subprocess.Popen(
+                command, env={**env, **extra}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+            )
+        )
 
     try:
-        start("prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                          str(prefect_port), "--analytics-off", "--no-ui"],
-              {"PREFECT_API_URL": "", "PREFECT_HOME": str(tmp / "prefect-server"),
-               "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{PG}/{dbs[0]}"})
-        start("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                         "--app-name", "basic-auth", "--backend-store-uri", f"postgresql+psycopg2://{PG}/{dbs[1]}",
-                         "--artifacts-destination", str(tmp / "mlartifacts"), "--serve-artifacts"],
-              {"MLFLOW_AUTH_CONFIG_PATH": str(tmp / "auth.ini"), "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
-               "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD, "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex})
-        _wait(f"{env['PREFECT_API_URL']}/health")
-        _wait(f"{env['MLFLOW_TRACKING_URI']}/health")
+        start(
+            "prefect",
+            [
+                str(BIN / "prefect"),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(prefect_port),
+                "--analytics-off",
+                "--no-ui",
+            ],
+            {
+                "PREFECT_API_URL": "",
+                "PREFECT_HOME": str(tmp / "prefect-server"),
+                "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{PG}/{dbs[0]}",
+            },
+        )
+        start(
+            "mlflow",
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(mlflow_port),
+                "--app-name",
+                "basic-auth",
+                "--backend-store-uri",
+                f"postgresql+psycopg2://{PG}/{dbs[1]}",
+                "--artifacts-destination",
+                str(tmp / "mlartifacts"),
+                "--serve-artifacts",
+            ],
+            {
+                "MLFLOW_AUTH_CONFIG_PATH": str(tmp / "auth.ini"),
+                "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+                "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex,
+            },
+        )
+        wait_until_up(f"{env['PREFECT_API_URL']}/health")
+        wait_until_up(f"{env['MLFLOW_TRACKING_URI']}/health")
         for pool in ("cpu", "gpu"):
-            subprocess.run([str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process"], env=env,
-                           check=True, capture_output=True, cwd=ROOT)
-        deployed = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file",
-                                   "deploy/prefect.yaml"], env=env, capture_output=True, text=True, cwd=ROOT)
+            subprocess.run(
+                [str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process"],
+                env=env,
+                check=True,
+                capture_output=True,
+                cwd=ROOT,
+            )
+        deployed = subprocess.run(
+            [str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml"],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
         for pool in ("cpu", "gpu"):
             start(f"worker-{pool}", [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"], {})

@@ -20,11 +20,20 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tests.helpers import api_json, pattern_dataset, unusable_compiler, write_patterns
+from tests.helpers import (
+    PG_URL,
+    api_json,
+    clean_env,
+    free_port,
+    pattern_dataset,
+    requires_postgres,
+    unusable_compiler,
+    write_patterns,
+)
 
 runner = CliRunner()
 CNN = str(Path(sys.executable).with_name("cnn"))
-PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +73,20 @@ def _paths_once(predictions: pd.DataFrame, rejects: pd.DataFrame) -> list[str]:
 def test_exactly_once_then_idempotent_then_incremental(home: Path, tmp_path: Path) -> None:
     folder, total = _mixed_folder(tmp_path / "incoming")
     out = tmp_path / "preds.parquet"
-    args = ["score", str(folder), "--model", "patterns", "--output", str(out), "--review-below", "0.9",
-            "--shard-size", "5", "--top-k", "2"]
+    args = [
+        "score",
+        str(folder),
+        "--model",
+        "patterns",
+        "--output",
+        str(out),
+        "--review-below",
+        "0.9",
+        "--shard-size",
+        "5",
+        "--top-k",
+        "2",
+    ]
     result = runner.invoke(app, args + ["--table", f"sqlite:///{tmp_path / 'p.db'}#preds"])
     assert result.exit_code == 0, result.output
     preds, rejects = pd.read_parquet(out), pd.read_parquet(tmp_path / "preds.rejects.parquet")
@@ -74,8 +95,18 @@ def test_exactly_once_then_idempotent_then_incremental(home: Path, tmp_path: Pat
     assert _paths_once(preds, rejects) == all_files  # every input exactly once
     assert len(rejects) == 4 and rejects["reason"].str.contains("duplicate of").sum() == 1
     assert set(preds["label"]) <= {"horizontal", "vertical", "checker"}
-    assert {"image_id", "confidence", "top_k", "needs_review", "prob_checker", "model_name", "model_version",
-            "run_id", "scored_at", "flow_run_id"} <= set(preds.columns)
+    assert {
+        "image_id",
+        "confidence",
+        "top_k",
+        "needs_review",
+        "prob_checker",
+        "model_name",
+        "model_version",
+        "run_id",
+        "scored_at",
+        "flow_run_id",
+    } <= set(preds.columns)
     assert (preds["model_version"].astype(str) == "1").all() and preds["flow_run_id"].str.len().min() > 10
     assert preds["scored_at"].dt.tz is not None
     assert (preds["needs_review"] == (preds["confidence"] < 0.9)).all()
@@ -98,8 +129,13 @@ def test_exactly_once_then_idempotent_then_incremental(home: Path, tmp_path: Pat
 def test_manifest_id_columns_csv_output_and_version_pin(home: Path, tmp_path: Path) -> None:
     folder = write_patterns(tmp_path / "claims", per_class=2, seed=3)
     files = sorted(folder.rglob("*.png"))
-    manifest = pd.DataFrame({"path": [str(p.relative_to(folder)) for p in files],
-                             "claim_id": [f"C{i:03d}" for i in range(len(files))], "policy_no": "P-1"})
+    manifest = pd.DataFrame(
+        {
+            "path": [str(p.relative_to(folder)) for p in files],
+            "claim_id": [f"C{i:03d}" for i in range(len(files))],
+            "policy_no": "P-1",
+        }
+    )
     manifest.to_csv(folder / "batch.csv", index=False)
     out = tmp_path / "preds.csv"
     result = runner.invoke(app, ["score", str(folder / "batch.csv"), "--model", "patterns:1", "--output", str(out)])
@@ -116,25 +152,15 @@ def test_errors_are_one_line(home: Path, tmp_path: Path) -> None:
     assert bad_spec.exit_code == 2 and "MODEL@alias" in bad_spec.output
     nothing = runner.invoke(app, ["score", str(tmp_path / "nope"), "--model", "patterns"])
     assert nothing.exit_code == 2 and "nothing to score" in nothing.output
-    bad_table = runner.invoke(app, ["score", str(tmp_path), "--model", "patterns",
-                                    "--table", f"sqlite:///{tmp_path / 'x.db'}#drop table"])
+    bad_table = runner.invoke(
+        app, ["score", str(tmp_path), "--model", "patterns", "--table", f"sqlite:///{tmp_path / 'x.db'}#drop table"]
+    )
     assert bad_table.exit_code == 2 and "invalid table name" in bad_table.output
     bad_output = runner.invoke(app, ["score", str(tmp_path), "--model", "patterns", "--output", "x.json"])
     assert bad_output.exit_code == 2 and ".parquet or .csv" in bad_output.output
 
 
-def _pg_available() -> bool:
-    try:
-        from sqlalchemy import create_engine, text
-
-        with create_engine(PG_URL).connect() as conn:
-            conn.execute(text("select 1"))
-        return True
-    except Exception:  # noqa: BLE001 - any failure means no server to test against
-        return False
-
-
-@pytest.mark.skipif(not _pg_available(), reason="no PostgreSQL reachable at 127.0.0.1:5432 (user postgres, db test)")
+@requires_postgres
 def test_postgresql_sink(home: Path, tmp_path: Path) -> None:
     from sqlalchemy import create_engine, text
 
@@ -143,14 +169,19 @@ def test_postgresql_sink(home: Path, tmp_path: Path) -> None:
     engine = create_engine(PG_URL)
     try:
         for _ in range(2):  # the second run must add nothing
-            result = runner.invoke(app, ["score", str(folder), "--model", "patterns", "--table", f"{PG_URL}#{table}",
-                                         "--shard-size", "3"])
+            result = runner.invoke(
+                app, ["score", str(folder), "--model", "patterns", "--table", f"{PG_URL}#{table}", "--shard-size", "3"]
+            )
             assert result.exit_code == 0, result.output
         with engine.connect() as conn:
             rows = conn.execute(text(f'select count(*), count(distinct path) from "{table}"')).one()
             rejects = conn.execute(text(f'select count(*) from "{table}_rejects"')).scalar()
-            review_type = conn.execute(text("select data_type from information_schema.columns "
-                                            f"where table_name = '{table}' and column_name = 'needs_review'")).scalar()
+            review_type = conn.execute(
+                text(
+                    "select data_type from information_schema.columns "
+                    f"where table_name = '{table}' and column_name = 'needs_review'"
+                )
+            ).scalar()
         assert rows[0] == rows[1] == total - 4 and rejects == 4
         assert review_type == "boolean"
     finally:
@@ -159,14 +190,27 @@ def test_postgresql_sink(home: Path, tmp_path: Path) -> None:
             conn.execute(text(f'drop table if exists "{table}_rejects"'))
 
 
+@pytest.mark.e2e
 def test_kill_9_and_rerun_leaves_no_duplicate_and_no_gap(home: Path, tmp_path: Path) -> None:
     folder = write_patterns(tmp_path / "big", per_class=40, seed=11)
     total = 120
     db = tmp_path / "k.db"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(CNN_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    args = [CNN, "score", str(folder), "--model", "patterns", "--table", f"sqlite:///{db}#preds",
-            "--output", str(tmp_path / "k.parquet"), "--shard-size", "4", "--decode-workers", "1"]
+    env = clean_env(home)
+    args = [
+        CNN,
+        "score",
+        str(folder),
+        "--model",
+        "patterns",
+        "--table",
+        f"sqlite:///{db}#preds",
+        "--output",
+        str(tmp_path / "k.parquet"),
+        "--shard-size",
+        "4",
+        "--decode-workers",
+        "1",
+    ]
 
     def committed() -> int:
         if not db.is_file():
@@ -177,8 +221,7 @@ def test_kill_9_and_rerun_leaves_no_duplicate_and_no_gap(home: Path, tmp_path: P
         except sqlite3.OperationalError:
             return 0
 
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 180
     while committed() < 8 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -206,21 +249,35 @@ def test_scoring_engine_and_pyfunc_agree(home: Path, tmp_path: Path) -> None:
     assert direct["label"].tolist() == engine["label"].tolist()
 
 
+@pytest.mark.e2e
 def test_served_deployment_triggered_through_the_api(home: Path, tmp_path: Path) -> None:
     """`cnn serve` starts a real `prefect server` on loopback; a run created through the REST API scores."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     folder = write_patterns(tmp_path / "incoming", per_class=2, seed=5)
     out = tmp_path / "served.parquet"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(CNN_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    proc = subprocess.Popen([CNN, "serve", "--model", "patterns", "--incoming", str(folder), "--output", str(out),
-                             "--train-cron", "", "--port", str(port)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    env = clean_env(home)
+    proc = subprocess.Popen(
+        [
+            CNN,
+            "serve",
+            "--model",
+            "patterns",
+            "--incoming",
+            str(folder),
+            "--output",
+            str(out),
+            "--train-cron",
+            "",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
     def call(path: str, body: dict | None = None) -> Any:
         return api_json(f"{api}{path}", body)
@@ -244,9 +301,13 @@ def test_served_deployment_triggered_through_the_api(home: Path, tmp_path: Path)
         assert len(preds) == 6 and set(preds["flow_run_id"]) == {run["id"]}
         # Other commands in this CNN_HOME join the served server instead of starting a throwaway one.
         other = write_patterns(tmp_path / "other", per_class=1, seed=6)
-        joined = subprocess.run([CNN, "score", str(other), "--model", "patterns", "--output",
-                                 str(tmp_path / "other.parquet")], env=env, capture_output=True, text=True,
-                                timeout=300)
+        joined = subprocess.run(
+            [CNN, "score", str(other), "--model", "patterns", "--output", str(tmp_path / "other.parquet")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert joined.returncode == 0, joined.stderr[-2000:]
         assert "Starting temporary server" not in joined.stdout + joined.stderr
         runs = call("/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})
@@ -294,8 +355,22 @@ def test_compiled_scoring_matches_eager(home: Path, tmp_path: Path) -> None:
     # Where compiling fails (no C++ compiler here), the run still scores, eagerly, and says so.
     fallback = tmp_path / "fallback.parquet"
     with unusable_compiler():
-        result = runner.invoke(app, ["score", str(folder), "--model", "patterns", "--batch-size", "4",
-                                     "--precision", "bf16", "--compile", "--output", str(fallback)])
+        result = runner.invoke(
+            app,
+            [
+                "score",
+                str(folder),
+                "--model",
+                "patterns",
+                "--batch-size",
+                "4",
+                "--precision",
+                "bf16",
+                "--compile",
+                "--output",
+                str(fallback),
+            ],
+        )
     assert result.exit_code == 0, result.output
     assert "bf16, eager (torch.compile failed" in result.output
     assert len(pd.read_parquet(fallback)) == 9

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +22,28 @@ runner = CliRunner()
 EPOCHS = ["--epochs", "3", "--batch-size", "16", "--lr", "0.003"]
 
 
-@pytest.fixture
-def trained(prefect_server: None, cnn_home: Path, tmp_path: Path) -> Path:
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cnn_home(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One workspace for the module: the tests read what the first training wrote (the gate test, last, adds to it)."""
+    saved = dict(os.environ)
+    home = tmp_path_factory.mktemp("training") / "home"
+    os.environ["CNN_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield home
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def trained(cnn_home: Path) -> Path:
     from flows import workspace
 
     workspace.configure()
     pattern_dataset(cnn_home)
-    config = tmp_path / "fast.yaml"
+    config = cnn_home.parent / "fast.yaml"
     config.write_text("model_options: {filters: [8, 16], dense: 32}\nloader_workers: 0\nwarmup_epochs: 0.5\n")
     result = runner.invoke(app, ["train", "--dataset", "patterns", "--config", str(config), *EPOCHS])
     assert result.exit_code == 0, result.output
@@ -54,35 +70,23 @@ def test_training_is_tracked_in_mlflow(trained: Path, cnn_home: Path) -> None:
     assert {"test_macro_f1", "test_accuracy", "val_macro_f1", "train_loss", "best_epoch"} <= set(run.data.metrics)
     assert len(client.get_metric_history(run.info.run_id, "val_macro_f1")) == 3  # one point per epoch
     assert run.data.tags["torch.version"] and run.data.tags["dataset.manifest_sha256"]
-    artifacts = {a.path for folder in ("evaluation", "config", "dataset")
-                 for a in client.list_artifacts(run.info.run_id, folder)}
-    assert {"evaluation/test_confusion_matrix.png", "evaluation/test_roc.png", "evaluation/test_reliability.png",
-            "evaluation/training_curves.png", "evaluation/test_classification_report.txt",
-            "config/config.yaml", "config/augmentation_policy.json", "dataset/report.md",
-            "dataset/manifest_digest.json"} <= artifacts
+    artifacts = {
+        a.path for folder in ("evaluation", "config", "dataset") for a in client.list_artifacts(run.info.run_id, folder)
+    }
+    assert {
+        "evaluation/test_confusion_matrix.png",
+        "evaluation/test_roc.png",
+        "evaluation/test_reliability.png",
+        "evaluation/training_curves.png",
+        "evaluation/test_classification_report.txt",
+        "config/config.yaml",
+        "config/augmentation_policy.json",
+        "dataset/report.md",
+        "dataset/manifest_digest.json",
+    } <= artifacts
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == "patterns"
     assert str(cnn_home / "mlartifacts") in mlflow.get_experiment(run.info.experiment_id).artifact_location
     assert version.tags["gate.decision"] == "champion"
-
-
-def test_gate_holds_back_then_promote_and_rollback(trained: Path, tmp_path: Path) -> None:
-    strict = tmp_path / "strict.yaml"
-    strict.write_text(trained.read_text() + "min_improvement: 1.0\n")
-    result = runner.invoke(app, ["train", "--dataset", "patterns", "--config", str(strict), *EPOCHS])
-    assert result.exit_code == 0, result.output
-    assert "@challenger" in result.output
-    assert _aliases("patterns") == {"champion": "1", "challenger": "2"}
-
-    promoted = runner.invoke(app, ["promote", "patterns", "--version", "2"])
-    assert promoted.exit_code == 0 and "v2 is now @champion" in promoted.output
-    assert _aliases("patterns") == {"champion": "2", "previous": "1"}
-
-    back = runner.invoke(app, ["rollback", "patterns"])
-    assert back.exit_code == 0, back.output
-    assert _aliases("patterns") == {"champion": "1", "previous": "2"}
-
-    missing = runner.invoke(app, ["promote", "patterns", "--version", "9"])
-    assert missing.exit_code == 2 and "no version 9" in missing.output
 
 
 def test_pyfunc_from_registry_agrees_with_the_engine(trained: Path, cnn_home: Path, tmp_path: Path) -> None:
@@ -117,9 +121,23 @@ def test_pyfunc_from_registry_agrees_with_the_engine(trained: Path, cnn_home: Pa
     csv = tmp_path / "paths.csv"
     pd.DataFrame({"path": split.paths[:5]}).to_csv(csv, index=False)
     out = subprocess.run(
-        [str(Path(sys.executable).with_name("mlflow")), "models", "predict", "-m", "models:/patterns@champion",
-         "--env-manager", "local", "-i", str(csv), "-t", "csv"],
-        capture_output=True, text=True, timeout=300, env={**os.environ},
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "models",
+            "predict",
+            "-m",
+            "models:/patterns@champion",
+            "--env-manager",
+            "local",
+            "-i",
+            str(csv),
+            "-t",
+            "csv",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ},
     )
     assert out.returncode == 0, out.stderr[-2000:]
     strict = json.JSONDecoder(parse_constant=lambda c: pytest.fail(f"{c} in the predictions is not JSON"))
@@ -137,58 +155,22 @@ def test_resume_and_errors(trained: Path, cnn_home: Path) -> None:
     assert absent.exit_code == 2 and "cnn ingest" in absent.output
 
 
-def test_ddp_two_cpu_processes_match_single_process_steps(prefect_server: None, cnn_home: Path,
-                                                          tmp_path: Path) -> None:
-    """2 gloo processes: one version registered, same optimizer steps as one process with the same global batch."""
-    from mlflow.tracking import MlflowClient
-
-    from cnn.config import TrainConfig
-    from cnn.train import fit
-    from flows import workspace
-
-    workspace.configure()
-    root = pattern_dataset(cnn_home)
-    options = {"model_options": {"filters": [8, 16], "dense": 32}, "loader_workers": 0, "epochs": 2, "batch_size": 16}
-    single = fit(TrainConfig(**options), root, tmp_path / "single")
-    config = tmp_path / "ddp.yaml"
-    config.write_text("model_options: {filters: [8, 16], dense: 32}\nloader_workers: 0\nepochs: 2\nbatch_size: 16\n"
-                      )
-    result = runner.invoke(app, ["train", "--dataset", "patterns", "--config", str(config), "--nproc-per-node", "2"])
+# Last in the module: it registers a second version and moves the aliases.
+def test_gate_holds_back_then_promote_and_rollback(trained: Path, tmp_path: Path) -> None:
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(trained.read_text() + "min_improvement: 1.0\n")
+    result = runner.invoke(app, ["train", "--dataset", "patterns", "--config", str(strict), *EPOCHS])
     assert result.exit_code == 0, result.output
-    run_dir = next((cnn_home / "runs" / "patterns").iterdir())
-    ddp = json.loads((run_dir / "fit.json").read_text())
-    assert ddp["world_size"] == 2 and ddp["epochs_run"] == 2
-    assert [h["steps"] for h in ddp["history"]] == [h["steps"] for h in single.history]
-    assert [h["train_images_per_s"] > 0 for h in ddp["history"]] == [True, True]
-    versions = MlflowClient().search_model_versions("name='patterns'")
-    assert len(versions) == 1
-    run = MlflowClient().get_run(versions[0].run_id)
-    assert run.data.params["nproc_per_node"] == "2"
-    assert len(MlflowClient().get_metric_history(run.info.run_id, "train_loss")) == 2  # rank 0 logs alone
+    assert "@challenger" in result.output
+    assert _aliases("patterns") == {"champion": "1", "challenger": "2"}
 
+    promoted = runner.invoke(app, ["promote", "patterns", "--version", "2"])
+    assert promoted.exit_code == 0 and "v2 is now @champion" in promoted.output
+    assert _aliases("patterns") == {"champion": "2", "previous": "1"}
 
-def test_ddp_resume_continues_from_the_last_checkpoint(tmp_path: Path) -> None:
-    """Two gloo ranks train one epoch; a resumed job (same settings, more epochs) continues from epoch 1."""
-    from cnn.config import TrainConfig
+    back = runner.invoke(app, ["rollback", "patterns"])
+    assert back.exit_code == 0, back.output
+    assert _aliases("patterns") == {"champion": "1", "previous": "2"}
 
-    root = pattern_dataset(tmp_path)
-    run_dir = tmp_path / "run"
-
-    def launch(epochs: int, resume: bool) -> dict:
-        cfg = TrainConfig(model_options={"filters": [8, 16], "dense": 32}, loader_workers=0, epochs=epochs, batch_size=16)
-        (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
-        logs = tmp_path / f"logs-{epochs}"
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-                   "--log-dir", str(logs), "--redirects", "3",
-                   "-m", "flows.ddp_fit", "--dataset-dir", str(root), "--run-dir", str(run_dir),
-                   "--config", str(tmp_path / "cfg.json")] + (["--resume"] if resume else [])
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        ranks = "".join(p.read_text(errors="replace") for p in sorted(logs.rglob("std*.log")))
-        assert done.returncode == 0, ranks[-3000:] + done.stderr[-1500:]
-        return json.loads((run_dir / "fit.json").read_text())
-
-    first = launch(1, resume=False)
-    assert first["epochs_run"] == 1 and first["world_size"] == 2
-    resumed = launch(3, resume=True)
-    assert resumed["epochs_run"] == 3 and [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
-    assert resumed["history"][0] == first["history"][0]  # epoch 1 was not trained again
+    missing = runner.invoke(app, ["promote", "patterns", "--version", "9"])
+    assert missing.exit_code == 2 and "no version 9" in missing.output

@@ -1,0 +1,32 @@
+"""Library fixtures: one small pattern dataset and one model trained on it, shared by the read-only tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cnn.config import TrainConfig
+from cnn.train import FitResult, fit
+from tests.helpers import pattern_dataset
+
+FAST = dict(
+    model="small_cnn",
+    model_options={"filters": [8, 16], "dense": 32},
+    batch_size=16,
+    lr=3e-3,
+    warmup_epochs=0.5,
+    loader_workers=0,
+)
+
+
+@pytest.fixture(scope="session")
+def patterns(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ingested pattern dataset (24 px gray, three classes); never modified by tests."""
+    return pattern_dataset(tmp_path_factory.mktemp("patterns"))
+
+
+@pytest.fixture(scope="session")
+def trained(patterns: Path, tmp_path_factory: pytest.TempPathFactory) -> FitResult:
+    """small_cnn trained 6 epochs on `patterns`; read-only for tests."""
+    return fit(TrainConfig(epochs=6, **FAST), patterns, tmp_path_factory.mktemp("trained") / "run")

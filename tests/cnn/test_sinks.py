@@ -1,0 +1,91 @@
+"""Prediction sinks: Parquet/CSV parts merged once, SQL upserts, kill -9 leftovers, errors without secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cnn.errors import UserError
+from cnn.sinks import FileSink, SqlSink, open_sink
+
+
+def _rows(n: int, version: str = "1") -> tuple[pd.DataFrame, pd.DataFrame]:
+    preds = pd.DataFrame(
+        {
+            "image_id": [f"id{i}" for i in range(n)],
+            "path": [f"/p/{i}.png" for i in range(n)],
+            "label": "a",
+            "confidence": 0.9,
+            "needs_review": False,
+            "model_name": "m",
+            "model_version": version,
+            "scored_at": pd.Timestamp("2026-01-01", tz="UTC"),
+        }
+    )
+    rejects = pd.DataFrame(
+        {
+            "image_id": [""],
+            "path": [f"/bad/{version}.png"],
+            "reason": ["empty file (0 bytes)"],
+            "model_name": "m",
+            "model_version": version,
+        }
+    )
+    return preds, rejects
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_file_sink_commits_parts_and_merges_once(tmp_path: Path, suffix: str) -> None:
+    sink = FileSink(tmp_path / f"out{suffix}")
+    preds, rejects = _rows(3)
+    sink.commit(0, preds, rejects)
+    sink.commit(0, preds, rejects)  # a retried shard
+    assert sink.scored("m", "1") == ({f"id{i}": f"/p/{i}.png" for i in range(3)}, {"/bad/1.png"})
+    sink.finish()
+    assert not (tmp_path / f"out{suffix}.parts").exists()
+    out = pd.read_parquet(sink.path) if suffix == ".parquet" else pd.read_csv(sink.path)
+    assert len(out) == 3
+    sink.commit(1, *_rows(2, version="2"))
+    sink.finish()
+    out = pd.read_parquet(sink.path) if suffix == ".parquet" else pd.read_csv(sink.path)
+    assert len(out) == 5 and sink.scored("m", "2")[1] == {"/bad/2.png"}
+
+
+def test_file_sink_finishes_over_a_killed_runs_temporary_files(tmp_path: Path) -> None:
+    sink = FileSink(tmp_path / "out.parquet")
+    sink.commit(0, *_rows(2))
+    # kill -9 during a part write leaves the temporary file of atomic_path behind
+    (sink.parts / ".shard-000001-abc.pred.parquet.x1y2.tmp").write_bytes(b"PAR1 half written")
+    (tmp_path / ".out.parquet.k3j4.tmp").write_bytes(b"PAR1 half merged")  # ... or of the final merge
+    assert sink.scored("m", "1")[0] == {"id0": "/p/0.png", "id1": "/p/1.png"}
+    sink.finish()
+    assert not sink.parts.exists() and len(pd.read_parquet(sink.path)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.parquet", "out.rejects.parquet"]
+
+
+def test_sql_sink_upserts_and_adds_columns(tmp_path: Path) -> None:
+    sink = SqlSink.from_url(f"sqlite:///{tmp_path / 't.db'}#preds")
+    preds, rejects = _rows(3)
+    sink.commit(0, preds, rejects)
+    sink.commit(0, preds.assign(label="b"), rejects)  # same keys: updated, not doubled
+    more = _rows(1, version="2")[0].assign(claim_id="C9")
+    sink.commit(1, more, _rows(0, version="2")[1])
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        assert db.execute("select count(*), min(label) from preds where model_version='1'").fetchone() == (3, "b")
+        assert db.execute("select claim_id from preds where model_version='2'").fetchone() == ("C9",)
+        assert db.execute("select count(*) from preds_rejects").fetchone()[0] == 2
+    assert "sqlite" in sink.finish()[0]
+
+
+def test_sink_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="invalid table name"):
+        SqlSink.from_url(f"sqlite:///{tmp_path / 'x.db'}#1bad")
+    with pytest.raises(UserError, match="cannot open") as unreachable:
+        SqlSink.from_url("postgresql+psycopg2://nobody:secret@127.0.0.1:1/none#t")
+    assert "secret" not in str(unreachable.value) and "nobody:***@" in str(unreachable.value)
+    with pytest.raises(UserError, match=".parquet or .csv"):
+        open_sink(str(tmp_path / "x.txt"), None, "sqlite://#t")

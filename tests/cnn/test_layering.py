@@ -1,0 +1,26 @@
+"""The library's shape: `cnn` imports neither Prefect nor MLflow, and scoring does not load the training engine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import cnn
+
+
+def _modules_after(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print('\\n'.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def test_library_never_imports_the_orchestration() -> None:
+    modules = ", ".join(f"cnn.{p.stem}" for p in sorted(Path(cnn.__file__).parent.glob("*.py")) if p.stem != "__init__")
+    loaded = _modules_after(f"import {modules}")
+    assert "cnn.train" in loaded and not {m for m in loaded if m.split(".")[0] in ("prefect", "mlflow", "flows")}
+
+
+def test_scoring_does_not_import_the_training_module() -> None:
+    loaded = _modules_after("import cnn.scoring, cnn.evaluation, cnn.inference")
+    assert "cnn.train" not in loaded and "cnn.runtime" in loaded and "cnn.precision" in loaded

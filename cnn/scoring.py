@@ -109,7 +109,8 @@ class ScoringSummary:
     """A whole run: counts, where the tables are, and how it ran."""
 
     model: str
-    precision: str
+    precision: str  # fp32 | bf16 | fp16, and whether it ran compiled
+    precision_reason: str  # why the policy chose it (with the measured bf16 agreement where there is one)
     files: int
     predicted: int
     rejected: int
@@ -318,6 +319,7 @@ def summarise(
     return ScoringSummary(
         model=model.label,
         precision=precision,
+        precision_reason=model.precision_reason,
         files=plan.files,
         predicted=sum(r.predicted for r in results),
         rejected=sum(r.rejected for r in results),

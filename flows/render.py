@@ -84,6 +84,8 @@ def scoring(summary: ScoringSummary) -> None:
     for row in summary.rows():
         table.add_row(str(row["item"]), str(row["count"]))
     console.print(table)
+    if summary.precision_reason:
+        console.print(f"precision: {summary.precision_reason}", highlight=False)
     console.print(
         f"{summary.predicted} predictions, {summary.rejected} rejects, {summary.skipped} already "
         f"scored; tables:\n  " + "\n  ".join(summary.tables),

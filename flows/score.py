@@ -141,7 +141,7 @@ def runner(config: ScoreConfig) -> Flow[..., ScoringSummary]:
 
 
 def score(source: str, config: ScoreConfig) -> ScoringSummary:
-    """Check the model spec, then run the flow (on Dask when the config says so)."""
-    workspace.configure()
+    """Check the model spec, then run the flow (on Dask when the config says so). The caller has configured the
+    workspace (the CLI does, once per command)."""
     versions.parse_spec(config.model)
     return runner(config)(source=source, config=config)

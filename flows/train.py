@@ -61,8 +61,9 @@ def run_directory(home: Path, model_name: str, resume: bool) -> Path:
 
 
 def train(dataset: str, config: TrainConfig, resume: bool = False) -> TrainOutcome | NodeOutcome:
-    """Check the config, then run the flow on node 0 or this node's share of a multi-node job."""
-    ws = workspace.configure()
+    """Check the config, then run the flow on node 0 or this node's share of a multi-node job. The caller has
+    configured the workspace (the CLI does, once per command)."""
+    ws = workspace.current()
     ws.dataset(dataset).require()
     validate_name(config.register_as or dataset)
     check_config(config)

@@ -373,4 +373,6 @@ def test_compiled_scoring_matches_eager(home: Path, tmp_path: Path) -> None:
         )
     assert result.exit_code == 0, result.output
     assert "bf16, eager (torch.compile failed" in result.output
+    # bf16 forced: used whatever the agreement, which is measured on the validation split and reported
+    assert "precision: bf16 (forced, bf16 top-1 agreement" in " ".join(result.output.split())
     assert len(pd.read_parquet(fallback)) == 9

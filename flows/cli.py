@@ -287,6 +287,10 @@ def score(
     from flows import render
     from flows.score import score as run_scoring
 
+    if model is None and config is None:
+        raise UserError(
+            "--model is required: MODEL (its @champion), MODEL@alias or MODEL:version (or model: in --config)"
+        )
     cfg = ScoreConfig.load(
         config,
         model=model,

@@ -150,6 +150,10 @@ def test_errors_are_one_line(home: Path, tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "not found in the registry" in missing.output
     bad_spec = runner.invoke(app, ["score", str(tmp_path), "--model", "a b"])
     assert bad_spec.exit_code == 2 and "MODEL@alias" in bad_spec.output
+    no_model = runner.invoke(app, ["score", str(tmp_path)])
+    assert no_model.exit_code == 2 and "--model is required" in no_model.output
+    bad_choice = runner.invoke(app, ["score", str(tmp_path), "--model", "patterns", "--precision", "fp8"])
+    assert bad_choice.exit_code == 2 and "'fp8' is not one of" in bad_choice.output
     nothing = runner.invoke(app, ["score", str(tmp_path / "nope"), "--model", "patterns"])
     assert nothing.exit_code == 2 and "nothing to score" in nothing.output
     bad_table = runner.invoke(

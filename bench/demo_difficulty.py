@@ -77,7 +77,8 @@ def main() -> None:
         runs = [engine_scores(root, Path(tmp), args.epochs, seed) for seed in range(args.seeds)]
         for seed, run in enumerate(runs):
             results[f"small_cnn (engine), seed {seed}"] = run
-        results[f"small_cnn (engine), mean of {args.seeds}"] = tuple(np.mean(runs, axis=0))  # type: ignore[assignment]
+        accuracy, balanced = np.mean(runs, axis=0)
+        results[f"small_cnn (engine), mean of {args.seeds}"] = (float(accuracy), float(balanced))
         print(f"{args.kind}: {len(y_train)} train / {len(y_test)} test images at {args.size}px, classes {classes}")
         for name, (accuracy, balanced) in results.items():
             print(f"{name:<34} accuracy {accuracy:.3f}   balanced accuracy {balanced:.3f}")

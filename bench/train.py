@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -41,7 +42,9 @@ def engine(root: Path, work: Path, model: str, epochs: int, policy: str) -> floa
     return sum(h["train_images_per_s"] for h in timed) / len(timed)
 
 
-def _train_steps(model: nn.Module, batches: object, epochs: int) -> float:
+def _train_steps(
+    model: nn.Module, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], epochs: int
+) -> float:
     """Run `epochs` epochs over `batches()` and return images/s over all but the first."""
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
@@ -49,7 +52,7 @@ def _train_steps(model: nn.Module, batches: object, epochs: int) -> float:
     for _ in range(epochs):
         model.train()
         start, seen = time.perf_counter(), 0
-        for x, y in batches():  # type: ignore[operator]
+        for x, y in batches():
             x = x.contiguous(memory_format=torch.channels_last)
             loss = loss_fn(model(x), y)
             optimiser.zero_grad(set_to_none=True)
@@ -73,7 +76,7 @@ def in_memory(root: Path, model_name: str, epochs: int) -> float:
     torch.manual_seed(0)
     model = create_model(model_name, len(meta.classes), meta.channels).to(memory_format=torch.channels_last)
 
-    def batches():  # type: ignore[no-untyped-def]
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(len(y_all))
         return ((x_all[idx], y_all[idx]) for idx in order.split(BATCH))
 

@@ -48,9 +48,9 @@ class ModelContract:
     def decode_spec(self) -> DecodeSpec:
         """How to decode a file for this model: the same decoder and limits as the ingest it trained on."""
         return DecodeSpec(  # channels and resize come from JSON as int and str; DecodeSpec validates both
-            channels=self.channels,  # type: ignore[arg-type]
+            channels=self.channels,  # type: ignore[arg-type]  # an int from JSON; DecodeSpec checks 1 or 3
             size=self.image_size,
-            resize=self.resize,  # type: ignore[arg-type]
+            resize=self.resize,  # type: ignore[arg-type]  # a str from JSON; DecodeSpec checks pad or crop
             max_file_bytes=self.max_file_bytes,
             max_pixels=self.max_pixels,
         )

@@ -95,7 +95,7 @@ def _collate(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, to
 def _seed_worker(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
     if info is not None:
-        info.dataset.reseed(int(torch.initial_seed() % 2**31))  # type: ignore[attr-defined]
+        info.dataset.reseed(int(torch.initial_seed() % 2**31))  # type: ignore[attr-defined]  # our CacheDataset
 
 
 def make_loader(

@@ -56,7 +56,8 @@ def score_split(predictor: Predictor, dataset: Dataset, split: str, batch_size: 
     else:
         outcomes = list(decode_many(rows["path"].tolist(), contract.decode_spec(), workers=1))
         kept = [i for i, o in enumerate(outcomes) if o.ok and o.array is not None]
-        images = np.stack([outcomes[i].array for i in kept]) if kept else np.zeros((0,))  # type: ignore[misc]
+        arrays = [a for a in (outcomes[i].array for i in kept) if a is not None]
+        images = np.stack(arrays) if arrays else np.zeros((0,))
         labels = np.array([contract.classes.index(rows["label"].iloc[i]) for i in kept], dtype=np.int64)
         image_ids = [outcomes[i].image_id for i in kept]
     probs = predictor.predict_arrays(images, batch_size) if len(images) else np.zeros((0, len(contract.classes)))

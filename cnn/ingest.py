@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,7 +69,8 @@ class _StageRecord:
     file: ClassVar[str]
 
     def save(self, dataset_dir: Path) -> Path:
-        return write_json_atomic(staging_dir(dataset_dir) / self.file, asdict(self))  # type: ignore[call-overload]
+        record = asdict(self)  # type: ignore[call-overload]  # every subclass is a dataclass
+        return write_json_atomic(staging_dir(dataset_dir) / self.file, record)
 
     @classmethod
     def load(cls, dataset_dir: Path) -> Self:
@@ -119,7 +121,7 @@ class IngestStats:
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> IngestStats:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in names})  # type: ignore[arg-type]  # our own records
 
 
 # --- stage 1: scan ---------------------------------------------------------------------------
@@ -210,8 +212,8 @@ class _CacheBuilder:
         self.images: np.ndarray | None = None
         self.token = uuid.uuid4().hex[:12]
 
-    def keep(self, image_ids: object) -> None:
-        for image_id in image_ids:  # type: ignore[attr-defined]
+    def keep(self, image_ids: Iterable[str]) -> None:
+        for image_id in image_ids:
             if image_id in self.old_index:
                 self.kept[image_id] = self.old_index[image_id]
 

@@ -174,7 +174,7 @@ def _load_local_weights(path: str | Path, arch: str) -> dict[str, torch.Tensor]:
 
 def _get(model: nn.Module, path: str) -> nn.Module:
     for part in path.split("."):
-        model = model[int(part)] if part.isdigit() else getattr(model, part)  # type: ignore[index]
+        model = model[int(part)] if part.isdigit() else getattr(model, part)  # type: ignore[index]  # a Sequential
     return model
 
 
@@ -197,9 +197,9 @@ def _adapt_stem(model: nn.Module, stem: str, in_channels: int) -> None:
         in_channels,
         conv.out_channels,
         conv.kernel_size,  # type: ignore[arg-type]  # torch types it tuple[int, ...]; it holds two ints
-        conv.stride,  # type: ignore[arg-type]
-        conv.padding,  # type: ignore[arg-type]
-        conv.dilation,  # type: ignore[arg-type]
+        conv.stride,  # type: ignore[arg-type]  # as kernel_size
+        conv.padding,  # type: ignore[arg-type]  # as kernel_size
+        conv.dilation,  # type: ignore[arg-type]  # as kernel_size
         conv.groups,
         conv.bias is not None,
     )

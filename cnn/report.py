@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -31,7 +31,7 @@ class DatasetReport:
     formats: dict[str, int]
     duplicate_sets: int  # distinct images present more than once
     duplicate_files: int  # files that repeat an earlier file's bytes
-    conflicting_duplicates: list[dict[str, object]] = field(default_factory=list)
+    conflicting_duplicates: list[dict[str, Any]] = field(default_factory=list)  # image_id, labels, paths
     size_stats: dict[str, dict[str, float]] = field(default_factory=dict)
     size_buckets: dict[str, int] = field(default_factory=dict)
     stats: IngestStats | None = None  # decoded / reused / moved / layout of the ingest that wrote it
@@ -86,7 +86,7 @@ class DatasetReport:
         for conflict in self.conflicting_duplicates:
             lines.append(
                 f"- conflicting labels {conflict['labels']} for identical files: "
-                f"{', '.join(map(str, conflict['paths']))}"  # type: ignore[call-overload]
+                f"{', '.join(map(str, conflict['paths']))}"
             )
         if stats.skipped:
             lines += [

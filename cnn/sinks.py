@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pandas as pd
 
 from cnn.errors import UserError
 from cnn.fsio import atomic_path
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
+    from sqlalchemy.types import TypeEngine
 
 KEY = ["image_id", "model_name", "model_version"]
 REJECT_KEY = ["path", "model_name", "model_version"]
@@ -147,7 +151,7 @@ class SqlSink:
         """Create the table with a unique key, or add columns it lacks (new id or class columns)."""
         from sqlalchemy import Boolean, Column, DateTime, Float, MetaData, String, Table, Text, UniqueConstraint, text
 
-        def column_type(series: pd.Series):  # type: ignore[no-untyped-def]
+        def column_type(series: pd.Series) -> TypeEngine[Any]:
             if pd.api.types.is_bool_dtype(series):
                 return Boolean()
             if pd.api.types.is_float_dtype(series):
@@ -196,7 +200,7 @@ class SqlSink:
                 if len(frame):
                     self._upsert(conn, name, _sql_ready(frame), key)
 
-    def _upsert(self, conn, name: str, frame: pd.DataFrame, key: list[str]) -> None:  # type: ignore[no-untyped-def]
+    def _upsert(self, conn: Connection, name: str, frame: pd.DataFrame, key: list[str]) -> None:
         from sqlalchemy import MetaData, Table
 
         table = Table(name, MetaData(), autoload_with=conn)

@@ -70,7 +70,7 @@ def _split_dirs(root: Path) -> dict[str, Path]:
     subdirs = _subdirs(root)
     named = {_SPLIT_ALIASES.get(d.name.lower()): d for d in subdirs}
     if subdirs and None not in named and ("train" in named or "test" in named):
-        return named  # type: ignore[return-value]
+        return named  # type: ignore[return-value]  # None is not a key here: checked just above
     return {}
 
 

@@ -347,7 +347,8 @@ def _build_parts(cfg: TrainConfig, setup: _Setup, device: torch.device) -> _Part
 
 
 def _wrap_for_steps(parts: _Parts, cfg: TrainConfig, dist: Dist, device: torch.device) -> None:
-    step_model: nn.Module = torch.compile(parts.model) if cfg.compile else parts.model  # type: ignore[assignment]
+    compiled = torch.compile(parts.model) if cfg.compile else parts.model
+    step_model: nn.Module = compiled  # type: ignore[assignment]  # torch.compile returns a callable module
     if dist.enabled:  # torch.compile returns a callable module; DDP wraps whichever we have
         step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
     parts.step_model = step_model

@@ -57,7 +57,7 @@ def _command(func: F) -> F:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper  # type: ignore[return-value]  # functools.wraps keeps the signature typer reads
 
 
 def _help(model: type[BaseModel], field: str, text: str) -> str:

@@ -43,7 +43,7 @@ def dataset_report(dataset_dir: Path) -> None:
             f"[yellow]warning:[/] identical files with labels {conflict['labels']}: "
             f"{', '.join(map(str, conflict['paths']))}",
             highlight=False,
-        )  # type: ignore[call-overload]
+        )
     if report.stats is not None:
         console.print(f"decoded {report.stats.decoded} files, {report.stats.reused} unchanged since the last ingest")
     ds = Dataset(dataset_dir)

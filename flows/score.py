@@ -82,7 +82,8 @@ def score_flow(source: str, config: ScoreConfig, home: str | None = None) -> Sco
     """Score every new image of SOURCE with the configured model into prediction tables, exactly once."""
     ws = workspace.configure(home)
     context = get_run_context()
-    flow_run_id = str(context.flow_run.id) if getattr(context, "flow_run", None) else ""  # type: ignore[union-attr]
+    flow_run = getattr(context, "flow_run", None)
+    flow_run_id = str(flow_run.id) if flow_run is not None else ""
     run_dir = ws.home / "scoring" / (flow_run_id or "local")
     run_dir.mkdir(parents=True, exist_ok=True)
     _log_config(config, run_dir)

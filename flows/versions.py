@@ -75,7 +75,7 @@ def _cached_predictor(model_dir: str, device: str, precision: str, compile: bool
     # the weights and fold batch norm once per version rather than once per shard.
     weights, contract = _artifact_paths(Path(model_dir))
     predictor = Predictor.load(weights, contract, device, channels_last=True, fuse=True)
-    predictor = predictor.with_precision(PrecisionChoice(precision, "").autocast_dtype)  # type: ignore[arg-type]
+    predictor = predictor.with_precision(PrecisionChoice(precision, "").autocast_dtype)  # type: ignore[arg-type]  # a name the policy chose
     return predictor.compiled() if compile else predictor
 
 

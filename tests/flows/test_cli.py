@@ -20,7 +20,7 @@ CNN = str(Path(sys.executable).with_name("cnn"))
 
 
 def _commands() -> list[str]:
-    return [c.name or c.callback.__name__ for c in app.registered_commands]  # type: ignore[union-attr]
+    return [c.name or c.callback.__name__ for c in app.registered_commands]  # type: ignore[union-attr]  # all have one
 
 
 def test_version_and_help_on_every_command() -> None:

@@ -7,20 +7,27 @@ the same normalisation (EXIF orientation, mode -> 8-bit L or RGB, aspect-preserv
 
 from __future__ import annotations
 
+import errno
 import io
+import logging
 import math
 import os
+import re
+import stat
 import warnings
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from cnn.errors import UserError
 
+_log = logging.getLogger(__name__)
 RESIZE_MODES = ("pad", "crop")
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
 _EXIF_ORIENTATION = 0x0112
@@ -33,6 +40,7 @@ class RejectKind(StrEnum):
     NOT_FOUND = "not_found"
     NOT_A_FILE = "not_a_file"
     PERMISSION_DENIED = "permission_denied"
+    UNREADABLE = "unreadable"
     TOO_LARGE = "too_large"
     EMPTY = "empty"
     NOT_AN_IMAGE = "not_an_image"
@@ -94,6 +102,8 @@ def sniff_format(head: bytes) -> str:
     """Name the image format from the first bytes of a file, or raise DecodeError saying what it is."""
     if not head:
         raise DecodeError(RejectKind.EMPTY, "empty file (0 bytes)")
+    if head[128:132] == b"DICM":  # first: the 128-byte preamble may itself hold a TIFF header (dual-personality)
+        return "DICOM"
     if head.startswith(b"\xff\xd8\xff"):
         return "JPEG"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -106,8 +116,6 @@ def sniff_format(head: bytes) -> str:
         return "TIFF"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WEBP"
-    if head[128:132] == b"DICM":
-        return "DICOM"
     raise _unknown_format(head)
 
 
@@ -125,20 +133,63 @@ def _unknown_format(head: bytes) -> DecodeError:
     return DecodeError(RejectKind.UNRECOGNISED, "unrecognised file format")
 
 
-def read_image_bytes(path: str | os.PathLike[str], spec: DecodeSpec) -> bytes:
-    """Read a file under the size limit; raise DecodeError for missing, unreadable or oversize files."""
-    path = Path(path)
+@contextmanager
+def open_regular_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Open a file for reading only if it is a regular file (symlinks to one are fine); a FIFO, socket, device,
+    directory, dangling link or link loop raises DecodeError at once, never blocks and never streams forever."""
     try:
-        size = path.stat().st_size
-        if size > spec.max_file_bytes:
-            raise _too_large(size, spec)
-        return path.read_bytes()
+        mode = os.stat(path).st_mode  # before opening: a socket cannot be opened, a device should not be
+        if not stat.S_ISREG(mode):
+            raise DecodeError(RejectKind.NOT_A_FILE, f"not a regular file ({_file_type(mode)})")
+        # O_NONBLOCK: should the path turn into a FIFO meanwhile, opening it returns at once instead of waiting.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise DecodeError(RejectKind.NOT_FOUND, "file not found") from None
-    except IsADirectoryError:
-        raise DecodeError(RejectKind.NOT_A_FILE, "not a file") from None
     except PermissionError:
         raise DecodeError(RejectKind.PERMISSION_DENIED, "permission denied") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DecodeError(RejectKind.NOT_A_FILE, "not a regular file (symlink loop)") from None
+        raise DecodeError(RejectKind.UNREADABLE, f"cannot read the file: {os.strerror(exc.errno or 0)}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise DecodeError(RejectKind.NOT_A_FILE, f"not a regular file ({_file_type(mode)})")
+        handle = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with handle:
+        yield handle
+
+
+def _file_type(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def read_image_bytes(path: str | os.PathLike[str], spec: DecodeSpec) -> bytes:
+    """Read a regular file under the size limit (at most `max_file_bytes + 1` bytes are ever read); raise
+    DecodeError for missing, unreadable, special or oversize files."""
+    with open_regular_file(path) as handle:
+        try:
+            size = os.fstat(handle.fileno()).st_size
+            if size > spec.max_file_bytes:
+                raise _too_large(size, spec)
+            data = handle.read(spec.max_file_bytes + 1)
+        except OSError as exc:
+            raise DecodeError(RejectKind.UNREADABLE, f"cannot read the file: {os.strerror(exc.errno or 0)}") from None
+    if len(data) > spec.max_file_bytes:  # it grew while we read it
+        raise _too_large(len(data), spec)
+    return data
 
 
 def _too_large(size: int, spec: DecodeSpec) -> DecodeError:
@@ -156,9 +207,21 @@ def check_decoder_settings() -> None:
         )
 
 
-def decode_bytes(data: bytes, spec: DecodeSpec) -> DecodedImage:
-    """Decode image bytes into a normalised uint8 (H, W, C) array, or raise DecodeError."""
+def decode_bytes(data: bytes, spec: DecodeSpec, source: str = "") -> DecodedImage:
+    """Decode image bytes into a normalised uint8 (H, W, C) array, or raise DecodeError. Warnings of the
+    libraries (pydicom's VR notes, Pillow's EXIF notes) go to the debug log with the file's name, never to the
+    terminal of a normal run."""
     check_decoder_settings()  # outside the try below: a setting must not turn every file into a reject
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return _decode(data, spec)
+        finally:
+            for note in caught:
+                _log.debug("%s: %s: %s", os.path.basename(source) or "<bytes>", note.category.__name__, note.message)
+
+
+def _decode(data: bytes, spec: DecodeSpec) -> DecodedImage:
     if len(data) > spec.max_file_bytes:
         raise _too_large(len(data), spec)
     fmt = sniff_format(data[:1024])
@@ -186,11 +249,19 @@ def decode_bytes(data: bytes, spec: DecodeSpec) -> DecodedImage:
 
 def decode_file(path: str | os.PathLike[str], spec: DecodeSpec) -> DecodedImage:
     """Read and decode one file under `spec`'s limits."""
-    return decode_bytes(read_image_bytes(path, spec), spec)
+    return decode_bytes(read_image_bytes(path, spec), spec, str(path))
+
+
+_ADDRESS = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+
+
+def stable_message(exc: BaseException) -> str:
+    """An exception's text without memory addresses, so the same bad file always gets the same reason."""
+    return _ADDRESS.sub(r"<\1>", str(exc).strip()) or type(exc).__name__
 
 
 def _describe_failure(fmt: str, exc: Exception) -> DecodeError:
-    message = str(exc).strip() or type(exc).__name__
+    message = stable_message(exc)
     if "truncated" in message.lower():  # the decoder's own words are the only signal Pillow gives
         return DecodeError(RejectKind.TRUNCATED, f"truncated {fmt} data: {message}")
     return DecodeError(RejectKind.CORRUPT, f"corrupt {fmt} data: {message}")
@@ -237,18 +308,49 @@ def _draft_jpeg(image: Image.Image, spec: DecodeSpec) -> None:
 
 
 def _open_dicom(data: bytes, spec: DecodeSpec) -> tuple[Image.Image, int, int]:
+    ds, pixels = read_dicom_frame(data, spec)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric.startswith("MONOCHROME"):
+        gray = _dicom_grayscale(pixels, ds)
+        if photometric == "MONOCHROME1":
+            gray = 255 - gray  # MONOCHROME1: low values are white
+        return Image.fromarray(gray, mode="L"), cols, rows
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut  # type: ignore[attr-defined]  # public, not in __all__
+
+        pixels = np.asarray(apply_color_lut(pixels, ds))
+    rgb = pixels if pixels.dtype == np.uint8 else _minmax_to_uint8(pixels.astype(np.float32))
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[:, :, None], 3, axis=2)
+    return Image.fromarray(np.ascontiguousarray(rgb[..., :3]), mode="RGB"), cols, rows
+
+
+def read_dicom_frame(data: bytes, spec: DecodeSpec) -> tuple[Any, np.ndarray]:
+    """The dataset and its first frame's stored pixels (before any LUT or window), after checking the sizes a
+    file declares (pixels, one frame's bytes, the inflated size of deflated data) against `spec`'s limits."""
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import get_decoder  # type: ignore[attr-defined]  # public, not in pydicom's __all__
+    from pydicom.pixels import get_decoder, pixel_array  # type: ignore[attr-defined]  # public, not in __all__
 
+    _demote_library_log("pydicom")
+
+    _check_inflated_size(data, spec)  # before pydicom inflates a deflated dataset whole
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
-    except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
-        raise DecodeError(RejectKind.INVALID_DICOM, f"invalid DICOM file: {exc}") from None
+    except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, zlib.error) as exc:
+        raise DecodeError(RejectKind.INVALID_DICOM, f"invalid DICOM file: {stable_message(exc)}") from None
     if "PixelData" not in ds:
         raise DecodeError(RejectKind.NO_PIXEL_DATA, "DICOM file has no pixel data")
     rows, cols = int(ds.Rows), int(ds.Columns)
     _check_pixels(rows * cols, spec)
+    samples, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 8) or 8)
+    frame_bytes = rows * cols * samples * max(1, math.ceil(bits / 8))
+    if frame_bytes > spec.max_file_bytes:
+        raise DecodeError(
+            RejectKind.DECOMPRESSION_BOMB,
+            f"decompression bomb: one DICOM frame of {frame_bytes} bytes exceeds the {spec.max_file_bytes}-byte limit",
+        )
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is not None and syntax.is_compressed:
         try:
@@ -261,17 +363,55 @@ def _open_dicom(data: bytes, spec: DecodeSpec) -> tuple[Image.Image, int, int]:
                 f"compressed DICOM ({syntax.name}) needs a codec plugin that is not installed"
                 " (pylibjpeg or python-gdcm)",
             )
-    pixels = np.asarray(ds.pixel_array)
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        pixels = pixels[0]
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if photometric.startswith("MONOCHROME"):
-        gray = _dicom_grayscale(pixels, ds)
-        if photometric == "MONOCHROME1":
-            gray = 255 - gray  # MONOCHROME1: low values are white
-        return Image.fromarray(gray, mode="L"), cols, rows
-    rgb = pixels if pixels.dtype == np.uint8 else _minmax_to_uint8(pixels.astype(np.float32))
-    return Image.fromarray(rgb[..., :3], mode="RGB"), cols, rows
+    return ds, np.asarray(pixel_array(ds, index=0))  # the first frame only: never every frame of a large series
+
+
+class _ToDebug(logging.Filter):
+    """Log records of a library at debug level: its notes about odd files are not for a run's terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+_TO_DEBUG = _ToDebug()
+
+
+def _demote_library_log(name: str) -> None:
+    logger = logging.getLogger(name)  # pydicom logs each warning it also raises (see decode_bytes)
+    if _TO_DEBUG not in logger.filters:
+        logger.addFilter(_TO_DEBUG)
+
+
+def _check_inflated_size(data: bytes, spec: DecodeSpec) -> None:
+    """A deflated DICOM dataset must not inflate past the file-size limit: inflate it in chunks, keeping none of
+    the output, and stop as soon as it passes (a 2 MB file can hold 2 GB)."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble  # private: the meta reader for a stream
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    stream = io.BytesIO(data)
+    try:
+        read_preamble(stream, False)
+        meta = _read_file_meta_info(stream)
+    except Exception:  # noqa: BLE001 - not our call to judge: dcmread reports a bad header with its reason
+        return
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return
+    inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    body = memoryview(data)[stream.tell() :]
+    try:
+        for start in range(0, len(body), 1 << 16):
+            pending = bytes(body[start : start + (1 << 16)])
+            while pending and not inflater.eof:
+                total += len(inflater.decompress(pending, 1 << 20))
+                if total > spec.max_file_bytes:
+                    raise DecodeError(
+                        RejectKind.DECOMPRESSION_BOMB,
+                        f"decompression bomb: deflated DICOM inflates past the {spec.max_file_bytes}-byte limit",
+                    )
+                pending = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise DecodeError(RejectKind.INVALID_DICOM, f"invalid DICOM file: corrupt deflated data ({exc})") from None
 
 
 def _dicom_grayscale(pixels: np.ndarray, ds: Any) -> np.ndarray:

@@ -57,7 +57,7 @@ def decode_one(path: str, spec: DecodeSpec, known: frozenset[str] = frozenset())
     if image_id in known:
         return DecodeOutcome(path, image_id, "ok")
     try:
-        image = decode_bytes(data, spec)
+        image = decode_bytes(data, spec, path)
     except DecodeError as exc:
         return DecodeOutcome(path, image_id, "rejected", exc.reason, kind=exc.kind)
     return DecodeOutcome(path, image_id, "ok", "", image.width, image.height, image.format, image.array)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cnn.decode import RejectKind
+from cnn.decode import DecodeError, RejectKind, open_regular_file
 from cnn.errors import UserError
 from cnn.fsio import atomic_path
 from cnn.inference import Predictor
@@ -173,11 +173,11 @@ def mark_duplicates(files: pd.DataFrame, predicted: dict[str, str] | None = None
     def digest(path: str) -> str:
         h = hashlib.sha256()
         try:
-            with open(path, "rb") as handle:
+            with open_regular_file(path) as handle:  # never blocks on a FIFO, never streams a device
                 for block in iter(lambda: handle.read(1 << 20), b""):
                     h.update(block)
-        except OSError:
-            return ""  # unreadable: the decoder reports why
+        except (DecodeError, OSError):
+            return ""  # unreadable or not a regular file: the decoder reports why
         return h.hexdigest()
 
     with ThreadPoolExecutor(threads) as pool:  # hashlib and file reads release the GIL

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import io
+import os
+import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image, ImageFile
 
-from cnn.decode import DecodeError, DecodeSpec, RejectKind, decode_bytes, decode_file, sniff_format
+from cnn.decode import (
+    DecodeError,
+    DecodeSpec,
+    RejectKind,
+    decode_bytes,
+    decode_file,
+    read_dicom_frame,
+    read_image_bytes,
+    sniff_format,
+    stable_message,
+)
 from cnn.errors import UserError
 from cnn.parallel import decode_many
 from tests.helpers import image_bytes
@@ -297,3 +310,171 @@ def test_decode_many_in_workers_keeps_order_and_survives_bad_files(tmp_path: Pat
         assert a.image_id == b.image_id
         if a.array is not None:
             np.testing.assert_array_equal(a.array, b.array)
+
+
+# --- only regular files, read within the limit ---------------------------------------------------
+
+
+def _special_files(tmp_path: Path) -> dict[str, Path]:
+    import socket
+
+    fifo = tmp_path / "incoming.fifo"
+    os.mkfifo(fifo)
+    sock = tmp_path / "s.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock))
+    server.close()
+    (tmp_path / "to_fifo.png").symlink_to(fifo)
+    (tmp_path / "loop_a.png").symlink_to(tmp_path / "loop_b.png")
+    (tmp_path / "loop_b.png").symlink_to(tmp_path / "loop_a.png")
+    (tmp_path / "folder.png").mkdir()
+    return {
+        "FIFO": fifo,
+        "socket": sock,
+        "symlink to a FIFO": tmp_path / "to_fifo.png",
+        "device": Path("/dev/zero"),
+        "symlink loop": tmp_path / "loop_a.png",
+        "directory": tmp_path / "folder.png",
+    }
+
+
+def test_special_files_are_rejected_at_once_and_never_read(tmp_path: Path) -> None:
+    """A FIFO with no writer used to hang the run; /dev/zero used to stream until MemoryError."""
+    files = _special_files(tmp_path)
+    start = time.monotonic()
+    outcomes = {name: next(decode_many([str(path)], RGB, workers=1)) for name, path in files.items()}
+    assert time.monotonic() - start < 5
+    for name, outcome in outcomes.items():
+        assert outcome.status == "rejected" and outcome.kind == RejectKind.NOT_A_FILE, (name, outcome.reason)
+    assert "(FIFO)" in outcomes["FIFO"].reason and "(symlink loop)" in outcomes["symlink loop"].reason
+    assert "(character device)" in outcomes["device"].reason and "(socket)" in outcomes["socket"].reason
+
+
+def test_special_files_do_not_stall_duplicate_marking(tmp_path: Path) -> None:
+    from cnn.scoring import mark_duplicates
+
+    files = _special_files(tmp_path)
+    start = time.monotonic()
+    marked = mark_duplicates(pd.DataFrame({"path": [str(p) for p in files.values()]}))
+    assert time.monotonic() - start < 5 and (marked["image_id"] == "").all()
+
+
+def test_at_most_the_limit_plus_one_byte_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "big.png"
+    path.write_bytes(image_bytes(_noise(64, 64)))
+    limit = path.stat().st_size - 1
+    with pytest.raises(DecodeError, match="file too large") as caught:
+        read_image_bytes(path, DecodeSpec(max_file_bytes=limit))
+    assert caught.value.kind == RejectKind.TOO_LARGE
+    assert read_image_bytes(path, DecodeSpec(max_file_bytes=limit + 1)) == path.read_bytes()
+
+
+# --- DICOM as hospitals send it, and DICOM that would take a machine down ----------------------------
+
+
+def _pydicom_test_files() -> list[Path]:
+    import pydicom
+
+    folder = Path(pydicom.__file__).parent / "data" / "test_files"
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def test_every_real_dicom_pydicom_decodes_we_decode_with_the_same_pixels() -> None:
+    """pydicom's own corpus of real-world files: dual-personality files (a TIFF header in the preamble, like
+    CT_small.dcm), palette colour, multi-frame, big-endian, odd VRs."""
+    import warnings
+
+    import pydicom
+    from pydicom.pixels import pixel_array
+
+    decoded = 0
+    for path in _pydicom_test_files():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                expected = pixel_array(pydicom.dcmread(path), index=0)
+        except Exception:  # noqa: BLE001 - pydicom cannot decode it either: not ours to decode
+            continue
+        data = path.read_bytes()
+        ours = decode_bytes(data, DecodeSpec(channels=1, size=32))  # raises DecodeError for a miss
+        assert ours.format == "DICOM", path.name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read_dicom_frame alone: decode_bytes is what routes them to the log
+            frame = read_dicom_frame(data, DecodeSpec())[1]
+        np.testing.assert_array_equal(frame, expected, err_msg=path.name)
+        decoded += 1
+    assert decoded >= 80  # 81 with pydicom 3.0.2's corpus
+
+
+def test_dual_personality_dicom_is_dicom_not_tiff() -> None:
+    ct = next(p for p in _pydicom_test_files() if p.name == "CT_small.dcm")
+    data = ct.read_bytes()
+    assert data[:4] in (b"II*\x00", b"MM\x00*") and sniff_format(data[:1024]) == "DICOM"
+
+
+def _multiframe(frames: int, syntax: str | None = None, size: int = 64) -> bytes:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = syntax or ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows = ds.Columns = size
+    ds.NumberOfFrames = frames
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 8, 8, 7, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    pixels = np.zeros((frames, size, size), np.uint8)
+    pixels[0, :, : size // 2] = 200  # only the first frame has a bright left half
+    ds.PixelData = pixels.tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_multiframe_dicom_decodes_only_the_first_frame() -> None:
+    out = decode_bytes(_multiframe(40), DecodeSpec(channels=1)).array[..., 0]
+    assert out[:, :32].min() == 255 and out[:, 32:].max() == 0
+
+
+def test_deflated_dicom_bomb_is_rejected_fast_in_little_memory() -> None:
+    """400 frames of 256x256 deflate to a few KB and inflate to 26 MB; past the limit, the file is refused
+    before pydicom inflates it (the goal: under a second, under 50 MiB)."""
+    import tracemalloc
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    data = _multiframe(400, DeflatedExplicitVRLittleEndian, size=256)
+    assert len(data) < 200_000
+    tracemalloc.start()
+    start = time.monotonic()
+    with pytest.raises(DecodeError, match="deflated DICOM inflates past") as caught:
+        decode_bytes(data, DecodeSpec(channels=1, size=32, max_file_bytes=8 * 1024 * 1024))
+    seconds, peak = time.monotonic() - start, tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert caught.value.kind == RejectKind.DECOMPRESSION_BOMB
+    assert seconds < 1.0 and peak < 50 * 1024 * 1024, (seconds, peak)
+    # under the limit the same file decodes (its first frame)
+    assert decode_bytes(data, DecodeSpec(channels=1, size=32)).format == "DICOM"
+
+
+def test_reasons_carry_no_memory_addresses() -> None:
+    exc = ValueError("cannot identify image file <_io.BytesIO object at 0x7f96a1b2c3d0>")
+    assert stable_message(exc) == "cannot identify image file <_io.BytesIO>"
+
+
+def test_library_warnings_go_to_the_debug_log_with_the_file_name(caplog: pytest.LogCaptureFixture) -> None:
+    """pydicom warns (and logs a warning) about this file's VR; a run's terminal shows neither."""
+    import logging
+    import warnings
+
+    path = next(p for p in _pydicom_test_files() if p.name == "SC_rgb_jpeg.dcm")
+    with warnings.catch_warnings(record=True) as escaped, caplog.at_level(logging.DEBUG):
+        warnings.simplefilter("always")
+        decode_bytes(path.read_bytes(), DecodeSpec(channels=3, size=16), str(path))
+    assert escaped == []
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    notes = [r.getMessage() for r in caplog.records if r.name == "cnn.decode"]
+    assert any(n.startswith("SC_rgb_jpeg.dcm: UserWarning: Expected explicit VR") for n in notes), notes

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cnn.errors import UserError
 from cnn.metrics import Metric
+from cnn.parallel import DEFAULT_TIME_LIMIT_S
 from cnn.precision import Precision
 
 
@@ -121,6 +122,7 @@ class ScoreConfig(FlowConfig):
     top_k: int = Field(3, ge=1, description="ranked labels kept per image")
     review_below: float = Field(0.6, ge=0.0, le=1.0, description="flag predictions whose confidence is below this")
     decode_workers: int = Field(0, ge=0, description="decoding processes of a single-process run; 0 = all cores")
+    decode_time_limit_s: float = Field(DEFAULT_TIME_LIMIT_S, gt=0, description="seconds one file may take to decode")
     shard_size: int = Field(256, ge=1, description="files per shard; each shard commits on its own")
     precision: Precision = "auto"
     compile: bool = False

@@ -52,6 +52,8 @@ class RejectKind(StrEnum):
     INVALID_DICOM = "invalid_dicom"
     NO_PIXEL_DATA = "no_pixel_data"
     MISSING_CODEC = "missing_codec"
+    TIME_LIMIT = "time_limit"
+    WORKER_DIED = "worker_died"
     DUPLICATE = "duplicate"
 
 

@@ -24,7 +24,7 @@ from cnn.dataset import MANIFEST_COLUMNS, SPLITS, Dataset, DatasetMeta, ImageCac
 from cnn.decode import DecodeSpec
 from cnn.errors import UserError
 from cnn.fsio import atomic_path, write_json_atomic
-from cnn.parallel import DecodeOutcome, ProgressFn, decode_many
+from cnn.parallel import DEFAULT_TIME_LIMIT_S, DecodeOutcome, ProgressFn, decode_many
 from cnn.sources import scan_source
 from cnn.splits import SplitFractions, assign_splits
 
@@ -44,6 +44,7 @@ class IngestOptions(FlowConfig):
     seed: int = 0
     decode_workers: int = Field(0, ge=0, description="decoding processes; 0 = all cores")
     max_file_mb: float = Field(256.0, gt=0)
+    decode_time_limit_s: float = Field(DEFAULT_TIME_LIMIT_S, gt=0, description="seconds one file may take to decode")
 
     @property
     def max_file_bytes(self) -> int:
@@ -159,7 +160,9 @@ def stage_decode(dataset_dir: Path, options: IngestOptions, progress: ProgressFn
     builder = _CacheBuilder(dataset, old_cache, options, capacity=len(todo))
     builder.keep(usable_rows(reused)["image_id"])
     fresh = []
-    for outcome in decode_many(todo, options.decode_spec(), options.decode_workers, known, progress):
+    for outcome in decode_many(
+        todo, options.decode_spec(), options.decode_workers, known, progress, options.decode_time_limit_s
+    ):
         if outcome.ok and outcome.array is None:  # same bytes as a cached image
             width, height, fmt = known[outcome.image_id]
             outcome = DecodeOutcome(outcome.path, outcome.image_id, "ok", "", width, height, fmt)

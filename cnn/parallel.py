@@ -1,22 +1,34 @@
-"""Decode many files once each, in worker processes, hashing the bytes as they are read."""
+"""Decode many files once each, in worker processes, hashing the bytes as they are read.
+
+One file never stops a batch, whatever it does to the decoder: a file that takes longer than the time limit is
+a reject (its worker is killed and the pool rebuilt); when a worker dies (the OOM killer, a signal, a crash in a
+native library), the files it may have held are decoded again one by one, each in a process of its own, so the
+file that kills its decoder is named ("decoder process died: signal 9") and the others are decoded.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import multiprocessing
 import os
+import signal
 import sys
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from cnn.decode import DecodeError, DecodeSpec, RejectKind, check_decoder_settings, decode_bytes, read_image_bytes
 
 ProgressFn = Callable[[int, int], None]
-_INLINE_BELOW = 16  # fewer files than this: worker start-up costs more than it saves
+DecodeFn = Callable[[str, DecodeSpec, frozenset[str]], "DecodeOutcome"]
+DEFAULT_TIME_LIMIT_S = 60.0  # per file; a 50-megapixel JPEG decodes in well under a second here
 
 
 @dataclass(frozen=True)
@@ -40,11 +52,12 @@ class DecodeOutcome:
 
 _worker_spec: DecodeSpec | None = None
 _worker_known: frozenset[str] = frozenset()
+_worker_decode: DecodeFn | None = None
 
 
-def _init_worker(spec: DecodeSpec, known: frozenset[str]) -> None:
-    global _worker_spec, _worker_known
-    _worker_spec, _worker_known = spec, known
+def _init_worker(spec: DecodeSpec, known: frozenset[str], decode: DecodeFn) -> None:
+    global _worker_spec, _worker_known, _worker_decode
+    _worker_spec, _worker_known, _worker_decode = spec, known, decode
 
 
 def decode_one(path: str, spec: DecodeSpec, known: frozenset[str] = frozenset()) -> DecodeOutcome:
@@ -64,8 +77,8 @@ def decode_one(path: str, spec: DecodeSpec, known: frozenset[str] = frozenset())
 
 
 def _decode_in_worker(path: str) -> DecodeOutcome:
-    assert _worker_spec is not None, "worker not initialised"
-    return decode_one(path, _worker_spec, _worker_known)
+    assert _worker_spec is not None and _worker_decode is not None, "worker not initialised"
+    return _worker_decode(path, _worker_spec, _worker_known)
 
 
 def default_workers() -> int:
@@ -82,21 +95,153 @@ def decode_many(
     workers: int = 0,
     known: Iterable[str] = (),
     progress: ProgressFn | None = None,
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+    decode: DecodeFn = decode_one,
 ) -> Iterator[DecodeOutcome]:
-    """Yield one DecodeOutcome per path, in input order, decoding in `workers` processes (0 = all cores)."""
+    """Yield one DecodeOutcome per path, in input order, decoding in `workers` processes (0 = all cores).
+
+    Files are decoded in worker processes (see the module's docstring), except in a daemonic process (a Dask
+    worker), which may not start any: there they are decoded here, without the time limit. `decode` is the
+    per-file function the workers run (a module-level function, so that it can be sent to them)."""
     check_decoder_settings()  # in this process too: a setting is an error of the run, not of each file
     paths = [str(p) for p in paths]
     known_set = frozenset(known)
-    workers = workers or default_workers()
-    total = len(paths)
-    if workers <= 1 or total < _INLINE_BELOW:
-        outcomes: Iterator[DecodeOutcome] = (decode_one(p, spec, known_set) for p in paths)
-        yield from _counted(outcomes, total, progress)
+    workers = max(1, min(workers or default_workers(), len(paths)))
+    if multiprocessing.current_process().daemon:
+        yield from _counted((decode(p, spec, known_set) for p in paths), len(paths), progress)
         return
-    context = pool_context()
-    chunksize = max(1, min(32, total // (workers * 8)))
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(spec, known_set)) as pool:
-        yield from _counted(pool.map(_decode_in_worker, paths, chunksize=chunksize), total, progress)
+    isolated = _IsolatedPool(paths, spec, known_set, workers, time_limit_s, decode)
+    yield from _counted(isolated.outcomes(), len(paths), progress)
+
+
+class _IsolatedPool:
+    """A process pool that survives what files do to it (see the module's docstring)."""
+
+    def __init__(
+        self, paths: list[str], spec: DecodeSpec, known: frozenset[str], workers: int, limit: float, decode: DecodeFn
+    ) -> None:
+        self.paths, self.spec, self.known, self.workers, self.limit, self.decode = (
+            paths,
+            spec,
+            known,
+            workers,
+            limit,
+            decode,
+        )
+        self.context = pool_context()
+        self.pool: ProcessPoolExecutor | None = None
+        self.running: dict[Future[DecodeOutcome], tuple[int, float]] = {}
+
+    def outcomes(self) -> Iterator[DecodeOutcome]:
+        """Every path's outcome, in input order, as soon as it and those before it are done."""
+        todo, done, emitted = deque(range(len(self.paths))), {}, 0
+        try:
+            while todo or self.running:
+                self._fill(todo)
+                done.update(self._collect(todo))
+                while emitted in done:
+                    yield done.pop(emitted)
+                    emitted += 1
+        finally:
+            self._stop(kill=bool(self.running))
+
+    def _fill(self, todo: deque[int]) -> None:
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(
+                self.workers,
+                mp_context=self.context,
+                initializer=_init_worker,
+                initargs=(self.spec, self.known, self.decode),
+            )
+        while todo and len(self.running) < 2 * self.workers:  # a little queued work keeps every worker busy
+            i = todo.popleft()
+            self.running[self.pool.submit(_decode_in_worker, self.paths[i])] = (i, time.monotonic())
+
+    def _collect(self, todo: deque[int]) -> dict[int, DecodeOutcome]:
+        """Wait for the next results; deal with a broken pool or a file past its time limit."""
+        oldest = min(start for _, start in self.running.values())
+        timeout = max(0.0, oldest + self.limit - time.monotonic())
+        finished, _ = wait(self.running, timeout=timeout, return_when=FIRST_COMPLETED)
+        results: dict[int, DecodeOutcome] = {}
+        broken = False
+        for future in finished:
+            i, _ = self.running.pop(future)
+            try:
+                results[i] = future.result()
+            except BrokenProcessPool:
+                broken = True
+                self.running[future] = (i, 0.0)  # put back: it is one of the suspects below
+        now = time.monotonic()
+        overdue = [f for f, (_, start) in self.running.items() if start and now - start > self.limit]
+        if broken:
+            suspects = sorted(i for i, _ in self.running.values())
+            self._stop(kill=True)
+            results.update({i: self._alone(i) for i in suspects})  # find the file that kills its decoder
+        elif overdue:
+            for future in overdue:
+                i, _ = self.running.pop(future)
+                results[i] = _reject(
+                    self.paths[i], RejectKind.TIME_LIMIT, f"decoding took longer than the {self.limit:g}-second limit"
+                )
+            todo.extendleft(sorted((i for i, _ in self.running.values()), reverse=True))  # not their fault
+            self._stop(kill=True)
+        return results
+
+    def _alone(self, i: int) -> DecodeOutcome:
+        """Decode one file in a process of its own, to tell a file that kills its decoder from its neighbours."""
+        receiver, sender = self.context.Pipe(duplex=False)
+        process = self.context.Process(  # type: ignore[attr-defined]  # every concrete context has Process
+            target=_decode_alone, args=(sender, self.paths[i], self.spec, self.known, self.decode), daemon=True
+        )
+        process.start()
+        sender.close()
+        try:
+            if receiver.poll(self.limit):
+                try:
+                    outcome: DecodeOutcome = receiver.recv()
+                    return outcome
+                except EOFError:
+                    pass  # it died before answering
+            else:
+                process.kill()
+                return _reject(
+                    self.paths[i], RejectKind.TIME_LIMIT, f"decoding took longer than the {self.limit:g}-second limit"
+                )
+            process.join(5)
+            return _reject(self.paths[i], RejectKind.WORKER_DIED, f"decoder process died: {_exit(process.exitcode)}")
+        finally:
+            receiver.close()
+            process.join(5)
+
+    def _stop(self, kill: bool) -> None:
+        pool, self.pool = self.pool, None
+        self.running.clear()
+        if pool is None:
+            return
+        if kill:
+            # Python 3.11 has no public way to end a pool's workers (3.14 adds terminate_workers); a hung or
+            # broken pool must not be waited for.
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.kill()
+        pool.shutdown(wait=not kill, cancel_futures=True)
+
+
+def _decode_alone(sender: Any, path: str, spec: DecodeSpec, known: frozenset[str], decode: DecodeFn) -> None:
+    sender.send(decode(path, spec, known))
+    sender.close()
+
+
+def _reject(path: str, kind: RejectKind, reason: str) -> DecodeOutcome:
+    return DecodeOutcome(path, "", "rejected", reason, kind=kind)
+
+
+def _exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
 
 
 def pool_context() -> multiprocessing.context.BaseContext:

@@ -26,7 +26,7 @@ from cnn.decode import DecodeError, RejectKind, open_regular_file
 from cnn.errors import UserError
 from cnn.fsio import atomic_path
 from cnn.inference import Predictor
-from cnn.parallel import decode_many
+from cnn.parallel import DEFAULT_TIME_LIMIT_S, decode_many
 from cnn.predictions import prediction_columns
 from cnn.sinks import Sink
 from cnn.sources import MANIFEST_SUFFIXES, iter_files, load_manifest_table
@@ -72,6 +72,7 @@ class ScoringOptions:
     review_below: float = 0.6
     decode_workers: int = 0  # 0 = all cores
     flow_run_id: str = ""
+    decode_time_limit_s: float = DEFAULT_TIME_LIMIT_S
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,10 @@ def score_files(
     kept: list[tuple[int, str]] = []
     first_path: dict[str, str] = {}  # a file that changed after planning may repeat another one's bytes
     spec = predictor.contract.decode_spec()
-    for i, outcome in enumerate(decode_many(files["path"].tolist(), spec, options.decode_workers)):
+    outcomes = decode_many(
+        files["path"].tolist(), spec, options.decode_workers, time_limit_s=options.decode_time_limit_s
+    )
+    for i, outcome in enumerate(outcomes):
         if not outcome.ok or outcome.array is None:
             kind = outcome.kind.value if outcome.kind else RejectKind.CORRUPT.value
             rejects.append((outcome.image_id, outcome.path, outcome.reason, kind))

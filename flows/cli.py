@@ -115,6 +115,10 @@ def ingest(
     decode_workers: Annotated[
         int | None, typer.Option(help=_help(IngestOptions, "decode_workers", "Decoding processes (0 = all cores)."))
     ] = None,
+    decode_time_limit: Annotated[
+        float | None,
+        typer.Option(help=_help(IngestOptions, "decode_time_limit_s", "Seconds one file may take to decode.")),
+    ] = None,
     max_file_mb: Annotated[
         float | None, typer.Option(help=_help(IngestOptions, "max_file_mb", "Reject files larger than this many MiB."))
     ] = None,
@@ -134,6 +138,7 @@ def ingest(
         seed=seed,
         decode_workers=decode_workers,
         max_file_mb=max_file_mb,
+        decode_time_limit_s=decode_time_limit,
     )
     options.fractions()
     workspace.current().dataset(dataset)
@@ -261,6 +266,10 @@ def score(
     decode_workers: Annotated[
         int | None, typer.Option(help=_help(ScoreConfig, "decode_workers", "Decoding processes (0 = all cores)."))
     ] = None,
+    decode_time_limit: Annotated[
+        float | None,
+        typer.Option(help=_help(ScoreConfig, "decode_time_limit_s", "Seconds one file may take to decode.")),
+    ] = None,
     shard_size: Annotated[
         int | None,
         typer.Option(help=_help(ScoreConfig, "shard_size", "Files per shard (each shard commits on its own).")),
@@ -301,6 +310,7 @@ def score(
         top_k=top_k,
         review_below=review_below,
         decode_workers=decode_workers,
+        decode_time_limit_s=decode_time_limit,
         shard_size=shard_size,
         cluster=cluster,
         dask_workers=dask_workers,

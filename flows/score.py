@@ -96,6 +96,7 @@ def score_flow(source: str, config: ScoreConfig, home: str | None = None) -> Sco
         config.review_below,
         1 if config.fan_out else config.decode_workers,
         flow_run_id,
+        config.decode_time_limit_s,
     )
     results: list[ShardResult] = []
     start = time.perf_counter()

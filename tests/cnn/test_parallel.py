@@ -1,0 +1,63 @@
+"""decode_many: one file never stops a batch, whatever it does to its decoder process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cnn.decode import DecodeSpec, RejectKind
+from cnn.parallel import DecodeOutcome, decode_many, decode_one
+from tests.helpers import image_bytes
+
+SPEC = DecodeSpec(channels=3, size=16)
+
+
+def _dies_on_crash_files(path: str, spec: DecodeSpec, known: frozenset[str]) -> DecodeOutcome:
+    """The decoder as a native library crash or the OOM killer leaves it: the process is gone."""
+    if "crash" in Path(path).name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return decode_one(path, spec, known)
+
+
+def _hangs_on_slow_files(path: str, spec: DecodeSpec, known: frozenset[str]) -> DecodeOutcome:
+    if "slow" in Path(path).name:
+        time.sleep(60)
+    return decode_one(path, spec, known)
+
+
+def _files(tmp_path: Path, names: list[str]) -> list[str]:
+    rng = np.random.default_rng(0)
+    for name in names:
+        (tmp_path / name).write_bytes(image_bytes(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)))
+    return [str(tmp_path / name) for name in names]
+
+
+def test_a_decoder_that_dies_rejects_its_file_and_the_batch_goes_on(tmp_path: Path) -> None:
+    names = [f"{i:02d}.png" for i in range(12)]
+    names[5], names[9] = "05-crash.png", "09-crash.png"
+    paths = _files(tmp_path, names)
+    outcomes = list(decode_many(paths, SPEC, workers=2, decode=_dies_on_crash_files))
+    assert [o.path for o in outcomes] == paths
+    rejected = {Path(o.path).name: o for o in outcomes if not o.ok}
+    assert set(rejected) == {"05-crash.png", "09-crash.png"}
+    for outcome in rejected.values():
+        assert outcome.kind == RejectKind.WORKER_DIED
+        assert outcome.reason == "decoder process died: signal 9 (SIGKILL)"
+    assert all(o.array is not None and o.array.shape == (16, 16, 3) for o in outcomes if o.ok)
+
+
+def test_a_file_past_the_time_limit_is_a_reject(tmp_path: Path) -> None:
+    names = [f"{i:02d}.png" for i in range(8)]
+    names[3] = "03-slow.png"
+    paths = _files(tmp_path, names)
+    start = time.monotonic()
+    outcomes = list(decode_many(paths, SPEC, workers=2, time_limit_s=1.0, decode=_hangs_on_slow_files))
+    assert time.monotonic() - start < 20
+    assert [o.path for o in outcomes] == paths
+    slow = outcomes[3]
+    assert not slow.ok and slow.kind == RejectKind.TIME_LIMIT and "1-second limit" in slow.reason
+    assert all(o.ok for i, o in enumerate(outcomes) if i != 3)

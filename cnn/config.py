@@ -9,10 +9,9 @@ from typing import Any, ClassVar, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cnn.choices import Metric, Precision
 from cnn.errors import UserError
-from cnn.metrics import Metric
 from cnn.parallel import DEFAULT_TIME_LIMIT_S
-from cnn.precision import Precision
 
 
 class FlowConfig(BaseModel):

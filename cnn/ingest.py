@@ -7,6 +7,7 @@ orchestrator can run the stages as separate tasks that pass references, never ar
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import uuid
 from collections.abc import Iterable
@@ -27,6 +28,8 @@ from cnn.fsio import atomic_path, write_json_atomic
 from cnn.parallel import DEFAULT_TIME_LIMIT_S, DecodeOutcome, ProgressFn, decode_many
 from cnn.sources import scan_source
 from cnn.splits import SplitFractions, assign_splits
+
+_CLASS_NAME = re.compile(r"^[^\W_][\w .+()-]{0,63}$")
 
 
 class IngestOptions(FlowConfig):
@@ -283,6 +286,12 @@ def stage_split(dataset_dir: Path, options: IngestOptions) -> Path:
         detail = "; ".join(f"{n} x {r}" for r, n in reasons.items())
         raise UserError(f"{scan.source} holds no usable image ({len(frame)} files rejected: {detail})")
     classes = sorted(frame.loc[ok, "label"].unique())
+    bad = [c for c in classes if not _CLASS_NAME.match(c)]
+    if bad:  # class names become column names (prob_<class>) in every prediction table
+        raise UserError(
+            f"{scan.source}: class name(s) {', '.join(map(repr, bad))} cannot be used; use letters, "
+            "digits, spaces and _ . + - ( ) (at most 64), starting with a letter or digit"
+        )
     if len(classes) < 2:
         raise UserError(f"{scan.source} has {len(classes)} class ({', '.join(classes)}); at least two are needed")
 

@@ -4,12 +4,11 @@ specificity, one-vs-rest AUROC, confusion matrix and expected calibration error.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
-Metric = Literal["macro_f1", "balanced_accuracy", "accuracy", "auroc_macro"]  # what selects and gates models
+from cnn.choices import Metric
 
 
 @dataclass

@@ -253,7 +253,9 @@ def pool_context() -> multiprocessing.context.BaseContext:
         return multiprocessing.get_context("fork")
     if "forkserver" in methods:
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["cnn.parallel"])
+        # "__main__" too: the server imports the main module once, instead of every worker importing it again
+        # (for `cnn`, that is the CLI and what it imports)
+        context.set_forkserver_preload(["__main__", "cnn.parallel"])
         return context
     return multiprocessing.get_context("spawn")
 

@@ -34,6 +34,7 @@ from cnn.sources import MANIFEST_SUFFIXES, iter_files, load_manifest_table
 STAMP_COLUMNS = ["model_name", "model_version", "run_id", "scored_at", "flow_run_id"]
 OUTPUT_COLUMNS = ["image_id", "path", "label", "confidence", "top_k", "needs_review", *STAMP_COLUMNS]
 REJECT_COLUMNS = ["image_id", "path", "reason", "reject_kind"]
+PLAN_COLUMNS = ["image_id", "duplicate_of", "shard"]
 _ID_COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
@@ -146,12 +147,16 @@ def list_inputs(source: str) -> ScoringInputs:
         if "path" not in table.columns:
             raise UserError(f"manifest {path} has no `path` column; it has: {', '.join(map(str, table.columns))}")
         ids = [str(c) for c in table.columns if c != "path"]
-        reserved = set(OUTPUT_COLUMNS) | set(REJECT_COLUMNS) | {c for c in ids if c.startswith("prob_")}
+        reserved = set(OUTPUT_COLUMNS) | set(REJECT_COLUMNS) | set(PLAN_COLUMNS)
         for column in ids:
-            if not _ID_COLUMN.match(column) or column in reserved:
+            if not _ID_COLUMN.match(column):
                 raise UserError(
-                    f"manifest column {column!r} cannot be carried to the output "
-                    "(use letters, digits and _, and avoid the output's own column names)"
+                    f"manifest column {column!r} cannot be carried to the output: use letters, digits and _"
+                )
+            if column in reserved or column.startswith("prob_"):
+                raise UserError(
+                    f"manifest column {column!r} has the name of a column the output has already; "
+                    "rename it (the output's own columns: " + ", ".join(sorted(reserved)) + ", prob_*)"
                 )
         files = table.copy()
         files["path"] = [str(p if Path(p).is_absolute() else path.parent / p) for p in files["path"].astype(str)]

@@ -7,7 +7,12 @@ moment and run again therefore ends with every input exactly once, as a predicti
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import re
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -62,12 +67,18 @@ class FileSink:
         self.path = path.expanduser().resolve()
         self.rejects_path = self.path.with_name(f"{self.path.stem}.rejects{suffix}")
         self.parts = self.path.with_name(self.path.name + ".parts")
+        self.lock_path = self.path.with_name(f".{self.path.name}.lock")
         self.csv = suffix == ".csv"
 
     def _read(self, path: Path) -> pd.DataFrame:
-        if not path.is_file():
+        if not path.is_file() or path.stat().st_size == 0:
             return pd.DataFrame()
-        return pd.read_csv(path, dtype={"model_version": str}) if self.csv else pd.read_parquet(path)
+        if not self.csv:
+            return pd.read_parquet(path)
+        try:  # every column as text: a claim number 007123 stays 007123, and nothing is re-parsed between runs
+            return pd.read_csv(path, dtype=str, keep_default_na=False)
+        except pd.errors.EmptyDataError:  # an earlier run with nothing to write left an empty file
+            return pd.DataFrame()
 
     def _parts(self, kind: str) -> list[Path]:
         return sorted(self.parts.glob(f"*.{kind}.parquet")) if self.parts.is_dir() else []
@@ -84,17 +95,35 @@ class FileSink:
                 return pd.DataFrame(columns=["image_id", "path"])
             return frame[(frame["model_name"] == model_name) & (frame["model_version"].astype(str) == str(version))]
 
-        predicted = mine(self._all("pred"))
-        return dict(zip(predicted["image_id"], predicted["path"])), set(mine(self._all("rej"))["path"])
+        with self._lock():  # a consistent view: no merge removes parts while they are read
+            predicted, rejected = mine(self._all("pred")), mine(self._all("rej"))
+        return dict(zip(predicted["image_id"], predicted["path"])), set(rejected["path"])
 
     def commit(self, shard: int, predictions: pd.DataFrame, rejects: pd.DataFrame) -> None:
-        self.parts.mkdir(parents=True, exist_ok=True)
-        # Rejects first: a shard counts as done when its predictions part exists.
-        for frame, kind in ((rejects, "rej"), (predictions, "pred")):
-            with atomic_path(self.parts / f"shard-{shard:06d}-{id(frame):x}.{kind}.parquet") as tmp:
-                frame.to_parquet(tmp, index=False)
+        name = f"shard-{shard:06d}-{uuid.uuid4().hex[:12]}"  # unique across runs writing the same output
+        with self._lock():  # never between another run's merge and its removal of the parts it merged
+            self.parts.mkdir(parents=True, exist_ok=True)
+            # Rejects first: a shard counts as done when its predictions part exists.
+            for frame, kind in ((rejects, "rej"), (predictions, "pred")):
+                with atomic_path(self.parts / f"{name}.{kind}.parquet") as tmp:
+                    frame.to_parquet(tmp, index=False)
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        """An exclusive lock on `X.lock` beside the output: commits and merges of concurrent runs take turns."""
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def finish(self) -> list[str]:
+        with self._lock():
+            return self._merge()
+
+    def _merge(self) -> list[str]:
         for kind, target, key in (("pred", self.path, KEY), ("rej", self.rejects_path, REJECT_KEY)):
             for stale in target.parent.glob(f".{target.name}.*.tmp"):  # a killed run's unfinished merge
                 stale.unlink(missing_ok=True)
@@ -120,20 +149,35 @@ class FileSink:
 
 
 class SqlSink:
-    """A SQL table and its `<table>_rejects` twin, through SQLAlchemy; upsert on the unique key."""
+    """A SQL table and its `<table>_rejects` twin, through SQLAlchemy; upsert on the unique key.
+
+    Each shard is one transaction. On PostgreSQL it first takes a transaction-scoped advisory lock on the table,
+    so concurrent runs create and alter the tables and upsert in turn; SQLite serialises writers itself (a
+    writer waits up to 30 s for the lock, then the shard's retry takes over)."""
+
+    DIALECTS = ("postgresql", "sqlite")
 
     def __init__(self, url: str, table: str) -> None:
         from sqlalchemy import create_engine
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
 
         if not _TABLE.match(table):
             raise UserError(f"invalid table name {table!r}: use letters, digits and _, starting with a letter")
         self.url, self.table, self.rejects = url, table, f"{table}_rejects"
         try:
-            self.engine = create_engine(url, future=True)
+            backend = make_url(url).get_backend_name()
+        except ArgumentError:
+            raise UserError(f"not a database URL: {redact(url)} (e.g. postgresql://user@host/db#table)") from None
+        if backend not in self.DIALECTS:  # refused before any file is decoded
+            raise UserError(f"prediction tables live in SQLite or PostgreSQL, not {backend}: {redact(url)}")
+        try:
+            self.engine = create_engine(url, connect_args={"timeout": 30} if backend == "sqlite" else {})
             with self.engine.connect():
                 pass
         except Exception as exc:  # noqa: BLE001 - drivers raise their own types for bad URLs and servers
             raise UserError(f"cannot open the table database {redact(url)}: {type(exc).__name__}: {exc}") from None
+        self.quote = self.engine.dialect.identifier_preparer.quote  # identifiers are quoted by SQLAlchemy
 
     @classmethod
     def from_url(cls, spec: str) -> SqlSink:
@@ -141,13 +185,13 @@ class SqlSink:
         url, _, table = spec.partition("#")
         return cls(url, table or "predictions")
 
-    def _columns(self, name: str) -> set[str]:
+    def _columns(self, conn: Connection, name: str) -> set[str]:
         from sqlalchemy import inspect
 
-        inspector = inspect(self.engine)
+        inspector = inspect(conn)
         return {c["name"] for c in inspector.get_columns(name)} if inspector.has_table(name) else set()
 
-    def _ensure(self, name: str, frame: pd.DataFrame, key: list[str]) -> None:
+    def _ensure(self, conn: Connection, name: str, frame: pd.DataFrame, key: list[str]) -> None:
         """Create the table with a unique key, or add columns it lacks (new id or class columns)."""
         from sqlalchemy import Boolean, Column, DateTime, Float, MetaData, String, Table, Text, UniqueConstraint, text
 
@@ -160,7 +204,7 @@ class SqlSink:
                 return DateTime(timezone=True)
             return String(512) if series.name in key else Text()
 
-        existing = self._columns(name)
+        existing = self._columns(conn, name)
         if not existing:
             meta = MetaData()
             Table(
@@ -169,13 +213,12 @@ class SqlSink:
                 *[Column(c, column_type(frame[c])) for c in frame.columns],
                 UniqueConstraint(*key, name=f"uq_{name}_key"),
             )
-            meta.create_all(self.engine)
+            meta.create_all(conn)
             return
-        with self.engine.begin() as conn:
-            for column in frame.columns:
-                if column not in existing:
-                    ddl = column_type(frame[column]).compile(dialect=self.engine.dialect)
-                    conn.execute(text(f'ALTER TABLE "{name}" ADD COLUMN "{column}" {ddl}'))
+        for column in frame.columns:
+            if column not in existing:
+                ddl = column_type(frame[column]).compile(dialect=self.engine.dialect)
+                conn.execute(text(f"ALTER TABLE {self.quote(name)} ADD COLUMN {self.quote(str(column))} {ddl}"))
 
     def scored(self, model_name: str, version: str) -> tuple[dict[str, str], set[str]]:
         from sqlalchemy import text
@@ -185,32 +228,37 @@ class SqlSink:
         predicted: dict[str, str] = {}
         rejected: set[str] = set()
         with self.engine.connect() as conn:
-            if self._columns(self.table):
-                predicted = dict(conn.execute(text(f'SELECT image_id, path FROM "{self.table}" {where}'), params).all())
-            if self._columns(self.rejects):
-                rejected = {r[0] for r in conn.execute(text(f'SELECT path FROM "{self.rejects}" {where}'), params)}
+            if self._columns(conn, self.table):
+                query = text(f"SELECT image_id, path FROM {self.quote(self.table)} {where}")
+                predicted = {str(i): str(p) for i, p in conn.execute(query, params).all()}
+            if self._columns(conn, self.rejects):
+                query = text(f"SELECT path FROM {self.quote(self.rejects)} {where}")
+                rejected = {str(r[0]) for r in conn.execute(query, params)}
         return predicted, rejected
 
     def commit(self, shard: int, predictions: pd.DataFrame, rejects: pd.DataFrame) -> None:
-        for name, frame, key in ((self.table, predictions, KEY), (self.rejects, rejects, REJECT_KEY)):
-            if len(frame):
-                self._ensure(name, _sql_ready(frame), key)
         with self.engine.begin() as conn:  # one transaction per shard: all of it or none of it
+            self._lock(conn)
             for name, frame, key in ((self.table, predictions, KEY), (self.rejects, rejects, REJECT_KEY)):
                 if len(frame):
+                    self._ensure(conn, name, _sql_ready(frame), key)
                     self._upsert(conn, name, _sql_ready(frame), key)
+
+    def _lock(self, conn: Connection) -> None:
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy import text
+
+            key = int.from_bytes(hashlib.sha256(self.table.encode()).digest()[:8], "big", signed=True)
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
     def _upsert(self, conn: Connection, name: str, frame: pd.DataFrame, key: list[str]) -> None:
         from sqlalchemy import MetaData, Table
 
         table = Table(name, MetaData(), autoload_with=conn)
-        dialect = self.engine.dialect.name
-        if dialect == "postgresql":
+        if self.engine.dialect.name == "postgresql":
             from sqlalchemy.dialects.postgresql import insert
-        elif dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]  # same API, other dialect
         else:
-            raise UserError(f"SQL sink supports SQLite and PostgreSQL, not {dialect}")
+            from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]  # same API, other dialect
         records = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
         statement = insert(table).values(records)
         update = {c: statement.excluded[c] for c in frame.columns if c not in key}

@@ -348,9 +348,8 @@ def ui(
     host: Annotated[str, typer.Option(help="Interface; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
 ) -> None:
     """Start the MLflow UI on this workspace's tracking store."""
-    import subprocess
-
     from flows import workspace
+    from flows.processes import run_group
 
     ws = workspace.current()
     uri = os.environ["MLFLOW_TRACKING_URI"]
@@ -359,7 +358,7 @@ def ui(
     if uri == ws.default_tracking_uri:
         command += ["--default-artifact-root", ws.mlflow_artifacts.as_uri()]
     try:
-        raise typer.Exit(subprocess.call(command))
+        raise typer.Exit(run_group(command))
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
 
@@ -466,6 +465,9 @@ def demo() -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    from flows.processes import stop_on_sigterm
+
+    stop_on_sigterm()
     app()
 
 

@@ -9,10 +9,10 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from cnn.choices import Metric
 from cnn.dataset import Dataset
 from cnn.errors import UserError
 from cnn.evaluation import score_split
-from cnn.metrics import Metric
 from flows import versions
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"

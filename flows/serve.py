@@ -16,6 +16,7 @@ from typing import Any
 
 from cnn.config import ScoreConfig, TrainConfig
 from cnn.errors import UserError
+from flows.processes import start_group, stop_group
 from flows.workspace import Workspace
 
 
@@ -60,11 +61,7 @@ def local_server(ws: Workspace, port: int, timeout_s: float = 120) -> Iterator[s
     finally:
         if proc is not None:
             server_marker(ws).unlink(missing_ok=True)
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:  # a server that will not stop is killed
-                proc.kill()
+            stop_group(proc, timeout_s=30)  # the server and its own children; killed if it will not stop
 
 
 def _start(ws: Workspace, port: int, api_url: str, timeout_s: float) -> subprocess.Popen[bytes]:
@@ -73,12 +70,11 @@ def _start(ws: Workspace, port: int, api_url: str, timeout_s: float) -> subproce
     env.update(PREFECT_HOME=str(ws.prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     log = (ws.prefect_home / "server.log").open("ab")
     prefect = Path(sys.executable).with_name("prefect")
-    proc = subprocess.Popen(
+    proc = start_group(
         [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--analytics-off"],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
-        start_new_session=True,
     )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -90,7 +86,7 @@ def _start(ws: Workspace, port: int, api_url: str, timeout_s: float) -> subproce
                 f"the local Prefect server exited (code {proc.returncode}); see {ws.prefect_home / 'server.log'}"
             )
         time.sleep(0.5)
-    proc.terminate()
+    stop_group(proc)
     raise UserError(f"the local Prefect server did not answer on {api_url} within {timeout_s:.0f} s")
 
 

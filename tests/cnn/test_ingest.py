@@ -211,3 +211,11 @@ def test_report_counts(write_images: Callable[..., Path], tmp_path: Path) -> Non
     assert table.loc["cat", "total"] == 10
     assert report.rejects_by_reason == {"empty file (0 bytes)": 1}
     assert report.size_stats["width"]["median"] == 32
+
+
+def test_class_names_that_cannot_be_column_names_are_refused(write_images: Callable[..., Path], tmp_path: Path) -> None:
+    src = write_images(classes=('x"y', "dog"), per_class=3)
+    with pytest.raises(UserError, match="class name\\(s\\) 'x\"y' cannot be used"):
+        ingest(src, tmp_path / "datasets" / "bad", OPTS)
+    ok = write_images(root="ok", classes=("Pneumonia (viral)", "normal"), per_class=3)
+    ingest(ok, tmp_path / "datasets" / "ok", OPTS)

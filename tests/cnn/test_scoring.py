@@ -39,7 +39,7 @@ def test_list_inputs_folder_glob_and_manifest(tmp_path: Path) -> None:
     listed = list_inputs(str(folder / "m.csv"))
     assert listed.id_columns == ["claim_id"] and listed.files["path"][0] == str(folder / "checker/checker000.png")
     pd.DataFrame({"path": ["a.png"], "label": ["x"]}).to_csv(folder / "bad.csv", index=False)
-    with pytest.raises(UserError, match="cannot be carried"):
+    with pytest.raises(UserError, match="has the name of a column the output has"):
         list_inputs(str(folder / "bad.csv"))
     with pytest.raises(UserError, match="nothing to score"):
         list_inputs(str(tmp_path / "missing"))
@@ -109,3 +109,11 @@ def test_plan_then_shards_then_summary_exactly_once(trained: FitResult, tmp_path
     assert (again.files, again.shards, again.skipped) == (0, 0, 12)  # everything is accounted for
     other_version = plan_shards(inputs, [sink], ModelRef("patterns", "2", ""), shard_size=4, run_dir=tmp_path)
     assert other_version.files == 12
+
+
+@pytest.mark.parametrize("column", ["shard", "reason", "label", "duplicate_of", "reject_kind", "prob_cat"])
+def test_id_columns_named_like_output_columns_are_refused_up_front(tmp_path: Path, column: str) -> None:
+    folder = write_patterns(tmp_path / "in", per_class=1)
+    pd.DataFrame({"path": ["checker/checker000.png"], column: ["x"]}).to_csv(folder / "m.csv", index=False)
+    with pytest.raises(UserError, match=f"manifest column '{column}' has the name of a column the output has"):
+        list_inputs(str(folder / "m.csv"))

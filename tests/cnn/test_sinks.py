@@ -9,6 +9,7 @@ import pytest
 
 from cnn.errors import UserError
 from cnn.sinks import FileSink, SqlSink, open_sink
+from tests.helpers import PG_URL, requires_postgres
 
 
 def _rows(n: int, version: str = "1") -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -62,7 +63,10 @@ def test_file_sink_finishes_over_a_killed_runs_temporary_files(tmp_path: Path) -
     assert sink.scored("m", "1")[0] == {"id0": "/p/0.png", "id1": "/p/1.png"}
     sink.finish()
     assert not sink.parts.exists() and len(pd.read_parquet(sink.path)) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.parquet", "out.rejects.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".out.parquet.lock") == [
+        "out.parquet",
+        "out.rejects.parquet",
+    ]
 
 
 def test_sql_sink_upserts_and_adds_columns(tmp_path: Path) -> None:
@@ -89,3 +93,87 @@ def test_sink_errors(tmp_path: Path) -> None:
     assert "secret" not in str(unreachable.value) and "nobody:***@" in str(unreachable.value)
     with pytest.raises(UserError, match=".parquet or .csv"):
         open_sink(str(tmp_path / "x.txt"), None, "sqlite://#t")
+
+
+def test_csv_with_nothing_to_write_does_not_break_the_next_run(tmp_path: Path) -> None:
+    sink = FileSink(tmp_path / "out.csv")
+    preds, _ = _rows(2)
+    sink.commit(0, preds, _rows(0)[1].iloc[0:0])  # a run without rejects
+    sink.finish()
+    assert sink.scored("m", "1")[1] == set()  # reading the empty rejects file back used to raise EmptyDataError
+    sink.commit(1, _rows(1, version="2")[0], _rows(1, version="2")[1])
+    sink.finish()
+    assert len(pd.read_csv(tmp_path / "out.csv")) == 3 and len(pd.read_csv(tmp_path / "out.rejects.csv")) == 1
+
+
+def test_carried_ids_stay_text_in_csv_across_runs(tmp_path: Path) -> None:
+    sink = FileSink(tmp_path / "out.csv")
+    sink.commit(0, _rows(1)[0].assign(claim_id="007123"), _rows(1)[1])
+    sink.finish()
+    sink.commit(1, _rows(1, version="2")[0].assign(claim_id="000042"), _rows(1, version="2")[1])
+    sink.finish()
+    text = (tmp_path / "out.csv").read_text()
+    assert "007123" in text and "000042" in text
+
+
+def _commit_and_finish_many(path: str, worker: int) -> None:
+    sink = FileSink(Path(path))
+    for shard in range(12):
+        preds = _rows(3)[0].assign(image_id=[f"w{worker}-s{shard}-{i}" for i in range(3)])
+        sink.commit(shard, preds, _rows(0)[1].iloc[0:0])
+        if shard % 3 == 2:
+            sink.finish()  # a merge while the other run keeps committing
+
+
+def test_two_runs_writing_the_same_file_lose_nothing(tmp_path: Path) -> None:
+    """A manual run while the schedule fires: each run's merge must not delete the other's committed parts."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    runs = [context.Process(target=_commit_and_finish_many, args=(str(tmp_path / "out.parquet"), w)) for w in (1, 2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(60)
+        assert run.exitcode == 0
+    FileSink(tmp_path / "out.parquet").finish()
+    out = pd.read_parquet(tmp_path / "out.parquet")
+    assert len(out) == 2 * 12 * 3 and out["image_id"].is_unique
+
+
+def test_identifiers_are_quoted_by_sqlalchemy(tmp_path: Path) -> None:
+    sink = SqlSink.from_url(f"sqlite:///{tmp_path / 't.db'}#preds")
+    preds, rejects = _rows(1)
+    sink.commit(0, preds, rejects)
+    sink.commit(1, _rows(1, version="2")[0].assign(**{'prob_x"y': 0.5, "order": "1"}), rejects.iloc[0:0])
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "t.db") as db:
+        assert db.execute('select "prob_x""y", "order" from preds where model_version = \'2\'').fetchone() == (0.5, "1")
+
+
+def test_unsupported_or_malformed_database_urls_are_refused_up_front() -> None:
+    with pytest.raises(UserError, match="SQLite or PostgreSQL, not mysql"):
+        SqlSink.from_url("mysql://user:pw@127.0.0.1/db#t")
+    with pytest.raises(UserError, match="not a database URL"):
+        SqlSink.from_url("predictions.db#t")
+
+
+@requires_postgres
+@pytest.mark.parametrize("scheme", ["postgresql", "postgresql+psycopg2", "postgresql+psycopg"])
+def test_postgresql_urls_as_people_write_them(scheme: str) -> None:
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    url = PG_URL.replace("postgresql+psycopg2", scheme)
+    table = f"preds_{uuid.uuid4().hex[:8]}"
+    sink = SqlSink.from_url(f"{url}#{table}")
+    try:
+        sink.commit(0, *_rows(2))
+        sink.commit(0, *_rows(2))  # a retried shard: upserted, not doubled
+        assert set(sink.scored("m", "1")[0]) == {"id0", "id1"}
+    finally:
+        with create_engine(PG_URL).begin() as conn:
+            conn.execute(text(f'drop table if exists "{table}"'))
+            conn.execute(text(f'drop table if exists "{table}_rejects"'))

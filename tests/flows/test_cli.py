@@ -152,6 +152,7 @@ def test_real_console_script_end_to_end(tmp_path: Path) -> None:
 
 @pytest.mark.e2e
 def test_ui_serves_the_workspace_store(tmp_path: Path) -> None:
+    import socket
     import urllib.request
 
     port = free_port()
@@ -167,7 +168,12 @@ def test_ui_serves_the_workspace_store(tmp_path: Path) -> None:
     try:
         wait_until_up(f"http://127.0.0.1:{port}/", timeout=90)
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).status == 200
-    finally:
-        os.killpg(proc.pid, 15)
+        proc.terminate()  # SIGTERM to `cnn ui` alone, as a process manager sends it: its MLflow server goes too
         output = proc.communicate(timeout=30)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    assert proc.returncode == 143 and "terminated (SIGTERM)" in output, output[-2000:]
     assert f"http://127.0.0.1:{port}" in output and "mlflow.db" in output
+    with pytest.raises(OSError):  # nothing listens any more: the server the command started was stopped
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()

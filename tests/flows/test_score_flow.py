@@ -195,11 +195,15 @@ def test_postgresql_sink(home: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
-def test_kill_9_and_rerun_leaves_no_duplicate_and_no_gap(home: Path, tmp_path: Path) -> None:
+def test_sigterm_then_kill_9_midway_then_rerun_leaves_no_duplicate_and_no_gap(home: Path, tmp_path: Path) -> None:
+    """SIGTERM as Kubernetes and Prefect workers send it (the run ends within seconds, its children with it,
+    committed shards stay committed, nothing half-written), then kill -9 at any moment of the next run, then a
+    last run: every input exactly once."""
+    import psutil
+
     folder = write_patterns(tmp_path / "big", per_class=40, seed=11)
     total = 120
     db = tmp_path / "k.db"
-    env = clean_env(home)
     args = [
         CNN,
         "score",
@@ -221,24 +225,48 @@ def test_kill_9_and_rerun_leaves_no_duplicate_and_no_gap(home: Path, tmp_path: P
             return 0
         try:
             with sqlite3.connect(db) as conn:
-                return conn.execute("select count(*) from preds").fetchone()[0]
+                return int(conn.execute("select count(*) from preds").fetchone()[0])
         except sqlite3.OperationalError:
             return 0
 
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while committed() < 8 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    def start_and_wait_for(rows: int) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            args,
+            env=clean_env(home),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 180
+        while committed() < rows and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        return proc
+
+    proc = start_and_wait_for(8)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143 and time.monotonic() - start < 30, stderr[-2000:]
+    assert "Traceback" not in stderr and "terminated (SIGTERM)" in stderr
+    _, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, f"children left running: {[p.cmdline() for p in alive]}"
+    after_term = committed()
+    assert 0 < after_term < total, "the run must be stopped part-way for this test to mean anything"
+
+    proc = start_and_wait_for(after_term + 8)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    partial = committed()
-    assert 0 < partial < total, "the run must be killed part-way for this test to mean anything"
-    finished = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert after_term < committed() < total, "the second run must be killed part-way too"
+
+    finished = subprocess.run(args, env=clean_env(home), capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-2000:]
     with sqlite3.connect(db) as conn:
         assert conn.execute("select count(*), count(distinct path) from preds").fetchone() == (total, total)
     parquet = pd.read_parquet(tmp_path / "k.parquet")
     assert len(parquet) == total and parquet["path"].is_unique
+    assert not [p.name for p in tmp_path.glob(".*.tmp")] and not (tmp_path / "k.parquet.parts").exists()
 
 
 def test_scoring_engine_and_pyfunc_agree(home: Path, tmp_path: Path) -> None:

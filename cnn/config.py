@@ -115,7 +115,9 @@ class ScoreConfig(FlowConfig):
 
     model: str = Field(..., description="MODEL (= MODEL@champion), MODEL@alias or MODEL:version")
     output: str | None = Field(None, description="prediction file, .parquet or .csv (rejects beside it)")
-    table: str | None = Field(None, description="SQLAlchemy URL#table")
+    table: str | None = Field(
+        None, description="SQLAlchemy URL#table, or `default` for CNN_PREDICTIONS_URL (else SQLite under CNN_HOME)"
+    )
     batch_size: int = Field(64, ge=1, description="images per forward pass")
     device: str = "auto"
     top_k: int = Field(3, ge=1, description="ranked labels kept per image")

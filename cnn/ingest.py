@@ -6,11 +6,13 @@ orchestrator can run the stages as separate tasks that pass references, never ar
 
 from __future__ import annotations
 
+import fcntl
 import json
 import re
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,6 +62,26 @@ class IngestOptions(FlowConfig):
 
     def fractions(self) -> SplitFractions:
         return SplitFractions(val=self.val_fraction, test=self.test_fraction)
+
+
+@contextmanager
+def ingest_lock(dataset_dir: str | Path) -> Iterator[None]:
+    """Hold the dataset for one ingest at a time: a second ingest of the same dataset is refused with a message
+    (it would otherwise delete the first one's staging folder). The lock is the kernel's: it goes with the
+    process, so a killed ingest never leaves the dataset locked."""
+    path = Path(dataset_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".ingest.lock", "a+b") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"dataset {path.name!r} is being ingested by another run; try again when it has finished"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def staging_dir(dataset_dir: Path) -> Path:
@@ -386,9 +408,10 @@ def ingest(
     from cnn.report import build_report, save_report
 
     options = options or IngestOptions()
-    stage_scan(source, dataset_dir, options)
-    stage_decode(dataset_dir, options, progress)
-    stage_split(dataset_dir, options)
-    manifest = commit_dataset(dataset_dir, options)
-    save_report(build_report(Path(dataset_dir), staged_stats(Path(dataset_dir))), Path(dataset_dir))
+    with ingest_lock(dataset_dir):
+        stage_scan(source, dataset_dir, options)
+        stage_decode(dataset_dir, options, progress)
+        stage_split(dataset_dir, options)
+        manifest = commit_dataset(dataset_dir, options)
+        save_report(build_report(Path(dataset_dir), staged_stats(Path(dataset_dir))), Path(dataset_dir))
     return manifest

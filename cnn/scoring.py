@@ -86,6 +86,10 @@ class ShardPlan:
     skipped: int  # already accounted for by this model version in every sink
     id_columns: tuple[str, ...] = ()
 
+    def remove(self) -> None:
+        """Delete the plan file once the run is published (it lists paths and image ids)."""
+        Path(self.path).unlink(missing_ok=True)
+
     def rows(self, shard: int) -> pd.DataFrame:
         """The files of one shard, with their image_id and duplicate mark."""
         files = pd.read_parquet(self.path)

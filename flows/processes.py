@@ -19,9 +19,24 @@ def stop_on_sigterm() -> None:
 
     def terminate(signum: int, frame: FrameType | None) -> None:
         print("terminated (SIGTERM): stopping", file=sys.stderr, flush=True)
+        _kill_decode_workers()
         raise SystemExit(TERMINATED)
 
     signal.signal(signal.SIGTERM, terminate)
+
+
+def _kill_decode_workers() -> None:
+    """Decode workers come from a multiprocessing forkserver; a worker being started when SIGTERM arrives is not
+    yet known to its pool and would wait for work forever. Killing the forkserver and everything it forked
+    leaves nothing behind (the decoded files of an unfinished shard are decoded again by the next run)."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "multiprocessing.forkserver" in " ".join(child.cmdline()):
+                child.kill()
+        except psutil.Error:
+            pass
 
 
 def start_group(command: list[str], **popen: object) -> subprocess.Popen[bytes]:

@@ -26,6 +26,7 @@ from flows.logfilter import quiet_user_errors
 from flows.progress import reported_progress
 
 quiet_user_errors()
+DEFAULT_TABLE = "default"  # `table: default`: the workspace's table (CNN_PREDICTIONS_URL), beside an --output file
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -46,7 +47,7 @@ def _sinks(output: str | None, table: str | None) -> list[Sink]:
     default = os.environ.get("CNN_PREDICTIONS_URL") or f"sqlite:///{workspace.current().home / 'predictions.db'}"
     if "#" not in default:
         default += "#predictions"
-    return open_sink(output, table, default)
+    return open_sink(output, default if table == DEFAULT_TABLE else table, default)
 
 
 @task(name="resolve-model", cache_policy=NO_CACHE)
@@ -111,6 +112,7 @@ def score_flow(source: str, config: ScoreConfig, home: str | None = None) -> Sco
             results.append(result)
             progress(sum(r.files for r in results), plan.files)
     summary = scoring.summarise(results, plan, model, time.perf_counter() - start, publish(config))
+    plan.remove()
     create_table_artifact(summary.rows(), key="score-summary", description="Scoring summary")
     return summary
 

@@ -98,6 +98,7 @@ def deployments(schedules: Schedules) -> list[Any]:
     score_parameters = {"source": schedules.incoming, "config": schedules.scoring.model_dump(mode="json")}
     deployed = [
         score_flow.to_deployment(
+            concurrency_limit=1,  # one run at a time: a run still going when the next is due makes it wait
             name="nightly",
             cron=schedules.score_cron,
             parameters=score_parameters,
@@ -110,6 +111,7 @@ def deployments(schedules: Schedules) -> list[Any]:
             train_parameters["config"] = schedules.training.model_dump(mode="json")
         deployed.append(
             train_flow.to_deployment(
+                concurrency_limit=1,
                 name="scheduled",
                 cron=schedules.train_cron,
                 parameters=train_parameters,

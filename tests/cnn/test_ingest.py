@@ -219,3 +219,16 @@ def test_class_names_that_cannot_be_column_names_are_refused(write_images: Calla
         ingest(src, tmp_path / "datasets" / "bad", OPTS)
     ok = write_images(root="ok", classes=("Pneumonia (viral)", "normal"), per_class=3)
     ingest(ok, tmp_path / "datasets" / "ok", OPTS)
+
+
+def test_a_second_ingest_of_the_same_dataset_is_refused_while_the_first_runs(
+    write_images: Callable[..., Path], tmp_path: Path
+) -> None:
+    from cnn.ingest import ingest_lock
+
+    root = tmp_path / "datasets" / "busy"
+    with ingest_lock(root):  # as another process's ingest holds it
+        with pytest.raises(UserError, match="'busy' is being ingested by another run"):
+            ingest(write_images(per_class=3), root, OPTS)
+    ingest(write_images(root="again", per_class=3), root, OPTS)  # free again once it finished
+    assert Dataset(root).exists()

@@ -147,3 +147,56 @@ def test_flow_configs_load_yaml_and_let_options_override(tmp_path: Path) -> None
     path.write_text("image_size: 64\nworkers: 2\n")
     with pytest.raises(UserError, match="invalid ingest config: workers: Extra inputs are not permitted"):
         IngestOptions.load(path)
+
+
+def _readme_deployments() -> dict[str, dict[str, str]]:
+    readme = (PREFECT_YAML.parents[1] / "README.md").read_text()
+    start = readme.index("| deployment | pool | schedule (UTC) | concurrency | writes |")
+    rows = {}
+    for line in readme[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        name, pool, cron, limit, writes = (cell.strip().strip("`") for cell in line.strip("|").split("|"))
+        rows[name] = {"pool": pool, "cron": cron, "limit": limit, "writes": writes}
+    return rows
+
+
+def test_readme_deployment_table_matches_prefect_yaml() -> None:
+    readme = _readme_deployments()
+    shipped = {f"{d['entrypoint'].split(':')[1].removesuffix('_flow')}/{d['name']}": d for d in _deployments()}
+    assert set(readme) == set(shipped)
+    for name, deployment in shipped.items():
+        row = readme[name]
+        crons = [s["cron"] for s in deployment.get("schedules", [])]
+        assert row["pool"] == deployment["work_pool"]["name"], name
+        assert row["cron"] == (crons[0] if crons else "on demand"), name
+        assert row["limit"] == str(deployment.get("concurrency_limit")), name
+        config = deployment["parameters"].get("config") if name.startswith("score/") else None
+        if config:
+            if config.get("output"):
+                assert config["output"] in row["writes"], name
+            writes_table = config.get("table") == "default" or not config.get("output")
+            assert ("default table" in row["writes"]) == writes_table, name
+
+
+def test_served_deployments_run_one_at_a_time() -> None:
+    from cnn.config import ScoreConfig, TrainConfig
+    from flows.serve import Schedules, deployments
+
+    served = deployments(Schedules("/in", ScoreConfig(model="m"), dataset="d", training=TrainConfig()))
+    assert [d.name for d in served] == ["nightly", "scheduled"]
+    assert all(d.concurrency_limit == 1 for d in served)
+
+
+def test_table_default_means_the_workspace_table_beside_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cnn.sinks import FileSink, SqlSink
+    from flows.score import _sinks
+
+    monkeypatch.setenv("CNN_HOME", str(tmp_path))
+    monkeypatch.setenv("CNN_PREDICTIONS_URL", f"sqlite:///{tmp_path / 'preds.db'}#nightly")
+    sinks = _sinks(str(tmp_path / "out.parquet"), "default")
+    assert [type(s) for s in sinks] == [FileSink, SqlSink]
+    assert isinstance(sinks[1], SqlSink) and sinks[1].table == "nightly"
+    assert [type(s) for s in _sinks(str(tmp_path / "out.parquet"), None)] == [FileSink]

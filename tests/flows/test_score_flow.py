@@ -93,6 +93,7 @@ def test_exactly_once_then_idempotent_then_incremental(home: Path, tmp_path: Pat
     all_files = sorted(str(p) for p in folder.rglob("*") if p.is_file())
     assert len(all_files) == total
     assert _paths_once(preds, rejects) == all_files  # every input exactly once
+    assert not list((home / "scoring").rglob("plan.parquet"))  # a finished run removes its plan (paths, ids)
     assert len(rejects) == 4 and rejects["reason"].str.contains("duplicate of").sum() == 1
     assert set(preds["label"]) <= {"horizontal", "vertical", "checker"}
     assert {

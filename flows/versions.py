@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import re
+import shutil
+import uuid
 from pathlib import Path
 
 import mlflow
@@ -32,17 +34,30 @@ def parse_spec(spec: str) -> tuple[str, str | None, str | None]:
     return match["name"], (alias or (CHAMPION if version is None else None)), version
 
 
-def fetch(name: str, version: str) -> Path:
-    """The version's files under $CNN_HOME/models/NAME/VERSION (downloaded once)."""
-    target = workspace.current().home / "models" / name / str(version)
-    if not (target / "MLmodel").is_file():
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(target))
+def fetch(name: str, version: str, run_id: str) -> Path:
+    """The version's files under $CNN_HOME/models/NAME/VERSION-RUN (downloaded once). Keyed by the training run
+    too, so a registry rebuilt with other models under the same numbers never serves a stale copy; downloaded
+    into a temporary folder and renamed, so a killed download never looks like a usable model."""
+    target = workspace.current().home / "models" / name / f"{version}-{run_id or 'norun'}"
+    if target.is_dir():  # only ever renamed into place whole
+        return target
+    partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(partial))
+        try:
+            partial.rename(target)
+        except OSError:  # another run fetched it meanwhile: use theirs
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 
 def load(name: str, version: str, device: str = "cpu") -> Predictor:
     """A registered version as a plain Predictor (runs no code from the artifact)."""
-    weights, contract = _artifact_paths(fetch(name, version))
+    run_id = MlflowClient().get_model_version(name, version).run_id or ""
+    weights, contract = _artifact_paths(fetch(name, version, run_id))
     return Predictor.load(weights, contract, device)
 
 
@@ -58,7 +73,14 @@ def resolve(spec: str, device: str, precision: str = "auto", compile: bool = Fal
             "train one with `cnn train` or check the name, alias and version"
         ) from None
     ref = ModelRef(
-        name, str(mv.version), mv.run_id or "", str(fetch(name, str(mv.version))), device, "fp32", "", compile
+        name,
+        str(mv.version),
+        mv.run_id or "",
+        str(fetch(name, str(mv.version), mv.run_id or "")),
+        device,
+        "fp32",
+        "",
+        compile,
     )
     choice = _choose_precision(client, ref, precision)
     return ModelRef(ref.name, ref.version, ref.run_id, ref.files, device, choice.name, choice.describe(), compile)

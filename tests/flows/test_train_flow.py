@@ -174,3 +174,19 @@ def test_gate_holds_back_then_promote_and_rollback(trained: Path, tmp_path: Path
 
     missing = runner.invoke(app, ["promote", "patterns", "--version", "9"])
     assert missing.exit_code == 2 and "no version 9" in missing.output
+
+
+def test_local_model_copies_are_keyed_by_run_and_published_whole(trained: Path, cnn_home: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from flows import versions
+
+    run_id = MlflowClient().get_model_version("patterns", "1").run_id
+    folder = cnn_home / "models" / "patterns"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f".1-{run_id}.dead.tmp").mkdir()  # what a download killed midway leaves
+    (folder / "1-otherrun").mkdir()  # version 1 of a registry that was rebuilt since: not ours
+    fetched = versions.fetch("patterns", "1", run_id)
+    assert fetched == folder / f"1-{run_id}" and (fetched / "MLmodel").is_file()
+    assert versions.fetch("patterns", "1", run_id) == fetched  # downloaded once
+    assert versions.load("patterns", "1").contract.classes == ["checker", "horizontal", "vertical"]

@@ -20,7 +20,7 @@ def test_pipeline_scores_with_the_champion_it_trained(prefect_server: None, cnn_
     from flows.pipeline import pipeline_flow
 
     workspace.configure()
-    source = write_patterns(tmp_path / "src", per_class=20)
+    source = write_patterns(tmp_path / "src", per_class=12)
     incoming = write_patterns(tmp_path / "incoming", per_class=2, seed=4)
     out = tmp_path / "preds.parquet"
     outcome = pipeline_flow(

@@ -216,7 +216,7 @@ def test_sigterm_then_kill_9_midway_then_rerun_leaves_no_duplicate_and_no_gap(ho
         "--output",
         str(tmp_path / "k.parquet"),
         "--shard-size",
-        "4",
+        "8",
         "--decode-workers",
         "1",
     ]

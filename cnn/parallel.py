@@ -147,7 +147,7 @@ class _IsolatedPool:
 
     def _fill(self, todo: deque[int]) -> None:
         if self.pool is None:
-            self.pool = ProcessPoolExecutor(
+            self.pool = _reusable_pool(self._key()) or ProcessPoolExecutor(
                 self.workers,
                 mp_context=self.context,
                 initializer=_init_worker,
@@ -213,10 +213,16 @@ class _IsolatedPool:
             receiver.close()
             process.join(5)
 
+    def _key(self) -> tuple[object, ...]:
+        return (self.context.get_start_method(), self.workers, self.spec, self.known, self.decode)
+
     def _stop(self, kill: bool) -> None:
         pool, self.pool = self.pool, None
         self.running.clear()
         if pool is None:
+            return
+        if not kill:  # healthy and idle: the next call with the same settings (the next shard) takes it over
+            _keep_pool(self._key(), pool)
             return
         if kill:
             # Python 3.11 has no public way to end a pool's workers (3.14 adds terminate_workers); a hung or
@@ -224,6 +230,31 @@ class _IsolatedPool:
             for process in list(getattr(pool, "_processes", {}).values()):
                 process.kill()
         pool.shutdown(wait=not kill, cancel_futures=True)
+
+
+# One idle pool is kept for the next call with the same settings: scoring calls decode_many once per shard, and
+# starting workers again for every shard costs a few tenths of a second each. Idle workers end with the process.
+_idle: tuple[tuple[object, ...], ProcessPoolExecutor] | None = None
+_idle_lock = threading.Lock()
+
+
+def _reusable_pool(key: tuple[object, ...]) -> ProcessPoolExecutor | None:
+    global _idle
+    with _idle_lock:
+        idle, _idle = _idle, None
+    if idle is not None and idle[0] == key:
+        return idle[1]
+    if idle is not None:
+        idle[1].shutdown(wait=False, cancel_futures=True)
+    return None
+
+
+def _keep_pool(key: tuple[object, ...], pool: ProcessPoolExecutor) -> None:
+    global _idle
+    with _idle_lock:
+        previous, _idle = _idle, (key, pool)
+    if previous is not None and previous[1] is not pool:
+        previous[1].shutdown(wait=False, cancel_futures=True)
 
 
 def _decode_alone(sender: Any, path: str, spec: DecodeSpec, known: frozenset[str], decode: DecodeFn) -> None:

@@ -61,3 +61,17 @@ def test_a_file_past_the_time_limit_is_a_reject(tmp_path: Path) -> None:
     slow = outcomes[3]
     assert not slow.ok and slow.kind == RejectKind.TIME_LIMIT and "1-second limit" in slow.reason
     assert all(o.ok for i, o in enumerate(outcomes) if i != 3)
+
+
+def _worker_pid(path: str, spec: DecodeSpec, known: frozenset[str]) -> DecodeOutcome:
+    return DecodeOutcome(path, str(os.getpid()), "ok")
+
+
+def test_consecutive_calls_reuse_the_idle_workers(tmp_path: Path) -> None:
+    """Scoring decodes shard by shard: the workers of one shard serve the next (no start-up per shard)."""
+    paths = _files(tmp_path, ["a.png", "b.png"])
+    first = {o.image_id for o in decode_many(paths, SPEC, workers=1, decode=_worker_pid)}
+    second = {o.image_id for o in decode_many(paths, SPEC, workers=1, decode=_worker_pid)}
+    assert first == second and str(os.getpid()) not in first
+    other = {o.image_id for o in decode_many(paths, DecodeSpec(channels=1, size=16), workers=1, decode=_worker_pid)}
+    assert other.isdisjoint(first)  # other settings: other workers

@@ -290,9 +290,40 @@ def test_dicom_rescale_and_window() -> None:
 
 
 def test_compressed_dicom_without_codec_is_rejected() -> None:
-    data = _dicom_bytes(np.zeros((8, 8), np.uint16), syntax="1.2.840.10008.1.2.4.80")  # JPEG-LS lossless
-    with pytest.raises(DecodeError, match="codec"):
+    data = _dicom_bytes(np.zeros((8, 8), np.uint16), syntax="1.2.840.10008.1.2.4.100")  # MPEG2: no plugin decodes it
+    with pytest.raises(DecodeError, match="needs a codec plugin") as caught:
         decode_bytes(data, GRAY)
+    assert caught.value.kind == RejectKind.MISSING_CODEC
+
+
+def test_the_codecs_pacs_exports_use_are_installed() -> None:
+    """JPEG baseline and lossless, JPEG-LS, JPEG 2000 and RLE decode through pydicom's maintained plugins (the lock
+    installs pylibjpeg with its OpenJPEG and RLE plugins, pyjpegls and python-gdcm; never the GPL libjpeg plugin)."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import (
+        JPEG2000,
+        JPEG2000Lossless,
+        JPEGBaseline8Bit,
+        JPEGLosslessSV1,
+        JPEGLSLossless,
+        JPEGLSNearLossless,
+        RLELossless,
+    )
+
+    for syntax in (
+        JPEGBaseline8Bit,
+        JPEGLosslessSV1,
+        JPEGLSLossless,
+        JPEGLSNearLossless,
+        JPEG2000Lossless,
+        JPEG2000,
+        RLELossless,
+    ):
+        assert get_decoder(syntax).is_available, syntax.name
+    garbage = _dicom_bytes(np.zeros((8, 8), np.uint16), syntax=str(JPEGLSLossless))
+    with pytest.raises(DecodeError, match="corrupt DICOM data") as caught:  # a codec, but bad data: a plain reject
+        decode_bytes(garbage, GRAY)
+    assert caught.value.kind == RejectKind.CORRUPT
 
 
 def test_decode_many_in_workers_keeps_order_and_survives_bad_files(tmp_path: Path) -> None:

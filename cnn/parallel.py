@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from cnn import stopping
 from cnn.decode import DecodeError, DecodeSpec, RejectKind, check_decoder_settings, decode_bytes, read_image_bytes
 
 ProgressFn = Callable[[int, int], None]
@@ -140,6 +141,7 @@ class _IsolatedPool:
                 self._fill(todo)
                 done.update(self._collect(todo))
                 while emitted in done:
+                    stopping.check()  # a safe point: between files
                     yield done.pop(emitted)
                     emitted += 1
         finally:

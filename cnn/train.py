@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from cnn import stopping
 from cnn.augment import load_policy, validate_policy
 from cnn.config import TrainConfig
 from cnn.contract import ModelContract
@@ -190,6 +191,7 @@ def train_one_epoch(
     model.train()
     total, seen, steps = 0.0, 0, 0
     for step, (images, labels) in enumerate(loader):
+        stopping.check()  # a safe point: between steps (the last epoch's checkpoint is kept)
         x, y = rt.inputs(images), labels.to(rt.device, non_blocking=True)
         with rt.autocast():
             loss = parts.loss_fn(model(x), y)

@@ -14,6 +14,7 @@ from cnn.ingest import IngestOptions
 from cnn.report import DatasetReport, build_report, save_report
 from flows import workspace
 from flows.logfilter import quiet_user_errors
+from flows.processes import sigterm_at_safe_points
 from flows.progress import reported_progress
 
 quiet_user_errors()
@@ -80,7 +81,7 @@ def ingest_flow(
     options = options or IngestOptions()
     dataset_dir = str(workspace.configure(home).dataset(dataset).root)
     create_markdown_artifact(f"```yaml\n{options.to_yaml()}```\n", key="ingest-config", description="Ingest config")
-    with lib.ingest_lock(dataset_dir):  # the tasks run in this process: the lock spans all of them
+    with sigterm_at_safe_points(), lib.ingest_lock(dataset_dir):  # the tasks run here: the lock spans them all
         scan_source(source, dataset_dir, options)
         decode_images(dataset_dir, options)
         assign_splits(dataset_dir, options)

@@ -7,22 +7,53 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType
 
-TERMINATED = 128 + signal.SIGTERM  # the exit code of a command stopped by SIGTERM
+from cnn import stopping
+from cnn.stopping import TERMINATED
 
 
-def stop_on_sigterm() -> None:
-    """SIGTERM (Kubernetes, Prefect workers, `timeout`) raises SystemExit in the main thread: `finally` blocks and
-    atexit handlers run (temporary files removed, children stopped, Prefect's temporary server shut down), where
-    the default action would end the process on the spot and orphan its children."""
+def stop_on_sigterm(grace_s: float = 10.0) -> None:
+    """SIGTERM (Kubernetes, Prefect workers, `timeout`) stops a command the way Ctrl-C does, at a safe point: the
+    library's loops stop between files, shards and training steps (`cnn.stopping.check`), `finally` blocks and
+    atexit handlers run (children stopped, Prefect's temporary server shut down). Where no safe point comes
+    within `grace_s`, or at a second SIGTERM, SystemExit is raised wherever the command is."""
 
     def terminate(signum: int, frame: FrameType | None) -> None:
+        if stopping.requested():  # the second time: now
+            _kill_decode_workers()
+            raise SystemExit(TERMINATED)
         print("terminated (SIGTERM): stopping", file=sys.stderr, flush=True)
-        _kill_decode_workers()
-        raise SystemExit(TERMINATED)
+        stopping.request_stop()
+        timer = threading.Timer(grace_s, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.daemon = True
+        timer.start()
 
+    global _handler
+    _handler = terminate
     signal.signal(signal.SIGTERM, terminate)
+
+
+_handler: Callable[[int, FrameType | None], None] | None = None
+
+
+@contextmanager
+def sigterm_at_safe_points() -> Iterator[None]:
+    """Inside a flow started by the `cnn` command, keep its SIGTERM handler: Prefect's flow engine installs one that
+    raises wherever the flow is, and an exception inside Prefect's own bookkeeping can turn a clean stop into a
+    traceback (seen with Prefect 3.9.1: "Task run is not set"). Runs started by a Prefect worker keep Prefect's
+    handler, and with it Prefect's cancellation."""
+    if _handler is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _kill_decode_workers() -> None:
@@ -64,6 +95,10 @@ def run_group(command: list[str]) -> int:
     """Run `command` in its own process group until it exits or this process is stopped (then it is stopped)."""
     proc = start_group(command)
     try:
-        return proc.wait()
+        while True:
+            try:
+                return proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                stopping.check()  # a safe point: SIGTERM stops the child group at once
     finally:
         stop_group(proc)

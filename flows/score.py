@@ -16,13 +16,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 
-from cnn import scoring
+from cnn import scoring, stopping
 from cnn.config import ScoreConfig
 from cnn.errors import UserError
 from cnn.scoring import ModelRef, ScoringOptions, ScoringSummary, ShardPlan, ShardResult
 from cnn.sinks import Sink, open_sink, redact
 from flows import versions, workspace
 from flows.logfilter import quiet_user_errors
+from flows.processes import sigterm_at_safe_points
 from flows.progress import reported_progress
 
 quiet_user_errors()
@@ -87,32 +88,34 @@ def score_flow(source: str, config: ScoreConfig, home: str | None = None) -> Sco
     flow_run_id = str(flow_run.id) if flow_run is not None else ""
     run_dir = ws.home / "scoring" / (flow_run_id or "local")
     run_dir.mkdir(parents=True, exist_ok=True)
-    _log_config(config, run_dir)
-    model = resolve_model(config)
-    plan = plan_shards(source, config, model, str(run_dir))
-    # On a Dask cluster the shards fan out to its workers, which decode in-process (they are daemons).
-    options = ScoringOptions(
-        config.batch_size,
-        config.top_k,
-        config.review_below,
-        1 if config.fan_out else config.decode_workers,
-        flow_run_id,
-        config.decode_time_limit_s,
-    )
-    results: list[ShardResult] = []
-    start = time.perf_counter()
-    with reported_progress(f"scoring with {model.label}", key="score-progress") as progress:
-        progress(0, plan.files)
-        if config.fan_out:
-            futures = [score_shard.submit(plan, shard, model, config, options) for shard in range(plan.shards)]
-            shard_results = (future.result() for future in futures)
-        else:
-            shard_results = (score_shard(plan, shard, model, config, options) for shard in range(plan.shards))
-        for result in shard_results:
-            results.append(result)
-            progress(sum(r.files for r in results), plan.files)
-    summary = scoring.summarise(results, plan, model, time.perf_counter() - start, publish(config))
-    plan.remove()
+    with sigterm_at_safe_points():
+        _log_config(config, run_dir)
+        model = resolve_model(config)
+        plan = plan_shards(source, config, model, str(run_dir))
+        # On a Dask cluster the shards fan out to its workers, which decode in-process (they are daemons).
+        options = ScoringOptions(
+            config.batch_size,
+            config.top_k,
+            config.review_below,
+            1 if config.fan_out else config.decode_workers,
+            flow_run_id,
+            config.decode_time_limit_s,
+        )
+        results: list[ShardResult] = []
+        start = time.perf_counter()
+        with reported_progress(f"scoring with {model.label}", key="score-progress") as progress:
+            progress(0, plan.files)
+            if config.fan_out:
+                futures = [score_shard.submit(plan, shard, model, config, options) for shard in range(plan.shards)]
+                shard_results = (future.result() for future in futures)
+            else:
+                shard_results = (score_shard(plan, shard, model, config, options) for shard in range(plan.shards))
+            for result in shard_results:
+                stopping.check()  # a safe point: between shards (what is committed stays committed)
+                results.append(result)
+                progress(sum(r.files for r in results), plan.files)
+        summary = scoring.summarise(results, plan, model, time.perf_counter() - start, publish(config))
+        plan.remove()
     create_table_artifact(summary.rows(), key="score-summary", description="Scoring summary")
     return summary
 

@@ -24,6 +24,7 @@ from cnn.fsio import write_json_atomic
 from cnn.train import EpochRecord, FitResult, check_config, fit
 from flows import registry, tracking, workspace
 from flows.logfilter import quiet_user_errors
+from flows.processes import sigterm_at_safe_points
 from flows.progress import reported_progress
 from flows.registry import GateDecision
 
@@ -201,11 +202,12 @@ def train_flow(
     model_name = config.register_as or dataset
     dataset_dir = str(ws.dataset(dataset).require().root)
     run_dir = str(run_directory(ws.home, model_name, resume))
-    run_id = start_run(dataset_dir, run_dir, config, model_name)
-    fit_model(dataset_dir, run_dir, run_id, config, resume)
-    test_metrics = evaluate_model(dataset_dir, run_dir, run_id)
-    model_uri = log_model(dataset_dir, run_dir, run_id)
-    decision = register_and_gate(model_uri, model_name, run_id, dataset_dir, config)
+    with sigterm_at_safe_points():  # training stops between steps, keeping the last epoch's checkpoint
+        run_id = start_run(dataset_dir, run_dir, config, model_name)
+        fit_model(dataset_dir, run_dir, run_id, config, resume)
+        test_metrics = evaluate_model(dataset_dir, run_dir, run_id)
+        model_uri = log_model(dataset_dir, run_dir, run_id)
+        decision = register_and_gate(model_uri, model_name, run_id, dataset_dir, config)
     (Path(run_dir) / "done").write_text(run_id)
     create_table_artifact(
         [{"metric": k, "test": round(v, 4)} for k, v in test_metrics.items()],

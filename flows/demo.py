@@ -50,6 +50,6 @@ def run_demo(home: Path, data: DemoDataset, batch: DemoDataset) -> DemoOutcome:
     )
     csv_run = score_flow(
         source=str(batch.root / "images"),
-        config=scoring.model_copy(update={"model": outcome.score.model.split(" ")[0], "output": str(csv)}),
+        config=scoring.model_copy(update={"model": f"{outcome.train.gate.model}@champion", "output": str(csv)}),
     )
     return DemoOutcome(data, outcome, csv_run, parquet, csv, table)

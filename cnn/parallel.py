@@ -182,9 +182,7 @@ class _IsolatedPool:
         elif overdue:
             for future in overdue:
                 i, _ = self.running.pop(future)
-                results[i] = _reject(
-                    self.paths[i], RejectKind.TIME_LIMIT, f"decoding took longer than the {self.limit:g}-second limit"
-                )
+                results[i] = self._too_slow(i)
             todo.extendleft(sorted((i for i, _ in self.running.values()), reverse=True))  # not their fault
             self._stop(kill=True)
         return results
@@ -206,14 +204,17 @@ class _IsolatedPool:
                     pass  # it died before answering
             else:
                 process.kill()
-                return _reject(
-                    self.paths[i], RejectKind.TIME_LIMIT, f"decoding took longer than the {self.limit:g}-second limit"
-                )
+                return self._too_slow(i)
             process.join(5)
             return _reject(self.paths[i], RejectKind.WORKER_DIED, f"decoder process died: {_exit(process.exitcode)}")
         finally:
             receiver.close()
             process.join(5)
+
+    def _too_slow(self, i: int) -> DecodeOutcome:
+        return _reject(
+            self.paths[i], RejectKind.TIME_LIMIT, f"decoding took longer than the {self.limit:g}-second limit"
+        )
 
     def _key(self) -> tuple[object, ...]:
         return (self.context.get_start_method(), self.workers, self.spec, self.known, self.decode)
@@ -226,12 +227,11 @@ class _IsolatedPool:
         if not kill:  # healthy and idle: the next call with the same settings (the next shard) takes it over
             _keep_pool(self._key(), pool)
             return
-        if kill:
-            # Python 3.11 has no public way to end a pool's workers (3.14 adds terminate_workers); a hung or
-            # broken pool must not be waited for.
-            for process in list(getattr(pool, "_processes", {}).values()):
-                process.kill()
-        pool.shutdown(wait=not kill, cancel_futures=True)
+        # Python 3.11 has no public way to end a pool's workers (3.14 adds terminate_workers); a hung or broken
+        # pool must not be waited for.
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 # One idle pool is kept for the next call with the same settings: scoring calls decode_many once per shard, and

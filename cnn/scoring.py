@@ -18,15 +18,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from cnn.config import ScoreConfig
 from cnn.decode import DecodeError, RejectKind, open_regular_file
 from cnn.errors import UserError
 from cnn.fsio import atomic_path
 from cnn.inference import Predictor
-from cnn.parallel import DEFAULT_TIME_LIMIT_S, decode_many
+from cnn.parallel import decode_many
 from cnn.predictions import prediction_columns
 from cnn.sinks import Sink
 from cnn.sources import MANIFEST_SUFFIXES, iter_files, load_manifest_table
@@ -64,16 +66,29 @@ class ModelRef:
         return f"{self.name} v{self.version}"
 
 
+def _default(field_name: str) -> Any:
+    """ScoreConfig's default: the one home of the scoring defaults."""
+    return ScoreConfig.model_fields[field_name].default
+
+
 @dataclass(frozen=True)
 class ScoringOptions:
-    """How each shard is scored."""
+    """How each shard is scored (defaults: ScoreConfig's)."""
 
-    batch_size: int = 64
-    top_k: int = 3
-    review_below: float = 0.6
-    decode_workers: int = 0  # 0 = all cores
+    batch_size: int = _default("batch_size")
+    top_k: int = _default("top_k")
+    review_below: float = _default("review_below")
+    decode_workers: int = _default("decode_workers")  # 0 = all cores
     flow_run_id: str = ""
-    decode_time_limit_s: float = DEFAULT_TIME_LIMIT_S
+    decode_time_limit_s: float = _default("decode_time_limit_s")
+
+    @classmethod
+    def from_config(cls, config: ScoreConfig, flow_run_id: str) -> ScoringOptions:
+        """The options of a run; shards fanned out to Dask decode in the worker process (a daemon: one process)."""
+        workers = 1 if config.fan_out else config.decode_workers
+        return cls(
+            config.batch_size, config.top_k, config.review_below, workers, flow_run_id, config.decode_time_limit_s
+        )
 
 
 @dataclass(frozen=True)

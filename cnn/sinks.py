@@ -241,8 +241,9 @@ class SqlSink:
             self._lock(conn)
             for name, frame, key in ((self.table, predictions, KEY), (self.rejects, rejects, REJECT_KEY)):
                 if len(frame):
-                    self._ensure(conn, name, _sql_ready(frame), key)
-                    self._upsert(conn, name, _sql_ready(frame), key)
+                    ready = _sql_ready(frame)
+                    self._ensure(conn, name, ready, key)
+                    self._upsert(conn, name, ready, key)
 
     def _lock(self, conn: Connection) -> None:
         if self.engine.dialect.name == "postgresql":

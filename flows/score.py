@@ -92,15 +92,7 @@ def score_flow(source: str, config: ScoreConfig, home: str | None = None) -> Sco
         _log_config(config, run_dir)
         model = resolve_model(config)
         plan = plan_shards(source, config, model, str(run_dir))
-        # On a Dask cluster the shards fan out to its workers, which decode in-process (they are daemons).
-        options = ScoringOptions(
-            config.batch_size,
-            config.top_k,
-            config.review_below,
-            1 if config.fan_out else config.decode_workers,
-            flow_run_id,
-            config.decode_time_limit_s,
-        )
+        options = ScoringOptions.from_config(config, flow_run_id)
         results: list[ShardResult] = []
         start = time.perf_counter()
         with reported_progress(f"scoring with {model.label}", key="score-progress") as progress:

@@ -7,6 +7,7 @@ import functools
 import re
 import shutil
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -72,18 +73,11 @@ def resolve(spec: str, device: str, precision: str = "auto", compile: bool = Fal
             f"model {spec!r} not found in the registry at {mlflow.get_tracking_uri()}; "
             "train one with `cnn train` or check the name, alias and version"
         ) from None
-    ref = ModelRef(
-        name,
-        str(mv.version),
-        mv.run_id or "",
-        str(fetch(name, str(mv.version), mv.run_id or "")),
-        device,
-        "fp32",
-        "",
-        compile,
-    )
+    run_id = mv.run_id or ""
+    files = str(fetch(name, str(mv.version), run_id))
+    ref = ModelRef(name, str(mv.version), run_id, files, device, compile=compile)
     choice = _choose_precision(client, ref, precision)
-    return ModelRef(ref.name, ref.version, ref.run_id, ref.files, device, choice.name, choice.describe(), compile)
+    return replace(ref, precision=choice.name, precision_reason=choice.describe())
 
 
 def load_predictor(ref: ModelRef) -> Predictor:

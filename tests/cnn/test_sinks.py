@@ -129,7 +129,7 @@ def test_two_runs_writing_the_same_file_lose_nothing(tmp_path: Path) -> None:
     """A manual run while the schedule fires: each run's merge must not delete the other's committed parts."""
     import multiprocessing
 
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("spawn")  # not fork: this process runs threads (pyarrow, pools)
     runs = [context.Process(target=_commit_and_finish_many, args=(str(tmp_path / "out.parquet"), w)) for w in (1, 2)]
     for run in runs:
         run.start()

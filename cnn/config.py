@@ -125,6 +125,10 @@ class ScoreConfig(FlowConfig):
     decode_workers: int = Field(0, ge=0, description="decoding processes of a single-process run; 0 = all cores")
     decode_time_limit_s: float = Field(DEFAULT_TIME_LIMIT_S, gt=0, description="seconds one file may take to decode")
     shard_size: int = Field(256, ge=1, description="files per shard; each shard commits on its own")
+    max_attempts: int = Field(
+        3, ge=1, description="runs that try a file whose reject was transient (truncated, I/O error, time limit)"
+    )
+    rescore: bool = Field(False, description="score every input again with this version, even those already scored")
     precision: Precision = "auto"
     compile: bool = False
     cluster: str | None = Field(None, description="Dask scheduler address: shards fan out to it")

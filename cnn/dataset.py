@@ -1,16 +1,23 @@
 """An ingested dataset on disk: manifest, metadata and the memory-mapped uint8 image cache.
 
 Layout of `datasets/NAME/`:
-  manifest.parquet   one row per source file (MANIFEST_COLUMNS)
-  dataset.json       metadata; written last, it is the commit point of an ingest
-  report.json/.md    the dataset report
-  cache/images-<token>.npy  uint8 array (N, H, W, C), opened with np.load(mmap_mode="r")
-  cache/ids-<token>.npy     the image_id (sha256) of each cache slot ("" marks an unused slot)
+  CURRENT                       the name of the current generation: written last (fsynced), the commit point
+  generations/<gen>/manifest.parquet   one row per source file (MANIFEST_COLUMNS)
+  generations/<gen>/dataset.json       metadata, with the token of the cache this generation uses
+  report.json/.md               the dataset report
+  cache/images-<token>.npy      uint8 array (N, H, W, C), opened with np.load(mmap_mode="r")
+  cache/ids-<token>.npy         the image_id (sha256) of each cache slot ("" marks an unused slot)
+
+An ingest writes a new generation beside the current one and then switches CURRENT in one rename, so the
+manifest, the metadata and the cache change together; a kill at any point leaves the previous dataset as it
+was. A dataset written before generations existed (manifest.parquet and dataset.json in the folder) is read
+as it is, and moves to the new layout at its next ingest.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +45,8 @@ MANIFEST_COLUMNS = [
     "mtime_ns",
 ]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+POINTER = "CURRENT"
+GENERATIONS = "generations"
 
 
 def usable_rows(manifest: pd.DataFrame, split: str | None = None, distinct: bool = False) -> pd.DataFrame:
@@ -91,18 +100,32 @@ class Dataset:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self._generation: Path | None = None
 
     @property
     def name(self) -> str:
         return self.root.name
 
     @property
+    def generation(self) -> Path:
+        """The folder of the current generation, read once per Dataset object so that its manifest, metadata
+        and cache always belong together (the dataset folder itself for the layout before generations)."""
+        if self._generation is not None:
+            return self._generation
+        try:
+            name = (self.root / POINTER).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return self.root  # nothing committed yet, or the earlier layout
+        self._generation = self.root / GENERATIONS / name
+        return self._generation
+
+    @property
     def manifest_path(self) -> Path:
-        return self.root / "manifest.parquet"
+        return self.generation / "manifest.parquet"
 
     @property
     def meta_path(self) -> Path:
-        return self.root / "dataset.json"
+        return self.generation / "dataset.json"
 
     @property
     def cache_dir(self) -> Path:
@@ -121,7 +144,12 @@ class Dataset:
         return self
 
     def meta(self) -> DatasetMeta:
-        return DatasetMeta(**json.loads(self.meta_path.read_text(encoding="utf-8")))
+        return self.meta_of(self.generation)
+
+    @staticmethod
+    def meta_of(folder: Path) -> DatasetMeta:
+        """The metadata of one generation folder."""
+        return DatasetMeta(**json.loads((folder / "dataset.json").read_text(encoding="utf-8")))
 
     def manifest(self) -> pd.DataFrame:
         manifest = pd.read_parquet(self.manifest_path)
@@ -132,6 +160,26 @@ class Dataset:
     def usable(self, split: str | None = None, distinct: bool = False) -> pd.DataFrame:
         """The manifest rows that decoded (see `usable_rows`)."""
         return usable_rows(self.manifest(), split, distinct)
+
+    def publish(self, generation: str) -> None:
+        """Make `generations/<generation>` current: its files reach the disk first, then the pointer, in one
+        rename (the commit point), then the folder's entry of the pointer."""
+        folder = self.root / GENERATIONS / generation
+        meta = self.meta_of(folder)
+        durable = [*folder.iterdir(), folder, folder.parent]
+        if meta.cache_token:
+            durable += [*self.cache_paths(meta.cache_token), self.cache_dir]
+        for path in durable:
+            _fsync(path)
+        pointer = self.root / POINTER
+        tmp = pointer.with_name(f".{POINTER}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(generation + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, pointer)
+        _fsync(self.root)
+        self._generation = folder
 
     def cache_paths(self, token: str) -> tuple[Path, Path]:
         return self.cache_dir / f"images-{token}.npy", self.cache_dir / f"ids-{token}.npy"
@@ -145,6 +193,15 @@ class Dataset:
         images = np.load(images_path, mmap_mode="r")
         ids = np.load(ids_path, allow_pickle=False)
         return ImageCache(images, ids)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass

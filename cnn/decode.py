@@ -56,6 +56,25 @@ class RejectKind(StrEnum):
     WORKER_DIED = "worker_died"
     DUPLICATE = "duplicate"
 
+    @property
+    def transient(self) -> bool:
+        """Whether the same bytes may decode on another try (an I/O hiccup, a busy machine, a file still
+        being written): the next run retries these, up to a limit; the others are final for these bytes."""
+        return self in _TRANSIENT
+
+
+_TRANSIENT = frozenset(
+    {
+        RejectKind.NOT_FOUND,
+        RejectKind.PERMISSION_DENIED,
+        RejectKind.UNREADABLE,
+        RejectKind.TRUNCATED,
+        RejectKind.OUT_OF_MEMORY,
+        RejectKind.TIME_LIMIT,
+        RejectKind.WORKER_DIED,
+    }
+)
+
 
 class DecodeError(Exception):
     """A file that cannot be turned into an image; `reason` is the short text stored in manifests, `kind` its class."""

@@ -23,7 +23,16 @@ import pandas as pd
 from pydantic import ConfigDict, Field
 
 from cnn.config import FlowConfig
-from cnn.dataset import MANIFEST_COLUMNS, SPLITS, Dataset, DatasetMeta, ImageCache, usable_rows, validate_name
+from cnn.dataset import (
+    GENERATIONS,
+    MANIFEST_COLUMNS,
+    SPLITS,
+    Dataset,
+    DatasetMeta,
+    ImageCache,
+    usable_rows,
+    validate_name,
+)
 from cnn.decode import DecodeSpec
 from cnn.errors import UserError
 from cnn.fsio import atomic_path, write_json_atomic
@@ -355,13 +364,12 @@ def _fixed_and_allowed(
 
 
 def commit_dataset(dataset_dir: Path, options: IngestOptions) -> Path:
-    """Publish the staged manifest and cache: manifest first, dataset.json (the commit point) last."""
+    """Publish the staged manifest and cache as a new generation (see cnn.dataset), then drop the earlier ones
+    (a run that already opened them keeps reading: open and memory-mapped files outlive their names)."""
     dataset, staging = Dataset(dataset_dir), staging_dir(dataset_dir)
     scan, token = ScanRecord.load(dataset_dir), DecodeRecord.load(dataset_dir).cache_token
     manifest = pd.read_parquet(staging / "manifest.parquet")
     classes = sorted(usable_rows(manifest)["label"].unique())
-    with atomic_path(dataset.manifest_path) as tmp:
-        manifest.to_parquet(tmp, index=False)
     meta = DatasetMeta(
         name=dataset.name,
         source=scan.source,
@@ -378,11 +386,27 @@ def commit_dataset(dataset_dir: Path, options: IngestOptions) -> Path:
         updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
         max_file_bytes=options.max_file_bytes,
     )
-    write_json_atomic(dataset.meta_path, meta.__dict__)
-    for stale in dataset.cache_dir.glob("*"):
-        if token not in stale.name or stale.name.endswith(".tmp"):
-            stale.unlink(missing_ok=True)
+    generation = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    folder = dataset.root / GENERATIONS / generation
+    folder.mkdir(parents=True)
+    manifest.to_parquet(folder / "manifest.parquet", index=False)
+    write_json_atomic(folder / "dataset.json", meta.__dict__)
+    dataset.publish(generation)  # the commit point
+    _drop_unused(dataset, keep=folder)
     return dataset.manifest_path
+
+
+def _drop_unused(dataset: Dataset, keep: Path) -> None:
+    """Remove other generations, cache files the kept one does not use, and the earlier layout's files."""
+    token = Dataset.meta_of(keep).cache_token
+    for folder in (dataset.root / GENERATIONS).iterdir():
+        if folder != keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    for name in ("manifest.parquet", "dataset.json"):  # the layout before generations
+        (dataset.root / name).unlink(missing_ok=True)
+    for stale in dataset.cache_dir.glob("*"):
+        if stale.name.endswith(".tmp") or not token or token not in stale.name:
+            stale.unlink(missing_ok=True)
 
 
 def staged_stats(dataset_dir: Path) -> IngestStats:

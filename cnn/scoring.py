@@ -33,10 +33,10 @@ from cnn.predictions import prediction_columns
 from cnn.sinks import Sink
 from cnn.sources import MANIFEST_SUFFIXES, iter_files, load_manifest_table
 
-STAMP_COLUMNS = ["model_name", "model_version", "run_id", "scored_at", "flow_run_id"]
+STAMP_COLUMNS = ["model_name", "model_version", "run_id", "scored_at", "flow_run_id", "superseded_at"]
 OUTPUT_COLUMNS = ["image_id", "path", "label", "confidence", "top_k", "needs_review", *STAMP_COLUMNS]
-REJECT_COLUMNS = ["image_id", "path", "reason", "reject_kind"]
-PLAN_COLUMNS = ["image_id", "duplicate_of", "shard"]
+REJECT_COLUMNS = ["image_id", "path", "reason", "reject_kind", "attempts"]
+PLAN_COLUMNS = ["image_id", "duplicate_of", "shard", "attempt"]
 _ID_COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
@@ -98,8 +98,9 @@ class ShardPlan:
     path: str
     shards: int
     files: int
-    skipped: int  # already accounted for by this model version in every sink
+    skipped: int  # these bytes at this path already have a current row in every sink
     id_columns: tuple[str, ...] = ()
+    retried: int = 0  # files whose earlier reject was transient, tried again
 
     def remove(self) -> None:
         """Delete the plan file once the run is published (it lists paths and image ids)."""
@@ -141,6 +142,7 @@ class ScoringSummary:
     labels: dict[str, int]
     rejects_by_kind: dict[str, int]
     tables: list[str]
+    retried: int = 0
 
     @property
     def images_per_s(self) -> float:
@@ -153,6 +155,7 @@ class ScoringSummary:
         rows += [
             {"item": "needs review", "count": self.needs_review},
             {"item": "already scored (skipped)", "count": self.skipped},
+            {"item": "transient rejects tried again", "count": self.retried},
             {"item": "images/s", "count": self.images_per_s},
         ]
         return rows
@@ -191,9 +194,8 @@ def list_inputs(source: str) -> ScoringInputs:
     return ScoringInputs(files[["path", *ids]], ids)
 
 
-def mark_duplicates(files: pd.DataFrame, predicted: dict[str, str] | None = None, threads: int = 4) -> pd.DataFrame:
-    """Add `image_id` and `duplicate_of`: a file whose bytes an earlier file has (in path order, or an earlier
-    run's prediction) is a duplicate of it. Done once before sharding, so shards scored in parallel agree."""
+def content_ids(paths: Sequence[str], threads: int = 4) -> list[str]:
+    """The sha256 of each file's bytes (the `image_id`); "" for a file that cannot be read as a regular file."""
 
     def digest(path: str) -> str:
         h = hashlib.sha256()
@@ -206,7 +208,13 @@ def mark_duplicates(files: pd.DataFrame, predicted: dict[str, str] | None = None
         return h.hexdigest()
 
     with ThreadPoolExecutor(threads) as pool:  # hashlib and file reads release the GIL
-        ids = list(pool.map(digest, files["path"]))
+        return list(pool.map(digest, paths))
+
+
+def mark_duplicates(files: pd.DataFrame, predicted: dict[str, str] | None = None) -> pd.DataFrame:
+    """Add `image_id` (unless there) and `duplicate_of`: a file whose bytes an earlier file has (in path order,
+    or an earlier run's prediction) is a duplicate of it. Done once before sharding, so parallel shards agree."""
+    ids = files["image_id"].tolist() if "image_id" in files.columns else content_ids(files["path"].tolist())
     owner = dict(predicted or {})
     duplicate_of: list[str | None] = []
     for path, image_id in zip(files["path"], ids):
@@ -220,25 +228,75 @@ def mark_duplicates(files: pd.DataFrame, predicted: dict[str, str] | None = None
     return files.assign(image_id=ids, duplicate_of=duplicate_of)
 
 
+@dataclass(frozen=True)
+class Increment:
+    """What a run still has to do, from the sinks' current rows: a file is done when its path has a current
+    row for the same bytes (a prediction, a final reject, or a transient one tried `max_attempts` times)."""
+
+    done: set[tuple[str, str]]  # (path, image_id)
+    attempts: dict[tuple[str, str], int]  # transient rejects: tries so far
+    owners: dict[str, str]  # image_id -> path of its current prediction (for duplicates)
+
+    @classmethod
+    def of(cls, current: pd.DataFrame, max_attempts: int) -> Increment:
+        """From one sink's current rows (path, image_id, reject_kind ("" = prediction), attempts)."""
+        pairs = list(zip(current["path"].astype(str), current["image_id"].astype(str)))
+        kinds = current["reject_kind"].astype(str).tolist()
+        tries = pd.to_numeric(current["attempts"], errors="coerce").fillna(1).astype(int).tolist()
+        retry = {
+            pair: n for pair, kind, n in zip(pairs, kinds, tries) if kind and _transient(kind) and n < max_attempts
+        }
+        owners = {image_id: path for (path, image_id), kind in zip(pairs, kinds) if not kind and image_id}
+        return cls({pair for pair in pairs if pair not in retry}, retry, owners)
+
+
+def _transient(kind: str) -> bool:
+    try:
+        return RejectKind(kind).transient
+    except ValueError:  # a kind this version does not know (written by a newer one): final
+        return False
+
+
 def plan_shards(
-    inputs: ScoringInputs, sinks: Sequence[Sink], model: ModelRef, shard_size: int, run_dir: Path
+    inputs: ScoringInputs,
+    sinks: Sequence[Sink],
+    model: ModelRef,
+    shard_size: int,
+    run_dir: Path,
+    *,
+    rescore: bool = False,
+    max_attempts: int = 3,
 ) -> ShardPlan:
-    """Drop the inputs every sink already holds for this version, resolve duplicates by content, number shards."""
-    done: set[str] | None = None
+    """Hash every input, drop those every sink already holds with the same bytes (rows of any version, or of this
+    version only with `rescore`), resolve duplicates by content, and number the shards."""
+    files = inputs.files.assign(image_id=content_ids(inputs.files["path"].tolist()))
+    pairs = pd.Series(list(zip(files["path"], files["image_id"])), dtype=object)
+    todo = pd.Series(False, index=files.index)
+    attempts: dict[tuple[str, str], int] = {}
     owners: dict[str, str] = {}
     for sink in sinks:
-        predicted, rejected = sink.scored(model.name, model.version)
-        owners.update(predicted)
-        paths = set(predicted.values()) | rejected
-        done = paths if done is None else done & paths  # done only when every sink has it
-    files = inputs.files[~inputs.files["path"].isin(done or set())].reset_index(drop=True)
-    files = mark_duplicates(files, owners)
+        current = sink.current(model.name)
+        if rescore:
+            current = current[current["model_version"].astype(str) == str(model.version)]
+        increment = Increment.of(current, max_attempts)
+        todo |= ~pairs.isin(increment.done)  # done only when every sink has it
+        attempts.update(increment.attempts)
+        owners.update(increment.owners)
+    files = mark_duplicates(files[todo.to_numpy()].reset_index(drop=True), owners)
+    files["attempt"] = [attempts.get((p, i), 0) + 1 for p, i in zip(files["path"], files["image_id"])]
     files["shard"] = files.index // shard_size
     plan = Path(run_dir) / "plan.parquet"
     with atomic_path(plan) as tmp:
         files.to_parquet(tmp, index=False)
     shards = int(files["shard"].max() + 1) if len(files) else 0
-    return ShardPlan(str(plan), shards, len(files), len(inputs.files) - len(files), tuple(inputs.id_columns))
+    return ShardPlan(
+        str(plan),
+        shards,
+        len(files),
+        len(inputs.files) - len(files),
+        tuple(inputs.id_columns),
+        retried=int((files["attempt"] > 1).sum()),
+    )
 
 
 def score_shard(
@@ -269,6 +327,8 @@ def score_files(
     (`duplicate_of`) become "duplicate" rejects without being decoded."""
     rejects: list[tuple[str, str, str, str]] = []
     ids_by_path = files[["path", *id_columns]]
+    planned = dict(zip(files["path"], files["image_id"])) if "image_id" in files.columns else {}
+    tries = dict(zip(files["path"], files["attempt"])) if "attempt" in files.columns else {}
     if "duplicate_of" in files.columns:
         marked = files["duplicate_of"].notna()
         rejects += [
@@ -288,7 +348,8 @@ def score_files(
     for i, outcome in enumerate(outcomes):
         if not outcome.ok or outcome.array is None:
             kind = outcome.kind.value if outcome.kind else RejectKind.CORRUPT.value
-            rejects.append((outcome.image_id, outcome.path, outcome.reason, kind))
+            # unread bytes (too large, time limit, ...) keep the id the plan hashed: the next run compares it
+            rejects.append((outcome.image_id or planned.get(outcome.path, ""), outcome.path, outcome.reason, kind))
         elif outcome.image_id in first_path:
             rejects.append(
                 (
@@ -322,12 +383,15 @@ def score_files(
     predictions = pd.concat(
         [predictions, prediction_columns(probs, classes, options.top_k, options.review_below)], axis=1
     )
-    reject_frame = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
+    reject_frame = pd.DataFrame(rejects, columns=REJECT_COLUMNS[:-1])
+    reject_frame["attempts"] = [int(tries.get(p, 1)) for p in reject_frame["path"]]
     if id_columns:
         reject_frame = reject_frame.merge(ids_by_path, on="path", how="left")
     for key, value in stamp.items():
         predictions[key] = value
         reject_frame[key] = value
+    for frame in (predictions, reject_frame):  # set when a later row for the same path replaces this one
+        frame["superseded_at"] = pd.Series(pd.NaT, index=frame.index, dtype=frame["scored_at"].dtype)
     return predictions, reject_frame
 
 
@@ -352,6 +416,7 @@ def summarise(
         predicted=sum(r.predicted for r in results),
         rejected=sum(r.rejected for r in results),
         skipped=plan.skipped,
+        retried=plan.retried,
         needs_review=sum(r.needs_review for r in results),
         seconds=seconds,
         labels=dict(labels),

@@ -3,6 +3,12 @@
 A shard is committed on its own: a file sink writes one part file per shard atomically and merges the
 parts into the output at the end; a SQL sink writes each shard in one transaction. A run killed at any
 moment and run again therefore ends with every input exactly once, as a prediction or as a reject.
+
+History: a path has one *current* row per model name, across both tables (`superseded_at` empty). When
+a path is scored again (its bytes changed, a transient reject was retried, `--rescore` with another
+version) the new row becomes current and the earlier one is kept, with `superseded_at` set to the time
+the new row was scored. Prediction rows are unique per (image_id, model, version), rejects per (path,
+model, version).
 """
 
 from __future__ import annotations
@@ -27,14 +33,16 @@ if TYPE_CHECKING:
 
 KEY = ["image_id", "model_name", "model_version"]
 REJECT_KEY = ["path", "model_name", "model_version"]
+CURRENT_COLUMNS = ["path", "image_id", "model_version", "reject_kind", "attempts", "scored_at"]
 _TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_TIMES = ("scored_at", "superseded_at")
 
 
 class Sink(Protocol):
     """Where predictions and rejects go."""
 
-    def scored(self, model_name: str, version: str) -> tuple[dict[str, str], set[str]]:
-        """({image_id: path} predicted, paths rejected) by this model version so far."""
+    def current(self, model_name: str) -> pd.DataFrame:
+        """The current row of each path this model name scored (CURRENT_COLUMNS; reject_kind "" = predicted)."""
 
     def commit(self, shard: int, predictions: pd.DataFrame, rejects: pd.DataFrame) -> None:
         """Make one shard's rows durable, exactly once."""
@@ -57,6 +65,47 @@ def _frame_key(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
     return frame[columns].astype(str).agg("\x1f".join, axis=1)
 
 
+def _as_time(values: pd.Series) -> pd.Series:
+    """UTC timestamps from a typed column or from CSV text ("" = none)."""
+    if pd.api.types.is_datetime64_any_dtype(values):
+        return values.dt.tz_localize("UTC") if values.dt.tz is None else values.dt.tz_convert("UTC")
+    return pd.to_datetime(values.replace("", None), utc=True, format="ISO8601")
+
+
+def _column(frame: pd.DataFrame, name: str, default: object) -> pd.Series:
+    """A column, with `default` for rows (or tables, written before it existed) without a value."""
+    if name not in frame.columns:
+        return pd.Series(default, index=frame.index)
+    return frame[name].replace("", None).fillna(default)  # type: ignore[no-any-return]  # pandas-stubs
+
+
+def _latest_per_path(predictions: pd.DataFrame, rejects: pd.DataFrame) -> pd.DataFrame:
+    """CURRENT_COLUMNS for the newest row of each (model, path) across both tables."""
+    frames = []
+    for frame, is_reject in ((predictions, False), (rejects, True)):
+        if frame.empty:
+            continue
+        rows = pd.DataFrame(
+            {
+                "model_name": frame["model_name"].astype(str),
+                "path": frame["path"].astype(str),
+                "image_id": frame["image_id"].fillna("").astype(str),
+                "model_version": frame["model_version"].astype(str),
+                "reject_kind": _column(frame, "reject_kind", "corrupt").astype(str) if is_reject else "",
+                "attempts": pd.to_numeric(_column(frame, "attempts", 1), errors="coerce") if is_reject else 0,
+                "scored_at": _as_time(frame["scored_at"]),
+            }
+        )
+        if "superseded_at" in frame.columns:
+            rows = rows[_as_time(frame["superseded_at"]).isna().to_numpy()]
+        frames.append(rows)
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in ["model_name", *CURRENT_COLUMNS]})
+    rows = pd.concat(frames, ignore_index=True).sort_values("scored_at", kind="stable")
+    rows["attempts"] = rows["attempts"].fillna(1).astype(int)
+    return rows.drop_duplicates(["model_name", "path"], keep="last").reset_index(drop=True)
+
+
 class FileSink:
     """`X.parquet` or `X.csv` plus `X.rejects.parquet|csv`; shard parts wait in `X.parts/`."""
 
@@ -76,9 +125,13 @@ class FileSink:
         if not self.csv:
             return pd.read_parquet(path)
         try:  # every column as text: a claim number 007123 stays 007123, and nothing is re-parsed between runs
-            return pd.read_csv(path, dtype=str, keep_default_na=False)
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
         except pd.errors.EmptyDataError:  # an earlier run with nothing to write left an empty file
             return pd.DataFrame()
+        for column in _TIMES:  # except the times, which the history is computed from
+            if column in frame.columns:
+                frame[column] = _as_time(frame[column])
+        return frame
 
     def _parts(self, kind: str) -> list[Path]:
         return sorted(self.parts.glob(f"*.{kind}.parquet")) if self.parts.is_dir() else []
@@ -89,15 +142,10 @@ class FileSink:
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
-    def scored(self, model_name: str, version: str) -> tuple[dict[str, str], set[str]]:
-        def mine(frame: pd.DataFrame) -> pd.DataFrame:
-            if frame.empty:
-                return pd.DataFrame(columns=["image_id", "path"])
-            return frame[(frame["model_name"] == model_name) & (frame["model_version"].astype(str) == str(version))]
-
+    def current(self, model_name: str) -> pd.DataFrame:
         with self._lock():  # a consistent view: no merge removes parts while they are read
-            predicted, rejected = mine(self._all("pred")), mine(self._all("rej"))
-        return dict(zip(predicted["image_id"], predicted["path"])), set(rejected["path"])
+            latest = _latest_per_path(self._all("pred"), self._all("rej"))
+        return latest.loc[latest["model_name"] == model_name, CURRENT_COLUMNS].reset_index(drop=True)
 
     def commit(self, shard: int, predictions: pd.DataFrame, rejects: pd.DataFrame) -> None:
         name = f"shard-{shard:06d}-{uuid.uuid4().hex[:12]}"  # unique across runs writing the same output
@@ -124,17 +172,23 @@ class FileSink:
             return self._merge()
 
     def _merge(self) -> list[str]:
-        for kind, target, key in (("pred", self.path, KEY), ("rej", self.rejects_path, REJECT_KEY)):
+        tables = {}
+        for kind, key in (("pred", KEY), ("rej", REJECT_KEY)):
+            merged = self._all(kind)
+            if not merged.empty:  # the newest row of a key wins (a retried reject, bytes that came back)
+                merged["scored_at"] = _as_time(merged["scored_at"])
+                merged = merged.sort_values("scored_at", kind="stable")
+                merged = merged.loc[~_frame_key(merged, key).duplicated(keep="last")].sort_index()
+            tables[kind] = merged
+        _supersede(tables["pred"], tables["rej"])
+        for kind, target in (("pred", self.path), ("rej", self.rejects_path)):
             for stale in target.parent.glob(f".{target.name}.*.tmp"):  # a killed run's unfinished merge
                 stale.unlink(missing_ok=True)
-            merged = self._all(kind)
-            if not merged.empty:
-                merged = merged.loc[~_frame_key(merged, key).duplicated()]
             with atomic_path(target) as tmp:
                 if self.csv:
-                    merged.to_csv(tmp, index=False)
+                    tables[kind].to_csv(tmp, index=False)
                 else:
-                    merged.to_parquet(tmp, index=False)
+                    tables[kind].to_parquet(tmp, index=False)
         for part in self._parts("pred") + self._parts("rej"):
             part.unlink()
         if self.parts.is_dir():
@@ -146,6 +200,36 @@ class FileSink:
             except OSError:  # something else appeared meanwhile: keep it; the next run merges it
                 pass
         return [str(self.path), str(self.rejects_path)]
+
+
+def _supersede(predictions: pd.DataFrame, rejects: pd.DataFrame) -> None:
+    """Mark each current row that a newer row of its path (per model) follows as superseded at that row's time."""
+    rows = []
+    for which, frame in enumerate((predictions, rejects)):
+        if frame.empty:
+            continue
+        if "superseded_at" not in frame.columns:
+            frame["superseded_at"] = pd.Series(pd.NaT, index=frame.index, dtype="datetime64[us, UTC]")
+        frame["superseded_at"] = _as_time(frame["superseded_at"]).astype("datetime64[us, UTC]")
+        live = frame["superseded_at"].isna()
+        rows.append(
+            pd.DataFrame(
+                {
+                    "which": which,
+                    "row": frame.index[live],
+                    "model_name": frame.loc[live, "model_name"].astype(str),
+                    "path": frame.loc[live, "path"].astype(str),
+                    "scored_at": _as_time(frame.loc[live, "scored_at"]).astype("datetime64[us, UTC]"),
+                }
+            )
+        )
+    if not rows:
+        return
+    chain = pd.concat(rows, ignore_index=True).sort_values("scored_at", kind="stable")
+    chain["next"] = chain.groupby(["model_name", "path"])["scored_at"].shift(-1)
+    for which, frame in enumerate((predictions, rejects)):
+        later = chain[(chain["which"] == which) & chain["next"].notna()]
+        frame.loc[later["row"].to_numpy(), "superseded_at"] = later["next"].to_numpy()
 
 
 class SqlSink:
@@ -173,6 +257,8 @@ class SqlSink:
             raise UserError(f"prediction tables live in SQLite or PostgreSQL, not {backend}: {redact(url)}")
         try:
             self.engine = create_engine(url, connect_args={"timeout": 30} if backend == "sqlite" else {})
+            if backend == "sqlite":
+                _begin_immediate(self.engine)
             with self.engine.connect():
                 pass
         except Exception as exc:  # noqa: BLE001 - drivers raise their own types for bad URLs and servers
@@ -220,30 +306,53 @@ class SqlSink:
                 ddl = column_type(frame[column]).compile(dialect=self.engine.dialect)
                 conn.execute(text(f"ALTER TABLE {self.quote(name)} ADD COLUMN {self.quote(str(column))} {ddl}"))
 
-    def scored(self, model_name: str, version: str) -> tuple[dict[str, str], set[str]]:
+    def current(self, model_name: str) -> pd.DataFrame:
         from sqlalchemy import text
 
-        where = "WHERE model_name = :m AND model_version = :v"
-        params = {"m": model_name, "v": str(version)}
-        predicted: dict[str, str] = {}
-        rejected: set[str] = set()
+        frames = []
         with self.engine.connect() as conn:
-            if self._columns(conn, self.table):
-                query = text(f"SELECT image_id, path FROM {self.quote(self.table)} {where}")
-                predicted = {str(i): str(p) for i, p in conn.execute(query, params).all()}
-            if self._columns(conn, self.rejects):
-                query = text(f"SELECT path FROM {self.quote(self.rejects)} {where}")
-                rejected = {str(r[0]) for r in conn.execute(query, params)}
-        return predicted, rejected
+            for name in (self.table, self.rejects):
+                columns = self._columns(conn, name)
+                if columns:
+                    wanted = [c for c in ("path", "image_id", "model_name", "model_version", "scored_at") if c in columns]
+                    wanted += [c for c in ("reject_kind", "attempts", "superseded_at") if c in columns]
+                    where = "model_name = :m" + (" AND superseded_at IS NULL" if "superseded_at" in columns else "")
+                    query = f"SELECT {', '.join(map(self.quote, wanted))} FROM {self.quote(name)} WHERE {where}"
+                    frames.append(pd.read_sql_query(text(query), conn, params={"m": model_name}))
+                else:
+                    frames.append(pd.DataFrame())
+        latest = _latest_per_path(*frames)
+        return latest[CURRENT_COLUMNS]
 
     def commit(self, shard: int, predictions: pd.DataFrame, rejects: pd.DataFrame) -> None:
         with self.engine.begin() as conn:  # one transaction per shard: all of it or none of it
             self._lock(conn)
-            for name, frame, key in ((self.table, predictions, KEY), (self.rejects, rejects, REJECT_KEY)):
+            frames = [(self.table, predictions, KEY), (self.rejects, rejects, REJECT_KEY)]
+            for name, frame, key in frames:
+                if len(frame) or self._columns(conn, name):
+                    self._ensure(conn, name, _sql_ready(frame), key)
+            for name, frame, _ in frames:  # rows of these paths so far give way to this shard's
+                self._supersede(conn, name, predictions, rejects)
+            for name, frame, key in frames:
                 if len(frame):
-                    ready = _sql_ready(frame)
-                    self._ensure(conn, name, ready, key)
-                    self._upsert(conn, name, ready, key)
+                    self._upsert(conn, name, _sql_ready(frame), key)
+
+    def _supersede(self, conn: Connection, name: str, predictions: pd.DataFrame, rejects: pd.DataFrame) -> None:
+        from sqlalchemy import bindparam, text
+
+        if not self._columns(conn, name):
+            return
+        rows = pd.concat([f[["model_name", "path", "scored_at"]] for f in (predictions, rejects) if len(f)])
+        if rows.empty:
+            return
+        model, when = str(rows["model_name"].iloc[0]), rows["scored_at"].max().to_pydatetime()
+        statement = text(
+            f"UPDATE {self.quote(name)} SET superseded_at = :when "
+            "WHERE model_name = :m AND superseded_at IS NULL AND path IN :paths"
+        ).bindparams(bindparam("paths", expanding=True))
+        paths = rows["path"].astype(str).unique().tolist()
+        for start in range(0, len(paths), 500):
+            conn.execute(statement, {"when": when, "m": model, "paths": paths[start : start + 500]})
 
     def _lock(self, conn: Connection) -> None:
         if self.engine.dialect.name == "postgresql":
@@ -269,9 +378,25 @@ class SqlSink:
         return [f"{redact(self.url)}#{self.table}", f"{redact(self.url)}#{self.rejects}"]
 
 
+def _begin_immediate(engine: Any) -> None:
+    """SQLite: take the write lock when a transaction begins, so concurrent writers queue on the busy timeout
+    instead of failing at once when a read lock cannot be upgraded (SQLAlchemy's documented recipe)."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _immediate(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def _sql_ready(frame: pd.DataFrame) -> pd.DataFrame:
     out = frame.copy()
     out["model_version"] = out["model_version"].astype(str)
+    if "superseded_at" not in out.columns:  # the sink keeps the history, whoever built the rows
+        out["superseded_at"] = pd.Series(pd.NaT, index=out.index, dtype="datetime64[us, UTC]")
     return out
 
 

@@ -274,6 +274,27 @@ def score(
         int | None,
         typer.Option(help=_help(ScoreConfig, "shard_size", "Files per shard (each shard commits on its own).")),
     ] = None,
+    max_attempts: Annotated[
+        int | None,
+        typer.Option(
+            help=_help(
+                ScoreConfig,
+                "max_attempts",
+                "Runs that try a file whose reject was transient (truncated, I/O error, time limit, worker died).",
+            )
+        ),
+    ] = None,
+    rescore: Annotated[
+        bool | None,
+        typer.Option(
+            "--rescore/--no-rescore",
+            help=_help(
+                ScoreConfig,
+                "rescore",
+                "Score every input again with this version (after a new champion); earlier rows are kept.",
+            ),
+        ),
+    ] = None,
     cluster: Annotated[
         str | None, typer.Option(help="Dask scheduler address (tcp://host:8786): shards fan out to it.")
     ] = None,
@@ -312,6 +333,8 @@ def score(
         decode_workers=decode_workers,
         decode_time_limit_s=decode_time_limit,
         shard_size=shard_size,
+        max_attempts=max_attempts,
+        rescore=rescore,
         cluster=cluster,
         dask_workers=dask_workers,
         precision=precision,

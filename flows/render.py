@@ -88,7 +88,7 @@ def scoring(summary: ScoringSummary) -> None:
         console.print(f"precision: {summary.precision_reason}", highlight=False)
     console.print(
         f"{summary.predicted} predictions, {summary.rejected} rejects, {summary.skipped} already "
-        f"scored; tables:\n  " + "\n  ".join(summary.tables),
+        f"scored, {summary.retried} transient rejects tried again; tables:\n  " + "\n  ".join(summary.tables),
         highlight=False,
     )
 

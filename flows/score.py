@@ -59,9 +59,18 @@ def resolve_model(config: ScoreConfig) -> ModelRef:
 
 @task(name="plan-shards", cache_policy=NO_CACHE)
 def plan_shards(source: str, config: ScoreConfig, model: ModelRef, run_dir: str) -> ShardPlan:
-    """List the inputs, drop those already accounted for by this model version, and cut the rest into shards."""
+    """List and hash the inputs, drop those the tables already hold with the same bytes, cut the rest into shards."""
     inputs = scoring.list_inputs(source)
-    return scoring.plan_shards(inputs, _sinks(config.output, config.table), model, config.shard_size, Path(run_dir))
+    sinks = _sinks(config.output, config.table)
+    return scoring.plan_shards(
+        inputs,
+        sinks,
+        model,
+        config.shard_size,
+        Path(run_dir),
+        rescore=config.rescore,
+        max_attempts=config.max_attempts,
+    )
 
 
 @task(name="score-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, retry_condition_fn=_transient)

@@ -37,6 +37,11 @@ def experiment_for(dataset: str) -> str:
     return name
 
 
+def _shared_path(dataset: Dataset) -> str:
+    """The manifest's place relative to CNN_HOME: MLflow is shared, the home folder's absolute path is not."""
+    return str(Path("datasets", dataset.name, dataset.manifest_path.relative_to(dataset.root)))
+
+
 def start_run(dataset: Dataset, cfg: TrainConfig, model_name: str) -> str:
     """Open the run: params (flattened config), environment tags, the dataset as an MLflow input."""
     import torch
@@ -61,14 +66,14 @@ def start_run(dataset: Dataset, cfg: TrainConfig, model_name: str) -> str:
         ok = usable_rows(manifest)[["image_id", "path", "label", "split", "group"]]
         with warnings.catch_warnings():  # MLflow cannot tell which local source class a path is; both are fine
             warnings.simplefilter("ignore", UserWarning)
-            source = mlflow.data.from_pandas(ok, source=str(dataset.manifest_path), name=dataset.name, targets="label")
+            source = mlflow.data.from_pandas(ok, source=_shared_path(dataset), name=dataset.name, targets="label")
         mlflow.log_input(source, context="training")
         mlflow.log_dict(
             {"manifest_sha256": manifest_digest, "rows": len(manifest), "ok": len(ok)}, "dataset/manifest_digest.json"
         )
-        for name in ("report.md", "report.json", "dataset.json"):
-            if (dataset.root / name).is_file():
-                mlflow.log_artifact(str(dataset.root / name), "dataset")
+        for path in (dataset.root / "report.md", dataset.root / "report.json", dataset.meta_path):
+            if path.is_file():
+                mlflow.log_artifact(str(path), "dataset")
         mlflow.log_text(cfg.to_yaml(), "config/config.yaml")
         return run.info.run_id
 

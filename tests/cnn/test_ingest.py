@@ -154,7 +154,7 @@ def test_incremental_rerun_decodes_only_new_and_changed(write_images: Callable[.
     first = dataset.manifest().set_index("path")["split"]
     token = dataset.meta().cache_token
 
-    _, stats = _ingest(src, tmp_path)
+    dataset, stats = _ingest(src, tmp_path)
     assert stats.decoded == 0 and stats.reused == 20
     assert dataset.meta().cache_token == token  # nothing changed: same cache file
 
@@ -163,7 +163,7 @@ def test_incremental_rerun_decodes_only_new_and_changed(write_images: Callable[.
     changed = src / "cat" / "cat001.png"
     changed.write_bytes(image_bytes(np.zeros((24, 32, 3), np.uint8)))
     os.utime(changed, ns=(1, 1))
-    _, stats = _ingest(src, tmp_path)
+    dataset, stats = _ingest(src, tmp_path)  # a Dataset object reads the generation it first saw
     assert stats.decoded == 2 and stats.reused == 19
     manifest = dataset.manifest().set_index("path")
     assert len(manifest) == 21
@@ -232,3 +232,51 @@ def test_a_second_ingest_of_the_same_dataset_is_refused_while_the_first_runs(
             ingest(write_images(per_class=3), root, OPTS)
     ingest(write_images(root="again", per_class=3), root, OPTS)  # free again once it finished
     assert Dataset(root).exists()
+
+
+def test_an_ingest_that_dies_before_its_commit_point_leaves_the_previous_dataset(
+    write_images: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Manifest, metadata and cache switch together: everything up to the pointer is written, then the process
+    dies (the pointer's rename never happens). The dataset still reads as before, whole."""
+    src = write_images(per_class=10)
+    before, _ = _ingest(src, tmp_path)
+    token, rows = before.meta().cache_token, len(before.manifest())
+    (src / "dog" / "new.png").write_bytes(image_bytes(np.full((24, 32, 3), 7, np.uint8)))
+    (src / "bird").mkdir()
+    for i in range(3):
+        (src / "bird" / f"b{i}.png").write_bytes(image_bytes(np.full((24, 32, 3), 9 + i, np.uint8)))
+
+    def die_at_the_commit_point(self: Dataset, generation: str) -> None:
+        raise KeyboardInterrupt  # not an Exception: nothing cleans up after it, as after kill -9
+
+    monkeypatch.setattr(Dataset, "publish", die_at_the_commit_point)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(src, before.root, OPTS)
+    after = Dataset(before.root)
+    meta = after.meta()
+    assert (meta.cache_token, meta.classes, len(after.manifest())) == (token, ["cat", "dog"], rows)
+    assert len(after.open_cache()) == rows
+    monkeypatch.undo()
+
+    dataset, _ = _ingest(src, tmp_path)  # the next ingest commits and clears what the dead one left
+    assert dataset.meta().classes == ["bird", "cat", "dog"] and len(dataset.manifest()) == rows + 4
+    assert len(list((dataset.root / "generations").iterdir())) == 1 and len(list(dataset.cache_dir.iterdir())) == 2
+
+
+def test_a_dataset_in_the_layout_before_generations_reads_and_moves_on_its_next_ingest(
+    write_images: Callable[..., Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    src = write_images(per_class=5)
+    dataset, _ = _ingest(src, tmp_path)
+    for name in ("manifest.parquet", "dataset.json"):  # as an earlier version left it
+        shutil.move(dataset.manifest_path.parent / name, dataset.root / name)
+    shutil.rmtree(dataset.root / "generations")
+    (dataset.root / "CURRENT").unlink()
+    legacy = Dataset(dataset.root)
+    assert legacy.exists() and len(legacy.manifest()) == 10 and len(legacy.open_cache()) == 10
+    moved, stats = _ingest(src, tmp_path)
+    assert stats.reused == 10 and moved.manifest_path.parent.parent.name == "generations"
+    assert not (moved.root / "manifest.parquet").exists() and not (moved.root / "dataset.json").exists()

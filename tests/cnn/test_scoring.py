@@ -107,8 +107,59 @@ def test_plan_then_shards_then_summary_exactly_once(trained: FitResult, tmp_path
     assert {"item": "rejected: duplicate", "count": 1} in summary.rows()
     again = plan_shards(inputs, [sink], MODEL, shard_size=4, run_dir=tmp_path)
     assert (again.files, again.shards, again.skipped) == (0, 0, 12)  # everything is accounted for
-    other_version = plan_shards(inputs, [sink], ModelRef("patterns", "2", ""), shard_size=4, run_dir=tmp_path)
-    assert other_version.files == 12
+    new_champion = ModelRef("patterns", "2", "")
+    assert plan_shards(inputs, [sink], new_champion, shard_size=4, run_dir=tmp_path).files == 0  # scored: by v1
+    assert plan_shards(inputs, [sink], new_champion, shard_size=4, run_dir=tmp_path, rescore=True).files == 12
+
+
+def _run(folder: Path, sink: FileSink, predictor: Predictor, tmp_path: Path, model: ModelRef = MODEL, **plan: object):
+    inputs = list_inputs(str(folder))
+    shards = plan_shards(inputs, [sink], model, shard_size=4, run_dir=tmp_path, **plan)  # type: ignore[arg-type]
+    results = [score_shard(shards, i, predictor, model, [sink], ScoringOptions()) for i in range(shards.shards)]
+    return summarise(results, shards, model, seconds=1.0, tables=sink.finish())
+
+
+def test_increments_follow_content_retry_transient_rejects_and_rescore_keeps_history(
+    trained: FitResult, tmp_path: Path
+) -> None:
+    folder = write_patterns(tmp_path / "in", per_class=2, seed=3)
+    photos = sorted(folder.rglob("*.png"))
+    uploading = folder / "uploading.png"
+    uploading.write_bytes(photos[0].read_bytes()[:120])  # an upload still in progress when the run starts
+    stuck = folder / "stuck.png"
+    stuck.write_bytes(photos[1].read_bytes()[:150])  # truncated for good
+    sink, predictor = FileSink(tmp_path / "out.parquet"), _predictor(trained)
+
+    first = _run(folder, sink, predictor, tmp_path, max_attempts=2)
+    assert (first.predicted, first.rejects_by_kind) == (6, {"truncated": 2})
+
+    fresh = sorted(write_patterns(tmp_path / "fresh", per_class=1, seed=11).rglob("*.png"))
+    shutil.copy(fresh[0], photos[3])  # replaced in place with other bytes
+    shutil.copy(fresh[1], uploading)  # the upload finished
+    second = _run(folder, sink, predictor, tmp_path, max_attempts=2)
+    # the replaced photo and the finished upload are scored, the stuck file is tried a second (last) time
+    assert (second.files, second.predicted, second.rejected, second.retried) == (3, 2, 1, 1)
+    third = _run(folder, sink, predictor, tmp_path, max_attempts=2)
+    assert (third.files, third.skipped) == (0, 8)
+
+    table, rejects = pd.read_parquet(sink.path), pd.read_parquet(sink.rejects_path)
+    assert rejects.set_index("path").loc[str(stuck), "attempts"] == 2
+    history = pd.concat([table, rejects])
+    current = history[history["superseded_at"].isna()]
+    assert current["path"].is_unique and sorted(current["path"]) == sorted(map(str, folder.rglob("*.png")))
+    assert len(history) == 8 + 2  # the replaced photo's and the half upload's earlier rows are kept
+    replaced = history[history["path"] == str(photos[3])].sort_values("scored_at")
+    assert replaced["superseded_at"].notna().tolist() == [True, False]
+
+    v2 = ModelRef("patterns", "2", "run-2")
+    rescored = _run(folder, sink, predictor, tmp_path, model=v2, rescore=True, max_attempts=2)
+    assert rescored.files == 8
+    table = pd.read_parquet(sink.path)
+    current = table[table["superseded_at"].isna()]
+    assert set(current["model_version"]) == {"2"} and len(current) == 7  # the stuck file: a v2 reject
+    assert (table["model_version"] == "1").sum() == 6 + 2  # v1's rows kept, superseded
+    again = _run(folder, sink, predictor, tmp_path, model=v2, rescore=True)
+    assert (again.files, again.retried) == (1, 1)  # a rescore resumes: only v2's transient reject is tried again
 
 
 @pytest.mark.parametrize("column", ["shard", "reason", "label", "duplicate_of", "reject_kind", "prob_cat"])

@@ -30,11 +30,22 @@ def _rows(n: int, version: str = "1") -> tuple[pd.DataFrame, pd.DataFrame]:
             "image_id": [""],
             "path": [f"/bad/{version}.png"],
             "reason": ["empty file (0 bytes)"],
+            "reject_kind": "empty",
+            "attempts": 1,
             "model_name": "m",
             "model_version": version,
+            "scored_at": pd.Timestamp("2026-01-01", tz="UTC"),
         }
     )
     return preds, rejects
+
+
+def _current(sink: FileSink | SqlSink, version: str) -> tuple[dict[str, str], set[str]]:
+    """({image_id: path} predicted, paths rejected): the current rows of one version."""
+    rows = sink.current("m")
+    rows = rows[rows["model_version"] == version]
+    predicted = rows[rows["reject_kind"] == ""]
+    return dict(zip(predicted["image_id"], predicted["path"])), set(rows.loc[rows["reject_kind"] != "", "path"])
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".csv"])
@@ -43,7 +54,7 @@ def test_file_sink_commits_parts_and_merges_once(tmp_path: Path, suffix: str) ->
     preds, rejects = _rows(3)
     sink.commit(0, preds, rejects)
     sink.commit(0, preds, rejects)  # a retried shard
-    assert sink.scored("m", "1") == ({f"id{i}": f"/p/{i}.png" for i in range(3)}, {"/bad/1.png"})
+    assert _current(sink, "1") == ({f"id{i}": f"/p/{i}.png" for i in range(3)}, {"/bad/1.png"})
     sink.finish()
     assert not (tmp_path / f"out{suffix}.parts").exists()
     out = pd.read_parquet(sink.path) if suffix == ".parquet" else pd.read_csv(sink.path)
@@ -51,7 +62,7 @@ def test_file_sink_commits_parts_and_merges_once(tmp_path: Path, suffix: str) ->
     sink.commit(1, *_rows(2, version="2"))
     sink.finish()
     out = pd.read_parquet(sink.path) if suffix == ".parquet" else pd.read_csv(sink.path)
-    assert len(out) == 5 and sink.scored("m", "2")[1] == {"/bad/2.png"}
+    assert len(out) == 5 and _current(sink, "2")[1] == {"/bad/2.png"}
 
 
 def test_file_sink_finishes_over_a_killed_runs_temporary_files(tmp_path: Path) -> None:
@@ -60,7 +71,7 @@ def test_file_sink_finishes_over_a_killed_runs_temporary_files(tmp_path: Path) -
     # kill -9 during a part write leaves the temporary file of atomic_path behind
     (sink.parts / ".shard-000001-abc.pred.parquet.x1y2.tmp").write_bytes(b"PAR1 half written")
     (tmp_path / ".out.parquet.k3j4.tmp").write_bytes(b"PAR1 half merged")  # ... or of the final merge
-    assert sink.scored("m", "1")[0] == {"id0": "/p/0.png", "id1": "/p/1.png"}
+    assert _current(sink, "1")[0] == {"id0": "/p/0.png", "id1": "/p/1.png"}
     sink.finish()
     assert not sink.parts.exists() and len(pd.read_parquet(sink.path)) == 2
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".out.parquet.lock") == [
@@ -100,7 +111,7 @@ def test_csv_with_nothing_to_write_does_not_break_the_next_run(tmp_path: Path) -
     preds, _ = _rows(2)
     sink.commit(0, preds, _rows(0)[1].iloc[0:0])  # a run without rejects
     sink.finish()
-    assert sink.scored("m", "1")[1] == set()  # reading the empty rejects file back used to raise EmptyDataError
+    assert _current(sink, "1")[1] == set()  # reading the empty rejects file back used to raise EmptyDataError
     sink.commit(1, _rows(1, version="2")[0], _rows(1, version="2")[1])
     sink.finish()
     assert len(pd.read_csv(tmp_path / "out.csv")) == 3 and len(pd.read_csv(tmp_path / "out.rejects.csv")) == 1
@@ -172,8 +183,88 @@ def test_postgresql_urls_as_people_write_them(scheme: str) -> None:
     try:
         sink.commit(0, *_rows(2))
         sink.commit(0, *_rows(2))  # a retried shard: upserted, not doubled
-        assert set(sink.scored("m", "1")[0]) == {"id0", "id1"}
+        assert set(_current(sink, "1")[0]) == {"id0", "id1"}
     finally:
         with create_engine(PG_URL).begin() as conn:
             conn.execute(text(f'drop table if exists "{table}"'))
             conn.execute(text(f'drop table if exists "{table}_rejects"'))
+
+
+def _pg_table_sink() -> SqlSink:
+    import uuid
+
+    return SqlSink.from_url(f"{PG_URL}#hist_{uuid.uuid4().hex[:8]}")
+
+
+def _sink(kind: str, tmp_path: Path) -> FileSink | SqlSink:
+    if kind == "postgresql":
+        return _pg_table_sink()
+    if kind == "sqlite":
+        return SqlSink.from_url(f"sqlite:///{tmp_path / 't.db'}#preds")
+    return FileSink(tmp_path / f"out.{kind}")
+
+
+def _tables(sink: FileSink | SqlSink) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if isinstance(sink, FileSink):
+        sink.finish()
+        read = pd.read_parquet if not sink.csv else lambda p: pd.read_csv(p, dtype=str, keep_default_na=False)
+        return read(sink.path), read(sink.rejects_path)
+    with sink.engine.connect() as conn:
+        return (
+            pd.read_sql_query(f'select * from "{sink.table}"', conn),
+            pd.read_sql_query(f'select * from "{sink.rejects}"', conn),
+        )
+
+
+def _drop(sink: FileSink | SqlSink) -> None:
+    if isinstance(sink, SqlSink) and sink.engine.dialect.name == "postgresql":
+        from sqlalchemy import text
+
+        with sink.engine.begin() as conn:
+            conn.execute(text(f'drop table if exists "{sink.table}", "{sink.rejects}"'))
+
+
+@pytest.mark.parametrize(
+    "kind", ["parquet", "csv", "sqlite", pytest.param("postgresql", marks=requires_postgres)]
+)
+def test_a_path_has_one_current_row_and_keeps_its_history(tmp_path: Path, kind: str) -> None:
+    """Bytes replaced in place, then a truncated upload, then a rescore by another version: one current row per
+    path at each step, and every earlier row kept with the time it was superseded."""
+    sink = _sink(kind, tmp_path)
+    t = [pd.Timestamp(f"2026-01-0{d}", tz="UTC") for d in range(1, 6)]
+    preds, rejects = _rows(2)
+    empty = rejects.iloc[0:0]
+    try:
+        sink.commit(0, preds.assign(scored_at=t[0]), empty)
+        sink.commit(0, preds.iloc[[0]].assign(image_id="new0", scored_at=t[1]), empty)  # /p/0.png replaced
+        truncated = rejects.assign(path="/p/1.png", image_id="half1", reject_kind="truncated", scored_at=t[2])
+        sink.commit(1, preds.iloc[0:0], truncated)  # /p/1.png replaced by a half-uploaded file
+        sink.commit(2, preds.iloc[[1]].assign(image_id="full1", model_version="2", scored_at=t[3]), empty)
+
+        current = sink.current("m").set_index("path")
+        assert sorted(current.index) == ["/p/0.png", "/p/1.png"]
+        assert current.loc["/p/0.png", "image_id"] == "new0" and current.loc["/p/0.png", "reject_kind"] == ""
+        assert current.loc["/p/1.png", "image_id"] == "full1" and current.loc["/p/1.png", "model_version"] == "2"
+
+        predictions, rejected = _tables(sink)
+        history = pd.concat([predictions, rejected])
+        history["superseded_at"] = pd.to_datetime(history["superseded_at"].replace("", None), utc=True)
+        by_id = history.set_index("image_id")["superseded_at"]
+        assert len(history) == 5  # nothing deleted
+        assert by_id["id0"] == t[1] and by_id["id1"] == t[2] and by_id["half1"] == t[3]
+        assert by_id[["new0", "full1"]].isna().all()
+    finally:
+        _drop(sink)
+
+
+def test_a_retried_reject_replaces_its_row_and_counts_attempts(tmp_path: Path) -> None:
+    sink = FileSink(tmp_path / "out.parquet")
+    _, rejects = _rows(1)
+    slow = rejects.assign(reject_kind="time_limit", image_id="x")
+    sink.commit(0, _rows(0)[0], slow)
+    sink.finish()
+    sink.commit(0, _rows(0)[0], slow.assign(attempts=2, scored_at=pd.Timestamp("2026-01-02", tz="UTC")))
+    sink.finish()
+    out = pd.read_parquet(sink.rejects_path)
+    assert len(out) == 1 and out["attempts"].tolist() == [2] and out["superseded_at"].isna().all()
+    assert sink.current("m")["attempts"].tolist() == [2]

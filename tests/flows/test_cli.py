@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from cnn.dataset import Dataset
 from flows.cli import app
 from tests.helpers import clean_env, free_port, wait_until_up
 
@@ -86,7 +87,7 @@ def test_ingest_and_augment_through_prefect(
     )
     assert result.exit_code == 0, result.output
     assert "images per class and split" in result.output and "rejected files" in result.output
-    manifest = pd.read_parquet(cnn_home / "datasets" / "xray" / "manifest.parquet")
+    manifest = pd.read_parquet(Dataset(cnn_home / "datasets" / "xray").manifest_path)
     assert len(manifest) == 85 and (manifest["status"] == "rejected").sum() == 4  # 80 + 1 copy + 4 corrupt
     assert (cnn_home / "datasets" / "xray" / "report.md").is_file()
 
@@ -144,7 +145,7 @@ def test_real_console_script_end_to_end(tmp_path: Path) -> None:
     result = _run_cli(["ingest", str(home / "demo" / "claims"), "--dataset", "claims", "--image-size", "32"], home)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "decoding images" in result.stderr
-    assert (home / "datasets" / "claims" / "manifest.parquet").is_file()
+    assert Dataset(home / "datasets" / "claims").manifest_path.is_file()
     assert (home / "prefect").is_dir()  # Prefect's state stays inside CNN_HOME
     again = _run_cli(["ingest", str(home / "demo" / "claims"), "--dataset", "claims", "--image-size", "32"], home)
     assert again.returncode == 0 and "decoded 0 files, 24 unchanged" in again.stdout

@@ -36,6 +36,7 @@ REJECT_KEY = ["path", "model_name", "model_version"]
 CURRENT_COLUMNS = ["path", "image_id", "model_version", "reject_kind", "attempts", "scored_at"]
 _TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _TIMES = ("scored_at", "superseded_at")
+_HISTORY = ("reject_kind", "attempts", "superseded_at")  # columns a table written by an earlier version may lack
 
 
 class Sink(Protocol):
@@ -76,7 +77,7 @@ def _column(frame: pd.DataFrame, name: str, default: object) -> pd.Series:
     """A column, with `default` for rows (or tables, written before it existed) without a value."""
     if name not in frame.columns:
         return pd.Series(default, index=frame.index)
-    return frame[name].replace("", None).fillna(default)  # type: ignore[no-any-return]  # pandas-stubs
+    return frame[name].replace("", None).fillna(default)
 
 
 def _latest_per_path(predictions: pd.DataFrame, rejects: pd.DataFrame) -> pd.DataFrame:
@@ -314,8 +315,8 @@ class SqlSink:
             for name in (self.table, self.rejects):
                 columns = self._columns(conn, name)
                 if columns:
-                    wanted = [c for c in ("path", "image_id", "model_name", "model_version", "scored_at") if c in columns]
-                    wanted += [c for c in ("reject_kind", "attempts", "superseded_at") if c in columns]
+                    readable = ("path", "image_id", "model_name", "model_version", "scored_at", *_HISTORY)
+                    wanted = [c for c in readable if c in columns]
                     where = "model_name = :m" + (" AND superseded_at IS NULL" if "superseded_at" in columns else "")
                     query = f"SELECT {', '.join(map(self.quote, wanted))} FROM {self.quote(name)} WHERE {where}"
                     frames.append(pd.read_sql_query(text(query), conn, params={"m": model_name}))
@@ -331,7 +332,7 @@ class SqlSink:
             for name, frame, key in frames:
                 if len(frame) or self._columns(conn, name):
                     self._ensure(conn, name, _sql_ready(frame), key)
-            for name, frame, _ in frames:  # rows of these paths so far give way to this shard's
+            for name, _, _ in frames:  # rows of these paths so far give way to this shard's
                 self._supersede(conn, name, predictions, rejects)
             for name, frame, key in frames:
                 if len(frame):

@@ -403,8 +403,17 @@ def serve(
     dataset: Annotated[str | None, typer.Option(help="Dataset the scheduled training uses (default: MODEL).")] = None,
     config: Annotated[Path | None, typer.Option(help="Training config YAML for the scheduled training.")] = None,
     port: Annotated[int, typer.Option(help="Port of the local Prefect server (when PREFECT_API_URL is unset).")] = 4200,
+    crash_after: Annotated[
+        int | None,
+        typer.Option(
+            min=10,
+            help="Seconds without a heartbeat after which a run is marked Crashed "
+            "(default: 3 x PREFECT_FLOWS_HEARTBEAT_FREQUENCY, 180).",
+        ),
+    ] = None,
 ) -> None:
-    """Serve the scheduled `score` and `train` deployments until Ctrl-C (starts a local Prefect server if needed)."""
+    """Serve the scheduled `score` and `train` deployments until Ctrl-C (starts a local Prefect server if needed).
+    Also sets up the automation that marks runs whose heartbeats stop as Crashed."""
     from flows import workspace
     from flows.serve import Schedules
     from flows.serve import serve as serve_deployments
@@ -430,8 +439,35 @@ def serve(
             highlight=False,
         )
 
-    serve_deployments(ws, schedules, port, started)
+    serve_deployments(ws, schedules, port, started, crash_after)
     console.print("stopped")
+
+
+@app.command()
+@_command
+def automations(
+    crash_after: Annotated[
+        int | None,
+        typer.Option(
+            min=10,
+            help="Seconds without a heartbeat after which a run is marked Crashed "
+            "(default: 3 x PREFECT_FLOWS_HEARTBEAT_FREQUENCY, 180).",
+        ),
+    ] = None,
+) -> None:
+    """Set up (or update) the Prefect automations the deployments rely on, on the server at PREFECT_API_URL."""
+    import os
+
+    from flows.automations import CRASH_DETECTION, crash_after_s, ensure_crash_detection
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise UserError("set PREFECT_API_URL to the Prefect server the deployments run on (automations live there)")
+    automation_id = ensure_crash_detection(crash_after)
+    console.print(
+        f"automation {CRASH_DETECTION!r} ({automation_id}): Crashed after {crash_after or crash_after_s()} s "
+        "without a heartbeat",
+        highlight=False,
+    )
 
 
 @app.command("demo-data")

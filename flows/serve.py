@@ -121,10 +121,17 @@ def deployments(schedules: Schedules) -> list[Any]:
     return deployed
 
 
-def serve(ws: Workspace, schedules: Schedules, port: int, started: Any = None) -> None:
-    """Serve the deployments until interrupted, on the server `local_server` provides."""
+def serve(
+    ws: Workspace, schedules: Schedules, port: int, started: Any = None, crash_after_s: int | None = None
+) -> None:
+    """Serve the deployments until interrupted, on the server `local_server` provides, with the automation that
+    marks runs whose heartbeats stop as Crashed."""
     with local_server(ws, port) as api_url:
         from prefect import serve as prefect_serve  # after PREFECT_API_URL is set: Prefect reads it on import
+
+        from flows.automations import ensure_crash_detection
+
+        ensure_crash_detection(crash_after_s)
 
         if started is not None:
             started(api_url)

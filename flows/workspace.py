@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnn.dataset import Dataset, validate_name
+from flows.automations import HEARTBEAT_S
 
 DEFAULT_HOME = "./data"
 
@@ -59,6 +60,7 @@ def configure(home: str | os.PathLike[str] | None = None) -> Workspace:
     os.environ["CNN_HOME"] = str(ws.home)
     defaults = {
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),  # crashed runs are detected from these
         "DO_NOT_TRACK": "true",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "MLFLOW_TRACKING_URI": ws.default_tracking_uri,

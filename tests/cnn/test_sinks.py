@@ -224,9 +224,7 @@ def _drop(sink: FileSink | SqlSink) -> None:
             conn.execute(text(f'drop table if exists "{sink.table}", "{sink.rejects}"'))
 
 
-@pytest.mark.parametrize(
-    "kind", ["parquet", "csv", "sqlite", pytest.param("postgresql", marks=requires_postgres)]
-)
+@pytest.mark.parametrize("kind", ["parquet", "csv", "sqlite", pytest.param("postgresql", marks=requires_postgres)])
 def test_a_path_has_one_current_row_and_keeps_its_history(tmp_path: Path, kind: str) -> None:
     """Bytes replaced in place, then a truncated upload, then a rescore by another version: one current row per
     path at each step, and every earlier row kept with the time it was superseded."""

@@ -28,6 +28,7 @@ from tests.helpers import (
     pattern_dataset,
     requires_postgres,
     unusable_compiler,
+    wait_until_up,
     write_patterns,
 )
 
@@ -411,3 +412,85 @@ def test_compiled_scoring_matches_eager(home: Path, tmp_path: Path) -> None:
     # bf16 forced: used whatever the agreement, which is measured on the validation split and reported
     assert "precision: bf16 (forced, bf16 top-1 agreement" in " ".join(result.output.split())
     assert len(pd.read_parquet(fallback)) == 9
+
+
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it (read from /proc: the runner may start its flow runs in their own
+    session, where a kill of the group would miss them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += children.get(current, [])
+    return tree
+
+
+@pytest.mark.e2e
+def test_a_run_killed_without_a_word_shows_as_crashed(home: Path, tmp_path: Path) -> None:
+    """kill -9 of the worker and its flow run (as the OOM killer or a lost node would): the automation `cnn serve`
+    sets up sees the heartbeats stop and marks the run Crashed, instead of leaving it Running forever."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    server_env = clean_env(None, PREFECT_HOME=str(tmp_path / "prefect"))
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=server_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    folder = write_patterns(tmp_path / "incoming", per_class=100, seed=21)  # long enough to be killed midway
+    (tmp_path / "score.yaml").write_text("shard_size: 1\ndecode_workers: 1\n")
+    env = clean_env(home, PREFECT_API_URL=api, PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")
+    serve = None
+    try:
+        wait_until_up(f"{api}/health", timeout=120)
+        serve = subprocess.Popen(
+            [CNN, "serve", "--model", "patterns", "--incoming", str(folder), "--output", str(tmp_path / "p.parquet")]
+            + ["--score-config", str(tmp_path / "score.yaml"), "--train-cron", "", "--crash-after", "40"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deployment, deadline = None, time.monotonic() + 180
+        while deployment is None and time.monotonic() < deadline:
+            try:
+                deployment = api_json(f"{api}/deployments/name/score/nightly", tries=1)
+            except OSError:
+                time.sleep(1)
+        assert deployment is not None, "the deployment never appeared"
+        automations = api_json(f"{api}/automations/filter", {})
+        assert [a["name"] for a in automations] == ["cnn: mark flow runs Crashed when their heartbeats stop"]
+        run = api_json(f"{api}/deployments/{deployment['id']}/create_flow_run", {})
+        heartbeat = {
+            "filter": {
+                "event": {"name": ["prefect.flow-run.heartbeat"]},
+                "any_resource": {"id": [f"prefect.flow-run.{run['id']}"]},
+            }
+        }
+        deadline = time.monotonic() + 120
+        while not api_json(f"{api}/events/filter", heartbeat)["events"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert api_json(f"{api}/flow_runs/{run['id']}")["state_type"] == "RUNNING"
+        for pid in reversed(_process_tree(serve.pid)):  # the runner and the flow run die without a word
+            os.kill(pid, signal.SIGKILL)
+        serve.wait(10)
+        state, deadline = "RUNNING", time.monotonic() + 150
+        while state == "RUNNING" and time.monotonic() < deadline:
+            time.sleep(2)
+            state = api_json(f"{api}/flow_runs/{run['id']}")["state_type"]
+        assert state == "CRASHED"
+        assert "heartbeat" in api_json(f"{api}/flow_runs/{run['id']}")["state"]["message"]
+    finally:
+        for proc in (serve, server):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)

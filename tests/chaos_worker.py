@@ -1,0 +1,34 @@
+"""The process the chaos test kills with SIGKILL at random moments: one ingest, or one scoring run of a folder into
+every sink given, through the library calls the flows wrap (`python -m tests.chaos_worker ...`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from cnn.inference import Predictor
+from cnn.ingest import IngestOptions, ingest
+from cnn.scoring import ModelRef, ScoringOptions, list_inputs, plan_shards, score_shard
+from cnn.sinks import FileSink, Sink, SqlSink
+
+MODEL = ModelRef("patterns", "1", "run-1")
+
+
+def score(source: str, weights: str, contract: str, run_dir: str, outputs: list[str]) -> None:
+    sinks: list[Sink] = [SqlSink.from_url(o) if "://" in o else FileSink(Path(o)) for o in outputs]
+    predictor = Predictor.load(Path(weights), Path(contract), "cpu")
+    plan = plan_shards(list_inputs(source), sinks, MODEL, shard_size=6, run_dir=Path(run_dir))
+    print("planned", flush=True)  # the chaos test kills from here on: where the writing happens
+    for shard in range(plan.shards):
+        score_shard(plan, shard, predictor, MODEL, sinks, ScoringOptions(decode_workers=1))
+    for sink in sinks:
+        sink.finish()
+    plan.remove()
+
+
+if __name__ == "__main__":
+    mode, *args = sys.argv[1:]
+    if mode == "ingest":
+        ingest(args[0], Path(args[1]), IngestOptions(image_size=24, channels=1, decode_workers=1))
+    else:
+        score(args[0], args[1], args[2], args[3], args[4:])

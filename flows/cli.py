@@ -82,6 +82,14 @@ def _root(
 
 
 ConfigFile = Annotated[Path | None, typer.Option("--config", help="YAML config; options given here override it.")]
+CrashAfter = Annotated[
+    int | None,
+    typer.Option(
+        min=10,
+        help="Seconds without a heartbeat after which a run is marked Crashed "
+        "(default: 3 x PREFECT_FLOWS_HEARTBEAT_FREQUENCY, 180).",
+    ),
+]
 
 
 @app.command()
@@ -403,14 +411,7 @@ def serve(
     dataset: Annotated[str | None, typer.Option(help="Dataset the scheduled training uses (default: MODEL).")] = None,
     config: Annotated[Path | None, typer.Option(help="Training config YAML for the scheduled training.")] = None,
     port: Annotated[int, typer.Option(help="Port of the local Prefect server (when PREFECT_API_URL is unset).")] = 4200,
-    crash_after: Annotated[
-        int | None,
-        typer.Option(
-            min=10,
-            help="Seconds without a heartbeat after which a run is marked Crashed "
-            "(default: 3 x PREFECT_FLOWS_HEARTBEAT_FREQUENCY, 180).",
-        ),
-    ] = None,
+    crash_after: CrashAfter = None,
 ) -> None:
     """Serve the scheduled `score` and `train` deployments until Ctrl-C (starts a local Prefect server if needed).
     Also sets up the automation that marks runs whose heartbeats stop as Crashed."""
@@ -446,21 +447,14 @@ def serve(
 @app.command()
 @_command
 def automations(
-    crash_after: Annotated[
-        int | None,
-        typer.Option(
-            min=10,
-            help="Seconds without a heartbeat after which a run is marked Crashed "
-            "(default: 3 x PREFECT_FLOWS_HEARTBEAT_FREQUENCY, 180).",
-        ),
-    ] = None,
+    crash_after: CrashAfter = None,
 ) -> None:
     """Set up (or update) the Prefect automations the deployments rely on, on the server at PREFECT_API_URL."""
-    import os
+    from prefect.settings import get_current_settings
 
     from flows.automations import CRASH_DETECTION, crash_after_s, ensure_crash_detection
 
-    if not os.environ.get("PREFECT_API_URL"):
+    if not get_current_settings().api.url:  # the environment or the active Prefect profile
         raise UserError("set PREFECT_API_URL to the Prefect server the deployments run on (automations live there)")
     automation_id = ensure_crash_detection(crash_after)
     console.print(

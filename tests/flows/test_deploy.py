@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.helpers import clean_env
 
 PREFECT_YAML = Path(__file__).parents[2] / "deploy" / "prefect.yaml"
 
@@ -200,3 +204,42 @@ def test_table_default_means_the_workspace_table_beside_the_file(
     assert [type(s) for s in sinks] == [FileSink, SqlSink]
     assert isinstance(sinks[1], SqlSink) and sinks[1].table == "nightly"
     assert [type(s) for s in _sinks(str(tmp_path / "out.parquet"), None)] == [FileSink]
+
+
+def test_deployment_files_set_up_crashed_run_detection() -> None:
+    """Work-pool runs get the heartbeat automation from the pull steps, and their workers send heartbeats."""
+    import json
+
+    steps = yaml.safe_load(PREFECT_YAML.read_text())["pull"]
+    scripts = [
+        s["prefect.deployments.steps.run_shell_script"]["script"]
+        for s in steps
+        if len(s) == 1 and "prefect.deployments.steps.run_shell_script" in s
+    ]
+    assert scripts == ["cnn automations"]
+    compose = yaml.safe_load(COMPOSE.read_text())
+    assert compose["x-pipeline"]["environment"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "60"
+    template = json.loads((PREFECT_YAML.parent / "k8s" / "gpu-base-job-template.json").read_text())
+    assert template["variables"]["properties"]["env"]["default"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "60"
+
+
+def test_cnn_automations_is_idempotent_and_needs_a_server(prefect_server: None, cnn_home: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from typer.testing import CliRunner
+
+    from flows.automations import CRASH_DETECTION
+    from flows.cli import app
+
+    runner = CliRunner()
+    for crash_after in ("300", "120"):
+        result = runner.invoke(app, ["automations", "--crash-after", crash_after])
+        assert result.exit_code == 0, result.output
+    with get_client(sync_client=True) as client:
+        found = client.read_automations_by_name(CRASH_DETECTION)
+    assert len(found) == 1 and found[0].trigger.within.total_seconds() == 120  # updated, not doubled
+    assert found[0].actions[0].type == "change-flow-run-state" and found[0].actions[0].state.value == "CRASHED"
+    cnn = str(Path(sys.executable).with_name("cnn"))
+    env = clean_env(cnn_home, PREFECT_HOME=str(cnn_home / "no-profile"))  # no server in the environment or profile
+    refused = subprocess.run([cnn, "automations"], env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "set PREFECT_API_URL" in refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stdout + refused.stderr

@@ -71,6 +71,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         "CNN_PROJECT_DIR": str(ROOT),
         "CNN_PREDICTIONS_URL": f"postgresql+psycopg2://{PG}/{dbs[3]}#predictions",
         "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true",
+        "PATH": f"{BIN}{os.pathsep}{base.get('PATH', '')}",  # as in the image: the project's commands on PATH
     }
     processes: list[subprocess.Popen[bytes]] = []
     logs = tmp / "logs"
@@ -183,6 +184,9 @@ def test_train_then_score_on_real_servers(stack: dict[str, str]) -> None:
     trained = _run_deployment(stack, "train/scheduled", {"dataset": "patterns", "config": config})
     logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in (tmp / "logs").glob("worker-*.log"))
     assert trained["state_type"] == "COMPLETED", logs
+    # the deployment's pull steps set up crashed-run detection on the server the runs report to
+    automations = api_json(f"{stack['PREFECT_API_URL']}/automations/filter", {})
+    assert [a["name"] for a in automations] == ["cnn: mark flow runs Crashed when their heartbeats stop"]
 
     mlflow_api = f"{stack['MLFLOW_TRACKING_URI']}/api/2.0/mlflow"
     auth = "Basic " + base64.b64encode(f"admin:{PASSWORD}".encode()).decode()

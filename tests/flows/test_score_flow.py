@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,6 @@ from tests.helpers import (
     pattern_dataset,
     requires_postgres,
     unusable_compiler,
-    wait_until_up,
     write_patterns,
 )
 
@@ -233,10 +233,16 @@ def test_sigterm_then_kill_9_midway_then_rerun_leaves_no_duplicate_and_no_gap(ho
         except sqlite3.OperationalError:
             return 0
 
-    def start_and_wait_for(rows: int) -> subprocess.Popen[str]:
+    from prefect.settings import get_current_settings
+
+    # The first run starts its own temporary Prefect server (a child that must stop with it); the later ones
+    # join the session's server, as runs join the one `cnn serve` runs, which saves two server start-ups.
+    joined = clean_env(home, PREFECT_API_URL=str(get_current_settings().api.url))
+
+    def start_and_wait_for(rows: int, env: dict[str, str]) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
             args,
-            env=clean_env(home),
+            env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -247,7 +253,7 @@ def test_sigterm_then_kill_9_midway_then_rerun_leaves_no_duplicate_and_no_gap(ho
             time.sleep(0.05)
         return proc
 
-    proc = start_and_wait_for(8)
+    proc = start_and_wait_for(8, clean_env(home))
     children = psutil.Process(proc.pid).children(recursive=True)
     start = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -259,12 +265,12 @@ def test_sigterm_then_kill_9_midway_then_rerun_leaves_no_duplicate_and_no_gap(ho
     after_term = committed()
     assert 0 < after_term < total, "the run must be stopped part-way for this test to mean anything"
 
-    proc = start_and_wait_for(after_term + 8)
+    proc = start_and_wait_for(after_term + 8, joined)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert after_term < committed() < total, "the second run must be killed part-way too"
 
-    finished = subprocess.run(args, env=clean_env(home), capture_output=True, text=True, timeout=300)
+    finished = subprocess.run(args, env=joined, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-2000:]
     with sqlite3.connect(db) as conn:
         assert conn.execute("select count(*), count(distinct path) from preds").fetchone() == (total, total)
@@ -434,63 +440,47 @@ def _process_tree(pid: int) -> list[int]:
 
 @pytest.mark.e2e
 def test_a_run_killed_without_a_word_shows_as_crashed(home: Path, tmp_path: Path) -> None:
-    """kill -9 of the worker and its flow run (as the OOM killer or a lost node would): the automation `cnn serve`
-    sets up sees the heartbeats stop and marks the run Crashed, instead of leaving it Running forever."""
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    server_env = clean_env(None, PREFECT_HOME=str(tmp_path / "prefect"))
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=server_env,
+    """kill -9 of a `cnn score` run and its decode workers (as the OOM killer or a lost node would): nothing reports
+    anything, and the automation (`cnn serve` and `cnn automations` set it up) sees the heartbeats stop and marks the
+    run Crashed instead of leaving it Running forever."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    from flows.automations import CRASH_DETECTION, ensure_crash_detection
+
+    api = str(get_current_settings().api.url)
+    folder = write_patterns(tmp_path / "incoming", per_class=100, seed=21)
+    ensure_crash_detection(40)
+    env = clean_env(home, PREFECT_API_URL=api, PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")  # Prefect's shortest
+    command = [CNN, "score", str(folder), "--model", "patterns", "--output", str(tmp_path / "p.parquet")]
+    since = datetime.now(UTC).isoformat()
+    proc = subprocess.Popen(
+        [*command, "--shard-size", "1", "--decode-workers", "1"],  # long enough to be killed midway
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    folder = write_patterns(tmp_path / "incoming", per_class=100, seed=21)  # long enough to be killed midway
-    (tmp_path / "score.yaml").write_text("shard_size: 1\ndecode_workers: 1\n")
-    env = clean_env(home, PREFECT_API_URL=api, PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")
-    serve = None
     try:
-        wait_until_up(f"{api}/health", timeout=120)
-        serve = subprocess.Popen(
-            [CNN, "serve", "--model", "patterns", "--incoming", str(folder), "--output", str(tmp_path / "p.parquet")]
-            + ["--score-config", str(tmp_path / "score.yaml"), "--train-cron", "", "--crash-after", "40"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deployment, deadline = None, time.monotonic() + 180
-        while deployment is None and time.monotonic() < deadline:
-            try:
-                deployment = api_json(f"{api}/deployments/name/score/nightly", tries=1)
-            except OSError:
-                time.sleep(1)
-        assert deployment is not None, "the deployment never appeared"
-        automations = api_json(f"{api}/automations/filter", {})
-        assert [a["name"] for a in automations] == ["cnn: mark flow runs Crashed when their heartbeats stop"]
-        run = api_json(f"{api}/deployments/{deployment['id']}/create_flow_run", {})
-        heartbeat = {
-            "filter": {
-                "event": {"name": ["prefect.flow-run.heartbeat"]},
-                "any_resource": {"id": [f"prefect.flow-run.{run['id']}"]},
-            }
-        }
-        deadline = time.monotonic() + 120
-        while not api_json(f"{api}/events/filter", heartbeat)["events"] and time.monotonic() < deadline:
+        beats = {"filter": {"event": {"name": ["prefect.flow-run.heartbeat"]}, "occurred": {"since": since}}}
+        deadline, events = time.monotonic() + 120, []
+        while not events and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert api_json(f"{api}/flow_runs/{run['id']}")["state_type"] == "RUNNING"
-        for pid in reversed(_process_tree(serve.pid)):  # the runner and the flow run die without a word
-            os.kill(pid, signal.SIGKILL)
-        serve.wait(10)
-        state, deadline = "RUNNING", time.monotonic() + 150
+            events = api_json(f"{api}/events/filter", beats)["events"]
+        assert events, "no heartbeat"
+        run_id = events[0]["resource"]["prefect.resource.id"].removeprefix("prefect.flow-run.")
+        assert api_json(f"{api}/flow_runs/{run_id}")["state_type"] == "RUNNING"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        state, deadline = "RUNNING", time.monotonic() + 120
         while state == "RUNNING" and time.monotonic() < deadline:
             time.sleep(2)
-            state = api_json(f"{api}/flow_runs/{run['id']}")["state_type"]
+            state = api_json(f"{api}/flow_runs/{run_id}")["state_type"]
         assert state == "CRASHED"
-        assert "heartbeat" in api_json(f"{api}/flow_runs/{run['id']}")["state"]["message"]
+        assert "no heartbeat for 40 s" in api_json(f"{api}/flow_runs/{run_id}")["state"]["message"]
     finally:
-        for proc in (serve, server):
-            if proc is not None and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        with get_client(sync_client=True) as client:  # the session's other runs have other heartbeat settings
+            for automation in client.read_automations_by_name(CRASH_DETECTION):
+                client.delete_automation(automation.id)

@@ -217,7 +217,9 @@ class _IsolatedPool:
         )
 
     def _key(self) -> tuple[object, ...]:
-        return (self.context.get_start_method(), self.workers, self.spec, self.known, self.decode)
+        # Not the start method: it follows this process's thread count, which the idle pool's own manager thread
+        # changes. A pool reused later starts no process (a fork pool starts all its workers at its first task).
+        return (self.workers, self.spec, self.known, self.decode)
 
     def _stop(self, kill: bool) -> None:
         pool, self.pool = self.pool, None

@@ -265,6 +265,7 @@ class SqlSink:
         except Exception as exc:  # noqa: BLE001 - drivers raise their own types for bad URLs and servers
             raise UserError(f"cannot open the table database {redact(url)}: {type(exc).__name__}: {exc}") from None
         self.quote = self.engine.dialect.identifier_preparer.quote  # identifiers are quoted by SQLAlchemy
+        self._indexed: set[str] = set()
 
     @classmethod
     def from_url(cls, spec: str) -> SqlSink:
@@ -280,11 +281,25 @@ class SqlSink:
 
     def _ensure(self, conn: Connection, name: str, frame: pd.DataFrame, key: list[str]) -> None:
         """Create the table with a unique key, or add columns it lacks (new id or class columns)."""
-        from sqlalchemy import Boolean, Column, DateTime, Float, MetaData, String, Table, Text, UniqueConstraint, text
+        from sqlalchemy import (
+            BigInteger,
+            Boolean,
+            Column,
+            DateTime,
+            Float,
+            MetaData,
+            String,
+            Table,
+            Text,
+            UniqueConstraint,
+            text,
+        )
 
         def column_type(series: pd.Series) -> TypeEngine[Any]:
             if pd.api.types.is_bool_dtype(series):
                 return Boolean()
+            if pd.api.types.is_integer_dtype(series):
+                return BigInteger()
             if pd.api.types.is_float_dtype(series):
                 return Float()
             if pd.api.types.is_datetime64_any_dtype(series):
@@ -301,11 +316,14 @@ class SqlSink:
                 UniqueConstraint(*key, name=f"uq_{name}_key"),
             )
             meta.create_all(conn)
-            return
         for column in frame.columns:
-            if column not in existing:
+            if existing and column not in existing:
                 ddl = column_type(frame[column]).compile(dialect=self.engine.dialect)
                 conn.execute(text(f"ALTER TABLE {self.quote(name)} ADD COLUMN {self.quote(str(column))} {ddl}"))
+        if name not in self._indexed:  # each shard supersedes its paths' earlier rows: find them by index
+            index = self.quote(f"ix_{name}_path")
+            conn.execute(text(f"CREATE INDEX IF NOT EXISTS {index} ON {self.quote(name)} (model_name, path)"))
+            self._indexed.add(name)
 
     def current(self, model_name: str) -> pd.DataFrame:
         from sqlalchemy import text

@@ -251,6 +251,14 @@ def test_a_path_has_one_current_row_and_keeps_its_history(tmp_path: Path, kind: 
         assert len(history) == 5  # nothing deleted
         assert by_id["id0"] == t[1] and by_id["id1"] == t[2] and by_id["half1"] == t[3]
         assert by_id[["new0", "full1"]].isna().all()
+        if isinstance(sink, SqlSink):  # each shard looks up its paths' earlier rows: by index, not by a full scan
+            from sqlalchemy import inspect
+
+            with sink.engine.connect() as conn:
+                for name in (sink.table, sink.rejects):
+                    indexes = {i["name"]: i["column_names"] for i in inspect(conn).get_indexes(name)}
+                    assert indexes[f"ix_{name}_path"] == ["model_name", "path"]
+            assert pd.api.types.is_integer_dtype(rejected["attempts"])
     finally:
         _drop(sink)
 

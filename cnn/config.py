@@ -101,7 +101,10 @@ class TrainConfig(FlowConfig):
     # registry and promotion gate (used by the flow, logged with the run)
     register_as: str | None = None
     gate_metric: Metric = "macro_f1"
-    min_improvement: float = Field(0.0, ge=0)
+    min_improvement: float = Field(0.0, ge=0, description="margin the new version must beat the champion by")
+    gate_min_score: float | None = Field(None, ge=0, le=1, description="floor: below it a version never leads")
+    gate_confidence: float = Field(0.95, ge=0.5, lt=1, description="confidence of the paired improvement test")
+    replace_task: bool = Field(False, description="let a version with other classes or data replace the champion")
 
     @property
     def distributed(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -24,6 +25,17 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def sha256_file(handle_or_path: str | os.PathLike[str] | Any) -> str:
+    """The sha256 of a file (a path, or a binary handle opened elsewhere), read in blocks."""
+    digest = hashlib.sha256()
+    if isinstance(handle_or_path, (str, os.PathLike)):
+        with open(handle_or_path, "rb") as handle:
+            return sha256_file(handle)
+    for block in iter(lambda: handle_or_path.read(1 << 20), b""):
+        digest.update(block)
+    return digest.hexdigest()
 
 
 def write_atomic(target: str | os.PathLike[str], writer: Callable[[Path], Any]) -> Path:

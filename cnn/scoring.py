@@ -9,7 +9,6 @@ An orchestrator runs `plan_shards` once, `score_shard` once per shard (anywhere:
 from __future__ import annotations
 
 import glob
-import hashlib
 import re
 import time
 from collections import Counter
@@ -26,7 +25,7 @@ import pandas as pd
 from cnn.config import ScoreConfig
 from cnn.decode import DecodeError, RejectKind, open_regular_file
 from cnn.errors import UserError
-from cnn.fsio import atomic_path
+from cnn.fsio import atomic_path, sha256_file
 from cnn.inference import Predictor
 from cnn.parallel import decode_many
 from cnn.predictions import prediction_columns
@@ -198,14 +197,11 @@ def content_ids(paths: Sequence[str], threads: int = 4) -> list[str]:
     """The sha256 of each file's bytes (the `image_id`); "" for a file that cannot be read as a regular file."""
 
     def digest(path: str) -> str:
-        h = hashlib.sha256()
         try:
             with open_regular_file(path) as handle:  # never blocks on a FIFO, never streams a device
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    h.update(block)
+                return sha256_file(handle)
         except (DecodeError, OSError):
             return ""  # unreadable or not a regular file: the decoder reports why
-        return h.hexdigest()
 
     with ThreadPoolExecutor(threads) as pool:  # hashlib and file reads release the GIL
         return list(pool.map(digest, paths))

@@ -198,6 +198,21 @@ def train(
     ] = None,
     weights: Annotated[str | None, typer.Option(help="Local file of pretrained weights (never downloaded).")] = None,
     register_as: Annotated[str | None, typer.Option(help="Registered model name (default: the dataset name).")] = None,
+    gate_min_score: Annotated[
+        float | None,
+        typer.Option(help=_help(TrainConfig, "gate_min_score", "Never crown a version scoring below this.")),
+    ] = None,
+    gate_confidence: Annotated[
+        float | None,
+        typer.Option(help=_help(TrainConfig, "gate_confidence", "Confidence the improvement must reach.")),
+    ] = None,
+    replace_task: Annotated[
+        bool | None,
+        typer.Option(
+            "--replace-task/--no-replace-task",
+            help=_help(TrainConfig, "replace_task", "Let other classes or another dataset replace the champion."),
+        ),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the latest interrupted run of this model.")
     ] = False,
@@ -231,6 +246,9 @@ def train(
         max_minutes=max_minutes,
         weights=weights,
         register_as=register_as,
+        gate_min_score=gate_min_score,
+        gate_confidence=gate_confidence,
+        replace_task=replace_task,
         nproc_per_node=nproc_per_node,
         nnodes=nnodes,
         node_rank=node_rank,

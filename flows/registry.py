@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import mlflow
@@ -10,12 +13,24 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cnn.choices import Metric
+from cnn.comparison import compare_paired
 from cnn.dataset import Dataset
 from cnn.errors import UserError
 from cnn.evaluation import score_split
 from flows import versions
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
+
+
+@dataclass(frozen=True)
+class GateRules:
+    """How the promotion gate decides (from the training config)."""
+
+    metric: Metric = "macro_f1"
+    min_improvement: float = 0.0
+    min_score: float | None = None
+    confidence: float = 0.95
+    replace_task: bool = False
 
 
 @dataclass(frozen=True)
@@ -31,6 +46,9 @@ class GateDecision:
     new_score: float
     champion_version: str | None = None
     champion_score: float | None = None
+    test: str = ""  # the statistical test, when there was a champion to compare with
+    p_value: float | None = None
+    images_sha256: str = ""
 
 
 def alias_version(client: MlflowClient, model: str, alias: str) -> str | None:
@@ -48,54 +66,86 @@ def gate_split(dataset: Dataset) -> str:
     raise UserError(f"dataset {dataset.name} has neither a test nor a validation split to compare models on")
 
 
-def score_version(model: str, version: str, dataset: Dataset, split: str, metric: Metric) -> float | None:
-    """A registered version's `metric` on a split, loaded with the project's own loader; None if it predicts
-    other classes than the split holds."""
-    predictor = versions.load(model, version)
-    if set(dataset.usable(split)["label"]) - set(predictor.contract.classes):
-        return None
-    value = score_split(predictor, dataset, split).metrics().score(metric)
-    return float("nan") if value is None else value  # undefined (AUROC of one class): never beats anything
-
-
 def register_and_gate(
-    model_uri: str, model: str, run_id: str, dataset: Dataset, metric: Metric, min_improvement: float
+    model_uri: str, model: str, run_id: str, dataset: Dataset, files: tuple[Path, Path], rules: GateRules
 ) -> GateDecision:
-    """Register a new version, compare it with @champion on the same split and metric, move the aliases."""
+    """Register a new version (with the sha256 of its weights and contract), compare it with @champion on the same
+    images, move the aliases. A gate that cannot decide tags the version `gate_failed` and raises."""
     client = MlflowClient()
     version = str(mlflow.register_model(model_uri, model, tags={"run_id": run_id, "dataset": dataset.name}).version)
-    split = gate_split(dataset)
-    new_score = score_version(model, version, dataset, split, metric)
-    if new_score is None:
-        raise UserError(f"the new version of {model} cannot score its own {split} split")
-    champion = alias_version(client, model, CHAMPION)
-    champion_score = score_version(model, champion, dataset, split, metric) if champion else None
-    if champion is None:
-        decision, reason = CHAMPION, "no champion yet"
-    elif champion_score is None:
-        decision, reason = CHAMPION, f"champion v{champion} predicts other classes; the new class set replaces it"
-    elif new_score >= champion_score + min_improvement:
-        decision = CHAMPION
-        reason = (
-            f"{metric} {new_score:.4f} >= champion v{champion} {champion_score:.4f}"
-            f" + min improvement {min_improvement:g} on {dataset.name}/{split}"
-        )
-    else:
-        decision = CHALLENGER
-        reason = (
-            f"{metric} {new_score:.4f} < champion v{champion} {champion_score:.4f}"
-            f" + min improvement {min_improvement:g} on {dataset.name}/{split}"
-        )
-    decision_kind: Literal["champion", "challenger"] = "champion" if decision == CHAMPION else "challenger"
-    if decision == CHAMPION:
-        _crown(client, model, version, champion)
+    versions.record_digests(model, version, *files)
+    try:
+        decision = _decide(client, model, version, dataset, rules)
+    except Exception as exc:
+        client.set_model_version_tag(model, version, "gate.decision", "gate_failed")
+        client.set_model_version_tag(model, version, "gate.reason", str(exc)[:5000])
+        raise
+    if decision.decision == CHAMPION:
+        _crown(client, model, version, decision.champion_version)
     else:
         client.set_registered_model_alias(model, CHALLENGER, version)
-    result = GateDecision(model, version, decision_kind, reason, metric, split, new_score, champion, champion_score)
-    client.set_model_version_tag(model, version, "gate.decision", decision)
-    client.set_model_version_tag(model, version, "gate.reason", reason)
-    client.set_model_version_tag(model, version, f"gate.{split}_{metric}", f"{new_score:.6f}")
-    return result
+    tags = {
+        "gate.decision": decision.decision,
+        "gate.reason": decision.reason,
+        f"gate.{decision.split}_{decision.metric}": f"{decision.new_score:.6f}",
+        "gate.test": decision.test,
+        "gate.p_value": "" if decision.p_value is None else f"{decision.p_value:.6f}",
+        "gate.images_sha256": decision.images_sha256,
+    }
+    for key, value in tags.items():
+        if value:
+            client.set_model_version_tag(model, version, key, value)
+    return decision
+
+
+def _decide(client: MlflowClient, model: str, version: str, dataset: Dataset, rules: GateRules) -> GateDecision:
+    split, metric = gate_split(dataset), rules.metric
+    new_predictor = versions.load(model, version)
+    new = score_split(new_predictor, dataset, split)
+    new_score = _finite(new.metrics().score(metric))
+    if new_score is None:
+        raise UserError(
+            f"{metric} of {model} v{version} on {dataset.name}/{split} is undefined, so it cannot be compared; "
+            "the version is not crowned (use another --gate-metric, or check the split)"
+        )
+    decided = functools.partial(GateDecision, model, version, metric=metric, split=split, new_score=new_score)
+    if rules.min_score is not None and new_score < rules.min_score:
+        reason = f"{metric} {new_score:.4f} is below the floor gate_min_score {rules.min_score:g}"
+        return decided(decision=CHALLENGER, reason=reason, champion_version=alias_version(client, model, CHAMPION))
+    champion = alias_version(client, model, CHAMPION)
+    if champion is None:
+        return decided(decision=CHAMPION, reason="no champion yet")
+    old_predictor = versions.load(model, champion)
+    old_task = (old_predictor.contract.dataset, list(old_predictor.contract.classes))
+    new_task = (new_predictor.contract.dataset, list(new_predictor.contract.classes))
+    if old_task != new_task:
+        task = f"dataset {new_task[0]} with classes {new_task[1]} (champion v{champion}: {old_task[0]}, {old_task[1]})"
+        if not rules.replace_task:
+            reason = f"trained on another task: {task}; pass --replace-task to let it replace the champion"
+            return decided(decision=CHALLENGER, reason=reason, champion_version=champion)
+        return decided(
+            decision=CHAMPION, reason=f"replaces the task (--replace-task): {task}", champion_version=champion
+        )
+    old = score_split(old_predictor, dataset, split)
+    old_score = _finite(old.metrics().score(metric))
+    if old_score is None:
+        reason = f"champion v{champion}'s {metric} on {dataset.name}/{split} is undefined; a defined score replaces it"
+        return decided(decision=CHAMPION, reason=reason, champion_version=champion)
+    test = compare_paired(new, old, metric, rules.min_improvement, rules.confidence)
+    verdict = "better" if test.better else "not shown better"
+    return decided(
+        decision=CHAMPION if test.better else CHALLENGER,
+        reason=f"{verdict} than champion v{champion} on {dataset.name}/{split}: {test.describe()}",
+        champion_version=champion,
+        champion_score=old_score,
+        test=test.test,
+        p_value=test.p_value,
+        images_sha256=test.images_sha256,
+    )
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
 
 
 def _crown(client: MlflowClient, model: str, version: str, old: str | None) -> None:

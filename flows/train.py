@@ -26,7 +26,7 @@ from flows import registry, tracking, workspace
 from flows.logfilter import quiet_user_errors
 from flows.processes import sigterm_at_safe_points
 from flows.progress import reported_progress
-from flows.registry import GateDecision
+from flows.registry import GateDecision, GateRules
 
 quiet_user_errors()
 
@@ -177,12 +177,14 @@ def log_model(dataset_dir: str, run_dir: str, run_id: str) -> str:
 
 @task(name="register-and-gate", cache_policy=NO_CACHE)
 def register_and_gate(
-    model_uri: str, model_name: str, run_id: str, dataset_dir: str, config: TrainConfig
+    model_uri: str, model_name: str, run_id: str, dataset_dir: str, run_dir: str, config: TrainConfig
 ) -> GateDecision:
     """Register a version and decide @champion or @challenger against the current champion."""
-    decision = registry.register_and_gate(
-        model_uri, model_name, run_id, Dataset(dataset_dir), config.gate_metric, config.min_improvement
+    rules = GateRules(
+        config.gate_metric, config.min_improvement, config.gate_min_score, config.gate_confidence, config.replace_task
     )
+    files = (Path(run_dir) / "best.pt", Path(run_dir) / "contract.json")  # what was logged: their digests
+    decision = registry.register_and_gate(model_uri, model_name, run_id, Dataset(dataset_dir), files, rules)
     create_markdown_artifact(
         f"## {decision.model} v{decision.version}: **@{decision.decision}**\n\n{decision.reason}\n",
         key="promotion-gate",
@@ -207,7 +209,7 @@ def train_flow(
         fit_model(dataset_dir, run_dir, run_id, config, resume)
         test_metrics = evaluate_model(dataset_dir, run_dir, run_id)
         model_uri = log_model(dataset_dir, run_dir, run_id)
-        decision = register_and_gate(model_uri, model_name, run_id, dataset_dir, config)
+        decision = register_and_gate(model_uri, model_name, run_id, dataset_dir, run_dir, config)
     (Path(run_dir) / "done").write_text(run_id)
     create_table_artifact(
         [{"metric": k, "test": round(v, 4)} for k, v in test_metrics.items()],

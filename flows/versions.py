@@ -1,5 +1,6 @@
-"""Registered model versions: pin MODEL[@alias|:version] to one version, fetch its files into CNN_HOME, load it
-with the project's own loader (state_dict with weights_only plus the JSON contract), and choose its precision."""
+"""Registered model versions: pin MODEL[@alias|:version] to one version, fetch its files into CNN_HOME, check them
+against the sha256 digests recorded at registration, load them with the project's own loader (state_dict with
+weights_only plus the JSON contract; nothing from the artifact is executed or unpickled), choose the precision."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ from mlflow.tracking import MlflowClient
 
 from cnn.errors import UserError
 from cnn.evaluation import bf16_split_agreement
+from cnn.fsio import sha256_file
 from cnn.inference import Predictor
 from cnn.precision import PrecisionChoice, choose_inference_precision
 from cnn.scoring import ModelRef
 from flows import workspace
 
 CHAMPION = "champion"
+DIGEST_TAGS = {"weights": "weights.sha256", "contract": "contract.sha256"}  # version tags set at registration
 _SPEC = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@(?P<alias>[A-Za-z0-9_-]+)|:(?P<version>\d+))?$")
 
 
@@ -35,13 +38,52 @@ def parse_spec(spec: str) -> tuple[str, str | None, str | None]:
     return match["name"], (alias or (CHAMPION if version is None else None)), version
 
 
-def fetch(name: str, version: str, run_id: str) -> Path:
-    """The version's files under $CNN_HOME/models/NAME/VERSION-RUN (downloaded once). Keyed by the training run
-    too, so a registry rebuilt with other models under the same numbers never serves a stale copy; downloaded
-    into a temporary folder and renamed, so a killed download never looks like a usable model."""
-    target = workspace.current().home / "models" / name / f"{version}-{run_id or 'norun'}"
-    if target.is_dir():  # only ever renamed into place whole
+def record_digests(name: str, version: str, weights: Path, contract: Path) -> dict[str, str]:
+    """Set the sha256 of the weights and the contract as version tags (at registration, from the run's files)."""
+    digests = {"weights": sha256_file(weights), "contract": sha256_file(contract)}
+    client = MlflowClient()
+    for part, tag in DIGEST_TAGS.items():
+        client.set_model_version_tag(name, version, tag, digests[part])
+    return digests
+
+
+def version_files(name: str, version: str) -> Path:
+    """The version's files, fetched and checked against its recorded digests."""
+    mv = MlflowClient().get_model_version(name, version)
+    digests = {part: mv.tags[tag] for part, tag in DIGEST_TAGS.items() if tag in mv.tags}
+    return fetch(name, str(mv.version), mv.run_id or "", digests)
+
+
+def fetch(name: str, version: str, run_id: str, digests: dict[str, str] | None = None) -> Path:
+    """The version's files under $CNN_HOME/models/NAME/VERSION-RUN-DIGEST (downloaded once). Keyed by the training
+    run and the weights' digest too, so a registry rebuilt with other models under the same numbers never serves a
+    stale copy; downloaded into a temporary folder and renamed, so a killed download never looks like a usable
+    model. With `digests`, a copy whose files do not match is fetched again, and refused if the store's does not
+    match either (a changed artifact)."""
+    key = f"{version}-{run_id or 'norun'}" + (f"-{digests['weights'][:12]}" if digests else "")
+    target = workspace.current().home / "models" / name / key
+    if target.is_dir() and _matches(target, digests):  # only ever renamed into place whole
         return target
+    shutil.rmtree(target, ignore_errors=True)  # a local copy that was changed: fetch the store's again
+    _download(name, version, target)
+    if not _matches(target, digests):
+        shutil.rmtree(target, ignore_errors=True)
+        raise UserError(
+            f"model {name} v{version}: its files do not match the sha256 digests recorded at registration "
+            f"(tags {', '.join(DIGEST_TAGS.values())}); the artifact was changed since, so it is not loaded"
+        )
+    return target
+
+
+def _matches(model_dir: Path, digests: dict[str, str] | None) -> bool:
+    if not digests:  # registered before digests were recorded: nothing to check against
+        return True
+    weights, contract = _artifact_paths(model_dir)
+    found = {"weights": sha256_file(weights), "contract": sha256_file(contract)}
+    return all(found[part] == digests.get(part, found[part]) for part in found)
+
+
+def _download(name: str, version: str, target: Path) -> None:
     partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(partial))
@@ -52,13 +94,11 @@ def fetch(name: str, version: str, run_id: str) -> Path:
                 raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    return target
 
 
 def load(name: str, version: str, device: str = "cpu") -> Predictor:
     """A registered version as a plain Predictor (runs no code from the artifact)."""
-    run_id = MlflowClient().get_model_version(name, version).run_id or ""
-    weights, contract = _artifact_paths(fetch(name, version, run_id))
+    weights, contract = _artifact_paths(version_files(name, version))
     return Predictor.load(weights, contract, device)
 
 
@@ -73,9 +113,8 @@ def resolve(spec: str, device: str, precision: str = "auto", compile: bool = Fal
             f"model {spec!r} not found in the registry at {mlflow.get_tracking_uri()}; "
             "train one with `cnn train` or check the name, alias and version"
         ) from None
-    run_id = mv.run_id or ""
-    files = str(fetch(name, str(mv.version), run_id))
-    ref = ModelRef(name, str(mv.version), run_id, files, device, compile=compile)
+    files = str(version_files(name, str(mv.version)))
+    ref = ModelRef(name, str(mv.version), mv.run_id or "", files, device, compile=compile)
     choice = _choose_precision(client, ref, precision)
     return replace(ref, precision=choice.name, precision_reason=choice.describe())
 

@@ -65,6 +65,7 @@ def configure(home: str | os.PathLike[str] | None = None) -> Workspace:
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "MLFLOW_TRACKING_URI": ws.default_tracking_uri,
         "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true",
+        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",  # our models are pickle-free; a rewritten MLmodel is refused
     }
     if not os.environ.get("PREFECT_API_URL") and (served := _served_api_url(ws)):
         os.environ["PREFECT_API_URL"] = served  # `cnn serve` is running here: runs show up in its UI

@@ -1,0 +1,151 @@
+"""The promotion gate against a real MLflow store: digests recorded and checked on every load, a paired test that
+ties and noise cannot pass, a floor, other tasks held back unless replaced on purpose, and a gate that cannot
+decide leaving the version tagged `gate_failed`, never looking like a candidate."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+from typer.testing import CliRunner
+
+from cnn.ingest import IngestOptions, ingest
+from flows.cli import app
+from tests.helpers import pattern_dataset, write_patterns
+
+runner = CliRunner()
+pytestmark = pytest.mark.slow
+FAST = ["--epochs", "2", "--batch-size", "16", "--lr", "0.003"]
+
+
+@pytest.fixture(scope="module")
+def home(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    from flows import workspace
+
+    saved = dict(os.environ)
+    home = tmp_path_factory.mktemp("gate") / "home"
+    os.environ["CNN_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    workspace.configure()
+    pattern_dataset(home)
+    (home.parent / "fast.yaml").write_text("model_options: {filters: [8, 16], dense: 32}\nloader_workers: 0\n")
+    yield home
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _train(home: Path, *args: str) -> str:
+    result = runner.invoke(app, ["train", "--config", str(home.parent / "fast.yaml"), *FAST, *args])
+    return f"{result.exit_code}\n{result.output}"
+
+
+def _tags(version: str) -> dict[str, str]:
+    from mlflow.tracking import MlflowClient
+
+    return dict(MlflowClient().get_model_version("patterns", version).tags)
+
+
+def _aliases() -> dict[str, str]:
+    from mlflow.tracking import MlflowClient
+
+    return {alias: str(v) for alias, v in MlflowClient().get_registered_model("patterns").aliases.items()}
+
+
+def test_the_gate_decides_on_evidence_and_records_it(home: Path) -> None:
+    first = _train(home, "--dataset", "patterns")
+    assert first.startswith("0\n") and "no champion yet" in first, first
+    tags = _tags("1")
+    assert len(tags["weights.sha256"]) == 64 and len(tags["contract.sha256"]) == 64
+
+    same = _train(home, "--dataset", "patterns")  # the same seed and data: the same predictions, a tie
+    assert same.startswith("0\n") and "@challenger" in same and "not shown better" in same, same
+    tags = _tags("2")
+    assert tags["gate.test"].startswith("paired bootstrap") and float(tags["gate.p_value"]) == 1.0
+    assert len(tags["gate.images_sha256"]) == 64
+    assert _aliases() == {"champion": "1", "challenger": "2"}
+
+    poor = _train(home, "--dataset", "patterns", "--epochs", "1", "--lr", "0.00001", "--gate-min-score", "0.9")
+    assert "@challenger" in poor and "below the floor gate_min_score 0.9" in poor, poor
+
+
+def test_another_task_is_held_back_unless_it_replaces_the_champion_on_purpose(home: Path) -> None:
+    two = write_patterns(home.parent / "two-src", per_class=30, seed=3)
+    shutil.rmtree(two / "checker")
+    ingest(two, home / "datasets" / "two", IngestOptions(image_size=24, channels=1, decode_workers=1))
+    held = _train(home, "--dataset", "two", "--register-as", "patterns")
+    assert held.startswith("0\n") and "@challenger" in held and "trained on another task" in held, held
+    assert "--replace-task" in held and _aliases()["champion"] == "1"
+    replaced = _train(home, "--dataset", "two", "--register-as", "patterns", "--replace-task")
+    assert "@champion" in replaced and "replaces the task" in replaced, replaced
+
+
+def test_an_undefined_metric_never_crowns_and_tags_the_version(home: Path) -> None:
+    source = home.parent / "one-class-test"
+    for split in ("train", "val"):
+        write_patterns(source / split, per_class=12, seed=len(split))
+    write_patterns(home.parent / "tmp-test", per_class=6, seed=9)
+    shutil.copytree(home.parent / "tmp-test" / "checker", source / "test" / "checker")
+    ingest(source, home / "datasets" / "onetest", IngestOptions(image_size=24, channels=1, decode_workers=1))
+    result = _train(home, "--dataset", "onetest", "--register-as", "auroc", "--config", str(_auroc_config(home)))
+    assert result.startswith("2\n") and "auroc_macro of auroc v1" in result and "undefined" in result, result
+    assert "Traceback" not in result
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    assert client.get_model_version("auroc", "1").tags["gate.decision"] == "gate_failed"
+    assert not client.get_registered_model("auroc").aliases  # neither champion nor challenger
+
+
+def _auroc_config(home: Path) -> Path:
+    path = home.parent / "auroc.yaml"
+    path.write_text((home.parent / "fast.yaml").read_text() + "gate_metric: auroc_macro\n")
+    return path
+
+
+def test_a_changed_artifact_is_refused_and_a_changed_local_copy_fetched_again(home: Path) -> None:
+    from cnn.errors import UserError
+    from cnn.fsio import sha256_file
+    from flows import versions
+
+    loaded = versions.load("patterns", "1")
+    local = next((home / "models" / "patterns").glob("1-*"))
+    weights = next(local.rglob("best.pt"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")  # the local copy changed: fetched again, and it loads
+    assert versions.load("patterns", "1").contract == loaded.contract
+
+    recorded = _tags("1")["weights.sha256"]
+    stored = next(p for p in (home / "mlartifacts").rglob("best.pt") if sha256_file(p) == recorded)
+    stored.write_bytes(stored.read_bytes()[:-1] + b"\1")
+    shutil.rmtree(local)
+    with pytest.raises(UserError, match=r"model patterns v1: its files do not match the sha256 digests"):
+        versions.load("patterns", "1")
+    incoming = write_patterns(home.parent / "incoming", per_class=1)
+    scored = runner.invoke(app, ["score", str(incoming), "--model", "patterns:1", "--output", "x.csv"])
+    assert scored.exit_code == 2 and "do not match the sha256" in scored.output
+
+
+class _Pickled(mlflow.pyfunc.PythonModel):
+    """A python_model MLflow stores with cloudpickle (what a rewritten MLmodel could point at)."""
+
+    def predict(self, context: object, model_input: object, params: object = None) -> object:
+        return model_input
+
+
+def test_the_workspace_refuses_pickled_models_unless_the_user_allows_them(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from flows import workspace
+
+    assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
+    mlflow.pyfunc.save_model(tmp_path / "pickled", python_model=_Pickled())
+    with pytest.raises(MlflowException, match="Deserializing model using pickle is disallowed"):
+        mlflow.pyfunc.load_model(str(tmp_path / "pickled"))
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")  # the user's own setting wins
+    workspace.configure()
+    assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "true"

@@ -28,7 +28,7 @@ from cnn.errors import UserError
 from cnn.fsio import atomic_path
 
 if TYPE_CHECKING:
-    from sqlalchemy import Connection
+    from sqlalchemy import URL, Connection
     from sqlalchemy.types import TypeEngine
 
 KEY = ["image_id", "model_name", "model_version"]
@@ -244,26 +244,27 @@ class SqlSink:
 
     def __init__(self, url: str, table: str) -> None:
         from sqlalchemy import create_engine
-        from sqlalchemy.engine import make_url
         from sqlalchemy.exc import ArgumentError
 
         if not _TABLE.match(table):
             raise UserError(f"invalid table name {table!r}: use letters, digits and _, starting with a letter")
         self.url, self.table, self.rejects = url, table, f"{table}_rejects"
         try:
-            backend = make_url(url).get_backend_name()
+            parsed = parse_url(url)
         except ArgumentError:
             raise UserError(f"not a database URL: {redact(url)} (e.g. postgresql://user@host/db#table)") from None
+        backend = parsed.get_backend_name()
         if backend not in self.DIALECTS:  # refused before any file is decoded
             raise UserError(f"prediction tables live in SQLite or PostgreSQL, not {backend}: {redact(url)}")
         try:
-            self.engine = create_engine(url, connect_args={"timeout": 30} if backend == "sqlite" else {})
+            self.engine = create_engine(parsed, connect_args={"timeout": 30} if backend == "sqlite" else {})
             if backend == "sqlite":
                 _begin_immediate(self.engine)
             with self.engine.connect():
                 pass
         except Exception as exc:  # noqa: BLE001 - drivers raise their own types for bad URLs and servers
-            raise UserError(f"cannot open the table database {redact(url)}: {type(exc).__name__}: {exc}") from None
+            detail = str(exc).replace(parsed.password, "***") if parsed.password else str(exc)
+            raise UserError(f"cannot open the table database {redact(url)}: {type(exc).__name__}: {detail}") from None
         self.quote = self.engine.dialect.identifier_preparer.quote  # identifiers are quoted by SQLAlchemy
         self._indexed: set[str] = set()
 
@@ -419,6 +420,24 @@ def _sql_ready(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def parse_url(url: str) -> URL:
+    """SQLAlchemy's URL of `url`, also when a password holds a raw `@` (SQLAlchemy splits at the first one and
+    leaves the rest of the password in the host)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.host and "@" in parsed.host:
+        extra, host = parsed.host.rsplit("@", 1)
+        parsed = parsed.set(password=f"{parsed.password or ''}@{extra}", host=host)
+    return parsed
+
+
 def redact(url: str) -> str:
-    """Hide a password in a database URL."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """A database URL as SQLAlchemy renders it with the password hidden; text that is no URL is shown only when
+    it cannot hold credentials."""
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return parse_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return url if "@" not in url else "<a database URL that does not parse>"

@@ -21,7 +21,7 @@ from cnn.config import ScoreConfig
 from cnn.errors import UserError
 from cnn.scoring import ModelRef, ScoringOptions, ScoringSummary, ShardPlan, ShardResult
 from cnn.sinks import Sink, open_sink, redact
-from flows import versions, workspace
+from flows import secrets, versions, workspace
 from flows.logfilter import quiet_user_errors
 from flows.processes import sigterm_at_safe_points
 from flows.progress import reported_progress
@@ -44,11 +44,12 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
 
 def _sinks(output: str | None, table: str | None) -> list[Sink]:
     """The sinks of a run. The default table is CNN_PREDICTIONS_URL (kept in the environment, so a password
-    never becomes a flow parameter), else SQLite under CNN_HOME."""
+    never becomes a flow parameter), else SQLite under CNN_HOME; `env:`/`secret:` references resolve here."""
     default = os.environ.get("CNN_PREDICTIONS_URL") or f"sqlite:///{workspace.current().home / 'predictions.db'}"
     if "#" not in default:
         default += "#predictions"
-    return open_sink(output, default if table == DEFAULT_TABLE else table, default)
+    named = default if table == DEFAULT_TABLE else (secrets.resolve(table) if table else None)
+    return open_sink(output, named, default)
 
 
 @task(name="resolve-model", cache_policy=NO_CACHE)
@@ -92,6 +93,7 @@ def publish(config: ScoreConfig) -> list[str]:
 def score_flow(source: str, config: ScoreConfig, home: str | None = None) -> ScoringSummary:
     """Score every new image of SOURCE with the configured model into prediction tables, exactly once."""
     ws = workspace.configure(home)
+    secrets.refuse_passwords(config.table)
     context = get_run_context()
     flow_run = getattr(context, "flow_run", None)
     flow_run_id = str(flow_run.id) if flow_run is not None else ""
@@ -152,4 +154,5 @@ def score(source: str, config: ScoreConfig) -> ScoringSummary:
     """Check the model spec, then run the flow (on Dask when the config says so). The caller has configured the
     workspace (the CLI does, once per command)."""
     versions.parse_spec(config.model)
+    config = config.model_copy(update={"table": secrets.by_reference(config.table)})  # no password in parameters
     return runner(config)(source=source, config=config)

@@ -93,9 +93,11 @@ def _start(ws: Workspace, port: int, api_url: str, timeout_s: float) -> subproce
 def deployments(schedules: Schedules) -> list[Any]:
     """The `score` and `train` deployments with their schedules (imports Prefect: call after configuring)."""
     from flows.score import score_flow
+    from flows.secrets import by_reference
     from flows.train import train_flow
 
-    score_parameters = {"source": schedules.incoming, "config": schedules.scoring.model_dump(mode="json")}
+    scoring = schedules.scoring.model_copy(update={"table": by_reference(schedules.scoring.table)})
+    score_parameters = {"source": schedules.incoming, "config": scoring.model_dump(mode="json")}
     deployed = [
         score_flow.to_deployment(
             concurrency_limit=1,  # one run at a time: a run still going when the next is due makes it wait

@@ -21,7 +21,7 @@ from cnn.config import ScoreConfig
 from cnn.errors import UserError
 from cnn.scoring import ModelRef, ScoringOptions, ScoringSummary, ShardPlan, ShardResult
 from cnn.sinks import Sink, open_sink, redact
-from flows import secrets, versions, workspace
+from flows import credentials, versions, workspace
 from flows.logfilter import quiet_user_errors
 from flows.processes import sigterm_at_safe_points
 from flows.progress import reported_progress
@@ -48,7 +48,7 @@ def _sinks(output: str | None, table: str | None) -> list[Sink]:
     default = os.environ.get("CNN_PREDICTIONS_URL") or f"sqlite:///{workspace.current().home / 'predictions.db'}"
     if "#" not in default:
         default += "#predictions"
-    named = default if table == DEFAULT_TABLE else (secrets.resolve(table) if table else None)
+    named = default if table == DEFAULT_TABLE else (credentials.resolve(table) if table else None)
     return open_sink(output, named, default)
 
 
@@ -93,7 +93,7 @@ def publish(config: ScoreConfig) -> list[str]:
 def score_flow(source: str, config: ScoreConfig, home: str | None = None) -> ScoringSummary:
     """Score every new image of SOURCE with the configured model into prediction tables, exactly once."""
     ws = workspace.configure(home)
-    secrets.refuse_passwords(config.table)
+    credentials.refuse_passwords(config.table)
     context = get_run_context()
     flow_run = getattr(context, "flow_run", None)
     flow_run_id = str(flow_run.id) if flow_run is not None else ""
@@ -154,5 +154,5 @@ def score(source: str, config: ScoreConfig) -> ScoringSummary:
     """Check the model spec, then run the flow (on Dask when the config says so). The caller has configured the
     workspace (the CLI does, once per command)."""
     versions.parse_spec(config.model)
-    config = config.model_copy(update={"table": secrets.by_reference(config.table)})  # no password in parameters
+    config = config.model_copy(update={"table": credentials.by_reference(config.table)})  # no password in parameters
     return runner(config)(source=source, config=config)

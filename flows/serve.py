@@ -92,8 +92,8 @@ def _start(ws: Workspace, port: int, api_url: str, timeout_s: float) -> subproce
 
 def deployments(schedules: Schedules) -> list[Any]:
     """The `score` and `train` deployments with their schedules (imports Prefect: call after configuring)."""
+    from flows.credentials import by_reference
     from flows.score import score_flow
-    from flows.secrets import by_reference
     from flows.train import train_flow
 
     scoring = schedules.scoring.model_copy(update={"table": by_reference(schedules.scoring.table)})

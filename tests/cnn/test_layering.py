@@ -24,3 +24,13 @@ def test_library_never_imports_the_orchestration() -> None:
 def test_scoring_does_not_import_the_training_module() -> None:
     loaded = _modules_after("import cnn.scoring, cnn.evaluation, cnn.inference")
     assert "cnn.train" not in loaded and "cnn.runtime" in loaded and "cnn.precision" in loaded
+
+
+def test_no_module_shadows_the_standard_library() -> None:
+    """Prefect runs a flow file as a script, which puts its folder first on sys.path: a `flows/secrets.py` was
+    imported as the standard `secrets` by numpy in the decode workers, and every file failed to decode."""
+    import sys
+
+    root = Path(__file__).parents[2]
+    ours = {p.stem for package in ("cnn", "flows") for p in (root / package).glob("*.py")}
+    assert not ours & set(sys.stdlib_module_names)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import clean_env
+from tests.helpers import clean_env, requires_postgres
 
 PREFECT_YAML = Path(__file__).parents[2] / "deploy" / "prefect.yaml"
 
@@ -71,14 +71,32 @@ def test_compose_file_validates_and_mirrors_the_tested_setup() -> None:
     assert "--pool cpu" in services["worker-cpu"]["command"] and "--pool gpu" in services["worker-gpu"]["command"]
     text = COMPOSE.read_text()
     assert "PASSWORD: ${" in text and "change-me" not in text  # secrets only from the environment
+    # closed by default: API auth on the server and its clients, ports on loopback, one role per service
+    auth = "${PREFECT_API_AUTH_STRING:?set PREFECT_API_AUTH_STRING (user:password)}"
+    assert services["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"] == auth
+    assert compose["x-pipeline"]["environment"]["PREFECT_API_AUTH_STRING"] == auth
+    published = [port for service in services.values() for port in service.get("ports", [])]
+    assert published and all(port.startswith("${CNN_BIND_ADDRESS:-127.0.0.1}:") for port in published)
+    assert '--allowed-hosts "mlflow,mlflow:5000,' in " ".join(services["mlflow"]["command"])
+    assert "://prefect:" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert "://mlflow:" in services["mlflow"]["environment"]["STORE_DB"]
+    assert "://predictions_writer:" in compose["x-pipeline"]["environment"]["CNN_PREDICTIONS_URL"]
+    assert compose["x-pipeline"]["environment"]["MLFLOW_TRACKING_USERNAME"] == "${MLFLOW_WORKER_USERNAME:-worker}"
     tool = shutil.which("docker-compose")
     if tool is None:
         pytest.skip("docker-compose (Debian's 1.29 package) is not installed; .ci/run installs it")
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "POSTGRES_PASSWORD": "x",
-        "MLFLOW_TRACKING_PASSWORD": "y",
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": "z",
+    env = {"PATH": "/usr/bin:/bin"} | {
+        name: "x"
+        for name in (
+            "POSTGRES_PASSWORD",
+            "PREFECT_DB_PASSWORD",
+            "MLFLOW_DB_PASSWORD",
+            "PREDICTIONS_DB_PASSWORD",
+            "PREFECT_API_AUTH_STRING",
+            "MLFLOW_TRACKING_PASSWORD",
+            "MLFLOW_WORKER_PASSWORD",
+            "MLFLOW_FLASK_SERVER_SECRET_KEY",
+        )
     }
     checked = subprocess.run([tool, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, env=env)
     assert checked.returncode == 0, checked.stderr
@@ -99,8 +117,17 @@ def test_kubernetes_gpu_template() -> None:
     variables = template["variables"]["properties"]
     assert variables["gpu_count"]["default"] == 1
     assert variables["tolerations"]["default"][0]["key"] == "nvidia.com/gpu"
-    placeholders = {"gpu_count", "node_selector", "tolerations", "image", "secret_name", "data_claim"}
+    placeholders = {"gpu_count", "node_selector", "tolerations", "data_claim"}
     assert placeholders <= set(variables)
+    # pinned: a run cannot swap the image, the secret or the service account
+    assert not {"image", "secret_name", "service_account_name"} & set(variables)
+    assert "{{" not in container["image"] + pod["serviceAccountName"] + json.dumps(container["envFrom"])
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
 
 
 def test_prefect_yaml_covers_every_flow() -> None:
@@ -243,3 +270,31 @@ def test_cnn_automations_is_idempotent_and_needs_a_server(prefect_server: None, 
     refused = subprocess.run([cnn, "automations"], env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "set PREFECT_API_URL" in refused.stdout + refused.stderr
     assert "Traceback" not in refused.stdout + refused.stderr
+
+
+@requires_postgres
+def test_postgres_init_script_gives_each_service_only_its_own_database() -> None:
+    """deploy/postgres-init.sql against the real server (it is idempotent: run twice): the predictions writer
+    creates and writes tables in `predictions` and can do nothing else."""
+    import shutil
+
+    psql = shutil.which("psql")
+    if psql is None:
+        pytest.skip("psql is not installed")
+    script = PREFECT_YAML.with_name("postgres-init.sql")
+    admin = [psql, "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-q"]
+    passwords = ["-v", "prefect_password=a", "-v", "mlflow_password=b", "-v", "writer_password=c"]
+    for _ in range(2):
+        ran = subprocess.run([*admin, *passwords, "-f", str(script)], capture_output=True, text=True)
+        assert ran.returncode == 0, ran.stderr
+
+    def as_writer(database: str, sql: str) -> subprocess.CompletedProcess[str]:
+        command = [psql, "-h", "127.0.0.1", "-U", "predictions_writer", "-d", database, "-v", "ON_ERROR_STOP=1"]
+        return subprocess.run([*command, "-c", sql], capture_output=True, text=True)
+
+    wrote = as_writer("predictions", "create table probe_t(x int); insert into probe_t values (1); drop table probe_t")
+    assert wrote.returncode == 0, wrote.stderr
+    for database in ("prefect", "mlflow", "mlflow_auth"):
+        assert "CONNECT privilege" in as_writer(database, "select 1").stderr
+    assert "permission denied to create database" in as_writer("predictions", "create database nope").stderr
+    assert "permission denied" in as_writer("predictions", "create role intruder").stderr

@@ -26,6 +26,8 @@ ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
 PG = "postgres@127.0.0.1:5432"
 PASSWORD = "s3cret-" + uuid.uuid4().hex[:8]
+WORKER_PASSWORD = "w0rker-" + uuid.uuid4().hex[:8]
+API_AUTH = f"cnn:api-{uuid.uuid4().hex[:8]}"  # PREFECT_SERVER_API_AUTH_STRING, as in the compose file
 
 
 pytestmark = [requires_postgres, pytest.mark.e2e]
@@ -65,8 +67,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         "PREFECT_HOME": str(tmp / "prefect-client"),
         "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
-        "MLFLOW_TRACKING_USERNAME": "admin",
-        "MLFLOW_TRACKING_PASSWORD": PASSWORD,
+        "MLFLOW_TRACKING_USERNAME": "worker",  # not the admin, as in the compose file
+        "MLFLOW_TRACKING_PASSWORD": WORKER_PASSWORD,
+        "PREFECT_API_AUTH_STRING": API_AUTH,
         "CNN_HOME": str(tmp / "home"),
         "CNN_PROJECT_DIR": str(ROOT),
         "CNN_PREDICTIONS_URL": f"postgresql+psycopg2://{PG}/{dbs[3]}#predictions",
@@ -101,6 +104,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
             ],
             {
                 "PREFECT_API_URL": "",
+                "PREFECT_SERVER_API_AUTH_STRING": API_AUTH,
                 "PREFECT_HOME": str(tmp / "prefect-server"),
                 "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{PG}/{dbs[0]}",
             },
@@ -121,6 +125,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
                 "--artifacts-destination",
                 str(tmp / "mlartifacts"),
                 "--serve-artifacts",
+                "--allowed-hosts",  # as in the compose file: workers call it by its service name
+                f"mlflow,mlflow:5000,localhost,localhost:{mlflow_port},127.0.0.1,127.0.0.1:{mlflow_port}",
             ],
             {
                 "MLFLOW_AUTH_CONFIG_PATH": str(tmp / "auth.ini"),
@@ -131,6 +137,20 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         )
         wait_until_up(f"{env['PREFECT_API_URL']}/health")
         wait_until_up(f"{env['MLFLOW_TRACKING_URI']}/health")
+        users = subprocess.run(  # the compose file's mlflow-users service: the workers' user, not the admin
+            [str(BIN / "python"), "deploy/mlflow_users.py"],
+            env={
+                **env,
+                "MLFLOW_TRACKING_USERNAME": "admin",
+                "MLFLOW_TRACKING_PASSWORD": PASSWORD,
+                "WORKER_USERNAME": "worker",
+                "WORKER_PASSWORD": WORKER_PASSWORD,
+            },
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        assert users.returncode == 0, users.stderr[-2000:]
         for pool in ("cpu", "gpu"):
             subprocess.run(
                 [str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process"],
@@ -164,13 +184,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         _databases(dbs, create=False)
 
 
+PREFECT_AUTH = "Basic " + base64.b64encode(API_AUTH.encode()).decode()
+
+
 def _run_deployment(env: dict[str, str], name: str, parameters: dict) -> dict:
     api = env["PREFECT_API_URL"]
-    deployment = api_json(f"{api}/deployments/name/{name}")
-    run = api_json(f"{api}/deployments/{deployment['id']}/create_flow_run", {"parameters": parameters})
+    deployment = api_json(f"{api}/deployments/name/{name}", auth=PREFECT_AUTH)
+    run = api_json(
+        f"{api}/deployments/{deployment['id']}/create_flow_run", {"parameters": parameters}, auth=PREFECT_AUTH
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        state = api_json(f"{api}/flow_runs/{run['id']}")
+        state = api_json(f"{api}/flow_runs/{run['id']}", auth=PREFECT_AUTH)
         if state["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             return state
         time.sleep(1)
@@ -185,12 +210,15 @@ def test_train_then_score_on_real_servers(stack: dict[str, str]) -> None:
     logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in (tmp / "logs").glob("worker-*.log"))
     assert trained["state_type"] == "COMPLETED", logs
     # the deployment's pull steps set up crashed-run detection on the server the runs report to
-    automations = api_json(f"{stack['PREFECT_API_URL']}/automations/filter", {})
+    automations = api_json(f"{stack['PREFECT_API_URL']}/automations/filter", {}, auth=PREFECT_AUTH)
     assert [a["name"] for a in automations] == ["cnn: mark flow runs Crashed when their heartbeats stop"]
 
     mlflow_api = f"{stack['MLFLOW_TRACKING_URI']}/api/2.0/mlflow"
     auth = "Basic " + base64.b64encode(f"admin:{PASSWORD}".encode()).decode()
     alias = api_json(f"{mlflow_api}/registered-models/alias?name=patterns&alias=champion", auth=auth)
+    # the workers logged in as their own user (the stack's environment), which is no admin, and it was enough
+    worker = api_json(f"{mlflow_api}/users/get?username=worker", auth=auth)
+    assert worker["user"]["is_admin"] is False
     assert alias["model_version"]["version"] == "1"
     with pytest.raises(urllib.error.HTTPError) as denied:
         api_json(f"{mlflow_api}/registered-models/alias?name=patterns&alias=champion")
@@ -215,3 +243,31 @@ def test_train_then_score_on_real_servers(stack: dict[str, str]) -> None:
     mlflow_run = api_json(f"{mlflow_api}/runs/get?run_id={run_id}", auth=auth)["run"]
     assert PASSWORD not in json.dumps(mlflow_run["data"])
     assert "postgresql" not in json.dumps(run["parameters"])
+
+
+def test_the_servers_are_closed_by_default(stack: dict[str, str]) -> None:
+    """The Prefect API answers only with the auth string (health stays open for probes); MLflow answers a worker
+    that calls it by its compose service name and refuses a Host it does not know."""
+    api = stack["PREFECT_API_URL"]
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        api_json(f"{api}/flow_runs/filter", {}, tries=1)
+    assert denied.value.code == 401
+    assert isinstance(api_json(f"{api}/flow_runs/filter", {}, auth=PREFECT_AUTH), list)
+    assert api_json(f"{api}/health") is True
+
+    mlflow_url = stack["MLFLOW_TRACKING_URI"]
+    auth = "Basic " + base64.b64encode(f"worker:{WORKER_PASSWORD}".encode()).decode()
+
+    def status(host: str) -> int:
+        request = urllib.request.Request(
+            f"{mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1",
+            headers={"Host": host, "Authorization": auth},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            return int(error.code)
+
+    assert status("mlflow:5000") == 200  # the compose service name
+    assert status("attacker.example") == 403  # DNS rebinding and other hosts are refused

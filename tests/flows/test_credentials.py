@@ -9,7 +9,7 @@ import pytest
 
 from cnn.errors import UserError
 from cnn.sinks import SqlSink, parse_url, redact
-from flows import secrets
+from flows import credentials
 from tests.helpers import PG_URL, requires_postgres
 
 URL = "postgresql://alice:s3cr@t-pw@db.example:5432/claims"
@@ -23,34 +23,34 @@ def test_redaction_hides_a_password_with_a_raw_at_sign() -> None:
 
 
 def test_a_command_passes_a_reference_and_keeps_the_url_in_its_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(secrets.CLI_VARIABLE, raising=False)
-    reference = secrets.by_reference(f"{URL}#preds")
+    monkeypatch.delenv(credentials.CLI_VARIABLE, raising=False)
+    reference = credentials.by_reference(f"{URL}#preds")
     assert reference == "env:CNN_TABLE_URL#preds" and "s3cr" not in reference
-    assert secrets.resolve(reference) == f"{URL}#preds"
-    assert secrets.by_reference("sqlite:///x.db#t") == "sqlite:///x.db#t"  # nothing secret: left as it is
-    assert secrets.by_reference("postgresql://alice@db/claims#t") == "postgresql://alice@db/claims#t"
+    assert credentials.resolve(reference) == f"{URL}#preds"
+    assert credentials.by_reference("sqlite:///x.db#t") == "sqlite:///x.db#t"  # nothing secret: left as it is
+    assert credentials.by_reference("postgresql://alice@db/claims#t") == "postgresql://alice@db/claims#t"
 
 
 def test_flows_refuse_a_password_among_their_parameters_without_repeating_it() -> None:
     with pytest.raises(UserError, match="env:VARIABLE#table or secret:BLOCK#table") as refused:
-        secrets.refuse_passwords(f"{URL}#preds")
+        credentials.refuse_passwords(f"{URL}#preds")
     assert "s3cr" not in str(refused.value) and "t-pw" not in str(refused.value)
-    secrets.refuse_passwords("env:CNN_TABLE_URL#preds")  # references pass
+    credentials.refuse_passwords("env:CNN_TABLE_URL#preds")  # references pass
 
 
 def test_an_unset_reference_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NO_SUCH_DB_URL", raising=False)
     with pytest.raises(UserError, match="environment variable NO_SUCH_DB_URL, which is not set"):
-        secrets.resolve("env:NO_SUCH_DB_URL#t")
+        credentials.resolve("env:NO_SUCH_DB_URL#t")
 
 
 def test_a_secret_block_names_the_table(prefect_server: None) -> None:
     from prefect.blocks.system import Secret
 
     Secret(value="sqlite:///:memory:").save("cnn-test-table", overwrite=True)
-    assert secrets.resolve("secret:cnn-test-table#preds") == "sqlite:///:memory:#preds"
+    assert credentials.resolve("secret:cnn-test-table#preds") == "sqlite:///:memory:#preds"
     with pytest.raises(UserError, match="no Prefect Secret block named 'absent'"):
-        secrets.resolve("secret:absent#preds")
+        credentials.resolve("secret:absent#preds")
 
 
 @requires_postgres

@@ -132,6 +132,9 @@ class ScoreConfig(FlowConfig):
         3, ge=1, description="runs that try a file whose reject was transient (truncated, I/O error, time limit)"
     )
     rescore: bool = Field(False, description="score every input again with this version, even those already scored")
+    pseudonymize: list[str] = Field(
+        default_factory=list, description="carried id columns (and `path`) written as keyed pseudonyms"
+    )
     precision: Precision = "auto"
     compile: bool = False
     cluster: str | None = Field(None, description="Dask scheduler address: shards fan out to it")

@@ -55,6 +55,11 @@ class IngestOptions(FlowConfig):
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     group_column: str = "group"
+    group_tag: str | None = Field(
+        "PatientID",
+        description="DICOM tag that groups files (one patient never spans two splits) where the source names no "
+        "group; stored only as a keyed pseudonym; null turns it off",
+    )
     seed: int = 0
     decode_workers: int = Field(0, ge=0, description="decoding processes; 0 = all cores")
     max_file_mb: float = Field(256.0, gt=0)
@@ -306,10 +311,13 @@ def _decoded_frame(
 # --- stage 3: split --------------------------------------------------------------------------
 
 
-def stage_split(dataset_dir: Path, options: IngestOptions) -> Path:
-    """Assign train/val/test; write staging/manifest.parquet. Raise UserError for unusable data."""
+def stage_split(dataset_dir: Path, options: IngestOptions, pseudonym_key: bytes | None = None) -> Path:
+    """Assign train/val/test; write staging/manifest.parquet. Raise UserError for unusable data. With a key,
+    DICOM files without a group get one from `options.group_tag`, stored as its keyed pseudonym only."""
     dataset, staging = Dataset(dataset_dir), staging_dir(dataset_dir)
     frame = pd.read_parquet(staging / "decoded.parquet")
+    if options.group_tag and pseudonym_key:
+        frame = _dicom_groups(frame, options.group_tag, pseudonym_key)
     scan = ScanRecord.load(dataset_dir)
     ok = frame.index.isin(usable_rows(frame).index)
     if not ok.any():
@@ -335,6 +343,20 @@ def stage_split(dataset_dir: Path, options: IngestOptions) -> Path:
     manifest.to_parquet(staging / "manifest.parquet", index=False)
     SplitRecord(moved).save(dataset_dir)
     return staging / "manifest.parquet"
+
+
+def _dicom_groups(frame: pd.DataFrame, tag: str, key: bytes) -> pd.DataFrame:
+    """Fill the group of DICOM rows that have none with the pseudonym of their `tag` (read from the header)."""
+    from cnn.pseudonyms import dicom_tag, pseudonym
+
+    todo = frame["group"].isna() & (frame["format"] == "DICOM") & (frame["status"] == "ok")
+    values = {path: dicom_tag(path, tag) for path in frame.loc[todo, "path"]}
+    groups = frame["group"].astype(object).copy()
+    for index, path in frame.loc[todo, "path"].items():
+        value = values[path]
+        if value is not None:
+            groups[index] = pseudonym(value, key)
+    return frame.assign(group=groups)
 
 
 def _fixed_and_allowed(
@@ -427,6 +449,7 @@ def ingest(
     dataset_dir: Path,
     options: IngestOptions | None = None,
     progress: ProgressFn | None = None,
+    pseudonym_key: bytes | None = None,
 ) -> Path:
     """Run every stage in this process (the library path, without an orchestrator), report included."""
     from cnn.report import build_report, save_report
@@ -435,7 +458,7 @@ def ingest(
     with ingest_lock(dataset_dir):
         stage_scan(source, dataset_dir, options)
         stage_decode(dataset_dir, options, progress)
-        stage_split(dataset_dir, options)
+        stage_split(dataset_dir, options, pseudonym_key)
         manifest = commit_dataset(dataset_dir, options)
         save_report(build_report(Path(dataset_dir), staged_stats(Path(dataset_dir))), Path(dataset_dir))
     return manifest

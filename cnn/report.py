@@ -31,7 +31,8 @@ class DatasetReport:
     formats: dict[str, int]
     duplicate_sets: int  # distinct images present more than once
     duplicate_files: int  # files that repeat an earlier file's bytes
-    conflicting_duplicates: list[dict[str, Any]] = field(default_factory=list)  # image_id, labels, paths
+    # image_id, labels, files: no paths (the report is shared: MLflow, Prefect); the manifest maps ids to paths
+    conflicting_duplicates: list[dict[str, Any]] = field(default_factory=list)
     size_stats: dict[str, dict[str, float]] = field(default_factory=dict)
     size_buckets: dict[str, int] = field(default_factory=dict)
     stats: IngestStats | None = None  # decoded / reused / moved / layout of the ingest that wrote it
@@ -85,8 +86,8 @@ class DatasetReport:
         ]
         for conflict in self.conflicting_duplicates:
             lines.append(
-                f"- conflicting labels {conflict['labels']} for identical files: "
-                f"{', '.join(map(str, conflict['paths']))}"
+                f"- conflicting labels {conflict['labels']} for {conflict['files']} identical files: "
+                f"image_id {conflict['image_id']} (their paths: the manifest's rows with this image_id)"
             )
         if stats.skipped:
             lines += [
@@ -132,7 +133,7 @@ def build_report(dataset_dir: Path, stats: IngestStats | None = None) -> Dataset
     per_id = ok.groupby("image_id")
     sizes = per_id.size()
     conflicts = [
-        {"image_id": image_id, "labels": sorted(group["label"].unique()), "paths": group["path"].tolist()}
+        {"image_id": image_id, "labels": sorted(group["label"].unique()), "files": len(group)}
         for image_id, group in per_id
         if group["label"].nunique() > 1
     ]

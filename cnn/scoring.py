@@ -29,6 +29,7 @@ from cnn.fsio import atomic_path, sha256_file
 from cnn.inference import Predictor
 from cnn.parallel import decode_many
 from cnn.predictions import prediction_columns
+from cnn.pseudonyms import pseudonym, pseudonyms
 from cnn.sinks import Sink
 from cnn.sources import MANIFEST_SUFFIXES, iter_files, load_manifest_table
 
@@ -207,13 +208,46 @@ def content_ids(paths: Sequence[str], threads: int = 4) -> list[str]:
         return list(pool.map(digest, paths))
 
 
-def mark_duplicates(files: pd.DataFrame, predicted: dict[str, str] | None = None) -> pd.DataFrame:
+@dataclass(frozen=True)
+class Masking:
+    """Output columns written as keyed pseudonyms (`--pseudonymize`): carried id columns and, when named, `path`.
+    The key stays in the process that writes the rows; it is never a parameter, a log line or a file here."""
+
+    columns: tuple[str, ...] = ()
+    key: bytes = field(default=b"", repr=False)
+
+    def path(self, path: str) -> str:
+        """A path as the tables show it."""
+        return pseudonym(path, self.key) if "path" in self.columns else path
+
+    def apply(self, frame: pd.DataFrame) -> pd.DataFrame:
+        masked = frame.copy()
+        for column in self.columns:
+            if column in masked.columns:
+                masked[column] = pseudonyms(masked[column], self.key)
+        return masked
+
+    def check(self, id_columns: Sequence[str]) -> None:
+        unknown = sorted(set(self.columns) - {"path", *id_columns})
+        if unknown:
+            raise UserError(
+                f"cannot pseudonymize {', '.join(unknown)}: name `path` or columns the manifest carries "
+                f"({', '.join(id_columns) or 'none'})"
+            )
+        if self.columns and not self.key:
+            raise UserError("pseudonymizing needs a key")
+
+
+def mark_duplicates(
+    files: pd.DataFrame, predicted: dict[str, str] | None = None, masking: Masking = Masking()
+) -> pd.DataFrame:
     """Add `image_id` (unless there) and `duplicate_of`: a file whose bytes an earlier file has (in path order,
-    or an earlier run's prediction) is a duplicate of it. Done once before sharding, so parallel shards agree."""
+    or an earlier run's prediction) is a duplicate of it. Done once before sharding, so parallel shards agree.
+    Paths are compared and named as the tables show them (`masking`)."""
     ids = files["image_id"].tolist() if "image_id" in files.columns else content_ids(files["path"].tolist())
     owner = dict(predicted or {})
     duplicate_of: list[str | None] = []
-    for path, image_id in zip(files["path"], ids):
+    for path, image_id in zip(files["path"].map(masking.path), ids):
         if not image_id:
             duplicate_of.append(None)
         elif image_id in owner and owner[image_id] != path:
@@ -262,11 +296,14 @@ def plan_shards(
     *,
     rescore: bool = False,
     max_attempts: int = 3,
+    masking: Masking = Masking(),
 ) -> ShardPlan:
     """Hash every input, drop those every sink already holds with the same bytes (rows of any version, or of this
     version only with `rescore`), resolve duplicates by content, and number the shards."""
+    masking.check(inputs.id_columns)
     files = inputs.files.assign(image_id=content_ids(inputs.files["path"].tolist()))
-    pairs = pd.Series(list(zip(files["path"], files["image_id"])), dtype=object)
+    shown = files["path"].map(masking.path)  # what the tables hold
+    pairs = pd.Series(list(zip(shown, files["image_id"])), dtype=object)
     todo = pd.Series(False, index=files.index)
     attempts: dict[tuple[str, str], int] = {}
     owners: dict[str, str] = {}
@@ -278,8 +315,9 @@ def plan_shards(
         todo |= ~pairs.isin(increment.done)  # done only when every sink has it
         attempts.update(increment.attempts)
         owners.update(increment.owners)
-    files = mark_duplicates(files[todo.to_numpy()].reset_index(drop=True), owners)
-    files["attempt"] = [attempts.get((p, i), 0) + 1 for p, i in zip(files["path"], files["image_id"])]
+    files = mark_duplicates(files[todo.to_numpy()].reset_index(drop=True), owners, masking)
+    keys = zip(files["path"].map(masking.path), files["image_id"])
+    files["attempt"] = [attempts.get(key, 0) + 1 for key in keys]
     files["shard"] = files.index // shard_size
     plan = Path(run_dir) / "plan.parquet"
     with atomic_path(plan) as tmp:
@@ -296,12 +334,18 @@ def plan_shards(
 
 
 def score_shard(
-    plan: ShardPlan, shard: int, predictor: Predictor, model: ModelRef, sinks: Sequence[Sink], options: ScoringOptions
+    plan: ShardPlan,
+    shard: int,
+    predictor: Predictor,
+    model: ModelRef,
+    sinks: Sequence[Sink],
+    options: ScoringOptions,
+    masking: Masking = Masking(),
 ) -> ShardResult:
     """Score one shard of the plan and commit it to every sink (one transaction or one atomic part file each)."""
     files = plan.rows(shard)
     start = time.perf_counter()
-    predictions, rejects = score_files(files, list(plan.id_columns), predictor, model, options)
+    predictions, rejects = score_files(files, list(plan.id_columns), predictor, model, options, masking)
     for sink in sinks:
         sink.commit(shard, predictions, rejects)
     return ShardResult(
@@ -317,7 +361,12 @@ def score_shard(
 
 
 def score_files(
-    files: pd.DataFrame, id_columns: list[str], predictor: Predictor, model: ModelRef, options: ScoringOptions
+    files: pd.DataFrame,
+    id_columns: list[str],
+    predictor: Predictor,
+    model: ModelRef,
+    options: ScoringOptions,
+    masking: Masking = Masking(),
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(prediction rows, reject rows), one row per input file. Rows that `mark_duplicates` marked
     (`duplicate_of`) become "duplicate" rejects without being decoded."""
@@ -351,7 +400,7 @@ def score_files(
                 (
                     outcome.image_id,
                     outcome.path,
-                    f"duplicate of {first_path[outcome.image_id]} (same bytes, predicted once)",
+                    f"duplicate of {masking.path(first_path[outcome.image_id])} (same bytes, predicted once)",
                     RejectKind.DUPLICATE.value,
                 )
             )
@@ -388,7 +437,7 @@ def score_files(
         reject_frame[key] = value
     for frame in (predictions, reject_frame):  # set when a later row for the same path replaces this one
         frame["superseded_at"] = pd.Series(pd.NaT, index=frame.index, dtype=frame["scored_at"].dtype)
-    return predictions, reject_frame
+    return masking.apply(predictions), masking.apply(reject_frame)
 
 
 def summarise(

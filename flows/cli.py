@@ -310,6 +310,13 @@ def score(
             )
         ),
     ] = None,
+    pseudonymize: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Write this carried id column (repeat for more; `path` too) as keyed pseudonyms "
+            "(HMAC-SHA256 with CNN_PSEUDONYM_KEY or $CNN_HOME/pseudonym.key)."
+        ),
+    ] = None,
     rescore: Annotated[
         bool | None,
         typer.Option(
@@ -360,6 +367,7 @@ def score(
         decode_time_limit_s=decode_time_limit,
         shard_size=shard_size,
         max_attempts=max_attempts,
+        pseudonymize=pseudonymize or None,
         rescore=rescore,
         cluster=cluster,
         dask_workers=dask_workers,

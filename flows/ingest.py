@@ -45,7 +45,7 @@ def decode_images(dataset_dir: str, options: IngestOptions) -> str:
 @task(name="assign-splits", cache_policy=NO_CACHE)
 def assign_splits(dataset_dir: str, options: IngestOptions) -> str:
     """Draw stratified, group-aware train/val/test splits."""
-    return str(lib.stage_split(Path(dataset_dir), options))
+    return str(lib.stage_split(Path(dataset_dir), options, workspace.current().pseudonym_key()))
 
 
 @task(name="commit-dataset", cache_policy=NO_CACHE)

@@ -40,8 +40,8 @@ def dataset_report(dataset_dir: Path) -> None:
     )
     for conflict in report.conflicting_duplicates:
         console.print(
-            f"[yellow]warning:[/] identical files with labels {conflict['labels']}: "
-            f"{', '.join(map(str, conflict['paths']))}",
+            f"[yellow]warning:[/] {conflict['files']} identical files with labels {conflict['labels']}: "
+            f"image_id {conflict['image_id'][:16]}... (see the manifest)",
             highlight=False,
         )
     if report.stats is not None:

@@ -52,6 +52,13 @@ def _sinks(output: str | None, table: str | None) -> list[Sink]:
     return open_sink(output, named, default)
 
 
+def _masking(config: ScoreConfig) -> scoring.Masking:
+    """The run's pseudonymized columns, keyed in this process (the key is never a parameter)."""
+    if not config.pseudonymize:
+        return scoring.Masking()
+    return scoring.Masking(tuple(config.pseudonymize), workspace.current().pseudonym_key())
+
+
 @task(name="resolve-model", cache_policy=NO_CACHE)
 def resolve_model(config: ScoreConfig) -> ModelRef:
     """Pin MODEL[@alias|:version] to one version for the whole run, fetch its files and choose its precision."""
@@ -71,6 +78,7 @@ def plan_shards(source: str, config: ScoreConfig, model: ModelRef, run_dir: str)
         Path(run_dir),
         rescore=config.rescore,
         max_attempts=config.max_attempts,
+        masking=_masking(config),
     )
 
 
@@ -80,7 +88,8 @@ def score_shard(
 ) -> ShardResult:
     """Decode, predict and commit one shard to every sink (one transaction or one atomic part file each)."""
     sinks = _sinks(config.output, config.table)
-    return scoring.score_shard(plan, shard, versions.load_predictor(model), model, sinks, options)
+    predictor = versions.load_predictor(model)
+    return scoring.score_shard(plan, shard, predictor, model, sinks, options, _masking(config))
 
 
 @task(name="publish-tables", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, retry_condition_fn=_transient)

@@ -110,7 +110,7 @@ def signature_for(contract: ModelContract) -> ModelSignature:
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def log_model(run_id: str, run_dir: Path, example_path: str) -> str:
+def log_model(run_id: str, run_dir: Path) -> str:
     """Log the pyfunc (models from code, state_dict weights, the contract) and return its model URI."""
     contract = ModelContract.load(run_dir / "contract.json")
     with mlflow.start_run(run_id=run_id):
@@ -120,7 +120,7 @@ def log_model(run_id: str, run_dir: Path, example_path: str) -> str:
             artifacts={"weights": str(run_dir / "best.pt"), "contract": str(run_dir / "contract.json")},
             code_paths=[str(LIBRARY)],
             signature=signature_for(contract),
-            input_example=pd.DataFrame({"path": [example_path]}),
+            input_example=pd.DataFrame({"path": ["example.png"]}),  # never a real file's path: MLflow is shared
             pip_requirements=_requirements(),
             metadata={"cnn_contract": asdict(contract)},
         )

@@ -171,8 +171,7 @@ def evaluate_model(dataset_dir: str, run_dir: str, run_id: str) -> dict[str, flo
 @task(name="log-model", cache_policy=NO_CACHE)
 def log_model(dataset_dir: str, run_dir: str, run_id: str) -> str:
     """Log the pyfunc model (weights as a state_dict, the contract as metadata)."""
-    example = Dataset(dataset_dir).usable()["path"].iloc[0]
-    return tracking.log_model(run_id, Path(run_dir), example)
+    return tracking.log_model(run_id, Path(run_dir))
 
 
 @task(name="register-and-gate", cache_policy=NO_CACHE)

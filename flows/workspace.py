@@ -7,6 +7,7 @@ before Prefect or MLflow are imported, because both read their settings when the
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,30 @@ class Workspace:
         """The folder of dataset `name` (validated, not necessarily ingested yet)."""
         return Dataset(self.datasets_dir / validate_name(name))
 
+    @property
+    def pseudonym_key_file(self) -> Path:
+        return self.home / "pseudonym.key"
+
+    def pseudonym_key(self) -> bytes:
+        """The key of the keyed pseudonyms: CNN_PSEUDONYM_KEY when set (share it where tables must join), else a
+        random key the workspace creates once in `pseudonym.key`, readable by its owner only (0600)."""
+        given = os.environ.get("CNN_PSEUDONYM_KEY")
+        if given:
+            return given.encode("utf-8")
+        path = self.pseudonym_key_file
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            pass
+        self.home.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others, even briefly
+        except FileExistsError:  # another process created it meanwhile
+            return path.read_bytes()
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(secrets.token_hex(32).encode())
+        return path.read_bytes()
+
 
 def current(home: str | os.PathLike[str] | None = None) -> Workspace:
     """The workspace for `home`, else $CNN_HOME, else ./data (made absolute)."""
@@ -56,6 +81,7 @@ def current(home: str | os.PathLike[str] | None = None) -> Workspace:
 def configure(home: str | os.PathLike[str] | None = None) -> Workspace:
     """Create the workspace and set environment defaults for Prefect and MLflow (never overriding the user's)."""
     ws = current(home)
+    _private_files()
     ws.home.mkdir(parents=True, exist_ok=True)
     os.environ["CNN_HOME"] = str(ws.home)
     defaults = {
@@ -81,6 +107,12 @@ def configure(home: str | os.PathLike[str] | None = None) -> Workspace:
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     return ws
+
+
+def _private_files() -> None:
+    """Files and folders this process creates are its owner's only (0600 / 0700: caches, tables, stores and
+    models hold patient images and identifiers), unless CNN_UMASK says otherwise (e.g. 027 for a group)."""
+    os.umask(int(os.environ.get("CNN_UMASK", "077"), 8))
 
 
 def _served_api_url(ws: Workspace) -> str | None:

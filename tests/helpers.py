@@ -147,3 +147,25 @@ def unusable_compiler() -> Iterator[None]:
             yield
     finally:
         torch._dynamo.reset()
+
+
+def write_dicom(path: Path, pixels: np.ndarray, patient_id: str, patient_name: str = "") -> Path:
+    """An 8-bit MONOCHROME2 DICOM with the given patient tags (as a PACS export carries them)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientID, ds.PatientName, ds.Modality = patient_id, patient_name or patient_id, "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 8, 8, 7, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = pixels.astype(np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

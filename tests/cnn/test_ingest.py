@@ -280,3 +280,28 @@ def test_a_dataset_in_the_layout_before_generations_reads_and_moves_on_its_next_
     moved, stats = _ingest(src, tmp_path)
     assert stats.reused == 10 and moved.manifest_path.parent.parent.name == "generations"
     assert not (moved.root / "manifest.parquet").exists() and not (moved.root / "dataset.json").exists()
+
+
+def test_dicom_patient_id_groups_files_only_as_a_keyed_pseudonym(tmp_path: Path) -> None:
+    from tests.helpers import write_dicom
+
+    rng = np.random.default_rng(0)
+    for label in ("normal", "effusion"):
+        for patient in range(6):
+            for scan in range(3):
+                pixels = rng.integers(0, 256, (20, 20))
+                write_dicom(
+                    tmp_path / "src" / label / f"{label}-{patient}-{scan}.dcm", pixels, f"SECRET-{label}-{patient}"
+                )
+    root = tmp_path / "datasets" / "scans"
+    ingest(tmp_path / "src", root, OPTS, pseudonym_key=b"k1")
+    manifest = Dataset(root).manifest()
+    assert manifest["group"].str.startswith("p-").all() and not manifest["group"].str.contains("SECRET").any()
+    patients = manifest.assign(patient=manifest["path"].str.extract(r"/(\w+-\d)-\d\.dcm$")[0])
+    assert (patients.groupby("patient")["group"].nunique() == 1).all()  # one pseudonym per patient
+    assert (patients.groupby("patient")["split"].nunique() == 1).all()  # never across two splits
+    assert patients["group"].nunique() == 12
+    ingest(tmp_path / "src", tmp_path / "datasets" / "other-key", OPTS, pseudonym_key=b"k2")
+    assert set(Dataset(tmp_path / "datasets" / "other-key").manifest()["group"]).isdisjoint(manifest["group"])
+    ingest(tmp_path / "src", tmp_path / "datasets" / "no-key", OPTS)
+    assert Dataset(tmp_path / "datasets" / "no-key").manifest()["group"].isna().all()

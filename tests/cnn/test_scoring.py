@@ -14,6 +14,7 @@ from cnn.decode import RejectKind
 from cnn.errors import UserError
 from cnn.inference import Predictor
 from cnn.scoring import (
+    Masking,
     ModelRef,
     ScoringOptions,
     list_inputs,
@@ -115,7 +116,11 @@ def test_plan_then_shards_then_summary_exactly_once(trained: FitResult, tmp_path
 def _run(folder: Path, sink: FileSink, predictor: Predictor, tmp_path: Path, model: ModelRef = MODEL, **plan: object):
     inputs = list_inputs(str(folder))
     shards = plan_shards(inputs, [sink], model, shard_size=4, run_dir=tmp_path, **plan)  # type: ignore[arg-type]
-    results = [score_shard(shards, i, predictor, model, [sink], ScoringOptions()) for i in range(shards.shards)]
+    masking = plan.get("masking", Masking())
+    results = [
+        score_shard(shards, i, predictor, model, [sink], ScoringOptions(), masking)  # type: ignore[arg-type]
+        for i in range(shards.shards)
+    ]
     return summarise(results, shards, model, seconds=1.0, tables=sink.finish())
 
 
@@ -168,3 +173,28 @@ def test_id_columns_named_like_output_columns_are_refused_up_front(tmp_path: Pat
     pd.DataFrame({"path": ["checker/checker000.png"], column: ["x"]}).to_csv(folder / "m.csv", index=False)
     with pytest.raises(UserError, match=f"manifest column '{column}' has the name of a column the output has"):
         list_inputs(str(folder / "m.csv"))
+
+
+def test_pseudonymized_columns_and_paths_still_make_increments_work(trained: FitResult, tmp_path: Path) -> None:
+    folder = write_patterns(tmp_path / "in", per_class=2, seed=4)
+    shutil.copy(next(folder.glob("checker/*.png")), folder / "zz_copy.png")
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png"))
+    pd.DataFrame({"path": files, "claim_id": [f"CLAIM-{i:04d}" for i in range(len(files))]}).to_csv(
+        folder / "claims.csv", index=False
+    )
+    masking = Masking(("claim_id", "path"), b"key")
+    sink, predictor = FileSink(tmp_path / "out.parquet"), _predictor(trained)
+    first = _run(folder / "claims.csv", sink, predictor, tmp_path, masking=masking)
+    assert (first.predicted, first.rejected) == (6, 1)
+    table, rejects = pd.read_parquet(sink.path), pd.read_parquet(sink.rejects_path)
+    shown = pd.concat([table, rejects])
+    assert shown["claim_id"].str.startswith("p-").all() and shown["path"].str.startswith("p-").all()
+    text = shown.to_csv()
+    assert "CLAIM-" not in text and str(folder) not in text and ".png" not in text  # nor in a duplicate's reason
+    from cnn.pseudonyms import pseudonym
+
+    assert pseudonym("CLAIM-0000", b"key") in set(shown["claim_id"])  # joins back through the key holder
+    again = _run(folder / "claims.csv", sink, predictor, tmp_path, masking=masking)
+    assert again.files == 0  # "already done" compares the pseudonymized paths
+    with pytest.raises(UserError, match="cannot pseudonymize patient"):
+        _run(folder / "claims.csv", sink, predictor, tmp_path, masking=Masking(("patient",), b"key"))

@@ -1,0 +1,82 @@
+"""PHI and secrets stay where they belong: DICOMs whose patient tags and folder names carry a canary go through
+ingest, train, register and score with the installed `cnn`, scoring into a table whose URL carries a canary
+password; afterwards the shared stores (the MLflow database and artifacts, the Prefect database, everything else
+under CNN_HOME but the dataset itself) and every line the commands printed hold no trace of either, the manifest's
+groups and the predictions hold pseudonyms only, and what the workspace wrote is readable by its owner alone."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cnn.dataset import Dataset
+from tests.helpers import PG_URL, clean_env, requires_postgres, write_dicom
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, requires_postgres]
+CNN = str(Path(sys.executable).with_name("cnn"))
+
+
+def _cnn(home: Path, *args: str) -> str:
+    done = subprocess.run([CNN, *args], env=clean_env(home), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def test_a_canary_patient_and_a_canary_password_leave_no_trace_in_what_is_shared(tmp_path: Path) -> None:
+    canary = f"CANARY{uuid.uuid4().hex[:8].upper()}"
+    password = f"Pw@{uuid.uuid4().hex[:10]}"  # with a raw '@', which SQLAlchemy alone would half show
+    table = f"privacy_{uuid.uuid4().hex[:8]}"
+    url = PG_URL.replace("postgresql+psycopg2://postgres@", f"postgresql://postgres:{password}@")  # trust auth
+    source, home = tmp_path / "scans", tmp_path / "home"
+    rng = np.random.default_rng(0)
+    for label, level in (("clear", 40), ("effusion", 200)):
+        for patient in range(8):
+            for scan in range(3):
+                pixels = np.clip(rng.normal(level, 25, (24, 24)), 0, 255)
+                folder = source / label / f"{canary}-{label}-{patient}"  # PACS exports name folders by patient
+                write_dicom(folder / f"{scan}.dcm", pixels, f"{canary}-ID-{label}-{patient}", f"{canary}^Jane")
+    (tmp_path / "fast.yaml").write_text("model_options: {filters: [8, 16], dense: 32}\nloader_workers: 0\n")
+    output = _cnn(home, "ingest", str(source), "--dataset", "scans", "--image-size", "24", "--channels", "1")
+    output += _cnn(home, "train", "--dataset", "scans", "--config", str(tmp_path / "fast.yaml"), "--epochs", "2")
+    preds = tmp_path / "preds.parquet"
+    try:
+        output += _cnn(
+            home, "score", str(source), "--model", "scans", "--output", str(preds), "--pseudonymize", "path",
+            "--table", f"{url}#{table}",
+        )  # fmt: skip
+        from sqlalchemy import create_engine, text
+
+        with create_engine(PG_URL).connect() as conn:
+            assert conn.execute(text(f'select count(*) from "{table}"')).scalar() == 48
+    finally:
+        from sqlalchemy import create_engine, text
+
+        with create_engine(PG_URL).begin() as conn:
+            conn.execute(text(f'drop table if exists "{table}", "{table}_rejects"'))
+
+    secret = password.split("@")[1]
+    assert canary not in output and secret not in output
+    dataset = home / "datasets"  # holds the source's paths by design: it is the owner's, never shared
+    shared = [p for p in home.rglob("*") if p.is_file() and dataset not in p.parents]
+    assert (home / "mlflow.db").is_file() and list((home / "prefect").glob("*.db"))  # the stores searched
+    hits = [
+        f"{p.relative_to(home)}: {'patient' if canary.encode() in data else 'password'}"
+        for p in shared
+        if canary.encode() in (data := p.read_bytes()) or secret.encode() in data
+    ]
+    assert not hits, f"a canary is in {hits}"
+
+    manifest = Dataset(home / "datasets" / "scans").manifest()
+    assert manifest["group"].str.startswith("p-").all() and manifest["group"].nunique() == 16
+    table = pd.read_parquet(preds)
+    assert len(table) == 48 and canary not in table.to_csv() and table["path"].str.startswith("p-").all()
+
+    private = [home / "mlflow.db", *Dataset(home / "datasets" / "scans").cache_dir.iterdir(), home / "datasets"]
+    assert all(stat.S_IMODE(p.stat().st_mode) & 0o077 == 0 for p in private), [oct(p.stat().st_mode) for p in private]

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench fuzz clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# coverage-guided fuzzing of the decoder (atheris) from the seed corpus for FUZZ_SECONDS; findings land in
+# fuzz/findings/ (copy them to fuzz/regressions/, which the suite decodes)
+FUZZ_SECONDS ?= 300
+fuzz: install
+	$(BIN)/python fuzz/seeds.py .fuzz/corpus
+	mkdir -p fuzz/findings
+	$(BIN)/python fuzz/decode_fuzz.py .fuzz/corpus -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
+		-timeout=10 -artifact_prefix=fuzz/findings/
 
 # the edit-test loop: everything but the slow flow runs and the real-server end-to-end tests (under 90 s)
 test-fast: install

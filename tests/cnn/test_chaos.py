@@ -23,7 +23,7 @@ from tests.helpers import PG_URL, requires_postgres, write_patterns
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[2]
-ROUNDS = 3
+ROUNDS = 2
 
 
 def _start(*args: object) -> subprocess.Popen[str]:

@@ -6,10 +6,13 @@ groups and the predictions hold pseudonyms only, and what the workspace wrote is
 
 from __future__ import annotations
 
+import os
+import signal
 import stat
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,19 +20,43 @@ import pandas as pd
 import pytest
 
 from cnn.dataset import Dataset
-from tests.helpers import PG_URL, clean_env, requires_postgres, write_dicom
+from tests.helpers import PG_URL, clean_env, free_port, requires_postgres, wait_until_up, write_dicom
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, requires_postgres]
 CNN = str(Path(sys.executable).with_name("cnn"))
 
 
-def _cnn(home: Path, *args: str) -> str:
-    done = subprocess.run([CNN, *args], env=clean_env(home), capture_output=True, text=True, timeout=600)
+def _cnn(home: Path, api: str, *args: str) -> str:
+    env = clean_env(home, PREFECT_API_URL=api)
+    done = subprocess.run([CNN, *args], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
 
 
-def test_a_canary_patient_and_a_canary_password_leave_no_trace_in_what_is_shared(tmp_path: Path) -> None:
+@pytest.fixture
+def prefect_under_home(tmp_path: Path) -> Iterator[str]:
+    """One `prefect server start` for the three commands, its database under CNN_HOME (searched afterwards)."""
+    port = free_port()
+    (tmp_path / "home" / "prefect").mkdir(parents=True)
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=clean_env(None, PREFECT_HOME=str(tmp_path / "home" / "prefect")),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/api/health")
+        yield f"http://127.0.0.1:{port}/api"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+
+
+def test_a_canary_patient_and_a_canary_password_leave_no_trace_in_what_is_shared(
+    tmp_path: Path, prefect_under_home: str
+) -> None:
+    api = prefect_under_home
     canary = f"CANARY{uuid.uuid4().hex[:8].upper()}"
     password = f"Pw@{uuid.uuid4().hex[:10]}"  # with a raw '@', which SQLAlchemy alone would half show
     table = f"privacy_{uuid.uuid4().hex[:8]}"
@@ -43,12 +70,12 @@ def test_a_canary_patient_and_a_canary_password_leave_no_trace_in_what_is_shared
                 folder = source / label / f"{canary}-{label}-{patient}"  # PACS exports name folders by patient
                 write_dicom(folder / f"{scan}.dcm", pixels, f"{canary}-ID-{label}-{patient}", f"{canary}^Jane")
     (tmp_path / "fast.yaml").write_text("model_options: {filters: [8, 16], dense: 32}\nloader_workers: 0\n")
-    output = _cnn(home, "ingest", str(source), "--dataset", "scans", "--image-size", "24", "--channels", "1")
-    output += _cnn(home, "train", "--dataset", "scans", "--config", str(tmp_path / "fast.yaml"), "--epochs", "2")
+    output = _cnn(home, api, "ingest", str(source), "--dataset", "scans", "--image-size", "24", "--channels", "1")
+    output += _cnn(home, api, "train", "--dataset", "scans", "--config", str(tmp_path / "fast.yaml"), "--epochs", "2")
     preds = tmp_path / "preds.parquet"
     try:
         output += _cnn(
-            home, "score", str(source), "--model", "scans", "--output", str(preds), "--pseudonymize", "path",
+            home, api, "score", str(source), "--model", "scans", "--output", str(preds), "--pseudonymize", "path",
             "--table", f"{url}#{table}",
         )  # fmt: skip
         from sqlalchemy import create_engine, text

@@ -169,3 +169,17 @@ def write_dicom(path: Path, pixels: np.ndarray, patient_id: str, patient_name: s
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+@contextmanager
+def workspace_env(home: Path) -> Iterator[Path]:
+    """CNN_HOME set to `home` (and MLflow on that workspace's own store) for a module; the environment as it was
+    afterwards (`workspace.configure()` sets defaults in it)."""
+    saved = dict(os.environ)
+    os.environ["CNN_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        yield home
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

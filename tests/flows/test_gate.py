@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from cnn.ingest import IngestOptions, ingest
 from flows.cli import app
-from tests.helpers import pattern_dataset, write_patterns
+from tests.helpers import pattern_dataset, workspace_env, write_patterns
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow
@@ -26,16 +26,11 @@ FAST = ["--epochs", "2", "--batch-size", "16", "--lr", "0.003"]
 def home(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from flows import workspace
 
-    saved = dict(os.environ)
-    home = tmp_path_factory.mktemp("gate") / "home"
-    os.environ["CNN_HOME"] = str(home)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    workspace.configure()
-    pattern_dataset(home)
-    (home.parent / "fast.yaml").write_text("model_options: {filters: [8, 16], dense: 32}\nloader_workers: 0\n")
-    yield home
-    os.environ.clear()
-    os.environ.update(saved)
+    with workspace_env(tmp_path_factory.mktemp("gate") / "home") as home:
+        workspace.configure()
+        pattern_dataset(home)
+        (home.parent / "fast.yaml").write_text("model_options: {filters: [8, 16], dense: 32}\nloader_workers: 0\n")
+        yield home
 
 
 def _train(home: Path, *args: str) -> str:

@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tests.helpers import pattern_dataset
+from tests.helpers import pattern_dataset, workspace_env
 
 runner = CliRunner()
 EPOCHS = ["--epochs", "3", "--batch-size", "16", "--lr", "0.003"]
@@ -28,13 +28,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cnn_home(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One workspace for the module: the tests read what the first training wrote (the gate test, last, adds to it)."""
-    saved = dict(os.environ)
-    home = tmp_path_factory.mktemp("training") / "home"
-    os.environ["CNN_HOME"] = str(home)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    yield home
-    os.environ.clear()
-    os.environ.update(saved)
+    with workspace_env(tmp_path_factory.mktemp("training") / "home") as home:
+        yield home
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ fuzz: install
 	$(BIN)/python fuzz/decode_fuzz.py .fuzz/corpus -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
 		-timeout=10 -artifact_prefix=fuzz/findings/
 
-# the edit-test loop: everything but the slow flow runs and the real-server end-to-end tests (under 90 s)
+# the edit-test loop: everything but the slow flow runs and the real-server end-to-end tests (about 2 minutes)
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not e2e"
 

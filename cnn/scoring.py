@@ -315,9 +315,9 @@ def plan_shards(
         todo |= ~pairs.isin(increment.done)  # done only when every sink has it
         attempts.update(increment.attempts)
         owners.update(increment.owners)
-    files = mark_duplicates(files[todo.to_numpy()].reset_index(drop=True), owners, masking)
-    keys = zip(files["path"].map(masking.path), files["image_id"])
-    files["attempt"] = [attempts.get(key, 0) + 1 for key in keys]
+    keep = todo.to_numpy()
+    files = mark_duplicates(files[keep].reset_index(drop=True), owners, masking)
+    files["attempt"] = [attempts.get(pair, 0) + 1 for pair in pairs[keep]]
     files["shard"] = files.index // shard_size
     plan = Path(run_dir) / "plan.parquet"
     with atomic_path(plan) as tmp:

@@ -4,14 +4,17 @@ command line, logged with every run. Unknown keys are rejected."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cnn.choices import Metric, Precision
 from cnn.errors import UserError
 from cnn.parallel import DEFAULT_TIME_LIMIT_S
+
+if TYPE_CHECKING:
+    from cnn.operating_points import PointSpec
 
 
 class FlowConfig(BaseModel):
@@ -105,6 +108,30 @@ class TrainConfig(FlowConfig):
     gate_min_score: float | None = Field(None, ge=0, le=1, description="floor: below it a version never leads")
     gate_confidence: float = Field(0.95, ge=0.5, lt=1, description="confidence of the paired improvement test")
     replace_task: bool = Field(False, description="let a version with other classes or data replace the champion")
+    # trust: operating points (chosen on validation, checked on test), the gate's use of them, the model card
+    operating_points: list[str] = Field(
+        default_factory=list,
+        description="CLASS:sensitivity>=0.95, CLASS:specificity>=0.9, CLASS:precision>=0.8 or CLASS:0.3; "
+        "the first that fires decides",
+    )
+    gate_operating_points: bool = Field(
+        False, description="crown only when every operating point holds on the test split (interval's lower end)"
+    )
+    intended_use: str = Field("", description="the model card's intended use")
+    limitations: str = Field("", description="the model card's known limitations")
+
+    @field_validator("operating_points")
+    @classmethod
+    def _parse_points(cls, value: list[str]) -> list[str]:
+        from cnn.operating_points import PointSpec
+
+        return [PointSpec.parse(v).describe() for v in value]
+
+    def point_specs(self) -> list[PointSpec]:
+        """The operating points as typed specs, in priority order."""
+        from cnn.operating_points import PointSpec
+
+        return [PointSpec.parse(v) for v in self.operating_points]
 
     @property
     def distributed(self) -> bool:
@@ -134,6 +161,15 @@ class ScoreConfig(FlowConfig):
     rescore: bool = Field(False, description="score every input again with this version, even those already scored")
     pseudonymize: list[str] = Field(
         default_factory=list, description="carried id columns (and `path`) written as keyed pseudonyms"
+    )
+    explain: Literal["none", "review", "all"] = Field(
+        "review", description="write Grad-CAM overlays for the rows needing review, all rows, or none"
+    )
+    review_flips: bool = Field(
+        True, description="send a row for review when its mirror image gets another label (models trained with flips)"
+    )
+    review_margin: float = Field(
+        0.05, ge=0, le=1, description="send a row for review when it is this close to an operating point"
     )
     precision: Precision = "auto"
     compile: bool = False

@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from cnn.decode import DEFAULT_MAX_FILE_BYTES, DecodeSpec
+
+if TYPE_CHECKING:
+    from cnn.operating_points import OperatingPoint
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -35,6 +38,19 @@ class ModelContract:
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # the ingest's decode limits travel with the model
     max_pixels: int | None = None
     format_version: int = 1
+    temperature: float = 1.0  # calibration: every predictor divides the logits by it
+    operating_points: list[dict[str, Any]] = field(default_factory=list)  # OperatingPoint.to_dict(), in order
+
+    def points(self) -> list[OperatingPoint]:
+        """The operating points, in the order they decide."""
+        from cnn.operating_points import OperatingPoint
+
+        return [OperatingPoint.from_dict(p) for p in self.operating_points]
+
+    def flips_preserve_label(self) -> bool:
+        """True when training augmented with horizontal flips: the policy says a mirror image has the same label
+        (never so where laterality matters), so a test-time flip is a fair second look."""
+        return "HorizontalFlip" in json.dumps(self.policy)
 
     @staticmethod
     def normalisation(channels: int, pretrained: bool) -> tuple[list[float], list[float]]:

@@ -43,6 +43,7 @@ MANIFEST_COLUMNS = [
     "reject_kind",
     "size_bytes",
     "mtime_ns",
+    "reviewed",  # the label came from a reviewer (a filled-in review table)
 ]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 POINTER = "CURRENT"
@@ -155,6 +156,8 @@ class Dataset:
         manifest = pd.read_parquet(self.manifest_path)
         if "reject_kind" not in manifest.columns:  # written before reject kinds existed
             manifest.insert(MANIFEST_COLUMNS.index("reject_kind"), "reject_kind", None)
+        if "reviewed" not in manifest.columns:  # written before review tables existed
+            manifest["reviewed"] = False
         return manifest
 
     def usable(self, split: str | None = None, distinct: bool = False) -> pd.DataFrame:

@@ -95,8 +95,14 @@ class Predictor:
     def prob_columns(self) -> list[str]:
         return prob_columns(self.contract.classes)
 
+    def uncalibrated(self) -> Predictor:
+        """The same model with temperature 1 (the raw softmax), as calibration fits it."""
+        return replace(self, contract=replace(self.contract, temperature=1.0))
+
     def predict_arrays(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """Probabilities (N, C) for uint8 NHWC arrays already decoded with the contract's spec."""
+        """Calibrated probabilities (N, C) for uint8 NHWC arrays already decoded with the contract's spec:
+        softmax(logits / T) with the contract's temperature."""
+        temperature = float(self.contract.temperature or 1.0)
         mean = torch.tensor(self.contract.mean, device=self.device)
         std = torch.tensor(self.contract.std, device=self.device)
         out = []
@@ -111,11 +117,15 @@ class Predictor:
                     self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
                 ):
                     logits = self._forward(x)[:n]
-                out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+                out.append(torch.softmax(logits.float() / temperature, dim=1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.contract.classes)), dtype=np.float32)
 
+    def predict_mirrored(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Probabilities of the horizontally mirrored images (the test-time flip)."""
+        return self.predict_arrays(np.ascontiguousarray(images[:, :, ::-1]), batch_size)
+
     def predict_files(self, sources: Sequence[str | os.PathLike[str] | bytes], batch_size: int = 64) -> pd.DataFrame:
-        """One row per input: label, confidence, prob_<class>..., error (None when scored)."""
+        """One row per input: label, confidence, decision, prob_<class>..., error (None when scored)."""
         spec = self.contract.decode_spec()
         decoded: list[np.ndarray] = []
         positions: list[int] = []
@@ -130,7 +140,7 @@ class Predictor:
         probs = np.full((len(sources), len(self.contract.classes)), np.nan)
         if decoded:
             probs[positions] = self.predict_arrays(np.stack(decoded), batch_size)
-        frame = prediction_columns(probs, self.contract.classes)
+        frame = prediction_columns(probs, self.contract.classes, points=self.contract.points())
         frame["error"] = pd.Series(errors, dtype=object)
         return frame
 

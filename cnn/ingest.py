@@ -13,7 +13,7 @@ import shutil
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar, Literal, Self
@@ -37,7 +37,7 @@ from cnn.decode import DecodeSpec
 from cnn.errors import UserError
 from cnn.fsio import atomic_path, write_json_atomic
 from cnn.parallel import DEFAULT_TIME_LIMIT_S, DecodeOutcome, ProgressFn, decode_many
-from cnn.sources import scan_source
+from cnn.sources import SOURCE_COLUMNS, SourceListing, scan_source
 from cnn.splits import SplitFractions, assign_splits
 
 _CLASS_NAME = re.compile(r"^[^\W_][\w .+()-]{0,63}$")
@@ -64,6 +64,7 @@ class IngestOptions(FlowConfig):
     decode_workers: int = Field(0, ge=0, description="decoding processes; 0 = all cores")
     max_file_mb: float = Field(256.0, gt=0)
     decode_time_limit_s: float = Field(DEFAULT_TIME_LIMIT_S, gt=0, description="seconds one file may take to decode")
+    add: bool = Field(False, description="add the source's files to the dataset (a filled-in review table always adds)")
 
     @property
     def max_file_bytes(self) -> int:
@@ -172,6 +173,8 @@ def stage_scan(source: str | Path, dataset_dir: Path, options: IngestOptions) ->
     validate_name(Path(dataset_dir).name)
     options.fractions()  # validate before any work
     listing = scan_source(source, options.group_column)
+    if options.add or listing.layout == "review":
+        listing = _added_to(Dataset(dataset_dir), listing)
     staging = staging_dir(dataset_dir)
     if staging.exists():
         shutil.rmtree(staging)  # leftovers of an interrupted ingest
@@ -179,6 +182,28 @@ def stage_scan(source: str | Path, dataset_dir: Path, options: IngestOptions) ->
     listing.files.to_parquet(staging / "scan.parquet", index=False)
     ScanRecord(str(Path(source).expanduser().resolve()), listing.layout, listing.skipped).save(dataset_dir)
     return staging / "scan.parquet"
+
+
+def _added_to(dataset: Dataset, listing: SourceListing) -> SourceListing:
+    """The dataset's files so far plus the listing's; a file in both takes the listing's label (a correction).
+    Earlier files keep their split (see `_fixed_and_allowed`) and are not decoded again."""
+    if not dataset.exists():
+        return listing
+    old = dataset.manifest()
+    old = old[~old["path"].isin(set(listing.files["path"]))]
+    earlier = pd.DataFrame(
+        {
+            "path": old["path"],
+            "label": old["label"],
+            "split": None,
+            "group": old["group"],
+            "size_bytes": old["size_bytes"],
+            "mtime_ns": old["mtime_ns"],
+            "reviewed": old["reviewed"].fillna(False).astype(bool),
+        }
+    )
+    files = pd.concat([earlier, listing.files], ignore_index=True)[SOURCE_COLUMNS]
+    return replace(listing, files=files.astype({"size_bytes": "int64", "mtime_ns": "int64", "reviewed": bool}))
 
 
 # --- stage 2: decode -------------------------------------------------------------------------

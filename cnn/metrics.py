@@ -4,11 +4,15 @@ specificity, one-vs-rest AUROC, confusion matrix and expected calibration error.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 from cnn.choices import Metric
+
+if TYPE_CHECKING:
+    from cnn.operating_points import Interval
 
 
 @dataclass
@@ -128,3 +132,41 @@ def compute_metrics(
         confusion=cm.tolist(),
         per_class=per_class,
     )
+
+
+def class_intervals(
+    probs: np.ndarray, labels: np.ndarray, classes: list[str], rounds: int = 1000, seed: int = 0
+) -> dict[str, dict[str, Interval]]:
+    """Per-class precision, recall (sensitivity), specificity and F1 of the argmax with percentile-bootstrap 95%
+    intervals (images resampled with replacement; the confusion matrix of each resample in one product)."""
+    from cnn.operating_points import Interval
+
+    k, n = len(classes), len(labels)
+    if not n:
+        return {}
+    predicted = probs.argmax(axis=1)
+    cell = np.zeros((n, k * k))
+    cell[np.arange(n), labels * k + predicted] = 1.0
+    rng = np.random.default_rng(seed)
+    weights = np.concatenate(
+        [rng.multinomial(n, np.full(n, 1.0 / n), size=min(250, rounds - s)) for s in range(0, rounds, 250)]
+    )
+    confusions = np.concatenate([(np.ones((1, n)) @ cell), weights @ cell]).reshape(-1, k, k)  # row 0: the sample
+    diagonal = np.diagonal(confusions, axis1=1, axis2=2)
+    truth, called, total = confusions.sum(axis=2), confusions.sum(axis=1), confusions.sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        table = {
+            "precision": diagonal / called,
+            "recall": diagonal / truth,
+            "specificity": (total[:, None] - truth - called + diagonal) / (total[:, None] - truth),
+        }
+        table["f1"] = 2 * table["precision"] * table["recall"] / (table["precision"] + table["recall"])
+    out: dict[str, dict[str, Interval]] = {}
+    for c, name in enumerate(classes):
+        out[name] = {}
+        for metric, values in table.items():
+            sample, resampled = float(values[0, c]), values[1:, c]
+            finite = resampled[np.isfinite(resampled)]
+            low, high = np.quantile(finite, [0.025, 0.975]) if len(finite) else (np.nan, np.nan)
+            out[name][metric] = Interval(sample, float(low), float(high))
+    return out

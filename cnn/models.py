@@ -30,6 +30,7 @@ class _Entry:
     build: Callable[..., nn.Module]
     head: str  # attribute path of the classifier head (trained even when the backbone is frozen)
     pretrainable: bool
+    blocks: Callable[[nn.Module], list[str]]  # the convolution blocks' outputs, first to last (the hidden layers)
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -43,6 +44,16 @@ def list_models() -> list[str]:
 def head_prefix(name: str) -> str:
     """Parameter-name prefix of the model's classifier head."""
     return _entry(name).head
+
+
+def feature_blocks(name: str, model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules whose outputs are the model's convolution blocks (hidden layers), first to last."""
+    return [(path, _get(model, path)) for path in _entry(name).blocks(model)]
+
+
+def cam_layer(name: str, model: nn.Module) -> nn.Module:
+    """The layer Grad-CAM explains: the last convolution block, where the features still have a place."""
+    return feature_blocks(name, model)[-1][1]
 
 
 def _entry(name: str) -> _Entry:
@@ -130,7 +141,17 @@ def _small_cnn(num_classes: int, in_channels: int, weights: str | Path | None = 
         raise UserError(f"small_cnn: {exc}") from None
 
 
-_REGISTRY["small_cnn"] = _Entry(_small_cnn, "head", pretrainable=False)
+def _small_cnn_blocks(model: nn.Module) -> list[str]:
+    """The activation after each convolution (and its batch norm): one per block, before its pooling."""
+    blocks, previous = [], None
+    for name, module in model.features.named_children():  # type: ignore[union-attr]  # SmallCNN.features
+        if isinstance(previous, (nn.Conv2d, nn.BatchNorm2d)) and not isinstance(module, nn.BatchNorm2d):
+            blocks.append(f"features.{name}")
+        previous = module
+    return blocks
+
+
+_REGISTRY["small_cnn"] = _Entry(_small_cnn, "head", pretrainable=False, blocks=_small_cnn_blocks)
 
 
 # --- torchvision backbones -----------------------------------------------------------------
@@ -217,12 +238,31 @@ def _replace_head(model: nn.Module, head: str, num_classes: int) -> None:
     _set(model, head, nn.Linear(old.in_features, num_classes))
 
 
-for _arch, _stem, _head in [
-    ("resnet18", "conv1", "fc"),
-    ("resnet50", "conv1", "fc"),
-    ("efficientnet_b0", "features.0.0", "classifier.1"),
-    ("mobilenet_v3_small", "features.0.0", "classifier.3"),
-    ("densenet121", "features.conv0", "classifier"),
-    ("convnext_tiny", "features.0.0", "classifier.2"),
+def _children(parent: str) -> Callable[[nn.Module], list[str]]:
+    """Every child of `parent` is a block (torchvision's `features` sequences)."""
+    return lambda model: [f"{parent}.{name}" for name, _ in _get(model, parent).named_children()]
+
+
+def _fixed(*paths: str) -> Callable[[nn.Module], list[str]]:
+    return lambda model: list(paths)
+
+
+_RESNET_BLOCKS = _fixed("relu", "layer1", "layer2", "layer3", "layer4")
+_DENSENET_BLOCKS = _fixed(
+    "features.pool0",
+    "features.denseblock1",
+    "features.denseblock2",
+    "features.denseblock3",
+    "features.denseblock4",
+    "features.norm5",
+)
+# (architecture, stem convolution, classifier head, blocks: the last one is Grad-CAM's target layer)
+for _arch, _stem, _head, _blocks in [
+    ("resnet18", "conv1", "fc", _RESNET_BLOCKS),
+    ("resnet50", "conv1", "fc", _RESNET_BLOCKS),
+    ("efficientnet_b0", "features.0.0", "classifier.1", _children("features")),
+    ("mobilenet_v3_small", "features.0.0", "classifier.3", _children("features")),
+    ("densenet121", "features.conv0", "classifier", _DENSENET_BLOCKS),
+    ("convnext_tiny", "features.0.0", "classifier.2", _children("features")),
 ]:
-    _REGISTRY[_arch] = _Entry(_torchvision(_arch, _stem, _head), _head, pretrainable=True)
+    _REGISTRY[_arch] = _Entry(_torchvision(_arch, _stem, _head), _head, pretrainable=True, blocks=_blocks)

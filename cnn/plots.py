@@ -60,19 +60,32 @@ def plot_roc(probs: np.ndarray, labels: np.ndarray, classes: list[str], path: Pa
     return _save(fig, path)
 
 
-def plot_reliability(probs: np.ndarray, labels: np.ndarray, path: Path, bins: int = 10) -> Path:
-    plt = _pyplot()
+def _reliability_curve(probs: np.ndarray, labels: np.ndarray, bins: int) -> tuple[list[float], list[float]]:
     confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
     edges = np.linspace(0, 1, bins + 1)
     centers, accuracy = [], []
     for lo, hi in zip(edges[:-1], edges[1:]):
         mask = (confidence > lo) & (confidence <= hi)
         if mask.any():
-            centers.append(confidence[mask].mean())
-            accuracy.append(correct[mask].mean())
+            centers.append(float(confidence[mask].mean()))
+            accuracy.append(float(correct[mask].mean()))
+    return centers, accuracy
+
+
+def plot_reliability(
+    probs: np.ndarray, labels: np.ndarray, path: Path, bins: int = 10, before: np.ndarray | None = None
+) -> Path:
+    """Accuracy against confidence per bin; with `before`, the uncalibrated probabilities beside the calibrated."""
+    from cnn.metrics import expected_calibration_error
+
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
-    ax.plot(centers, accuracy, "o-", label="model")
+    if before is not None and len(labels):
+        ece = expected_calibration_error(before, labels)
+        ax.plot(*_reliability_curve(before, labels, bins), "s--", color="grey", label=f"before (ECE {ece:.3f})")
+    label = f"calibrated (ECE {expected_calibration_error(probs, labels):.3f})" if len(labels) else "model"
+    ax.plot(*_reliability_curve(probs, labels, bins), "o-", label=label if before is not None else "model")
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
     ax.set_title("reliability diagram")

@@ -30,11 +30,23 @@ from cnn.inference import Predictor
 from cnn.parallel import decode_many
 from cnn.predictions import prediction_columns
 from cnn.pseudonyms import pseudonym, pseudonyms
-from cnn.sinks import Sink
+from cnn.sinks import REVIEW_COLUMN, Sink
 from cnn.sources import MANIFEST_SUFFIXES, iter_files, load_manifest_table
 
 STAMP_COLUMNS = ["model_name", "model_version", "run_id", "scored_at", "flow_run_id", "superseded_at"]
-OUTPUT_COLUMNS = ["image_id", "path", "label", "confidence", "top_k", "needs_review", *STAMP_COLUMNS]
+OUTPUT_COLUMNS = [
+    "image_id",
+    "path",
+    "label",
+    "confidence",
+    "decision",
+    "top_k",
+    "needs_review",
+    "review_reason",
+    "urgency",
+    "explanation",
+    *STAMP_COLUMNS,
+]
 REJECT_COLUMNS = ["image_id", "path", "reason", "reject_kind", "attempts"]
 PLAN_COLUMNS = ["image_id", "duplicate_of", "shard", "attempt"]
 _ID_COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -81,13 +93,30 @@ class ScoringOptions:
     decode_workers: int = _default("decode_workers")  # 0 = all cores
     flow_run_id: str = ""
     decode_time_limit_s: float = _default("decode_time_limit_s")
+    review_flips: bool = _default("review_flips")
+    review_margin: float = _default("review_margin")
+    explain: str = _default("explain")  # none | review | all
+    explain_dir: str = ""  # where the overlays go ("" = nowhere)
+    explain_base: str = ""  # the `explanation` column is relative to this folder ("" = absolute paths)
 
     @classmethod
-    def from_config(cls, config: ScoreConfig, flow_run_id: str) -> ScoringOptions:
+    def from_config(
+        cls, config: ScoreConfig, flow_run_id: str, explain_dir: str = "", explain_base: str = ""
+    ) -> ScoringOptions:
         """The options of a run; shards fanned out to Dask decode in the worker process (a daemon: one process)."""
         workers = 1 if config.fan_out else config.decode_workers
         return cls(
-            config.batch_size, config.top_k, config.review_below, workers, flow_run_id, config.decode_time_limit_s
+            config.batch_size,
+            config.top_k,
+            config.review_below,
+            workers,
+            flow_run_id,
+            config.decode_time_limit_s,
+            config.review_flips,
+            config.review_margin,
+            config.explain,
+            explain_dir,
+            explain_base,
         )
 
 
@@ -169,7 +198,7 @@ def list_inputs(source: str) -> ScoringInputs:
         if "path" not in table.columns:
             raise UserError(f"manifest {path} has no `path` column; it has: {', '.join(map(str, table.columns))}")
         ids = [str(c) for c in table.columns if c != "path"]
-        reserved = set(OUTPUT_COLUMNS) | set(REJECT_COLUMNS) | set(PLAN_COLUMNS)
+        reserved = {*OUTPUT_COLUMNS, *REJECT_COLUMNS, *PLAN_COLUMNS, REVIEW_COLUMN}
         for column in ids:
             if not _ID_COLUMN.match(column):
                 raise UserError(
@@ -341,11 +370,13 @@ def score_shard(
     sinks: Sequence[Sink],
     options: ScoringOptions,
     masking: Masking = Masking(),
+    explainer: Predictor | None = None,
 ) -> ShardResult:
-    """Score one shard of the plan and commit it to every sink (one transaction or one atomic part file each)."""
+    """Score one shard of the plan and commit it to every sink (one transaction or one atomic part file each).
+    `explainer` (the unfused model) draws the heat maps that `options.explain` asks for."""
     files = plan.rows(shard)
     start = time.perf_counter()
-    predictions, rejects = score_files(files, list(plan.id_columns), predictor, model, options, masking)
+    predictions, rejects = score_files(files, list(plan.id_columns), predictor, model, options, masking, explainer)
     for sink in sinks:
         sink.commit(shard, predictions, rejects)
     return ShardResult(
@@ -367,6 +398,7 @@ def score_files(
     model: ModelRef,
     options: ScoringOptions,
     masking: Masking = Masking(),
+    explainer: Predictor | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(prediction rows, reject rows), one row per input file. Rows that `mark_duplicates` marked
     (`duplicate_of`) become "duplicate" rejects without being decoded."""
@@ -408,8 +440,12 @@ def score_files(
             first_path[outcome.image_id] = outcome.path
             arrays.append(outcome.array)
             kept.append((i, outcome.image_id))
-    classes = predictor.contract.classes
-    probs = predictor.predict_arrays(np.stack(arrays), options.batch_size) if arrays else np.zeros((0, len(classes)))
+    contract = predictor.contract
+    classes = contract.classes
+    images = np.stack(arrays) if arrays else np.zeros((0,))
+    probs = predictor.predict_arrays(images, options.batch_size) if arrays else np.zeros((0, len(classes)))
+    flips = options.review_flips and contract.flips_preserve_label() and len(arrays) > 0
+    mirrored = predictor.predict_mirrored(images, options.batch_size) if flips else None
     stamp = {
         "model_name": model.name,
         "model_version": model.version,
@@ -425,9 +461,11 @@ def score_files(
             **{column: rows[column] for column in id_columns},
         }
     )
-    predictions = pd.concat(
-        [predictions, prediction_columns(probs, classes, options.top_k, options.review_below)], axis=1
+    columns = prediction_columns(
+        probs, classes, options.top_k, options.review_below, contract.points(), mirrored, options.review_margin
     )
+    predictions = pd.concat([predictions, columns], axis=1)
+    predictions["explanation"] = _explain(explainer, images, predictions, model, options)
     reject_frame = pd.DataFrame(rejects, columns=REJECT_COLUMNS[:-1])
     reject_frame["attempts"] = [int(tries.get(p, 1)) for p in reject_frame["path"]]
     if id_columns:
@@ -438,6 +476,31 @@ def score_files(
     for frame in (predictions, reject_frame):  # set when a later row for the same path replaces this one
         frame["superseded_at"] = pd.Series(pd.NaT, index=frame.index, dtype=frame["scored_at"].dtype)
     return masking.apply(predictions), masking.apply(reject_frame)
+
+
+def _explain(
+    explainer: Predictor | None, images: np.ndarray, predictions: pd.DataFrame, model: ModelRef, options: ScoringOptions
+) -> pd.Series:
+    """Write a Grad-CAM overlay (for the predicted class) of each row `options.explain` names; the column says
+    where. Named by content and version, so a re-run writes the same file again, never a second one."""
+    from cnn.explain import heatmaps, overlay, save_png
+
+    column = pd.Series(None, index=predictions.index, dtype=object)
+    if explainer is None or options.explain == "none" or not options.explain_dir or not len(predictions):
+        return column
+    wanted = predictions["needs_review"].to_numpy(bool) if options.explain == "review" else np.ones(len(images), bool)
+    rows = np.flatnonzero(wanted)
+    if not len(rows):
+        return column
+    classes = explainer.contract.classes
+    targets = [classes.index(label) for label in predictions["label"].iloc[rows]]
+    maps = heatmaps(explainer, images[rows], targets)
+    folder = Path(options.explain_dir)
+    for row, heat in zip(rows, maps):
+        name = f"{predictions['image_id'].iloc[row][:20]}-{model.name}-v{model.version}.png"
+        path = save_png(overlay(images[row], heat), folder / name)
+        column.iloc[row] = str(path.relative_to(options.explain_base)) if options.explain_base else str(path)
+    return column
 
 
 def summarise(

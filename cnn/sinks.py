@@ -9,6 +9,10 @@ a path is scored again (its bytes changed, a transient reject was retried, `--re
 version) the new row becomes current and the earlier one is kept, with `superseded_at` set to the time
 the new row was scored. Prediction rows are unique per (image_id, model, version), rejects per (path,
 model, version).
+
+Review queue: the predictions that need review also go to `X.review.parquet|csv` (rebuilt at each publish from
+the current predictions, most urgent first) or `<table>_review` (upserted with each shard). A reviewer fills
+`reviewed_label`; a run keeps what is there (and any column a reviewer added to a review file).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ if TYPE_CHECKING:
     from sqlalchemy.types import TypeEngine
 
 KEY = ["image_id", "model_name", "model_version"]
+REVIEW_COLUMN = "reviewed_label"  # the review table's column a reviewer fills in; a run never overwrites it
 REJECT_KEY = ["path", "model_name", "model_version"]
 CURRENT_COLUMNS = ["path", "image_id", "model_version", "reject_kind", "attempts", "scored_at"]
 _TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -116,6 +121,7 @@ class FileSink:
             raise UserError(f"--output must end in .parquet or .csv, not {path.name}")
         self.path = path.expanduser().resolve()
         self.rejects_path = self.path.with_name(f"{self.path.stem}.rejects{suffix}")
+        self.review_path = self.path.with_name(f"{self.path.stem}.review{suffix}")
         self.parts = self.path.with_name(self.path.name + ".parts")
         self.lock_path = self.path.with_name(f".{self.path.name}.lock")
         self.csv = suffix == ".csv"
@@ -182,7 +188,8 @@ class FileSink:
                 merged = merged.loc[~_frame_key(merged, key).duplicated(keep="last")].sort_index()
             tables[kind] = merged
         _supersede(tables["pred"], tables["rej"])
-        for kind, target in (("pred", self.path), ("rej", self.rejects_path)):
+        tables["review"] = review_queue(tables["pred"], self._read(self.review_path))
+        for kind, target in (("pred", self.path), ("rej", self.rejects_path), ("review", self.review_path)):
             for stale in target.parent.glob(f".{target.name}.*.tmp"):  # a killed run's unfinished merge
                 stale.unlink(missing_ok=True)
             with atomic_path(target) as tmp:
@@ -200,7 +207,35 @@ class FileSink:
                 self.parts.rmdir()
             except OSError:  # something else appeared meanwhile: keep it; the next run merges it
                 pass
-        return [str(self.path), str(self.rejects_path)]
+        return [str(self.path), str(self.rejects_path), str(self.review_path)]
+
+
+def review_queue(predictions: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFrame:
+    """The current predictions that need review, most urgent first, with `reviewed_label`. What a reviewer wrote
+    in `earlier` (the review file as it was) stays: their labels and columns by row key, and reviewed rows whose
+    prediction has been replaced since."""
+    drop = [c for c in predictions.columns if c.startswith("prob_")] + ["top_k", "flow_run_id", "run_id"]
+    if predictions.empty or "needs_review" not in predictions.columns:
+        queue = pd.DataFrame(columns=[*KEY, REVIEW_COLUMN])
+    else:
+        live = _as_time(predictions["superseded_at"]).isna() if "superseded_at" in predictions else True
+        flagged = predictions["needs_review"].astype(str).str.lower().isin(["true", "1"])
+        queue = predictions.loc[flagged & live].drop(columns=[c for c in drop if c in predictions.columns])
+        queue[REVIEW_COLUMN] = pd.Series(None, index=queue.index, dtype=object)
+    if not earlier.empty and REVIEW_COLUMN in earlier.columns:
+        keyed = earlier.set_index(_frame_key(earlier, KEY))
+        theirs = [c for c in earlier.columns if c not in queue.columns or c == REVIEW_COLUMN]
+        index = _frame_key(queue, KEY)
+        for column in theirs:
+            queue[column] = index.map(keyed[column].to_dict()).where(index.isin(keyed.index), None).to_numpy()
+        reviewed = earlier[earlier[REVIEW_COLUMN].fillna("").astype(str).str.strip() != ""]
+        queue = pd.concat([queue, reviewed[~_frame_key(reviewed, KEY).isin(index)]], ignore_index=True)
+    if "urgency" in queue.columns and len(queue):
+        queue = queue.assign(_u=pd.to_numeric(queue["urgency"], errors="coerce")).sort_values(
+            "_u", ascending=False, na_position="last", kind="stable"
+        )
+        queue = queue.drop(columns="_u")
+    return queue.reset_index(drop=True)
 
 
 def _supersede(predictions: pd.DataFrame, rejects: pd.DataFrame) -> None:
@@ -248,7 +283,7 @@ class SqlSink:
 
         if not _TABLE.match(table):
             raise UserError(f"invalid table name {table!r}: use letters, digits and _, starting with a letter")
-        self.url, self.table, self.rejects = url, table, f"{table}_rejects"
+        self.url, self.table, self.rejects, self.review = url, table, f"{table}_rejects", f"{table}_review"
         try:
             parsed = parse_url(url)
         except ArgumentError:
@@ -347,7 +382,8 @@ class SqlSink:
     def commit(self, shard: int, predictions: pd.DataFrame, rejects: pd.DataFrame) -> None:
         with self.engine.begin() as conn:  # one transaction per shard: all of it or none of it
             self._lock(conn)
-            frames = [(self.table, predictions, KEY), (self.rejects, rejects, REJECT_KEY)]
+            review = review_queue(predictions, pd.DataFrame())
+            frames = [(self.table, predictions, KEY), (self.rejects, rejects, REJECT_KEY), (self.review, review, KEY)]
             for name, frame, key in frames:
                 if len(frame) or self._columns(conn, name):
                     self._ensure(conn, name, _sql_ready(frame), key)
@@ -391,11 +427,11 @@ class SqlSink:
             from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]  # same API, other dialect
         records = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
         statement = insert(table).values(records)
-        update = {c: statement.excluded[c] for c in frame.columns if c not in key}
+        update = {c: statement.excluded[c] for c in frame.columns if c not in key and c != REVIEW_COLUMN}
         conn.execute(statement.on_conflict_do_update(index_elements=key, set_=update))
 
     def finish(self) -> list[str]:
-        return [f"{redact(self.url)}#{self.table}", f"{redact(self.url)}#{self.rejects}"]
+        return [f"{redact(self.url)}#{name}" for name in (self.table, self.rejects, self.review)]
 
 
 def _begin_immediate(engine: Any) -> None:

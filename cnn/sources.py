@@ -21,7 +21,8 @@ _SPLIT_ALIASES = {
     "testing": "test",
 }
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
-SOURCE_COLUMNS = ["path", "label", "split", "group", "size_bytes", "mtime_ns"]
+SOURCE_COLUMNS = ["path", "label", "split", "group", "size_bytes", "mtime_ns", "reviewed"]
+REVIEWED_LABEL = "reviewed_label"  # a scoring run's review table, once a reviewer filled this column
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class SourceListing:
     """The files of a source, one row each (see SOURCE_COLUMNS), and how the source was laid out."""
 
     files: pd.DataFrame
-    layout: str  # "class-folders" | "split-folders" | "manifest"
+    layout: str  # "class-folders" | "split-folders" | "manifest" | "review" (a filled-in review table)
     root: Path
     skipped: int = 0  # loose files without a class folder, or repeated rows of a manifest
 
@@ -100,6 +101,8 @@ def _scan_split_folders(root: Path) -> SourceListing:
 
 def _scan_manifest(manifest: Path, group_column: str) -> SourceListing:
     table = load_manifest_table(manifest)
+    if REVIEWED_LABEL in table.columns:
+        return _scan_review(manifest, table, group_column)
     missing = [c for c in ("path", "label") if c not in table.columns]
     if missing:
         raise UserError(
@@ -124,6 +127,21 @@ def _scan_manifest(manifest: Path, group_column: str) -> SourceListing:
     frame = _frame(rows)
     repeated = int(frame["path"].duplicated().sum())  # a file listed twice is ingested once (first row wins)
     return SourceListing(frame.drop_duplicates("path", ignore_index=True), "manifest", manifest.parent, repeated)
+
+
+def _scan_review(manifest: Path, table: pd.DataFrame, group_column: str) -> SourceListing:
+    """A review table: the rows a reviewer labelled (`reviewed_label`), with that label; the model's own `label`
+    is ignored, and rows left blank are skipped."""
+    if "path" not in table.columns:
+        raise UserError(f"review table {manifest} has no `path` column")
+    labelled = table[~table[REVIEWED_LABEL].map(_blank)]
+    groups = labelled[group_column] if group_column in labelled.columns else pd.Series([None] * len(labelled))
+    rows = [
+        _row(_resolve(manifest.parent, str(path)), str(label).strip(), None, None if _blank(g) else str(g), True)
+        for path, label, g in zip(labelled["path"], labelled[REVIEWED_LABEL], groups)
+    ]
+    frame = _frame(rows).drop_duplicates("path", keep="last", ignore_index=True)
+    return SourceListing(frame, "review", manifest.parent, len(table) - len(frame))
 
 
 def load_manifest_table(path: Path) -> pd.DataFrame:
@@ -154,7 +172,7 @@ def _resolve(base: Path, path: str) -> Path:
     return candidate if candidate.is_absolute() else (base / candidate)
 
 
-def _row(path: Path, label: str, split: str | None, group: str | None) -> dict[str, object]:
+def _row(path: Path, label: str, split: str | None, group: str | None, reviewed: bool = False) -> dict[str, object]:
     try:
         stat = path.stat()
         size, mtime = int(stat.st_size), int(stat.st_mtime_ns)
@@ -167,9 +185,10 @@ def _row(path: Path, label: str, split: str | None, group: str | None) -> dict[s
         "group": group,
         "size_bytes": size,
         "mtime_ns": mtime,
+        "reviewed": reviewed,
     }
 
 
 def _frame(rows: list[dict[str, object]]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=SOURCE_COLUMNS)
-    return frame.astype({"size_bytes": "int64", "mtime_ns": "int64"})
+    return frame.astype({"size_bytes": "int64", "mtime_ns": "int64", "reviewed": bool})

@@ -130,6 +130,14 @@ def ingest(
     max_file_mb: Annotated[
         float | None, typer.Option(help=_help(IngestOptions, "max_file_mb", "Reject files larger than this many MiB."))
     ] = None,
+    add: Annotated[
+        bool | None,
+        typer.Option(
+            "--add/--replace",
+            help="Add SOURCE's files to the dataset instead of replacing its file list (a filled-in review table "
+            "always adds).",
+        ),
+    ] = None,
 ) -> None:
     """Ingest SOURCE: decode every image once, validate, split and cache it (Prefect flow `ingest`)."""
     from flows import render, workspace
@@ -147,6 +155,7 @@ def ingest(
         decode_workers=decode_workers,
         max_file_mb=max_file_mb,
         decode_time_limit_s=decode_time_limit,
+        add=add,
     )
     options.fractions()
     workspace.current().dataset(dataset)
@@ -213,6 +222,22 @@ def train(
             help=_help(TrainConfig, "replace_task", "Let other classes or another dataset replace the champion."),
         ),
     ] = None,
+    operating_point: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="CLASS:sensitivity>=0.95, CLASS:specificity>=0.9, CLASS:precision>=0.8 or CLASS:0.3 (a threshold); "
+            "repeat for more, the first that fires decides. Chosen on validation, checked on test."
+        ),
+    ] = None,
+    gate_operating_points: Annotated[
+        bool | None,
+        typer.Option(
+            "--gate-operating-points/--no-gate-operating-points",
+            help=_help(TrainConfig, "gate_operating_points", "Crown only when every operating point holds on test."),
+        ),
+    ] = None,
+    intended_use: Annotated[str | None, typer.Option(help="The model card's intended use.")] = None,
+    limitations: Annotated[str | None, typer.Option(help="The model card's known limitations.")] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the latest interrupted run of this model.")
     ] = False,
@@ -249,6 +274,10 @@ def train(
         gate_min_score=gate_min_score,
         gate_confidence=gate_confidence,
         replace_task=replace_task,
+        operating_points=operating_point or None,
+        gate_operating_points=gate_operating_points,
+        intended_use=intended_use,
+        limitations=limitations,
         nproc_per_node=nproc_per_node,
         nnodes=nnodes,
         node_rank=node_rank,
@@ -328,6 +357,21 @@ def score(
             ),
         ),
     ] = None,
+    explain: Annotated[
+        Literal["none", "review", "all"] | None,
+        typer.Option(help=_help(ScoreConfig, "explain", "Grad-CAM overlays beside the output for these rows.")),
+    ] = None,
+    review_flips: Annotated[
+        bool | None,
+        typer.Option(
+            "--review-flips/--no-review-flips",
+            help=_help(ScoreConfig, "review_flips", "Review rows whose mirror image gets another label."),
+        ),
+    ] = None,
+    review_margin: Annotated[
+        float | None,
+        typer.Option(help=_help(ScoreConfig, "review_margin", "Review rows this close to an operating point.")),
+    ] = None,
     cluster: Annotated[
         str | None, typer.Option(help="Dask scheduler address (tcp://host:8786): shards fan out to it.")
     ] = None,
@@ -369,12 +413,44 @@ def score(
         max_attempts=max_attempts,
         pseudonymize=pseudonymize or None,
         rescore=rescore,
+        explain=explain,
+        review_flips=review_flips,
+        review_margin=review_margin,
         cluster=cluster,
         dask_workers=dask_workers,
         precision=precision,
         compile=compile,
     )
     render.scoring(run_scoring(source, cfg))
+
+
+@app.command("explain")
+@_command
+def explain_images(
+    images: Annotated[list[Path], typer.Argument(help="Image files to explain.")],
+    model: Annotated[str, typer.Option(help="MODEL (= MODEL@champion), MODEL@alias or MODEL:version.")],
+    out: Annotated[Path, typer.Option(help="Folder for the overlays, feature-map grids and JSON.")],
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
+) -> None:
+    """Show why a registered version decided: Grad-CAM overlays, feature maps of each block, top classes."""
+    from flows import render
+    from flows.explain import explain
+
+    outcome = explain([str(p) for p in images], model, out, device)
+    render.explanations(outcome)
+    if not outcome.explained:
+        raise UserError("no image could be read; nothing was explained")
+
+
+@app.command()
+@_command
+def card(model: Annotated[str, typer.Argument(help="MODEL (= MODEL@champion), MODEL@alias or MODEL:version.")]) -> None:
+    """Print a registered version's model card (also its description in the MLflow registry)."""
+    from rich.markdown import Markdown
+
+    from flows.explain import card as read_card
+
+    console.print(Markdown(read_card(model)))
 
 
 @app.command()

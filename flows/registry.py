@@ -14,9 +14,11 @@ from mlflow.tracking import MlflowClient
 
 from cnn.choices import Metric
 from cnn.comparison import compare_paired
+from cnn.contract import ModelContract
 from cnn.dataset import Dataset
 from cnn.errors import UserError
-from cnn.evaluation import score_split
+from cnn.evaluation import SplitScores, score_split
+from cnn.operating_points import check
 from flows import versions
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
@@ -31,6 +33,7 @@ class GateRules:
     min_score: float | None = None
     confidence: float = 0.95
     replace_task: bool = False
+    operating_points: bool = False  # every operating point must hold on the gate's split
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,10 @@ def _decide(client: MlflowClient, model: str, version: str, dataset: Dataset, ru
             "the version is not crowned (use another --gate-metric, or check the split)"
         )
     decided = functools.partial(GateDecision, model, version, metric=metric, split=split, new_score=new_score)
+    failing = _failing_points(new, new_predictor.contract) if rules.operating_points else []
+    if failing:
+        reason = "operating points do not hold (the interval's lower end is below the target): " + "; ".join(failing)
+        return decided(decision=CHALLENGER, reason=reason, champion_version=alias_version(client, model, CHAMPION))
     if rules.min_score is not None and new_score < rules.min_score:
         reason = f"{metric} {new_score:.4f} is below the floor gate_min_score {rules.min_score:g}"
         return decided(decision=CHALLENGER, reason=reason, champion_version=alias_version(client, model, CHAMPION))
@@ -142,6 +149,12 @@ def _decide(client: MlflowClient, model: str, version: str, dataset: Dataset, ru
         p_value=test.p_value,
         images_sha256=test.images_sha256,
     )
+
+
+def _failing_points(scores: SplitScores, contract: ModelContract) -> list[str]:
+    """The operating points whose targeted metric's 95% interval reaches below the target on `scores`."""
+    checks = [check(p, scores.probs, scores.labels, scores.classes, scores.split) for p in contract.points()]
+    return [c.describe() for c in checks if c.holds is False]
 
 
 def _finite(value: float | None) -> float | None:

@@ -11,6 +11,7 @@ from rich.table import Table
 from cnn.dataset import Dataset
 from cnn.report import DatasetReport
 from cnn.scoring import ScoringSummary
+from flows.explain import ExplainOutcome
 from flows.train import NodeOutcome, TrainOutcome
 
 console = Console(soft_wrap=True)
@@ -107,3 +108,17 @@ def sample_predictions(parquet: Path, n: int = 6) -> None:
             f"{row.model_name} v{row.model_version}",
         )
     console.print(view)
+
+
+def explanations(outcome: ExplainOutcome) -> None:
+    """Each image's label, decision and top classes, where its files went, and the files that failed."""
+    table = Table(title=f"explained with {outcome.model}")
+    for column in ("image", "label", "decision", "top classes (calibrated)", "files"):
+        table.add_column(column)
+    for source, e in outcome.explained:
+        top = ", ".join(f"{c} {p:.3f}" for c, p in e.top)
+        table.add_row(Path(source).name, e.label, e.decision, top, ", ".join(f.name for f in e.files))
+    console.print(table)
+    for source, reason in outcome.failed:
+        console.print(f"[yellow]skipped[/] {source}: {reason}", highlight=False)
+    console.print(f"written to {outcome.out_dir}", highlight=False)

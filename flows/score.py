@@ -89,7 +89,8 @@ def score_shard(
     """Decode, predict and commit one shard to every sink (one transaction or one atomic part file each)."""
     sinks = _sinks(config.output, config.table)
     predictor = versions.load_predictor(model)
-    return scoring.score_shard(plan, shard, predictor, model, sinks, options, _masking(config))
+    explainer = versions.load_explainer(model) if options.explain != "none" else None
+    return scoring.score_shard(plan, shard, predictor, model, sinks, options, _masking(config), explainer)
 
 
 @task(name="publish-tables", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, retry_condition_fn=_transient)
@@ -112,7 +113,7 @@ def score_flow(source: str, config: ScoreConfig, home: str | None = None) -> Sco
         _log_config(config, run_dir)
         model = resolve_model(config)
         plan = plan_shards(source, config, model, str(run_dir))
-        options = ScoringOptions.from_config(config, flow_run_id)
+        options = ScoringOptions.from_config(config, flow_run_id, *_explanations(config, ws.home))
         results: list[ShardResult] = []
         start = time.perf_counter()
         with reported_progress(f"scoring with {model.label}", key="score-progress") as progress:
@@ -130,6 +131,18 @@ def score_flow(source: str, config: ScoreConfig, home: str | None = None) -> Sco
         plan.remove()
     create_table_artifact(summary.rows(), key="score-summary", description="Scoring summary")
     return summary
+
+
+def _explanations(config: ScoreConfig, home: Path) -> tuple[str, str]:
+    """(folder of the overlays, folder the `explanation` column is relative to): beside --output as
+    X.explanations/ (relative paths), else under CNN_HOME/explanations/TABLE (absolute paths)."""
+    if config.explain == "none":
+        return "", ""
+    if config.output:
+        output = Path(config.output).expanduser().resolve()
+        return str(output.with_name(f"{output.stem}.explanations")), str(output.parent)
+    table = (config.table or "").rpartition("#")[2] or "predictions"
+    return str(home / "explanations" / table), ""
 
 
 def _log_config(config: ScoreConfig, run_dir: Path) -> None:

@@ -16,13 +16,17 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
 import cnn
+from cnn.card import ModelCard
 from cnn.config import TrainConfig
 from cnn.contract import ModelContract
 from cnn.dataset import Dataset, usable_rows
+from cnn.evaluation import CalibrationResult
+from cnn.operating_points import PointCheck
 from cnn.train import EpochRecord, FitResult
 from flows import workspace
 
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+DESCRIPTION_LIMIT = 5000
 LIBRARY = Path(cnn.__file__).parent
 
 
@@ -100,10 +104,47 @@ def log_results(run_id: str, fit: FitResult, test_metrics: dict[str, float], fil
         mlflow.log_dict(fit.contract.policy, "config/augmentation_policy.json")
 
 
+def log_calibration(run_id: str, result: CalibrationResult) -> None:
+    """The temperature, ECE and NLL before and after, and the chosen thresholds."""
+    metrics = {f"calibration.{k}": v for k, v in result.calibration.metrics().items()}
+    metrics.update({f"operating_point.{p.class_name}.threshold": p.threshold for p in result.points})
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict(result.to_dict(), "evaluation/calibration.json")
+
+
+def log_checks(run_id: str, checks: list[PointCheck]) -> None:
+    """Each operating point's test sensitivity, specificity and precision with their interval ends."""
+    metrics: dict[str, float] = {}
+    for c in checks:
+        for name in ("sensitivity", "specificity", "precision"):
+            interval = getattr(c, name)
+            for part in ("value", "low", "high"):
+                value = getattr(interval, part)
+                if value == value:  # NaN where undefined
+                    metrics[f"test_op.{c.point.class_name}.{name}{'' if part == 'value' else '_' + part}"] = value
+    if metrics:
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_metrics(metrics)
+
+
+def log_card(run_id: str, model: str, version: str, card: ModelCard) -> None:
+    """The card as run artifacts (model_card/card.md, card.json) and as the version's description."""
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_text(card.to_markdown(), "model_card/card.md")
+        mlflow.log_dict(card.to_dict(), "model_card/card.json")
+    description = card.to_markdown(brief=True)
+    if len(description) > DESCRIPTION_LIMIT:  # the registry's column holds 5,000 characters
+        description = (
+            description[: DESCRIPTION_LIMIT - 80] + "\n\n_(cut: the full card is run artifact model_card/card.md)_"
+        )
+    MlflowClient().update_model_version(model, version, description=description)
+
+
 def signature_for(contract: ModelContract) -> ModelSignature:
     inputs = Schema([ColSpec("string", "path", required=False), ColSpec("binary", "image", required=False)])
     outputs = Schema(
-        [ColSpec("string", "label"), ColSpec("double", "confidence")]
+        [ColSpec("string", "label"), ColSpec("double", "confidence"), ColSpec("string", "decision")]
         + [ColSpec("double", f"prob_{c}") for c in contract.classes]
         + [ColSpec("string", "error")]
     )

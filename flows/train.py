@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,10 +16,11 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from cnn.card import build_card
 from cnn.config import TrainConfig
 from cnn.dataset import Dataset, validate_name
 from cnn.errors import UserError
-from cnn.evaluation import evaluate_run
+from cnn.evaluation import CalibrationResult, calibrate_run, evaluate_run
 from cnn.fsio import write_json_atomic
 from cnn.train import EpochRecord, FitResult, check_config, fit
 from flows import registry, tracking, workspace
@@ -160,11 +161,26 @@ def launch_distributed(dataset_dir: str, run_dir: str, config: TrainConfig, run_
     return Path(run_dir) / "fit.json"
 
 
+@task(name="calibrate-model", cache_policy=NO_CACHE)
+def calibrate_model(dataset_dir: str, run_dir: str, run_id: str, config: TrainConfig) -> CalibrationResult:
+    """Temperature scaling and the operating points' thresholds on the validation split, into the contract."""
+    result = calibrate_run(run_dir, dataset_dir, config.point_specs())
+    tracking.log_calibration(run_id, result)
+    return result
+
+
 @task(name="evaluate-model", cache_policy=NO_CACHE)
 def evaluate_model(dataset_dir: str, run_dir: str, run_id: str) -> dict[str, float]:
-    """Test-split metrics and plots, logged to the run."""
+    """Test-split metrics with intervals, the operating points' checks and plots, logged to the run."""
     evaluation = evaluate_run(run_dir, dataset_dir, "test")
     tracking.log_results(run_id, FitResult.load(run_dir), evaluation.metrics.flat(), evaluation.files)
+    tracking.log_checks(run_id, evaluation.checks)
+    if evaluation.checks:
+        create_markdown_artifact(
+            "\n".join(f"- {c.describe()}" for c in evaluation.checks),
+            key="operating-points",
+            description="Operating points on the test split",
+        )
     return evaluation.metrics.headline()
 
 
@@ -180,7 +196,12 @@ def register_and_gate(
 ) -> GateDecision:
     """Register a version and decide @champion or @challenger against the current champion."""
     rules = GateRules(
-        config.gate_metric, config.min_improvement, config.gate_min_score, config.gate_confidence, config.replace_task
+        config.gate_metric,
+        config.min_improvement,
+        config.gate_min_score,
+        config.gate_confidence,
+        config.replace_task,
+        config.gate_operating_points,
     )
     files = (Path(run_dir) / "best.pt", Path(run_dir) / "contract.json")  # what was logged: their digests
     decision = registry.register_and_gate(model_uri, model_name, run_id, Dataset(dataset_dir), files, rules)
@@ -190,6 +211,24 @@ def register_and_gate(
         description="Promotion gate decision",
     )
     return decision
+
+
+@task(name="write-model-card", cache_policy=NO_CACHE)
+def write_model_card(dataset_dir: str, run_dir: str, run_id: str, config: TrainConfig, decision: GateDecision) -> str:
+    """The version's model card: logged with the run and set as the version's description in the registry."""
+    card = build_card(
+        Path(run_dir),
+        Dataset(dataset_dir),
+        decision.model,
+        decision.version,
+        config.model_dump(mode="json"),
+        asdict(decision),
+        [f"evaluation/{p.name}" for p in sorted((Path(run_dir) / "eval").glob("*_explanations.png"))],
+    )
+    card.save(Path(run_dir) / "model_card")
+    tracking.log_card(run_id, decision.model, decision.version, card)
+    create_markdown_artifact(card.to_markdown(brief=True), key="model-card", description="Model card")
+    return str(Path(run_dir) / "model_card" / "card.md")
 
 
 @flow(name="train")
@@ -206,9 +245,11 @@ def train_flow(
     with sigterm_at_safe_points():  # training stops between steps, keeping the last epoch's checkpoint
         run_id = start_run(dataset_dir, run_dir, config, model_name)
         fit_model(dataset_dir, run_dir, run_id, config, resume)
+        calibrate_model(dataset_dir, run_dir, run_id, config)
         test_metrics = evaluate_model(dataset_dir, run_dir, run_id)
         model_uri = log_model(dataset_dir, run_dir, run_id)
         decision = register_and_gate(model_uri, model_name, run_id, dataset_dir, run_dir, config)
+        write_model_card(dataset_dir, run_dir, run_id, config, decision)
     (Path(run_dir) / "done").write_text(run_id)
     create_table_artifact(
         [{"metric": k, "test": round(v, 4)} for k, v in test_metrics.items()],

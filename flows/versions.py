@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 import yaml
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -102,17 +103,29 @@ def load(name: str, version: str, device: str = "cpu") -> Predictor:
     return Predictor.load(weights, contract, device)
 
 
-def resolve(spec: str, device: str, precision: str = "auto", compile: bool = False) -> ModelRef:
-    """The concrete version, its local files, and the inference precision (and compilation) for this run."""
+def find_version(spec: str) -> ModelVersion:
+    """The registered version MODEL[@alias|:version] names (a bare name: @champion); UserError if none."""
     name, alias, version = parse_spec(spec)
     client = MlflowClient()
     try:
-        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException:
         raise UserError(
             f"model {spec!r} not found in the registry at {mlflow.get_tracking_uri()}; "
             "train one with `cnn train` or check the name, alias and version"
         ) from None
+
+
+def load_spec(spec: str, device: str = "cpu") -> tuple[ModelVersion, Predictor]:
+    """The version MODEL[@alias|:version] names and a plain (unfused, fp32) Predictor of it."""
+    mv = find_version(spec)
+    return mv, load(mv.name, str(mv.version), device)
+
+
+def resolve(spec: str, device: str, precision: str = "auto", compile: bool = False) -> ModelRef:
+    """The concrete version, its local files, and the inference precision (and compilation) for this run."""
+    mv = find_version(spec)
+    name, client = mv.name, MlflowClient()
     files = str(version_files(name, str(mv.version)))
     ref = ModelRef(name, str(mv.version), mv.run_id or "", files, device, compile=compile)
     choice = _choose_precision(client, ref, precision)
@@ -122,6 +135,17 @@ def resolve(spec: str, device: str, precision: str = "auto", compile: bool = Fal
 def load_predictor(ref: ModelRef) -> Predictor:
     """The pinned version as the scoring engine runs it: batch norm folded, channels_last, its precision."""
     return _cached_predictor(ref.files, ref.device, ref.precision, ref.compile)
+
+
+def load_explainer(ref: ModelRef) -> Predictor:
+    """The pinned version as Grad-CAM needs it: unfused, fp32, with gradients available."""
+    return _cached_explainer(ref.files, ref.device)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_explainer(model_dir: str, device: str) -> Predictor:
+    weights, contract = _artifact_paths(Path(model_dir))
+    return Predictor.load(weights, contract, device)
 
 
 @functools.lru_cache(maxsize=4)

@@ -92,6 +92,7 @@ def configure(home: str | os.PathLike[str] | None = None) -> Workspace:
         "MLFLOW_TRACKING_URI": ws.default_tracking_uri,
         "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true",
         "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",  # our models are pickle-free; a rewritten MLmodel is refused
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # one tqdm line per artifact file buries the rich output
     }
     if not os.environ.get("PREFECT_API_URL") and (served := _served_api_url(ws)):
         os.environ["PREFECT_API_URL"] = served  # `cnn serve` is running here: runs show up in its UI

@@ -59,7 +59,7 @@ def test_predict_files_one_row_per_input_with_errors(predictor: Predictor, tmp_p
     frame = predictor.predict_files(
         [str(tmp_path / "a.png"), good, str(tmp_path / "missing.png"), str(tmp_path / "text.png")]
     )
-    assert list(frame.columns) == ["label", "confidence", "prob_a", "prob_b", "prob_c", "error"]
+    assert list(frame.columns) == ["label", "confidence", "decision", "prob_a", "prob_b", "prob_c", "error"]
     assert frame["error"].tolist() == [None, None, "file not found", "not an image: text file"]
     assert frame["label"].iloc[0] == frame["label"].iloc[1] in ("a", "b", "c")
     assert frame["label"].iloc[2] is None and np.isnan(frame["confidence"].iloc[2])

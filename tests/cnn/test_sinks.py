@@ -77,6 +77,7 @@ def test_file_sink_finishes_over_a_killed_runs_temporary_files(tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".out.parquet.lock") == [
         "out.parquet",
         "out.rejects.parquet",
+        "out.review.parquet",
     ]
 
 

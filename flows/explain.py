@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 from mlflow.exceptions import MlflowException
 
 from cnn.decode import DecodeError, decode_bytes, read_image_bytes
@@ -36,7 +37,7 @@ def explain(images: list[str], spec: str, out_dir: Path, device: str = "cpu") ->
     explained, failed, used = [], [], set()
     for source in images:
         try:
-            array = decode_bytes(read_image_bytes(source, decode_spec), decode_spec).array
+            array = np.array(decode_bytes(read_image_bytes(source, decode_spec), decode_spec).array)  # writable
         except DecodeError as exc:
             failed.append((source, exc.reason))
             continue

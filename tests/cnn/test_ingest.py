@@ -305,3 +305,44 @@ def test_dicom_patient_id_groups_files_only_as_a_keyed_pseudonym(tmp_path: Path)
     assert set(Dataset(tmp_path / "datasets" / "other-key").manifest()["group"]).isdisjoint(manifest["group"])
     ingest(tmp_path / "src", tmp_path / "datasets" / "no-key", OPTS)
     assert Dataset(tmp_path / "datasets" / "no-key").manifest()["group"].isna().all()
+
+
+def test_a_filled_in_review_table_adds_reviewed_images(write_images: Callable[..., Path], tmp_path: Path) -> None:
+    source = write_images(per_class=10)
+    root = tmp_path / "ds"
+    ingest(source, root, OPTS)
+    before = Dataset(root).usable().set_index("path")
+    incoming = write_images("incoming", per_class=3, seed=7)
+    new = sorted(str(p) for p in incoming.rglob("*.png"))
+    corrected = before.index[0]  # an image already in the dataset, whose label a reviewer corrects
+    review = pd.DataFrame(
+        {
+            "image_id": ["x"] * (len(new) + 1),
+            "path": [*new, corrected],
+            "label": "cat",  # the model's label: ignored
+            "reviewed_label": ["dog", "cat", "", None, "dog", "cat", "dog"],
+            "model_name": "m",
+        }
+    )
+    review.to_parquet(tmp_path / "preds.review.parquet")
+    ingest(tmp_path / "preds.review.parquet", root, OPTS)  # a review table adds; it never replaces
+    after = Dataset(root).usable().set_index("path")
+    assert set(before.index) <= set(after.index)
+    added = after.loc[[p for p in new if p in after.index]]
+    assert len(added) == 4 and added["reviewed"].all()  # two blank rows were skipped
+    assert added["label"].tolist() == ["dog", "cat", "dog", "cat"]
+    assert after.loc[corrected, "label"] == "dog" and after.loc[corrected, "reviewed"]
+    kept = before.index.drop(corrected)
+    assert after.loc[kept, "split"].equals(before.loc[kept, "split"])  # earlier images keep their split
+    assert not after.loc[kept, "reviewed"].any()
+    assert staged_stats(root).decoded == 4  # only the added files are decoded
+
+
+def test_add_keeps_the_dataset_and_replace_is_the_default(write_images: Callable[..., Path], tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    ingest(write_images(per_class=6), root, OPTS)
+    more = write_images("more", classes=("cat", "dog"), per_class=2, seed=5)
+    ingest(more, root, OPTS.model_copy(update={"add": True}))
+    assert len(Dataset(root).usable()) == 16
+    ingest(more, root, OPTS)
+    assert len(Dataset(root).usable()) == 4

@@ -222,7 +222,7 @@ def _drop(sink: FileSink | SqlSink) -> None:
         from sqlalchemy import text
 
         with sink.engine.begin() as conn:
-            conn.execute(text(f'drop table if exists "{sink.table}", "{sink.rejects}"'))
+            conn.execute(text(f'drop table if exists "{sink.table}", "{sink.rejects}", "{sink.review}"'))
 
 
 @pytest.mark.parametrize("kind", ["parquet", "csv", "sqlite", pytest.param("postgresql", marks=requires_postgres)])
@@ -275,3 +275,65 @@ def test_a_retried_reject_replaces_its_row_and_counts_attempts(tmp_path: Path) -
     out = pd.read_parquet(sink.rejects_path)
     assert len(out) == 1 and out["attempts"].tolist() == [2] and out["superseded_at"].isna().all()
     assert sink.current("m")["attempts"].tolist() == [2]
+
+
+def _review_rows(n: int, version: str = "1", when: str = "2026-01-01") -> pd.DataFrame:
+    preds, _ = _rows(n, version)
+    return preds.assign(
+        needs_review=[i % 2 == 0 for i in range(n)],  # ids 0, 2, 4, ...
+        urgency=[i / 10 for i in range(n)],
+        review_reason=["low confidence" if i % 2 == 0 else None for i in range(n)],
+        scored_at=pd.Timestamp(when, tz="UTC"),
+    )
+
+
+def _review(sink: FileSink | SqlSink) -> pd.DataFrame:
+    if isinstance(sink, FileSink):
+        sink.finish()
+        read = pd.read_parquet if not sink.csv else lambda p: pd.read_csv(p, dtype=str, keep_default_na=False)
+        return read(sink.review_path)
+    with sink.engine.connect() as conn:
+        rows = pd.read_sql_query(f'select * from "{sink.review}" where superseded_at is null', conn)
+    return rows.sort_values("urgency", ascending=False, ignore_index=True)
+
+
+def _fill(sink: FileSink | SqlSink, image_id: str, label: str) -> None:
+    """What a reviewer does: write a label into the review table."""
+    if isinstance(sink, FileSink):
+        table = pd.read_parquet(sink.review_path) if not sink.csv else pd.read_csv(sink.review_path, dtype=str)
+        table.loc[table["image_id"] == image_id, "reviewed_label"] = label
+        table["reviewer"] = "dr. who"  # a column of the reviewer's own
+        table.to_parquet(sink.review_path) if not sink.csv else table.to_csv(sink.review_path, index=False)
+        return
+    from sqlalchemy import text
+
+    with sink.engine.begin() as conn:
+        conn.execute(
+            text(f'update "{sink.review}" set reviewed_label = :l where image_id = :i'), {"l": label, "i": image_id}
+        )
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv", "sqlite", pytest.param("postgresql", marks=requires_postgres)])
+def test_the_review_queue_is_ordered_and_keeps_what_reviewers_wrote(tmp_path: Path, kind: str) -> None:
+    sink = _sink(kind, tmp_path)
+    try:
+        sink.commit(0, _review_rows(6), _rows(0)[1])
+        queue = _review(sink)
+        assert queue["image_id"].tolist() == ["id4", "id2", "id0"]  # most urgent first, only rows needing review
+        assert queue["reviewed_label"].isna().all() or (queue["reviewed_label"] == "").all()
+        assert not any(c.startswith("prob_") for c in queue.columns)
+        _fill(sink, "id2", "b")
+        sink.commit(1, _review_rows(6), _rows(0)[1])  # the same rows again (a retried shard)
+        queue = _review(sink)
+        assert queue.set_index("image_id").loc["id2", "reviewed_label"] == "b"
+        if isinstance(sink, FileSink):
+            assert (queue["reviewer"] == "dr. who").all()
+        # the path is scored again by version 2 (its review row is replaced): the reviewed row stays in the file
+        sink.commit(2, _review_rows(6, version="2", when="2026-02-01"), _rows(0)[1])
+        queue = _review(sink)
+        assert set(queue.loc[queue["model_version"].astype(str) == "2", "image_id"]) == {"id0", "id2", "id4"}
+        if isinstance(sink, FileSink):
+            kept = queue[queue["model_version"].astype(str) == "1"]
+            assert kept["image_id"].tolist() == ["id2"] and kept["reviewed_label"].tolist() == ["b"]
+    finally:
+        _drop(sink)

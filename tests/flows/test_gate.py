@@ -66,6 +66,33 @@ def test_the_gate_decides_on_evidence_and_records_it(home: Path) -> None:
     poor = _train(home, "--dataset", "patterns", "--epochs", "1", "--lr", "0.00001", "--gate-min-score", "0.9")
     assert "@challenger" in poor and "below the floor gate_min_score 0.9" in poor, poor
 
+    # the gate checks operating points first; one that holds (any sensitivity is >= 0) does not change the verdict
+    point = ["--operating-point", "horizontal:sensitivity>=0.0", "--gate-operating-points"]
+    checked = _train(home, "--dataset", "patterns", "--epochs", "1", "--lr", "0.00001", *point)
+    assert "@challenger" in checked and "not shown better" in checked and "do not hold" not in checked, checked
+
+
+def test_an_operating_point_that_does_not_hold_on_test_holds_the_version_back() -> None:
+    import numpy as np
+
+    from cnn.contract import ModelContract
+    from cnn.evaluation import SplitScores
+    from cnn.operating_points import OperatingPoint
+    from flows.registry import _failing_points
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    p = np.clip(0.3 * labels + rng.uniform(0, 0.7, 400), 0, 1)
+    scores = SplitScores("test", ["normal", "tumour"], np.stack([1 - p, p], 1), labels, [str(i) for i in range(400)])
+    contract = ModelContract("small_cnn", ["normal", "tumour"], 1, 24, "pad", [0.5], [0.25])
+    strict = OperatingPoint("tumour", "sensitivity", 0.95, 0.35, True)  # catches about 90% of tumours here
+    loose = OperatingPoint("tumour", "sensitivity", 0.5, 0.35, True)
+    contract.operating_points = [loose.to_dict()]
+    assert _failing_points(scores, contract) == []
+    contract.operating_points = [strict.to_dict()]
+    [failing] = _failing_points(scores, contract)
+    assert failing.startswith("tumour:sensitivity>=0.95") and "does NOT hold" in failing
+
 
 def test_another_task_is_held_back_unless_it_replaces_the_champion_on_purpose(home: Path) -> None:
     two = write_patterns(home.parent / "two-src", per_class=30, seed=3)

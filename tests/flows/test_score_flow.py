@@ -112,9 +112,19 @@ def test_exactly_once_then_idempotent_then_incremental(home: Path, tmp_path: Pat
     assert (preds["model_version"].astype(str) == "1").all() and preds["flow_run_id"].str.len().min() > 10
     assert preds["scored_at"].dt.tz is not None
     assert (preds["needs_review"] == (preds["confidence"] < 0.9)).all()
+    assert (preds["decision"] == preds["label"]).all()  # no operating points: the most probable class decides
+    # the review queue: those rows, most urgent first, each with its Grad-CAM overlay beside the output
+    review = pd.read_parquet(tmp_path / "preds.review.parquet")
+    assert len(review) > 0 and sorted(review["image_id"]) == sorted(preds.loc[preds["needs_review"], "image_id"])
+    assert review["urgency"].is_monotonic_decreasing and review["reviewed_label"].isna().all()
+    assert review["review_reason"].str.startswith("low confidence").all()
+    explained = preds["explanation"].dropna()
+    assert sorted(explained.index) == sorted(preds.index[preds["needs_review"]])
+    assert all((tmp_path / e).is_file() and e.startswith("preds.explanations/") for e in explained)
     with sqlite3.connect(tmp_path / "p.db") as db:
         assert db.execute("select count(*), count(distinct path) from preds").fetchone() == (len(preds), len(preds))
         assert db.execute("select count(*) from preds_rejects").fetchone()[0] == 4
+        assert db.execute("select count(*) from preds_review").fetchone()[0] == len(review)
 
     again = runner.invoke(app, args + ["--table", f"sqlite:///{tmp_path / 'p.db'}#preds"])
     # only the truncated file is tried again (a transient reject: it may have been an upload in progress)

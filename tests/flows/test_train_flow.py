@@ -40,7 +40,8 @@ def trained(cnn_home: Path) -> Path:
     pattern_dataset(cnn_home)
     config = cnn_home.parent / "fast.yaml"
     config.write_text("model_options: {filters: [8, 16], dense: 32}\nloader_workers: 0\nwarmup_epochs: 0.5\n")
-    result = runner.invoke(app, ["train", "--dataset", "patterns", "--config", str(config), *EPOCHS])
+    trust = ["--operating-point", "horizontal:sensitivity>=0.9", "--intended-use", "Sorting test patterns."]
+    result = runner.invoke(app, ["train", "--dataset", "patterns", "--config", str(config), *EPOCHS, *trust])
     assert result.exit_code == 0, result.output
     assert "@champion" in result.output and "no champion yet" in result.output
     return config
@@ -105,6 +106,13 @@ def test_pyfunc_from_registry_agrees_with_the_engine(trained: Path, cnn_home: Pa
     pyfunc = mlflow.pyfunc.load_model("models:/patterns@champion")
     frame = pyfunc.predict(pd.DataFrame({"path": split.paths + [str(tmp_path / "missing.png")]}))
     assert frame["label"].tolist()[:-1] == engine_labels
+    # calibrated like the engine (the contract's temperature), with the operating point's decision
+    engine_probs = Predictor.load(run_dir / "best.pt", contract).predict_arrays(cached)
+    pyfunc_probs = frame[[f"prob_{c}" for c in contract.classes]].to_numpy()[:-1]
+    assert contract.temperature != 1.0 and np.allclose(pyfunc_probs, engine_probs, atol=1e-5)
+    horizontal = contract.classes.index("horizontal")
+    fires = engine_probs[:, horizontal] >= contract.points()[0].threshold
+    assert (frame["decision"].iloc[:-1][fires] == "horizontal").all()
     assert frame["error"].iloc[-1] == "file not found" and frame["error"].iloc[:-1].isna().all()
     probs = frame[[f"prob_{c}" for c in contract.classes]].to_numpy()[:-1]
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
@@ -139,6 +147,68 @@ def test_pyfunc_from_registry_agrees_with_the_engine(trained: Path, cnn_home: Pa
     payload = strict.decode(out.stdout.strip().splitlines()[-1])
     assert [row["label"] for row in payload["predictions"]] == engine_labels[:5]
     assert all(row["error"] is None for row in payload["predictions"])
+
+
+def test_calibration_operating_points_and_the_model_card(trained: Path, cnn_home: Path) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from cnn.contract import ModelContract
+    from flows import versions
+
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("patterns", "champion")
+    run = client.get_run(version.run_id)
+    contract = versions.load("patterns", str(version.version)).contract  # what the registry serves
+    assert contract.temperature == run.data.metrics["calibration.temperature"] and contract.temperature > 0
+    [point] = contract.points()
+    assert point.class_name == "horizontal" and point.val["sensitivity"] >= 0.9
+    assert run.data.metrics["operating_point.horizontal.threshold"] == point.threshold
+    assert {"test_op.horizontal.sensitivity", "test_op.horizontal.sensitivity_low"} <= set(run.data.metrics)
+    run_dir = next((cnn_home / "runs" / "patterns").iterdir())
+    assert ModelContract.load(run_dir / "contract.json") == contract
+    artifacts = {
+        a.path for folder in ("evaluation", "model_card") for a in client.list_artifacts(run.info.run_id, folder)
+    }
+    assert {
+        "evaluation/calibration.json",
+        "evaluation/test_explanations.png",
+        "evaluation/test_operating_points.json",
+        "evaluation/test_intervals.json",
+        "model_card/card.md",
+        "model_card/card.json",
+    } <= artifacts
+    card = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/model_card/card.json")
+    assert card["version"] == "1" and card["intended_use"] == "Sorting test patterns."
+    assert card["gate"]["decision"] == "champion" and card["operating_points"][0]["point"]["class_name"] == "horizontal"
+    assert card["data"]["counts"]["checker"]["train"] > 0 and len(card["data"]["manifest_sha256"]) == 64
+    assert set(card["per_class"]) == {"checker", "horizontal", "vertical"}
+    assert str(cnn_home) not in json.dumps(card)  # shared: no absolute path
+    assert version.description.startswith("# Model card: patterns v1") and len(version.description) <= 5000
+    printed = runner.invoke(app, ["card", "patterns@champion"])
+    assert printed.exit_code == 0 and "Model card: patterns v1" in printed.output
+    assert "Sorting test patterns." in printed.output and "horizontal" in printed.output
+    missing = runner.invoke(app, ["card", "patterns:9"])
+    assert missing.exit_code == 2 and "not found" in missing.output
+
+
+def test_explain_writes_overlays_feature_maps_and_top_classes(trained: Path, cnn_home: Path, tmp_path: Path) -> None:
+    images = sorted((cnn_home / "pattern-src" / "horizontal").glob("*.png"))[:2]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    out = tmp_path / "explained"
+    result = runner.invoke(app, ["explain", *map(str, images), str(broken), "--model", "patterns", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (
+        "explained with patterns v1" in result.output and "skipped" in result.output and "broken.png" in result.output
+    )
+    for image in images:
+        for suffix in (".cam.png", ".features.png", ".json"):
+            assert (out / f"{image.stem}{suffix}").is_file()
+        summary = json.loads((out / f"{image.stem}.json").read_text())
+        assert summary["top"][0]["class"] == summary["label"]
+    nothing = runner.invoke(app, ["explain", str(broken), "--model", "patterns", "--out", str(out)])
+    assert nothing.exit_code == 2 and "no image could be read" in nothing.output
 
 
 def test_resume_and_errors(trained: Path, cnn_home: Path) -> None:

@@ -1,0 +1,89 @@
+"""Temperature scaling: it recovers the temperature that made a model overconfident, lowers the ECE without moving
+any label, refuses to make the test split worse, and every predictor built from the contract applies it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from cnn.calibration import calibrate, fit_temperature, rescale
+from cnn.contract import ModelContract
+from cnn.dataset import Dataset
+from cnn.evaluation import CalibrationResult, calibrate_run, evaluate_run, score_split
+from cnn.inference import Predictor
+from cnn.metrics import expected_calibration_error
+from cnn.train import FitResult
+
+
+def _overconfident(n: int, temperature: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities of a model whose true logits were multiplied by `temperature` (labels drawn from the truth)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1.5, (n, 4))
+    truth = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    labels = np.array([rng.choice(4, p=p) for p in truth])
+    sharp = np.exp(logits * temperature)
+    return sharp / sharp.sum(axis=1, keepdims=True), labels
+
+
+def test_it_recovers_the_temperature_and_lowers_the_ece_without_moving_labels() -> None:
+    val_probs, val_labels = _overconfident(4000, 2.5, seed=0)
+    test_probs, test_labels = _overconfident(4000, 2.5, seed=1)
+    assert fit_temperature(val_probs, val_labels) == pytest.approx(2.5, rel=0.1)
+    result = calibrate(val_probs, val_labels, test_probs, test_labels)
+    assert result.applied and result.test_ece_after < result.test_ece_before / 2
+    assert result.val_nll_after < result.val_nll_before
+    after = rescale(test_probs, result.temperature)
+    assert np.array_equal(after.argmax(axis=1), test_probs.argmax(axis=1))
+    assert np.allclose(after.sum(axis=1), 1.0)
+    assert expected_calibration_error(after, test_labels) == pytest.approx(result.test_ece_after)
+
+
+def test_it_keeps_temperature_one_when_the_test_split_would_get_worse() -> None:
+    val_probs, val_labels = _overconfident(2000, 2.5, seed=0)
+    test_probs, test_labels = _overconfident(2000, 0.4, seed=1)  # underconfident: softening it further hurts
+    result = calibrate(val_probs, val_labels, test_probs, test_labels)
+    assert not result.applied and result.temperature == 1.0
+    assert result.test_ece_after == result.test_ece_before and "left uncalibrated" in result.note
+
+
+def test_the_contract_carries_the_temperature_to_every_predictor(trained: FitResult, patterns, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained.run_dir, run)
+    result = calibrate_run(run, patterns)
+    contract = ModelContract.load(run / "contract.json")
+    assert contract.temperature == result.calibration.temperature and contract.operating_points == []
+    assert CalibrationResult.load(run) == result
+    calibrated = Predictor.load(run / "best.pt", contract)
+    raw = score_split(calibrated.uncalibrated(), Dataset(patterns), "test").probs
+    assert np.allclose(
+        score_split(calibrated, Dataset(patterns), "test").probs, rescale(raw, contract.temperature), atol=1e-5
+    )
+    if result.calibration.applied and result.calibration.test_ece_before is not None:
+        assert result.calibration.test_ece_after <= result.calibration.test_ece_before  # the test ECE never worsens
+    evaluation = evaluate_run(run, patterns)
+    assert {f.name for f in evaluation.files} >= {
+        "test_reliability.png",
+        "test_explanations.png",
+        "test_intervals.json",
+    }
+    assert set(evaluation.intervals) == set(contract.classes)
+    for per_class in evaluation.intervals.values():
+        recall = per_class["recall"]
+        assert recall.low <= recall.value <= recall.high
+
+
+def test_an_old_contract_without_calibration_loads_with_temperature_one(trained: FitResult, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    from dataclasses import asdict
+
+    data = asdict(trained.contract)
+    for key in ("temperature", "operating_points"):
+        data.pop(key)
+    (tmp_path / "contract.json").write_text(json.dumps(data))
+    contract = ModelContract.load(tmp_path / "contract.json")
+    assert contract.temperature == 1.0 and contract.points() == []
+    assert replace(contract, temperature=2.0).temperature == 2.0

@@ -483,7 +483,7 @@ def _explain(
 ) -> pd.Series:
     """Write a Grad-CAM overlay (for the predicted class) of each row `options.explain` names; the column says
     where. Named by content and version, so a re-run writes the same file again, never a second one."""
-    from cnn.explain import heatmaps, overlay, save_png
+    from cnn.explain import heatmaps, overlay, save_jpeg
 
     column = pd.Series(None, index=predictions.index, dtype=object)
     if explainer is None or options.explain == "none" or not options.explain_dir or not len(predictions):
@@ -497,8 +497,8 @@ def _explain(
     maps = heatmaps(explainer, images[rows], targets)
     folder = Path(options.explain_dir)
     for row, heat in zip(rows, maps):
-        name = f"{predictions['image_id'].iloc[row][:20]}-{model.name}-v{model.version}.png"
-        path = save_png(overlay(images[row], heat), folder / name)
+        name = f"{predictions['image_id'].iloc[row][:20]}-{model.name}-v{model.version}.jpg"
+        path = save_jpeg(overlay(images[row], heat), folder / name)
         column.iloc[row] = str(path.relative_to(options.explain_base)) if options.explain_base else str(path)
     return column
 

@@ -592,28 +592,36 @@ def demo_data(
 def demo() -> None:
     """Run the main job on generated data: xray demo set -> pipeline flow (ingest -> train -> register -> score)."""
     from flows import render, workspace
-    from flows.demo import make_data, run_demo
+    from flows.demo import look_inside, make_data, run_demo
 
     home = workspace.current().home
-    console.rule("[bold]1/3 generate the xray demo set and a fresh batch to score")
+    console.rule("[bold]1/4 generate the xray demo set and a fresh batch to score")
     data, batch = make_data(home)
     console.print(
         f"{data.images} images + {data.corrupt} corrupt files in {data.root}; batch in {batch.root}", highlight=False
     )
-    console.rule("[bold]2/3 Prefect flow `pipeline`: ingest -> train, register, gate -> score with @champion")
+    console.rule("[bold]2/4 Prefect flow `pipeline`: ingest -> train, register, gate -> score with @champion")
     outcome = run_demo(home, data, batch)
     render.dataset_report(Path(outcome.pipeline.ingest.dataset_dir))
     render.training(outcome.pipeline.train)
     render.scoring(outcome.pipeline.score)
-    console.rule("[bold]3/3 the same batch into CSV: nothing is scored twice in SQLite")
+    console.rule("[bold]3/4 the same batch into CSV: nothing is scored twice in SQLite")
     render.scoring(outcome.csv_run)
     render.sample_predictions(outcome.parquet)
+    console.rule("[bold]4/4 trust: the review queue, explanations of its top rows, the model card")
+    inside = look_inside(home, outcome)
+    render.review_queue(inside.review)
+    render.explanations(inside.explained)
+    render.model_card(inside.card)
+    stem = outcome.parquet.stem
     console.print(
-        f"prediction tables:\n  Parquet {outcome.parquet} (+ {outcome.parquet.stem}.rejects.parquet)\n"
-        f"  CSV     {outcome.csv} (+ {outcome.csv.stem}.rejects.csv)\n  SQLite  {outcome.table} "
-        f"(+ predictions_rejects)\n\nworkspace: {home}\nMLflow store: {os.environ.get('MLFLOW_TRACKING_URI')}"
-        f" (browse it with: cnn ui)\ntry: cnn augment --dataset xray --policy xray --preview "
-        f"{home / 'xray-preview.png'}\n     cnn serve   (nightly scoring of {home / 'incoming'})",
+        f"prediction tables:\n  Parquet {outcome.parquet} (+ {stem}.rejects.parquet, {stem}.review.parquet, "
+        f"overlays in {stem}.explanations/)\n  CSV     {outcome.csv} (+ {outcome.csv.stem}.rejects.csv, "
+        f"{outcome.csv.stem}.review.csv)\n  SQLite  {outcome.table} (+ predictions_rejects, predictions_review)"
+        f"\n\nworkspace: {home}\nMLflow store: {os.environ.get('MLFLOW_TRACKING_URI')}"
+        f" (browse it with: cnn ui)\ntry: cnn card xray   cnn explain IMAGE --model xray --out DIR\n"
+        f"     cnn augment --dataset xray --policy xray --preview {home / 'xray-preview.png'}\n"
+        f"     cnn serve   (nightly scoring of {home / 'incoming'})",
         highlight=False,
     )
 

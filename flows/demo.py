@@ -10,6 +10,7 @@ from cnn.config import ScoreConfig, TrainConfig
 from cnn.demo_data import DemoDataset, generate
 from cnn.ingest import IngestOptions
 from cnn.scoring import ScoringSummary
+from flows.explain import ExplainOutcome, card, explain
 from flows.pipeline import PipelineOutcome, pipeline_flow
 from flows.score import score_flow
 
@@ -64,3 +65,22 @@ def run_demo(home: Path, data: DemoDataset, batch: DemoDataset) -> DemoOutcome:
         config=scoring.model_copy(update={"model": f"{outcome.train.gate.model}@champion", "output": str(csv)}),
     )
     return DemoOutcome(data, outcome, csv_run, parquet, csv, table)
+
+
+@dataclass(frozen=True)
+class Inside:
+    """What the demo shows of the trained version: its review queue, explanations of its top rows, its card."""
+
+    review: Path
+    explained: ExplainOutcome
+    card: str
+
+
+def look_inside(home: Path, outcome: DemoOutcome, rows: int = 2) -> Inside:
+    """Explain the most urgent rows of the review queue and read the champion's model card."""
+    import pandas as pd
+
+    review = outcome.parquet.with_name(f"{outcome.parquet.stem}.review.parquet")
+    urgent = pd.read_parquet(review)["path"].head(rows).tolist()
+    model = f"{outcome.pipeline.train.gate.model}@champion"
+    return Inside(review, explain(urgent, model, home / "explained"), card(model))

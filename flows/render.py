@@ -122,3 +122,33 @@ def explanations(outcome: ExplainOutcome) -> None:
     for source, reason in outcome.failed:
         console.print(f"[yellow]skipped[/] {source}: {reason}", highlight=False)
     console.print(f"written to {outcome.out_dir}", highlight=False)
+
+
+def review_queue(path: Path, n: int = 6) -> None:
+    """The most urgent rows of a review table: what a reviewer works through, with the reason for each."""
+    rows = pd.read_parquet(path)
+    view = Table(title=f"review queue: {len(rows)} rows, most urgent first ({path.name})")
+    for column in ("file", "label", "decision", "confidence", "urgency", "why", "overlay"):
+        view.add_column(column)
+    for row in rows.head(n).itertuples():
+        view.add_row(
+            Path(str(row.path)).name,
+            str(row.label),
+            str(row.decision),
+            f"{row.confidence:.3f}",
+            f"{row.urgency:.3f}",
+            str(row.review_reason),
+            str(row.explanation or ""),
+        )
+    console.print(view)
+    console.print(
+        "a reviewer fills `reviewed_label`; `cnn ingest` of this file adds those images to the dataset",
+        highlight=False,
+    )
+
+
+def model_card(markdown: str) -> None:
+    """A model card, rendered."""
+    from rich.markdown import Markdown
+
+    console.print(Markdown(markdown))

@@ -1,0 +1,111 @@
+"""What trust costs at scoring time: the review checks and the Grad-CAM overlays, against plain scoring, side by
+side in one run on the same files (JPEG claims photos, the engine's inference path, a Parquet sink).
+
+    python bench/trust.py [--model small_cnn] [--size 128] [--n 512] [--review-below 0.6]
+
+Rows: plain (`--explain none --no-review-flips`), + the test-time flip check (a second forward pass, only for
+models trained with flips), + overlays for the rows needing review (`--explain review`, the default; the share
+of such rows is printed, as it decides the cost), + overlays for every row (`--explain all`). Each row prints
+images/s and its ratio to plain scoring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.score import fused, make_jpegs, make_model
+from cnn.augment import load_policy
+from cnn.contract import ModelContract
+from cnn.decode import DecodeSpec, decode_file
+from cnn.inference import Predictor
+from cnn.scoring import ModelRef, ScoringInputs, ScoringOptions, plan_shards, score_shard
+from cnn.sinks import FileSink
+
+
+def run(
+    paths: list[str], predictor: Predictor, explainer: Predictor, options: ScoringOptions, out: Path
+) -> tuple[float, float]:
+    """(images/s, share of rows needing review) for one scoring run with these options."""
+    shutil.rmtree(out.parent, ignore_errors=True)
+    out.parent.mkdir(parents=True)
+    sink, ref = FileSink(out), ModelRef("bench", "1", "")
+    start = time.perf_counter()
+    plan = plan_shards(ScoringInputs(pd.DataFrame({"path": paths}), []), [sink], ref, 256, out.parent)
+    for shard in range(plan.shards):
+        score_shard(plan, shard, predictor, ref, [sink], options, explainer=explainer)
+    sink.finish()
+    rate = len(paths) / (time.perf_counter() - start)
+    return rate, float(pd.read_parquet(out)["needs_review"].mean())
+
+
+def _train(weights: Path, contract: Path, images: np.ndarray, epochs: int = 6) -> None:
+    """Train the whole network briefly on the rendered classes (label i % 4 is the class file i was drawn as)."""
+    from cnn.contract import to_model_input
+
+    predictor = Predictor.load(weights, contract)
+    model, meta = predictor.model.train(), predictor.contract
+    labels = torch.tensor([i % 4 for i in range(len(images))])
+    mean, std = torch.tensor(meta.mean), torch.tensor(meta.std)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(images)).split(32):
+            x = to_model_input(torch.from_numpy(images[idx.numpy()]), mean, std, torch.device("cpu"), False)
+            loss = torch.nn.functional.cross_entropy(model(x), labels[idx])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    torch.save(model.eval().state_dict(), weights)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="small_cnn")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--n", type=int, default=512)
+    parser.add_argument("--review-below", type=float, default=0.6)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-trust-"))
+    paths = make_jpegs(work / "jpegs", args.n)
+    spec = DecodeSpec(channels=3, size=args.size)
+    sample = np.stack([decode_file(p, spec).array for p in paths[:256]])
+    weights, contract_path = make_model(work, args.model, args.size)
+    _train(weights, contract_path, sample)  # a trained model: its confidence decides the review share
+    contract = ModelContract.load(contract_path)
+    contract.policy = load_policy("photo").to_dict()  # trained with flips: the flip check applies
+    contract.save(contract_path)
+    predictor, explainer = fused(weights, contract_path), Predictor.load(weights, contract_path)
+    explain_dir = str(work / "out" / "overlays")
+    cases = [
+        ("plain (--explain none --no-review-flips)", ScoringOptions(review_flips=False, explain="none")),
+        ("+ flip check", ScoringOptions(review_flips=True, explain="none")),
+        ("+ overlays for review rows (default)", ScoringOptions(explain="review", explain_dir=explain_dir)),
+        ("+ overlays for every row (--explain all)", ScoringOptions(explain="all", explain_dir=explain_dir)),
+    ]
+    cases = [(name, ScoringOptions(**{**o.__dict__, "review_below": args.review_below})) for name, o in cases]
+    run(paths[:64], predictor, explainer, cases[-1][1], work / "out" / "warm.parquet")  # warm-up, both models
+    print(f"{args.model} at {args.size} px, {args.n} JPEG files (640x480), {torch.get_num_threads()} threads")
+    rates = []
+    for name, options in cases:
+        rate, review = run(paths, predictor, explainer, options, work / "out" / "p.parquet")
+        rates.append(rate)
+        print(f"{name:<44} {rate:8.1f} images/s  {rate / rates[0]:5.2f}x plain   ({review:.0%} of rows need review)")
+    overlay_ms = 1000 * (1 / rates[3] - 1 / rates[1])  # --explain all over the flip-checked run: per image
+    print(
+        f"one overlay (Grad-CAM, blend, JPEG) costs {overlay_ms:.1f} ms; the flip check "
+        f"{1000 * (1 / rates[1] - 1 / rates[0]):.1f} ms per image"
+    )
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

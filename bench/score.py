@@ -41,9 +41,11 @@ from cnn.sinks import FileSink
 CLASSES = ["none", "scratch", "dent", "broken_glass"]
 
 
-def make_model(work: Path, name: str, size: int, images: np.ndarray | None = None) -> tuple[Path, Path]:
-    """The bench model; with `images`, its head is trained for a few epochs so that it predicts with the
-    confidence of a real model (bf16 is only approved where labels agree with fp32)."""
+def make_model(
+    work: Path, name: str, size: int, images: np.ndarray | None = None, whole: bool = False, epochs: int = 4
+) -> tuple[Path, Path]:
+    """The bench model; with `images`, its head (with `whole`, the whole network) is trained for a few epochs so
+    that it predicts with the confidence of a real model (bf16 is only approved where labels agree with fp32)."""
     if (work / "best.pt").is_file():
         return work / "best.pt", work / "contract.json"
     torch.manual_seed(0)
@@ -51,23 +53,26 @@ def make_model(work: Path, name: str, size: int, images: np.ndarray | None = Non
     contract = ModelContract(name, CLASSES, 3, size, "pad", mean, std, {}, {}, "bench")
     model = create_model(name, len(CLASSES), 3)
     if images is not None:
-        _train_head(model, name, contract, images)
+        _train(model, name, contract, images, whole, epochs)
     contract.save(work / "contract.json")
     torch.save(model.state_dict(), work / "best.pt")
     return work / "best.pt", work / "contract.json"
 
 
-def _train_head(model: torch.nn.Module, name: str, contract: ModelContract, images: np.ndarray) -> None:
+def _train(
+    model: torch.nn.Module, name: str, contract: ModelContract, images: np.ndarray, whole: bool, epochs: int
+) -> None:
+    """Label i is the class file i was rendered as (i % 4)."""
     from cnn.contract import to_model_input
     from cnn.models import freeze_backbone
 
-    freeze_backbone(model, name)
+    freeze_backbone(model, name, frozen=not whole)
     model = model.to(memory_format=torch.channels_last)
     labels = torch.tensor([i % len(CLASSES) for i in range(len(images))])
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     mean, std = torch.tensor(contract.mean), torch.tensor(contract.std)
     model.train()
-    for _ in range(4):
+    for _ in range(epochs):
         for idx in torch.randperm(len(images)).split(32):
             x = to_model_input(torch.from_numpy(images[idx.numpy()]), mean, std, torch.device("cpu"), True)
             loss = torch.nn.functional.cross_entropy(model(x), labels[idx])

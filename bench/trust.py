@@ -48,25 +48,6 @@ def run(
     return rate, float(pd.read_parquet(out)["needs_review"].mean())
 
 
-def _train(weights: Path, contract: Path, images: np.ndarray, epochs: int = 6) -> None:
-    """Train the whole network briefly on the rendered classes (label i % 4 is the class file i was drawn as)."""
-    from cnn.contract import to_model_input
-
-    predictor = Predictor.load(weights, contract)
-    model, meta = predictor.model.train(), predictor.contract
-    labels = torch.tensor([i % 4 for i in range(len(images))])
-    mean, std = torch.tensor(meta.mean), torch.tensor(meta.std)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(images)).split(32):
-            x = to_model_input(torch.from_numpy(images[idx.numpy()]), mean, std, torch.device("cpu"), False)
-            loss = torch.nn.functional.cross_entropy(model(x), labels[idx])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-    torch.save(model.eval().state_dict(), weights)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="small_cnn")
@@ -78,8 +59,7 @@ def main() -> None:
     paths = make_jpegs(work / "jpegs", args.n)
     spec = DecodeSpec(channels=3, size=args.size)
     sample = np.stack([decode_file(p, spec).array for p in paths[:256]])
-    weights, contract_path = make_model(work, args.model, args.size)
-    _train(weights, contract_path, sample)  # a trained model: its confidence decides the review share
+    weights, contract_path = make_model(work, args.model, args.size, sample, whole=True, epochs=6)  # real confidences
     contract = ModelContract.load(contract_path)
     contract.policy = load_policy("photo").to_dict()  # trained with flips: the flip check applies
     contract.save(contract_path)

@@ -215,7 +215,7 @@ def build_card(
         intended_use=str(config.get("intended_use") or ""),
         limitations=str(config.get("limitations") or ""),
         data=data_summary(dataset),
-        config=config,
+        config={**config, "weights": Path(config["weights"]).name if config.get("weights") else None},
         metrics=headline,
         per_class=json.loads(intervals_file.read_text()) if intervals_file.is_file() else {},
         calibration=calibration.calibration.to_dict()

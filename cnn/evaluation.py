@@ -183,6 +183,17 @@ def evaluate_run(run_dir: str | Path, dataset_root: str | Path, split: str = "te
     return Evaluation(split, metrics, files, checks, intervals)
 
 
+def record_checks(run_dir: str | Path, checks: Sequence[PointCheck]) -> None:
+    """Keep each operating point's test figures in the run's contract.json, beside its threshold (before the model
+    is logged and its digest recorded)."""
+    if not checks:
+        return
+    path = Path(run_dir) / "contract.json"
+    contract = ModelContract.load(path)
+    contract.operating_points = [c.recorded().to_dict() for c in checks]
+    contract.save(path)
+
+
 def _explanation_sheet(
     predictor: Predictor, images: np.ndarray, probs: np.ndarray, labels: np.ndarray, path: Path, each: int = 8
 ) -> Path:

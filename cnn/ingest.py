@@ -173,8 +173,7 @@ def stage_scan(source: str | Path, dataset_dir: Path, options: IngestOptions) ->
     validate_name(Path(dataset_dir).name)
     options.fractions()  # validate before any work
     listing = scan_source(source, options.group_column)
-    if options.add or listing.layout == "review":
-        listing = _added_to(Dataset(dataset_dir), listing)
+    listing = _added_to(Dataset(dataset_dir), listing, everything=options.add or listing.layout == "review")
     staging = staging_dir(dataset_dir)
     if staging.exists():
         shutil.rmtree(staging)  # leftovers of an interrupted ingest
@@ -184,13 +183,21 @@ def stage_scan(source: str | Path, dataset_dir: Path, options: IngestOptions) ->
     return staging / "scan.parquet"
 
 
-def _added_to(dataset: Dataset, listing: SourceListing) -> SourceListing:
-    """The dataset's files so far plus the listing's; a file in both takes the listing's label (a correction).
-    Earlier files keep their split (see `_fixed_and_allowed`) and are not decoded again."""
+def _added_to(dataset: Dataset, listing: SourceListing, everything: bool) -> SourceListing:
+    """The listing plus the dataset's earlier files: all of them when adding (`--add`, a review table), else only
+    those a reviewer labelled, which a scheduled re-ingest of the raw source must not drop. A reviewed label wins
+    over the source's for the same file; otherwise the listing's label wins (a correction). Earlier files keep
+    their split (see `_fixed_and_allowed`) and are not decoded again."""
     if not dataset.exists():
         return listing
     old = dataset.manifest()
-    old = old[~old["path"].isin(set(listing.files["path"]))]
+    reviewed = old["reviewed"].fillna(False).astype(bool)
+    if not everything:
+        old = old[reviewed]
+        keep = listing.files[~listing.files["path"].isin(set(old["path"]))]
+        listing = replace(listing, files=keep)
+    else:
+        old = old[~old["path"].isin(set(listing.files["path"]))]
     earlier = pd.DataFrame(
         {
             "path": old["path"],

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -81,6 +81,7 @@ class OperatingPoint:
     threshold: float
     attained: bool  # the validation split reached the target at this threshold
     val: dict[str, float] = field(default_factory=dict)  # sensitivity, specificity, precision on validation
+    test: dict[str, dict[str, float]] = field(default_factory=dict)  # the same on test: value, low, high
 
     @property
     def spec(self) -> PointSpec:
@@ -117,6 +118,11 @@ class PointCheck:
         out = asdict(self)
         out["holds"] = self.holds
         return out
+
+    def recorded(self) -> OperatingPoint:
+        """The point with this check's figures in `test` (what the contract keeps)."""
+        figures = {m: asdict(getattr(self, m)) for m in ("sensitivity", "specificity", "precision")}
+        return replace(self.point, test=figures)
 
     def describe(self) -> str:
         verdict = {True: "holds", False: "does NOT hold", None: "plain threshold"}[self.holds]

@@ -137,11 +137,18 @@ def _scan_review(manifest: Path, table: pd.DataFrame, group_column: str) -> Sour
     labelled = table[~table[REVIEWED_LABEL].map(_blank)]
     groups = labelled[group_column] if group_column in labelled.columns else pd.Series([None] * len(labelled))
     rows = [
-        _row(_resolve(manifest.parent, str(path)), str(label).strip(), None, None if _blank(g) else str(g), True)
+        _row(_review_path(manifest.parent, str(path)), str(label).strip(), None, None if _blank(g) else str(g), True)
         for path, label, g in zip(labelled["path"], labelled[REVIEWED_LABEL], groups)
     ]
     frame = _frame(rows).drop_duplicates("path", keep="last", ignore_index=True)
     return SourceListing(frame, "review", manifest.parent, len(table) - len(frame))
+
+
+def _review_path(base: Path, path: str) -> Path:
+    """A review table's path: as scoring saw it, so a relative one is relative to where `cnn score` ran (the
+    working folder) unless it exists beside the table."""
+    beside = _resolve(base, path)
+    return beside if beside.exists() or Path(path).is_absolute() else Path(path).expanduser().absolute()
 
 
 def load_manifest_table(path: Path) -> pd.DataFrame:

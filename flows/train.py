@@ -20,7 +20,7 @@ from cnn.card import build_card
 from cnn.config import TrainConfig
 from cnn.dataset import Dataset, validate_name
 from cnn.errors import UserError
-from cnn.evaluation import CalibrationResult, calibrate_run, evaluate_run
+from cnn.evaluation import CalibrationResult, calibrate_run, evaluate_run, record_checks
 from cnn.fsio import write_json_atomic
 from cnn.train import EpochRecord, FitResult, check_config, fit
 from flows import registry, tracking, workspace
@@ -175,6 +175,7 @@ def evaluate_model(dataset_dir: str, run_dir: str, run_id: str) -> dict[str, flo
     evaluation = evaluate_run(run_dir, dataset_dir, "test")
     tracking.log_results(run_id, FitResult.load(run_dir), evaluation.metrics.flat(), evaluation.files)
     tracking.log_checks(run_id, evaluation.checks)
+    record_checks(run_dir, evaluation.checks)
     if evaluation.checks:
         create_markdown_artifact(
             "\n".join(f"- {c.describe()}" for c in evaluation.checks),

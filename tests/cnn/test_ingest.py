@@ -346,3 +346,20 @@ def test_add_keeps_the_dataset_and_replace_is_the_default(write_images: Callable
     assert len(Dataset(root).usable()) == 16
     ingest(more, root, OPTS)
     assert len(Dataset(root).usable()) == 4
+
+
+def test_a_scheduled_re_ingest_of_the_source_keeps_reviewed_images(
+    write_images: Callable[..., Path], tmp_path: Path
+) -> None:
+    source = write_images(per_class=6)
+    root = tmp_path / "ds"
+    ingest(source, root, OPTS)
+    extra = write_images("reviewed", per_class=2, seed=9)
+    corrected = sorted(str(p) for p in (source / "cat").glob("*.png"))[0]
+    review = pd.DataFrame({"path": [*sorted(map(str, extra.rglob("*.png"))), corrected], "reviewed_label": "dog"})
+    review.to_csv(tmp_path / "queue.review.csv", index=False)
+    ingest(tmp_path / "queue.review.csv", root, OPTS)
+    ingest(source, root, OPTS)  # the weekly pipeline ingests its raw source again (replace mode)
+    after = Dataset(root).usable().set_index("path")
+    assert len(after) == 12 + 4 and int(after["reviewed"].sum()) == 5
+    assert after.loc[corrected, "label"] == "dog"  # the reviewer's label wins over the source folder's

@@ -86,7 +86,7 @@ def test_a_canary_patient_and_a_canary_password_leave_no_trace_in_what_is_shared
         from sqlalchemy import create_engine, text
 
         with create_engine(PG_URL).begin() as conn:
-            conn.execute(text(f'drop table if exists "{table}", "{table}_rejects"'))
+            conn.execute(text(f'drop table if exists "{table}", "{table}_rejects", "{table}_review"'))
 
     secret = password.split("@")[1]
     assert canary not in output and secret not in output
@@ -104,6 +104,9 @@ def test_a_canary_patient_and_a_canary_password_leave_no_trace_in_what_is_shared
     assert manifest["group"].str.startswith("p-").all() and manifest["group"].nunique() == 16
     table = pd.read_parquet(preds)
     assert len(table) == 48 and canary not in table.to_csv() and table["path"].str.startswith("p-").all()
+    review = pd.read_parquet(tmp_path / "preds.review.parquet")  # the review queue shows paths as the table does
+    assert canary not in review.to_csv() and review["path"].str.startswith("p-").all()
+    assert not [p for p in (tmp_path / "preds.explanations").glob("*") if canary in p.name]
 
     private = [home / "mlflow.db", *Dataset(home / "datasets" / "scans").cache_dir.iterdir(), home / "datasets"]
     assert all(stat.S_IMODE(p.stat().st_mode) & 0o077 == 0 for p in private), [oct(p.stat().st_mode) for p in private]

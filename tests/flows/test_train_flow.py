@@ -163,6 +163,11 @@ def test_calibration_operating_points_and_the_model_card(trained: Path, cnn_home
     assert contract.temperature == run.data.metrics["calibration.temperature"] and contract.temperature > 0
     [point] = contract.points()
     assert point.class_name == "horizontal" and point.val["sensitivity"] >= 0.9
+    test = point.test["sensitivity"]  # the test split's figures, kept in the contract too
+    assert (
+        test["low"] <= test["value"] <= test["high"]
+        and test["value"] == run.data.metrics["test_op.horizontal.sensitivity"]
+    )
     assert run.data.metrics["operating_point.horizontal.threshold"] == point.threshold
     assert {"test_op.horizontal.sensitivity", "test_op.horizontal.sensitivity_low"} <= set(run.data.metrics)
     run_dir = next((cnn_home / "runs" / "patterns").iterdir())

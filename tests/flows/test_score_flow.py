@@ -385,6 +385,9 @@ def test_dask_local_cluster_scores_what_the_single_process_run_scores(home: Path
     ignore = ["scored_at", "flow_run_id"]
     a = pd.read_parquet(single).drop(columns=ignore).sort_values("path").reset_index(drop=True)
     b = pd.read_parquet(dask).drop(columns=ignore).sort_values("path").reset_index(drop=True)
+    for frame, folder in ((a, "single.explanations/"), (b, "dask.explanations/")):  # beside each output
+        assert frame["explanation"].dropna().str.startswith(folder).all()
+        frame["explanation"] = frame["explanation"].str.removeprefix(folder)
     pd.testing.assert_frame_equal(a, b)
     ra = pd.read_parquet(tmp_path / "single.rejects.parquet").drop(columns=ignore).sort_values("path")
     rb = pd.read_parquet(tmp_path / "dask.rejects.parquet").drop(columns=ignore).sort_values("path")

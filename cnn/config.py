@@ -162,6 +162,14 @@ class ScoreConfig(FlowConfig):
     pseudonymize: list[str] = Field(
         default_factory=list, description="carried id columns (and `path`) written as keyed pseudonyms"
     )
+    embeddings: bool = Field(True, description="keep each image's embedding in the embeddings side table")
+    similar: bool = Field(
+        True,
+        description="nearest training images (neighbour_label) and the reuse check (duplicate_of); needs embeddings",
+    )
+    drift: bool = Field(True, description="compare the batch with the version's validation reference")
+    fail_on_drift: bool = Field(False, description="fail the run (exit 3) when the batch drifted")
+    drift_alpha: float = Field(0.01, gt=0, lt=1, description="false-alarm rate of the drift check per run")
     explain: Literal["none", "review", "all"] = Field(
         "review", description="write Grad-CAM overlays for the rows needing review, all rows, or none"
     )

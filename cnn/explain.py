@@ -191,3 +191,22 @@ def peak_quadrant(heatmap: np.ndarray) -> int:
     quadrants = [heatmap[: h // 2, : w // 2], heatmap[: h // 2, w // 2 :], heatmap[h // 2 :, : w // 2]]
     quadrants.append(heatmap[h // 2 :, w // 2 :])
     return int(np.argmax([float(q.sum()) for q in quadrants]))
+
+
+def tile_sheet(
+    images: Sequence[np.ndarray | None], captions: Sequence[str], title: str, side: int = 128
+) -> Image.Image:
+    """Images in a row with a caption under each (a grey tile where an image is not at hand)."""
+    sheet = Image.new("RGB", (len(images) * (side + 4) + 4, side + 44), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 4), title, fill="black")
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        left = 4 + i * (side + 4)
+        if image is None:
+            tile = Image.new("RGB", (side, side), (200, 200, 200))
+        else:
+            rgb = image if image.shape[2] == 3 else np.repeat(image, 3, axis=2)
+            tile = Image.fromarray(rgb).resize((side, side), Image.Resampling.BILINEAR)
+        sheet.paste(tile, (left, 22))
+        draw.text((left, side + 26), caption[:24], fill="black")
+    return sheet

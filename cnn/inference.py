@@ -14,7 +14,7 @@ import torch
 
 from cnn.contract import ModelContract, to_model_input
 from cnn.decode import DecodeError, decode_bytes, read_image_bytes
-from cnn.models import create_model
+from cnn.models import classifier_layer, create_model
 from cnn.precision import default_inference_dtype, top1_agreement
 from cnn.predictions import prediction_columns, prob_columns
 from cnn.runtime import load_weights, resolve_device
@@ -102,23 +102,54 @@ class Predictor:
     def predict_arrays(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Calibrated probabilities (N, C) for uint8 NHWC arrays already decoded with the contract's spec:
         softmax(logits / T) with the contract's temperature."""
+        return self._run(images, batch_size, embed=False)[0]
+
+    def predict_with_embeddings(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities (N, C), embeddings (N, D) float32) in the same forward pass: the embedding is the input of
+        the classifier layer (the last hidden layer, a description of the image), captured by a hook that
+        torch.compile traces too (where a compiled graph skips it, that batch runs again eagerly)."""
+        probs, embeddings = self._run(images, batch_size, embed=True)
+        assert embeddings is not None  # embed=True always fills it
+        return probs, embeddings
+
+    def _run(self, images: np.ndarray, batch_size: int, embed: bool) -> tuple[np.ndarray, np.ndarray | None]:
         temperature = float(self.contract.temperature or 1.0)
         mean = torch.tensor(self.contract.mean, device=self.device)
         std = torch.tensor(self.contract.std, device=self.device)
-        out = []
-        with torch.inference_mode():
-            for start in range(0, len(images), batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
-                n = len(batch)
-                if self.compile and n < batch_size:  # one input shape, one compilation
-                    batch = torch.cat([batch, batch[:1].expand(batch_size - n, *batch.shape[1:])])
-                x = to_model_input(batch, mean, std, self.device, self.channels_last)
-                with torch.autocast(
-                    self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-                ):
-                    logits = self._forward(x)[:n]
-                out.append(torch.softmax(logits.float() / temperature, dim=1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(self.contract.classes)), dtype=np.float32)
+        out, vectors = [], []
+        captured: list[torch.Tensor] = []
+        hook = (
+            classifier_layer(self.contract.model, self.model).register_forward_pre_hook(
+                lambda _m, inputs: captured.append(inputs[0].detach())
+            )
+            if embed
+            else None
+        )
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(images), batch_size):
+                    batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+                    n = len(batch)
+                    if self.compile and n < batch_size:  # one input shape, one compilation
+                        batch = torch.cat([batch, batch[:1].expand(batch_size - n, *batch.shape[1:])])
+                    x = to_model_input(batch, mean, std, self.device, self.channels_last)
+                    with torch.autocast(
+                        self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+                    ):
+                        logits = self._forward(x)[:n]
+                        if embed and not captured:  # a graph compiled before the hook existed
+                            self.model(x)
+                    out.append(torch.softmax(logits.float() / temperature, dim=1).cpu().numpy())
+                    if embed:
+                        vectors.append(captured[-1][:n].flatten(1).float().cpu().numpy())
+                        captured.clear()
+        finally:
+            if hook is not None:
+                hook.remove()
+        probs = np.concatenate(out) if out else np.zeros((0, len(self.contract.classes)), dtype=np.float32)
+        if not embed:
+            return probs, None
+        return probs, np.concatenate(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
 
     def predict_mirrored(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Probabilities of the horizontally mirrored images (the test-time flip)."""

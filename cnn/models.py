@@ -51,6 +51,16 @@ def feature_blocks(name: str, model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(path, _get(model, path)) for path in _entry(name).blocks(model)]
 
 
+def classifier_layer(name: str, model: nn.Module) -> nn.Module:
+    """The final linear layer: its input is the model's embedding (the last hidden layer). Found by name, so it is
+    found in a model with batch norm folded too (fx keeps the module names)."""
+    head = _get(model, head_prefix(name))
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UserError(f"model {name!r} has no linear classifier at {head_prefix(name)!r}")
+    return linears[-1]
+
+
 def cam_layer(name: str, model: nn.Module) -> nn.Module:
     """The layer Grad-CAM explains: the last convolution block, where the features still have a place."""
     return feature_blocks(name, model)[-1][1]
@@ -194,9 +204,7 @@ def _load_local_weights(path: str | Path, arch: str) -> dict[str, torch.Tensor]:
 
 
 def _get(model: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        model = model[int(part)] if part.isdigit() else getattr(model, part)  # type: ignore[index]  # a Sequential
-    return model
+    return model.get_submodule(path)  # also inside an fx GraphModule, whose containers are plain Modules
 
 
 def _set(model: nn.Module, path: str, module: nn.Module) -> None:

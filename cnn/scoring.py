@@ -9,6 +9,7 @@ An orchestrator runs `plan_shards` once, `score_shard` once per shard (anywhere:
 from __future__ import annotations
 
 import glob
+import json
 import re
 import time
 from collections import Counter
@@ -24,13 +25,15 @@ import pandas as pd
 
 from cnn.config import ScoreConfig
 from cnn.decode import DecodeError, RejectKind, open_regular_file
+from cnn.drift import DriftSample
 from cnn.errors import UserError
 from cnn.fsio import atomic_path, sha256_file
 from cnn.inference import Predictor
+from cnn.neighbours import Lookup, path_key
 from cnn.parallel import decode_many
 from cnn.predictions import prediction_columns
 from cnn.pseudonyms import pseudonym, pseudonyms
-from cnn.sinks import REVIEW_COLUMN, Sink
+from cnn.sinks import EMBEDDING, REVIEW_COLUMN, Sink
 from cnn.sources import MANIFEST_SUFFIXES, iter_files, load_manifest_table
 
 STAMP_COLUMNS = ["model_name", "model_version", "run_id", "scored_at", "flow_run_id", "superseded_at"]
@@ -96,6 +99,8 @@ class ScoringOptions:
     review_flips: bool = _default("review_flips")
     review_margin: float = _default("review_margin")
     explain: str = _default("explain")  # none | review | all
+    embeddings: bool = _default("embeddings")
+    history_dir: str = ""  # where shards leave what they scored for the history (run folder); "" = nowhere
     explain_dir: str = ""  # where the overlays go ("" = nowhere)
     explain_base: str = ""  # the `explanation` column is relative to this folder ("" = absolute paths)
 
@@ -106,17 +111,18 @@ class ScoringOptions:
         """The options of a run; shards fanned out to Dask decode in the worker process (a daemon: one process)."""
         workers = 1 if config.fan_out else config.decode_workers
         return cls(
-            config.batch_size,
-            config.top_k,
-            config.review_below,
-            workers,
-            flow_run_id,
-            config.decode_time_limit_s,
-            config.review_flips,
-            config.review_margin,
-            config.explain,
-            explain_dir,
-            explain_base,
+            batch_size=config.batch_size,
+            top_k=config.top_k,
+            review_below=config.review_below,
+            decode_workers=workers,
+            flow_run_id=flow_run_id,
+            decode_time_limit_s=config.decode_time_limit_s,
+            review_flips=config.review_flips,
+            review_margin=config.review_margin,
+            explain=config.explain,
+            explain_dir=explain_dir,
+            explain_base=explain_base,
+            embeddings=config.embeddings,
         )
 
 
@@ -153,6 +159,18 @@ class ShardResult:
     labels: dict[str, int] = field(default_factory=dict)
     rejects_by_kind: dict[str, int] = field(default_factory=dict)
     compile_failed: bool = False
+    drift: DriftSample | None = None
+    copies: int = 0  # images that repeat a training image or one scored before
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One shard's rows, and what it adds to the run's drift check and to the version's history."""
+
+    predictions: pd.DataFrame
+    rejects: pd.DataFrame
+    drift: DriftSample | None = None
+    history: pd.DataFrame | None = None  # HISTORY_COLUMNS + embedding
 
 
 @dataclass(frozen=True)
@@ -172,6 +190,9 @@ class ScoringSummary:
     rejects_by_kind: dict[str, int]
     tables: list[str]
     retried: int = 0
+    copies: int = 0
+    drift: str = ""  # the drift check's verdict
+    drifted: bool = False
 
     @property
     def images_per_s(self) -> float:
@@ -185,6 +206,7 @@ class ScoringSummary:
             {"item": "needs review", "count": self.needs_review},
             {"item": "already scored (skipped)", "count": self.skipped},
             {"item": "transient rejects tried again", "count": self.retried},
+            {"item": "copies of earlier images", "count": self.copies},
             {"item": "images/s", "count": self.images_per_s},
         ]
         return rows
@@ -371,14 +393,20 @@ def score_shard(
     options: ScoringOptions,
     masking: Masking = Masking(),
     explainer: Predictor | None = None,
+    lookup: Lookup | None = None,
 ) -> ShardResult:
     """Score one shard of the plan and commit it to every sink (one transaction or one atomic part file each).
-    `explainer` (the unfused model) draws the heat maps that `options.explain` asks for."""
+    `explainer` (the unfused model) draws the heat maps that `options.explain` asks for; `lookup` (the version's
+    training reference and history) adds the similar cases and the reuse check."""
     files = plan.rows(shard)
     start = time.perf_counter()
-    predictions, rejects = score_files(files, list(plan.id_columns), predictor, model, options, masking, explainer)
+    scored = _score_files(files, list(plan.id_columns), predictor, model, options, masking, explainer, lookup)
+    predictions, rejects = scored.predictions, scored.rejects
     for sink in sinks:
         sink.commit(shard, predictions, rejects)
+    if scored.history is not None and options.history_dir:  # after the commit: only what was committed
+        with atomic_path(Path(options.history_dir) / f"shard-{shard:06d}.parquet") as tmp:
+            scored.history.to_parquet(tmp, index=False)
     return ShardResult(
         files=len(files),
         predicted=len(predictions),
@@ -388,6 +416,8 @@ def score_shard(
         labels={str(k): int(v) for k, v in predictions["label"].value_counts().items()},
         rejects_by_kind={str(k): int(v) for k, v in rejects["reject_kind"].value_counts().items()},
         compile_failed=predictor.compile_failed,
+        drift=scored.drift,
+        copies=int(predictions["duplicate_kind"].notna().sum()) if "duplicate_kind" in predictions else 0,
     )
 
 
@@ -402,6 +432,20 @@ def score_files(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(prediction rows, reject rows), one row per input file. Rows that `mark_duplicates` marked
     (`duplicate_of`) become "duplicate" rejects without being decoded."""
+    scored = _score_files(files, id_columns, predictor, model, options, masking, explainer)
+    return scored.predictions, scored.rejects
+
+
+def _score_files(
+    files: pd.DataFrame,
+    id_columns: list[str],
+    predictor: Predictor,
+    model: ModelRef,
+    options: ScoringOptions,
+    masking: Masking = Masking(),
+    explainer: Predictor | None = None,
+    lookup: Lookup | None = None,
+) -> Scored:
     rejects: list[tuple[str, str, str, str]] = []
     ids_by_path = files[["path", *id_columns]]
     planned = dict(zip(files["path"], files["image_id"])) if "image_id" in files.columns else {}
@@ -418,6 +462,7 @@ def score_files(
     arrays: list[np.ndarray] = []
     kept: list[tuple[int, str]] = []
     first_path: dict[str, str] = {}  # a file that changed after planning may repeat another one's bytes
+    sources: list[tuple[tuple[int, int], str]] = []  # source size and format of each kept image
     spec = predictor.contract.decode_spec()
     outcomes = decode_many(
         files["path"].tolist(), spec, options.decode_workers, time_limit_s=options.decode_time_limit_s
@@ -440,10 +485,15 @@ def score_files(
             first_path[outcome.image_id] = outcome.path
             arrays.append(outcome.array)
             kept.append((i, outcome.image_id))
+            sources.append(((outcome.width, outcome.height), outcome.format))
     contract = predictor.contract
     classes = contract.classes
     images = np.stack(arrays) if arrays else np.zeros((0,))
-    probs = predictor.predict_arrays(images, options.batch_size) if arrays else np.zeros((0, len(classes)))
+    vectors = None
+    if arrays and options.embeddings:
+        probs, vectors = predictor.predict_with_embeddings(images, options.batch_size)
+    else:
+        probs = predictor.predict_arrays(images, options.batch_size) if arrays else np.zeros((0, len(classes)))
     flips = options.review_flips and contract.flips_preserve_label() and len(arrays) > 0
     mirrored = predictor.predict_mirrored(images, options.batch_size) if flips else None
     stamp = {
@@ -466,6 +516,26 @@ def score_files(
     )
     predictions = pd.concat([predictions, columns], axis=1)
     predictions["explanation"] = _explain(explainer, images, predictions, model, options)
+    notes = None
+    if lookup is not None and arrays:
+        shown = [masking.path(p) for p in predictions["path"]]
+        notes = lookup.annotate(predictions["image_id"].tolist(), shown, predictions["label"].tolist(), images, vectors)
+        for column in ("phash", "neighbour_label", "neighbour_agreement", "duplicate_of", "duplicate_kind"):
+            predictions[column] = notes[column].to_numpy()
+    drift = (
+        DriftSample.of(
+            predictions["label"].tolist(),
+            predictions["confidence"].to_numpy(),
+            images,
+            [size for size, _ in sources],
+            [fmt for _, fmt in sources],
+            vectors,
+        )
+        if arrays
+        else DriftSample()
+    )
+    if vectors is not None:  # the sinks keep them in their embeddings side table
+        predictions[EMBEDDING] = pd.Series(list(vectors.astype(np.float16)), index=predictions.index, dtype=object)
     reject_frame = pd.DataFrame(rejects, columns=REJECT_COLUMNS[:-1])
     reject_frame["attempts"] = [int(tries.get(p, 1)) for p in reject_frame["path"]]
     if id_columns:
@@ -475,7 +545,32 @@ def score_files(
         reject_frame[key] = value
     for frame in (predictions, reject_frame):  # set when a later row for the same path replaces this one
         frame["superseded_at"] = pd.Series(pd.NaT, index=frame.index, dtype=frame["scored_at"].dtype)
-    return masking.apply(predictions), masking.apply(reject_frame)
+    predictions, reject_frame = masking.apply(predictions), masking.apply(reject_frame)
+    history = (
+        _history_rows(predictions, id_columns, notes, vectors) if notes is not None and vectors is not None else None
+    )
+    return Scored(predictions, reject_frame, drift, history)
+
+
+def _history_rows(
+    predictions: pd.DataFrame, id_columns: list[str], notes: pd.DataFrame, vectors: np.ndarray
+) -> pd.DataFrame:
+    """What the version's history keeps of scored images (ids as the tables show them; no path)."""
+    rows = pd.DataFrame(
+        {
+            "image_id": predictions["image_id"],
+            "path_key": [path_key(p) for p in predictions["path"]],
+            "label": predictions["label"],
+            "ids": [json.dumps(dict(zip(id_columns, values))) for values in predictions[id_columns].itertuples(False)]
+            if id_columns
+            else "{}",
+            "phash": notes["phash"].to_numpy(),
+            "phash_mirror": notes["phash_mirror"].to_numpy(),
+            "scored_at": predictions["scored_at"],
+        }
+    )
+    rows[EMBEDDING] = list(np.asarray(vectors, dtype=np.float16))
+    return rows
 
 
 def _explain(
@@ -530,4 +625,14 @@ def summarise(
         labels=dict(labels),
         rejects_by_kind=dict(kinds),
         tables=tables,
+        copies=sum(r.copies for r in results),
     )
+
+
+def merged_drift(results: Sequence[ShardResult]) -> DriftSample:
+    """The run's drift sample: every shard's, together."""
+    sample = DriftSample()
+    for result in results:
+        if result.drift is not None:
+            sample = sample.merge(result.drift)
+    return sample

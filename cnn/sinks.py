@@ -10,6 +10,10 @@ version) the new row becomes current and the earlier one is kept, with `supersed
 the new row was scored. Prediction rows are unique per (image_id, model, version), rejects per (path,
 model, version).
 
+Embeddings (the model's description of each image, `--embeddings`) go to a side table keyed like the predictions:
+`X.embeddings.parquet` (float16 lists; also beside a CSV output) or `<table>_embeddings` (float16 bytes), written
+in the same commit as the shard's predictions.
+
 Review queue: the predictions that need review also go to `X.review.parquet|csv` (rebuilt at each publish from
 the current predictions, most urgent first) or `<table>_review` (upserted with each shard). A reviewer fills
 `reviewed_label`; a run keeps what is there (and any column a reviewer added to a review file).
@@ -26,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import pandas as pd
 
 from cnn.errors import UserError
@@ -37,6 +42,19 @@ if TYPE_CHECKING:
 
 KEY = ["image_id", "model_name", "model_version"]
 REVIEW_COLUMN = "reviewed_label"  # the review table's column a reviewer fills in; a run never overwrites it
+DRIFT_KEY = ["flow_run_id", "name"]
+EMBEDDING = "embedding"  # a prediction frame's column of float16 vectors, kept in the embeddings side table
+
+
+def split_embeddings(predictions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(predictions without the vectors, the side table's rows: KEY, dim, embedding float16)."""
+    if EMBEDDING not in predictions.columns:
+        return predictions, pd.DataFrame()
+    side = predictions[[*KEY, "scored_at", EMBEDDING]].copy()
+    side.insert(3, "dim", [len(v) for v in side[EMBEDDING]])
+    return predictions.drop(columns=EMBEDDING), side
+
+
 REJECT_KEY = ["path", "model_name", "model_version"]
 CURRENT_COLUMNS = ["path", "image_id", "model_version", "reject_kind", "attempts", "scored_at"]
 _TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -55,6 +73,9 @@ class Sink(Protocol):
 
     def finish(self) -> list[str]:
         """Publish; return where the tables live."""
+
+    def record_drift(self, rows: pd.DataFrame) -> None:
+        """Keep a run's drift statistics (one row per statistic, unique per flow run and statistic)."""
 
 
 def open_sink(output: str | None, table: str | None, default_table: str) -> list[Sink]:
@@ -122,6 +143,8 @@ class FileSink:
         self.path = path.expanduser().resolve()
         self.rejects_path = self.path.with_name(f"{self.path.stem}.rejects{suffix}")
         self.review_path = self.path.with_name(f"{self.path.stem}.review{suffix}")
+        self.embeddings_path = self.path.with_name(f"{self.path.stem}.embeddings.parquet")
+        self.drift_path = self.path.with_name(f"{self.path.stem}.drift{suffix}")
         self.parts = self.path.with_name(self.path.name + ".parts")
         self.lock_path = self.path.with_name(f".{self.path.name}.lock")
         self.csv = suffix == ".csv"
@@ -144,7 +167,11 @@ class FileSink:
         return sorted(self.parts.glob(f"*.{kind}.parquet")) if self.parts.is_dir() else []
 
     def _all(self, kind: str) -> pd.DataFrame:
-        frames = [self._read(self.path if kind == "pred" else self.rejects_path)]
+        if kind == "emb":
+            stored = pd.read_parquet(self.embeddings_path) if self.embeddings_path.is_file() else pd.DataFrame()
+            frames = [stored]
+        else:
+            frames = [self._read(self.path if kind == "pred" else self.rejects_path)]
         frames += [pd.read_parquet(p) for p in self._parts(kind)]
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -156,10 +183,12 @@ class FileSink:
 
     def commit(self, shard: int, predictions: pd.DataFrame, rejects: pd.DataFrame) -> None:
         name = f"shard-{shard:06d}-{uuid.uuid4().hex[:12]}"  # unique across runs writing the same output
+        predictions, embeddings = split_embeddings(predictions)
         with self._lock():  # never between another run's merge and its removal of the parts it merged
             self.parts.mkdir(parents=True, exist_ok=True)
-            # Rejects first: a shard counts as done when its predictions part exists.
-            for frame, kind in ((rejects, "rej"), (predictions, "pred")):
+            # Rejects and embeddings first: a shard counts as done when its predictions part exists.
+            parts = [(rejects, "rej"), (embeddings, "emb"), (predictions, "pred")]
+            for frame, kind in [(f, k) for f, k in parts if k != "emb" or len(f)]:
                 with atomic_path(self.parts / f"{name}.{kind}.parquet") as tmp:
                     frame.to_parquet(tmp, index=False)
 
@@ -178,9 +207,16 @@ class FileSink:
         with self._lock():
             return self._merge()
 
+    def record_drift(self, rows: pd.DataFrame) -> None:
+        with self._lock():
+            table = pd.concat([self._read(self.drift_path), rows], ignore_index=True)
+            table = table.loc[~_frame_key(table, DRIFT_KEY).duplicated(keep="last")]
+            with atomic_path(self.drift_path) as tmp:
+                table.to_csv(tmp, index=False) if self.csv else table.to_parquet(tmp, index=False)
+
     def _merge(self) -> list[str]:
         tables = {}
-        for kind, key in (("pred", KEY), ("rej", REJECT_KEY)):
+        for kind, key in (("pred", KEY), ("rej", REJECT_KEY), ("emb", KEY)):
             merged = self._all(kind)
             if not merged.empty:  # the newest row of a key wins (a retried reject, bytes that came back)
                 merged["scored_at"] = _as_time(merged["scored_at"])
@@ -189,7 +225,11 @@ class FileSink:
             tables[kind] = merged
         _supersede(tables["pred"], tables["rej"])
         tables["review"] = review_queue(tables["pred"], self._read(self.review_path))
-        for kind, target in (("pred", self.path), ("rej", self.rejects_path), ("review", self.review_path)):
+        targets = [("pred", self.path), ("rej", self.rejects_path), ("review", self.review_path)]
+        if len(tables["emb"]):
+            with atomic_path(self.embeddings_path) as tmp:
+                tables["emb"].to_parquet(tmp, index=False)
+        for kind, target in targets:
             for stale in target.parent.glob(f".{target.name}.*.tmp"):  # a killed run's unfinished merge
                 stale.unlink(missing_ok=True)
             with atomic_path(target) as tmp:
@@ -197,7 +237,7 @@ class FileSink:
                     tables[kind].to_csv(tmp, index=False)
                 else:
                     tables[kind].to_parquet(tmp, index=False)
-        for part in self._parts("pred") + self._parts("rej"):
+        for part in self._parts("pred") + self._parts("rej") + self._parts("emb"):
             part.unlink()
         if self.parts.is_dir():
             # A run killed mid-write leaves its temporary part behind: an incomplete write, never a commit.
@@ -207,7 +247,8 @@ class FileSink:
                 self.parts.rmdir()
             except OSError:  # something else appeared meanwhile: keep it; the next run merges it
                 pass
-        return [str(self.path), str(self.rejects_path), str(self.review_path)]
+        written = [str(self.path), str(self.rejects_path), str(self.review_path)]
+        return written + ([str(self.embeddings_path)] if len(tables["emb"]) else [])
 
 
 def review_queue(predictions: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFrame:
@@ -284,6 +325,7 @@ class SqlSink:
         if not _TABLE.match(table):
             raise UserError(f"invalid table name {table!r}: use letters, digits and _, starting with a letter")
         self.url, self.table, self.rejects, self.review = url, table, f"{table}_rejects", f"{table}_review"
+        self.embeddings = f"{table}_embeddings"
         try:
             parsed = parse_url(url)
         except ArgumentError:
@@ -315,7 +357,7 @@ class SqlSink:
         inspector = inspect(conn)
         return {c["name"] for c in inspector.get_columns(name)} if inspector.has_table(name) else set()
 
-    def _ensure(self, conn: Connection, name: str, frame: pd.DataFrame, key: list[str]) -> None:
+    def _ensure(self, conn: Connection, name: str, frame: pd.DataFrame, key: list[str], history: bool = True) -> None:
         """Create the table with a unique key, or add columns it lacks (new id or class columns)."""
         from sqlalchemy import (
             BigInteger,
@@ -323,6 +365,7 @@ class SqlSink:
             Column,
             DateTime,
             Float,
+            LargeBinary,
             MetaData,
             String,
             Table,
@@ -332,6 +375,8 @@ class SqlSink:
         )
 
         def column_type(series: pd.Series) -> TypeEngine[Any]:
+            if series.name == EMBEDDING:
+                return LargeBinary()
             if pd.api.types.is_bool_dtype(series):
                 return Boolean()
             if pd.api.types.is_integer_dtype(series):
@@ -356,7 +401,7 @@ class SqlSink:
             if existing and column not in existing:
                 ddl = column_type(frame[column]).compile(dialect=self.engine.dialect)
                 conn.execute(text(f"ALTER TABLE {self.quote(name)} ADD COLUMN {self.quote(str(column))} {ddl}"))
-        if name not in self._indexed:  # each shard supersedes its paths' earlier rows: find them by index
+        if history and name not in self._indexed:  # each shard supersedes its paths' earlier rows: find them by index
             index = self.quote(f"ix_{name}_path")
             conn.execute(text(f"CREATE INDEX IF NOT EXISTS {index} ON {self.quote(name)} (model_name, path)"))
             self._indexed.add(name)
@@ -380,8 +425,17 @@ class SqlSink:
         return latest[CURRENT_COLUMNS]
 
     def commit(self, shard: int, predictions: pd.DataFrame, rejects: pd.DataFrame) -> None:
+        predictions, embeddings = split_embeddings(predictions)
         with self.engine.begin() as conn:  # one transaction per shard: all of it or none of it
             self._lock(conn)
+            if len(embeddings):  # float16 bytes: the vectors' own width, readable with numpy.frombuffer
+                vectors = embeddings.assign(
+                    embedding=[np.asarray(v, np.float16).tobytes() for v in embeddings[EMBEDDING]]
+                )
+                self._ensure(conn, self.embeddings, vectors, KEY, history=False)
+                self._upsert(
+                    conn, self.embeddings, vectors.assign(model_version=vectors["model_version"].astype(str)), KEY
+                )
             review = review_queue(predictions, pd.DataFrame())
             frames = [(self.table, predictions, KEY), (self.rejects, rejects, REJECT_KEY), (self.review, review, KEY)]
             for name, frame, key in frames:
@@ -430,8 +484,18 @@ class SqlSink:
         update = {c: statement.excluded[c] for c in frame.columns if c not in key and c != REVIEW_COLUMN}
         conn.execute(statement.on_conflict_do_update(index_elements=key, set_=update))
 
+    def record_drift(self, rows: pd.DataFrame) -> None:
+        name = f"{self.table}_drift"
+        frame = rows.assign(model_version=rows["model_version"].astype(str))
+        with self.engine.begin() as conn:
+            self._lock(conn)
+            self._ensure(conn, name, frame, DRIFT_KEY, history=False)
+            self._upsert(conn, name, frame, DRIFT_KEY)
+
     def finish(self) -> list[str]:
-        return [f"{redact(self.url)}#{name}" for name in (self.table, self.rejects, self.review)]
+        with self.engine.connect() as conn:  # the side tables exist once a run wrote to them
+            extra = [n for n in (self.review, self.embeddings) if self._columns(conn, n)]
+        return [f"{redact(self.url)}#{name}" for name in (self.table, self.rejects, *extra)]
 
 
 def _begin_immediate(engine: Any) -> None:

@@ -372,6 +372,30 @@ def score(
         float | None,
         typer.Option(help=_help(ScoreConfig, "review_margin", "Review rows this close to an operating point.")),
     ] = None,
+    embeddings: Annotated[
+        bool | None,
+        typer.Option(
+            "--embeddings/--no-embeddings", help=_help(ScoreConfig, "embeddings", "Keep each image's embedding.")
+        ),
+    ] = None,
+    similar_cases: Annotated[
+        bool | None,
+        typer.Option(
+            "--similar/--no-similar",
+            help=_help(ScoreConfig, "similar", "Nearest training images and the reuse check."),
+        ),
+    ] = None,
+    drift: Annotated[
+        bool | None,
+        typer.Option("--drift/--no-drift", help=_help(ScoreConfig, "drift", "Check the batch for drift.")),
+    ] = None,
+    fail_on_drift: Annotated[
+        bool | None,
+        typer.Option(
+            "--fail-on-drift/--no-fail-on-drift",
+            help=_help(ScoreConfig, "fail_on_drift", "Exit 3 when the batch drifted (tables are written)."),
+        ),
+    ] = None,
     cluster: Annotated[
         str | None, typer.Option(help="Dask scheduler address (tcp://host:8786): shards fan out to it.")
     ] = None,
@@ -416,6 +440,10 @@ def score(
         explain=explain,
         review_flips=review_flips,
         review_margin=review_margin,
+        embeddings=embeddings,
+        similar=similar_cases,
+        drift=drift,
+        fail_on_drift=fail_on_drift,
         cluster=cluster,
         dask_workers=dask_workers,
         precision=precision,
@@ -440,6 +468,24 @@ def explain_images(
     render.explanations(outcome)
     if not outcome.explained:
         raise UserError("no image could be read; nothing was explained")
+
+
+@app.command()
+@_command
+def similar(
+    image: Annotated[Path, typer.Argument(help="An image file.")],
+    model: Annotated[str, typer.Option(help="MODEL (= MODEL@champion), MODEL@alias or MODEL:version.")],
+    k: Annotated[int, typer.Option("--k", min=1, max=100, help="How many neighbours.")] = 10,
+    out: Annotated[
+        Path | None, typer.Option(help="Contact sheet PNG (default: IMAGE's name + .similar.png here).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
+) -> None:
+    """The most similar training images and previously scored images, by the model's embeddings."""
+    from flows import render
+    from flows.explain import similar as find_similar
+
+    render.similar(find_similar(str(image), model, k, out or Path(f"{image.stem}.similar.png"), device))
 
 
 @app.command()

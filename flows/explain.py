@@ -1,20 +1,24 @@
-"""`cnn explain` and `cnn card`: look inside a registered version (its heat maps, feature maps and top classes for
-chosen images) and read its model card. Read-only: nothing is registered, scored or tracked."""
+"""`cnn explain`, `cnn card` and `cnn similar`: look inside a registered version (its heat maps, feature maps and
+top classes for chosen images), read its model card, find the cases nearest to an image. Read-only: nothing is
+registered, scored or tracked."""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from cnn.decode import DecodeError, decode_bytes, read_image_bytes
 from cnn.errors import UserError
-from cnn.explain import ImageExplanation, explain_image
-from flows import versions
+from cnn.explain import ImageExplanation, explain_image, save_png, tile_sheet
+from cnn.neighbours import VectorIndex
+from flows import versions, workspace
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -61,3 +65,71 @@ def card(spec: str) -> str:
             f"{mv.name} v{mv.version} has no model card (it was registered before cards existed); train again"
         ) from None
     return Path(path).read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class SimilarOutcome:
+    """The nearest training images and the nearest images scored before, and the contact sheet."""
+
+    model: str
+    label: str  # what the model predicts for the query image
+    training: list[dict[str, object]]  # rank, similarity, image_id, label
+    scored: list[dict[str, object]]  # rank, similarity, image_id, label, the carried id columns
+    sheet: Path
+
+
+def similar(image: str, spec: str, k: int, out: Path, device: str = "cpu") -> SimilarOutcome:
+    """The k nearest training images (label, cosine similarity) and previously scored images (their carried id
+    columns) of IMAGE, by the version's embeddings, as rows and as a contact sheet."""
+    mv, predictor = versions.load_spec(spec, device)
+    ref = versions.ModelRef(
+        mv.name, str(mv.version), mv.run_id or "", str(versions.version_files(mv.name, str(mv.version)))
+    )
+    reference = versions.reference(ref)
+    if not reference.exists:
+        raise UserError(f"{ref.label} was registered before similar-case search existed; train a new version")
+    decode_spec = predictor.contract.decode_spec()
+    try:
+        array = np.array(decode_bytes(read_image_bytes(image, decode_spec), decode_spec).array)
+    except DecodeError as exc:
+        raise UserError(f"cannot read {image}: {exc.reason}") from None
+    probs, vector = predictor.predict_with_embeddings(array[None])
+    training = _nearest(reference.index(), reference.rows(), vector, k)
+    history = versions.history(ref)
+    index = history.index()
+    scored = _nearest(index, history.rows(), vector, k) if index is not None else []
+    for row in scored:
+        row.update(json.loads(str(row.pop("ids") or "{}")))
+    tiles = _training_images(predictor.contract.dataset, [str(r["image_id"]) for r in training])
+    classes = predictor.contract.classes
+    label = classes[int(probs[0].argmax())]
+    captions = [f"query: {label} {probs[0].max():.2f}"] + [
+        f"#{r['rank']} {r['label']} {r['similarity']:.3f}" for r in training
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet = save_png(tile_sheet([array, *tiles], captions, f"{ref.label}: nearest training images"), out)
+    return SimilarOutcome(ref.label, label, training, scored, sheet)
+
+
+def _nearest(index: VectorIndex, rows: pd.DataFrame, vector: np.ndarray, k: int) -> list[dict[str, object]]:
+    similarity, ids = index.search(vector, k)
+    found = []
+    for rank, (score, position) in enumerate(zip(similarity[0], ids[0]), start=1):
+        if position < 0:
+            continue
+        row = rows.iloc[int(position)]
+        found.append(
+            {"rank": rank, "similarity": round(float(score), 4), "image_id": row["image_id"], "label": row["label"],
+             **({"ids": row["ids"]} if "ids" in rows.columns else {})}
+        )  # fmt: skip
+    return found
+
+
+def _training_images(dataset: str, image_ids: list[str]) -> list[np.ndarray | None]:
+    """The training images from the dataset's cache (None where the dataset is not on this machine)."""
+    found = workspace.current().dataset(dataset) if dataset else None
+    if found is None or not found.exists():
+        return [None] * len(image_ids)
+    cache = found.open_cache(found.meta().cache_token)
+    index = cache.index()
+    return [np.asarray(cache.get(i)) if i in index else None for i in image_ids]

@@ -11,7 +11,7 @@ from rich.table import Table
 from cnn.dataset import Dataset
 from cnn.report import DatasetReport
 from cnn.scoring import ScoringSummary
-from flows.explain import ExplainOutcome
+from flows.explain import ExplainOutcome, SimilarOutcome
 from flows.train import NodeOutcome, TrainOutcome
 
 console = Console(soft_wrap=True)
@@ -87,6 +87,9 @@ def scoring(summary: ScoringSummary) -> None:
     console.print(table)
     if summary.precision_reason:
         console.print(f"precision: {summary.precision_reason}", highlight=False)
+    if summary.drift:
+        colour = "bold red" if summary.drifted else "green"
+        console.print(f"[{colour}]{summary.drift}[/]", highlight=False)
     console.print(
         f"{summary.predicted} predictions, {summary.rejected} rejects, {summary.skipped} already "
         f"scored, {summary.retried} transient rejects tried again; tables:\n  " + "\n  ".join(summary.tables),
@@ -152,3 +155,23 @@ def model_card(markdown: str) -> None:
     from rich.markdown import Markdown
 
     console.print(Markdown(markdown))
+
+
+def similar(outcome: SimilarOutcome) -> None:
+    """The nearest training images and the nearest images scored before, as tables."""
+    console.print(f"{outcome.model} predicts [bold]{outcome.label}[/]", highlight=False)
+    for title, rows in (
+        ("nearest training images", outcome.training),
+        ("nearest images scored before", outcome.scored),
+    ):
+        if not rows:
+            console.print(f"{title}: none", highlight=False)
+            continue
+        table = Table(title=title)
+        columns = list(rows[0])
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*(str(row.get(c, ""))[:24] if c == "image_id" else str(row.get(c, "")) for c in columns))
+        console.print(table)
+    console.print(f"contact sheet: {outcome.sheet}", highlight=False)

@@ -8,26 +8,36 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 from prefect import Flow, flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 
-from cnn import scoring, stopping
+from cnn import drift, scoring, stopping
 from cnn.config import ScoreConfig
+from cnn.drift import DriftReport
 from cnn.errors import UserError
 from cnn.scoring import ModelRef, ScoringOptions, ScoringSummary, ShardPlan, ShardResult
-from cnn.sinks import Sink, open_sink, redact
-from flows import credentials, versions, workspace
+from cnn.sinks import EMBEDDING, Sink, open_sink, redact
+from flows import credentials, tracking, versions, workspace
 from flows.logfilter import quiet_user_errors
 from flows.processes import sigterm_at_safe_points
 from flows.progress import reported_progress
 
 quiet_user_errors()
 DEFAULT_TABLE = "default"  # `table: default`: the workspace's table (CNN_PREDICTIONS_URL), beside an --output file
+
+
+class DriftDetected(UserError):
+    """The batch drifted and the run was asked to fail on it (a deployment's alert); exit code 3."""
+
+    exit_code = 3
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -90,13 +100,76 @@ def score_shard(
     sinks = _sinks(config.output, config.table)
     predictor = versions.load_predictor(model)
     explainer = versions.load_explainer(model) if options.explain != "none" else None
-    return scoring.score_shard(plan, shard, predictor, model, sinks, options, _masking(config), explainer)
+    lookup = versions.load_lookup(model) if config.similar and config.embeddings else None
+    return scoring.score_shard(plan, shard, predictor, model, sinks, options, _masking(config), explainer, lookup)
 
 
 @task(name="publish-tables", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, retry_condition_fn=_transient)
 def publish(config: ScoreConfig) -> list[str]:
     """Merge file parts into the output files atomically; return where every table lives."""
     return [location for sink in _sinks(config.output, config.table) for location in sink.finish()]
+
+
+@task(name="extend-history", cache_policy=NO_CACHE)
+def extend_history(model: ModelRef, run_dir: str) -> int:
+    """Add what this run scored to the version's history (for `cnn similar` and the next runs' reuse check)."""
+    parts = sorted((Path(run_dir) / "history").glob("shard-*.parquet"))
+    if not parts:
+        return 0
+    rows = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    vectors = np.stack([np.asarray(v, dtype=np.float32) for v in rows[EMBEDDING]])
+    added = versions.history(model).extend(rows, vectors)
+    for part in parts:
+        part.unlink()
+    return added
+
+
+@task(name="check-drift", cache_policy=NO_CACHE)
+def check_drift(
+    model: ModelRef, config: ScoreConfig, results: list[ShardResult], flow_run_id: str
+) -> DriftReport | None:
+    """Compare the batch with the version's validation reference; record it in the drift table, an artifact
+    and MLflow."""
+    found = versions.reference(model)
+    if not found.exists:
+        return None
+    report = drift.check_drift(
+        found.drift(),
+        found.drift_embeddings(),
+        scoring.merged_drift(results),
+        drift.DriftRules(alpha=config.drift_alpha),
+    )
+    if report.statistics:
+        frame = pd.DataFrame(report.rows()).assign(
+            model_name=model.name, model_version=model.version, flow_run_id=flow_run_id,
+            checked_at=pd.Timestamp.now(tz="UTC"), images=report.images,
+        )  # fmt: skip
+        for sink in _sinks(config.output, config.table):
+            sink.record_drift(frame)
+        tracking.log_drift(model.name, model.version, flow_run_id, report)
+    rows = [
+        {"statistic": s.name, "test": s.test, "p": round(s.p_value, 4), "effect": round(s.effect, 4),
+         "drifted": s.drifted, "detail": s.detail}
+        for s in report.statistics
+    ]  # fmt: skip
+    create_markdown_artifact(_drift_markdown(report, rows), key="drift", description="Drift against the reference")
+    return report
+
+
+def _drift_markdown(report: DriftReport, rows: list[dict[str, object]]) -> str:
+    lines = [
+        f"## {report.describe()}",
+        "",
+        "| statistic | test | p | effect | drifted | detail |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        bar = "█" * min(20, int(20 * float(row["effect"])))  # type: ignore[arg-type]  # a float
+        lines.append(
+            f"| {row['statistic']} | {row['test']} | {row['p']} | {row['effect']} {bar} | "
+            f"{'**yes**' if row['drifted'] else 'no'} | {row['detail']} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 @flow(name="score")
@@ -114,6 +187,8 @@ def score_flow(source: str, config: ScoreConfig, home: str | None = None) -> Sco
         model = resolve_model(config)
         plan = plan_shards(source, config, model, str(run_dir))
         options = ScoringOptions.from_config(config, flow_run_id, *_explanations(config, ws.home))
+        if config.similar and config.embeddings:
+            options = replace(options, history_dir=str(run_dir / "history"))
         results: list[ShardResult] = []
         start = time.perf_counter()
         with reported_progress(f"scoring with {model.label}", key="score-progress") as progress:
@@ -129,7 +204,14 @@ def score_flow(source: str, config: ScoreConfig, home: str | None = None) -> Sco
                 progress(sum(r.files for r in results), plan.files)
         summary = scoring.summarise(results, plan, model, time.perf_counter() - start, publish(config))
         plan.remove()
+        if config.similar and config.embeddings:
+            extend_history(model, str(run_dir))
+        report = check_drift(model, config, results, flow_run_id) if config.drift else None
+    if report is not None:
+        summary = replace(summary, drift=report.describe(), drifted=report.drifted)
     create_table_artifact(summary.rows(), key="score-summary", description="Scoring summary")
+    if report is not None and report.drifted and config.fail_on_drift:
+        raise DriftDetected(f"{report.describe()} (--fail-on-drift); the predictions are written")
     return summary
 
 

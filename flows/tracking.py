@@ -20,6 +20,7 @@ from cnn.card import ModelCard
 from cnn.config import TrainConfig
 from cnn.contract import ModelContract
 from cnn.dataset import Dataset, usable_rows
+from cnn.drift import DriftReport
 from cnn.evaluation import CalibrationResult
 from cnn.operating_points import PointCheck
 from cnn.train import EpochRecord, FitResult
@@ -141,6 +142,29 @@ def log_card(run_id: str, model: str, version: str, card: ModelCard) -> None:
     MlflowClient().update_model_version(model, version, description=description)
 
 
+def log_drift(model: str, version: str, flow_run_id: str, report: DriftReport) -> None:
+    """A scoring run's drift check as an MLflow run of the experiment `cnn-scoring-MODEL`: p-value and effect of
+    each statistic, and whether the batch drifted."""
+    name = f"cnn-scoring-{model}"
+    if mlflow.get_experiment_by_name(name) is None:
+        ws = workspace.current()
+        local = mlflow.get_tracking_uri() == ws.default_tracking_uri
+        mlflow.create_experiment(name, artifact_location=(ws.mlflow_artifacts / name).as_uri() if local else None)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None  # created just above
+    tags = {"model.name": model, "model.version": version, "flow_run_id": flow_run_id, "drifted": str(report.drifted)}
+    run = client.create_run(experiment.experiment_id, run_name=f"score-{flow_run_id[:8] or 'local'}", tags=tags)
+    stamp = int(1000 * time.time())
+    metrics = [mlflow.entities.Metric("drift.images", float(report.images), stamp, 0)]
+    metrics.append(mlflow.entities.Metric("drift.drifted", float(report.drifted), stamp, 0))
+    for s in report.statistics:
+        metrics.append(mlflow.entities.Metric(f"drift.{s.name}.p_value", s.p_value, stamp, 0))
+        metrics.append(mlflow.entities.Metric(f"drift.{s.name}.effect", s.effect, stamp, 0))
+    client.log_batch(run.info.run_id, metrics=metrics)
+    client.set_terminated(run.info.run_id)
+
+
 def signature_for(contract: ModelContract) -> ModelSignature:
     inputs = Schema([ColSpec("string", "path", required=False), ColSpec("binary", "image", required=False)])
     outputs = Schema(
@@ -158,7 +182,11 @@ def log_model(run_id: str, run_dir: Path) -> str:
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(MODEL_CODE),
-            artifacts={"weights": str(run_dir / "best.pt"), "contract": str(run_dir / "contract.json")},
+            artifacts={
+                "weights": str(run_dir / "best.pt"),
+                "contract": str(run_dir / "contract.json"),
+                **({"reference": str(run_dir / "reference")} if (run_dir / "reference").is_dir() else {}),
+            },
             code_paths=[str(LIBRARY)],
             signature=signature_for(contract),
             input_example=pd.DataFrame({"path": ["example.png"]}),  # never a real file's path: MLflow is shared

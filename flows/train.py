@@ -16,6 +16,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from cnn import neighbours
 from cnn.card import build_card
 from cnn.config import TrainConfig
 from cnn.dataset import Dataset, validate_name
@@ -185,6 +186,13 @@ def evaluate_model(dataset_dir: str, run_dir: str, run_id: str) -> dict[str, flo
     return evaluation.metrics.headline()
 
 
+@task(name="build-reference", cache_policy=NO_CACHE)
+def build_reference(dataset_dir: str, run_dir: str) -> str:
+    """The version's reference: training embeddings, labels and hashes (similar cases, reuse check) and the
+    validation split's statistics (drift); logged with the model."""
+    return str(neighbours.build_reference(Path(run_dir), Path(dataset_dir)).folder)
+
+
 @task(name="log-model", cache_policy=NO_CACHE)
 def log_model(dataset_dir: str, run_dir: str, run_id: str) -> str:
     """Log the pyfunc model (weights as a state_dict, the contract as metadata)."""
@@ -248,6 +256,7 @@ def train_flow(
         fit_model(dataset_dir, run_dir, run_id, config, resume)
         calibrate_model(dataset_dir, run_dir, run_id, config)
         test_metrics = evaluate_model(dataset_dir, run_dir, run_id)
+        build_reference(dataset_dir, run_dir)
         model_uri = log_model(dataset_dir, run_dir, run_id)
         decision = register_and_gate(model_uri, model_name, run_id, dataset_dir, run_dir, config)
         write_model_card(dataset_dir, run_dir, run_id, config, decision)

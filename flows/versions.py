@@ -21,6 +21,7 @@ from cnn.errors import UserError
 from cnn.evaluation import bf16_split_agreement
 from cnn.fsio import sha256_file
 from cnn.inference import Predictor
+from cnn.neighbours import History, Lookup, Reference
 from cnn.precision import PrecisionChoice, choose_inference_precision
 from cnn.scoring import ModelRef
 from flows import workspace
@@ -156,6 +157,32 @@ def _cached_predictor(model_dir: str, device: str, precision: str, compile: bool
     predictor = Predictor.load(weights, contract, device, channels_last=True, fuse=True)
     predictor = predictor.with_precision(PrecisionChoice(precision, "").autocast_dtype)  # type: ignore[arg-type]  # a name the policy chose
     return predictor.compiled() if compile else predictor
+
+
+def reference(ref: ModelRef) -> Reference:
+    """The version's reference files (training embeddings and hashes, drift statistics); absent before issue 12."""
+    artifacts = yaml.safe_load((Path(ref.files) / "MLmodel").read_text())["flavors"]["python_function"]["artifacts"]
+    folder = artifacts.get("reference", {}).get("path", "artifacts/reference")
+    return Reference(Path(ref.files) / folder)
+
+
+def history(ref: ModelRef) -> History:
+    """What this version scored so far, under CNN_HOME (shared by every run of the version)."""
+    return History(workspace.current().home / "history" / ref.name / f"v{ref.version}")
+
+
+def load_lookup(ref: ModelRef) -> Lookup | None:
+    """The reference and history a shard compares its images with (None for a version without a reference)."""
+    found = reference(ref)
+    if not found.exists:
+        return None
+    return _cached_lookup(str(found.folder), str(history(ref).folder), history(ref).generation())
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_lookup(reference_dir: str, history_dir: str, generation: str) -> Lookup:
+    # keyed by the history's generation: a long-running process (cnn serve) sees what later runs added
+    return Lookup.load(Reference(Path(reference_dir)), History(Path(history_dir)))
 
 
 def _artifact_paths(model_dir: Path) -> tuple[Path, Path]:

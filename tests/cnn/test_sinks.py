@@ -337,3 +337,47 @@ def test_the_review_queue_is_ordered_and_keeps_what_reviewers_wrote(tmp_path: Pa
             assert kept["image_id"].tolist() == ["id2"] and kept["reviewed_label"].tolist() == ["b"]
     finally:
         _drop(sink)
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv", "sqlite", pytest.param("postgresql", marks=requires_postgres)])
+def test_embeddings_go_to_their_side_table_in_the_shard_commit(tmp_path: Path, kind: str) -> None:
+    import numpy as np
+
+    sink = _sink(kind, tmp_path)
+    preds, rejects = _rows(3)
+    vectors = np.random.default_rng(0).normal(0, 1, (3, 8)).astype(np.float16)
+    try:
+        sink.commit(0, preds.assign(embedding=list(vectors)), rejects)
+        sink.commit(0, preds.assign(embedding=list(vectors)), rejects)  # a retried shard: still one row each
+        main, _ = _tables(sink)
+        assert "embedding" not in main.columns and len(main) == 3
+        if isinstance(sink, FileSink):
+            side = pd.read_parquet(sink.embeddings_path)  # Parquet beside a CSV output too
+            stored = np.stack(side.sort_values("image_id")["embedding"].to_numpy())
+        else:
+            with sink.engine.connect() as conn:
+                side = pd.read_sql_query(f'select * from "{sink.embeddings}" order by image_id', conn)
+            stored = np.stack([np.frombuffer(b, np.float16) for b in side["embedding"]])
+        assert len(side) == 3 and (side["dim"] == 8).all() and np.array_equal(stored, vectors)
+    finally:
+        if isinstance(sink, SqlSink) and sink.engine.dialect.name == "postgresql":
+            from sqlalchemy import text
+
+            with sink.engine.begin() as conn:
+                conn.execute(text(f'drop table if exists "{sink.embeddings}"'))
+        _drop(sink)
+
+
+def test_drift_rows_are_kept_once_per_run_and_statistic(tmp_path: Path) -> None:
+    rows = pd.DataFrame({"name": ["format", "embedding"], "p_value": [0.5, 0.001], "flow_run_id": "r1",
+                         "model_version": "1"})  # fmt: skip
+    for sink in (FileSink(tmp_path / "out.parquet"), SqlSink.from_url(f"sqlite:///{tmp_path / 't.db'}#preds")):
+        sink.record_drift(rows)
+        sink.record_drift(rows.assign(p_value=[0.6, 0.002]))  # the same run again: replaced
+        sink.record_drift(rows.assign(flow_run_id="r2"))
+        if isinstance(sink, FileSink):
+            table = pd.read_parquet(sink.drift_path)
+        else:
+            with sink.engine.connect() as conn:
+                table = pd.read_sql_query('select * from "preds_drift"', conn)
+        assert len(table) == 4 and set(table.loc[table["flow_run_id"] == "r1", "p_value"]) == {0.6, 0.002}

@@ -497,3 +497,59 @@ def test_a_run_killed_without_a_word_shows_as_crashed(home: Path, tmp_path: Path
         with get_client(sync_client=True) as client:  # the session's other runs have other heartbeat settings
             for automation in client.read_automations_by_name(CRASH_DETECTION):
                 client.delete_automation(automation.id)
+
+
+def test_similar_cases_reuse_and_drift_through_the_flow(home: Path, tmp_path: Path) -> None:
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    first = write_patterns(tmp_path / "night1", per_class=12, seed=31)  # 36: enough for a drift verdict
+    manifest = tmp_path / "night1.csv"
+    files = sorted(first.rglob("*.png"))
+    pd.DataFrame({"path": [str(p) for p in files], "claim": [f"C{i:03d}" for i in range(len(files))]}).to_csv(
+        manifest, index=False
+    )
+    out1, out2 = tmp_path / "n1.parquet", tmp_path / "n2.parquet"
+    result = runner.invoke(app, ["score", str(manifest), "--model", "patterns", "--output", str(out1)])
+    assert result.exit_code == 0, result.output
+    scored = pd.read_parquet(out1)
+    assert scored["neighbour_label"].notna().all() and scored["neighbour_agreement"].between(0, 1).all()
+    assert scored["phash"].str.len().eq(64).all()
+    side = pd.read_parquet(tmp_path / "n1.embeddings.parquet")
+    assert sorted(side["image_id"]) == sorted(scored["image_id"]) and (side["dim"] == 32).all()
+    drift = pd.read_parquet(tmp_path / "n1.drift.parquet")
+    assert set(drift["name"]) >= {"predicted_class", "confidence", "brightness", "embedding"}
+
+    # the next night: a claim photo submitted again under another claim, once as is and once mirrored
+    second = tmp_path / "night2"
+    second.mkdir()
+    shutil.copy(files[0], second / "resubmitted.png")
+    mirrored = np.asarray(Image.open(files[1]))[:, ::-1]
+    Image.fromarray(np.ascontiguousarray(mirrored)).save(second / "mirrored.png")
+    result = runner.invoke(app, ["score", str(second), "--model", "patterns", "--output", str(out2)])
+    assert result.exit_code == 0, result.output
+    again = pd.read_parquet(out2).set_index(pd.read_parquet(out2)["path"].map(lambda p: Path(p).name))
+    exact = json.loads(again.loc["resubmitted.png", "duplicate_of"])
+    assert again.loc["resubmitted.png", "duplicate_kind"] == "exact"
+    assert exact["source"] == "scored" and exact["claim"] == "C000"  # the other claim's number
+    near = json.loads(again.loc["mirrored.png", "duplicate_of"])
+    assert again.loc["mirrored.png", "duplicate_kind"] == "near" and near["claim"] == "C001"
+    assert "copies of earlier images" in result.output
+
+    # cnn similar: the nearest training images and the nearest images scored before, with their claim numbers
+    found = runner.invoke(
+        app, ["similar", str(files[2]), "--model", "patterns", "--k", "3", "--out", str(tmp_path / "s.png")]
+    )
+    assert found.exit_code == 0, found.output
+    assert "nearest training images" in found.output and "C002" in found.output and (tmp_path / "s.png").is_file()
+
+    # an inverted batch drifts; --fail-on-drift makes the run fail (exit 3) after writing its tables
+    dark = tmp_path / "inverted"
+    dark.mkdir()
+    for i, path in enumerate(sorted(write_patterns(tmp_path / "src3", per_class=12, seed=41).rglob("*.png"))):
+        Image.fromarray(255 - np.asarray(Image.open(path))).save(dark / f"{i}.png")
+    out3 = tmp_path / "n3.parquet"
+    failed = runner.invoke(app, ["score", str(dark), "--model", "patterns", "--output", str(out3), "--fail-on-drift"])
+    assert failed.exit_code == 3 and "drift" in failed.output and len(pd.read_parquet(out3)) == 36, failed.output

@@ -1,5 +1,7 @@
-"""What trust costs at scoring time: the review checks and the Grad-CAM overlays, against plain scoring, side by
-side in one run on the same files (JPEG claims photos, the engine's inference path, a Parquet sink).
+"""What trust costs at scoring time: embeddings with the similar-case and reuse checks, the review checks and the
+Grad-CAM overlays, against plain scoring, side by side in one run on the same files (JPEG claims photos, the
+engine's inference path, a Parquet sink). Target (issue 12): with embeddings, similar cases and the reuse check
+on, at least 0.8 of plain scoring.
 
     python bench/trust.py [--model small_cnn] [--size 128] [--n 512] [--review-below 0.6]
 
@@ -28,12 +30,18 @@ from cnn.augment import load_policy
 from cnn.contract import ModelContract
 from cnn.decode import DecodeSpec, decode_file
 from cnn.inference import Predictor
+from cnn.neighbours import HashTable, Lookup, VectorIndex, phashes
 from cnn.scoring import ModelRef, ScoringInputs, ScoringOptions, plan_shards, score_shard
 from cnn.sinks import FileSink
 
 
 def run(
-    paths: list[str], predictor: Predictor, explainer: Predictor, options: ScoringOptions, out: Path
+    paths: list[str],
+    predictor: Predictor,
+    explainer: Predictor,
+    options: ScoringOptions,
+    out: Path,
+    lookup: Lookup | None = None,
 ) -> tuple[float, float]:
     """(images/s, share of rows needing review) for one scoring run with these options."""
     shutil.rmtree(out.parent, ignore_errors=True)
@@ -42,7 +50,7 @@ def run(
     start = time.perf_counter()
     plan = plan_shards(ScoringInputs(pd.DataFrame({"path": paths}), []), [sink], ref, 256, out.parent)
     for shard in range(plan.shards):
-        score_shard(plan, shard, predictor, ref, [sink], options, explainer=explainer)
+        score_shard(plan, shard, predictor, ref, [sink], options, explainer=explainer, lookup=lookup)
     sink.finish()
     rate = len(paths) / (time.perf_counter() - start)
     return rate, float(pd.read_parquet(out)["needs_review"].mean())
@@ -64,25 +72,44 @@ def main() -> None:
     contract.policy = load_policy("photo").to_dict()  # trained with flips: the flip check applies
     contract.save(contract_path)
     predictor, explainer = fused(weights, contract_path), Predictor.load(weights, contract_path)
-    explain_dir = str(work / "out" / "overlays")
+    explain_dir, history = str(work / "out" / "overlays"), str(work / "out" / "history")
+    # the version's reference: the sample as its training split (index, labels, hashes)
+    _, train_vectors = predictor.predict_with_embeddings(sample)
+    plain, mirrored = phashes(sample)
+    train = pd.DataFrame({"image_id": [f"t{i}" for i in range(len(sample))], "label": "none", "phash": plain})
+    lookup = Lookup(
+        HashTable(train.assign(phash_mirror=mirrored)), VectorIndex.build(train_vectors), HashTable(train[:0])
+    )
+    off = dict(review_flips=False, explain="none", embeddings=False)
+    on = dict(embeddings=True, history_dir=history)
     cases = [
-        ("plain (--explain none --no-review-flips)", ScoringOptions(review_flips=False, explain="none")),
-        ("+ flip check", ScoringOptions(review_flips=True, explain="none")),
-        ("+ overlays for review rows (default)", ScoringOptions(explain="review", explain_dir=explain_dir)),
-        ("+ overlays for every row (--explain all)", ScoringOptions(explain="all", explain_dir=explain_dir)),
+        ("plain (nothing below)", ScoringOptions(**off), None),
+        ("+ embeddings, similar cases, reuse check", ScoringOptions(**{**off, **on}), lookup),
+        ("+ flip check", ScoringOptions(**on, review_flips=True, explain="none"), lookup),
+        (
+            "+ overlays for review rows (default)",
+            ScoringOptions(**on, explain="review", explain_dir=explain_dir),
+            lookup,
+        ),
+        (
+            "+ overlays for every row (--explain all)",
+            ScoringOptions(**on, explain="all", explain_dir=explain_dir),
+            lookup,
+        ),
     ]
-    cases = [(name, ScoringOptions(**{**o.__dict__, "review_below": args.review_below})) for name, o in cases]
-    run(paths[:64], predictor, explainer, cases[-1][1], work / "out" / "warm.parquet")  # warm-up, both models
+    cases = [(n, ScoringOptions(**{**o.__dict__, "review_below": args.review_below}), k) for n, o, k in cases]
+    run(paths[:64], predictor, explainer, cases[-1][1], work / "out" / "warm.parquet", lookup)  # warm-up
     print(f"{args.model} at {args.size} px, {args.n} JPEG files (640x480), {torch.get_num_threads()} threads")
     rates = []
-    for name, options in cases:
-        rate, review = run(paths, predictor, explainer, options, work / "out" / "p.parquet")
+    for name, options, lookup_or_none in cases:
+        rate, review = run(paths, predictor, explainer, options, work / "out" / "p.parquet", lookup_or_none)
         rates.append(rate)
         print(f"{name:<44} {rate:8.1f} images/s  {rate / rates[0]:5.2f}x plain   ({review:.0%} of rows need review)")
-    overlay_ms = 1000 * (1 / rates[3] - 1 / rates[1])  # --explain all over the flip-checked run: per image
+    overlay_ms = 1000 * (1 / rates[4] - 1 / rates[2])  # --explain all over the flip-checked run: per image
     print(
-        f"one overlay (Grad-CAM, blend, JPEG) costs {overlay_ms:.1f} ms; the flip check "
-        f"{1000 * (1 / rates[1] - 1 / rates[0]):.1f} ms per image"
+        f"embeddings, similar cases and the reuse check cost {1000 * (1 / rates[1] - 1 / rates[0]):.1f} ms per image; "
+        f"one overlay (Grad-CAM, blend, JPEG) {overlay_ms:.1f} ms; the flip check "
+        f"{1000 * (1 / rates[2] - 1 / rates[1]):.1f} ms per image"
     )
     shutil.rmtree(work, ignore_errors=True)
 

@@ -105,8 +105,8 @@ class VectorIndex:
 def content(image: np.ndarray) -> np.ndarray:
     """The image without the letterbox bars the decoder added (`pad`): a copy at another size or aspect ratio
     must hash like its original."""
-    rows = np.flatnonzero(image.max(axis=(1, 2)) > 0)
-    cols = np.flatnonzero(image.max(axis=(0, 2)) > 0)
+    lit = image.any(axis=2)
+    rows, cols = np.flatnonzero(lit.any(axis=1)), np.flatnonzero(lit.any(axis=0))
     if not len(rows) or not len(cols):
         return image
     return image[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
@@ -122,10 +122,15 @@ def phashes(images: np.ndarray) -> tuple[list[str], list[str]]:
     for image in images:
         region = content(image)
         picture = Image.fromarray(region[:, :, 0] if region.shape[2] == 1 else region)
-        plain.append(str(imagehash.phash(picture, hash_size=HASH_SIZE)))
+        plain.append(_hex(imagehash.phash(picture, hash_size=HASH_SIZE)))
         flipped = picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        mirrored.append(str(imagehash.phash(flipped, hash_size=HASH_SIZE)))
+        mirrored.append(_hex(imagehash.phash(flipped, hash_size=HASH_SIZE)))
     return plain, mirrored
+
+
+def _hex(value: Any) -> str:
+    """An ImageHash as hex digits, the same string as str(value) (big-endian bits), without its per-bit loop."""
+    return np.packbits(np.asarray(value.hash, dtype=bool).flatten()).tobytes().hex()
 
 
 def _bits(hexes: Sequence[str]) -> np.ndarray:

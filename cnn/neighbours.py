@@ -105,7 +105,7 @@ class VectorIndex:
 def content(image: np.ndarray) -> np.ndarray:
     """The image without the letterbox bars the decoder added (`pad`): a copy at another size or aspect ratio
     must hash like its original."""
-    lit = image.any(axis=2)
+    lit = np.any(image, axis=2)
     rows, cols = np.flatnonzero(lit.any(axis=1)), np.flatnonzero(lit.any(axis=0))
     if not len(rows) or not len(cols):
         return image

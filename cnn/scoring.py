@@ -400,7 +400,7 @@ def score_shard(
     training reference and history) adds the similar cases and the reuse check."""
     files = plan.rows(shard)
     start = time.perf_counter()
-    scored = _score_files(files, list(plan.id_columns), predictor, model, options, masking, explainer, lookup)
+    scored = score_files(files, list(plan.id_columns), predictor, model, options, masking, explainer, lookup)
     predictions, rejects = scored.predictions, scored.rejects
     for sink in sinks:
         sink.commit(shard, predictions, rejects)
@@ -429,23 +429,10 @@ def score_files(
     options: ScoringOptions,
     masking: Masking = Masking(),
     explainer: Predictor | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(prediction rows, reject rows), one row per input file. Rows that `mark_duplicates` marked
-    (`duplicate_of`) become "duplicate" rejects without being decoded."""
-    scored = _score_files(files, id_columns, predictor, model, options, masking, explainer)
-    return scored.predictions, scored.rejects
-
-
-def _score_files(
-    files: pd.DataFrame,
-    id_columns: list[str],
-    predictor: Predictor,
-    model: ModelRef,
-    options: ScoringOptions,
-    masking: Masking = Masking(),
-    explainer: Predictor | None = None,
     lookup: Lookup | None = None,
 ) -> Scored:
+    """One shard's rows: a prediction or a reject for each input file (rows that `mark_duplicates` marked
+    `duplicate_of` become "duplicate" rejects without being decoded), its drift sample and its history rows."""
     rejects: list[tuple[str, str, str, str]] = []
     ids_by_path = files[["path", *id_columns]]
     planned = dict(zip(files["path"], files["image_id"])) if "image_id" in files.columns else {}

@@ -74,9 +74,10 @@ def _incoming(base: Path) -> Path:
 def test_score_files_rows_rejects_and_ids(trained: FitResult, tmp_path: Path) -> None:
     folder = _incoming(tmp_path / "in")
     files = mark_duplicates(list_inputs(str(folder)).files.assign(claim_id=lambda f: [f"C{i}" for i in f.index]))
-    preds, rejects = score_files(
+    scored = score_files(
         files, ["claim_id"], _predictor(trained), MODEL, ScoringOptions(batch_size=4, top_k=2, review_below=0.99)
     )
+    preds, rejects = scored.predictions, scored.rejects
     assert len(preds) == 9 and len(rejects) == 3
     assert sorted(preds["path"].tolist() + rejects["path"].tolist()) == sorted(files["path"])
     assert dict(zip(rejects["path"].map(lambda p: Path(p).name), rejects["reject_kind"])) == {

@@ -107,3 +107,35 @@ def plot_history(history: Sequence[dict[str, float]], path: Path) -> Path:
     right.legend(fontsize=8)
     fig.suptitle("training curves")
     return _save(fig, path)
+
+
+def plot_drift(reference: dict[str, object], batch: dict[str, list[object]], path: Path) -> Path:
+    """The batch against the version's reference: histograms of the continuous statistics, shares of the classes
+    and formats."""
+    plt = _pyplot()
+    continuous = ("confidence", "brightness", "contrast", "long_side")
+    categorical = ("predicted_class", "format")
+    fig, axes = plt.subplots(2, 3, figsize=(11, 6))
+    for ax, name in zip(axes.flat, continuous):
+        ref = np.asarray(reference.get(name, []), dtype=float)
+        got = np.asarray(batch.get(name, []), dtype=float)
+        if len(ref) and len(got):
+            lo, hi = float(min(ref.min(), got.min())), float(max(ref.max(), got.max()))
+            bins = np.linspace(lo, hi if hi > lo else lo + 1, 21)
+            ax.hist(ref, bins, density=True, alpha=0.5, label="reference")
+            ax.hist(got, bins, density=True, alpha=0.5, label="batch")
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+    for ax, name in zip(list(axes.flat)[len(continuous) :], categorical):
+        ref_values = [str(v) for v in reference.get(name, [])]  # type: ignore[attr-defined]  # a JSON list
+        got_values = [str(v) for v in batch.get(name, [])]
+        names = sorted(set(ref_values) | set(got_values))
+        x = np.arange(len(names))
+        ax.bar(x - 0.2, [ref_values.count(n) / max(len(ref_values), 1) for n in names], 0.4, label="reference")
+        ax.bar(x + 0.2, [got_values.count(n) / max(len(got_values), 1) for n in names], 0.4, label="batch")
+        ax.set_xticks(x, names, rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"{name} (share)")
+        ax.legend(fontsize=7)
+    fig.suptitle("this batch against the version's validation reference")
+    fig.tight_layout()
+    return _save(fig, path)

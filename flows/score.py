@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from cnn import drift, scoring, stopping
 from cnn.config import ScoreConfig
 from cnn.drift import DriftReport
 from cnn.errors import UserError
+from cnn.plots import plot_drift
 from cnn.scoring import ModelRef, ScoringOptions, ScoringSummary, ShardPlan, ShardResult
 from cnn.sinks import EMBEDDING, Sink, open_sink, redact
 from flows import credentials, tracking, versions, workspace
@@ -126,33 +127,36 @@ def extend_history(model: ModelRef, run_dir: str) -> int:
 
 @task(name="check-drift", cache_policy=NO_CACHE)
 def check_drift(
-    model: ModelRef, config: ScoreConfig, results: list[ShardResult], flow_run_id: str
+    model: ModelRef, config: ScoreConfig, results: list[ShardResult], flow_run_id: str, run_dir: str
 ) -> DriftReport | None:
     """Compare the batch with the version's validation reference; record it in the drift table, an artifact
-    and MLflow."""
+    and MLflow (with a plot of the batch against the reference)."""
     found = versions.reference(model)
     if not found.exists:
         return None
+    batch = scoring.merged_drift(results)
     report = drift.check_drift(
-        found.drift(),
-        found.drift_embeddings(),
-        scoring.merged_drift(results),
-        drift.DriftRules(alpha=config.drift_alpha),
+        found.drift(), found.drift_embeddings(), batch, drift.DriftRules(alpha=config.drift_alpha)
     )
+    mlflow_run = ""
     if report.statistics:
+        plot = plot_drift(found.drift(), asdict(batch), Path(run_dir) / "drift.png")
+        mlflow_run = tracking.log_drift(model.name, model.version, flow_run_id, report, plot)
         frame = pd.DataFrame(report.rows()).assign(
             model_name=model.name, model_version=model.version, flow_run_id=flow_run_id,
             checked_at=pd.Timestamp.now(tz="UTC"), images=report.images,
         )  # fmt: skip
         for sink in _sinks(config.output, config.table):
             sink.record_drift(frame)
-        tracking.log_drift(model.name, model.version, flow_run_id, report)
     rows = [
         {"statistic": s.name, "test": s.test, "p": round(s.p_value, 4), "effect": round(s.effect, 4),
          "drifted": s.drifted, "detail": s.detail}
         for s in report.statistics
     ]  # fmt: skip
-    create_markdown_artifact(_drift_markdown(report, rows), key="drift", description="Drift against the reference")
+    where = f"\nThe plot: MLflow run {mlflow_run} (experiment cnn-scoring-{model.name}), artifact drift/drift.png.\n"
+    create_markdown_artifact(
+        _drift_markdown(report, rows) + (where if mlflow_run else ""), key="drift", description="Drift"
+    )
     return report
 
 
@@ -206,7 +210,7 @@ def score_flow(source: str, config: ScoreConfig, home: str | None = None) -> Sco
         plan.remove()
         if config.similar and config.embeddings:
             extend_history(model, str(run_dir))
-        report = check_drift(model, config, results, flow_run_id) if config.drift else None
+        report = check_drift(model, config, results, flow_run_id, str(run_dir)) if config.drift else None
     if report is not None:
         summary = replace(summary, drift=report.describe(), drifted=report.drifted)
     create_table_artifact(summary.rows(), key="score-summary", description="Scoring summary")

@@ -142,9 +142,9 @@ def log_card(run_id: str, model: str, version: str, card: ModelCard) -> None:
     MlflowClient().update_model_version(model, version, description=description)
 
 
-def log_drift(model: str, version: str, flow_run_id: str, report: DriftReport) -> None:
+def log_drift(model: str, version: str, flow_run_id: str, report: DriftReport, plot: Path | None = None) -> str:
     """A scoring run's drift check as an MLflow run of the experiment `cnn-scoring-MODEL`: p-value and effect of
-    each statistic, and whether the batch drifted."""
+    each statistic, whether the batch drifted, and the plot; returns the run id."""
     name = f"cnn-scoring-{model}"
     if mlflow.get_experiment_by_name(name) is None:
         ws = workspace.current()
@@ -162,7 +162,10 @@ def log_drift(model: str, version: str, flow_run_id: str, report: DriftReport) -
         metrics.append(mlflow.entities.Metric(f"drift.{s.name}.p_value", s.p_value, stamp, 0))
         metrics.append(mlflow.entities.Metric(f"drift.{s.name}.effect", s.effect, stamp, 0))
     client.log_batch(run.info.run_id, metrics=metrics)
+    if plot is not None:
+        client.log_artifact(run.info.run_id, str(plot), "drift")
     client.set_terminated(run.info.run_id)
+    return str(run.info.run_id)
 
 
 def signature_for(contract: ModelContract) -> ModelSignature:

@@ -521,6 +521,18 @@ def test_similar_cases_reuse_and_drift_through_the_flow(home: Path, tmp_path: Pa
     assert sorted(side["image_id"]) == sorted(scored["image_id"]) and (side["dim"] == 32).all()
     drift = pd.read_parquet(tmp_path / "n1.drift.parquet")
     assert set(drift["name"]) >= {"predicted_class", "confidence", "brightness", "embedding"}
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("cnn-scoring-patterns")
+    assert experiment is not None
+    [checked] = [
+        r
+        for r in client.search_runs([experiment.experiment_id])
+        if r.data.tags["flow_run_id"] == drift["flow_run_id"].iloc[0]
+    ]
+    assert "drift.embedding.p_value" in checked.data.metrics
+    assert [a.path for a in client.list_artifacts(checked.info.run_id, "drift")] == ["drift/drift.png"]
 
     # the next night: a claim photo submitted again under another claim, once as is and once mirrored
     second = tmp_path / "night2"

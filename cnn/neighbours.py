@@ -194,6 +194,34 @@ class HashTable:
         return out
 
 
+def _within_shard(
+    image_ids: list[str], keys: list[str], plain: Sequence[str], mirrored: Sequence[str], near_bits: int = NEAR_BITS
+) -> list[Match | None]:
+    """For each image, the first earlier image of the same list it copies (same bytes, or a pHash of it or of its
+    mirror image within `near_bits`), from another path; all pairs at once (a shard is a few hundred images)."""
+    if not plain:
+        return []
+    a, m = _bits(plain), _bits(mirrored)
+    distance = np.minimum(
+        np.bitwise_count(a[:, None, :] ^ a[None, :, :]).sum(axis=2),
+        np.bitwise_count(a[:, None, :] ^ m[None, :, :]).sum(axis=2),
+    )
+    same_bytes = np.array(image_ids)[:, None] == np.array(image_ids)[None, :]
+    other_path = np.array(keys)[:, None] != np.array(keys)[None, :]
+    earlier = np.tril(np.ones_like(same_bytes), k=-1)
+    out: list[Match | None] = []
+    for i in range(len(plain)):
+        exact = np.flatnonzero(same_bytes[i] & other_path[i] & earlier[i])
+        near = np.flatnonzero((distance[i] <= near_bits) & other_path[i] & earlier[i])
+        if len(exact):
+            out.append(Match(int(exact[0]), "exact", 0))
+        elif len(near):
+            out.append(Match(int(near[0]), "near", int(distance[i, near[0]])))
+        else:
+            out.append(None)
+    return out
+
+
 # --- what a version carries, and what it scored ----------------------------------------------------------------
 
 
@@ -380,10 +408,12 @@ class Lookup:
         labels: Sequence[str],
         images: np.ndarray,
         vectors: np.ndarray | None,
+        ids: Sequence[str] = (),
     ) -> pd.DataFrame:
         """phash, phash_mirror, neighbour_label, neighbour_agreement, duplicate_of, duplicate_kind for each scored
-        image: a copy of a training image first, else of an image scored before (never of itself: a file scored
-        again under its own path)."""
+        image: a copy of a training image first, else of an image scored before, else of an earlier image of the
+        same shard (`ids`: each image's carried id columns as JSON); never of itself (a file scored again under
+        its own path)."""
         plain, mirrored = phashes(images) if len(images) else ([], [])
         out = pd.DataFrame({"phash": plain, "phash_mirror": mirrored}, dtype=object)
         out["neighbour_label"], out["neighbour_agreement"] = self._neighbours(labels, vectors)
@@ -392,15 +422,23 @@ class Lookup:
         keys = [path_key(p) for p in paths]
         in_training = self.train.matches(image_ids, plain, [""] * len(plain))
         scored_before = self.history.matches(image_ids, plain, keys)
-        for t, h in zip(in_training, scored_before):
-            match, table, source = (t, self.train, "training") if t is not None else (h, self.history, "scored")
+        shard = pd.DataFrame(
+            {"image_id": list(image_ids), "label": list(labels), "ids": list(ids) if ids else ["{}"] * len(plain)}
+        )
+        within = _within_shard(list(image_ids), keys, plain, mirrored)
+        for t, h, w in zip(in_training, scored_before, within):
+            match, rows, source = (
+                (t, self.train.rows, "training") if t is not None else (h, self.history.rows, "scored")
+            )
+            if match is None:  # an earlier image of this shard: the same photo twice in one batch
+                match, rows, source = w, shard, "this run"
             if match is None:
                 of.append(None)
                 kinds.append(None)
                 continue
-            row = table.rows.iloc[match.row]
+            row = rows.iloc[match.row]
             described: dict[str, object] = {"image_id": row["image_id"], "source": source, "phash_bits": match.bits}
-            if source == "scored" and row.get("ids"):
+            if source != "training" and row.get("ids"):
                 described.update(json.loads(row["ids"]))
             elif source == "training":
                 described["label"] = row["label"]

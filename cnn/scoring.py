@@ -506,7 +506,10 @@ def score_files(
     notes = None
     if lookup is not None and arrays:
         shown = [masking.path(p) for p in predictions["path"]]
-        notes = lookup.annotate(predictions["image_id"].tolist(), shown, predictions["label"].tolist(), images, vectors)
+        carried = masking.apply(predictions[id_columns])  # as the tables show them
+        ids = [json.dumps(dict(zip(id_columns, row))) for row in carried.itertuples(index=False)] if id_columns else []
+        labels = predictions["label"].tolist()
+        notes = lookup.annotate(predictions["image_id"].tolist(), shown, labels, images, vectors, ids)
         for column in ("phash", "neighbour_label", "neighbour_agreement", "duplicate_of", "duplicate_kind"):
             predictions[column] = notes[column].to_numpy()
     drift = (

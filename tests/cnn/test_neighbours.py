@@ -119,3 +119,14 @@ def test_the_reference_and_lookup_of_a_trained_model(trained: FitResult, pattern
     copies = lookup.annotate(train_ids[:3], ["/x/1", "/x/2", "/x/3"], predicted[:3], train_images[:3], vectors[:3])
     assert copies["duplicate_kind"].tolist() == ["exact"] * 3
     assert '"source": "training"' in copies["duplicate_of"].iloc[0]
+
+
+def test_the_same_photo_twice_in_one_shard_is_a_copy_of_the_first(tmp_path: Path) -> None:
+    photo = _letterbox(_photo(1))
+    empty = HashTable(pd.DataFrame({"image_id": [], "phash": [], "phash_mirror": [], "label": []}))
+    lookup = Lookup(empty, VectorIndex.build(np.zeros((0, 4), np.float32)), empty)
+    images = np.stack([photo, _letterbox(_photo(2)), photo[:, ::-1]])
+    ids = ['{"claim": "A1"}', '{"claim": "B2"}', '{"claim": "C3"}']
+    notes = lookup.annotate(["x", "y", "z"], ["/a", "/b", "/c"], ["none"] * 3, images, None, ids)
+    assert notes["duplicate_kind"].tolist()[:2] == [None, None] and notes["duplicate_kind"].iloc[2] == "near"
+    assert '"claim": "A1"' in notes["duplicate_of"].iloc[2] and '"source": "this run"' in notes["duplicate_of"].iloc[2]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import re
 import uuid
 from collections.abc import Iterator
@@ -143,6 +144,7 @@ class FileSink:
         self.path = path.expanduser().resolve()
         self.rejects_path = self.path.with_name(f"{self.path.stem}.rejects{suffix}")
         self.review_path = self.path.with_name(f"{self.path.stem}.review{suffix}")
+        self.duplicates_path = self.path.with_name(f"{self.path.stem}.duplicates{suffix}")
         self.embeddings_path = self.path.with_name(f"{self.path.stem}.embeddings.parquet")
         self.drift_path = self.path.with_name(f"{self.path.stem}.drift{suffix}")
         self.parts = self.path.with_name(self.path.name + ".parts")
@@ -225,7 +227,10 @@ class FileSink:
             tables[kind] = merged
         _supersede(tables["pred"], tables["rej"])
         tables["review"] = review_queue(tables["pred"], self._read(self.review_path))
+        tables["dup"] = duplicates(tables["pred"])
         targets = [("pred", self.path), ("rej", self.rejects_path), ("review", self.review_path)]
+        if len(tables["dup"]):
+            targets.append(("dup", self.duplicates_path))
         if len(tables["emb"]):
             with atomic_path(self.embeddings_path) as tmp:
                 tables["emb"].to_parquet(tmp, index=False)
@@ -248,7 +253,25 @@ class FileSink:
             except OSError:  # something else appeared meanwhile: keep it; the next run merges it
                 pass
         written = [str(self.path), str(self.rejects_path), str(self.review_path)]
+        written += [str(self.duplicates_path)] if len(tables["dup"]) else []
         return written + ([str(self.embeddings_path)] if len(tables["emb"]) else [])
+
+
+DUPLICATE_COLUMNS = ["image_id", "path", "duplicate_kind", "duplicate_of", "earlier_image_id", "earlier_source"]
+
+
+def duplicates(predictions: pd.DataFrame) -> pd.DataFrame:
+    """The current predictions that repeat an earlier image (reused photos), with the earlier image's id and where
+    it was (training, scored, this run) pulled out of `duplicate_of`; carried id columns and the stamp stay."""
+    if predictions.empty or "duplicate_kind" not in predictions.columns:
+        return pd.DataFrame(columns=[*DUPLICATE_COLUMNS, "model_name", "model_version"])
+    live = _as_time(predictions["superseded_at"]).isna() if "superseded_at" in predictions else True
+    found = predictions.loc[predictions["duplicate_kind"].notna() & live].copy()
+    earlier = [json.loads(str(v)) for v in found["duplicate_of"]]
+    found["earlier_image_id"] = [e.get("image_id") for e in earlier]
+    found["earlier_source"] = [e.get("source") for e in earlier]
+    drop = [c for c in found.columns if c.startswith("prob_")] + ["top_k", "review_reason", "explanation", "phash"]
+    return found.drop(columns=[c for c in drop if c in found.columns]).reset_index(drop=True)
 
 
 def review_queue(predictions: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFrame:
@@ -326,6 +349,7 @@ class SqlSink:
             raise UserError(f"invalid table name {table!r}: use letters, digits and _, starting with a letter")
         self.url, self.table, self.rejects, self.review = url, table, f"{table}_rejects", f"{table}_review"
         self.embeddings = f"{table}_embeddings"
+        self.duplicates = f"{table}_duplicates"
         try:
             parsed = parse_url(url)
         except ArgumentError:
@@ -436,8 +460,9 @@ class SqlSink:
                 self._upsert(
                     conn, self.embeddings, vectors.assign(model_version=vectors["model_version"].astype(str)), KEY
                 )
-            review = review_queue(predictions, pd.DataFrame())
+            review, copies = review_queue(predictions, pd.DataFrame()), duplicates(predictions)
             frames = [(self.table, predictions, KEY), (self.rejects, rejects, REJECT_KEY), (self.review, review, KEY)]
+            frames.append((self.duplicates, copies, KEY))
             for name, frame, key in frames:
                 if len(frame) or self._columns(conn, name):
                     self._ensure(conn, name, _sql_ready(frame), key)
@@ -494,7 +519,7 @@ class SqlSink:
 
     def finish(self) -> list[str]:
         with self.engine.connect() as conn:  # the side tables exist once a run wrote to them
-            extra = [n for n in (self.review, self.embeddings) if self._columns(conn, n)]
+            extra = [n for n in (self.review, self.embeddings, self.duplicates) if self._columns(conn, n)]
         return [f"{redact(self.url)}#{name}" for name in (self.table, self.rejects, *extra)]
 
 

@@ -381,3 +381,18 @@ def test_drift_rows_are_kept_once_per_run_and_statistic(tmp_path: Path) -> None:
             with sink.engine.connect() as conn:
                 table = pd.read_sql_query('select * from "preds_drift"', conn)
         assert len(table) == 4 and set(table.loc[table["flow_run_id"] == "r1", "p_value"]) == {0.6, 0.002}
+
+
+def test_sql_duplicates_table_collects_the_copies(tmp_path: Path) -> None:
+    sink = SqlSink.from_url(f"sqlite:///{tmp_path / 't.db'}#preds")
+    preds, rejects = _rows(3)
+    preds = preds.assign(
+        duplicate_kind=[None, "near", "exact"],
+        duplicate_of=[None, '{"image_id": "old1", "source": "training"}', '{"image_id": "old2", "source": "scored"}'],
+    )
+    sink.commit(0, preds, rejects)
+    with sink.engine.connect() as conn:
+        copies = pd.read_sql_query('select * from "preds_duplicates" order by image_id', conn)
+    assert copies["image_id"].tolist() == ["id1", "id2"] and copies["earlier_image_id"].tolist() == ["old1", "old2"]
+    assert copies["earlier_source"].tolist() == ["training", "scored"]
+    assert "#preds_duplicates" in sink.finish()[-1]

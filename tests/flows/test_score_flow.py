@@ -549,6 +549,9 @@ def test_similar_cases_reuse_and_drift_through_the_flow(home: Path, tmp_path: Pa
     near = json.loads(again.loc["mirrored.png", "duplicate_of"])
     assert again.loc["mirrored.png", "duplicate_kind"] == "near" and near["claim"] == "C001"
     assert "copies of earlier images" in result.output
+    copies = pd.read_parquet(tmp_path / "n2.duplicates.parquet")  # the duplicates table collects them
+    assert sorted(copies["duplicate_kind"]) == ["exact", "near"] and set(copies["earlier_source"]) == {"scored"}
+    assert set(copies["earlier_image_id"]) == {exact["image_id"], near["image_id"]}
 
     # cnn similar: the nearest training images and the nearest images scored before, with their claim numbers
     found = runner.invoke(

@@ -412,28 +412,30 @@ class Lookup:
         vectors: np.ndarray | None,
         ids: Sequence[str] = (),
     ) -> pd.DataFrame:
-        """phash, phash_mirror, neighbour_label, neighbour_agreement, duplicate_of, duplicate_kind for each scored
-        image: a copy of a training image first, else of an image scored before, else of an earlier image of the
-        same shard (`ids`: each image's carried id columns as JSON); never of itself (a file scored again under
+        """For each scored image: the history's columns but `scored_at` (image_id, path_key, label, ids, phash,
+        phash_mirror) and neighbour_label, neighbour_agreement, duplicate_of, duplicate_kind. A copy of a training
+        image first, else of an image scored before, else of an earlier image of the same shard (`ids`: each
+        image's carried id columns as JSON, `{}` when none are given); never of itself (a file scored again under
         its own path)."""
         plain, mirrored = phashes(images) if len(images) else ([], [])
-        out = pd.DataFrame({"phash": plain, "phash_mirror": mirrored}, dtype=object)
+        keys = [path_key(p) for p in paths]
+        out = pd.DataFrame(
+            {"image_id": list(image_ids), "path_key": keys, "label": list(labels),
+             "ids": list(ids) or ["{}"] * len(plain), "phash": plain, "phash_mirror": mirrored},
+            dtype=object,
+        )  # fmt: skip
         out["neighbour_label"], out["neighbour_agreement"] = self._neighbours(labels, vectors)
         of: list[str | None] = []
         kinds: list[str | None] = []
-        keys = [path_key(p) for p in paths]
         in_training = self.train.matches(image_ids, plain, [""] * len(plain))
         scored_before = self.history.matches(image_ids, plain, keys)
-        shard = pd.DataFrame(
-            {"image_id": list(image_ids), "label": list(labels), "ids": list(ids) if ids else ["{}"] * len(plain)}
-        )
         within = _within_shard(list(image_ids), keys, plain, mirrored)
         for t, h, w in zip(in_training, scored_before, within):
             match, rows, source = (
                 (t, self.train.rows, "training") if t is not None else (h, self.history.rows, "scored")
             )
             if match is None:  # an earlier image of this shard: the same photo twice in one batch
-                match, rows, source = w, shard, "this run"
+                match, rows, source = w, out, "this run"
             if match is None:
                 of.append(None)
                 kinds.append(None)

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from cnn.drift import DriftSample
 from cnn.errors import UserError
 from cnn.fsio import atomic_path, sha256_file
 from cnn.inference import Predictor
-from cnn.neighbours import Lookup, path_key
+from cnn.neighbours import HISTORY_COLUMNS, Lookup
 from cnn.parallel import decode_many
 from cnn.predictions import prediction_columns
 from cnn.pseudonyms import pseudonym, pseudonyms
@@ -109,20 +109,13 @@ class ScoringOptions:
         cls, config: ScoreConfig, flow_run_id: str, explain_dir: str = "", explain_base: str = ""
     ) -> ScoringOptions:
         """The options of a run; shards fanned out to Dask decode in the worker process (a daemon: one process)."""
+        shared = {f.name: getattr(config, f.name) for f in fields(cls) if f.name in ScoreConfig.model_fields}
         workers = 1 if config.fan_out else config.decode_workers
         return cls(
-            batch_size=config.batch_size,
-            top_k=config.top_k,
-            review_below=config.review_below,
-            decode_workers=workers,
+            **{**shared, "decode_workers": workers},
             flow_run_id=flow_run_id,
-            decode_time_limit_s=config.decode_time_limit_s,
-            review_flips=config.review_flips,
-            review_margin=config.review_margin,
-            explain=config.explain,
             explain_dir=explain_dir,
             explain_base=explain_base,
-            embeddings=config.embeddings,
         )
 
 
@@ -507,7 +500,7 @@ def score_files(
     if lookup is not None and arrays:
         shown = [masking.path(p) for p in predictions["path"]]
         carried = masking.apply(predictions[id_columns])  # as the tables show them
-        ids = [json.dumps(dict(zip(id_columns, row))) for row in carried.itertuples(index=False)] if id_columns else []
+        ids = [json.dumps(dict(zip(id_columns, row))) for row in carried.itertuples(index=False)]
         labels = predictions["label"].tolist()
         notes = lookup.annotate(predictions["image_id"].tolist(), shown, labels, images, vectors, ids)
         for column in ("phash", "neighbour_label", "neighbour_agreement", "duplicate_of", "duplicate_kind"):
@@ -536,31 +529,11 @@ def score_files(
     for frame in (predictions, reject_frame):  # set when a later row for the same path replaces this one
         frame["superseded_at"] = pd.Series(pd.NaT, index=frame.index, dtype=frame["scored_at"].dtype)
     predictions, reject_frame = masking.apply(predictions), masking.apply(reject_frame)
-    history = (
-        _history_rows(predictions, id_columns, notes, vectors) if notes is not None and vectors is not None else None
-    )
+    history = None
+    if notes is not None and vectors is not None:  # what the version's history keeps (no path)
+        history = notes[HISTORY_COLUMNS[:-1]].assign(scored_at=predictions["scored_at"].to_numpy())
+        history[EMBEDDING] = list(np.asarray(vectors, dtype=np.float16))
     return Scored(predictions, reject_frame, drift, history)
-
-
-def _history_rows(
-    predictions: pd.DataFrame, id_columns: list[str], notes: pd.DataFrame, vectors: np.ndarray
-) -> pd.DataFrame:
-    """What the version's history keeps of scored images (ids as the tables show them; no path)."""
-    rows = pd.DataFrame(
-        {
-            "image_id": predictions["image_id"],
-            "path_key": [path_key(p) for p in predictions["path"]],
-            "label": predictions["label"],
-            "ids": [json.dumps(dict(zip(id_columns, values))) for values in predictions[id_columns].itertuples(False)]
-            if id_columns
-            else "{}",
-            "phash": notes["phash"].to_numpy(),
-            "phash_mirror": notes["phash_mirror"].to_numpy(),
-            "scored_at": predictions["scored_at"],
-        }
-    )
-    rows[EMBEDDING] = list(np.asarray(vectors, dtype=np.float16))
-    return rows
 
 
 def _explain(

@@ -265,26 +265,34 @@ def duplicates(predictions: pd.DataFrame) -> pd.DataFrame:
     it was (training, scored, this run) pulled out of `duplicate_of`; carried id columns and the stamp stay."""
     if predictions.empty or "duplicate_kind" not in predictions.columns:
         return pd.DataFrame(columns=[*DUPLICATE_COLUMNS, "model_name", "model_version"])
-    live = _as_time(predictions["superseded_at"]).isna() if "superseded_at" in predictions else True
-    found = predictions.loc[predictions["duplicate_kind"].notna() & live].copy()
+    found = predictions.loc[predictions["duplicate_kind"].notna() & _live(predictions)]
+    found = _without(found, "top_k", "review_reason", "explanation", "phash")
     earlier = [json.loads(str(v)) for v in found["duplicate_of"]]
     found["earlier_image_id"] = [e.get("image_id") for e in earlier]
     found["earlier_source"] = [e.get("source") for e in earlier]
-    drop = [c for c in found.columns if c.startswith("prob_")] + ["top_k", "review_reason", "explanation", "phash"]
-    return found.drop(columns=[c for c in drop if c in found.columns]).reset_index(drop=True)
+    return found.reset_index(drop=True)
+
+
+def _live(predictions: pd.DataFrame) -> pd.Series | bool:
+    """Which rows are current (no later row replaced them)."""
+    return _as_time(predictions["superseded_at"]).isna() if "superseded_at" in predictions else True
+
+
+def _without(frame: pd.DataFrame, *columns: str) -> pd.DataFrame:
+    """A copy without the probabilities and these columns (what a side table leaves out)."""
+    drop = [c for c in frame.columns if c.startswith("prob_") or c in columns]
+    return frame.drop(columns=drop)
 
 
 def review_queue(predictions: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFrame:
     """The current predictions that need review, most urgent first, with `reviewed_label`. What a reviewer wrote
     in `earlier` (the review file as it was) stays: their labels and columns by row key, and reviewed rows whose
     prediction has been replaced since."""
-    drop = [c for c in predictions.columns if c.startswith("prob_")] + ["top_k", "flow_run_id", "run_id"]
     if predictions.empty or "needs_review" not in predictions.columns:
         queue = pd.DataFrame(columns=[*KEY, REVIEW_COLUMN])
     else:
-        live = _as_time(predictions["superseded_at"]).isna() if "superseded_at" in predictions else True
         flagged = predictions["needs_review"].astype(str).str.lower().isin(["true", "1"])
-        queue = predictions.loc[flagged & live].drop(columns=[c for c in drop if c in predictions.columns])
+        queue = _without(predictions.loc[flagged & _live(predictions)], "top_k", "flow_run_id", "run_id")
         queue[REVIEW_COLUMN] = pd.Series(None, index=queue.index, dtype=object)
     if not earlier.empty and REVIEW_COLUMN in earlier.columns:
         keyed = earlier.set_index(_frame_key(earlier, KEY))

@@ -134,13 +134,11 @@ def check_drift(
     found = versions.reference(model)
     if not found.exists:
         return None
-    batch = scoring.merged_drift(results)
-    report = drift.check_drift(
-        found.drift(), found.drift_embeddings(), batch, drift.DriftRules(alpha=config.drift_alpha)
-    )
+    batch, reference = scoring.merged_drift(results), found.drift()
+    report = drift.check_drift(reference, found.drift_embeddings(), batch, drift.DriftRules(alpha=config.drift_alpha))
     mlflow_run = ""
     if report.statistics:
-        plot = plot_drift(found.drift(), asdict(batch), Path(run_dir) / "drift.png")
+        plot = plot_drift(reference, asdict(batch), Path(run_dir) / "drift.png")
         mlflow_run = tracking.log_drift(model.name, model.version, flow_run_id, report, plot)
         frame = pd.DataFrame(report.rows()).assign(
             model_name=model.name, model_version=model.version, flow_run_id=flow_run_id,
@@ -148,30 +146,23 @@ def check_drift(
         )  # fmt: skip
         for sink in _sinks(config.output, config.table):
             sink.record_drift(frame)
-    rows = [
-        {"statistic": s.name, "test": s.test, "p": round(s.p_value, 4), "effect": round(s.effect, 4),
-         "drifted": s.drifted, "detail": s.detail}
-        for s in report.statistics
-    ]  # fmt: skip
     where = f"\nThe plot: MLflow run {mlflow_run} (experiment cnn-scoring-{model.name}), artifact drift/drift.png.\n"
-    create_markdown_artifact(
-        _drift_markdown(report, rows) + (where if mlflow_run else ""), key="drift", description="Drift"
-    )
+    create_markdown_artifact(_drift_markdown(report) + (where if mlflow_run else ""), key="drift", description="Drift")
     return report
 
 
-def _drift_markdown(report: DriftReport, rows: list[dict[str, object]]) -> str:
+def _drift_markdown(report: DriftReport) -> str:
     lines = [
         f"## {report.describe()}",
         "",
         "| statistic | test | p | effect | drifted | detail |",
         "|---|---|---|---|---|---|",
     ]
-    for row in rows:
-        bar = "█" * min(20, int(20 * float(row["effect"])))  # type: ignore[arg-type]  # a float
+    for s in report.statistics:
+        bar = "█" * min(20, int(20 * s.effect))
         lines.append(
-            f"| {row['statistic']} | {row['test']} | {row['p']} | {row['effect']} {bar} | "
-            f"{'**yes**' if row['drifted'] else 'no'} | {row['detail']} |"
+            f"| {s.name} | {s.test} | {s.p_value:.4g} | {s.effect:.4f} {bar} | "
+            f"{'**yes**' if s.drifted else 'no'} | {s.detail} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -176,7 +176,8 @@ def load_lookup(ref: ModelRef) -> Lookup | None:
     found = reference(ref)
     if not found.exists:
         return None
-    return _cached_lookup(str(found.folder), str(history(ref).folder), history(ref).generation())
+    scored = history(ref)
+    return _cached_lookup(str(found.folder), str(scored.folder), scored.generation())
 
 
 @functools.lru_cache(maxsize=2)

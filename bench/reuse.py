@@ -1,10 +1,12 @@
 """Does the reuse check find copies of earlier photos, and leave distinct photos alone? Generated claims photos
-(640x480 JPEG) are decoded as a model at SIZE px sees them; each gets a copy that was resized (30-80 %),
-recompressed (JPEG quality 60-95), cropped (2-10 % off each side, anywhere) or mirrored, and the same number of
-distinct photos of the same classes are drawn. Recall: copies matched to their own original; false matches:
-distinct photos matched to any original. Then the cost of one check against a history of a million images.
+(640x480 JPEG; or chest X-rays, 512 px grey PNG, with `--data xray`) are decoded as a model at SIZE px sees them;
+each gets a copy that was resized (30-80 %), recompressed (JPEG quality 60-95), cropped (2-10 % off each axis,
+anywhere) or mirrored, and the same number of distinct images of the same classes are drawn. Recall: copies
+matched to their own original; false matches: distinct images matched to any original. The check is the one
+scoring runs (`HashTable.matches`: sha256, pHash of the image and its mirror image, crop views of the layout).
+Then the cost of one check against a history of a million images (random hashes and layouts).
 
-    python bench/reuse.py [--n 400] [--size 128] [--history 1000000]
+    python bench/reuse.py [--n 400] [--size 128] [--data claims|xray] [--history 1000000]
 
 Goal (issue 12): recall >= 0.95 for every kind of copy, false matches <= 1 %.
 """
@@ -23,10 +25,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cnn.decode import DecodeSpec, decode_bytes
-from cnn.demo_data import render_claim
-from cnn.neighbours import HASH_SIZE, NEAR_BITS, HashTable, phashes
+from cnn.demo_data import render_claim, render_xray
+from cnn.neighbours import HASH_SIZE, LAYOUT_RMS, NEAR_BITS, HashTable, crop_views, layouts, phashes
 
-CLASSES = ["none", "scratch", "dent", "broken_glass"]
+CLASSES = {"claims": ["none", "scratch", "dent", "broken_glass"], "xray": ["normal", "nodule", "opacity"]}
 KINDS = ["resized", "recompressed", "cropped", "mirrored"]
 
 
@@ -50,15 +52,35 @@ def _copy(picture: Image.Image, kind: str, rng: np.random.Generator) -> bytes:
     return _jpeg(picture, int(rng.integers(60, 96)))
 
 
+def _original(data: str, i: int, seed: int) -> Image.Image:
+    classes = CLASSES[data]
+    rng = np.random.default_rng([seed, i])
+    if data == "claims":
+        return render_claim(classes[i % len(classes)], rng, (640, 480))
+    return Image.fromarray((render_xray(classes[i % len(classes)], rng, 512) * 255).astype(np.uint8))
+
+
+def _table(ids: list[str], images: np.ndarray) -> HashTable:
+    plain, mirrored = phashes(images)
+    grid = [bytes(v) for v in layouts(images)]
+    return HashTable(pd.DataFrame({"image_id": ids, "phash": plain, "phash_mirror": mirrored, "layout": grid}))
+
+
+def _found(table: HashTable, images: np.ndarray, prefix: str) -> list:
+    hashes, _ = phashes(images)
+    views = [crop_views(image) for image in images]
+    return table.matches([f"{prefix}{i}" for i in range(len(images))], hashes, [""] * len(images), views=views)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=400)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--history", type=int, default=1_000_000)
-    parser.add_argument("--near-bits", type=int, default=NEAR_BITS)
+    parser.add_argument("--data", choices=sorted(CLASSES), default="claims")
     args = parser.parse_args()
-    spec = DecodeSpec(channels=3, size=args.size)
-    originals = [render_claim(CLASSES[i % 4], np.random.default_rng([7, i]), (640, 480)) for i in range(args.n)]
+    spec = DecodeSpec(channels=3 if args.data == "claims" else 1, size=args.size)
+    originals = [_original(args.data, i, 7) for i in range(args.n)]
     kinds = [KINDS[i % 4] for i in range(args.n)]
     decoded = np.stack([decode_bytes(_jpeg(p), spec).array for p in originals])
     copies = np.stack(
@@ -67,38 +89,38 @@ def main() -> None:
             for i, (p, k) in enumerate(zip(originals, kinds))
         ]
     )
-    others = np.stack(
-        [decode_bytes(_jpeg(render_claim(CLASSES[i % 4], np.random.default_rng([8, i]), (640, 480))), spec).array
-         for i in range(args.n)]
-    )  # fmt: skip
-    plain, mirrored = phashes(decoded)
-    table = HashTable(
-        pd.DataFrame({"image_id": [f"o{i}" for i in range(args.n)], "phash": plain, "phash_mirror": mirrored})
-    )
-    copy_hashes, _ = phashes(copies)
-    other_hashes, _ = phashes(others)
-    found = table.matches([f"c{i}" for i in range(args.n)], copy_hashes, [""] * args.n, args.near_bits)
+    others = np.stack([decode_bytes(_jpeg(_original(args.data, i, 8)), spec).array for i in range(args.n)])
+    table = _table([f"o{i}" for i in range(args.n)], decoded)
+    start = time.perf_counter()
+    found = _found(table, copies, "c")
+    checked = 1000 * (time.perf_counter() - start) / args.n
     right = np.array([m is not None and m.row == i for i, m in enumerate(found)])
-    false = np.array(
-        [m is not None for m in table.matches([f"x{i}" for i in range(args.n)], other_hashes, [""] * args.n)]
+    false = np.array([m is not None for m in _found(table, others, "x")])
+    print(
+        f"{args.n} {args.data} originals at {args.size} px: pHash {HASH_SIZE * HASH_SIZE} bits (near <= {NEAR_BITS}), "
+        f"layout views (near <= {LAYOUT_RMS} RMS); {checked:.2f} ms per image to hash and check"
     )
-    print(f"{args.n} originals at {args.size} px, pHash {HASH_SIZE * HASH_SIZE} bits, near <= {args.near_bits} bits")
     for kind in KINDS:
         picked = np.array(kinds) == kind
-        print(f"  recall, {kind:<13} {right[picked].mean():6.3f}   ({picked.sum()} copies)")
+        how = {m.measure for m, p in zip(found, picked) if p and m is not None}
+        print(f"  recall, {kind:<13} {right[picked].mean():6.3f}   ({picked.sum()} copies; found by {sorted(how)})")
     print(f"  recall, all           {right.mean():6.3f}")
-    print(f"  false matches         {false.mean():6.3f}   (distinct photos of the same classes)")
+    print(f"  false matches         {false.mean():6.3f}   (distinct images of the same classes)")
     rng = np.random.default_rng(0)
     hexes = [bytes(rng.integers(0, 256, HASH_SIZE * HASH_SIZE // 8, dtype=np.uint8)).hex() for _ in range(args.history)]
-    history = pd.DataFrame({"image_id": [f"h{i}" for i in range(args.history)], "phash": hexes, "phash_mirror": hexes})
+    width = layouts(decoded[:1]).shape[1]
+    grid = [bytes(rng.integers(0, 256, width, dtype=np.uint8)) for _ in range(args.history)]
+    history = pd.DataFrame(
+        {"image_id": [f"h{i}" for i in range(args.history)], "phash": hexes, "phash_mirror": hexes, "layout": grid}
+    )
     start = time.perf_counter()
-    big = HashTable(history)
+    big = HashTable(history)  # the layout index as History.extend keeps it (HNSW above EXACT_LIMIT)
     built = time.perf_counter() - start
     start = time.perf_counter()
-    big.matches([f"c{i}" for i in range(args.n)], copy_hashes, [""] * args.n)
+    _found(big, copies, "c")
     per_image = 1000 * (time.perf_counter() - start) / args.n
-    print(f"history of {args.history:,} images: table built in {built:.1f} s; one check {per_image:.2f} ms per image "
-          f"(a shard's images searched together)")  # fmt: skip
+    print(f"history of {args.history:,} images: table built in {built:.1f} s (History keeps it); one check "
+          f"{per_image:.2f} ms per image (a shard's images searched together)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -13,12 +13,13 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import shutil
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,19 @@ from cnn.fsio import atomic_path, write_json_atomic, write_text_atomic
 EXACT_LIMIT = 200_000  # below this many vectors exact search answers in about 1 ms (bench/ann.py)
 HNSW_M, HNSW_EF_BUILD, HNSW_EF_SEARCH = 16, 128, 64
 HASH_SIZE = 16  # pHash of 16 x 16 = 256 bits: 64 bits told distinct photos of one class apart too rarely
-NEAR_BITS = 16  # Hamming distance (of 256 bits) up to which two images count as the same photo (bench/reuse.py)
+NEAR_BITS = 10  # Hamming distance (of 256 bits) up to which two images count as the same photo (bench/reuse.py)
 K = 10
+SEMANTIC_QUANTILE, SEMANTIC_FLOOR, SEMANTIC_OFF = 0.999, 0.95, 0.9999
+# The layout: an image's central region (a crop may have cut up to LAYOUT_MARGIN off any side) as a grid of mean
+# colours, from the image reduced to LAYOUT_SIDE px. A query is compared in every crop it may have had (up to
+# CROP_MOST off each axis in CROP_STEP steps: 441 views, the best refined in quarter steps) with the few earlier
+# layouts nearest to its uncropped views, and counts as a copy within LAYOUT_RMS (0-255 levels; bench/reuse.py:
+# copies <= 2.3, distinct photos of one class >= 10.8, distinct generated X-rays >= 3.1).
+LAYOUT_GRID, LAYOUT_MARGIN, LAYOUT_SIDE = 8, 0.10, 32
+CROP_MOST, CROP_STEP = 0.10, 0.02
+LAYOUT_RMS, REFINE_BELOW, REFINED = 2.5, 8.0, 3  # the 3 nearest on the coarse grid are refined
+FLAT_LAYOUT = 2.0  # a layout whose cells vary less than this (a blank or uniform image) identifies nothing
+CANDIDATES = 16
 
 
 def normalise(vectors: np.ndarray) -> np.ndarray:
@@ -42,22 +54,27 @@ def normalise(vectors: np.ndarray) -> np.ndarray:
 
 
 class VectorIndex:
-    """Cosine nearest neighbours over the rows added so far (ids are row positions)."""
+    """Nearest neighbours over the rows added so far (ids are row positions): by cosine similarity (embeddings)
+    or by Euclidean distance (`metric="l2"`: layouts)."""
 
     def __init__(self, index: Any) -> None:
-        self.index = index  # a faiss index (flat or HNSW)
-
-    @classmethod
-    def build(cls, vectors: np.ndarray) -> VectorIndex:
         import faiss
 
-        x = normalise(vectors)
+        self.index = index  # a faiss index (flat or HNSW)
+        self.cosine = index.metric_type == faiss.METRIC_INNER_PRODUCT
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, metric: str = "cosine") -> VectorIndex:
+        import faiss
+
+        x = normalise(vectors) if metric == "cosine" else np.ascontiguousarray(vectors, dtype=np.float32)
         dim = x.shape[1] if x.ndim == 2 and x.shape[1] else 1
+        kind = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
         index: Any
         if len(x) <= EXACT_LIMIT:
-            index = faiss.IndexFlatIP(dim)
+            index = faiss.IndexFlat(dim, kind)
         else:
-            index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.IndexHNSWFlat(dim, HNSW_M, kind)
             index.hnsw.efConstruction = HNSW_EF_BUILD
             index.hnsw.efSearch = HNSW_EF_SEARCH
         if len(x):
@@ -67,22 +84,25 @@ class VectorIndex:
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
+    def _prepared(self, vectors: np.ndarray) -> np.ndarray:
+        return normalise(vectors) if self.cosine else np.ascontiguousarray(vectors, dtype=np.float32)
+
     def add(self, vectors: np.ndarray) -> VectorIndex:
         """This index with `vectors` appended; a flat index that outgrows EXACT_LIMIT is rebuilt as HNSW."""
-        import faiss
-
-        if len(self) + len(vectors) > EXACT_LIMIT and isinstance(self.index, faiss.IndexFlatIP):
+        metric = "cosine" if self.cosine else "l2"
+        if len(self) + len(vectors) > EXACT_LIMIT and not hasattr(self.index, "hnsw"):
             stored = self.index.reconstruct_n(0, len(self)) if len(self) else np.zeros((0, self.index.d), np.float32)
-            return VectorIndex.build(np.concatenate([stored, normalise(vectors)]))
+            return VectorIndex.build(np.concatenate([stored, self._prepared(vectors)]), metric)
         if len(vectors):
-            self.index.add(normalise(vectors))
+            self.index.add(self._prepared(vectors))
         return self
 
     def search(self, queries: np.ndarray, k: int = K) -> tuple[np.ndarray, np.ndarray]:
-        """(cosine similarities, row ids) of the k nearest rows of each query; id -1 where there are fewer rows."""
+        """(cosine similarities or squared distances, row ids) of the k nearest rows of each query; id -1 where
+        there are fewer rows."""
         if not len(self) or not len(queries):
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        scores, ids = self.index.search(normalise(queries), min(k, len(self)))
+        scores, ids = self.index.search(self._prepared(queries), min(k, len(self)))
         return scores, ids
 
     def save(self, path: Path) -> Path:
@@ -141,20 +161,160 @@ def _bits(hexes: Sequence[str]) -> np.ndarray:
     return np.stack([np.frombuffer(bytes.fromhex(h), np.uint8) if h else np.zeros(width, np.uint8) for h in hexes])
 
 
+_CROPS = [
+    (left, right)
+    for left in np.arange(0, CROP_MOST + 1e-9, CROP_STEP)
+    for right in np.arange(0, CROP_MOST + 1e-9, CROP_STEP)
+    if left + right <= CROP_MOST + 1e-9
+]
+_MIDDLE = next(i for i, (a, b) in enumerate(_CROPS) if a == b and a >= CROP_MOST / 2 - CROP_STEP)
+_SEARCHED = [a * len(_CROPS) + b for a in (0, _MIDDLE) for b in (0, _MIDDLE)]  # views that find the candidates
+
+
+def _reduced(image: np.ndarray) -> np.ndarray:
+    """The image's content (no letterbox) with its long side at LAYOUT_SIDE px, as float32 (h, w, channels)."""
+    import cv2
+
+    region = content(image)
+    h, w, channels = region.shape
+    scale = LAYOUT_SIDE / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = cv2.resize(np.ascontiguousarray(region), size, interpolation=cv2.INTER_AREA)
+    return small.reshape(size[1], size[0], channels).astype(np.float32)
+
+
+def _cells(n_px: int, start: float, stop: float) -> np.ndarray:
+    """(LAYOUT_GRID, n_px) weights that average pixels over equal cells of [start, stop) (fractions of the axis)."""
+    edges = np.linspace(start, stop, LAYOUT_GRID + 1) * n_px
+    px = np.arange(n_px)
+    covered = np.clip(edges[1:, None], px, px + 1) - np.clip(edges[:-1, None], px, px + 1)
+    weights: np.ndarray = (covered / covered.sum(axis=1, keepdims=True)).astype(np.float32)
+    return weights
+
+
+@functools.lru_cache(maxsize=256)
+def _crop_cells(n_px: int) -> np.ndarray:
+    """(len(_CROPS) * LAYOUT_GRID, n_px): for each crop an axis may have had, the cells of the original's central
+    region in the cropped axis's pixels."""
+    m = LAYOUT_MARGIN
+    return np.concatenate([_cells(n_px, (m - a) / (1 - a - b), (1 - m - a) / (1 - a - b)) for a, b in _CROPS])
+
+
+def _grid(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """(len(rows) // G, len(cols) // G, G * G * channels): the image through every pair of row and column cells."""
+    h, w, c = image.shape
+    g = LAYOUT_GRID
+    by_row = (rows @ image.reshape(h, w * c)).reshape(-1, g, w, c).transpose(0, 1, 3, 2)  # (A, G, c, w)
+    both = (by_row @ cols.T).reshape(len(rows) // g, g, c, len(cols) // g, g)  # (A, G, c, B, G)
+    grid: np.ndarray = both.transpose(0, 3, 1, 4, 2).reshape(len(rows) // g, len(cols) // g, g * g * c)
+    return grid
+
+
+def layouts(images: np.ndarray) -> np.ndarray:
+    """(N, LAYOUT_GRID^2 * channels) uint8: each image's central region as a grid of mean colours."""
+    out = []
+    for image in images:
+        small = _reduced(image)
+        h, w, _ = small.shape
+        m = LAYOUT_MARGIN
+        out.append(_grid(small, _cells(h, m, 1 - m), _cells(w, m, 1 - m))[0, 0])
+    width = LAYOUT_GRID * LAYOUT_GRID * (images.shape[3] if np.ndim(images) == 4 else 1)
+    return np.clip(np.rint(np.stack(out)), 0, 255).astype(np.uint8) if out else np.zeros((0, width), np.uint8)
+
+
+@dataclass(frozen=True)
+class CropViews:
+    """An image as the reuse check compares it with earlier layouts: reduced, and as the layout its original would
+    have for each crop on the coarse grid (`views`: len(_CROPS)^2 rows)."""
+
+    small: np.ndarray
+    views: np.ndarray
+
+    def coarse(self, layouts: np.ndarray) -> np.ndarray:
+        """(len(layouts),) the RMS difference to each earlier layout for the best crop on the coarse grid."""
+        squared = (self.views**2).sum(axis=1)[:, None] - 2 * self.views @ layouts.T + (layouts**2).sum(axis=1)
+        rms: np.ndarray = np.sqrt(np.maximum(squared.min(axis=0), 0) / self.views.shape[1])
+        return rms
+
+    def refined(self, layout: np.ndarray) -> float:
+        """The RMS difference to an earlier layout for the best crop: the coarse grid's best, refined on a grid a
+        quarter as wide around it (the coarse grid leaves up to a step of misalignment)."""
+        coarse = np.sqrt(((self.views - layout) ** 2).mean(axis=1))
+        best = int(coarse.argmin())
+        h, w, _ = self.small.shape
+        rows, cols = _CROPS[best // len(_CROPS)], _CROPS[best % len(_CROPS)]
+        fine = _grid(self.small, _cells_around(h, *rows), _cells_around(w, *cols))
+        return float(min(coarse[best], np.sqrt(((fine - layout) ** 2).mean(axis=2)).min()))
+
+
+def crop_views(image: np.ndarray) -> CropViews:
+    """The image's CropViews."""
+    small = _reduced(image)
+    h, w, _ = small.shape
+    views = _grid(small, _crop_cells(h), _crop_cells(w))
+    return CropViews(small, views.reshape(-1, views.shape[2]))
+
+
+def _cells_around(n_px: int, first: float, last: float) -> np.ndarray:
+    """Like _crop_cells, for crops within half a coarse step of (first, last) in steps of a quarter step."""
+    m, half = LAYOUT_MARGIN, CROP_STEP / 2
+    crops = [
+        (a, b)
+        for a in np.linspace(max(0, first - half), min(m, first + half), 5)
+        for b in np.linspace(max(0, last - half), min(m, last + half), 5)
+    ]
+    return np.concatenate([_cells(n_px, (m - a) / (1 - a - b), (1 - m - a) / (1 - a - b)) for a, b in crops])
+
+
+def _layout_matrix(rows: pd.DataFrame) -> np.ndarray | None:
+    """The rows' layouts as float32 (rows without one far from any image), or None when no row has one."""
+    if "layout" not in rows.columns or not len(rows):
+        return None
+    known = [np.frombuffer(v, np.uint8) for v in rows["layout"] if isinstance(v, bytes | bytearray) and len(v)]
+    if not known:
+        return None
+    width = len(known[0])
+    out = np.full((len(rows), width), 1e4, np.float32)  # never within LAYOUT_RMS of a real layout
+    for i, value in enumerate(rows["layout"]):
+        if isinstance(value, bytes | bytearray) and len(value) == width:
+            out[i] = np.frombuffer(value, np.uint8)
+    return out
+
+
+def _flat(layout: np.ndarray) -> bool:
+    """A blank or uniform image: its cells hardly vary in any channel."""
+    cells = layout.reshape(LAYOUT_GRID * LAYOUT_GRID, -1)
+    return bool(cells.std(axis=0).max() < FLAT_LAYOUT)
+
+
+@dataclass(frozen=True)
+class _Allowed:
+    """Which rows may be a query's earlier image: not of its own path, and before `stop`."""
+
+    path_keys: np.ndarray
+    own: str
+    stop: int
+
+    def __call__(self, row: int) -> bool:
+        return row < self.stop and (not self.own or self.path_keys[row] != self.own)
+
+
 @dataclass(frozen=True)
 class Match:
     """An earlier image a scored one repeats."""
 
     row: int  # the row of the table it was found in
-    kind: str  # exact | near
-    bits: int  # pHash distance (0 for exact)
+    kind: str  # exact | near | semantic
+    measure: str  # how close: phash_bits (0 for exact), layout_rms (a crop), cosine (embeddings)
+    value: float
 
 
 class HashTable:
-    """Earlier images' ids and hashes, searched by Hamming distance with a FAISS binary index (exact; about a
-    millisecond per image against a million earlier images, bench/reuse.py)."""
+    """Earlier images' ids, hashes and layouts. pHashes are searched by Hamming distance with a FAISS binary index
+    (exact; about a millisecond per image against a million earlier images, bench/reuse.py), layouts through a
+    Euclidean index (`layout_index`, built from the rows unless given)."""
 
-    def __init__(self, rows: pd.DataFrame) -> None:
+    def __init__(self, rows: pd.DataFrame, layout_index: VectorIndex | None = None) -> None:
         import faiss
 
         self.rows = rows.reset_index(drop=True)
@@ -168,60 +328,72 @@ class HashTable:
             both = np.empty((2 * len(self.rows), HASH_SIZE * HASH_SIZE // 8), np.uint8)
             both[0::2], both[1::2] = _bits(self.rows["phash"].tolist()), _bits(self.rows["phash_mirror"].tolist())
             self.index.add(both)
+        self.layouts = _layout_matrix(self.rows)
+        if layout_index is None and self.layouts is not None:
+            layout_index = VectorIndex.build(self.layouts, metric="l2")
+        self.layout_index = layout_index if self.layouts is not None else None
 
     def matches(
-        self, image_ids: Sequence[str], hashes: Sequence[str], own_paths: Sequence[str], near_bits: int = NEAR_BITS
+        self,
+        image_ids: Sequence[str],
+        hashes: Sequence[str],
+        own_paths: Sequence[str],
+        near_bits: int = NEAR_BITS,
+        views: Sequence[CropViews | None] = (),
+        before: Sequence[int] | None = None,
     ) -> list[Match | None]:
-        """For each image, the earlier row it copies: the same bytes, or a pHash within `near_bits` of the row's
-        (or of its mirror image's). Rows of its own path (the same file scored again) do not count."""
+        """For each image, the earlier row it copies: the same bytes, a pHash within `near_bits` of the row's (or of
+        its mirror image's), or one of its crop `views` within LAYOUT_RMS of the row's layout. Rows of its own path
+        (the same file scored again) do not count, nor rows from `before[q]` on where given."""
+        n = len(self.rows)
+        allowed = [
+            _Allowed(self.path_keys, own, before[q] if before is not None else n) for q, own in enumerate(own_paths)
+        ]
         out: list[Match | None] = [None] * len(image_ids)
         searched = [i for i, h in enumerate(hashes) if h]
         found_d: Any = []
         found_i: Any = []
-        if searched and len(self.rows):
-            found_d, found_i = self.index.search(_bits([hashes[i] for i in searched]), 8)
+        if searched and n:
+            found_d, found_i = self.index.search(_bits([hashes[i] for i in searched]), 16)
         near: dict[int, tuple[Any, Any]] = dict(zip(searched, zip(found_d, found_i)))
-        for q, (image_id, own) in enumerate(zip(image_ids, own_paths)):
-            exact = [i for i in self.by_id.get(image_id, []) if not own or self.path_keys[i] != own]
+        for q, image_id in enumerate(image_ids):
+            exact = [i for i in self.by_id.get(image_id, []) if allowed[q](i)]
             if exact:
-                out[q] = Match(exact[0], "exact", 0)
+                out[q] = Match(exact[0], "exact", "phash_bits", 0)
                 continue
             for distance, position in zip(*near.get(q, ((), ()))):
-                row = int(position) // 2
                 if position < 0 or distance > near_bits:
                     break
-                if not own or self.path_keys[row] != own:
-                    out[q] = Match(row, "near", int(distance))
+                if allowed[q](int(position) // 2):
+                    out[q] = Match(int(position) // 2, "near", "phash_bits", int(distance))
                     break
+        todo = [(q, v) for q, (m, v) in enumerate(zip(out, views)) if m is None and v is not None]
+        for (q, _), match in zip(todo, self._cropped([v for _, v in todo], [allowed[q] for q, _ in todo])):
+            out[q] = match
         return out
 
-
-def _within_shard(
-    image_ids: list[str], keys: list[str], plain: Sequence[str], mirrored: Sequence[str], near_bits: int = NEAR_BITS
-) -> list[Match | None]:
-    """For each image, the first earlier image of the same list it copies (same bytes, or a pHash of it or of its
-    mirror image within `near_bits`), from another path; all pairs at once (a shard is a few hundred images)."""
-    if not plain:
-        return []
-    a, m = _bits(plain), _bits(mirrored)
-    distance = np.minimum(
-        np.bitwise_count(a[:, None, :] ^ a[None, :, :]).sum(axis=2),
-        np.bitwise_count(a[:, None, :] ^ m[None, :, :]).sum(axis=2),
-    )
-    same_bytes = np.array(image_ids)[:, None] == np.array(image_ids)[None, :]
-    other_path = np.array(keys)[:, None] != np.array(keys)[None, :]
-    earlier = np.tril(np.ones_like(same_bytes), k=-1)
-    out: list[Match | None] = []
-    for i in range(len(plain)):
-        exact = np.flatnonzero(same_bytes[i] & other_path[i] & earlier[i])
-        near = np.flatnonzero((distance[i] <= near_bits) & other_path[i] & earlier[i])
-        if len(exact):
-            out.append(Match(int(exact[0]), "exact", 0))
-        elif len(near):
-            out.append(Match(int(near[0]), "near", int(distance[i, near[0]])))
-        else:
-            out.append(None)
-    return out
+    def _cropped(self, views: list[CropViews], allowed: list[_Allowed]) -> list[Match | None]:
+        """For each image's crop views, the earlier row whose layout one of them repeats within LAYOUT_RMS:
+        candidates from the index (nearest to the uncropped views), then every view against each candidate."""
+        if not views or self.layout_index is None or self.layouts is None:
+            return [None] * len(views)
+        _, found = self.layout_index.search(np.concatenate([v.views[_SEARCHED] for v in views]), CANDIDATES)
+        per = len(_SEARCHED)
+        out: list[Match | None] = []
+        for n, (view, ok) in enumerate(zip(views, allowed)):
+            rows = sorted({int(r) for r in found[n * per : (n + 1) * per].ravel() if r >= 0 and ok(int(r))})
+            if not rows or _flat(view.views[0]):
+                out.append(None)
+                continue
+            coarse = view.coarse(self.layouts[rows])
+            refined = {rows[i]: view.refined(self.layouts[rows[i]]) for i in np.argsort(coarse)[:REFINED]
+                       if coarse[i] <= REFINE_BELOW}  # fmt: skip
+            best = min(refined, key=lambda row: refined[row], default=None)
+            near = best is not None and refined[best] <= LAYOUT_RMS
+            out.append(
+                Match(best, "near", "layout_rms", round(refined[best], 2)) if near and best is not None else None
+            )
+        return out
 
 
 # --- what a version carries, and what it scored ----------------------------------------------------------------
@@ -258,6 +430,29 @@ class Reference:
         vectors: np.ndarray = np.load(self.folder / "val_embeddings.npy", allow_pickle=False).astype(np.float32)
         return vectors
 
+    def semantic_cosine(self) -> float | None:
+        """The embedding cosine from which two images count as the same picture (None: the check is off)."""
+        path = self.folder / "reuse.json"
+        found = json.loads(path.read_text(encoding="utf-8")).get("semantic_cosine") if path.is_file() else None
+        return float(found) if found is not None else None
+
+
+def semantic_threshold(vectors: np.ndarray) -> dict[str, float | None]:
+    """When two embeddings are close enough to call the images the same picture: closer than SEMANTIC_QUANTILE of
+    the training images are to their nearest other training image (and at least SEMANTIC_FLOOR). Off (None) where
+    that would be almost 1: the model's embeddings then do not tell one picture from another (a weak or
+    small model often maps a whole class to nearly one point)."""
+    if len(vectors) < 2:
+        return {"semantic_cosine": None, "nearest_cosine_p50": None, "nearest_cosine_p99": None}
+    scores, ids = VectorIndex.build(vectors).search(vectors, 2)
+    nearest = np.where(ids[:, 0] == np.arange(len(vectors)), scores[:, 1], scores[:, 0])
+    cut = max(SEMANTIC_FLOOR, float(np.quantile(nearest, SEMANTIC_QUANTILE)))
+    return {
+        "semantic_cosine": round(cut, 6) if cut < SEMANTIC_OFF else None,
+        "nearest_cosine_p50": round(float(np.median(nearest)), 6),
+        "nearest_cosine_p99": round(float(np.quantile(nearest, 0.99)), 6),
+    }
+
 
 def save_reference(
     folder: Path,
@@ -273,6 +468,7 @@ def save_reference(
     plain, mirrored = phashes(train_images)
     rows = pd.DataFrame({"image_id": list(train_ids), "label": list(train_labels), "phash": plain})
     rows["phash_mirror"] = mirrored
+    rows["layout"] = [bytes(v) for v in layouts(train_images)]
     with atomic_path(folder / "train_rows.parquet") as tmp:
         rows.to_parquet(tmp, index=False)
     for name, vectors in (("train_embeddings.npy", train_vectors), ("val_embeddings.npy", val_vectors)):
@@ -280,6 +476,7 @@ def save_reference(
             np.save(handle, np.asarray(vectors, dtype=np.float16), allow_pickle=False)
     VectorIndex.build(train_vectors).save(folder / "train.faiss")
     write_json_atomic(folder / "drift.json", drift)
+    write_json_atomic(folder / "reuse.json", semantic_threshold(train_vectors))
     return Reference(folder)
 
 
@@ -318,7 +515,7 @@ def build_reference(run_dir: Path, dataset_root: Path) -> Reference:
     )
 
 
-HISTORY_COLUMNS = ["image_id", "path_key", "label", "ids", "phash", "phash_mirror", "scored_at"]
+HISTORY_COLUMNS = ["image_id", "path_key", "label", "ids", "phash", "phash_mirror", "layout", "scored_at"]
 
 
 def path_key(path: str) -> str:
@@ -359,6 +556,11 @@ class History:
         current = self._current()
         return VectorIndex.load(current / "vectors.faiss") if current is not None else None
 
+    def layout_index(self) -> VectorIndex | None:
+        current = self._current()
+        path = current / "layouts.faiss" if current is not None else None
+        return VectorIndex.load(path) if path is not None and path.is_file() else None
+
     @contextmanager
     def _lock(self) -> Iterator[None]:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -378,11 +580,19 @@ class History:
                 return 0
             new_vectors = np.asarray(vectors, dtype=np.float32)[fresh.to_numpy()]
             index = old_index.add(new_vectors) if old_index is not None else VectorIndex.build(new_vectors)
+            combined = pd.concat([old_rows, rows.loc[fresh, HISTORY_COLUMNS]], ignore_index=True)
+            grid = _layout_matrix(combined)
+            old_layouts = self.layout_index()
+            if grid is not None and old_layouts is not None and len(old_layouts) == len(old_rows):
+                layout_index = old_layouts.add(grid[len(old_rows) :])
+            elif grid is not None:
+                layout_index = VectorIndex.build(grid, metric="l2")
             generation = self.folder / f"gen-{uuid.uuid4().hex[:12]}"
             generation.mkdir()
-            combined = pd.concat([old_rows, rows.loc[fresh, HISTORY_COLUMNS]], ignore_index=True)
             combined.to_parquet(generation / "rows.parquet", index=False)
             index.save(generation / "vectors.faiss")
+            if grid is not None:
+                layout_index.save(generation / "layouts.faiss")
             previous = self._current()
             write_text_atomic(self.folder / "CURRENT", generation.name)  # the commit point
             if previous is not None:
@@ -392,16 +602,31 @@ class History:
 
 @dataclass(frozen=True)
 class Lookup:
-    """What scoring compares each image with: the version's training split (index, labels, hashes) and what it
-    scored before (hashes). Loaded once per shard."""
+    """What scoring compares each image with: the version's training split (index, labels, hashes, layouts), what
+    it scored before (hashes, layouts, embeddings) and what earlier shards of this run scored. Loaded once per
+    shard."""
 
     train: HashTable
     train_index: VectorIndex
     history: HashTable
+    history_index: VectorIndex | None = None  # the history's embeddings (for the semantic check)
+    semantic: float | None = None  # the cosine from which two embeddings are the same picture (None: off)
+    run: HashTable | None = None  # earlier shards of this run
 
     @classmethod
     def load(cls, reference: Reference, history: History) -> Lookup:
-        return cls(HashTable(reference.rows()), reference.index(), HashTable(history.rows()))
+        semantic = reference.semantic_cosine()
+        return cls(
+            HashTable(reference.rows()),
+            reference.index(),
+            HashTable(history.rows(), history.layout_index()),
+            history.index() if semantic is not None else None,
+            semantic,
+        )
+
+    def with_run(self, rows: pd.DataFrame) -> Lookup:
+        """This lookup with what earlier shards of the run scored (HISTORY_COLUMNS rows) as one more source."""
+        return replace(self, run=HashTable(rows)) if len(rows) else self
 
     def annotate(
         self,
@@ -413,35 +638,43 @@ class Lookup:
         ids: Sequence[str] = (),
     ) -> pd.DataFrame:
         """For each scored image: the history's columns but `scored_at` (image_id, path_key, label, ids, phash,
-        phash_mirror) and neighbour_label, neighbour_agreement, duplicate_of, duplicate_kind. A copy of a training
-        image first, else of an image scored before, else of an earlier image of the same shard (`ids`: each
-        image's carried id columns as JSON, `{}` when none are given); never of itself (a file scored again under
-        its own path)."""
-        plain, mirrored = phashes(images) if len(images) else ([], [])
+        phash_mirror, layout) and neighbour_label, neighbour_agreement, duplicate_of, duplicate_kind. A copy of a
+        training image first, else of an image scored before (earlier runs, then earlier shards of this run), else
+        of an earlier image of the same shard; exact and near copies before semantic ones (`ids`: each image's
+        carried id columns as JSON, `{}` when none are given); never of itself (a file scored again under its own
+        path)."""
+        n = len(image_ids)
+        plain, mirrored = phashes(images) if n else ([], [])
         keys = [path_key(p) for p in paths]
         out = pd.DataFrame(
-            {"image_id": list(image_ids), "path_key": keys, "label": list(labels),
-             "ids": list(ids) or ["{}"] * len(plain), "phash": plain, "phash_mirror": mirrored},
+            {"image_id": list(image_ids), "path_key": keys, "label": list(labels), "ids": list(ids) or ["{}"] * n,
+             "phash": plain, "phash_mirror": mirrored, "layout": [bytes(v) for v in layouts(images)] if n else []},
             dtype=object,
         )  # fmt: skip
-        out["neighbour_label"], out["neighbour_agreement"] = self._neighbours(labels, vectors)
+        (out["neighbour_label"], out["neighbour_agreement"]), nearest = self._neighbours(labels, vectors)
+        views = [crop_views(image) for image in images]
+        sources: list[tuple[str, pd.DataFrame, list[Match | None]]] = [
+            ("training", self.train.rows, self.train.matches(image_ids, plain, [""] * n, views=views)),
+            ("scored", self.history.rows, self.history.matches(image_ids, plain, keys, views=views)),
+        ]
+        if self.run is not None:
+            sources.append(("this run", self.run.rows, self.run.matches(image_ids, plain, keys, views=views)))
+        shard = HashTable(out).matches(image_ids, plain, keys, views=views, before=range(n))
+        sources.append(("this run", out, shard))
+        if self.semantic is not None and vectors is not None:
+            sources += self._semantic(self.semantic, vectors, nearest, keys, out)
         of: list[str | None] = []
         kinds: list[str | None] = []
-        in_training = self.train.matches(image_ids, plain, [""] * len(plain))
-        scored_before = self.history.matches(image_ids, plain, keys)
-        within = _within_shard(list(image_ids), keys, plain, mirrored)
-        for t, h, w in zip(in_training, scored_before, within):
-            match, rows, source = (
-                (t, self.train.rows, "training") if t is not None else (h, self.history.rows, "scored")
-            )
-            if match is None:  # an earlier image of this shard: the same photo twice in one batch
-                match, rows, source = w, out, "this run"
-            if match is None:
+        for q in range(n):
+            found = [(m.kind == "semantic", rank, m, rows, name)
+                     for rank, (name, rows, ms) in enumerate(sources) if (m := ms[q]) is not None]  # fmt: skip
+            if not found:
                 of.append(None)
                 kinds.append(None)
                 continue
+            _, _, match, rows, source = min(found, key=lambda f: (f[0], f[1]))
             row = rows.iloc[match.row]
-            described: dict[str, object] = {"image_id": row["image_id"], "source": source, "phash_bits": match.bits}
+            described: dict[str, object] = {"image_id": row["image_id"], "source": source, match.measure: match.value}
             if source != "training" and row.get("ids"):
                 described.update(json.loads(row["ids"]))
             elif source == "training":
@@ -452,10 +685,38 @@ class Lookup:
         out["duplicate_kind"] = pd.Series(kinds, dtype=object)
         return out
 
-    def _neighbours(self, labels: Sequence[str], vectors: np.ndarray | None) -> tuple[list[str | None], list[float]]:
+    def _semantic(
+        self,
+        cut: float,
+        vectors: np.ndarray,
+        nearest: tuple[np.ndarray, np.ndarray],
+        keys: list[str],
+        out: pd.DataFrame,
+    ) -> list[tuple[str, pd.DataFrame, list[Match | None]]]:
+        """Earlier images whose embedding is within the version's semantic cosine `cut`: the nearest training
+        image, the nearest image scored before (another path), an earlier image of this shard (another path)."""
+        found = [("training", self.train.rows, _semantic_matches(*nearest, cut))]
+        if self.history_index is not None and len(self.history_index):
+            scores, rows = self.history_index.search(vectors, 1)
+            own = self.history.path_keys[np.maximum(rows[:, 0], 0)] == np.array(keys)
+            found.append(
+                ("scored", self.history.rows, _semantic_matches(np.where(own[:, None], -1, scores), rows, cut))
+            )
+        unit = normalise(vectors)
+        similar = np.tril(unit @ unit.T, k=-1)
+        similar[np.array(keys)[:, None] == np.array(keys)[None, :]] = -1
+        best = similar.argmax(axis=1)[:, None]
+        found.append(("this run", out, _semantic_matches(np.take_along_axis(similar, best, axis=1), best, cut)))
+        return found
+
+    def _neighbours(
+        self, labels: Sequence[str], vectors: np.ndarray | None
+    ) -> tuple[tuple[list[str | None], list[float]], tuple[np.ndarray, np.ndarray]]:
+        """((neighbour_label, neighbour_agreement), (similarities, rows) of the nearest training images)."""
+        n = len(labels)
         if vectors is None or not len(self.train.rows):
-            return [None] * len(labels), [float("nan")] * len(labels)
-        _, ids = self.train_index.search(vectors, K)
+            return ([None] * n, [float("nan")] * n), (np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64))
+        similarities, ids = self.train_index.search(vectors, K)
         known = self.train.rows["label"].to_numpy()
         names: list[str | None] = []
         shares: list[float] = []
@@ -468,4 +729,14 @@ class Lookup:
             values, counts = np.unique(found, return_counts=True)
             names.append(str(values[counts.argmax()]))
             shares.append(float((found == label).mean()))
-        return names, shares
+        return (names, shares), (similarities, ids)
+
+
+def _semantic_matches(scores: np.ndarray, rows: np.ndarray, cut: float) -> list[Match | None]:
+    """A semantic match for each query whose nearest row (first column) is at cosine `cut` or more."""
+    if not scores.size:
+        return [None] * len(scores)
+    return [
+        Match(int(r), "semantic", "cosine", round(float(c), 4)) if r >= 0 and c >= cut else None
+        for c, r in zip(scores[:, 0], rows[:, 0])
+    ]

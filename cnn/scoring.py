@@ -377,6 +377,22 @@ def plan_shards(
     )
 
 
+_PARTS: dict[Path, pd.DataFrame] = {}  # history parts read in this process (a part never changes once written)
+
+
+def _run_rows(folder: Path, shard: int) -> pd.DataFrame:
+    """The history rows (no embeddings) that other shards of this run committed so far: shards that ran before
+    this one in the same process or elsewhere (shards running at the same time do not see each other)."""
+    parts = [p for p in sorted(folder.glob("shard-*.parquet")) if p.name != f"shard-{shard:06d}.parquet"]
+    for gone in [p for p in _PARTS if p not in parts]:  # another run's, or merged into the history
+        del _PARTS[gone]
+    for part in parts:
+        if part not in _PARTS:
+            _PARTS[part] = pd.read_parquet(part, columns=HISTORY_COLUMNS[:-1])
+    frames = [_PARTS[p] for p in parts]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=HISTORY_COLUMNS[:-1])
+
+
 def score_shard(
     plan: ShardPlan,
     shard: int,
@@ -393,6 +409,8 @@ def score_shard(
     training reference and history) adds the similar cases and the reuse check."""
     files = plan.rows(shard)
     start = time.perf_counter()
+    if lookup is not None and options.history_dir:  # what earlier shards of this run scored
+        lookup = lookup.with_run(_run_rows(Path(options.history_dir), shard))
     scored = score_files(files, list(plan.id_columns), predictor, model, options, masking, explainer, lookup)
     predictions, rejects = scored.predictions, scored.rejects
     for sink in sinks:

@@ -9,12 +9,24 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from cnn import neighbours
 from cnn.contract import ModelContract
+from cnn.demo_data import render_claim
 from cnn.inference import Predictor, _fuse_conv_bn
 from cnn.models import create_model, list_models
-from cnn.neighbours import HashTable, History, Lookup, Reference, VectorIndex, build_reference, phashes
+from cnn.neighbours import (
+    HashTable,
+    History,
+    Lookup,
+    Reference,
+    VectorIndex,
+    build_reference,
+    crop_views,
+    layouts,
+    phashes,
+)
 from cnn.train import FitResult
 
 
@@ -60,23 +72,83 @@ def _letterbox(image: np.ndarray, size: int = 64) -> np.ndarray:
     return out
 
 
-def test_copies_are_found_exactly_nearly_and_mirrored_and_a_file_is_never_a_copy_of_itself() -> None:
-    originals = np.stack([_letterbox(_photo(i)) for i in range(20)])
-    plain, mirrored = phashes(originals)
-    rows = pd.DataFrame({"image_id": [f"id{i}" for i in range(20)], "phash": plain, "phash_mirror": mirrored})
-    table = HashTable(rows.assign(path_key=[f"k{i}" for i in range(20)]))
-    from PIL import Image
+def _claims(seeds: range | list[int]) -> list[Image.Image]:
+    return [render_claim("dent", np.random.default_rng(seed), (160, 120)) for seed in seeds]
 
-    smaller = _letterbox(np.asarray(Image.fromarray(_photo(3)).resize((40, 30)).resize((64, 48))))
-    queries = np.stack([originals[0], smaller, originals[5][:, ::-1], _letterbox(_photo(99))])
+
+def _shown(photo: Image.Image) -> np.ndarray:
+    """As a model at 64 px sees it: long side 64, letterboxed."""
+    w, h = photo.size
+    return _letterbox(np.asarray(photo.resize((64, round(64 * h / w)))))
+
+
+def _table(images: np.ndarray, prefix: str = "id") -> HashTable:
+    plain, mirrored = phashes(images)
+    rows = pd.DataFrame({"image_id": [f"{prefix}{i}" for i in range(len(images))], "phash": plain})
+    grid = [bytes(v) for v in layouts(images)]
+    return HashTable(rows.assign(phash_mirror=mirrored, layout=grid, path_key=[f"k{i}" for i in range(len(images))]))
+
+
+def test_copies_are_found_exactly_nearly_cropped_and_mirrored_and_a_file_is_never_a_copy_of_itself() -> None:
+    photos = _claims(range(20))
+    table = _table(np.stack([_shown(p) for p in photos]))
+    smaller = photos[3].resize((60, 45)).resize((160, 120))
+    cropped = photos[7].crop((12, 0, 160, 110))  # 7.5 % off the left, 8 % off the bottom
+    queries = np.stack(
+        [_shown(photos[0]), _shown(smaller), _shown(photos[5])[:, ::-1], _shown(cropped), _shown(_claims([99])[0])]
+    )
     hashes, _ = phashes(queries)
-    found = table.matches(["id0", "new1", "new2", "new3"], hashes, ["", "", "", ""])
+    views = [crop_views(q) for q in queries]
+    found = table.matches(["id0", "new1", "new2", "new3", "new4"], hashes, [""] * 5, views=views)
     assert (found[0].kind, found[0].row) == ("exact", 0)
     assert (found[1].kind, found[1].row) == ("near", 3)
-    assert (found[2].kind, found[2].row) == ("near", 5)  # a mirrored copy
-    assert found[3] is None  # another photo
-    again = table.matches(["id0"], hashes[:1], ["k0"])  # the same file scored again under its own path
+    assert (found[2].kind, found[2].row, found[2].measure) == ("near", 5, "phash_bits")  # a mirrored copy
+    assert (found[3].kind, found[3].row, found[3].measure) == ("near", 7, "layout_rms")  # a cropped copy
+    assert found[3].value <= neighbours.LAYOUT_RMS
+    assert found[4] is None  # another photo of the same kind
+    again = table.matches(["id0"], hashes[:1], ["k0"], views=views[:1])  # the same file scored again, own path
     assert again == [None]
+    assert table.matches(["new3"], hashes[3:4], [""], views=views[3:4], before=[7]) == [None]  # rows before 7 only
+
+
+def test_a_blank_image_is_no_ones_copy_by_layout() -> None:
+    blank = np.full((1, 64, 64, 3), 128, np.uint8)
+    table = _table(blank)
+    found = table.matches(["other"], [""], [""], views=[crop_views(blank[0] + 1)])
+    assert found == [None]
+
+
+def test_the_semantic_check_is_calibrated_on_the_training_split_and_off_where_embeddings_do_not_separate() -> None:
+    rng = np.random.default_rng(0)
+    spread = rng.normal(0, 1, (500, 32)).astype(np.float32)
+    found = neighbours.semantic_threshold(spread)
+    assert found["semantic_cosine"] is not None and 0.95 <= found["semantic_cosine"] < 1
+    collapsed = np.ones((500, 32), np.float32) + rng.normal(0, 1e-4, (500, 32)).astype(np.float32)
+    assert neighbours.semantic_threshold(collapsed)["semantic_cosine"] is None  # a class maps to one point
+    photos = np.stack([_shown(p) for p in _claims(range(4))])
+    train = _table(photos)
+    lookup = Lookup(train.__class__(train.rows.assign(label="dent")), VectorIndex.build(spread[:4]), _table(photos[:0]))
+    lookup = neighbours.replace(lookup, semantic=0.99)
+    query = np.stack([_shown(_claims([50])[0]), _shown(_claims([51])[0])])  # other photos ...
+    vectors = np.stack([spread[2] * 1.01, rng.normal(0, 1, 32).astype(np.float32)])  # ... one of which embeds as #2
+    notes = lookup.annotate(["q1", "q2"], ["/q1", "/q2"], ["dent"] * 2, query, vectors)
+    assert notes["duplicate_kind"].tolist() == ["semantic", None]
+    assert '"cosine": 1.0' in notes["duplicate_of"].iloc[0] and '"image_id": "id2"' in notes["duplicate_of"].iloc[0]
+
+
+def test_an_earlier_shard_of_the_same_run_is_searched(tmp_path: Path) -> None:
+    photos = _claims(range(3))
+    first = np.stack([_shown(p) for p in photos])
+    empty = _table(first[:0])
+    lookup = Lookup(empty, VectorIndex.build(np.zeros((0, 4), np.float32)), empty)
+    earlier = lookup.annotate(["a", "b", "c"], ["/a", "/b", "/c"], ["dent"] * 3, first, None, ['{"claim": "C1"}'] * 3)
+    assert earlier["duplicate_kind"].isna().all()
+    later = np.stack([_shown(photos[1].crop((8, 6, 160, 120)))])
+    alone = lookup.annotate(["d"], ["/d"], ["dent"], later, None)
+    with_run = lookup.with_run(earlier[neighbours.HISTORY_COLUMNS[:-1]])
+    noted = with_run.annotate(["d"], ["/d"], ["dent"], later, None)
+    assert alone["duplicate_kind"].tolist() == [None] and noted["duplicate_kind"].tolist() == ["near"]
+    assert '"source": "this run"' in noted["duplicate_of"].iloc[0] and '"claim": "C1"' in noted["duplicate_of"].iloc[0]
 
 
 def test_history_extends_atomically_and_once(tmp_path: Path) -> None:
@@ -84,7 +156,8 @@ def test_history_extends_atomically_and_once(tmp_path: Path) -> None:
     assert history.rows().empty and history.index() is None and history.generation() == ""
     rows = pd.DataFrame(
         {"image_id": ["a", "b", "b"], "path_key": ["1", "2", "2"], "label": ["x", "y", "y"], "ids": "{}",
-         "phash": "", "phash_mirror": "", "scored_at": pd.Timestamp("2026-11-30", tz="UTC")}
+         "phash": "", "phash_mirror": "", "layout": [bytes([i] * 192) for i in range(3)],
+         "scored_at": pd.Timestamp("2026-11-30", tz="UTC")}
     )  # fmt: skip
     vectors = np.eye(3, 4, dtype=np.float32)
     assert history.extend(rows, vectors) == 2  # b once
@@ -93,6 +166,7 @@ def test_history_extends_atomically_and_once(tmp_path: Path) -> None:
     more = rows.assign(image_id=["c", "a", "d"])
     assert history.extend(more, vectors) == 2
     assert history.rows()["image_id"].tolist() == ["a", "b", "c", "d"] and len(history.index() or []) == 4
+    assert len(history.layout_index() or []) == 4  # the layouts' index grows with the rows
     assert [p.name for p in (tmp_path / "h").iterdir() if p.name.startswith("gen-")] == [history.generation()]
 
 

@@ -540,7 +540,12 @@ def test_similar_cases_reuse_and_drift_through_the_flow(home: Path, tmp_path: Pa
     shutil.copy(files[0], second / "resubmitted.png")
     mirrored = np.asarray(Image.open(files[1]))[:, ::-1]
     Image.fromarray(np.ascontiguousarray(mirrored)).save(second / "mirrored.png")
-    result = runner.invoke(app, ["score", str(second), "--model", "patterns", "--output", str(out2)])
+    new = np.asarray(Image.open(next(write_patterns(tmp_path / "new", per_class=1, seed=77).rglob("*.png"))))
+    Image.fromarray(new).save(second / "a_new.png")  # a new photo, and its mirror image in a later shard
+    Image.fromarray(np.ascontiguousarray(new[:, ::-1])).save(second / "b_new_mirrored.png")
+    result = runner.invoke(
+        app, ["score", str(second), "--model", "patterns", "--output", str(out2), "--shard-size", "1"]
+    )
     assert result.exit_code == 0, result.output
     again = pd.read_parquet(out2).set_index(pd.read_parquet(out2)["path"].map(lambda p: Path(p).name))
     exact = json.loads(again.loc["resubmitted.png", "duplicate_of"])
@@ -549,9 +554,13 @@ def test_similar_cases_reuse_and_drift_through_the_flow(home: Path, tmp_path: Pa
     near = json.loads(again.loc["mirrored.png", "duplicate_of"])
     assert again.loc["mirrored.png", "duplicate_kind"] == "near" and near["claim"] == "C001"
     assert "copies of earlier images" in result.output
+    across = json.loads(again.loc["b_new_mirrored.png", "duplicate_of"])  # found in an earlier shard of this run
+    assert again.loc["b_new_mirrored.png", "duplicate_kind"] == "near" and across["source"] == "this run"
+    assert across["image_id"] == again.loc["a_new.png", "image_id"] and pd.isna(again.loc["a_new.png", "duplicate_of"])
     copies = pd.read_parquet(tmp_path / "n2.duplicates.parquet")  # the duplicates table collects them
-    assert sorted(copies["duplicate_kind"]) == ["exact", "near"] and set(copies["earlier_source"]) == {"scored"}
-    assert set(copies["earlier_image_id"]) == {exact["image_id"], near["image_id"]}
+    assert sorted(copies["duplicate_kind"]) == ["exact", "near", "near"]
+    assert sorted(copies["earlier_source"]) == ["scored", "scored", "this run"]
+    assert set(copies["earlier_image_id"]) == {exact["image_id"], near["image_id"], across["image_id"]}
 
     # cnn similar: the nearest training images and the nearest images scored before, with their claim numbers
     found = runner.invoke(

@@ -68,7 +68,7 @@ def _table(ids: list[str], images: np.ndarray) -> HashTable:
 
 def _found(table: HashTable, images: np.ndarray, prefix: str) -> list:
     hashes, _ = phashes(images)
-    views = [crop_views(image) for image in images]
+    views = crop_views(images)
     return table.matches([f"{prefix}{i}" for i in range(len(images))], hashes, [""] * len(images), views=views)
 
 

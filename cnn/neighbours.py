@@ -40,6 +40,7 @@ SEMANTIC_QUANTILE, SEMANTIC_FLOOR, SEMANTIC_OFF = 0.999, 0.95, 0.9999
 # layouts nearest to its uncropped views, and counts as a copy within LAYOUT_RMS (0-255 levels; bench/reuse.py:
 # copies <= 2.3, distinct photos of one class >= 10.8, distinct generated X-rays >= 3.1).
 LAYOUT_GRID, LAYOUT_MARGIN, LAYOUT_SIDE = 8, 0.10, 32
+COARSE_GRID = 4  # the 441 crops are first tried on 4 x 4 cells (a quarter of the work), the best refined on 8 x 8
 CROP_MOST, CROP_STEP = 0.10, 0.02
 LAYOUT_RMS, REFINE_BELOW, REFINED = 2.5, 8.0, 3  # the 3 nearest on the coarse grid are refined
 FLAT_LAYOUT = 2.0  # a layout whose cells vary less than this (a blank or uniform image) identifies nothing
@@ -168,7 +169,7 @@ _CROPS = [
     if left + right <= CROP_MOST + 1e-9
 ]
 _MIDDLE = next(i for i, (a, b) in enumerate(_CROPS) if a == b and a >= CROP_MOST / 2 - CROP_STEP)
-_SEARCHED = [a * len(_CROPS) + b for a in (0, _MIDDLE) for b in (0, _MIDDLE)]  # views that find the candidates
+_SEARCHED_CROPS = [_CROPS[0], _CROPS[_MIDDLE]]  # on each axis: the views that find the candidates in the index
 
 
 def _reduced(image: np.ndarray) -> np.ndarray:
@@ -183,87 +184,119 @@ def _reduced(image: np.ndarray) -> np.ndarray:
     return small.reshape(size[1], size[0], channels).astype(np.float32)
 
 
-def _cells(n_px: int, start: float, stop: float) -> np.ndarray:
-    """(LAYOUT_GRID, n_px) weights that average pixels over equal cells of [start, stop) (fractions of the axis)."""
-    edges = np.linspace(start, stop, LAYOUT_GRID + 1) * n_px
+def _cells(n_px: int, start: float, stop: float, g: int = LAYOUT_GRID) -> np.ndarray:
+    """(g, n_px) weights that average pixels over g equal cells of [start, stop) (fractions of the axis)."""
+    edges = np.linspace(start, stop, g + 1) * n_px
     px = np.arange(n_px)
     covered = np.clip(edges[1:, None], px, px + 1) - np.clip(edges[:-1, None], px, px + 1)
     weights: np.ndarray = (covered / covered.sum(axis=1, keepdims=True)).astype(np.float32)
     return weights
 
 
-@functools.lru_cache(maxsize=256)
-def _crop_cells(n_px: int) -> np.ndarray:
-    """(len(_CROPS) * LAYOUT_GRID, n_px): for each crop an axis may have had, the cells of the original's central
-    region in the cropped axis's pixels."""
+@functools.lru_cache(maxsize=1024)
+def _crop_cells(n_px: int, crops: tuple[tuple[float, float], ...], g: int = LAYOUT_GRID) -> np.ndarray:
+    """(len(crops) * g, n_px): for each crop (off the start, off the end) an axis may have had, the g cells of the
+    original's central region in the cropped axis's pixels."""
     m = LAYOUT_MARGIN
-    return np.concatenate([_cells(n_px, (m - a) / (1 - a - b), (1 - m - a) / (1 - a - b)) for a, b in _CROPS])
+    return np.concatenate([_cells(n_px, (m - a) / (1 - a - b), (1 - m - a) / (1 - a - b), g) for a, b in crops])
 
 
-def _grid(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """(len(rows) // G, len(cols) // G, G * G * channels): the image through every pair of row and column cells."""
-    h, w, c = image.shape
-    g = LAYOUT_GRID
-    by_row = (rows @ image.reshape(h, w * c)).reshape(-1, g, w, c).transpose(0, 1, 3, 2)  # (A, G, c, w)
-    both = (by_row @ cols.T).reshape(len(rows) // g, g, c, len(cols) // g, g)  # (A, G, c, B, G)
-    grid: np.ndarray = both.transpose(0, 3, 1, 4, 2).reshape(len(rows) // g, len(cols) // g, g * g * c)
+def _grid(images: np.ndarray, rows: np.ndarray, cols: np.ndarray, g: int = LAYOUT_GRID) -> np.ndarray:
+    """(N, len(rows) // g, len(cols) // g, g * g * channels): images of one shape (N, h, w, c) through every pair
+    of row and column cells (two matrix products for the whole stack)."""
+    n, h, w, c = images.shape
+    a, b = len(rows) // g, len(cols) // g
+    by_col = (images.transpose(0, 1, 3, 2).reshape(n * h * c, w) @ cols.T).reshape(n, h, c * b * g)
+    both = (rows @ by_col).reshape(n, a, g, c, b, g)  # rows contract h
+    grid: np.ndarray = both.transpose(0, 1, 4, 2, 5, 3).reshape(n, a, b, g * g * c)
     return grid
 
 
 def layouts(images: np.ndarray) -> np.ndarray:
     """(N, LAYOUT_GRID^2 * channels) uint8: each image's central region as a grid of mean colours."""
-    out = []
-    for image in images:
-        small = _reduced(image)
-        h, w, _ = small.shape
-        m = LAYOUT_MARGIN
-        out.append(_grid(small, _cells(h, m, 1 - m), _cells(w, m, 1 - m))[0, 0])
     width = LAYOUT_GRID * LAYOUT_GRID * (images.shape[3] if np.ndim(images) == 4 else 1)
-    return np.clip(np.rint(np.stack(out)), 0, 255).astype(np.uint8) if out else np.zeros((0, width), np.uint8)
+    out = np.zeros((len(images), width), np.uint8)
+    m = LAYOUT_MARGIN
+    for positions, small in _by_shape([_reduced(image) for image in images]):
+        _, h, w, _ = small.shape
+        out[positions] = np.clip(np.rint(_grid(small, _cells(h, m, 1 - m), _cells(w, m, 1 - m))[:, 0, 0]), 0, 255)
+    return out
+
+
+def _by_shape(smalls: list[np.ndarray]) -> list[tuple[list[int], np.ndarray]]:
+    """Reduced images grouped by shape: (their positions, their stack)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, small in enumerate(smalls):
+        groups.setdefault(small.shape, []).append(i)
+    return [(positions, np.stack([smalls[i] for i in positions])) for positions in groups.values()]
+
+
+def _pooled(layouts: np.ndarray) -> np.ndarray:
+    """Layouts (N, LAYOUT_GRID^2 * c) on the coarse grid (N, COARSE_GRID^2 * c): the mean of each block of cells."""
+    f = LAYOUT_GRID // COARSE_GRID
+    cells = layouts.reshape(len(layouts), COARSE_GRID, f, COARSE_GRID, f, -1).astype(np.float32)
+    pooled: np.ndarray = cells.mean(axis=(2, 4)).reshape(len(layouts), -1)
+    return pooled
 
 
 @dataclass(frozen=True)
 class CropViews:
-    """An image as the reuse check compares it with earlier layouts: reduced, and as the layout its original would
-    have for each crop on the coarse grid (`views`: len(_CROPS)^2 rows)."""
+    """An image as the reuse check compares it with earlier layouts: reduced (`small`), as its original's layout
+    for each crop on the coarse grid of crops and cells (`views`: len(_CROPS)^2 rows of COARSE_GRID^2 cells), and
+    for the few crops that search the index (`searched`, full layouts)."""
 
     small: np.ndarray
     views: np.ndarray
+    searched: np.ndarray
 
     def coarse(self, layouts: np.ndarray) -> np.ndarray:
         """(len(layouts),) the RMS difference to each earlier layout for the best crop on the coarse grid."""
-        squared = (self.views**2).sum(axis=1)[:, None] - 2 * self.views @ layouts.T + (layouts**2).sum(axis=1)
+        pooled = _pooled(layouts)
+        squared = (self.views**2).sum(axis=1)[:, None] - 2 * self.views @ pooled.T + (pooled**2).sum(axis=1)
         rms: np.ndarray = np.sqrt(np.maximum(squared.min(axis=0), 0) / self.views.shape[1])
         return rms
 
     def refined(self, layout: np.ndarray) -> float:
-        """The RMS difference to an earlier layout for the best crop: the coarse grid's best, refined on a grid a
-        quarter as wide around it (the coarse grid leaves up to a step of misalignment)."""
-        coarse = np.sqrt(((self.views - layout) ** 2).mean(axis=1))
+        """The RMS difference to an earlier layout (all its cells) for the best crop: from the coarse grid's best,
+        refined twice on grids half as wide around it."""
+        coarse = ((self.views - _pooled(layout[None])) ** 2).mean(axis=1)
         best = int(coarse.argmin())
-        h, w, _ = self.small.shape
         rows, cols = _CROPS[best // len(_CROPS)], _CROPS[best % len(_CROPS)]
-        fine = _grid(self.small, _cells_around(h, *rows), _cells_around(w, *cols))
-        return float(min(coarse[best], np.sqrt(((fine - layout) ** 2).mean(axis=2)).min()))
+        rms = float("inf")
+        for half in (CROP_STEP, CROP_STEP / 2):
+            rms, rows, cols = self._around(layout, rows, cols, half)
+        return rms
+
+    def _around(
+        self, layout: np.ndarray, rows: tuple[float, float], cols: tuple[float, float], half: float
+    ) -> tuple[float, tuple[float, float], tuple[float, float]]:
+        """The best crop within `half` of (rows, cols) on each edge, in steps of half / 2: (RMS, rows, cols)."""
+        h, w, _ = self.small.shape
+        row_crops, col_crops = _crops_around(*rows, half), _crops_around(*cols, half)
+        fine = _grid(self.small[None], _crop_cells(h, row_crops), _crop_cells(w, col_crops))[0]
+        rms = np.sqrt(((fine - layout) ** 2).mean(axis=2))
+        i, j = np.unravel_index(int(rms.argmin()), rms.shape)
+        return float(rms[i, j]), row_crops[i], col_crops[j]
 
 
-def crop_views(image: np.ndarray) -> CropViews:
-    """The image's CropViews."""
-    small = _reduced(image)
-    h, w, _ = small.shape
-    views = _grid(small, _crop_cells(h), _crop_cells(w))
-    return CropViews(small, views.reshape(-1, views.shape[2]))
+def _crops_around(first: float, last: float, half: float) -> tuple[tuple[float, float], ...]:
+    """Crops (off the start, off the end) within `half` of (first, last), in steps of half / 2."""
+    starts = np.clip(np.linspace(first - half, first + half, 5), 0, LAYOUT_MARGIN)
+    ends = np.clip(np.linspace(last - half, last + half, 5), 0, LAYOUT_MARGIN)
+    return tuple((round(float(a), 5), round(float(b), 5)) for a in starts for b in ends)
 
 
-def _cells_around(n_px: int, first: float, last: float) -> np.ndarray:
-    """Like _crop_cells, for crops within half a coarse step of (first, last) in steps of a quarter step."""
-    m, half = LAYOUT_MARGIN, CROP_STEP / 2
-    crops = [
-        (a, b)
-        for a in np.linspace(max(0, first - half), min(m, first + half), 5)
-        for b in np.linspace(max(0, last - half), min(m, last + half), 5)
-    ]
-    return np.concatenate([_cells(n_px, (m - a) / (1 - a - b), (1 - m - a) / (1 - a - b)) for a, b in crops])
+def crop_views(images: np.ndarray) -> list[CropViews]:
+    """Each image's CropViews (images of one reduced shape computed together)."""
+    out: list[CropViews | None] = [None] * len(images)
+    crops, searched = tuple(_CROPS), tuple(_SEARCHED_CROPS)
+    for positions, smalls in _by_shape([_reduced(image) for image in images]):
+        _, h, w, _ = smalls.shape
+        views = _grid(smalls, _crop_cells(h, crops, COARSE_GRID), _crop_cells(w, crops, COARSE_GRID), COARSE_GRID)
+        found = _grid(smalls, _crop_cells(h, searched), _crop_cells(w, searched))
+        for i, small, view, first in zip(positions, smalls, views, found):
+            out[i] = CropViews(small, view.reshape(-1, view.shape[2]), first.reshape(-1, first.shape[2]))
+    return [v for v in out if v is not None]
 
 
 def _layout_matrix(rows: pd.DataFrame) -> np.ndarray | None:
@@ -377,12 +410,12 @@ class HashTable:
         candidates from the index (nearest to the uncropped views), then every view against each candidate."""
         if not views or self.layout_index is None or self.layouts is None:
             return [None] * len(views)
-        _, found = self.layout_index.search(np.concatenate([v.views[_SEARCHED] for v in views]), CANDIDATES)
-        per = len(_SEARCHED)
+        _, found = self.layout_index.search(np.concatenate([v.searched for v in views]), CANDIDATES)
+        per = len(_SEARCHED_CROPS) ** 2
         out: list[Match | None] = []
         for n, (view, ok) in enumerate(zip(views, allowed)):
             rows = sorted({int(r) for r in found[n * per : (n + 1) * per].ravel() if r >= 0 and ok(int(r))})
-            if not rows or _flat(view.views[0]):
+            if not rows or _flat(view.searched[0]):
                 out.append(None)
                 continue
             coarse = view.coarse(self.layouts[rows])
@@ -652,7 +685,7 @@ class Lookup:
             dtype=object,
         )  # fmt: skip
         (out["neighbour_label"], out["neighbour_agreement"]), nearest = self._neighbours(labels, vectors)
-        views = [crop_views(image) for image in images]
+        views = crop_views(images) if n else []
         sources: list[tuple[str, pd.DataFrame, list[Match | None]]] = [
             ("training", self.train.rows, self.train.matches(image_ids, plain, [""] * n, views=views)),
             ("scored", self.history.rows, self.history.matches(image_ids, plain, keys, views=views)),

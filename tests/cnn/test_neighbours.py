@@ -98,7 +98,7 @@ def test_copies_are_found_exactly_nearly_cropped_and_mirrored_and_a_file_is_neve
         [_shown(photos[0]), _shown(smaller), _shown(photos[5])[:, ::-1], _shown(cropped), _shown(_claims([99])[0])]
     )
     hashes, _ = phashes(queries)
-    views = [crop_views(q) for q in queries]
+    views = crop_views(queries)
     found = table.matches(["id0", "new1", "new2", "new3", "new4"], hashes, [""] * 5, views=views)
     assert (found[0].kind, found[0].row) == ("exact", 0)
     assert (found[1].kind, found[1].row) == ("near", 3)
@@ -114,7 +114,7 @@ def test_copies_are_found_exactly_nearly_cropped_and_mirrored_and_a_file_is_neve
 def test_a_blank_image_is_no_ones_copy_by_layout() -> None:
     blank = np.full((1, 64, 64, 3), 128, np.uint8)
     table = _table(blank)
-    found = table.matches(["other"], [""], [""], views=[crop_views(blank[0] + 1)])
+    found = table.matches(["other"], [""], [""], views=crop_views(blank + 1))
     assert found == [None]
 
 

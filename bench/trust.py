@@ -30,7 +30,7 @@ from cnn.augment import load_policy
 from cnn.contract import ModelContract
 from cnn.decode import DecodeSpec, decode_file
 from cnn.inference import Predictor
-from cnn.neighbours import HashTable, Lookup, VectorIndex, phashes
+from cnn.neighbours import HashTable, Lookup, VectorIndex, layouts, phashes, semantic_threshold
 from cnn.scoring import ModelRef, ScoringInputs, ScoringOptions, plan_shards, score_shard
 from cnn.sinks import FileSink
 
@@ -77,9 +77,9 @@ def main() -> None:
     _, train_vectors = predictor.predict_with_embeddings(sample)
     plain, mirrored = phashes(sample)
     train = pd.DataFrame({"image_id": [f"t{i}" for i in range(len(sample))], "label": "none", "phash": plain})
-    lookup = Lookup(
-        HashTable(train.assign(phash_mirror=mirrored)), VectorIndex.build(train_vectors), HashTable(train[:0])
-    )
+    train = train.assign(phash_mirror=mirrored, layout=[bytes(v) for v in layouts(sample)])
+    reuse = semantic_threshold(train_vectors)["semantic_cosine"]  # as registration sets it (None: off)
+    lookup = Lookup(HashTable(train), VectorIndex.build(train_vectors), HashTable(train[:0]), semantic=reuse)
     off = dict(review_flips=False, explain="none", embeddings=False)
     on = dict(embeddings=True, history_dir=history)
     cases = [

@@ -136,24 +136,30 @@ def content(image: np.ndarray) -> np.ndarray:
 
 
 def phashes(images: np.ndarray) -> tuple[list[str], list[str]]:
-    """(pHash, pHash of the mirror image) of each decoded image's content, as 64 hex digits (imagehash's pHash,
-    256 bits)."""
-    import imagehash
+    """(pHash, pHash of the mirror image) of each decoded image's content, as 64 hex digits: imagehash's pHash
+    (256 bits), bit for bit, with both hashes from one DCT. Mirroring a row reverses it, which only flips the sign
+    of the odd horizontal frequencies, so the second resize and DCT imagehash would run are not needed (half the
+    cost; tests/cnn/test_neighbours.py checks both against imagehash.phash)."""
+    return _phashes([content(image) for image in images])
+
+
+def _phashes(regions: Sequence[np.ndarray]) -> tuple[list[str], list[str]]:
+    import scipy.fftpack
     from PIL import Image
 
+    side = HASH_SIZE * 4  # imagehash's highfreq_factor
     plain, mirrored = [], []
-    for image in images:
-        region = content(image)
-        picture = Image.fromarray(region[:, :, 0] if region.shape[2] == 1 else region)
-        plain.append(_hex(imagehash.phash(picture, hash_size=HASH_SIZE)))
-        flipped = picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        mirrored.append(_hex(imagehash.phash(flipped, hash_size=HASH_SIZE)))
+    for region in regions:
+        picture = Image.fromarray(region[:, :, 0] if region.shape[2] == 1 else region).convert("L")
+        pixels = np.asarray(picture.resize((side, side), Image.Resampling.LANCZOS))
+        low = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=0), axis=1)[:HASH_SIZE, :HASH_SIZE]
+        flipped = low * _MIRROR_SIGNS
+        plain.append(np.packbits(low > np.median(low)).tobytes().hex())
+        mirrored.append(np.packbits(flipped > np.median(flipped)).tobytes().hex())
     return plain, mirrored
 
 
-def _hex(value: Any) -> str:
-    """An ImageHash as hex digits, the same string as str(value) (big-endian bits), without its per-bit loop."""
-    return np.packbits(np.asarray(value.hash, dtype=bool).flatten()).tobytes().hex()
+_MIRROR_SIGNS = np.where(np.arange(HASH_SIZE) % 2 == 1, -1.0, 1.0)
 
 
 def _bits(hexes: Sequence[str]) -> np.ndarray:
@@ -172,11 +178,10 @@ _MIDDLE = next(i for i, (a, b) in enumerate(_CROPS) if a == b and a >= CROP_MOST
 _SEARCHED_CROPS = [_CROPS[0], _CROPS[_MIDDLE]]  # on each axis: the views that find the candidates in the index
 
 
-def _reduced(image: np.ndarray) -> np.ndarray:
-    """The image's content (no letterbox) with its long side at LAYOUT_SIDE px, as float32 (h, w, channels)."""
+def _reduced(region: np.ndarray) -> np.ndarray:
+    """An image's content (no letterbox) with its long side at LAYOUT_SIDE px, as float32 (h, w, channels)."""
     import cv2
 
-    region = content(image)
     h, w, channels = region.shape
     scale = LAYOUT_SIDE / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
@@ -214,13 +219,15 @@ def _grid(images: np.ndarray, rows: np.ndarray, cols: np.ndarray, g: int = LAYOU
 
 def layouts(images: np.ndarray) -> np.ndarray:
     """(N, LAYOUT_GRID^2 * channels) uint8: each image's central region as a grid of mean colours."""
-    width = LAYOUT_GRID * LAYOUT_GRID * (images.shape[3] if np.ndim(images) == 4 else 1)
-    out = np.zeros((len(images), width), np.uint8)
-    m = LAYOUT_MARGIN
-    for positions, small in _by_shape([_reduced(image) for image in images]):
-        _, h, w, _ = small.shape
-        out[positions] = np.clip(np.rint(_grid(small, _cells(h, m, 1 - m), _cells(w, m, 1 - m))[:, 0, 0]), 0, 255)
-    return out
+    return _layouts(crop_views(images), images.shape[3] if np.ndim(images) == 4 else 1)
+
+
+def _layouts(views: list[CropViews], channels: int) -> np.ndarray:
+    """The layouts (the uncropped view on the full grid) as uint8 rows."""
+    if not views:
+        return np.zeros((0, LAYOUT_GRID * LAYOUT_GRID * channels), np.uint8)
+    grid: np.ndarray = np.clip(np.rint(np.stack([v.searched[0] for v in views])), 0, 255).astype(np.uint8)
+    return grid
 
 
 def _by_shape(smalls: list[np.ndarray]) -> list[tuple[list[int], np.ndarray]]:
@@ -288,9 +295,13 @@ def _crops_around(first: float, last: float, half: float) -> tuple[tuple[float, 
 
 def crop_views(images: np.ndarray) -> list[CropViews]:
     """Each image's CropViews (images of one reduced shape computed together)."""
-    out: list[CropViews | None] = [None] * len(images)
+    return _crop_views([content(image) for image in images])
+
+
+def _crop_views(regions: Sequence[np.ndarray]) -> list[CropViews]:
+    out: list[CropViews | None] = [None] * len(regions)
     crops, searched = tuple(_CROPS), tuple(_SEARCHED_CROPS)
-    for positions, smalls in _by_shape([_reduced(image) for image in images]):
+    for positions, smalls in _by_shape([_reduced(region) for region in regions]):
         _, h, w, _ = smalls.shape
         views = _grid(smalls, _crop_cells(h, crops, COARSE_GRID), _crop_cells(w, crops, COARSE_GRID), COARSE_GRID)
         found = _grid(smalls, _crop_cells(h, searched), _crop_cells(w, searched))
@@ -634,6 +645,15 @@ class History:
 
 
 @dataclass(frozen=True)
+class Copies:
+    """What the reuse check found from the images alone: their rows (image_id, path_key, ids, phash, phash_mirror,
+    layout) and, per source (name, its rows, a match or None per image), the exact and near copies."""
+
+    rows: pd.DataFrame
+    sources: list[tuple[str, pd.DataFrame, list[Match | None]]]
+
+
+@dataclass(frozen=True)
 class Lookup:
     """What scoring compares each image with: the version's training split (index, labels, hashes, layouts), what
     it scored before (hashes, layouts, embeddings) and what earlier shards of this run scored. Loaded once per
@@ -661,6 +681,32 @@ class Lookup:
         """This lookup with what earlier shards of the run scored (HISTORY_COLUMNS rows) as one more source."""
         return replace(self, run=HashTable(rows)) if len(rows) else self
 
+    def copies(
+        self, image_ids: Sequence[str], paths: Sequence[str], images: np.ndarray, ids: Sequence[str] = ()
+    ) -> Copies:
+        """The part of the reuse check that needs only the images (their hashes, layouts and crop views, searched
+        in every source): scoring runs it while the model predicts."""
+        n = len(image_ids)
+        regions = [content(image) for image in images]  # each image's content once, for every fingerprint
+        plain, mirrored = _phashes(regions)
+        views = _crop_views(regions)
+        grid = _layouts(views, images.shape[3] if n else 1)
+        keys = [path_key(p) for p in paths]
+        rows = pd.DataFrame(
+            {"image_id": list(image_ids), "path_key": keys, "ids": list(ids) or ["{}"] * n, "phash": plain,
+             "phash_mirror": mirrored, "layout": [bytes(v) for v in grid]},
+            dtype=object,
+        )  # fmt: skip
+        sources: list[tuple[str, pd.DataFrame, list[Match | None]]] = [
+            ("training", self.train.rows, self.train.matches(image_ids, plain, [""] * n, views=views)),
+            ("scored", self.history.rows, self.history.matches(image_ids, plain, keys, views=views)),
+        ]
+        if self.run is not None:
+            sources.append(("this run", self.run.rows, self.run.matches(image_ids, plain, keys, views=views)))
+        shard = HashTable(rows).matches(image_ids, plain, keys, views=views, before=range(n))
+        sources.append(("this run", rows, shard))
+        return Copies(rows, sources)
+
     def annotate(
         self,
         image_ids: Sequence[str],
@@ -669,43 +715,31 @@ class Lookup:
         images: np.ndarray,
         vectors: np.ndarray | None,
         ids: Sequence[str] = (),
+        copies: Copies | None = None,
     ) -> pd.DataFrame:
         """For each scored image: the history's columns but `scored_at` (image_id, path_key, label, ids, phash,
         phash_mirror, layout) and neighbour_label, neighbour_agreement, duplicate_of, duplicate_kind. A copy of a
         training image first, else of an image scored before (earlier runs, then earlier shards of this run), else
         of an earlier image of the same shard; exact and near copies before semantic ones (`ids`: each image's
         carried id columns as JSON, `{}` when none are given); never of itself (a file scored again under its own
-        path)."""
-        n = len(image_ids)
-        plain, mirrored = phashes(images) if n else ([], [])
-        keys = [path_key(p) for p in paths]
-        out = pd.DataFrame(
-            {"image_id": list(image_ids), "path_key": keys, "label": list(labels), "ids": list(ids) or ["{}"] * n,
-             "phash": plain, "phash_mirror": mirrored, "layout": [bytes(v) for v in layouts(images)] if n else []},
-            dtype=object,
-        )  # fmt: skip
+        path). `copies`: what `copies` already found for these images."""
+        found = copies if copies is not None else self.copies(image_ids, paths, images, ids)
+        out = found.rows.copy()
+        out.insert(2, "label", pd.Series(list(labels), dtype=object))
         (out["neighbour_label"], out["neighbour_agreement"]), nearest = self._neighbours(labels, vectors)
-        views = crop_views(images) if n else []
-        sources: list[tuple[str, pd.DataFrame, list[Match | None]]] = [
-            ("training", self.train.rows, self.train.matches(image_ids, plain, [""] * n, views=views)),
-            ("scored", self.history.rows, self.history.matches(image_ids, plain, keys, views=views)),
-        ]
-        if self.run is not None:
-            sources.append(("this run", self.run.rows, self.run.matches(image_ids, plain, keys, views=views)))
-        shard = HashTable(out).matches(image_ids, plain, keys, views=views, before=range(n))
-        sources.append(("this run", out, shard))
+        sources = list(found.sources)
         if self.semantic is not None and vectors is not None:
-            sources += self._semantic(self.semantic, vectors, nearest, keys, out)
+            sources += self._semantic(self.semantic, vectors, nearest, out["path_key"].tolist(), found.rows)
         of: list[str | None] = []
         kinds: list[str | None] = []
-        for q in range(n):
-            found = [(m.kind == "semantic", rank, m, rows, name)
-                     for rank, (name, rows, ms) in enumerate(sources) if (m := ms[q]) is not None]  # fmt: skip
-            if not found:
+        for q in range(len(out)):
+            matched = [(m.kind == "semantic", rank, m, rows, name)
+                       for rank, (name, rows, ms) in enumerate(sources) if (m := ms[q]) is not None]  # fmt: skip
+            if not matched:
                 of.append(None)
                 kinds.append(None)
                 continue
-            _, _, match, rows, source = min(found, key=lambda f: (f[0], f[1]))
+            _, _, match, rows, source = min(matched, key=lambda f: (f[0], f[1]))
             row = rows.iloc[match.row]
             described: dict[str, object] = {"image_id": row["image_id"], "source": source, match.measure: match.value}
             if source != "training" and row.get("ids"):
@@ -730,11 +764,12 @@ class Lookup:
         image, the nearest image scored before (another path), an earlier image of this shard (another path)."""
         found = [("training", self.train.rows, _semantic_matches(*nearest, cut))]
         if self.history_index is not None and len(self.history_index):
-            scores, rows = self.history_index.search(vectors, 1)
-            own = self.history.path_keys[np.maximum(rows[:, 0], 0)] == np.array(keys)
-            found.append(
-                ("scored", self.history.rows, _semantic_matches(np.where(own[:, None], -1, scores), rows, cut))
-            )
+            scores, rows = self.history_index.search(vectors, 4)  # the file itself, scored before, may come first
+            own = self.history.path_keys[np.maximum(rows, 0)] == np.array(keys)[:, None]
+            scores = np.where(own | (rows < 0), -1, scores)  # the same file scored again is not a copy of itself
+            first = scores.argmax(axis=1)[:, None]
+            best, best_rows = np.take_along_axis(scores, first, 1), np.take_along_axis(rows, first, 1)
+            found.append(("scored", self.history.rows, _semantic_matches(best, best_rows, cut)))
         unit = normalise(vectors)
         similar = np.tril(unit @ unit.T, k=-1)
         similar[np.array(keys)[:, None] == np.array(keys)[None, :]] = -1

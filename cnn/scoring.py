@@ -377,6 +377,7 @@ def plan_shards(
     )
 
 
+_BESIDE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reuse-check")  # beside the model's forward pass
 _PARTS: dict[Path, pd.DataFrame] = {}  # history parts read in this process (a part never changes once written)
 
 
@@ -487,6 +488,13 @@ def score_files(
     contract = predictor.contract
     classes = contract.classes
     images = np.stack(arrays) if arrays else np.zeros((0,))
+    rows = files.iloc[[i for i, _ in kept]].reset_index(drop=True)
+    copies = None
+    if lookup is not None and arrays:  # the reuse check's image work runs while the model predicts
+        shown = [masking.path(p) for p in rows["path"]]
+        carried = masking.apply(rows[id_columns])  # as the tables show them
+        ids = [json.dumps(dict(zip(id_columns, row))) for row in carried.itertuples(index=False)]
+        copies = _BESIDE.submit(lookup.copies, [image_id for _, image_id in kept], shown, images, ids)
     vectors = None
     if arrays and options.embeddings:
         probs, vectors = predictor.predict_with_embeddings(images, options.batch_size)
@@ -501,7 +509,6 @@ def score_files(
         "scored_at": datetime.now(UTC),
         "flow_run_id": options.flow_run_id,
     }
-    rows = files.iloc[[i for i, _ in kept]].reset_index(drop=True)
     predictions = pd.DataFrame(
         {
             "image_id": [image_id for _, image_id in kept],
@@ -515,12 +522,10 @@ def score_files(
     predictions = pd.concat([predictions, columns], axis=1)
     predictions["explanation"] = _explain(explainer, images, predictions, model, options)
     notes = None
-    if lookup is not None and arrays:
-        shown = [masking.path(p) for p in predictions["path"]]
-        carried = masking.apply(predictions[id_columns])  # as the tables show them
-        ids = [json.dumps(dict(zip(id_columns, row))) for row in carried.itertuples(index=False)]
+    if lookup is not None and copies is not None:
+        found = copies.result()
         labels = predictions["label"].tolist()
-        notes = lookup.annotate(predictions["image_id"].tolist(), shown, labels, images, vectors, ids)
+        notes = lookup.annotate(found.rows["image_id"].tolist(), [], labels, images, vectors, copies=found)
         for column in ("phash", "neighbour_label", "neighbour_agreement", "duplicate_of", "duplicate_kind"):
             predictions[column] = notes[column].to_numpy()
     drift = (

@@ -111,6 +111,24 @@ def test_copies_are_found_exactly_nearly_cropped_and_mirrored_and_a_file_is_neve
     assert table.matches(["new3"], hashes[3:4], [""], views=views[3:4], before=[7]) == [None]  # rows before 7 only
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_both_perceptual_hashes_are_imagehashs_phash_bit_for_bit(channels: int) -> None:
+    import imagehash
+
+    rng = np.random.default_rng(channels)
+    images = [np.asarray(p) for p in _claims(range(6))] + [
+        rng.integers(0, 256, (int(rng.integers(17, 90)), int(rng.integers(17, 90)), 3), dtype=np.uint8)
+        for _ in range(20)
+    ]
+    for image in images:
+        image = image[:, :, :channels] if channels == 3 else image[:, :, :1]
+        plain, mirrored = phashes(image[None])
+        picture = Image.fromarray(image[:, :, 0] if channels == 1 else image)
+        assert plain[0] == str(imagehash.phash(picture, hash_size=neighbours.HASH_SIZE))
+        flipped = picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        assert mirrored[0] == str(imagehash.phash(flipped, hash_size=neighbours.HASH_SIZE))
+
+
 def test_a_blank_image_is_no_ones_copy_by_layout() -> None:
     blank = np.full((1, 64, 64, 3), 128, np.uint8)
     table = _table(blank)

@@ -388,7 +388,11 @@ def test_dask_local_cluster_scores_what_the_single_process_run_scores(home: Path
     for frame, folder in ((a, "single.explanations/"), (b, "dask.explanations/")):  # beside each output
         assert frame["explanation"].dropna().str.startswith(folder).all()
         frame["explanation"] = frame["explanation"].str.removeprefix(folder)
-    pd.testing.assert_frame_equal(a, b)
+    # the reuse check differs by design: the single run's shards see the shards before them, the fanned-out run's
+    # shards run at the same time but see the first run's images in the history (under other paths)
+    copies = ["duplicate_of", "duplicate_kind"]
+    assert set(a.loc[a["duplicate_kind"].notna(), "path"]) <= set(b.loc[b["duplicate_kind"].notna(), "path"])
+    pd.testing.assert_frame_equal(a.drop(columns=copies), b.drop(columns=copies))
     ra = pd.read_parquet(tmp_path / "single.rejects.parquet").drop(columns=ignore).sort_values("path")
     rb = pd.read_parquet(tmp_path / "dask.rejects.parquet").drop(columns=ignore).sort_values("path")
     pd.testing.assert_frame_equal(ra.reset_index(drop=True), rb.reset_index(drop=True))

@@ -1,7 +1,7 @@
 """What the embeddings tell: similar cases and reused images.
 
 - `VectorIndex`: cosine nearest neighbours through FAISS (chosen by `bench/ann.py`: exact inner-product search up to
-  EXACT_LIMIT vectors, where a query still takes about a millisecond, HNSW above it). Saved with FAISS's own
+  `exact_limit(dim)` vectors, where a query still takes about a millisecond, HNSW above it). Saved with FAISS's own
   format (no pickle).
 - Perceptual hashes (imagehash's pHash, of the image and of its mirror image) find re-used photos that were
   resized, recompressed or lightly cropped; the sha256 `image_id` finds exact copies.
@@ -28,7 +28,15 @@ import pandas as pd
 
 from cnn.fsio import atomic_path, write_json_atomic, write_text_atomic
 
-EXACT_LIMIT = 200_000  # below this many vectors exact search answers in about 1 ms (bench/ann.py)
+EXACT_LIMIT = 200_000  # 128-dim vectors up to which exact search answers in about 1 ms (bench/ann.py)
+
+
+def exact_limit(dim: int) -> int:
+    """How many vectors of `dim` dimensions exact search keeps (its cost grows with vectors x dimensions: at 512
+    dimensions 100k vectors took 10 ms a query, bench/ann.py)."""
+    return EXACT_LIMIT * 128 // max(dim, 1)
+
+
 HNSW_M, HNSW_EF_BUILD, HNSW_EF_SEARCH = 16, 128, 64
 HASH_SIZE = 16  # pHash of 16 x 16 = 256 bits: 64 bits told distinct photos of one class apart too rarely
 NEAR_BITS = 10  # Hamming distance (of 256 bits) up to which two images count as the same photo (bench/reuse.py)
@@ -72,7 +80,7 @@ class VectorIndex:
         dim = x.shape[1] if x.ndim == 2 and x.shape[1] else 1
         kind = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
         index: Any
-        if len(x) <= EXACT_LIMIT:
+        if len(x) <= exact_limit(dim):
             index = faiss.IndexFlat(dim, kind)
         else:
             index = faiss.IndexHNSWFlat(dim, HNSW_M, kind)
@@ -89,9 +97,9 @@ class VectorIndex:
         return normalise(vectors) if self.cosine else np.ascontiguousarray(vectors, dtype=np.float32)
 
     def add(self, vectors: np.ndarray) -> VectorIndex:
-        """This index with `vectors` appended; a flat index that outgrows EXACT_LIMIT is rebuilt as HNSW."""
+        """This index with `vectors` appended; a flat index that outgrows its exact limit is rebuilt as HNSW."""
         metric = "cosine" if self.cosine else "l2"
-        if len(self) + len(vectors) > EXACT_LIMIT and not hasattr(self.index, "hnsw"):
+        if len(self) + len(vectors) > exact_limit(self.index.d) and not hasattr(self.index, "hnsw"):
             stored = self.index.reconstruct_n(0, len(self)) if len(self) else np.zeros((0, self.index.d), np.float32)
             return VectorIndex.build(np.concatenate([stored, self._prepared(vectors)]), metric)
         if len(vectors):

@@ -51,7 +51,8 @@ def test_the_index_is_exact_when_small_and_hnsw_when_large(monkeypatch: pytest.M
     exact = VectorIndex.build(vectors)
     similarity, ids = exact.search(vectors[:5], 3)
     assert ids[:, 0].tolist() == [0, 1, 2, 3, 4] and np.allclose(similarity[:, 0], 1.0, atol=1e-5)
-    monkeypatch.setattr(neighbours, "EXACT_LIMIT", 200)
+    assert neighbours.exact_limit(512) == neighbours.exact_limit(128) // 4  # exact search costs vectors x dims
+    monkeypatch.setattr(neighbours, "EXACT_LIMIT", 25)  # 200 vectors of 16 dimensions
     grown = exact.add(rng.normal(0, 1, (50, 16)).astype(np.float32))  # past the limit: rebuilt as HNSW
     assert len(grown) == 350 and hasattr(grown.index, "hnsw")
     loaded = VectorIndex.load(grown.save(tmp_path / "i.faiss"))

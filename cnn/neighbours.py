@@ -263,11 +263,13 @@ class CropViews:
     small: np.ndarray
     views: np.ndarray
     searched: np.ndarray
+    norms: np.ndarray  # each view's squared length
+    flat: bool  # a blank or uniform image: nobody's copy by layout
 
-    def coarse(self, layouts: np.ndarray) -> np.ndarray:
-        """(len(layouts),) the RMS difference to each earlier layout for the best crop on the coarse grid."""
-        pooled = _pooled(layouts)
-        squared = (self.views**2).sum(axis=1)[:, None] - 2 * self.views @ pooled.T + (pooled**2).sum(axis=1)
+    def coarse(self, pooled: np.ndarray, pooled_norms: np.ndarray) -> np.ndarray:
+        """(len(pooled),) the RMS difference to each earlier layout (on the coarse grid: `_pooled`, with its squared
+        lengths) for the best crop on the coarse grid."""
+        squared = self.norms[:, None] - 2 * self.views @ pooled.T + pooled_norms
         rms: np.ndarray = np.sqrt(np.maximum(squared.min(axis=0), 0) / self.views.shape[1])
         return rms
 
@@ -313,8 +315,11 @@ def _crop_views(regions: Sequence[np.ndarray]) -> list[CropViews]:
         _, h, w, _ = smalls.shape
         views = _grid(smalls, _crop_cells(h, crops, COARSE_GRID), _crop_cells(w, crops, COARSE_GRID), COARSE_GRID)
         found = _grid(smalls, _crop_cells(h, searched), _crop_cells(w, searched))
-        for i, small, view, first in zip(positions, smalls, views, found):
-            out[i] = CropViews(small, view.reshape(-1, view.shape[2]), first.reshape(-1, first.shape[2]))
+        views = views.reshape(len(positions), -1, views.shape[3])
+        norms = (views**2).sum(axis=2)
+        for i, small, view, norm, first in zip(positions, smalls, views, norms, found):
+            searched = first.reshape(-1, first.shape[2])
+            out[i] = CropViews(small, view, searched, norm, _flat(searched[0]))
     return [v for v in out if v is not None]
 
 
@@ -381,6 +386,8 @@ class HashTable:
             both[0::2], both[1::2] = _bits(self.rows["phash"].tolist()), _bits(self.rows["phash_mirror"].tolist())
             self.index.add(both)
         self.layouts = _layout_matrix(self.rows)
+        self.pooled = _pooled(self.layouts) if self.layouts is not None else np.zeros((0, 0), np.float32)
+        self.pooled_norms = (self.pooled**2).sum(axis=1)
         if layout_index is None and self.layouts is not None:
             layout_index = VectorIndex.build(self.layouts, metric="l2")
         self.layout_index = layout_index if self.layouts is not None else None
@@ -434,10 +441,10 @@ class HashTable:
         out: list[Match | None] = []
         for n, (view, ok) in enumerate(zip(views, allowed)):
             rows = sorted({int(r) for r in found[n * per : (n + 1) * per].ravel() if r >= 0 and ok(int(r))})
-            if not rows or _flat(view.searched[0]):
+            if not rows or view.flat:
                 out.append(None)
                 continue
-            coarse = view.coarse(self.layouts[rows])
+            coarse = view.coarse(self.pooled[rows], self.pooled_norms[rows])
             refined = {rows[i]: view.refined(self.layouts[rows[i]]) for i in np.argsort(coarse)[:REFINED]
                        if coarse[i] <= REFINE_BELOW}  # fmt: skip
             best = min(refined, key=lambda row: refined[row], default=None)

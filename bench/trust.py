@@ -3,12 +3,13 @@ Grad-CAM overlays, against plain scoring, side by side in one run on the same fi
 engine's inference path, a Parquet sink). Target (issue 12): with embeddings, similar cases and the reuse check
 on, at least 0.8 of plain scoring.
 
-    python bench/trust.py [--model small_cnn] [--size 128] [--n 512] [--review-below 0.6]
+    python bench/trust.py [--model small_cnn] [--size 128] [--n 512] [--review-below 0.6] [--repeat 3]
 
 Rows: plain (`--explain none --no-review-flips`), + the test-time flip check (a second forward pass, only for
 models trained with flips), + overlays for the rows needing review (`--explain review`, the default; the share
 of such rows is printed, as it decides the cost), + overlays for every row (`--explain all`). Each row prints
-images/s and its ratio to plain scoring.
+images/s (the median of `--repeat` rounds, each round running every case in turn) and its ratio to plain
+scoring.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--review-below", type=float, default=0.6)
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of all cases; each prints its median")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-trust-"))
     paths = make_jpegs(work / "jpegs", args.n)
@@ -100,10 +102,14 @@ def main() -> None:
     cases = [(n, ScoringOptions(**{**o.__dict__, "review_below": args.review_below}), k) for n, o, k in cases]
     run(paths[:64], predictor, explainer, cases[-1][1], work / "out" / "warm.parquet", lookup)  # warm-up
     print(f"{args.model} at {args.size} px, {args.n} JPEG files (640x480), {torch.get_num_threads()} threads")
-    rates = []
-    for name, options, lookup_or_none in cases:
-        rate, review = run(paths, predictor, explainer, options, work / "out" / "p.parquet", lookup_or_none)
-        rates.append(rate)
+    measured: list[list[float]] = [[] for _ in cases]
+    reviews = [0.0] * len(cases)
+    for _ in range(args.repeat):  # rounds of every case in turn: drifts of the host's speed hit all cases alike
+        for i, (_, options, lookup_or_none) in enumerate(cases):
+            rate, reviews[i] = run(paths, predictor, explainer, options, work / "out" / "p.parquet", lookup_or_none)
+            measured[i].append(rate)
+    rates = [float(np.median(r)) for r in measured]
+    for (name, _, _), rate, review in zip(cases, rates, reviews):
         print(f"{name:<44} {rate:8.1f} images/s  {rate / rates[0]:5.2f}x plain   ({review:.0%} of rows need review)")
     overlay_ms = 1000 * (1 / rates[4] - 1 / rates[2])  # --explain all over the flip-checked run: per image
     print(

@@ -310,11 +310,11 @@ def crop_views(images: np.ndarray) -> list[CropViews]:
 
 def _crop_views(regions: Sequence[np.ndarray]) -> list[CropViews]:
     out: list[CropViews | None] = [None] * len(regions)
-    crops, searched = tuple(_CROPS), tuple(_SEARCHED_CROPS)
+    crops, searched_crops = tuple(_CROPS), tuple(_SEARCHED_CROPS)
     for positions, smalls in _by_shape([_reduced(region) for region in regions]):
         _, h, w, _ = smalls.shape
         views = _grid(smalls, _crop_cells(h, crops, COARSE_GRID), _crop_cells(w, crops, COARSE_GRID), COARSE_GRID)
-        found = _grid(smalls, _crop_cells(h, searched), _crop_cells(w, searched))
+        found = _grid(smalls, _crop_cells(h, searched_crops), _crop_cells(w, searched_crops))
         views = views.reshape(len(positions), -1, views.shape[3])
         norms = (views**2).sum(axis=2)
         for i, small, view, norm, first in zip(positions, smalls, views, norms, found):

@@ -130,6 +130,14 @@ def test_both_perceptual_hashes_are_imagehashs_phash_bit_for_bit(channels: int) 
         assert mirrored[0] == str(imagehash.phash(flipped, hash_size=neighbours.HASH_SIZE))
 
 
+def test_a_shard_of_images_of_several_shapes_gets_each_its_own_views() -> None:
+    photos = _claims(range(3))
+    shown = np.stack([_shown(photos[0]), _shown(photos[1].crop((0, 0, 160, 80))), _shown(photos[2])])
+    views = crop_views(shown)  # two content shapes: 64 x 48 and 64 x 32
+    assert [v.small.shape[:2] for v in views] == [(24, 32), (16, 32), (24, 32)]
+    assert all(np.array_equal(v.views, crop_views(image[None])[0].views) for v, image in zip(views, shown))
+
+
 def test_a_blank_image_is_no_ones_copy_by_layout() -> None:
     blank = np.full((1, 64, 64, 3), 128, np.uint8)
     table = _table(blank)

@@ -227,15 +227,19 @@ def _grid(images: np.ndarray, rows: np.ndarray, cols: np.ndarray, g: int = LAYOU
 
 def layouts(images: np.ndarray) -> np.ndarray:
     """(N, LAYOUT_GRID^2 * channels) uint8: each image's central region as a grid of mean colours."""
-    return _layouts(crop_views(images), images.shape[3] if np.ndim(images) == 4 else 1)
+    channels = images.shape[3] if np.ndim(images) == 4 else 1
+    out = np.zeros((len(images), LAYOUT_GRID * LAYOUT_GRID * channels), np.float32)
+    uncropped = (_CROPS[0],)
+    for positions, smalls in _by_shape([_reduced(content(image)) for image in images]):
+        _, h, w, _ = smalls.shape
+        out[positions] = _grid(smalls, _crop_cells(h, uncropped), _crop_cells(w, uncropped))[:, 0, 0]
+    return _as_bytes(out)
 
 
-def _layouts(views: list[CropViews], channels: int) -> np.ndarray:
-    """The layouts (the uncropped view on the full grid) as uint8 rows."""
-    if not views:
-        return np.zeros((0, LAYOUT_GRID * LAYOUT_GRID * channels), np.uint8)
-    grid: np.ndarray = np.clip(np.rint(np.stack([v.searched[0] for v in views])), 0, 255).astype(np.uint8)
-    return grid
+def _as_bytes(layouts: np.ndarray) -> np.ndarray:
+    """Layouts rounded to uint8, as they are stored."""
+    stored: np.ndarray = np.clip(np.rint(layouts), 0, 255).astype(np.uint8)
+    return stored
 
 
 def _by_shape(smalls: list[np.ndarray]) -> list[tuple[list[int], np.ndarray]]:
@@ -266,18 +270,17 @@ class CropViews:
     norms: np.ndarray  # each view's squared length
     flat: bool  # a blank or uniform image: nobody's copy by layout
 
-    def coarse(self, pooled: np.ndarray, pooled_norms: np.ndarray) -> np.ndarray:
-        """(len(pooled),) the RMS difference to each earlier layout (on the coarse grid: `_pooled`, with its squared
-        lengths) for the best crop on the coarse grid."""
+    def coarse(self, pooled: np.ndarray, pooled_norms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each earlier layout (on the coarse grid: `_pooled`, with its squared lengths), the RMS difference for
+        the best crop on the coarse grid, and that crop (a row of `views`)."""
         squared = self.norms[:, None] - 2 * self.views @ pooled.T + pooled_norms
-        rms: np.ndarray = np.sqrt(np.maximum(squared.min(axis=0), 0) / self.views.shape[1])
-        return rms
+        best = squared.argmin(axis=0)
+        rms = np.sqrt(np.maximum(squared[best, np.arange(len(best))], 0) / self.views.shape[1])
+        return rms, best
 
-    def refined(self, layout: np.ndarray) -> float:
-        """The RMS difference to an earlier layout (all its cells) for the best crop: from the coarse grid's best,
-        refined twice on grids half as wide around it."""
-        coarse = ((self.views - _pooled(layout[None])) ** 2).mean(axis=1)
-        best = int(coarse.argmin())
+    def refined(self, layout: np.ndarray, best: int) -> float:
+        """The RMS difference to an earlier layout (all its cells) for the best crop: from the coarse grid's best
+        (`best`, a row of `views`), refined twice on grids half as wide around it."""
         rows, cols = _CROPS[best // len(_CROPS)], _CROPS[best % len(_CROPS)]
         rms = float("inf")
         for half in (CROP_STEP, CROP_STEP / 2):
@@ -444,8 +447,8 @@ class HashTable:
             if not rows or view.flat:
                 out.append(None)
                 continue
-            coarse = view.coarse(self.pooled[rows], self.pooled_norms[rows])
-            refined = {rows[i]: view.refined(self.layouts[rows[i]]) for i in np.argsort(coarse)[:REFINED]
+            coarse, crops = view.coarse(self.pooled[rows], self.pooled_norms[rows])
+            refined = {rows[i]: view.refined(self.layouts[rows[i]], int(crops[i])) for i in np.argsort(coarse)[:REFINED]
                        if coarse[i] <= REFINE_BELOW}  # fmt: skip
             best = min(refined, key=lambda row: refined[row], default=None)
             near = best is not None and refined[best] <= LAYOUT_RMS
@@ -705,7 +708,7 @@ class Lookup:
         regions = [content(image) for image in images]  # each image's content once, for every fingerprint
         plain, mirrored = _phashes(regions)
         views = _crop_views(regions)
-        grid = _layouts(views, images.shape[3] if n else 1)
+        grid = _as_bytes(np.stack([v.searched[0] for v in views])) if n else np.zeros((0, 0), np.uint8)
         keys = [path_key(p) for p in paths]
         rows = pd.DataFrame(
             {"image_id": list(image_ids), "path_key": keys, "ids": list(ids) or ["{}"] * n, "phash": plain,

@@ -328,14 +328,15 @@ def _crop_views(regions: Sequence[np.ndarray]) -> list[CropViews]:
 
 def _layout_matrix(rows: pd.DataFrame) -> np.ndarray | None:
     """The rows' layouts as float32 (rows without one far from any image), or None when no row has one."""
-    if "layout" not in rows.columns or not len(rows):
-        return None
-    known = [np.frombuffer(v, np.uint8) for v in rows["layout"] if isinstance(v, bytes | bytearray) and len(v)]
-    if not known:
-        return None
-    width = len(known[0])
+    values = rows["layout"] if "layout" in rows.columns else []
+    width = next((len(v) for v in values if isinstance(v, bytes | bytearray) and len(v)), None)
+    return _layouts_of(rows, width) if width is not None else None
+
+
+def _layouts_of(rows: pd.DataFrame, width: int) -> np.ndarray:
+    """The rows' layouts of `width` cells as float32; a row without one (or of another width) far from any image."""
     out = np.full((len(rows), width), 1e4, np.float32)  # never within LAYOUT_RMS of a real layout
-    for i, value in enumerate(rows["layout"]):
+    for i, value in enumerate(rows["layout"] if "layout" in rows.columns else []):
         if isinstance(value, bytes | bytearray) and len(value) == width:
             out[i] = np.frombuffer(value, np.uint8)
     return out
@@ -643,17 +644,17 @@ class History:
             new_vectors = np.asarray(vectors, dtype=np.float32)[fresh.to_numpy()]
             index = old_index.add(new_vectors) if old_index is not None else VectorIndex.build(new_vectors)
             combined = pd.concat([old_rows, rows.loc[fresh, HISTORY_COLUMNS]], ignore_index=True)
-            grid = _layout_matrix(combined)
-            old_layouts = self.layout_index()
-            if grid is not None and old_layouts is not None and len(old_layouts) == len(old_rows):
-                layout_index = old_layouts.add(grid[len(old_rows) :])
-            elif grid is not None:
-                layout_index = VectorIndex.build(grid, metric="l2")
+            layout_index = self.layout_index()
+            if layout_index is not None and len(layout_index) == len(old_rows):  # only the new rows' layouts
+                layout_index = layout_index.add(_layouts_of(combined[len(old_rows) :], layout_index.index.d))
+            else:
+                grid = _layout_matrix(combined)
+                layout_index = VectorIndex.build(grid, metric="l2") if grid is not None else None
             generation = self.folder / f"gen-{uuid.uuid4().hex[:12]}"
             generation.mkdir()
             combined.to_parquet(generation / "rows.parquet", index=False)
             index.save(generation / "vectors.faiss")
-            if grid is not None:
+            if layout_index is not None:
                 layout_index.save(generation / "layouts.faiss")
             previous = self._current()
             write_text_atomic(self.folder / "CURRENT", generation.name)  # the commit point

@@ -704,7 +704,8 @@ class Lookup:
         self, image_ids: Sequence[str], paths: Sequence[str], images: np.ndarray, ids: Sequence[str] = ()
     ) -> Copies:
         """The part of the reuse check that needs only the images (their hashes, layouts and crop views, searched
-        in every source): scoring runs it while the model predicts."""
+        in every source): scoring runs it while the model predicts, then `annotate`. `ids`: each image's carried id
+        columns as JSON (`{}` when none are given)."""
         n = len(image_ids)
         regions = [content(image) for image in images]  # each image's content once, for every fingerprint
         plain, mirrored = _phashes(regions)
@@ -726,23 +727,12 @@ class Lookup:
         sources.append(("this run", rows, shard))
         return Copies(rows, sources)
 
-    def annotate(
-        self,
-        image_ids: Sequence[str],
-        paths: Sequence[str],
-        labels: Sequence[str],
-        images: np.ndarray,
-        vectors: np.ndarray | None,
-        ids: Sequence[str] = (),
-        copies: Copies | None = None,
-    ) -> pd.DataFrame:
-        """For each scored image: the history's columns but `scored_at` (image_id, path_key, label, ids, phash,
-        phash_mirror, layout) and neighbour_label, neighbour_agreement, duplicate_of, duplicate_kind. A copy of a
-        training image first, else of an image scored before (earlier runs, then earlier shards of this run), else
-        of an earlier image of the same shard; exact and near copies before semantic ones (`ids`: each image's
-        carried id columns as JSON, `{}` when none are given); never of itself (a file scored again under its own
-        path). `copies`: what `copies` already found for these images."""
-        found = copies if copies is not None else self.copies(image_ids, paths, images, ids)
+    def annotate(self, found: Copies, labels: Sequence[str], vectors: np.ndarray | None) -> pd.DataFrame:
+        """For each image `copies` looked at (`found`), given its predicted label and embedding: the history's
+        columns but `scored_at` (image_id, path_key, label, ids, phash, phash_mirror, layout) and neighbour_label,
+        neighbour_agreement, duplicate_of, duplicate_kind. A copy of a training image first, else of an image scored
+        before (earlier runs, then earlier shards of this run), else of an earlier image of the same shard; exact
+        and near copies before semantic ones; never of itself (a file scored again under its own path)."""
         out = found.rows.copy()
         out.insert(2, "label", pd.Series(list(labels), dtype=object))
         (out["neighbour_label"], out["neighbour_agreement"]), nearest = self._neighbours(labels, vectors)

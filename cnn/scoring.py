@@ -523,9 +523,7 @@ def score_files(
     predictions["explanation"] = _explain(explainer, images, predictions, model, options)
     notes = None
     if lookup is not None and copies is not None:
-        found = copies.result()
-        labels = predictions["label"].tolist()
-        notes = lookup.annotate(found.rows["image_id"].tolist(), [], labels, images, vectors, copies=found)
+        notes = lookup.annotate(copies.result(), predictions["label"].tolist(), vectors)
         for column in ("phash", "neighbour_label", "neighbour_agreement", "duplicate_of", "duplicate_kind"):
             predictions[column] = notes[column].to_numpy()
     drift = (
@@ -540,8 +538,9 @@ def score_files(
         if arrays
         else DriftSample()
     )
+    halves = list(vectors.astype(np.float16)) if vectors is not None else []  # as the side tables keep them
     if vectors is not None:  # the sinks keep them in their embeddings side table
-        predictions[EMBEDDING] = pd.Series(list(vectors.astype(np.float16)), index=predictions.index, dtype=object)
+        predictions[EMBEDDING] = pd.Series(halves, index=predictions.index, dtype=object)
     reject_frame = pd.DataFrame(rejects, columns=REJECT_COLUMNS[:-1])
     reject_frame["attempts"] = [int(tries.get(p, 1)) for p in reject_frame["path"]]
     if id_columns:
@@ -555,7 +554,7 @@ def score_files(
     history = None
     if notes is not None and vectors is not None:  # what the version's history keeps (no path)
         history = notes[HISTORY_COLUMNS[:-1]].assign(scored_at=predictions["scored_at"].to_numpy())
-        history[EMBEDDING] = list(np.asarray(vectors, dtype=np.float16))
+        history[EMBEDDING] = halves
     return Scored(predictions, reject_frame, drift, history)
 
 

@@ -158,7 +158,7 @@ def test_the_semantic_check_is_calibrated_on_the_training_split_and_off_where_em
     lookup = neighbours.replace(lookup, semantic=0.99)
     query = np.stack([_shown(_claims([50])[0]), _shown(_claims([51])[0])])  # other photos ...
     vectors = np.stack([spread[2] * 1.01, rng.normal(0, 1, 32).astype(np.float32)])  # ... one of which embeds as #2
-    notes = lookup.annotate(["q1", "q2"], ["/q1", "/q2"], ["dent"] * 2, query, vectors)
+    notes = lookup.annotate(lookup.copies(["q1", "q2"], ["/q1", "/q2"], query), ["dent"] * 2, vectors)
     assert notes["duplicate_kind"].tolist() == ["semantic", None]
     assert '"cosine": 1.0' in notes["duplicate_of"].iloc[0] and '"image_id": "id2"' in notes["duplicate_of"].iloc[0]
 
@@ -168,12 +168,14 @@ def test_an_earlier_shard_of_the_same_run_is_searched(tmp_path: Path) -> None:
     first = np.stack([_shown(p) for p in photos])
     empty = _table(first[:0])
     lookup = Lookup(empty, VectorIndex.build(np.zeros((0, 4), np.float32)), empty)
-    earlier = lookup.annotate(["a", "b", "c"], ["/a", "/b", "/c"], ["dent"] * 3, first, None, ['{"claim": "C1"}'] * 3)
+    earlier = lookup.annotate(
+        lookup.copies(["a", "b", "c"], ["/a", "/b", "/c"], first, ['{"claim": "C1"}'] * 3), ["dent"] * 3, None
+    )
     assert earlier["duplicate_kind"].isna().all()
     later = np.stack([_shown(photos[1].crop((8, 6, 160, 120)))])
-    alone = lookup.annotate(["d"], ["/d"], ["dent"], later, None)
+    alone = lookup.annotate(lookup.copies(["d"], ["/d"], later), ["dent"], None)
     with_run = lookup.with_run(earlier[neighbours.HISTORY_COLUMNS[:-1]])
-    noted = with_run.annotate(["d"], ["/d"], ["dent"], later, None)
+    noted = with_run.annotate(with_run.copies(["d"], ["/d"], later), ["dent"], None)
     assert alone["duplicate_kind"].tolist() == [None] and noted["duplicate_kind"].tolist() == ["near"]
     assert '"source": "this run"' in noted["duplicate_of"].iloc[0] and '"claim": "C1"' in noted["duplicate_of"].iloc[0]
 
@@ -213,11 +215,13 @@ def test_the_reference_and_lookup_of_a_trained_model(trained: FitResult, pattern
     predictor = Predictor.load(run / "best.pt", run / "contract.json")
     probs, vectors = predictor.predict_with_embeddings(images)
     predicted = [trained.contract.classes[i] for i in probs.argmax(axis=1)]
-    notes = lookup.annotate(ids, [f"/t/{i}" for i in ids], predicted, images, vectors)
+    notes = lookup.annotate(lookup.copies(ids, [f"/t/{i}" for i in ids], images), predicted, vectors)
     assert (notes["neighbour_label"] == predicted).mean() >= 0.8  # neighbours mostly agree with the model
     assert notes["neighbour_agreement"].between(0, 1).all()
     train_images, _, train_ids = split_images(Dataset(patterns), "train", trained.contract)
-    copies = lookup.annotate(train_ids[:3], ["/x/1", "/x/2", "/x/3"], predicted[:3], train_images[:3], vectors[:3])
+    copies = lookup.annotate(
+        lookup.copies(train_ids[:3], ["/x/1", "/x/2", "/x/3"], train_images[:3]), predicted[:3], vectors[:3]
+    )
     assert copies["duplicate_kind"].tolist() == ["exact"] * 3
     assert '"source": "training"' in copies["duplicate_of"].iloc[0]
 
@@ -228,6 +232,6 @@ def test_the_same_photo_twice_in_one_shard_is_a_copy_of_the_first(tmp_path: Path
     lookup = Lookup(empty, VectorIndex.build(np.zeros((0, 4), np.float32)), empty)
     images = np.stack([photo, _letterbox(_photo(2)), photo[:, ::-1]])
     ids = ['{"claim": "A1"}', '{"claim": "B2"}', '{"claim": "C3"}']
-    notes = lookup.annotate(["x", "y", "z"], ["/a", "/b", "/c"], ["none"] * 3, images, None, ids)
+    notes = lookup.annotate(lookup.copies(["x", "y", "z"], ["/a", "/b", "/c"], images, ids), ["none"] * 3, None)
     assert notes["duplicate_kind"].tolist()[:2] == [None, None] and notes["duplicate_kind"].iloc[2] == "near"
     assert '"claim": "A1"' in notes["duplicate_of"].iloc[2] and '"source": "this run"' in notes["duplicate_of"].iloc[2]

@@ -161,8 +161,7 @@ def _cached_predictor(model_dir: str, device: str, precision: str, compile: bool
 
 def reference(ref: ModelRef) -> Reference:
     """The version's reference files (training embeddings and hashes, drift statistics); absent before issue 12."""
-    artifacts = yaml.safe_load((Path(ref.files) / "MLmodel").read_text())["flavors"]["python_function"]["artifacts"]
-    folder = artifacts.get("reference", {}).get("path", "artifacts/reference")
+    folder = _artifacts(Path(ref.files)).get("reference", {}).get("path", "artifacts/reference")
     return Reference(Path(ref.files) / folder)
 
 
@@ -186,9 +185,16 @@ def _cached_lookup(reference_dir: str, history_dir: str, generation: str) -> Loo
     return Lookup.load(Reference(Path(reference_dir)), History(Path(history_dir)))
 
 
+def _artifacts(model_dir: Path) -> dict[str, dict[str, str]]:
+    """The pyfunc's artifacts, as its MLmodel file names them (read as YAML, never executed)."""
+    flavors = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]
+    found: dict[str, dict[str, str]] = flavors["python_function"]["artifacts"]
+    return found
+
+
 def _artifact_paths(model_dir: Path) -> tuple[Path, Path]:
-    """Where the pyfunc keeps its weights and contract, as its MLmodel file says (read as YAML, never executed)."""
-    artifacts = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]["artifacts"]
+    """Where the pyfunc keeps its weights and contract."""
+    artifacts = _artifacts(model_dir)
     return model_dir / artifacts["weights"]["path"], model_dir / artifacts["contract"]["path"]
 
 

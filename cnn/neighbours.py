@@ -3,8 +3,10 @@
 - `VectorIndex`: cosine nearest neighbours through FAISS (chosen by `bench/ann.py`: exact inner-product search up to
   `exact_limit(dim)` vectors, where a query still takes about a millisecond, HNSW above it). Saved with FAISS's own
   format (no pickle).
-- Perceptual hashes (imagehash's pHash, of the image and of its mirror image) find re-used photos that were
-  resized, recompressed or lightly cropped; the sha256 `image_id` finds exact copies.
+- The reuse check (`HashTable`, `Lookup`): the sha256 `image_id` finds exact copies; perceptual hashes (imagehash's
+  pHash, of the image and of its mirror image) find resized, recompressed and mirrored ones; layouts compared in
+  every crop an image may have had find cropped ones; embeddings closer than the version's semantic threshold
+  find the same picture otherwise changed.
 - `Reference`: what a registered version carries about its training data (the training split's embeddings,
   labels and hashes; the validation split's predictions and image statistics for drift), in its model folder.
 - `History`: everything a version scored, kept under CNN_HOME and extended atomically after each run.
@@ -473,7 +475,7 @@ class Reference:
         return (self.folder / "train_rows.parquet").is_file()
 
     def rows(self) -> pd.DataFrame:
-        """The training split: image_id, label, phash, phash_mirror (row i = vector i)."""
+        """The training split: image_id, label, phash, phash_mirror, layout (row i = vector i)."""
         return pd.read_parquet(self.folder / "train_rows.parquet")
 
     def vectors(self) -> np.ndarray:

@@ -114,20 +114,24 @@ def test_copies_are_found_exactly_nearly_cropped_and_mirrored_and_a_file_is_neve
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_both_perceptual_hashes_are_imagehashs_phash_bit_for_bit(channels: int) -> None:
+    """Both hashes from one DCT match imagehash on every shape, from upscaling to reducing 8x, taller or wider than
+    the 64 px pHash resizes to, hashed in one call."""
     import imagehash
 
     rng = np.random.default_rng(channels)
+    sides = [(int(rng.integers(17, 90)), int(rng.integers(17, 90))) for _ in range(20)]
+    sides += [(int(rng.integers(40, 500)), int(rng.integers(40, 500))) for _ in range(40)]
     images = [np.asarray(p) for p in _claims(range(6))] + [
-        rng.integers(0, 256, (int(rng.integers(17, 90)), int(rng.integers(17, 90)), 3), dtype=np.uint8)
-        for _ in range(20)
+        rng.integers(1, 256, (h, w, 3), dtype=np.uint8) for h, w in sides + [(96, 80), (200, 131), (200, 133)]
     ]
-    for image in images:
-        image = image[:, :, :channels] if channels == 3 else image[:, :, :1]
-        plain, mirrored = phashes(image[None])
+    images = [image[:, :, :channels] if channels == 3 else image[:, :, :1] for image in images]
+    plain, mirrored = neighbours._phashes(images)
+    assert phashes(images[0][None]) == ([plain[0]], [mirrored[0]])  # the public call: content first, same hash
+    for image, ours, ours_mirrored in zip(images, plain, mirrored):
         picture = Image.fromarray(image[:, :, 0] if channels == 1 else image)
-        assert plain[0] == str(imagehash.phash(picture, hash_size=neighbours.HASH_SIZE))
+        assert ours == str(imagehash.phash(picture, hash_size=neighbours.HASH_SIZE)), image.shape
         flipped = picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        assert mirrored[0] == str(imagehash.phash(flipped, hash_size=neighbours.HASH_SIZE))
+        assert ours_mirrored == str(imagehash.phash(flipped, hash_size=neighbours.HASH_SIZE)), image.shape
 
 
 def test_a_shard_of_images_of_several_shapes_gets_each_its_own_views() -> None:

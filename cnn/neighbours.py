@@ -52,9 +52,21 @@ SEMANTIC_QUANTILE, SEMANTIC_FLOOR, SEMANTIC_OFF = 0.999, 0.95, 0.9999
 LAYOUT_GRID, LAYOUT_MARGIN, LAYOUT_SIDE = 8, 0.10, 32
 COARSE_GRID = 4  # the 441 crops are first tried on 4 x 4 cells (a quarter of the work), the best refined on 8 x 8
 CROP_MOST, CROP_STEP = 0.10, 0.02
-LAYOUT_RMS, REFINE_BELOW, REFINED = 2.5, 8.0, 3  # the 3 nearest on the coarse grid are refined
+LAYOUT_RMS, REFINED = 2.5, 3  # the 3 nearest on the coarse grid are refined
+# Gates before the refinement (its 2 x 625 crops are the costly part): the grey RMS on the coarse grid, then the RMS
+# of all cells at that best coarse crop. Cropped copies in bench/reuse.py came within 2.0 and 4.8 (claims photos),
+# 3.9 and 6.2 (X-rays); distinct claims photos passing the first gate were 11.9 or more at the second.
+COARSE_BELOW, REFINE_BELOW = 5.0, 8.0
 FLAT_LAYOUT = 2.0  # a layout whose cells vary less than this (a blank or uniform image) identifies nothing
 CANDIDATES = 16
+
+
+def search_in_one_thread() -> None:
+    """Make FAISS search with one thread in the calling thread: the reuse check runs beside the model's forward
+    pass, whose threads already hold the cores, and OpenMP threads spinning for a core cost more than they save."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
 
 
 def normalise(vectors: np.ndarray) -> np.ndarray:
@@ -136,10 +148,8 @@ class VectorIndex:
 def content(image: np.ndarray) -> np.ndarray:
     """The image without the letterbox bars the decoder added (`pad`): a copy at another size or aspect ratio
     must hash like its original."""
-    lit = image[:, :, 0]
-    for channel in range(1, image.shape[2]):  # OR of the channels: ten times faster than any(axis=2)
-        lit = lit | image[:, :, channel]
-    rows, cols = np.flatnonzero(lit.max(axis=1)), np.flatnonzero(lit.max(axis=0))
+    rows = np.flatnonzero(image.reshape(image.shape[0], -1).max(axis=1))  # reductions over contiguous memory
+    cols = np.flatnonzero(image.max(axis=0).max(axis=1))
     if not len(rows) or not len(cols):
         return image
     return image[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
@@ -157,16 +167,25 @@ def _phashes(regions: Sequence[np.ndarray]) -> tuple[list[str], list[str]]:
     import scipy.fftpack
     from PIL import Image
 
+    if not regions:
+        return [], []
     side = HASH_SIZE * 4  # imagehash's highfreq_factor
-    plain, mirrored = [], []
-    for region in regions:
-        picture = Image.fromarray(region[:, :, 0] if region.shape[2] == 1 else region).convert("L")
-        pixels = np.asarray(picture.resize((side, side), Image.Resampling.LANCZOS))
-        low = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=0), axis=1)[:HASH_SIZE, :HASH_SIZE]
-        flipped = low * _MIRROR_SIGNS
-        plain.append(np.packbits(low > np.median(low)).tobytes().hex())
-        mirrored.append(np.packbits(flipped > np.median(flipped)).tobytes().hex())
-    return plain, mirrored
+    pixels = np.stack(
+        [
+            np.asarray(
+                Image.fromarray(region[:, :, 0] if region.shape[2] == 1 else region)
+                .convert("L")
+                .resize((side, side), Image.Resampling.LANCZOS)
+            )
+            for region in regions
+        ]
+    )
+    low = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=1), axis=2)[:, :HASH_SIZE, :HASH_SIZE]  # one call each
+    out = []
+    for signed in (low, low * _MIRROR_SIGNS):
+        bits = (signed > np.median(signed, axis=(1, 2), keepdims=True)).reshape(len(signed), -1)
+        out.append([row.tobytes().hex() for row in np.packbits(bits, axis=1)])
+    return out[0], out[1]
 
 
 _MIRROR_SIGNS = np.where(np.arange(HASH_SIZE) % 2 == 1, -1.0, 1.0)
@@ -253,17 +272,19 @@ def _by_shape(smalls: list[np.ndarray]) -> list[tuple[list[int], np.ndarray]]:
 
 
 def _pooled(layouts: np.ndarray) -> np.ndarray:
-    """Layouts (N, LAYOUT_GRID^2 * c) on the coarse grid (N, COARSE_GRID^2 * c): the mean of each block of cells."""
+    """Layouts (N, LAYOUT_GRID^2 * c) on the coarse grid in grey (N, COARSE_GRID^2): the mean of each block of cells
+    over the channels."""
     f = LAYOUT_GRID // COARSE_GRID
     cells = layouts.reshape(len(layouts), COARSE_GRID, f, COARSE_GRID, f, -1).astype(np.float32)
-    pooled: np.ndarray = cells.mean(axis=(2, 4)).reshape(len(layouts), -1)
+    pooled: np.ndarray = cells.mean(axis=(2, 4, 5)).reshape(len(layouts), -1)
     return pooled
 
 
 @dataclass(frozen=True)
 class CropViews:
     """An image as the reuse check compares it with earlier layouts: reduced (`small`), as its original's layout
-    for each crop on the coarse grid of crops and cells (`views`: len(_CROPS)^2 rows of COARSE_GRID^2 cells), and
+    for each crop on the coarse grid of crops and cells, in grey (`views`: len(_CROPS)^2 rows of COARSE_GRID^2
+    cells; grey does a third of the work and picks the same crop), and
     for the few crops that search the index (`searched`, full layouts)."""
 
     small: np.ndarray
@@ -282,8 +303,13 @@ class CropViews:
 
     def refined(self, layout: np.ndarray, best: int) -> float:
         """The RMS difference to an earlier layout (all its cells) for the best crop: from the coarse grid's best
-        (`best`, a row of `views`), refined twice on grids half as wide around it."""
+        (`best`, a row of `views`), refined twice on grids half as wide around it; infinite where that coarse crop
+        is already REFINE_BELOW or more away."""
         rows, cols = _CROPS[best // len(_CROPS)], _CROPS[best % len(_CROPS)]
+        h, w, _ = self.small.shape
+        there = _grid(self.small[None], _crop_cells(h, (rows,)), _crop_cells(w, (cols,)))[0, 0, 0]
+        if np.sqrt(((there - layout) ** 2).mean()) >= REFINE_BELOW:
+            return float("inf")
         rms = float("inf")
         for half in (CROP_STEP, CROP_STEP / 2):
             rms, rows, cols = self._around(layout, rows, cols, half)
@@ -318,13 +344,14 @@ def _crop_views(regions: Sequence[np.ndarray]) -> list[CropViews]:
     crops, searched_crops = tuple(_CROPS), tuple(_SEARCHED_CROPS)
     for positions, smalls in _by_shape([_reduced(region) for region in regions]):
         _, h, w, _ = smalls.shape
-        views = _grid(smalls, _crop_cells(h, crops, COARSE_GRID), _crop_cells(w, crops, COARSE_GRID), COARSE_GRID)
+        greys = smalls.mean(axis=3, keepdims=True)
+        views = _grid(greys, _crop_cells(h, crops, COARSE_GRID), _crop_cells(w, crops, COARSE_GRID), COARSE_GRID)
         found = _grid(smalls, _crop_cells(h, searched_crops), _crop_cells(w, searched_crops))
         views = views.reshape(len(positions), -1, views.shape[3])
         norms = (views**2).sum(axis=2)
-        for i, small, view, norm, first in zip(positions, smalls, views, norms, found):
-            searched = first.reshape(-1, first.shape[2])
-            out[i] = CropViews(small, view, searched, norm, _flat(searched[0]))
+        flat = _flat(found[:, 0, 0])
+        for i, small, view, norm, first, blank in zip(positions, smalls, views, norms, found, flat):
+            out[i] = CropViews(small, view, first.reshape(-1, first.shape[2]), norm, bool(blank))
     return [v for v in out if v is not None]
 
 
@@ -344,22 +371,32 @@ def _layouts_of(rows: pd.DataFrame, width: int) -> np.ndarray:
     return out
 
 
-def _flat(layout: np.ndarray) -> bool:
-    """A blank or uniform image: its cells hardly vary in any channel."""
-    cells = layout.reshape(LAYOUT_GRID * LAYOUT_GRID, -1)
-    return bool(cells.std(axis=0).max() < FLAT_LAYOUT)
+def _flat(layouts: np.ndarray) -> np.ndarray:
+    """For each layout (N, cells * channels), whether it is a blank or uniform image: its cells hardly vary in any
+    channel."""
+    cells = layouts.reshape(len(layouts), LAYOUT_GRID * LAYOUT_GRID, -1)
+    flat: np.ndarray = cells.std(axis=1).max(axis=1) < FLAT_LAYOUT
+    return flat
 
 
 @dataclass(frozen=True)
 class _Allowed:
-    """Which rows may be a query's earlier image: not of its own path, and before `stop`."""
+    """Which rows may be each query's earlier image: not of the query's own path (`owns`, "" for none), and before
+    its row `stops`."""
 
     path_keys: np.ndarray
-    own: str
-    stop: int
+    owns: np.ndarray
+    stops: np.ndarray
 
-    def __call__(self, row: int) -> bool:
-        return row < self.stop and (not self.own or self.path_keys[row] != self.own)
+    def __call__(self, q: int, row: int) -> bool:
+        return bool(row < self.stops[q]) and (not self.owns[q] or self.path_keys[row] != self.owns[q])
+
+    def mask(self, rows: np.ndarray) -> np.ndarray:
+        """(queries, M): whether each query's candidate rows (-1: none) may be its earlier image."""
+        own = self.owns[:, None]
+        other = (own == "") | (self.path_keys[np.maximum(rows, 0)] != own)
+        allowed: np.ndarray = (rows >= 0) & (rows < self.stops[:, None]) & other
+        return allowed
 
 
 @dataclass(frozen=True)
@@ -411,9 +448,8 @@ class HashTable:
         its mirror image's), or one of its crop `views` within LAYOUT_RMS of the row's layout. Rows of its own path
         (the same file scored again) do not count, nor rows from `before[q]` on where given."""
         n = len(self.rows)
-        allowed = [
-            _Allowed(self.path_keys, own, before[q] if before is not None else n) for q, own in enumerate(own_paths)
-        ]
+        stops = np.asarray(before if before is not None else [n] * len(image_ids), np.int64)
+        allowed = _Allowed(self.path_keys, np.asarray(own_paths, dtype=object), stops)
         out: list[Match | None] = [None] * len(image_ids)
         searched = [i for i, h in enumerate(hashes) if h]
         found_d: Any = []
@@ -422,37 +458,39 @@ class HashTable:
             found_d, found_i = self.index.search(_bits([hashes[i] for i in searched]), 16)
         near: dict[int, tuple[Any, Any]] = dict(zip(searched, zip(found_d, found_i)))
         for q, image_id in enumerate(image_ids):
-            exact = [i for i in self.by_id.get(image_id, []) if allowed[q](i)]
+            exact = [i for i in self.by_id.get(image_id, []) if allowed(q, i)]
             if exact:
                 out[q] = Match(exact[0], "exact", "phash_bits", 0)
                 continue
             for distance, position in zip(*near.get(q, ((), ()))):
                 if position < 0 or distance > near_bits:
                     break
-                if allowed[q](int(position) // 2):
+                if allowed(q, int(position) // 2):
                     out[q] = Match(int(position) // 2, "near", "phash_bits", int(distance))
                     break
         todo = [(q, v) for q, (m, v) in enumerate(zip(out, views)) if m is None and v is not None]
-        for (q, _), match in zip(todo, self._cropped([v for _, v in todo], [allowed[q] for q, _ in todo])):
+        picked = np.asarray([q for q, _ in todo], np.int64)
+        sub = _Allowed(self.path_keys, allowed.owns[picked], allowed.stops[picked])
+        for (q, _), match in zip(todo, self._cropped([v for _, v in todo], sub)):
             out[q] = match
         return out
 
-    def _cropped(self, views: list[CropViews], allowed: list[_Allowed]) -> list[Match | None]:
+    def _cropped(self, views: list[CropViews], allowed: _Allowed) -> list[Match | None]:
         """For each image's crop views, the earlier row whose layout one of them repeats within LAYOUT_RMS:
         candidates from the index (nearest to the uncropped views), then every view against each candidate."""
         if not views or self.layout_index is None or self.layouts is None:
             return [None] * len(views)
         _, found = self.layout_index.search(np.concatenate([v.searched for v in views]), CANDIDATES)
-        per = len(_SEARCHED_CROPS) ** 2
+        found = found.reshape(len(views), -1)  # each image's candidates from all its searched views
         out: list[Match | None] = []
-        for n, (view, ok) in enumerate(zip(views, allowed)):
-            rows = sorted({int(r) for r in found[n * per : (n + 1) * per].ravel() if r >= 0 and ok(int(r))})
-            if not rows or view.flat:
+        for view, candidates, ok in zip(views, found, allowed.mask(found)):
+            rows = np.unique(candidates[ok])
+            if not len(rows) or view.flat:
                 out.append(None)
                 continue
             coarse, crops = view.coarse(self.pooled[rows], self.pooled_norms[rows])
-            refined = {rows[i]: view.refined(self.layouts[rows[i]], int(crops[i])) for i in np.argsort(coarse)[:REFINED]
-                       if coarse[i] <= REFINE_BELOW}  # fmt: skip
+            refined = {int(rows[i]): view.refined(self.layouts[rows[i]], int(crops[i]))
+                       for i in np.argsort(coarse)[:REFINED] if coarse[i] <= COARSE_BELOW}  # fmt: skip
             best = min(refined, key=lambda row: refined[row], default=None)
             near = best is not None and refined[best] <= LAYOUT_RMS
             out.append(

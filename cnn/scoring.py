@@ -29,7 +29,7 @@ from cnn.drift import DriftSample
 from cnn.errors import UserError
 from cnn.fsio import atomic_path, sha256_file
 from cnn.inference import Predictor
-from cnn.neighbours import HISTORY_COLUMNS, Lookup
+from cnn.neighbours import HISTORY_COLUMNS, Lookup, search_in_one_thread
 from cnn.parallel import decode_many
 from cnn.predictions import prediction_columns
 from cnn.pseudonyms import pseudonym, pseudonyms
@@ -377,7 +377,7 @@ def plan_shards(
     )
 
 
-_BESIDE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reuse-check")  # beside the model's forward pass
+_BESIDE = ThreadPoolExecutor(1, "reuse-check", search_in_one_thread)  # beside the model's forward pass
 _PARTS: dict[Path, pd.DataFrame] = {}  # history parts read in this process (a part never changes once written)
 
 

@@ -435,6 +435,13 @@ class HashTable:
             layout_index = VectorIndex.build(self.layouts, metric="l2")
         self.layout_index = layout_index if self.layouts is not None else None
 
+    @functools.cached_property
+    def label_codes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the rows' distinct labels, sorted; each row's label as a position in them)."""
+        labels = self.rows["label"].astype(str).to_numpy(dtype=object) if "label" in self.rows else np.array([], object)
+        names, codes = np.unique(labels, return_inverse=True)
+        return names.astype(object), codes.astype(np.int64)
+
     def matches(
         self,
         image_ids: Sequence[str],
@@ -834,19 +841,19 @@ class Lookup:
         if vectors is None or not len(self.train.rows):
             return ([None] * n, [float("nan")] * n), (np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64))
         similarities, ids = self.train_index.search(vectors, K)
-        known = self.train.rows["label"].to_numpy()
-        names: list[str | None] = []
-        shares: list[float] = []
-        for row, label in zip(ids, labels):
-            found = known[row[row >= 0]]
-            if not len(found):
-                names.append(None)
-                shares.append(float("nan"))
-                continue
-            values, counts = np.unique(found, return_counts=True)
-            names.append(str(values[counts.argmax()]))
-            shares.append(float((found == label).mean()))
-        return (names, shares), (similarities, ids)
+        names, codes = self.train.label_codes
+        valid = ids >= 0
+        found = np.where(valid, codes[np.maximum(ids, 0)], -1)
+        counts = np.zeros((n, len(names) + 1), np.int64)  # the last column counts the missing neighbours
+        np.add.at(counts, (np.repeat(np.arange(n), found.shape[1]), found.ravel()), 1)
+        top = counts[:, :-1].argmax(axis=1)  # ties: the label first in sorted order
+        position = np.minimum(np.searchsorted(names, np.asarray(labels, dtype=object)), max(len(names) - 1, 0))
+        predicted = np.where(names[position] == np.asarray(labels, dtype=object), position, -2)
+        total = valid.sum(axis=1)
+        agree = ((found == predicted[:, None]) & valid).sum(axis=1) / np.maximum(total, 1)
+        voted: list[str | None] = [str(names[t]) if k else None for t, k in zip(top, total)]
+        shares = [float(a) if k else float("nan") for a, k in zip(agree, total)]
+        return (voted, shares), (similarities, ids)
 
 
 def _semantic_matches(scores: np.ndarray, rows: np.ndarray, cut: float) -> list[Match | None]:

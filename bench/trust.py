@@ -1,11 +1,12 @@
 """What trust costs at scoring time: embeddings with the similar-case and reuse checks, the review checks and the
 Grad-CAM overlays, against plain scoring, side by side in one run on the same files (JPEG claims photos, the
-engine's inference path, a Parquet sink). Target (issue 12): with embeddings, similar cases and the reuse check
-on, at least 0.8 of plain scoring.
+engine's inference path, a Parquet sink). Target (issue 12): with embeddings, similar cases, the reuse check and
+the run's drift check on, at least 0.8 of plain scoring.
 
     python bench/trust.py [--model small_cnn] [--size 128] [--n 512] [--review-below 0.6] [--repeat 3]
 
-Rows: plain (`--explain none --no-review-flips`), + the test-time flip check (a second forward pass, only for
+Rows: plain (`--explain none --no-review-flips`; the drift sample every shard takes is in every row), + embeddings
+(`--embeddings`) with the neighbour columns, the reuse check and the run's drift check, + the test-time flip check (a second forward pass, only for
 models trained with flips), + overlays for the rows needing review (`--explain review`, the default; the share
 of such rows is printed, as it decides the cost), + overlays for every row (`--explain all`). Each row prints
 images/s (the median of `--repeat` rounds, each round running every case in turn) and its ratio to plain
@@ -30,9 +31,10 @@ from bench.score import fused, make_jpegs, make_model
 from cnn.augment import load_policy
 from cnn.contract import ModelContract
 from cnn.decode import DecodeSpec, decode_file
+from cnn.drift import DriftSample, check_drift, reference_sample
 from cnn.inference import Predictor
 from cnn.neighbours import HashTable, Lookup, VectorIndex, layouts, phashes, semantic_threshold
-from cnn.scoring import ModelRef, ScoringInputs, ScoringOptions, plan_shards, score_shard
+from cnn.scoring import ModelRef, ScoringInputs, ScoringOptions, merged_drift, plan_shards, score_shard
 from cnn.sinks import FileSink
 
 
@@ -43,16 +45,22 @@ def run(
     options: ScoringOptions,
     out: Path,
     lookup: Lookup | None = None,
+    reference: tuple[dict[str, object], np.ndarray] | None = None,
 ) -> tuple[float, float]:
-    """(images/s, share of rows needing review) for one scoring run with these options."""
+    """(images/s, share of rows needing review) for one scoring run with these options; with a drift `reference`
+    (the version's statistics and embeddings), the run's drift check as the score flow runs it."""
     shutil.rmtree(out.parent, ignore_errors=True)
     out.parent.mkdir(parents=True)
     sink, ref = FileSink(out), ModelRef("bench", "1", "")
     start = time.perf_counter()
     plan = plan_shards(ScoringInputs(pd.DataFrame({"path": paths}), []), [sink], ref, 256, out.parent)
-    for shard in range(plan.shards):
+    results = [
         score_shard(plan, shard, predictor, ref, [sink], options, explainer=explainer, lookup=lookup)
+        for shard in range(plan.shards)
+    ]
     sink.finish()
+    if reference is not None:
+        check_drift(*reference, merged_drift(results))
     rate = len(paths) / (time.perf_counter() - start)
     return rate, float(pd.read_parquet(out)["needs_review"].mean())
 
@@ -76,7 +84,12 @@ def main() -> None:
     predictor, explainer = fused(weights, contract_path), Predictor.load(weights, contract_path)
     explain_dir, history = str(work / "out" / "overlays"), str(work / "out" / "history")
     # the version's reference: the sample as its training split (index, labels, hashes)
-    _, train_vectors = predictor.predict_with_embeddings(sample)
+    probs, train_vectors = predictor.predict_with_embeddings(sample)
+    labels = [contract.classes[i] for i in probs.argmax(axis=1)]
+    drift = DriftSample.of(
+        labels, probs.max(axis=1), sample, [(640, 480)] * len(sample), ["JPEG"] * len(sample), train_vectors
+    )
+    reference = (reference_sample(drift), train_vectors)  # the sample as the version's validation split
     plain, mirrored = phashes(sample)
     train = pd.DataFrame({"image_id": [f"t{i}" for i in range(len(sample))], "label": "none", "phash": plain})
     train = train.assign(phash_mirror=mirrored, layout=[bytes(v) for v in layouts(sample)])
@@ -86,7 +99,7 @@ def main() -> None:
     on = dict(embeddings=True, history_dir=history)
     cases = [
         ("plain (nothing below)", ScoringOptions(**off), None),
-        ("+ embeddings, similar cases, reuse check", ScoringOptions(**{**off, **on}), lookup),
+        ("+ embeddings, neighbours, reuse, drift check", ScoringOptions(**{**off, **on}), lookup),
         ("+ flip check", ScoringOptions(**on, review_flips=True, explain="none"), lookup),
         (
             "+ overlays for review rows (default)",
@@ -100,17 +113,25 @@ def main() -> None:
         ),
     ]
     cases = [(n, ScoringOptions(**{**o.__dict__, "review_below": args.review_below}), k) for n, o, k in cases]
-    run(paths[:64], predictor, explainer, cases[-1][1], work / "out" / "warm.parquet", lookup)  # warm-up
+    run(paths[:64], predictor, explainer, cases[-1][1], work / "out" / "warm.parquet", lookup, reference)  # warm-up
     print(f"{args.model} at {args.size} px, {args.n} JPEG files (640x480), {torch.get_num_threads()} threads")
     measured: list[list[float]] = [[] for _ in cases]
     reviews = [0.0] * len(cases)
     for _ in range(args.repeat):  # rounds of every case in turn: drifts of the host's speed hit all cases alike
         for i, (_, options, lookup_or_none) in enumerate(cases):
-            rate, reviews[i] = run(paths, predictor, explainer, options, work / "out" / "p.parquet", lookup_or_none)
+            checked = reference if lookup_or_none is not None else None  # the run's drift check with the rest
+            rate, reviews[i] = run(
+                paths, predictor, explainer, options, work / "out" / "p.parquet", lookup_or_none, checked
+            )
             measured[i].append(rate)
     rates = [float(np.median(r)) for r in measured]
     for (name, _, _), rate, review in zip(cases, rates, reviews):
         print(f"{name:<44} {rate:8.1f} images/s  {rate / rates[0]:5.2f}x plain   ({review:.0%} of rows need review)")
+    per_round = [on / off for on, off in zip(measured[1], measured[0])]  # the same round: the same host speed
+    print(
+        f"embeddings, similar cases and the reuse check against plain, round by round: {min(per_round):.2f}-"
+        f"{max(per_round):.2f}x (median {float(np.median(per_round)):.2f}x over {len(per_round)} rounds)"
+    )
     overlay_ms = 1000 * (1 / rates[4] - 1 / rates[2])  # --explain all over the flip-checked run: per image
     print(
         f"embeddings, similar cases and the reuse check cost {1000 * (1 / rates[1] - 1 / rates[0]):.1f} ms per image; "

@@ -6,7 +6,8 @@ the run's drift check on, at least 0.8 of plain scoring.
     python bench/trust.py [--model small_cnn] [--size 128] [--n 512] [--review-below 0.6] [--repeat 3]
 
 Rows: plain (`--explain none --no-review-flips`; the drift sample every shard takes is in every row), + embeddings
-(`--embeddings`) with the neighbour columns, the reuse check and the run's drift check, + the test-time flip check (a second forward pass, only for
+(`--embeddings`) with the neighbour columns, the reuse check, the run's drift check and the history's extension,
++ the test-time flip check (a second forward pass, only for
 models trained with flips), + overlays for the rows needing review (`--explain review`, the default; the share
 of such rows is printed, as it decides the cost), + overlays for every row (`--explain all`). Each row prints
 images/s (the median of `--repeat` rounds, each round running every case in turn) and its ratio to plain
@@ -33,8 +34,16 @@ from cnn.contract import ModelContract
 from cnn.decode import DecodeSpec, decode_file
 from cnn.drift import DriftSample, check_drift, reference_sample
 from cnn.inference import Predictor
-from cnn.neighbours import HashTable, Lookup, VectorIndex, layouts, phashes, semantic_threshold
-from cnn.scoring import ModelRef, ScoringInputs, ScoringOptions, merged_drift, plan_shards, score_shard
+from cnn.neighbours import HashTable, History, Lookup, VectorIndex, layouts, phashes, semantic_threshold
+from cnn.scoring import (
+    ModelRef,
+    ScoringInputs,
+    ScoringOptions,
+    extend_history,
+    merged_drift,
+    plan_shards,
+    score_shard,
+)
 from cnn.sinks import FileSink
 
 
@@ -59,8 +68,9 @@ def run(
         for shard in range(plan.shards)
     ]
     sink.finish()
-    if reference is not None:
+    if reference is not None:  # what the score flow does after the shards
         check_drift(*reference, merged_drift(results))
+        extend_history(Path(options.history_dir), History(out.parent / "version-history"))
     rate = len(paths) / (time.perf_counter() - start)
     return rate, float(pd.read_parquet(out)["needs_review"].mean())
 
@@ -129,12 +139,13 @@ def main() -> None:
         print(f"{name:<44} {rate:8.1f} images/s  {rate / rates[0]:5.2f}x plain   ({review:.0%} of rows need review)")
     per_round = [on / off for on, off in zip(measured[1], measured[0])]  # the same round: the same host speed
     print(
-        f"embeddings, similar cases and the reuse check against plain, round by round: {min(per_round):.2f}-"
-        f"{max(per_round):.2f}x (median {float(np.median(per_round)):.2f}x over {len(per_round)} rounds)"
+        f"the checks (embeddings, neighbours, reuse, drift, history) against plain, round by round: "
+        f"{min(per_round):.2f}-{max(per_round):.2f}x (median {float(np.median(per_round)):.2f}x, "
+        f"{len(per_round)} rounds)"
     )
     overlay_ms = 1000 * (1 / rates[4] - 1 / rates[2])  # --explain all over the flip-checked run: per image
     print(
-        f"embeddings, similar cases and the reuse check cost {1000 * (1 / rates[1] - 1 / rates[0]):.1f} ms per image; "
+        f"the checks cost {1000 * (1 / rates[1] - 1 / rates[0]):.1f} ms per image; "
         f"one overlay (Grad-CAM, blend, JPEG) {overlay_ms:.1f} ms; the flip check "
         f"{1000 * (1 / rates[2] - 1 / rates[1]):.1f} ms per image"
     )

@@ -29,7 +29,7 @@ from cnn.drift import DriftSample
 from cnn.errors import UserError
 from cnn.fsio import atomic_path, sha256_file
 from cnn.inference import Predictor
-from cnn.neighbours import HISTORY_COLUMNS, Lookup, search_in_one_thread
+from cnn.neighbours import HISTORY_COLUMNS, History, Lookup, search_in_one_thread
 from cnn.parallel import decode_many
 from cnn.predictions import prediction_columns
 from cnn.pseudonyms import pseudonym, pseudonyms
@@ -392,6 +392,20 @@ def _run_rows(folder: Path, shard: int) -> pd.DataFrame:
             _PARTS[part] = pd.read_parquet(part, columns=HISTORY_COLUMNS[:-1])
     frames = [_PARTS[p] for p in parts]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=HISTORY_COLUMNS[:-1])
+
+
+def extend_history(parts_dir: Path, history: History) -> int:
+    """Add what a run's shards left in `parts_dir` (ScoringOptions.history_dir) to the version's history, then remove
+    those parts; the number of images added."""
+    parts = sorted(parts_dir.glob("shard-*.parquet"))
+    if not parts:
+        return 0
+    rows = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    vectors = np.stack([np.asarray(v, dtype=np.float32) for v in rows[EMBEDDING]])
+    added = history.extend(rows, vectors)
+    for part in parts:
+        part.unlink()
+    return added
 
 
 def score_shard(

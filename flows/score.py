@@ -12,7 +12,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from prefect import Flow, flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -25,7 +24,7 @@ from cnn.drift import DriftReport
 from cnn.errors import UserError
 from cnn.plots import plot_drift
 from cnn.scoring import ModelRef, ScoringOptions, ScoringSummary, ShardPlan, ShardResult
-from cnn.sinks import EMBEDDING, Sink, open_sink, redact
+from cnn.sinks import Sink, open_sink, redact
 from flows import credentials, tracking, versions, workspace
 from flows.logfilter import quiet_user_errors
 from flows.processes import sigterm_at_safe_points
@@ -114,15 +113,7 @@ def publish(config: ScoreConfig) -> list[str]:
 @task(name="extend-history", cache_policy=NO_CACHE)
 def extend_history(model: ModelRef, run_dir: str) -> int:
     """Add what this run scored to the version's history (for `cnn similar` and the next runs' reuse check)."""
-    parts = sorted((Path(run_dir) / "history").glob("shard-*.parquet"))
-    if not parts:
-        return 0
-    rows = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
-    vectors = np.stack([np.asarray(v, dtype=np.float32) for v in rows[EMBEDDING]])
-    added = versions.history(model).extend(rows, vectors)
-    for part in parts:
-        part.unlink()
-    return added
+    return scoring.extend_history(Path(run_dir) / "history", versions.history(model))
 
 
 @task(name="check-drift", cache_policy=NO_CACHE)

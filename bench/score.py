@@ -32,7 +32,7 @@ import torch
 from cnn.contract import ModelContract
 from cnn.decode import decode_file
 from cnn.demo_data import render_claim
-from cnn.inference import Predictor, bf16_agreement
+from cnn.inference import Predictor, bf16_agreement, bf16_speedup
 from cnn.models import create_model
 from cnn.precision import choose_inference_precision
 from cnn.scoring import ModelRef, ScoringInputs, ScoringOptions, plan_shards, score_shard
@@ -105,7 +105,9 @@ def engine_predictor(
     """The scoring engine's choice through the one precision policy (`cnn score --precision` applies the same),
     with the bf16 agreement measured on `sample` instead of the model's validation split."""
     predictor = fused(weights, contract)
-    choice = choose_inference_precision(precision, predictor.device, lambda: bf16_agreement(predictor, sample))
+    choice = choose_inference_precision(
+        precision, predictor.device, lambda: bf16_agreement(predictor, sample), lambda: bf16_speedup(predictor, sample)
+    )
     agreement = float("nan") if choice.agreement is None else choice.agreement
     return predictor.with_precision(choice.autocast_dtype), choice.name, agreement
 

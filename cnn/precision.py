@@ -3,13 +3,15 @@
 Training, scoring, the MLflow model and the benchmarks all ask here, so the rule exists once:
 - training on CUDA with `amp`: bf16 where the GPU supports it, else fp16 with a grad scaler; CPU trains in fp32;
 - inference on CUDA: autocast (bf16, else fp16) unless fp32 is forced;
-- inference on CPU: `auto` uses bf16 only on CPUs with native bf16 and only when its top-1 labels agree with
-  fp32 on at least `BF16_MIN_AGREEMENT` of the model's validation images; `bf16` forces it and reports the
-  measured agreement; `fp32` forces full precision.
+- inference on CPU: `auto` uses bf16 only on CPUs with native bf16, only when its top-1 labels agree with fp32 on
+  at least `BF16_MIN_AGREEMENT` of the model's validation images, and only when it runs at least
+  `BF16_MIN_SPEEDUP` times as fast as fp32 on this host (on CPUs with AVX512-BF16 but no AMX it can be slower);
+  `bf16` forces it and reports the measured agreement; `fp32` forces full precision.
 """
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -21,6 +23,7 @@ from cnn.choices import PRECISIONS
 from cnn.errors import UserError
 
 BF16_MIN_AGREEMENT = 0.995
+BF16_MIN_SPEEDUP = 1.1  # bf16 must beat fp32 by a margin the host's noise cannot fake
 _DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -31,6 +34,7 @@ class PrecisionChoice:
     name: Literal["fp32", "bf16", "fp16"]
     reason: str
     agreement: float | None = None
+    speedup: float | None = None  # bf16's images/s over fp32's on this host, where measured
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -39,6 +43,8 @@ class PrecisionChoice:
 
     def describe(self) -> str:
         measured = "" if self.agreement is None else f", bf16 top-1 agreement {self.agreement:.4f}"
+        if self.speedup is not None:
+            measured += f", bf16 at {self.speedup:.2f}x fp32's speed on {host_type()}"
         return f"{self.name} ({self.reason}{measured})"
 
 
@@ -46,6 +52,18 @@ def cpu_bf16_available() -> bool:
     """Native bf16 on this CPU (AVX512-BF16 or AMX)."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def host_type() -> str:
+    """What decides CPU inference speed here, as a key: the architecture, the bf16 units and the torch threads
+    (`x86_64-amx-2t`). A speed measured on one host holds for hosts of the same type."""
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        units = "amx"
+    elif getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        units = "avx512bf16"
+    else:
+        units = "nobf16"
+    return f"{platform.machine() or 'cpu'}-{units}-{torch.get_num_threads()}t"
 
 
 def cuda_autocast_dtype() -> torch.dtype:
@@ -67,10 +85,14 @@ def training_amp(device: torch.device, enabled: bool) -> tuple[torch.dtype | Non
 
 
 def choose_inference_precision(
-    requested: str, device: torch.device, agreement: Callable[[], float | None]
+    requested: str,
+    device: torch.device,
+    agreement: Callable[[], float | None],
+    speedup: Callable[[], float | None] = lambda: None,
 ) -> PrecisionChoice:
-    """Apply the policy. `agreement` measures (or recalls) bf16's top-1 agreement with fp32; it is called only
-    when the answer depends on it, and returns None when there are no images to check on."""
+    """Apply the policy. `agreement` measures (or recalls) bf16's top-1 agreement with fp32, `speedup` bf16's
+    speed over fp32's on this host; each is called only when the answer depends on it, and returns None when
+    there are no images to measure on (then `auto` stays fp32: never slower than fp32 unmeasured)."""
     if requested not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
     if requested == "fp32":
@@ -88,12 +110,17 @@ def choose_inference_precision(
         return PrecisionChoice("bf16", "forced", measured)
     if measured is None:
         return PrecisionChoice("fp32", "no validation images to check bf16 on")
-    if measured >= BF16_MIN_AGREEMENT:
+    if measured < BF16_MIN_AGREEMENT:
         return PrecisionChoice(
-            "bf16", f"agrees with fp32 on >= {BF16_MIN_AGREEMENT:.1%} of validation images", measured
+            "fp32", f"bf16 agrees with fp32 on < {BF16_MIN_AGREEMENT:.1%} of validation images", measured
         )
+    faster = speedup()
+    if faster is None:
+        return PrecisionChoice("fp32", "bf16's speed on this host not measured", measured)
+    if faster < BF16_MIN_SPEEDUP:
+        return PrecisionChoice("fp32", f"bf16 is not {BF16_MIN_SPEEDUP:.1f}x faster here", measured, faster)
     return PrecisionChoice(
-        "fp32", f"bf16 agrees with fp32 on < {BF16_MIN_AGREEMENT:.1%} of validation images", measured
+        "bf16", f"agrees with fp32 on >= {BF16_MIN_AGREEMENT:.1%} of validation images and is faster", measured, faster
     )
 
 

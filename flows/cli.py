@@ -405,9 +405,7 @@ def score(
     ] = None,
     precision: Annotated[
         Literal["auto", "fp32", "bf16"] | None,
-        typer.Option(
-            help=_help(ScoreConfig, "precision", "auto: bf16 on CPUs with native bf16 when it agrees with fp32.")
-        ),
+        typer.Option(help=_help(ScoreConfig, "precision", "auto: bf16 where it agrees with fp32 and is faster here.")),
     ] = None,
     compile: Annotated[
         bool | None,

@@ -18,11 +18,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cnn.errors import UserError
-from cnn.evaluation import bf16_split_agreement
+from cnn.evaluation import bf16_split_agreement, bf16_split_speedup
 from cnn.fsio import sha256_file
 from cnn.inference import Predictor
 from cnn.neighbours import History, Lookup, Reference
-from cnn.precision import PrecisionChoice, choose_inference_precision
+from cnn.precision import PrecisionChoice, choose_inference_precision, host_type
 from cnn.scoring import ModelRef
 from flows import workspace
 
@@ -200,7 +200,8 @@ def _artifact_paths(model_dir: Path) -> tuple[Path, Path]:
 
 def _choose_precision(client: MlflowClient, ref: ModelRef, requested: str) -> PrecisionChoice:
     """The precision policy for this version; the bf16 agreement is measured once per version on its validation
-    split and kept as version tags (`cpu_bf16.agreement`, `cpu_bf16.enabled`)."""
+    split, bf16's speed once per version and host type, and both kept as version tags (`cpu_bf16.agreement`,
+    `cpu_bf16.speedup.<host type>`, `cpu_bf16.enabled`)."""
     predictor = _cached_predictor(ref.files, ref.device, "fp32", False)
 
     def agreement() -> float | None:
@@ -220,7 +221,23 @@ def _choose_precision(client: MlflowClient, ref: ModelRef, requested: str) -> Pr
             client.set_model_version_tag(ref.name, ref.version, "cpu_bf16.checked_on", f"{contract.dataset}/val")
         return measured
 
-    choice = choose_inference_precision(requested, predictor.device, agreement)
+    def speedup() -> float | None:
+        key = f"cpu_bf16.speedup.{host_type()}"
+        tags = client.get_model_version(ref.name, ref.version).tags
+        if key in tags:
+            return float(tags[key])
+        dataset = workspace.current().dataset(predictor.contract.dataset) if predictor.contract.dataset else None
+        if dataset is None or not dataset.exists():
+            return None
+        try:
+            measured = bf16_split_speedup(predictor, dataset, "val")
+        except UserError:
+            return None
+        if measured is not None:
+            client.set_model_version_tag(ref.name, ref.version, key, f"{measured:.3f}")
+        return measured
+
+    choice = choose_inference_precision(requested, predictor.device, agreement, speedup)
     if predictor.device.type == "cpu" and choice.agreement is not None:
         client.set_model_version_tag(ref.name, ref.version, "cpu_bf16.enabled", str(choice.name == "bf16").lower())
     return choice

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from cnn.errors import UserError
-from cnn.precision import BF16_MIN_AGREEMENT, choose_inference_precision, training_amp
+from cnn.precision import BF16_MIN_AGREEMENT, BF16_MIN_SPEEDUP, choose_inference_precision, host_type, training_amp
 
 CPU = torch.device("cpu")
 
@@ -33,7 +34,7 @@ def test_auto_applies_the_agreement_check(
     monkeypatch: pytest.MonkeyPatch, agreement: float | None, expected: str
 ) -> None:
     monkeypatch.setattr("cnn.precision.cpu_bf16_available", lambda: True)
-    assert choose_inference_precision("auto", CPU, lambda: agreement).name == expected
+    assert choose_inference_precision("auto", CPU, lambda: agreement, lambda: 2.0).name == expected
 
 
 def test_auto_without_native_bf16_stays_fp32_unmeasured(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -59,3 +60,41 @@ def test_cuda_policy() -> None:
     assert choose_inference_precision("auto", cuda, _never).name in ("bf16", "fp16")
     dtype, scaler = training_amp(cuda, enabled=True)
     assert dtype in (torch.bfloat16, torch.float16) and scaler.is_enabled() == (dtype == torch.float16)
+
+
+@pytest.mark.parametrize(
+    "speedup,expected", [(2.0, "bf16"), (BF16_MIN_SPEEDUP, "bf16"), (0.59, "fp32"), (1.05, "fp32"), (None, "fp32")]
+)
+def test_auto_picks_bf16_only_where_it_is_faster_on_this_host(
+    monkeypatch: pytest.MonkeyPatch, speedup: float | None, expected: str
+) -> None:
+    """On a CPU with AVX512-BF16 but no AMX, bf16 ran at 0.59x fp32: agreeing is not enough."""
+    monkeypatch.setattr("cnn.precision.cpu_bf16_available", lambda: True)
+    choice = choose_inference_precision("auto", CPU, lambda: 1.0, lambda: speedup)
+    assert choice.name == expected and choice.speedup == speedup
+    if speedup is not None:
+        assert f"{speedup:.2f}x" in choice.describe() and host_type() in choice.describe()
+
+
+def test_speed_is_not_measured_when_bf16_disagrees_or_is_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("cnn.precision.cpu_bf16_available", lambda: True)
+    assert choose_inference_precision("auto", CPU, lambda: 0.9, _never).name == "fp32"
+    assert choose_inference_precision("bf16", CPU, lambda: 0.9, _never).name == "bf16"
+
+
+def test_host_type_names_the_bf16_units_and_threads() -> None:
+    kind = host_type()
+    assert kind.split("-")[1] in ("amx", "avx512bf16", "nobf16") and kind.endswith(f"-{torch.get_num_threads()}t")
+
+
+def test_bf16_speedup_times_both_precisions_on_a_real_model() -> None:
+    from cnn.contract import ModelContract
+    from cnn.inference import Predictor, bf16_speedup
+    from cnn.models import create_model
+
+    contract = ModelContract("small_cnn", ["a", "b"], 3, 32, "pad", [0.5] * 3, [0.25] * 3)
+    predictor = Predictor(create_model("small_cnn", num_classes=2, in_channels=3).eval(), contract, CPU)
+    images = np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+    measured = bf16_speedup(predictor, images, batch_size=16, rounds=1)
+    assert measured is not None and 0.01 < measured < 100
+    assert bf16_speedup(predictor, images[:0]) is None

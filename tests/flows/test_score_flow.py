@@ -437,6 +437,41 @@ def test_compiled_scoring_matches_eager(home: Path, tmp_path: Path) -> None:
     assert len(pd.read_parquet(fallback)) == 9
 
 
+def test_auto_precision_takes_bf16_only_where_this_host_type_measured_it_faster(home: Path, tmp_path: Path) -> None:
+    """bf16's speed is measured once per version and host type, kept as a version tag, and bf16 agreeing with fp32
+    is not enough: where it is slower (AVX512-BF16 without AMX), `auto` stays fp32."""
+    from mlflow.tracking import MlflowClient
+
+    from cnn.precision import cpu_bf16_available, host_type
+
+    folder = write_patterns(tmp_path / "p", per_class=2, seed=23)
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("patterns", "champion").version
+    key = f"cpu_bf16.speedup.{host_type()}"
+
+    def score(name: str) -> str:
+        args = ["score", str(folder), "--model", "patterns", "--precision", "auto", "--output", str(tmp_path / name)]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return " ".join(result.output.split())
+
+    client.set_model_version_tag("patterns", version, "cpu_bf16.agreement", "1.0")  # agreement is not the question
+    if key in client.get_model_version("patterns", version).tags:  # another test of this module measured it
+        client.delete_model_version_tag("patterns", version, key)
+    said = score("measured.parquet")
+    tags = client.get_model_version("patterns", version).tags
+    if not cpu_bf16_available():
+        assert "precision: fp32 (this CPU has no native bf16)" in said and key not in tags
+        return
+    measured = float(tags[key])  # measured on the validation split, on this host, once
+    assert measured > 0 and f"{measured:.2f}x fp32's speed on {host_type()}" in said
+    client.set_model_version_tag("patterns", version, key, "0.50")  # what a host without AMX measures
+    assert "precision: fp32 (bf16 is not 1.1x faster here" in score("slow.parquet")
+    client.set_model_version_tag("patterns", version, key, "3.00")
+    said = score("fast.parquet")
+    assert "precision: bf16 (agrees with fp32" in said and "3.00x fp32's speed" in said
+
+
 def _process_tree(pid: int) -> list[int]:
     """`pid` and every process below it (read from /proc: the runner may start its flow runs in their own
     session, where a kill of the group would miss them)."""

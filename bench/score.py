@@ -147,7 +147,7 @@ def pyfunc_loop(paths: list[str], weights: Path, contract: Path, work: Path) -> 
     run_dir = weights.parent
     with mlflow.start_run() as run:
         pass
-    uri = tracking.log_model(run.info.run_id, run_dir, paths[0])
+    uri = tracking.log_model(run.info.run_id, run_dir)
     model = mlflow.pyfunc.load_model(uri)
     model.predict(pd.DataFrame({"path": paths[:1]}))
     start = time.perf_counter()

@@ -8,6 +8,7 @@ import functools
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from cnn.dataset import Dataset
 from cnn.errors import UserError
 from cnn.evaluation import bf16_split_agreement, bf16_split_speedup
 from cnn.fsio import sha256_file
@@ -198,44 +200,47 @@ def _artifact_paths(model_dir: Path) -> tuple[Path, Path]:
     return model_dir / artifacts["weights"]["path"], model_dir / artifacts["contract"]["path"]
 
 
+def _measured_once(
+    client: MlflowClient,
+    ref: ModelRef,
+    dataset_name: str,
+    key: str,
+    digits: int,
+    measure: Callable[[Dataset], float | None],
+) -> float | None:
+    """A measurement on the validation split of the version's dataset, kept as the version tag `key`: read from the
+    tag when there, else measured and tagged (with `cpu_bf16.checked_on`); None when the dataset is gone or changed
+    its classes since (nothing to measure on)."""
+    tags = client.get_model_version(ref.name, ref.version).tags
+    if key in tags:
+        return float(tags[key])
+    dataset = workspace.current().dataset(dataset_name) if dataset_name else None
+    if dataset is None or not dataset.exists():
+        return None
+    try:
+        measured = measure(dataset)
+    except UserError:  # the dataset changed its classes since: nothing to compare on
+        return None
+    if measured is not None:
+        client.set_model_version_tag(ref.name, ref.version, key, f"{measured:.{digits}f}")
+        client.set_model_version_tag(ref.name, ref.version, "cpu_bf16.checked_on", f"{dataset_name}/val")
+    return measured
+
+
 def _choose_precision(client: MlflowClient, ref: ModelRef, requested: str) -> PrecisionChoice:
     """The precision policy for this version; the bf16 agreement is measured once per version on its validation
     split, bf16's speed once per version and host type, and both kept as version tags (`cpu_bf16.agreement`,
     `cpu_bf16.speedup.<host type>`, `cpu_bf16.enabled`)."""
     predictor = _cached_predictor(ref.files, ref.device, "fp32", False)
 
+    name = predictor.contract.dataset
+
     def agreement() -> float | None:
-        tags = client.get_model_version(ref.name, ref.version).tags
-        if "cpu_bf16.agreement" in tags:
-            return float(tags["cpu_bf16.agreement"])
-        contract = predictor.contract
-        dataset = workspace.current().dataset(contract.dataset) if contract.dataset else None
-        if dataset is None or not dataset.exists():
-            return None
-        try:
-            measured = bf16_split_agreement(predictor, dataset, "val")
-        except UserError:  # the dataset changed its classes since: nothing to compare on
-            return None
-        if measured is not None:
-            client.set_model_version_tag(ref.name, ref.version, "cpu_bf16.agreement", f"{measured:.6f}")
-            client.set_model_version_tag(ref.name, ref.version, "cpu_bf16.checked_on", f"{contract.dataset}/val")
-        return measured
+        return _measured_once(client, ref, name, "cpu_bf16.agreement", 6, lambda d: bf16_split_agreement(predictor, d))
 
     def speedup() -> float | None:
         key = f"cpu_bf16.speedup.{host_type()}"
-        tags = client.get_model_version(ref.name, ref.version).tags
-        if key in tags:
-            return float(tags[key])
-        dataset = workspace.current().dataset(predictor.contract.dataset) if predictor.contract.dataset else None
-        if dataset is None or not dataset.exists():
-            return None
-        try:
-            measured = bf16_split_speedup(predictor, dataset, "val")
-        except UserError:
-            return None
-        if measured is not None:
-            client.set_model_version_tag(ref.name, ref.version, key, f"{measured:.3f}")
-        return measured
+        return _measured_once(client, ref, name, key, 3, lambda d: bf16_split_speedup(predictor, d))
 
     choice = choose_inference_precision(requested, predictor.device, agreement, speedup)
     if predictor.device.type == "cpu" and choice.agreement is not None:

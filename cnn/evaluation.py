@@ -9,7 +9,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cnn.calibration import Calibration, calibrate, rescale
 from cnn.contract import ModelContract
@@ -17,12 +16,11 @@ from cnn.data import load_split
 from cnn.dataset import Dataset
 from cnn.errors import UserError
 from cnn.fsio import write_json_atomic, write_text_atomic
-from cnn.inference import Predictor, bf16_speedup
+from cnn.inference import Predictor, bf16_agreement, bf16_speedup
 from cnn.metrics import ClassificationMetrics, class_intervals, compute_metrics
 from cnn.operating_points import Interval, OperatingPoint, PointCheck, PointSpec, check, check_classes, choose
 from cnn.parallel import decode_many
 from cnn.plots import plot_confusion, plot_history, plot_reliability, plot_roc
-from cnn.precision import top1_agreement
 
 
 @dataclass(frozen=True)
@@ -75,11 +73,9 @@ def score_split(predictor: Predictor, dataset: Dataset, split: str, batch_size: 
 
 
 def bf16_split_agreement(predictor: Predictor, dataset: Dataset, split: str = "val") -> float | None:
-    """Top-1 agreement of bf16 autocast with fp32 on a split; None when the split is empty."""
-    fp32 = score_split(predictor.with_precision(None), dataset, split)
-    if not len(fp32.probs):
-        return None
-    return top1_agreement(fp32.probs, score_split(predictor.with_precision(torch.bfloat16), dataset, split).probs)
+    """Top-1 agreement of bf16 autocast with fp32 on a split's images (decoded once); None when it is empty."""
+    images, _, _ = split_images(dataset, split, predictor.contract)
+    return bf16_agreement(predictor, images) if len(images) else None
 
 
 def bf16_split_speedup(predictor: Predictor, dataset: Dataset, split: str = "val") -> float | None:

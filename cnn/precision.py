@@ -50,20 +50,22 @@ class PrecisionChoice:
 
 def cpu_bf16_available() -> bool:
     """Native bf16 on this CPU (AVX512-BF16 or AMX)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return _bf16_units() != "nobf16"
+
+
+def _bf16_units() -> str:
+    """This CPU's bf16 units: amx, avx512bf16 or nobf16."""
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return "amx"
+    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "avx512bf16"
+    return "nobf16"
 
 
 def host_type() -> str:
     """What decides CPU inference speed here, as a key: the architecture, the bf16 units and the torch threads
     (`x86_64-amx-2t`). A speed measured on one host holds for hosts of the same type."""
-    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
-        units = "amx"
-    elif getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
-        units = "avx512bf16"
-    else:
-        units = "nobf16"
-    return f"{platform.machine() or 'cpu'}-{units}-{torch.get_num_threads()}t"
+    return f"{platform.machine() or 'cpu'}-{_bf16_units()}-{torch.get_num_threads()}t"
 
 
 def cuda_autocast_dtype() -> torch.dtype:

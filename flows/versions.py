@@ -232,7 +232,6 @@ def _choose_precision(client: MlflowClient, ref: ModelRef, requested: str) -> Pr
     split, bf16's speed once per version and host type, and both kept as version tags (`cpu_bf16.agreement`,
     `cpu_bf16.speedup.<host type>`, `cpu_bf16.enabled`)."""
     predictor = _cached_predictor(ref.files, ref.device, "fp32", False)
-
     name = predictor.contract.dataset
 
     def agreement() -> float | None:

@@ -1,10 +1,12 @@
 """Scoring throughput, JPEG files to Parquet, against (a) the same model's forward pass on tensors already
 in memory (the limit) and (b) a loop calling the MLflow pyfunc once per file; peak memory at two input
 sizes; and the speed-up of the engine's inference path (channels_last, bf16 where approved) over fp32
-eager NCHW.
+eager NCHW. With the default `--backend auto`, every backend candidate (torch fp32/bf16, ONNX Runtime fp32/int8,
+OpenVINO fp32/bf16/int8) is timed side by side, and each one the auto policy accepts here (top-1 agreement with
+fp32 >= 99.5 % on 128 images) is run end to end, against the pyfunc loop.
 
     python bench/score.py [--model resnet18] [--size 224] [--n 512] [--pyfunc-n 96] [--precision auto|fp32|bf16]
-                          [--compile]
+                          [--backend auto|torch|onnxruntime|openvino] [--compile]
 
 `--compile` scores as `cnn score --compile` does (torch.compile, weights frozen), prints the one-off
 compilation time separately, and adds the compiled forward passes to the inference-path line.
@@ -29,12 +31,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cnn import backends
+from cnn.backends import BackendChoice, Candidate, OnnxEngine
 from cnn.contract import ModelContract
 from cnn.decode import decode_file
 from cnn.demo_data import render_claim
-from cnn.inference import Predictor, bf16_agreement, bf16_speedup
+from cnn.inference import Predictor, bf16_agreement, bf16_speedup, relative_speeds
 from cnn.models import create_model
-from cnn.precision import choose_inference_precision
+from cnn.precision import BF16_MIN_AGREEMENT, PrecisionChoice, choose_inference_precision, top1_agreement
 from cnn.scoring import ModelRef, ScoringInputs, ScoringOptions, plan_shards, score_shard
 from cnn.sinks import FileSink
 
@@ -99,17 +103,61 @@ def fused(weights: Path, contract: Path, dtype: torch.dtype | None = None, compi
     return predictor.compiled() if compiled else predictor
 
 
-def engine_predictor(
-    weights: Path, contract: Path, sample: np.ndarray, precision: str = "auto"
-) -> tuple[Predictor, str, float]:
-    """The scoring engine's choice through the one precision policy (`cnn score --precision` applies the same),
-    with the bf16 agreement measured on `sample` instead of the model's validation split."""
+def torch_choice(weights: Path, contract: Path, sample: np.ndarray, precision: str = "auto") -> PrecisionChoice:
+    """The torch precision through the one precision policy (`cnn score --precision` applies the same), with the
+    bf16 agreement and speed measured on `sample` instead of the model's validation split."""
     predictor = fused(weights, contract)
-    choice = choose_inference_precision(
+    return choose_inference_precision(
         precision, predictor.device, lambda: bf16_agreement(predictor, sample), lambda: bf16_speedup(predictor, sample)
     )
-    agreement = float("nan") if choice.agreement is None else choice.agreement
-    return predictor.with_precision(choice.autocast_dtype), choice.name, agreement
+
+
+def candidate_predictors(
+    weights: Path, contract: Path, sample: np.ndarray, work: Path, backend: str, precision: str
+) -> dict[str, Predictor]:
+    """Every ONNX candidate the request admits, as a Predictor (exported and int8-quantized as registration and
+    `cnn score` do, calibrated on `sample`)."""
+    base = fused(weights, contract)
+    exported = backends.export_onnx(weights, contract, work / backends.ONNX_FILE)
+    found = {}
+    for c in backends.onnx_candidates(backend, precision):
+        path = exported
+        if c.precision == "int8":
+            path = work / backends.INT8_FILE
+            if not path.is_file():
+                backends.quantize_int8(exported, sample, base.contract, path)
+        found[c.key] = base.with_engine(OnnxEngine(path, c.backend, c.precision))
+    return found
+
+
+def engine_choice(
+    weights: Path, contract: Path, sample: np.ndarray, work: Path, backend: str, precision: str
+) -> tuple[Predictor, BackendChoice, dict[str, Predictor], dict[str, float | None]]:
+    """The scoring engine's choice through the one backend policy, measured on `sample`: the chosen Predictor, the
+    choice, every candidate's Predictor (torch ones included) and its top-1 agreement with fp32."""
+    reference = fused(weights, contract)
+    onnx = candidate_predictors(weights, contract, sample, work, backend, precision)
+    expected = reference.predict_arrays(sample)
+    agreements = {key: top1_agreement(expected, p.predict_arrays(sample)) for key, p in onnx.items()}
+
+    def speedups(passed: list[Candidate]) -> dict[str, float]:
+        rates = relative_speeds(reference, [onnx[c.key] for c in passed], sample)
+        return {c.key: rate for c, rate in zip(passed, rates)}
+
+    choice = backends.choose_backend(
+        backend,
+        reference.device,
+        lambda: torch_choice(weights, contract, sample, precision),
+        [Candidate(*key.split("-")) for key in onnx],
+        lambda c: agreements[c.key],
+        speedups,
+        forced_precision=precision != "auto",
+    )
+    bf16 = torch_choice(weights, contract, sample, "bf16").agreement
+    everyone = {"torch-fp32": reference, "torch-bf16": reference.with_precision(torch.bfloat16), **onnx}
+    agreements = {"torch-fp32": 1.0, "torch-bf16": bf16, **agreements}
+    chosen = everyone[choice.candidate.key]
+    return chosen, choice, everyone, agreements
 
 
 def run_engine(paths: list[str], predictor: Predictor, out: Path, shard: int = 256, batch: int = 64) -> float:
@@ -156,8 +204,9 @@ def pyfunc_loop(paths: list[str], weights: Path, contract: Path, work: Path) -> 
     return len(paths) / (time.perf_counter() - start)
 
 
-def child_peak_rss(n: int, args: argparse.Namespace, work: Path) -> tuple[float, float]:
-    """Run the engine on n images in a fresh process; return (images/s, peak RSS MiB of that process)."""
+def child_peak_rss(n: int, args: argparse.Namespace, work: Path, candidate: str) -> tuple[float, float]:
+    """Run the engine with `candidate` (torch-fp32, openvino-int8, ...) on n images in a fresh process; return
+    (images/s, peak RSS MiB of that process)."""
     cmd = [
         sys.executable,
         __file__,
@@ -169,16 +218,22 @@ def child_peak_rss(n: int, args: argparse.Namespace, work: Path) -> tuple[float,
         args.model,
         "--size",
         str(args.size),
+        "--child-candidate",
+        candidate,
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, check=True)
     data = json.loads(result.stdout.strip().splitlines()[-1])
     return data["rate"], data["rss_mib"]
 
 
-def child(n: int, work: Path, model: str, size: int) -> None:
+def child(n: int, work: Path, model: str, size: int, candidate: str) -> None:
     weights, contract = make_model(work, model, size)
     paths = make_jpegs(work / "jpegs", n)
-    predictor = fused(weights, contract)
+    backend, precision = candidate.split("-")
+    predictor = fused(weights, contract, torch.bfloat16 if candidate == "torch-bf16" else None)
+    if backend != "torch":  # the parent exported (and quantized) the model into `work`
+        onnx = work / (backends.INT8_FILE if precision == "int8" else backends.ONNX_FILE)
+        predictor = predictor.with_engine(OnnxEngine(onnx, backend, precision))
     rate = run_engine(paths, predictor, work / f"child-{n}.parquet")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"rate": rate, "rss_mib": rss}))
@@ -191,12 +246,15 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--pyfunc-n", type=int, default=96)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "openvino"])
     parser.add_argument("--compile", action="store_true", help="score with torch.compile, as cnn score --compile")
+    parser.add_argument("--rss-n", default="1000,10000", help="image counts for the peak-memory runs (comma-separated)")
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--child-candidate", default="torch-fp32", help=argparse.SUPPRESS)
     parser.add_argument("--work", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, Path(args.work), args.model, args.size)
+        child(args.child, Path(args.work), args.model, args.size, args.child_candidate)
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -205,11 +263,18 @@ def main() -> None:
         images = np.stack([decode_file(p, spec).array for p in paths[: args.n]])
         weights, contract = make_model(work, args.model, args.size, images[128:384])
         plain = Predictor.load(weights, contract, "cpu")
-        engine, precision, agreement = engine_predictor(weights, contract, images[:128], args.precision)
+        backend = "torch" if args.compile else args.backend
+        engine, choice, everyone, agreements = engine_choice(
+            weights, contract, images[:128], work, backend, args.precision
+        )
+        precision = choice.candidate.key
         print(
             f"{args.model} at {args.size}px, 640x480 JPEGs, {torch.get_num_threads()} torch threads; "
-            f"engine precision {precision}{', compiled' if args.compile else ''} "
-            f"(bf16 top-1 agreement with fp32 on 128 images: {agreement:.4f})"
+            f"engine: {choice.describe()}{', compiled' if args.compile else ''}"
+        )
+        print(
+            "top-1 agreement with fp32 on 128 images: "
+            + ", ".join(f"{key} {'-' if a is None else f'{a:.4f}'}" for key, a in agreements.items())
         )
 
         scoring, compile_seconds = engine, 0.0
@@ -225,6 +290,7 @@ def main() -> None:
         paths_rates = {
             "fused channels_last fp32": forward_rate(fused(weights, contract), images),
             "fused channels_last bf16": forward_rate(fused(weights, contract, torch.bfloat16), images),
+            **{key: forward_rate(p, images) for key, p in everyone.items() if not key.startswith("torch-")},
         }
         if args.compile:
             for dtype, name in ((None, "fp32"), (torch.bfloat16, "bf16")):
@@ -251,8 +317,17 @@ def main() -> None:
             + "; ".join(f"{name} {rate:.1f}/s ({rate / fp32_nchw:.2f}x)" for name, rate in paths_rates.items())
             + f"; engine's choice ({precision}) {limit / fp32_nchw:.2f}x"
         )
-        for n in (256, 1024) if args.precision == "auto" else ():
-            rate, rss = child_peak_rss(n, args, work)
+        accepted = [
+            key
+            for key, a in agreements.items()
+            if key not in (precision, "torch-fp32") and (a or 0.0) >= BF16_MIN_AGREEMENT and backend == "auto"
+        ]
+        for key in accepted:  # every other candidate auto could pick on a host where it is the fastest
+            rate = run_engine(paths[: args.n], everyone[key], work / f"{key}.parquet")
+            forward = paths_rates.get(key, paths_rates["fused channels_last bf16"])  # torch-bf16's is the latter
+            print(f"engine with {key}: {rate:.1f} images/s = {rate / by_hand:.1f}x (b); {rate / forward:.2f} of (a)")
+        for n in [int(x) for x in args.rss_n.split(",") if x] if args.precision == "auto" else []:
+            rate, rss = child_peak_rss(n, args, work, precision)
             print(f"peak RSS scoring {n:5d} images: {rss:7.1f} MiB  ({rate:.1f} images/s)")
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cnn.choices import Metric, Precision
+from cnn.choices import Backend, Metric, Precision
 from cnn.errors import UserError
 from cnn.parallel import DEFAULT_TIME_LIMIT_S
 
@@ -180,6 +180,9 @@ class ScoreConfig(FlowConfig):
         0.05, ge=0, le=1, description="send a row for review when it is this close to an operating point"
     )
     precision: Precision = "auto"
+    backend: Backend = Field(
+        "auto", description="torch, the ONNX export in onnxruntime or openvino, or auto: the fastest that agrees"
+    )
     compile: bool = False
     cluster: str | None = Field(None, description="Dask scheduler address: shards fan out to it")
     dask_workers: int = Field(0, ge=0, description="fan shards out to a local Dask cluster of N workers; 0 = no Dask")

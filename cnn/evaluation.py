@@ -16,7 +16,7 @@ from cnn.data import load_split
 from cnn.dataset import Dataset
 from cnn.errors import UserError
 from cnn.fsio import write_json_atomic, write_text_atomic
-from cnn.inference import Predictor, bf16_agreement, bf16_speedup
+from cnn.inference import Predictor, bf16_agreement
 from cnn.metrics import ClassificationMetrics, class_intervals, compute_metrics
 from cnn.operating_points import Interval, OperatingPoint, PointCheck, PointSpec, check, check_classes, choose
 from cnn.parallel import decode_many
@@ -76,12 +76,6 @@ def bf16_split_agreement(predictor: Predictor, dataset: Dataset, split: str = "v
     """Top-1 agreement of bf16 autocast with fp32 on a split's images (decoded once); None when it is empty."""
     images, _, _ = split_images(dataset, split, predictor.contract)
     return bf16_agreement(predictor, images) if len(images) else None
-
-
-def bf16_split_speedup(predictor: Predictor, dataset: Dataset, split: str = "val") -> float | None:
-    """bf16's speed over fp32's on this host, timed on a split's images (`bf16_speedup`); None when it is empty."""
-    images, _, _ = split_images(dataset, split, predictor.contract)
-    return bf16_speedup(predictor, images)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -33,6 +33,8 @@ class Predictor:
     channels_last: bool = False
     autocast_dtype: torch.dtype | None = None  # bf16/fp16 autocast; None = full precision
     compile: bool = False  # torch.compile (inductor, weights frozen); eager again if compiling fails
+    # another runtime running the model's export (cnn.backends.OnnxEngine): normalised NCHW -> (logits, embeddings)
+    engine: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
     _compiled: torch.nn.Module | None = field(default=None, init=False, repr=False)
     _compile_failed: bool = field(default=False, init=False, repr=False)
 
@@ -64,6 +66,10 @@ class Predictor:
     def with_precision(self, dtype: torch.dtype | None) -> Predictor:
         """The same model under another autocast dtype (shares the weights)."""
         return replace(self, autocast_dtype=dtype)
+
+    def with_engine(self, engine: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None) -> Predictor:
+        """The same model run by another runtime (see cnn.backends); None runs it in torch again."""
+        return replace(self, engine=engine)
 
     def compiled(self) -> Predictor:
         """The same model under torch.compile. Batches are padded to one shape so it compiles once (seconds to a
@@ -123,27 +129,17 @@ class Predictor:
             classifier_layer(self.contract.model, self.model).register_forward_pre_hook(
                 lambda _m, inputs: captured.append(inputs[0].detach())
             )
-            if embed
+            if embed and self.engine is None
             else None
         )
         try:
             with torch.inference_mode():
                 for start in range(0, len(images), batch_size):
                     batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
-                    n = len(batch)
-                    if self.compile and n < batch_size:  # one input shape, one compilation
-                        batch = torch.cat([batch, batch[:1].expand(batch_size - n, *batch.shape[1:])])
-                    x = to_model_input(batch, mean, std, self.device, self.channels_last)
-                    with torch.autocast(
-                        self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-                    ):
-                        logits = self._forward(x)[:n]
-                        if embed and not captured:  # a graph compiled before the hook existed
-                            self.model(x)
+                    logits, vector = self._batch(batch, batch_size, mean, std, captured if embed else None)
                     out.append(torch.softmax(logits.float() / temperature, dim=1).cpu().numpy())
-                    if embed:
-                        vectors.append(captured[-1][:n].flatten(1).float().cpu().numpy())
-                        captured.clear()
+                    if vector is not None:
+                        vectors.append(vector)
         finally:
             if hook is not None:
                 hook.remove()
@@ -151,6 +147,32 @@ class Predictor:
         if not embed:
             return probs, None
         return probs, np.concatenate(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
+
+    def _batch(
+        self,
+        batch: torch.Tensor,
+        batch_size: int,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        captured: list[torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Logits of one uint8 NHWC batch, and its embeddings where `captured` collects them."""
+        n = len(batch)
+        if self.engine is not None:
+            logits, vectors = self.engine(to_model_input(batch, mean, std, self.device, False).numpy())
+            return torch.from_numpy(logits), None if captured is None else vectors.astype(np.float32, copy=False)
+        if self.compile and n < batch_size:  # one input shape, one compilation
+            batch = torch.cat([batch, batch[:1].expand(batch_size - n, *batch.shape[1:])])
+        x = to_model_input(batch, mean, std, self.device, self.channels_last)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            out = self._forward(x)[:n]
+            if captured is not None and not captured:  # a graph compiled before the hook existed
+                self.model(x)
+        if captured is None:
+            return out, None
+        vectors = captured[-1][:n].flatten(1).float().cpu().numpy()
+        captured.clear()
+        return out, vectors
 
     def predict_mirrored(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Probabilities of the horizontally mirrored images (the test-time flip)."""
@@ -178,23 +200,33 @@ class Predictor:
 
 
 def bf16_speedup(predictor: Predictor, images: np.ndarray, batch_size: int = 64, rounds: int = 3) -> float | None:
-    """bf16 autocast's images/s over fp32's on this host (the median of `rounds` interleaved timings on up to 256
-    of `images`, after a warm-up batch of each); None without images."""
+    """bf16 autocast's images/s over fp32's on this host (`relative_speeds`); None without images."""
+    fp32 = predictor.with_precision(None)
+    speeds = relative_speeds(fp32, [fp32.with_precision(torch.bfloat16)], images, batch_size, rounds)
+    return speeds[0] if speeds else None
+
+
+def relative_speeds(
+    reference: Predictor, variants: Sequence[Predictor], images: np.ndarray, batch_size: int = 64, rounds: int = 3
+) -> list[float]:
+    """Each variant's images/s over `reference`'s on this host: the median of `rounds` interleaved timings on up to
+    256 of `images`, after a warm-up batch of each (empty without images)."""
     images = images[:256]
     if not len(images):
-        return None
-    fp32, bf16 = predictor.with_precision(None), predictor.with_precision(torch.bfloat16)
-    for variant in (fp32, bf16):  # warm-up: first-call allocations and kernel selection
+        return []
+    everyone = [reference, *variants]
+    for variant in everyone:  # warm-up: first-call allocations and kernel selection
         variant.predict_arrays(images[:batch_size], batch_size)
-    ratios = []
-    for _ in range(rounds):  # interleaved: a drift of the host's speed hits both alike
+    ratios: list[list[float]] = [[] for _ in variants]
+    for _ in range(rounds):  # interleaved: a drift of the host's speed hits all alike
         times = []
-        for variant in (fp32, bf16):
+        for variant in everyone:
             start = time.perf_counter()
             variant.predict_arrays(images, batch_size)
             times.append(time.perf_counter() - start)
-        ratios.append(times[0] / max(times[1], 1e-9))
-    return float(np.median(ratios))
+        for i, spent in enumerate(times[1:]):
+            ratios[i].append(times[0] / max(spent, 1e-9))
+    return [float(np.median(r)) for r in ratios]
 
 
 def bf16_agreement(predictor: Predictor, images: np.ndarray, batch_size: int = 128) -> float:

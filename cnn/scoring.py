@@ -72,9 +72,10 @@ class ModelRef:
     run_id: str
     files: str = ""  # local folder with the version's weights and contract
     device: str = "cpu"
-    precision: str = "fp32"  # fp32 | bf16 | fp16, as the precision policy chose
+    precision: str = "fp32"  # fp32 | bf16 | fp16 | int8, as the precision and backend policies chose
     precision_reason: str = ""
     compile: bool = False
+    backend: str = "torch"  # torch | onnxruntime | openvino (cnn.backends)
 
     @property
     def label(self) -> str:
@@ -606,7 +607,7 @@ def summarise(
     for result in results:
         labels.update(result.labels)
         kinds.update(result.rejects_by_kind)
-    precision = model.precision
+    precision = model.precision if model.backend == "torch" else f"{model.precision} on {model.backend}"
     if model.compile:
         failed = any(r.compile_failed for r in results)
         precision += ", eager (torch.compile failed, see the log)" if failed else ", compiled"

@@ -407,6 +407,17 @@ def score(
         Literal["auto", "fp32", "bf16"] | None,
         typer.Option(help=_help(ScoreConfig, "precision", "auto: bf16 where it agrees with fp32 and is faster here.")),
     ] = None,
+    backend: Annotated[
+        Literal["auto", "torch", "onnxruntime", "openvino"] | None,
+        typer.Option(
+            help=_help(
+                ScoreConfig,
+                "backend",
+                "auto: the fastest here of torch and the ONNX export in ONNX Runtime and "
+                "OpenVINO (fp32, bf16, int8) that agrees with fp32.",
+            )
+        ),
+    ] = None,
     compile: Annotated[
         bool | None,
         typer.Option("--compile/--no-compile", help=_help(ScoreConfig, "compile", "torch.compile the model.")),
@@ -445,6 +456,7 @@ def score(
         cluster=cluster,
         dask_workers=dask_workers,
         precision=precision,
+        backend=backend,
         compile=compile,
     )
     render.scoring(run_scoring(source, cfg))

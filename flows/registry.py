@@ -70,13 +70,13 @@ def gate_split(dataset: Dataset) -> str:
 
 
 def register_and_gate(
-    model_uri: str, model: str, run_id: str, dataset: Dataset, files: tuple[Path, Path], rules: GateRules
+    model_uri: str, model: str, run_id: str, dataset: Dataset, files: dict[str, Path], rules: GateRules
 ) -> GateDecision:
-    """Register a new version (with the sha256 of its weights and contract), compare it with @champion on the same
-    images, move the aliases. A gate that cannot decide tags the version `gate_failed` and raises."""
+    """Register a new version (with the sha256 of its weights, contract and ONNX export), compare it with @champion
+    on the same images, move the aliases. A gate that cannot decide tags the version `gate_failed` and raises."""
     client = MlflowClient()
     version = str(mlflow.register_model(model_uri, model, tags={"run_id": run_id, "dataset": dataset.name}).version)
-    versions.record_digests(model, version, *files)
+    versions.record_digests(model, version, files)
     try:
         decision = _decide(client, model, version, dataset, rules)
     except Exception as exc:

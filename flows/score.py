@@ -71,8 +71,9 @@ def _masking(config: ScoreConfig) -> scoring.Masking:
 
 @task(name="resolve-model", cache_policy=NO_CACHE)
 def resolve_model(config: ScoreConfig) -> ModelRef:
-    """Pin MODEL[@alias|:version] to one version for the whole run, fetch its files and choose its precision."""
-    return versions.resolve(config.model, config.device, config.precision, config.compile)
+    """Pin MODEL[@alias|:version] to one version for the whole run, fetch its files, choose its backend and
+    precision."""
+    return versions.resolve(config.model, config.device, config.precision, config.compile, config.backend)
 
 
 @task(name="plan-shards", cache_policy=NO_CACHE)

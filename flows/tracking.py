@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
 import cnn
+from cnn import backends
 from cnn.card import ModelCard
 from cnn.config import TrainConfig
 from cnn.contract import ModelContract
@@ -178,9 +179,22 @@ def signature_for(contract: ModelContract) -> ModelSignature:
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
+def onnx_file(run_dir: Path) -> Path:
+    """Where a run keeps its ONNX export."""
+    return run_dir / backends.ONNX_FILE
+
+
+def model_files(run_dir: Path) -> dict[str, Path]:
+    """The files a version's digests cover: weights, contract and (where exported) the ONNX model."""
+    files = {"weights": run_dir / "best.pt", "contract": run_dir / "contract.json", "onnx": onnx_file(run_dir)}
+    return {part: path for part, path in files.items() if path.is_file()}
+
+
 def log_model(run_id: str, run_dir: Path) -> str:
-    """Log the pyfunc (models from code, state_dict weights, the contract) and return its model URI."""
+    """Log the pyfunc (models from code, state_dict weights, the contract, the ONNX export, the reference) and
+    return its model URI."""
     contract = ModelContract.load(run_dir / "contract.json")
+    extras = {"reference": run_dir / "reference", "onnx": onnx_file(run_dir)}
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
@@ -188,7 +202,7 @@ def log_model(run_id: str, run_dir: Path) -> str:
             artifacts={
                 "weights": str(run_dir / "best.pt"),
                 "contract": str(run_dir / "contract.json"),
-                **({"reference": str(run_dir / "reference")} if (run_dir / "reference").is_dir() else {}),
+                **{key: str(path) for key, path in extras.items() if path.exists()},
             },
             code_paths=[str(LIBRARY)],
             signature=signature_for(contract),

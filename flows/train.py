@@ -16,7 +16,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from cnn import neighbours
+from cnn import backends, neighbours
 from cnn.card import build_card
 from cnn.config import TrainConfig
 from cnn.dataset import Dataset, validate_name
@@ -193,6 +193,17 @@ def build_reference(dataset_dir: str, run_dir: str) -> str:
     return str(neighbours.build_reference(Path(run_dir), Path(dataset_dir)).folder)
 
 
+@task(name="export-onnx", cache_policy=NO_CACHE)
+def export_onnx(run_dir: str) -> str:
+    """The model in ONNX, logged with the version: what the ONNX Runtime and OpenVINO backends run, and what users'
+    own serving stacks can load."""
+    return str(
+        backends.export_onnx(
+            Path(run_dir) / "best.pt", Path(run_dir) / "contract.json", tracking.onnx_file(Path(run_dir))
+        )
+    )
+
+
 @task(name="log-model", cache_policy=NO_CACHE)
 def log_model(dataset_dir: str, run_dir: str, run_id: str) -> str:
     """Log the pyfunc model (weights as a state_dict, the contract as metadata)."""
@@ -212,7 +223,7 @@ def register_and_gate(
         config.replace_task,
         config.gate_operating_points,
     )
-    files = (Path(run_dir) / "best.pt", Path(run_dir) / "contract.json")  # what was logged: their digests
+    files = tracking.model_files(Path(run_dir))  # what was logged: their digests
     decision = registry.register_and_gate(model_uri, model_name, run_id, Dataset(dataset_dir), files, rules)
     create_markdown_artifact(
         f"## {decision.model} v{decision.version}: **@{decision.decision}**\n\n{decision.reason}\n",
@@ -257,6 +268,7 @@ def train_flow(
         calibrate_model(dataset_dir, run_dir, run_id, config)
         test_metrics = evaluate_model(dataset_dir, run_dir, run_id)
         build_reference(dataset_dir, run_dir)
+        export_onnx(run_dir)
         model_uri = log_model(dataset_dir, run_dir, run_id)
         decision = register_and_gate(model_uri, model_name, run_id, dataset_dir, run_dir, config)
         write_model_card(dataset_dir, run_dir, run_id, config, decision)

@@ -13,23 +13,27 @@ from dataclasses import replace
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import yaml
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from cnn import backends
+from cnn.backends import BackendChoice, Candidate, OnnxEngine
+from cnn.contract import ModelContract
 from cnn.dataset import Dataset
 from cnn.errors import UserError
-from cnn.evaluation import bf16_split_agreement, bf16_split_speedup
+from cnn.evaluation import split_images
 from cnn.fsio import sha256_file
-from cnn.inference import Predictor
+from cnn.inference import Predictor, bf16_agreement, bf16_speedup, relative_speeds
 from cnn.neighbours import History, Lookup, Reference
-from cnn.precision import PrecisionChoice, choose_inference_precision, host_type
+from cnn.precision import PrecisionChoice, choose_inference_precision, host_type, top1_agreement
 from cnn.scoring import ModelRef
 from flows import workspace
 
 CHAMPION = "champion"
-DIGEST_TAGS = {"weights": "weights.sha256", "contract": "contract.sha256"}  # version tags set at registration
+DIGEST_TAGS = {"weights": "weights.sha256", "contract": "contract.sha256", "onnx": "onnx.sha256"}  # at registration
 _SPEC = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@(?P<alias>[A-Za-z0-9_-]+)|:(?P<version>\d+))?$")
 
 
@@ -42,12 +46,13 @@ def parse_spec(spec: str) -> tuple[str, str | None, str | None]:
     return match["name"], (alias or (CHAMPION if version is None else None)), version
 
 
-def record_digests(name: str, version: str, weights: Path, contract: Path) -> dict[str, str]:
-    """Set the sha256 of the weights and the contract as version tags (at registration, from the run's files)."""
-    digests = {"weights": sha256_file(weights), "contract": sha256_file(contract)}
+def record_digests(name: str, version: str, files: dict[str, Path]) -> dict[str, str]:
+    """Set the sha256 of the weights, the contract and the ONNX export as version tags (at registration, from the
+    run's files; `files` maps weights, contract and, where exported, onnx to them)."""
+    digests = {part: sha256_file(path) for part, path in files.items()}
     client = MlflowClient()
-    for part, tag in DIGEST_TAGS.items():
-        client.set_model_version_tag(name, version, tag, digests[part])
+    for part, digest in digests.items():
+        client.set_model_version_tag(name, version, DIGEST_TAGS[part], digest)
     return digests
 
 
@@ -83,8 +88,9 @@ def _matches(model_dir: Path, digests: dict[str, str] | None) -> bool:
     if not digests:  # registered before digests were recorded: nothing to check against
         return True
     weights, contract = _artifact_paths(model_dir)
-    found = {"weights": sha256_file(weights), "contract": sha256_file(contract)}
-    return all(found[part] == digests.get(part, found[part]) for part in found)
+    files = {"weights": weights, "contract": contract, "onnx": _registered_onnx(model_dir)}
+    found = {part: sha256_file(path) for part, path in files.items() if path is not None and path.is_file()}
+    return all(found.get(part) == digest for part, digest in digests.items())
 
 
 def _download(name: str, version: str, target: Path) -> None:
@@ -125,19 +131,24 @@ def load_spec(spec: str, device: str = "cpu") -> tuple[ModelVersion, Predictor]:
     return mv, load(mv.name, str(mv.version), device)
 
 
-def resolve(spec: str, device: str, precision: str = "auto", compile: bool = False) -> ModelRef:
-    """The concrete version, its local files, and the inference precision (and compilation) for this run."""
+def resolve(spec: str, device: str, precision: str = "auto", compile: bool = False, backend: str = "torch") -> ModelRef:
+    """The concrete version, its local files, and the backend, precision (and compilation) for this run."""
     mv = find_version(spec)
     name, client = mv.name, MlflowClient()
     files = str(version_files(name, str(mv.version)))
     ref = ModelRef(name, str(mv.version), mv.run_id or "", files, device, compile=compile)
-    choice = _choose_precision(client, ref, precision)
-    return replace(ref, precision=choice.name, precision_reason=choice.describe())
+    if compile and backend not in ("auto", "torch"):
+        raise UserError(f"--compile compiles the torch model; it cannot be combined with --backend {backend}")
+    if compile:  # torch.compile is its own fast path: the ONNX runtimes are not compared with it
+        backend = "torch"
+    choice = _choose_backend(client, ref, backend, precision)
+    return replace(ref, precision=choice.precision, precision_reason=choice.describe(), backend=choice.backend)
 
 
 def load_predictor(ref: ModelRef) -> Predictor:
-    """The pinned version as the scoring engine runs it: batch norm folded, channels_last, its precision."""
-    return _cached_predictor(ref.files, ref.device, ref.precision, ref.compile)
+    """The pinned version as the scoring engine runs it: batch norm folded, channels_last, its precision (or its ONNX
+    export in the chosen runtime)."""
+    return _cached_predictor(ref.files, ref.device, ref.precision, ref.compile, ref.backend)
 
 
 def load_explainer(ref: ModelRef) -> Predictor:
@@ -152,13 +163,46 @@ def _cached_explainer(model_dir: str, device: str) -> Predictor:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_predictor(model_dir: str, device: str, precision: str, compile: bool) -> Predictor:
+def _cached_predictor(model_dir: str, device: str, precision: str, compile: bool, backend: str = "torch") -> Predictor:
     # Shards run one after another in this process (or on the same Dask worker): build the network, load
-    # the weights and fold batch norm once per version rather than once per shard.
+    # the weights and fold batch norm (or compile the ONNX runtime's model) once per version rather than once per shard.
     weights, contract = _artifact_paths(Path(model_dir))
     predictor = Predictor.load(weights, contract, device, channels_last=True, fuse=True)
+    if backend != "torch":
+        return predictor.with_engine(OnnxEngine(_onnx_file(Path(model_dir), precision), backend, precision))
     predictor = predictor.with_precision(PrecisionChoice(precision, "").autocast_dtype)  # type: ignore[arg-type]  # a name the policy chose
     return predictor.compiled() if compile else predictor
+
+
+def _registered_onnx(model_dir: Path) -> Path | None:
+    """The ONNX export logged with the version (None for versions registered before exports existed)."""
+    folder = _artifacts(model_dir).get("onnx", {}).get("path")
+    return model_dir / folder if folder else None
+
+
+def _derived(model_dir: Path) -> Path:
+    """Files this host derives from a version (an export for older versions, the int8 model), beside its copy."""
+    return model_dir.with_name(model_dir.name + ".derived")
+
+
+def _onnx_file(model_dir: Path, precision: str, images: Callable[[], np.ndarray] | None = None) -> Path:
+    """The ONNX model a precision runs: the registered export (exported here for older versions); for int8 the model
+    quantized from it, calibrated on `images` the first time (at resolve; a worker only loads it)."""
+    exported = _registered_onnx(model_dir)
+    if exported is None or not exported.is_file():
+        exported = _derived(model_dir) / backends.ONNX_FILE
+        if not exported.is_file():
+            weights, contract = _artifact_paths(model_dir)
+            backends.export_onnx(weights, contract, exported)
+    if precision != "int8":
+        return exported
+    quantized = _derived(model_dir) / backends.INT8_FILE
+    if not quantized.is_file():
+        if images is None:
+            raise UserError(f"{quantized.name} is missing beside {model_dir.name}: resolve the model again to build it")
+        contract = ModelContract.load(_artifact_paths(model_dir)[1])
+        backends.quantize_int8(exported, images(), contract, quantized)
+    return quantized
 
 
 def reference(ref: ModelRef) -> Reference:
@@ -227,21 +271,89 @@ def _measured_once(
     return measured
 
 
-def _choose_precision(client: MlflowClient, ref: ModelRef, requested: str) -> PrecisionChoice:
-    """The precision policy for this version; the bf16 agreement is measured once per version on its validation
-    split, bf16's speed once per version and host type, and both kept as version tags (`cpu_bf16.agreement`,
+class _Validation:
+    """The version's validation images and torch fp32's probabilities on them, decoded and computed at most once
+    per resolve, whichever measurements need them."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+        self._images: np.ndarray | None = None
+        self._reference: np.ndarray | None = None
+
+    def images(self, dataset: Dataset) -> np.ndarray:
+        if self._images is None:
+            self._images = split_images(dataset, "val", self.predictor.contract)[0]
+        return self._images
+
+    def reference(self, dataset: Dataset) -> np.ndarray:
+        if self._reference is None:
+            self._reference = self.predictor.with_precision(None).predict_arrays(self.images(dataset), 128)
+        return self._reference
+
+
+def _choose_precision(client: MlflowClient, ref: ModelRef, requested: str, seen: _Validation) -> PrecisionChoice:
+    """The precision policy for torch; the bf16 agreement is measured once per version on its validation split,
+    bf16's speed once per version and host type, and both kept as version tags (`cpu_bf16.agreement`,
     `cpu_bf16.speedup.<host type>`, `cpu_bf16.enabled`)."""
-    predictor = _cached_predictor(ref.files, ref.device, "fp32", False)
-    name = predictor.contract.dataset
+    predictor, name = seen.predictor, seen.predictor.contract.dataset
 
     def agreement() -> float | None:
-        return _measured_once(client, ref, name, "cpu_bf16.agreement", 6, lambda d: bf16_split_agreement(predictor, d))
+        def measure(d: Dataset) -> float | None:
+            return bf16_agreement(predictor, seen.images(d)) if len(seen.images(d)) else None
+
+        return _measured_once(client, ref, name, "cpu_bf16.agreement", 6, measure)
 
     def speedup() -> float | None:
         key = f"cpu_bf16.speedup.{host_type()}"
-        return _measured_once(client, ref, name, key, 3, lambda d: bf16_split_speedup(predictor, d))
+        return _measured_once(client, ref, name, key, 3, lambda d: bf16_speedup(predictor, seen.images(d)))
 
     choice = choose_inference_precision(requested, predictor.device, agreement, speedup)
     if predictor.device.type == "cpu" and choice.agreement is not None:
         client.set_model_version_tag(ref.name, ref.version, "cpu_bf16.enabled", str(choice.name == "bf16").lower())
+    return choice
+
+
+def _choose_backend(client: MlflowClient, ref: ModelRef, requested: str, precision: str) -> BackendChoice:
+    """The backend policy (cnn.backends.choose_backend) for this version: each ONNX candidate's agreement with torch
+    fp32 is measured once per version (`backend.<candidate>.agreement`), its speed once per version and host type
+    (`backend.<candidate>.speedup.<host type>`), and the choice kept as `backend.chosen.<host type>`."""
+    seen = _Validation(_cached_predictor(ref.files, ref.device, "fp32", False))
+    name, model_dir = seen.predictor.contract.dataset, Path(ref.files)
+
+    def candidate(c: Candidate, dataset: Dataset) -> Predictor:
+        path = _onnx_file(model_dir, c.precision, lambda: seen.images(dataset))
+        return seen.predictor.with_engine(OnnxEngine(path, c.backend, c.precision))
+
+    def agreement(c: Candidate) -> float | None:
+        def measure(d: Dataset) -> float | None:
+            if not len(seen.images(d)):
+                return None
+            return top1_agreement(seen.reference(d), candidate(c, d).predict_arrays(seen.images(d), 128))
+
+        return _measured_once(client, ref, name, f"backend.{c.key}.agreement", 6, measure)
+
+    def speedups(passed: list[Candidate]) -> dict[str, float]:
+        tag = {c.key: f"backend.{c.key}.speedup.{host_type()}" for c in passed}
+        known = client.get_model_version(ref.name, ref.version).tags
+        missing = [c for c in passed if tag[c.key] not in known]
+        dataset = workspace.current().dataset(name)
+        if missing and dataset.exists():
+            images = seen.images(dataset)
+            measured = relative_speeds(seen.predictor, [candidate(c, dataset) for c in missing], images)
+            for c, speed in zip(missing, measured):
+                client.set_model_version_tag(ref.name, ref.version, tag[c.key], f"{speed:.3f}")
+                known[tag[c.key]] = f"{speed:.3f}"
+        return {c.key: float(known[tag[c.key]]) for c in passed if tag[c.key] in known}
+
+    choice = backends.choose_backend(
+        requested,
+        seen.predictor.device,
+        lambda: _choose_precision(client, ref, precision, seen),
+        backends.onnx_candidates(requested, precision),
+        agreement,
+        speedups,
+        forced_precision=precision != "auto",
+    )
+    if seen.predictor.device.type == "cpu" and requested == "auto":
+        client.set_model_version_tag(ref.name, ref.version, f"backend.chosen.{host_type()}", choice.candidate.key)
     return choice

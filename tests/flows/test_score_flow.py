@@ -450,8 +450,8 @@ def test_auto_precision_takes_bf16_only_where_this_host_type_measured_it_faster(
     key = f"cpu_bf16.speedup.{host_type()}"
 
     def score(name: str) -> str:
-        args = ["score", str(folder), "--model", "patterns", "--precision", "auto", "--output", str(tmp_path / name)]
-        result = runner.invoke(app, args)
+        args = ["score", str(folder), "--model", "patterns", "--precision", "auto", "--backend", "torch"]
+        result = runner.invoke(app, [*args, "--output", str(tmp_path / name)])
         assert result.exit_code == 0, result.output
         return " ".join(result.output.split())
 
@@ -470,6 +470,51 @@ def test_auto_precision_takes_bf16_only_where_this_host_type_measured_it_faster(
     client.set_model_version_tag("patterns", version, key, "3.00")
     said = score("fast.parquet")
     assert "precision: bf16 (agrees with fp32" in said and "3.00x fp32's speed" in said
+
+
+def test_backends_score_what_torch_scores_and_auto_measures_each_once(home: Path, tmp_path: Path) -> None:
+    """The version carries its ONNX export (with a digest); ONNX Runtime and OpenVINO score what torch scores; `auto`
+    measures each candidate's agreement and speed once, keeps them as version tags, and picks from the tags."""
+    from mlflow.tracking import MlflowClient
+
+    from cnn.precision import host_type
+
+    folder = write_patterns(tmp_path / "b", per_class=3, seed=29)
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("patterns", "champion").version
+    assert len(client.get_model_version("patterns", version).tags["onnx.sha256"]) == 64  # exported at registration
+
+    def score(name: str, *options: str) -> tuple[pd.DataFrame, str]:
+        args = ["score", str(folder), "--model", "patterns", *options, "--output", str(tmp_path / name)]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        frame = pd.read_parquet(tmp_path / name).sort_values("path").reset_index(drop=True)
+        return frame, " ".join(result.output.split())
+
+    reference, _ = score("torch.parquet", "--backend", "torch", "--precision", "fp32")
+    probs = [c for c in reference.columns if c.startswith("prob_")]
+    for runtime in ("onnxruntime", "openvino"):
+        frame, said = score(f"{runtime}.parquet", "--backend", runtime, "--precision", "fp32")
+        assert f"fp32 on {runtime} (forced" in said
+        assert frame["label"].tolist() == reference["label"].tolist()
+        assert (frame[probs] - reference[probs]).abs().to_numpy().max() < 1e-4
+
+    _, said = score("auto.parquet", "--backend", "auto")
+    tags = client.get_model_version("patterns", version).tags
+    measured = {k: v for k, v in tags.items() if k.startswith("backend.") and k.endswith(".agreement")}
+    assert {"backend.onnxruntime-int8.agreement", "backend.openvino-int8.agreement"} <= set(measured)
+    assert all(0.0 <= float(v) <= 1.0 for v in measured.values())
+    chosen = tags[f"backend.chosen.{host_type()}"]
+    runtime, precision = chosen.split("-")
+    assert f"{precision} on {runtime}" in said or (runtime == "torch" and "torch: the fastest here" in said)
+    speeds = [k for k in tags if k.startswith("backend.") and k.endswith(f".speedup.{host_type()}")]
+    assert speeds  # the candidates that agreed were timed, on this host type
+    # later runs read the tags: a candidate tagged far faster (and agreeing) is taken without measuring again
+    client.set_model_version_tag("patterns", version, "backend.openvino-int8.agreement", "1.0")
+    client.set_model_version_tag("patterns", version, f"backend.openvino-int8.speedup.{host_type()}", "50.0")
+    frame, said = score("fast.parquet", "--backend", "auto")
+    assert "int8 on openvino (the fastest here" in said and "50.00x torch fp32's speed" in said
+    assert (frame["label"] == reference["label"]).mean() >= 0.8  # int8, calibrated on the validation split
 
 
 def _process_tree(pid: int) -> list[int]:

@@ -8,7 +8,6 @@ checkpoints every epoch atomically with everything needed to resume bit-for-bit 
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from cnn import stopping
 from cnn.augment import load_policy, validate_policy
+from cnn.budget import Budget, BudgetReport, Schedule
 from cnn.config import TrainConfig
 from cnn.contract import ModelContract
 from cnn.data import CacheDataset, SplitData, load_split, make_loader
@@ -75,6 +75,7 @@ class FitResult:
     history: list[EpochRecord] = field(default_factory=list)
     device: str = "cpu"
     world_size: int = 1
+    budget: BudgetReport | None = None  # how a --max-minutes budget was planned and spent
 
     def save(self) -> Path:
         """fit.json: everything but the contract (saved beside it as contract.json)."""
@@ -89,6 +90,8 @@ class FitResult:
         data.update(
             run_dir=run_dir, weights=Path(data["weights"]), contract=ModelContract.load(run_dir / "contract.json")
         )
+        if data.get("budget"):
+            data["budget"] = BudgetReport(**data["budget"])
         return cls(**data)
 
 
@@ -154,23 +157,16 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
-    """Per-step schedule: linear warm-up, then cosine decay (or constant); or one-cycle."""
+    """Per-step schedule: linear warm-up, then cosine decay (or constant); or one-cycle. Under a time budget the plan
+    moves the schedule's end, so one-cycle there is warm-up + cosine too (cnn.budget.Schedule)."""
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = min(total - 1, int(cfg.warmup_epochs * steps_per_epoch))
-    if cfg.schedule == "onecycle":
+    if cfg.schedule == "onecycle" and not cfg.max_minutes:
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=cfg.lr, total_steps=total, pct_start=max(warmup / total, 0.05)
         )
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    kind = "constant" if cfg.schedule == "constant" else "cosine"
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(kind, warmup, total))
 
 
 @dataclass(frozen=True)
@@ -184,9 +180,14 @@ class EpochStats:
 
 
 def train_one_epoch(
-    parts: _Parts, loader: DataLoader[Any], grad_clip: float | None, epoch: int, deadline: float | None
+    parts: _Parts,
+    loader: DataLoader[Any],
+    grad_clip: float | None,
+    epoch: int,
+    deadline: float | None,
+    budget: Budget | None = None,
 ) -> EpochStats:
-    """One pass over the training data (cut short when `deadline` passes)."""
+    """One pass over the training data (cut short when `deadline` passes, or where a budget's plan ends)."""
     model, rt = parts.step_model, parts.rt
     model.train()
     total, seen, steps = 0.0, 0, 0
@@ -211,6 +212,8 @@ def train_one_epoch(
         total += loss.item() * len(y)
         seen += len(y)
         steps += 1
+        if budget is not None and budget.after_step():
+            return EpochStats(total, seen, steps, budget.out_of_time())
         if deadline is not None and time.monotonic() > deadline:
             return EpochStats(total, seen, steps, True)
     return EpochStats(total, seen, steps, False)
@@ -371,19 +374,26 @@ def _fit(
     last = run_dir / "last.pt"
     state = TrainState.from_checkpoint(last, cfg, parts) if resume and last.is_file() else TrainState()
     _wrap_for_steps(parts, cfg, dist, device)
-    deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else None
+    budget = _budget(cfg, setup, parts, dist, state)
+    # Under DDP the ranks would plan apart: there the budget only cuts the run short, between epochs.
+    deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes and budget is None else None
     stopped: Stopped = "completed"
-    for epoch in range(state.epoch, cfg.epochs):
-        seconds, stats = _run_epoch(parts, setup, cfg, dist, epoch, deadline)
+    epoch = state.epoch
+    while epoch < (budget.epochs if budget is not None else cfg.epochs):
+        started = time.perf_counter()
+        seconds, stats = _run_epoch(parts, setup, cfg, dist, epoch, deadline, budget)
         train_loss, seen = dist.mean(stats.loss_sum, stats.images)
         if dist.main:
             record = end_of_epoch(parts, setup, state, cfg, epoch, train_loss, stats.steps, seen, seconds)
             save_checkpoint(parts, setup, state, cfg, run_dir, epoch)
+            if budget is not None:
+                budget.after_epoch(seconds, stats.steps, time.perf_counter() - started)
             if on_epoch is not None:
                 on_epoch(record)
-            stopped = _stop_reason(cfg, state, stats.out_of_time)
+            stopped = _stop_reason(cfg, state, stats.out_of_time, budget)
         if dist.broadcast(stopped != "completed"):  # every rank leaves the loop together
             break
+        epoch += 1
     return FitResult(
         run_dir,
         run_dir / "best.pt",
@@ -395,11 +405,29 @@ def _fit(
         state.history,
         str(device),
         dist.world,
+        None if budget is None else budget.report(),
     )
 
 
+def _budget(cfg: TrainConfig, setup: _Setup, parts: _Parts, dist: Dist, state: TrainState) -> Budget | None:
+    """The plan of a --max-minutes run, driving the schedule's end (None without a budget, and under DDP). A resumed
+    run plans what is left of its schedule again within a fresh budget."""
+    if not cfg.max_minutes or dist.enabled or not isinstance(parts.scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return None
+    schedule = parts.scheduler.lr_lambdas[0]
+    assert isinstance(schedule, Schedule)  # build_scheduler's under a budget
+    spe = max(1, len(setup.train_loader))
+    return Budget(cfg.max_minutes * 60, spe, len(setup.val.slots), cfg.batch_size, schedule, steps=state.epoch * spe)
+
+
 def _run_epoch(
-    parts: _Parts, setup: _Setup, cfg: TrainConfig, dist: Dist, epoch: int, deadline: float | None
+    parts: _Parts,
+    setup: _Setup,
+    cfg: TrainConfig,
+    dist: Dist,
+    epoch: int,
+    deadline: float | None,
+    budget: Budget | None,
 ) -> tuple[float, EpochStats]:
     """Prepare the epoch (freezing, sampler epoch, augmentation seed) and train it; (seconds, stats)."""
     if not dist.enabled:
@@ -409,7 +437,7 @@ def _run_epoch(
     setup.train_data.reseed(int(torch.randint(0, 2**31 - 1, (1,)).item()))
     start = time.perf_counter()
     # Under DDP every rank must run the same steps: the time budget is checked between epochs only.
-    stats = train_one_epoch(parts, setup.train_loader, cfg.grad_clip, epoch, None if dist.enabled else deadline)
+    stats = train_one_epoch(parts, setup.train_loader, cfg.grad_clip, epoch, None if dist.enabled else deadline, budget)
     if dist.enabled and deadline is not None:
         stats = EpochStats(stats.loss_sum, stats.images, stats.steps, dist.any(time.monotonic() > deadline))
     return time.perf_counter() - start, stats
@@ -461,9 +489,11 @@ def save_checkpoint(
         write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
 
 
-def _stop_reason(cfg: TrainConfig, state: TrainState, out_of_time: bool) -> Stopped:
+def _stop_reason(cfg: TrainConfig, state: TrainState, out_of_time: bool, budget: Budget | None) -> Stopped:
     if out_of_time:
         return "time_budget"
+    if budget is not None:  # the plan decides the end: stopping early would leave the schedule half run
+        return "completed"
     if cfg.patience and state.stale >= cfg.patience:
         return "early_stopping"
     return "completed"

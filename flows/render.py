@@ -65,6 +65,8 @@ def training(outcome: TrainOutcome | NodeOutcome) -> None:
     for key, value in outcome.test_metrics.items():
         table.add_row(key, f"{value:.4f}")
     console.print(table)
+    if outcome.budget:
+        console.print(f"time budget: {outcome.budget}", highlight=False)
     gate = outcome.gate
     colour = "green" if gate.decision == "champion" else "yellow"
     console.print(

@@ -101,6 +101,9 @@ def log_results(run_id: str, fit: FitResult, test_metrics: dict[str, float], fil
         mlflow.log_metrics({f"test_{k}": v for k, v in test_metrics.items()})
         mlflow.log_metrics({"best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run})
         mlflow.set_tags({"device": fit.device, "stopped": fit.stopped})
+        if fit.budget is not None:  # how the budget was spent, next to the epochs it bought
+            mlflow.log_metrics({f"budget_{k}": float(v) for k, v in asdict(fit.budget).items()})
+            mlflow.set_tag("budget", fit.budget.describe())
         for path in files:
             mlflow.log_artifact(str(path), "evaluation")
         mlflow.log_dict(fit.contract.policy, "config/augmentation_policy.json")

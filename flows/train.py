@@ -42,6 +42,7 @@ class TrainOutcome:
     model_uri: str
     test_metrics: dict[str, float]
     gate: GateDecision
+    budget: str = ""  # how a --max-minutes budget was planned and spent
 
 
 @dataclass(frozen=True)
@@ -278,4 +279,5 @@ def train_flow(
         key="test-metrics",
         description=f"{model_name}: test metrics",
     )
-    return TrainOutcome(run_id, run_dir, model_uri, test_metrics, decision)
+    spent = FitResult.load(run_dir).budget
+    return TrainOutcome(run_id, run_dir, model_uri, test_metrics, decision, spent.describe() if spent else "")

@@ -229,9 +229,16 @@ def test_resume_and_errors(trained: Path, cnn_home: Path) -> None:
 def test_gate_holds_back_then_promote_and_rollback(trained: Path, tmp_path: Path) -> None:
     strict = tmp_path / "strict.yaml"
     strict.write_text(trained.read_text() + "min_improvement: 1.0\n")
-    result = runner.invoke(app, ["train", "--dataset", "patterns", "--config", str(strict), *EPOCHS])
+    budgeted = ["--max-minutes", "0.2"]  # and a time budget: the epochs are planned from it
+    result = runner.invoke(app, ["train", "--dataset", "patterns", "--config", str(strict), *EPOCHS, *budgeted])
     assert result.exit_code == 0, result.output
     assert "@challenger" in result.output
+    assert "time budget: " in result.output and "of 0.2 min used" in result.output
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient().get_run(MlflowClient().get_model_version("patterns", "2").run_id or "")
+    assert run.data.metrics["budget_planned_epochs"] == run.data.metrics["epochs_run"] > 3  # more than --epochs
+    assert run.data.metrics["budget_used_s"] <= 12.0 and "epochs planned" in run.data.tags["budget"]
     assert _aliases("patterns") == {"champion": "1", "challenger": "2"}
 
     promoted = runner.invoke(app, ["promote", "patterns", "--version", "2"])

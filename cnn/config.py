@@ -68,9 +68,21 @@ class TrainConfig(FlowConfig):
 
     kind: ClassVar[str] = "training config"
 
+    def for_sharing(self) -> TrainConfig:
+        """The config as MLflow shows it: local files (weights, policy) by their file name, never a path."""
+        local = {key: getattr(self, key) for key in ("weights", "policy")}
+        return self.model_copy(
+            update={key: Path(value).name for key, value in local.items() if value and ("/" in value or "\\" in value)}
+        )
+
     model: str = "small_cnn"
     model_options: dict[str, Any] = Field(default_factory=dict, description="extra arguments of the model builder")
-    weights: str | None = Field(None, description="local file with pretrained weights (never downloaded)")
+    weights: str | None = Field(
+        None, description="pretrained weights: a local file, or imagenet (torchvision's, from torch's cache)"
+    )
+    download_weights: bool = Field(
+        False, description="let --weights imagenet download into torch's cache where it is missing"
+    )
     freeze_epochs: int = Field(0, ge=0, description="train only the head for the first N epochs")
     epochs: int = Field(10, ge=1, le=10_000)
     batch_size: int = Field(64, ge=1)

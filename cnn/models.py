@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from cnn.errors import UserError
+from cnn.fsio import sha256_file
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -182,6 +183,49 @@ def _torchvision(arch: str, stem: str, head: str) -> Callable[..., nn.Module]:
         return built
 
     return build
+
+
+IMAGENET = "imagenet"  # --weights imagenet: torchvision's published weights for the architecture
+
+
+def resolve_weights(spec: str | None, name: str, allow_download: bool = False) -> Path | None:
+    """The local file `--weights` names: a path as given, or for `imagenet` torchvision's published weights of
+    `name` in torch's own cache (`$TORCH_HOME/hub/checkpoints`), downloaded there only with `allow_download`."""
+    if spec is None:
+        return None
+    if spec != IMAGENET:
+        return Path(spec).expanduser()
+    if not _entry(name).pretrainable:
+        raise UserError(f"model {name!r} has no pretrained variant; train it from scratch (no --weights)")
+    import torchvision
+
+    return cached_weights_file(torchvision.models.get_model_weights(name).DEFAULT, allow_download)
+
+
+def cached_weights_file(weights: Any, allow_download: bool = False) -> Path:
+    """The file of a torchvision weights enum entry (its `url`, whose name carries the sha256 prefix torchvision
+    publishes) in torch hub's cache, checked against that prefix; fetched with torch hub's own download (which
+    checks the hash too) only when `allow_download`, else a UserError naming the exact file and where it goes."""
+    import torch.hub
+
+    url: str = weights.url
+    filename = url.rsplit("/", 1)[-1]
+    target = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    published = torch.hub.HASH_REGEX.search(filename)
+    if not target.is_file():
+        if not allow_download:
+            raise UserError(
+                f"{filename} is not in torch's cache. Place that file (from {weights.url}) at {target} "
+                "(set TORCH_HOME to use another cache), or allow the download with --download-weights"
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(weights.url, str(target), published.group(1) if published else None)
+    if published is not None and not sha256_file(target).startswith(published.group(1)):
+        raise UserError(
+            f"{target} does not match its published hash (sha256 {published.group(1)}...): a partial or altered "
+            "download; delete it and place the published file again"
+        )
+    return target
 
 
 def _load_local_weights(path: str | Path, arch: str) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ from cnn.distributed import Dist
 from cnn.errors import UserError
 from cnn.fsio import atomic_path, write_json_atomic, write_text_atomic
 from cnn.metrics import ClassificationMetrics, compute_metrics
-from cnn.models import create_model, freeze_backbone
+from cnn.models import create_model, freeze_backbone, resolve_weights
 from cnn.precision import training_amp
 from cnn.runtime import Runtime, resolve_device, rng_state, seed_everything, set_rng_state
 
@@ -303,8 +303,9 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.model not in list_models():
         raise UserError(f"unknown model {cfg.model!r}; choose one of: {', '.join(list_models())}")
     load_policy(cfg.policy)
-    if cfg.weights is not None and not Path(cfg.weights).expanduser().is_file():
-        raise UserError(f"pretrained weights not found: {cfg.weights} (weights load from a local file only)")
+    weights = resolve_weights(cfg.weights, cfg.model, cfg.download_weights)
+    if weights is not None and not weights.is_file():
+        raise UserError(f"pretrained weights not found: {cfg.weights} (a local file, or imagenet)")
     resolve_device(cfg.device)
 
 
@@ -331,7 +332,8 @@ def fit(
 
 
 def _build_parts(cfg: TrainConfig, setup: _Setup, device: torch.device) -> _Parts:
-    model = create_model(cfg.model, len(setup.classes), setup.contract.channels, cfg.weights, **cfg.model_options)
+    weights = resolve_weights(cfg.weights, cfg.model, cfg.download_weights)
+    model = create_model(cfg.model, len(setup.classes), setup.contract.channels, weights, **cfg.model_options)
     _check_input_size(model, cfg.model, setup.contract)
     amp_dtype, scaler = training_amp(device, cfg.amp)
     model = model.to(device).to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)

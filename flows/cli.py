@@ -203,9 +203,24 @@ def train(
     device: Annotated[str | None, typer.Option(help=_help(TrainConfig, "device", "auto, cpu, cuda or cuda:N."))] = None,
     max_minutes: Annotated[
         float | None,
-        typer.Option(help=_help(TrainConfig, "max_minutes", "Stop after this many minutes (time budget).")),
+        typer.Option(
+            help=_help(TrainConfig, "max_minutes", "Time budget: epochs and schedule are planned to end inside it.")
+        ),
     ] = None,
-    weights: Annotated[str | None, typer.Option(help="Local file of pretrained weights (never downloaded).")] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="Pretrained weights: a local state_dict file, or imagenet (torchvision's published weights for "
+            "--model, from torch's cache; see --download-weights)."
+        ),
+    ] = None,
+    download_weights: Annotated[
+        bool | None,
+        typer.Option(
+            "--download-weights/--no-download-weights",
+            help=_help(TrainConfig, "download_weights", "Let --weights imagenet download into torch's cache."),
+        ),
+    ] = None,
     register_as: Annotated[str | None, typer.Option(help="Registered model name (default: the dataset name).")] = None,
     gate_min_score: Annotated[
         float | None,
@@ -270,6 +285,7 @@ def train(
         device=device,
         max_minutes=max_minutes,
         weights=weights,
+        download_weights=download_weights,
         register_as=register_as,
         gate_min_score=gate_min_score,
         gate_confidence=gate_confidence,

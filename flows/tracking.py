@@ -54,7 +54,7 @@ def start_run(dataset: Dataset, cfg: TrainConfig, model_name: str) -> str:
 
     mlflow.set_experiment(experiment_for(dataset.name))
     with mlflow.start_run(run_name=f"{model_name}-{cfg.model}") as run:
-        mlflow.log_params(cfg.flat())
+        mlflow.log_params(cfg.for_sharing().flat())
         manifest_digest = hashlib.sha256(dataset.manifest_path.read_bytes()).hexdigest()
         mlflow.set_tags(
             {
@@ -80,7 +80,7 @@ def start_run(dataset: Dataset, cfg: TrainConfig, model_name: str) -> str:
         for path in (dataset.root / "report.md", dataset.root / "report.json", dataset.meta_path):
             if path.is_file():
                 mlflow.log_artifact(str(path), "dataset")
-        mlflow.log_text(cfg.to_yaml(), "config/config.yaml")
+        mlflow.log_text(cfg.for_sharing().to_yaml(), "config/config.yaml")
         return run.info.run_id
 
 

@@ -92,3 +92,44 @@ def test_small_cnn_options(options: dict[str, object]) -> None:
 def test_small_cnn_bad_options(options: dict[str, object], message: str) -> None:
     with pytest.raises(UserError, match=message):
         create_model("small_cnn", 3, 1, **options)
+
+
+def test_imagenet_weights_come_from_torchs_cache_checked_against_the_published_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--weights imagenet` names torchvision's published file and where it goes; a file placed there is checked
+    against the sha256 prefix in its published name, then loaded; nothing is downloaded unless allowed."""
+    import hashlib
+
+    from torchvision.models import get_model_weights
+    from torchvision.models._api import Weights
+
+    from cnn.models import cached_weights_file, resolve_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    published = get_model_weights("resnet18").DEFAULT.url.rsplit("/", 1)[-1]  # resnet18-f37072fd.pth
+    with pytest.raises(UserError, match=f"{published} is not in torch's cache. Place that file") as missing:
+        resolve_weights("imagenet", "resnet18")
+    assert str(checkpoints / published) in str(missing.value) and "--download-weights" in str(missing.value)
+    with pytest.raises(UserError, match="no pretrained variant"):
+        resolve_weights("imagenet", "small_cnn")
+
+    checkpoints.mkdir(parents=True)
+    torch.save(create_model("resnet18", 1000).state_dict(), checkpoints / published)  # not the published bytes
+    with pytest.raises(UserError, match="does not match its published hash"):
+        resolve_weights("imagenet", "resnet18")
+
+    # A file this test places under the name its own hash gives, through the same enum-entry path:
+    source = create_model("resnet18", 1000)
+    staged = tmp_path / "staged.pth"
+    torch.save(source.state_dict(), staged)
+    digest = hashlib.sha256(staged.read_bytes()).hexdigest()
+    placed = checkpoints / f"resnet18-{digest[:8]}.pth"
+    staged.rename(placed)
+    entry = Weights(url=f"https://download.invalid/models/{placed.name}", transforms=None, meta={})
+    found = cached_weights_file(entry)
+    assert found == placed
+    model = create_model("resnet18", 3, 3, found)  # the backbone takes the file's weights, the head is new
+    assert torch.equal(model.conv1.weight, source.conv1.weight) and model.fc.out_features == 3
+    assert resolve_weights(str(placed), "resnet18") == placed and resolve_weights(None, "resnet18") is None

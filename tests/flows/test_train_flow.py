@@ -216,13 +216,17 @@ def test_explain_writes_overlays_feature_maps_and_top_classes(trained: Path, cnn
     assert nothing.exit_code == 2 and "no image could be read" in nothing.output
 
 
-def test_resume_and_errors(trained: Path, cnn_home: Path) -> None:
+def test_resume_and_errors(trained: Path, cnn_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     nothing = runner.invoke(app, ["train", "--dataset", "patterns", "--resume", *EPOCHS])
     assert nothing.exit_code == 2 and "nothing to resume" in nothing.output
     bad = runner.invoke(app, ["train", "--dataset", "patterns", "--model", "vgg_ultra", "--epochs", "1"])
     assert bad.exit_code == 2 and "unknown model" in bad.output
     absent = runner.invoke(app, ["train", "--dataset", "ghost"])
     assert absent.exit_code == 2 and "cnn ingest" in absent.output
+    monkeypatch.setenv("TORCH_HOME", str(cnn_home / "no-torch-cache"))
+    uncached = runner.invoke(app, ["train", "--dataset", "patterns", "--model", "resnet18", "--weights", "imagenet"])
+    said = " ".join(uncached.output.split())
+    assert uncached.exit_code == 2 and "resnet18-f37072fd.pth is not in torch's cache" in said, uncached.output
 
 
 # Last in the module: it registers a second version and moves the aliases.

@@ -6,7 +6,8 @@
 The engine reads the uint8 memmap cache (no decoding), augments in DataLoader workers when a policy is
 on, and converts/normalises on the device. Each contender runs `--epochs` epochs of the same model,
 batch size and optimiser; the first epoch is warm-up and the rest are timed. Targets with augmentation
-off: engine >= 0.85 x (a) and >= 1.5 x (b).
+off: engine >= 0.85 x (a) and >= 1.5 x (b). Those comparisons run in fp32; then the engine trains in fp32,
+bf16 autocast and compiled (fp32 and bf16) side by side, same seed, with each one's validation accuracy.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,13 +35,46 @@ from cnn.train import fit
 BATCH = 64
 
 
-def engine(root: Path, work: Path, model: str, epochs: int, policy: str) -> float:
+def engine(root: Path, work: Path, model: str, epochs: int, policy: str, **options: Any) -> float:
+    return engine_run(root, work, model, epochs, policy, **{"precision": "fp32", **options})[0]
+
+
+def engine_run(
+    root: Path, work: Path, model: str, epochs: int, policy: str, **options: Any
+) -> tuple[float, float, str]:
+    """`fit` as `cnn train` runs it: (images/s over the timed epochs, last epoch's validation accuracy, precision)."""
     cfg = TrainConfig(
-        model=model, epochs=epochs, batch_size=BATCH, policy=policy, patience=0, imbalance="none", grad_clip=None
+        model=model,
+        epochs=epochs,
+        batch_size=BATCH,
+        policy=policy,
+        patience=0,
+        imbalance="none",
+        grad_clip=None,
+        **options,
     )
-    result = fit(cfg, root, work / f"engine-{policy}")
+    result = fit(cfg, root, work / f"engine-{policy}-{'-'.join(f'{k}={v}' for k, v in options.items())}")
     timed = result.history[1:]
-    return sum(h["train_images_per_s"] for h in timed) / len(timed)
+    rate = sum(h["train_images_per_s"] for h in timed) / len(timed)
+    return rate, result.history[-1].get("val_accuracy", float("nan")), result.precision_reason
+
+
+def precisions(root: Path, work: Path, model: str, epochs: int) -> None:
+    """fp32 against bf16 autocast against torch.compile (each in fp32 and bf16), same seed and data, side by side:
+    speed over fp32's and the last epoch's validation accuracy; then what `--precision auto` picks here."""
+    runs = {
+        "fp32 (baseline)": {"precision": "fp32"},
+        "bf16 autocast": {"precision": "bf16"},
+        "compiled fp32": {"precision": "fp32", "compile": True},
+        "compiled bf16": {"precision": "bf16", "compile": True},
+    }
+    measured = {name: engine_run(root, work, model, epochs, "none", **options) for name, options in runs.items()}
+    base = measured["fp32 (baseline)"][0]
+    width = max(len(n) for n in measured)
+    print(f"\nCPU training precision ({model}, augmentation off, same seed):")
+    for name, (rate, accuracy, _) in measured.items():
+        print(f"  {name:<{width}}  {rate:8.1f} images/s  {rate / base:5.2f}x  val accuracy {accuracy:.4f}")
+    print(f"  auto picks: {engine_run(root, work, model, 2, 'none', precision='auto')[2]}")
 
 
 def _train_steps(
@@ -116,6 +151,7 @@ def main() -> None:
     parser.add_argument("--model", default="small_cnn")
     parser.add_argument("--source-width", type=int, default=640, help="width of the generated JPEGs (4:3)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for ImageFolder")
+    parser.add_argument("--no-precisions", action="store_true", help="skip fp32 vs bf16 vs compiled")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -149,6 +185,8 @@ def main() -> None:
             f"engine / (b) = {off / folder_off:.2f}x (target >= 1.5x)"
         )
         print(f"policy photo:     engine / (b) = {on / folder_on:.2f}x")
+        if not args.no_precisions:
+            precisions(root, work, args.model, max(args.epochs, 4))
 
 
 if __name__ == "__main__":

@@ -101,6 +101,9 @@ class TrainConfig(FlowConfig):
     max_minutes: float | None = Field(None, gt=0)
     device: str = "auto"
     amp: bool = Field(True, description="mixed precision on CUDA (bf16 where supported, else fp16 + grad scaler)")
+    precision: Precision = Field(
+        "auto", description="CPU training: auto (bf16 where its steps run faster here), fp32 or bf16"
+    )
     channels_last: bool = True
     compile: bool = False
     loader_workers: int | None = Field(

@@ -1,7 +1,9 @@
 """The one precision policy: which autocast dtype runs where, and when bf16 may replace fp32.
 
 Training, scoring, the MLflow model and the benchmarks all ask here, so the rule exists once:
-- training on CUDA with `amp`: bf16 where the GPU supports it, else fp16 with a grad scaler; CPU trains in fp32;
+- training on CUDA with `amp`: bf16 where the GPU supports it, else fp16 with a grad scaler; on CPU `auto` trains
+  under bf16 autocast only on CPUs with native bf16 and only where a few timed steps of the run's own model ran at
+  least `BF16_MIN_SPEEDUP` times as fast as fp32 (`bf16` forces it, `fp32` keeps full precision);
 - inference on CUDA: autocast (bf16, else fp16) unless fp32 is forced;
 - inference on CPU: `auto` uses bf16 only on CPUs with native bf16, only when its top-1 labels agree with fp32 on
   at least `BF16_MIN_AGREEMENT` of the model's validation images, and only when it runs at least
@@ -78,12 +80,31 @@ def default_inference_dtype(device: torch.device) -> torch.dtype | None:
     return cuda_autocast_dtype() if device.type == "cuda" else None
 
 
-def training_amp(device: torch.device, enabled: bool) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
-    """Autocast dtype and grad scaler for training: mixed precision on CUDA only (fp16 needs the scaler)."""
-    if device.type != "cuda" or not enabled:
-        return None, torch.amp.GradScaler("cpu", enabled=False)
-    dtype = cuda_autocast_dtype()
-    return dtype, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+def training_amp(device: torch.device, choice: PrecisionChoice) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
+    """Autocast dtype and grad scaler for training under the policy's choice (only fp16 needs the scaler)."""
+    dtype = choice.autocast_dtype
+    return dtype, torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and dtype == torch.float16)
+
+
+def choose_training_precision(
+    requested: str, device: torch.device, amp: bool, speedup: Callable[[], float | None]
+) -> PrecisionChoice:
+    """Apply the policy to training. `speedup` times bf16 training steps against fp32 on this host (called only on
+    CPUs with native bf16 under `auto`)."""
+    if requested not in PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
+    if device.type == "cuda":
+        if not amp or requested == "fp32":
+            return PrecisionChoice("fp32", "amp off" if not amp else "forced")
+        return PrecisionChoice("bf16" if cuda_autocast_dtype() == torch.bfloat16 else "fp16", "CUDA amp")
+    if requested in ("fp32", "bf16"):
+        return PrecisionChoice(requested, "forced")  # type: ignore[arg-type]  # one of the two names
+    if device.type != "cpu" or not cpu_bf16_available():
+        return PrecisionChoice("fp32", "this CPU has no native bf16")
+    faster = speedup()
+    if faster is None or faster < BF16_MIN_SPEEDUP:
+        return PrecisionChoice("fp32", f"bf16 training is not {BF16_MIN_SPEEDUP:.1f}x faster here", None, faster)
+    return PrecisionChoice("bf16", "bf16 training is faster here", None, faster)
 
 
 def choose_inference_precision(

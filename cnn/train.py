@@ -32,7 +32,7 @@ from cnn.errors import UserError
 from cnn.fsio import atomic_path, write_json_atomic, write_text_atomic
 from cnn.metrics import ClassificationMetrics, compute_metrics
 from cnn.models import create_model, freeze_backbone, resolve_weights
-from cnn.precision import training_amp
+from cnn.precision import PrecisionChoice, choose_training_precision, training_amp
 from cnn.runtime import Runtime, resolve_device, rng_state, seed_everything, set_rng_state
 
 # Settings that must match for --resume to continue the same optimisation.
@@ -75,6 +75,8 @@ class FitResult:
     history: list[EpochRecord] = field(default_factory=list)
     device: str = "cpu"
     world_size: int = 1
+    precision: str = "fp32"  # what the training steps ran in, and why
+    precision_reason: str = ""
     budget: BudgetReport | None = None  # how a --max-minutes budget was planned and spent
 
     def save(self) -> Path:
@@ -104,6 +106,7 @@ class TrainState:
     best_score: float | None = None
     stale: int = 0
     history: list[EpochRecord] = field(default_factory=list)
+    precision: str = ""  # the precision the run chose (a resumed run keeps it)
 
     def to_checkpoint(self, parts: _Parts, cfg: TrainConfig) -> dict[str, Any]:
         """last.pt's content: weights, optimiser, schedule, scaler, every RNG, the config and this state."""
@@ -133,7 +136,9 @@ class TrainState:
         parts.scheduler.load_state_dict(checkpoint["scheduler"])
         parts.rt.scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"])
-        return cls(**{k: checkpoint[k] for k in ("epoch", "best_epoch", "best_score", "stale", "history")})
+        state = cls(**{k: checkpoint[k] for k in ("epoch", "best_epoch", "best_score", "stale", "history")})
+        state.precision = checkpoint.get("precision", "fp32")  # checkpoints before the CPU bf16 choice: fp32
+        return state
 
 
 @dataclass
@@ -331,11 +336,11 @@ def fit(
         dist.stop(created)
 
 
-def _build_parts(cfg: TrainConfig, setup: _Setup, device: torch.device) -> _Parts:
+def _build_parts(cfg: TrainConfig, setup: _Setup, device: torch.device, precision: PrecisionChoice) -> _Parts:
     weights = resolve_weights(cfg.weights, cfg.model, cfg.download_weights)
     model = create_model(cfg.model, len(setup.classes), setup.contract.channels, weights, **cfg.model_options)
     _check_input_size(model, cfg.model, setup.contract)
-    amp_dtype, scaler = training_amp(device, cfg.amp)
+    amp_dtype, scaler = training_amp(device, precision)
     model = model.to(device).to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     rt = Runtime(
         device,
@@ -370,13 +375,17 @@ def _fit(
     dist: Dist,
     device: torch.device,
 ) -> FitResult:
+    started = time.monotonic()
     seed_everything(cfg.seed)
     setup = _Setup(cfg, dataset, dist)
-    parts = _build_parts(cfg, setup, device)
     last = run_dir / "last.pt"
-    state = TrainState.from_checkpoint(last, cfg, parts) if resume and last.is_file() else TrainState()
+    resuming = resume and last.is_file()
+    precision = _training_precision(cfg, setup.contract, device, last if resuming else None)
+    parts = _build_parts(cfg, setup, device, precision)
+    state = TrainState.from_checkpoint(last, cfg, parts) if resuming else TrainState()
+    state.precision = precision.name
     _wrap_for_steps(parts, cfg, dist, device)
-    budget = _budget(cfg, setup, parts, dist, state)
+    budget = _budget(cfg, setup, parts, dist, state, started)
     # Under DDP the ranks would plan apart: there the budget only cuts the run short, between epochs.
     deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes and budget is None else None
     stopped: Stopped = "completed"
@@ -407,11 +416,60 @@ def _fit(
         state.history,
         str(device),
         dist.world,
+        precision.name,
+        precision.describe(),
         None if budget is None else budget.report(),
     )
 
 
-def _budget(cfg: TrainConfig, setup: _Setup, parts: _Parts, dist: Dist, state: TrainState) -> Budget | None:
+def _training_precision(
+    cfg: TrainConfig, contract: ModelContract, device: torch.device, resumed: Path | None
+) -> PrecisionChoice:
+    """The policy's choice for this run; a resumed run keeps the precision its checkpoint was trained in."""
+    if resumed is not None:
+        saved = torch.load(resumed, map_location="cpu", weights_only=True, mmap=True).get("precision", "fp32")
+        return PrecisionChoice(saved, "kept from the resumed checkpoint")
+    return choose_training_precision(
+        cfg.precision, device, cfg.amp, lambda: bf16_training_speedup(cfg, contract, device)
+    )
+
+
+def bf16_training_speedup(cfg: TrainConfig, contract: ModelContract, device: torch.device, rounds: int = 3) -> float:
+    """bf16 autocast training steps' speed over fp32's for the run's model and input size on this host: the median
+    of `rounds` interleaved timings of two forward+backward steps on a random batch of up to 32 images, after a
+    warm-up step each. The random numbers come from a forked generator: the run's own stay untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = create_model(cfg.model, len(contract.classes), contract.channels, None, **cfg.model_options)
+        memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        model = model.to(device).to(memory_format=memory).train()
+        n, size = min(cfg.batch_size, 32), contract.image_size
+        x = torch.randn(n, contract.channels, size, size, device=device).contiguous(memory_format=memory)
+        y = torch.randint(0, len(contract.classes), (n,), device=device)
+
+        def step(dtype: torch.dtype | None) -> None:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves it untyped
+            model.zero_grad(set_to_none=True)
+
+        for dtype in (None, torch.bfloat16):
+            step(dtype)
+        ratios = []
+        for _ in range(rounds):
+            times = []
+            for dtype in (None, torch.bfloat16):
+                start = time.perf_counter()
+                step(dtype)
+                step(dtype)
+                times.append(time.perf_counter() - start)
+            ratios.append(times[0] / max(times[1], 1e-9))
+    return float(np.median(ratios))
+
+
+def _budget(
+    cfg: TrainConfig, setup: _Setup, parts: _Parts, dist: Dist, state: TrainState, started: float
+) -> Budget | None:
     """The plan of a --max-minutes run, driving the schedule's end (None without a budget, and under DDP). A resumed
     run plans what is left of its schedule again within a fresh budget."""
     if not cfg.max_minutes or dist.enabled or not isinstance(parts.scheduler, torch.optim.lr_scheduler.LambdaLR):
@@ -419,7 +477,8 @@ def _budget(cfg: TrainConfig, setup: _Setup, parts: _Parts, dist: Dist, state: T
     schedule = parts.scheduler.lr_lambdas[0]
     assert isinstance(schedule, Schedule)  # build_scheduler's under a budget
     spe = max(1, len(setup.train_loader))
-    return Budget(cfg.max_minutes * 60, spe, len(setup.val.slots), cfg.batch_size, schedule, steps=state.epoch * spe)
+    seconds, val = cfg.max_minutes * 60, len(setup.val.slots)
+    return Budget(seconds, spe, val, cfg.batch_size, schedule, steps=state.epoch * spe, start=started)
 
 
 def _run_epoch(

@@ -214,6 +214,10 @@ def train(
             "--model, from torch's cache; see --download-weights)."
         ),
     ] = None,
+    precision: Annotated[
+        Literal["auto", "fp32", "bf16"] | None,
+        typer.Option(help=_help(TrainConfig, "precision", "CPU training: auto takes bf16 where its steps run faster.")),
+    ] = None,
     download_weights: Annotated[
         bool | None,
         typer.Option(
@@ -285,6 +289,7 @@ def train(
         device=device,
         max_minutes=max_minutes,
         weights=weights,
+        precision=precision,
         download_weights=download_weights,
         register_as=register_as,
         gate_min_score=gate_min_score,

@@ -100,7 +100,7 @@ def log_results(run_id: str, fit: FitResult, test_metrics: dict[str, float], fil
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"test_{k}": v for k, v in test_metrics.items()})
         mlflow.log_metrics({"best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run})
-        mlflow.set_tags({"device": fit.device, "stopped": fit.stopped})
+        mlflow.set_tags({"device": fit.device, "stopped": fit.stopped, "train_precision": fit.precision_reason})
         if fit.budget is not None:  # how the budget was spent, next to the epochs it bought
             mlflow.log_metrics({f"budget_{k}": float(v) for k, v in asdict(fit.budget).items()})
             mlflow.set_tag("budget", fit.budget.describe())

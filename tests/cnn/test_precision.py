@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from cnn.errors import UserError
-from cnn.precision import BF16_MIN_AGREEMENT, BF16_MIN_SPEEDUP, choose_inference_precision, host_type, training_amp
+from cnn.precision import (
+    BF16_MIN_AGREEMENT,
+    BF16_MIN_SPEEDUP,
+    PrecisionChoice,
+    choose_inference_precision,
+    choose_training_precision,
+    host_type,
+    training_amp,
+)
 
 CPU = torch.device("cpu")
 
@@ -48,9 +56,23 @@ def test_unknown_precision_is_a_user_error() -> None:
         choose_inference_precision("fp8", CPU, _never)
 
 
-def test_cpu_training_is_fp32_and_needs_no_scaler() -> None:
-    dtype, scaler = training_amp(CPU, enabled=True)
-    assert dtype is None and not scaler.is_enabled()
+def test_cpu_training_needs_no_scaler_in_either_precision() -> None:
+    for name, want in (("fp32", None), ("bf16", torch.bfloat16)):
+        dtype, scaler = training_amp(CPU, PrecisionChoice(name, "forced"))  # type: ignore[arg-type]
+        assert dtype == want and not scaler.is_enabled()
+
+
+@pytest.mark.parametrize("speedup,expected", [(1.6, "bf16"), (1.05, "fp32"), (0.59, "fp32"), (None, "fp32")])
+def test_cpu_training_takes_bf16_only_where_its_steps_ran_faster(
+    monkeypatch: pytest.MonkeyPatch, speedup: float | None, expected: str
+) -> None:
+    monkeypatch.setattr("cnn.precision.cpu_bf16_available", lambda: True)
+    choice = choose_training_precision("auto", CPU, True, lambda: speedup)
+    assert choice.name == expected and choice.speedup == speedup
+    assert choose_training_precision("fp32", CPU, True, _never).name == "fp32"  # forced: nothing timed
+    assert choose_training_precision("bf16", CPU, True, _never).name == "bf16"
+    monkeypatch.setattr("cnn.precision.cpu_bf16_available", lambda: False)
+    assert choose_training_precision("auto", CPU, True, _never).reason == "this CPU has no native bf16"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -58,7 +80,7 @@ def test_cuda_policy() -> None:
     cuda = torch.device("cuda")
     assert choose_inference_precision("fp32", cuda, _never).autocast_dtype is None
     assert choose_inference_precision("auto", cuda, _never).name in ("bf16", "fp16")
-    dtype, scaler = training_amp(cuda, enabled=True)
+    dtype, scaler = training_amp(cuda, choose_training_precision("auto", cuda, True, _never))
     assert dtype in (torch.bfloat16, torch.float16) and scaler.is_enabled() == (dtype == torch.float16)
 
 

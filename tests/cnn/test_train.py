@@ -142,3 +142,28 @@ def test_fit_json_round_trips_through_fit_result(trained: FitResult) -> None:
     trained.save()
     loaded = FitResult.load(trained.run_dir)
     assert loaded == trained and loaded.contract.max_file_bytes == 256 * 1024 * 1024
+
+
+def test_cpu_bf16_training_learns_what_fp32_learns_on_the_same_seed(patterns: Path, tmp_path: Path) -> None:
+    """bf16 autocast on the CPU (what `auto` picks where its steps run faster): same seed, same data, the accuracy
+    of fp32; the run records what it trained in."""
+    results = {}
+    for precision in ("fp32", "bf16"):
+        cfg = TrainConfig(epochs=6, **{**FAST, "precision": precision})
+        fit(cfg, patterns, tmp_path / precision).save()
+        results[precision] = evaluate_run(tmp_path / precision, patterns, "test").metrics.accuracy
+    assert FitResult.load(tmp_path / "bf16").precision == "bf16"
+    assert results["fp32"] >= 0.8 and abs(results["bf16"] - results["fp32"]) <= 0.1, results
+
+
+def test_auto_training_precision_is_measured_and_kept_on_resume(patterns: Path, tmp_path: Path) -> None:
+    from cnn.precision import cpu_bf16_available
+
+    cfg = TrainConfig(epochs=2, **{**FAST, "precision": "auto"})
+    first = fit(cfg, patterns, tmp_path / "run")
+    if not cpu_bf16_available():
+        assert first.precision == "fp32" and "no native bf16" in first.precision_reason
+    else:
+        assert "fp32's speed" in first.precision_reason  # measured on this host
+    resumed = fit(TrainConfig(epochs=3, **{**FAST, "precision": "auto"}), patterns, tmp_path / "run", resume=True)
+    assert resumed.precision == first.precision and "resumed checkpoint" in resumed.precision_reason

@@ -32,6 +32,7 @@ RESIZE_MODES = ("pad", "crop")
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
 _EXIF_ORIENTATION = 0x0112
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
+_ORIENTATIONS = {2, 3, 4, 5, 6, 7, 8}  # the EXIF values that flip or turn the image (1 is upright)
 
 
 class RejectKind(StrEnum):
@@ -205,7 +206,10 @@ def read_image_bytes(path: str | os.PathLike[str], spec: DecodeSpec) -> bytes:
             size = os.fstat(handle.fileno()).st_size
             if size > spec.max_file_bytes:
                 raise _too_large(size, spec)
-            data = handle.read(spec.max_file_bytes + 1)
+            # size + 1 first: asking for the limit + 1 makes Python allocate a buffer of that size for every file
+            data = handle.read(size + 1)
+            if len(data) > size:  # it grew since fstat: read on, up to the limit + 1
+                data += handle.read(spec.max_file_bytes + 1 - len(data))
         except OSError as exc:
             raise DecodeError(RejectKind.UNREADABLE, f"cannot read the file: {os.strerror(exc.errno or 0)}") from None
     if len(data) > spec.max_file_bytes:  # it grew while we read it
@@ -305,7 +309,8 @@ def _open_pillow(data: bytes, fmt: str, spec: DecodeSpec) -> tuple[Image.Image, 
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)  # animated GIF/WebP/TIFF: the first frame
         image.load()
-        oriented: Image.Image = ImageOps.exif_transpose(image)
+        # only where the EXIF orientation asks for it: for the usual 1, exif_transpose is a copy of the pixels
+        oriented: Image.Image = ImageOps.exif_transpose(image) if orientation in _ORIENTATIONS else image
     return oriented, width, height
 
 
@@ -496,6 +501,8 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
 def _fit_square(image: Image.Image, size: int, mode: str) -> Image.Image:
     """Resize keeping the aspect ratio: `pad` letterboxes with black, `crop` keeps the centre."""
     w, h = image.size
+    if (w, h) == (size, size):  # already the target: letterboxing or cropping would copy it unchanged
+        return image
     scale = size / (max(w, h) if mode == "pad" else min(w, h))
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
     if (new_w, new_h) != (w, h):

@@ -283,6 +283,7 @@ class _CacheBuilder:
         self.capacity = capacity
         self.kept: dict[str, int] = {}
         self.new_ids: list[str] = []
+        self._stored: set[str] = set()  # new_ids as a set: a list's `in` made every ingest quadratic
         self.images: np.ndarray | None = None
         self.token = uuid.uuid4().hex[:12]
 
@@ -292,12 +293,13 @@ class _CacheBuilder:
                 self.kept[image_id] = self.old_index[image_id]
 
     def add(self, image_id: str, array: np.ndarray) -> None:
-        if image_id in self.kept or image_id in self.new_ids:
+        if image_id in self.kept or image_id in self._stored:
             return  # identical bytes seen twice in one run: stored once
         if self.images is None:
             self.images = self._allocate(array.shape)
         self.images[len(self.kept) + len(self.new_ids)] = array
         self.new_ids.append(image_id)
+        self._stored.add(image_id)
 
     def _allocate(self, shape: tuple[int, ...]) -> np.ndarray:
         images_path, _ = self.dataset.cache_paths(self.token)

@@ -4,6 +4,10 @@ One file never stops a batch, whatever it does to the decoder: a file that takes
 a reject (its worker is killed and the pool rebuilt); when a worker dies (the OOM killer, a signal, a crash in a
 native library), the files it may have held are decoded again one by one, each in a process of its own, so the
 file that kills its decoder is named ("decoder process died: signal 9") and the others are decoded.
+
+Small files travel in chunks: a worker gets up to `MAX_CHUNK` files (about `CHUNK_BYTES` of them) per task, so a
+28 px PNG does not pay a round trip between processes of its own. A chunk that runs past the time limit is not
+blamed on any one file: its files are decoded again one task each, where the limit applies per file.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from cnn.decode import DecodeError, DecodeSpec, RejectKind, check_decoder_settin
 ProgressFn = Callable[[int, int], None]
 DecodeFn = Callable[[str, DecodeSpec, frozenset[str]], "DecodeOutcome"]
 DEFAULT_TIME_LIMIT_S = 60.0  # per file; a 50-megapixel JPEG decodes in well under a second here
+CHUNK_BYTES = 1 << 20  # files per task: about this many bytes of them...
+MAX_CHUNK = 64  # ...but at most this many (a chunk's outcomes come back together)
 
 
 @dataclass(frozen=True)
@@ -77,9 +83,25 @@ def decode_one(path: str, spec: DecodeSpec, known: frozenset[str] = frozenset())
     return DecodeOutcome(path, image_id, "ok", "", image.width, image.height, image.format, image.array)
 
 
-def _decode_in_worker(path: str) -> DecodeOutcome:
+def _decode_in_worker(paths: list[str]) -> list[DecodeOutcome]:
     assert _worker_spec is not None and _worker_decode is not None, "worker not initialised"
-    return _worker_decode(path, _worker_spec, _worker_known)
+    return [_worker_decode(path, _worker_spec, _worker_known) for path in paths]
+
+
+def chunk_size(paths: list[str], workers: int) -> int:
+    """Files per task: about CHUNK_BYTES of them by the sizes of up to 32 sampled files (1 where none can be read),
+    at most MAX_CHUNK, and few enough that every worker gets several tasks."""
+    sample = paths[:: max(1, len(paths) // 32)][:32]
+    sizes = []
+    for path in sample:
+        try:
+            sizes.append(os.stat(path).st_size)
+        except OSError:  # a missing file or a URL: no basis for chunking
+            return 1
+    mean = sum(sizes) / max(1, len(sizes))
+    by_bytes = int(CHUNK_BYTES // max(mean, 1.0))
+    busy = -(-len(paths) // (4 * workers))  # ceil: at least four tasks per worker
+    return max(1, min(by_bytes, MAX_CHUNK, busy))
 
 
 def default_workers() -> int:
@@ -131,7 +153,9 @@ class _IsolatedPool:
         )
         self.context = pool_context()
         self.pool: ProcessPoolExecutor | None = None
-        self.running: dict[Future[DecodeOutcome], tuple[int, float]] = {}
+        self.running: dict[Future[list[DecodeOutcome]], tuple[list[int], float]] = {}
+        self.chunk = chunk_size(paths, workers)
+        self.alone: set[int] = set()  # files of a chunk that ran past the limit: one task each from now on
 
     def outcomes(self) -> Iterator[DecodeOutcome]:
         """Every path's outcome, in input order, as soon as it and those before it are done."""
@@ -156,34 +180,48 @@ class _IsolatedPool:
                 initargs=(self.spec, self.known, self.decode),
             )
         while todo and len(self.running) < 2 * self.workers:  # a little queued work keeps every worker busy
-            i = todo.popleft()
-            self.running[self.pool.submit(_decode_in_worker, self.paths[i])] = (i, time.monotonic())
+            chunk = [todo.popleft()]
+            while todo and len(chunk) < self.chunk and chunk[0] not in self.alone and todo[0] not in self.alone:
+                chunk.append(todo.popleft())
+            future = self.pool.submit(_decode_in_worker, [self.paths[i] for i in chunk])
+            self.running[future] = (chunk, time.monotonic())
 
     def _collect(self, todo: deque[int]) -> dict[int, DecodeOutcome]:
-        """Wait for the next results; deal with a broken pool or a file past its time limit."""
+        """Wait for the next results; deal with a broken pool or a task past its time limit."""
         oldest = min(start for _, start in self.running.values())
         timeout = max(0.0, oldest + self.limit - time.monotonic())
         finished, _ = wait(self.running, timeout=timeout, return_when=FIRST_COMPLETED)
         results: dict[int, DecodeOutcome] = {}
         broken = False
         for future in finished:
-            i, _ = self.running.pop(future)
+            chunk, _ = self.running.pop(future)
             try:
-                results[i] = future.result()
+                results.update(zip(chunk, future.result()))
             except BrokenProcessPool:
                 broken = True
-                self.running[future] = (i, 0.0)  # put back: it is one of the suspects below
+                self.running[future] = (chunk, 0.0)  # put back: its files are among the suspects below
         now = time.monotonic()
         overdue = [f for f, (_, start) in self.running.items() if start and now - start > self.limit]
         if broken:
-            suspects = sorted(i for i, _ in self.running.values())
+            suspects = sorted(i for chunk, _ in self.running.values() for i in chunk)
+            singles = all(len(chunk) == 1 for chunk, _ in self.running.values())
             self._stop(kill=True)
-            results.update({i: self._alone(i) for i in suspects})  # find the file that kills its decoder
+            if singles:
+                results.update({i: self._alone(i) for i in suspects})  # find the file that kills its decoder
+            else:  # first one task per file, so that the next death leaves a few suspects, not whole chunks
+                self.alone.update(suspects)
+                todo.extendleft(reversed(suspects))
         elif overdue:
+            again = []
             for future in overdue:
-                i, _ = self.running.pop(future)
-                results[i] = self._too_slow(i)
-            todo.extendleft(sorted((i for i, _ in self.running.values()), reverse=True))  # not their fault
+                chunk, _ = self.running.pop(future)
+                if len(chunk) == 1:
+                    results[chunk[0]] = self._too_slow(chunk[0])
+                else:  # which file was slow is not known: each gets the limit on its own
+                    self.alone.update(chunk)
+                    again += chunk
+            again += [i for chunk, _ in self.running.values() for i in chunk]  # not their fault
+            todo.extendleft(sorted(again, reverse=True))
             self._stop(kill=True)
         return results
 

@@ -75,3 +75,29 @@ def test_consecutive_calls_reuse_the_idle_workers(tmp_path: Path) -> None:
     assert first == second and str(os.getpid()) not in first
     other = {o.image_id for o in decode_many(paths, DecodeSpec(channels=1, size=16), workers=1, decode=_worker_pid)}
     assert other.isdisjoint(first)  # other settings: other workers
+
+
+def _pid_and_slow(path: str, spec: DecodeSpec, known: frozenset[str]) -> DecodeOutcome:
+    if "slow" in Path(path).name:
+        time.sleep(60)
+    if "crash" in Path(path).name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return DecodeOutcome(path, str(os.getpid()), "ok")
+
+
+def test_small_files_travel_in_chunks_and_a_bad_one_is_still_named(tmp_path: Path) -> None:
+    """Small files go to the workers in chunks (one round trip per chunk, not per file); a chunk past the time
+    limit, or one whose worker died, is decoded again file by file, so only the bad file is rejected."""
+    from cnn.parallel import chunk_size
+
+    names = [f"{i:03d}.png" for i in range(160)]
+    names[37], names[101] = "037-slow.png", "101-crash.png"
+    paths = _files(tmp_path, names)
+    assert 1 < chunk_size(paths, 2) <= 64
+    start = time.monotonic()
+    outcomes = list(decode_many(paths, SPEC, workers=2, time_limit_s=1.0, decode=_pid_and_slow))
+    assert time.monotonic() - start < 30
+    assert [o.path for o in outcomes] == paths
+    rejected = {Path(o.path).name: o.kind for o in outcomes if not o.ok}
+    assert rejected == {"037-slow.png": RejectKind.TIME_LIMIT, "101-crash.png": RejectKind.WORKER_DIED}
+    assert sum(o.ok for o in outcomes) == 158

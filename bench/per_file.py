@@ -96,7 +96,7 @@ def engine_score(paths: list[Path], predictor: Predictor, work: Path) -> None:
     frame = pd.DataFrame({"path": [str(p) for p in paths]})
     plan = plan_shards(ScoringInputs(frame, []), [sink], ref, 1024, plan_dir)
     for shard in range(plan.shards):
-        score_shard(plan, shard, predictor, ref, [sink], ScoringOptions(batch_size=256))
+        score_shard(plan, shard, predictor, ref, [sink], ScoringOptions(batch_size=256, decode_ahead=True))
     sink.finish()
 
 

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -88,18 +88,22 @@ def _decode_in_worker(paths: list[str]) -> list[DecodeOutcome]:
     return [_worker_decode(path, _worker_spec, _worker_known) for path in paths]
 
 
-def chunk_size(paths: list[str], workers: int) -> int:
-    """Files per task: about CHUNK_BYTES of them by the sizes of up to 32 sampled files (1 where none can be read),
-    at most MAX_CHUNK, and few enough that every worker gets several tasks."""
-    sample = paths[:: max(1, len(paths) // 32)][:32]
+def sample_size(paths: Sequence[str]) -> float:
+    """The mean size in bytes of up to 32 files spread over `paths` (infinite where one cannot be read: no basis for
+    treating them as small)."""
     sizes = []
-    for path in sample:
+    for path in paths[:: max(1, len(paths) // 32)][:32]:
         try:
             sizes.append(os.stat(path).st_size)
-        except OSError:  # a missing file or a URL: no basis for chunking
-            return 1
-    mean = sum(sizes) / max(1, len(sizes))
-    by_bytes = int(CHUNK_BYTES // max(mean, 1.0))
+        except OSError:  # a missing file or a URL
+            return float("inf")
+    return sum(sizes) / max(1, len(sizes))
+
+
+def chunk_size(paths: list[str], workers: int) -> int:
+    """Files per task: about CHUNK_BYTES of them by `sample_size` (1 where it is unknown), at most MAX_CHUNK, and few
+    enough that every worker gets several tasks."""
+    by_bytes = int(CHUNK_BYTES // max(sample_size(paths), 1.0))
     busy = -(-len(paths) // (4 * workers))  # ceil: at least four tasks per worker
     return max(1, min(by_bytes, MAX_CHUNK, busy))
 

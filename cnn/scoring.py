@@ -14,7 +14,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,13 +24,13 @@ import numpy as np
 import pandas as pd
 
 from cnn.config import ScoreConfig
-from cnn.decode import DecodeError, RejectKind, open_regular_file
+from cnn.decode import DecodeError, DecodeSpec, RejectKind, open_regular_file
 from cnn.drift import DriftSample
 from cnn.errors import UserError
 from cnn.fsio import atomic_path, sha256_file
 from cnn.inference import Predictor
 from cnn.neighbours import HISTORY_COLUMNS, History, Lookup, search_in_one_thread
-from cnn.parallel import decode_many
+from cnn.parallel import DecodeOutcome, decode_many, sample_size
 from cnn.predictions import prediction_columns
 from cnn.pseudonyms import pseudonym, pseudonyms
 from cnn.sinks import EMBEDDING, REVIEW_COLUMN, Sink
@@ -104,6 +104,7 @@ class ScoringOptions:
     history_dir: str = ""  # where shards leave what they scored for the history (run folder); "" = nowhere
     explain_dir: str = ""  # where the overlays go ("" = nowhere)
     explain_base: str = ""  # the `explanation` column is relative to this folder ("" = absolute paths)
+    decode_ahead: bool = False  # decode shard k+1 while shard k is in inference (shards run in order, one process)
 
     @classmethod
     def from_config(
@@ -114,6 +115,7 @@ class ScoringOptions:
         workers = 1 if config.fan_out else config.decode_workers
         return cls(
             **{**shared, "decode_workers": workers},
+            decode_ahead=not config.fan_out,
             flow_run_id=flow_run_id,
             explain_dir=explain_dir,
             explain_base=explain_base,
@@ -155,6 +157,7 @@ class ShardResult:
     compile_failed: bool = False
     drift: DriftSample | None = None
     copies: int = 0  # images that repeat a training image or one scored before
+    decode_wait_s: float = 0.0  # of `seconds`, how long inference waited for decoded images
 
 
 @dataclass(frozen=True)
@@ -249,7 +252,12 @@ def content_ids(paths: Sequence[str], threads: int = 4) -> list[str]:
         except (DecodeError, OSError):
             return ""  # unreadable or not a regular file: the decoder reports why
 
-    with ThreadPoolExecutor(threads) as pool:  # hashlib and file reads release the GIL
+    def digests(chunk: Sequence[str]) -> list[str]:
+        return [digest(path) for path in chunk]
+
+    if sample_size(paths) < 256 * 1024:  # small files: the Python around each read outweighs what threads win
+        return digests(paths)
+    with ThreadPoolExecutor(threads) as pool:  # hashlib and large reads release the GIL
         return list(pool.map(digest, paths))
 
 
@@ -379,6 +387,8 @@ def plan_shards(
 
 
 _BESIDE = ThreadPoolExecutor(1, "reuse-check", search_in_one_thread)  # beside the model's forward pass
+_AHEAD = ThreadPoolExecutor(1, "decode-ahead")  # the next shard's decoding, beside this shard's inference
+_ahead: dict[tuple[str, int], Future[list[DecodeOutcome]]] = {}  # (plan folder, shard) -> its decoding
 _PARTS: dict[Path, pd.DataFrame] = {}  # history parts read in this process (a part never changes once written)
 
 
@@ -427,7 +437,14 @@ def score_shard(
     start = time.perf_counter()
     if lookup is not None and options.history_dir:  # what earlier shards of this run scored
         lookup = lookup.with_run(_run_rows(Path(options.history_dir), shard))
-    scored = score_files(files, list(plan.id_columns), predictor, model, options, masking, explainer, lookup)
+    spec = predictor.contract.decode_spec()
+    decoded = _decoded(plan, shard, files, spec, options)
+    waited = time.perf_counter() - start
+    if options.decode_ahead and shard + 1 < plan.shards:
+        key = (plan.path, shard + 1)
+        _ahead.clear()  # one shard ahead at most: an older one was never asked for (a retried or failed run)
+        _ahead[key] = _AHEAD.submit(_decode_rows, plan.rows(shard + 1), spec, options)
+    scored = score_files(files, list(plan.id_columns), predictor, model, options, masking, explainer, lookup, decoded)
     predictions, rejects = scored.predictions, scored.rejects
     for sink in sinks:
         sink.commit(shard, predictions, rejects)
@@ -445,7 +462,31 @@ def score_shard(
         compile_failed=predictor.compile_failed,
         drift=scored.drift,
         copies=int(predictions["duplicate_kind"].notna().sum()) if "duplicate_kind" in predictions else 0,
+        decode_wait_s=waited,
     )
+
+
+def _decoded(
+    plan: ShardPlan, shard: int, files: pd.DataFrame, spec: DecodeSpec, options: ScoringOptions
+) -> list[DecodeOutcome]:
+    """The shard's decoded files: taken from the decoding started while the previous shard was in inference where
+    there is one for the same files, else decoded now."""
+    ahead = _ahead.pop((plan.path, shard), None)
+    if ahead is not None:
+        outcomes = ahead.result()  # its exceptions (a stop request, say) are this shard's
+        if [o.path for o in outcomes] == _to_decode(files)["path"].tolist():
+            return outcomes
+    return _decode_rows(files, spec, options)
+
+
+def _to_decode(files: pd.DataFrame) -> pd.DataFrame:
+    """The rows a shard decodes: all but those the plan marked as duplicates of an earlier row."""
+    return files.loc[files["duplicate_of"].isna()] if "duplicate_of" in files.columns else files
+
+
+def _decode_rows(files: pd.DataFrame, spec: DecodeSpec, options: ScoringOptions) -> list[DecodeOutcome]:
+    paths = _to_decode(files)["path"].tolist()
+    return list(decode_many(paths, spec, options.decode_workers, time_limit_s=options.decode_time_limit_s))
 
 
 def score_files(
@@ -457,9 +498,11 @@ def score_files(
     masking: Masking = Masking(),
     explainer: Predictor | None = None,
     lookup: Lookup | None = None,
+    decoded: list[DecodeOutcome] | None = None,
 ) -> Scored:
     """One shard's rows: a prediction or a reject for each input file (rows that `mark_duplicates` marked
-    `duplicate_of` become "duplicate" rejects without being decoded), its drift sample and its history rows."""
+    `duplicate_of` become "duplicate" rejects without being decoded), its drift sample and its history rows.
+    `decoded` holds the outcomes of the rows to decode where they were decoded already (in order)."""
     rejects: list[tuple[str, str, str, str]] = []
     ids_by_path = files[["path", *id_columns]]
     planned = dict(zip(files["path"], files["image_id"])) if "image_id" in files.columns else {}
@@ -477,10 +520,7 @@ def score_files(
     kept: list[tuple[int, str]] = []
     first_path: dict[str, str] = {}  # a file that changed after planning may repeat another one's bytes
     sources: list[tuple[tuple[int, int], str]] = []  # source size and format of each kept image
-    spec = predictor.contract.decode_spec()
-    outcomes = decode_many(
-        files["path"].tolist(), spec, options.decode_workers, time_limit_s=options.decode_time_limit_s
-    )
+    outcomes = decoded if decoded is not None else _decode_rows(files, predictor.contract.decode_spec(), options)
     for i, outcome in enumerate(outcomes):
         if not outcome.ok or outcome.array is None:
             kind = outcome.kind.value if outcome.kind else RejectKind.CORRUPT.value

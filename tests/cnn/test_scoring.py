@@ -114,6 +114,30 @@ def test_plan_then_shards_then_summary_exactly_once(trained: FitResult, tmp_path
     assert plan_shards(inputs, [sink], new_champion, shard_size=4, run_dir=tmp_path, rescore=True).files == 12
 
 
+def test_decoding_the_next_shard_ahead_scores_the_same_rows(
+    trained: FitResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With decode_ahead, shard k+1 decodes while shard k is in inference, and each shard takes its own decoded
+    files from there (no second decode); the tables are the same as decoding each shard in turn."""
+    from cnn import scoring
+
+    folder = _incoming(tmp_path / "in")
+    predictor, tables = _predictor(trained), {}
+    decoded_now: list[int] = []
+    real = scoring._decode_rows
+    for ahead in (False, True):
+        sink = FileSink(tmp_path / f"ahead-{ahead}.parquet")
+        plan = plan_shards(list_inputs(str(folder)), [sink], MODEL, shard_size=4, run_dir=tmp_path / str(ahead))
+        decoded_now.clear()
+        monkeypatch.setattr(scoring, "_decode_rows", lambda f, *a: decoded_now.append(len(f)) or real(f, *a))
+        for i in range(plan.shards):
+            score_shard(plan, i, predictor, MODEL, [sink], ScoringOptions(decode_ahead=ahead))
+        sink.finish()
+        tables[ahead] = pd.read_parquet(tmp_path / f"ahead-{ahead}.parquet").drop(columns=["scored_at"])
+        assert len(decoded_now) == plan.shards  # every shard decoded exactly once, ahead or in turn
+    pd.testing.assert_frame_equal(tables[False], tables[True])
+
+
 def _run(folder: Path, sink: FileSink, predictor: Predictor, tmp_path: Path, model: ModelRef = MODEL, **plan: object):
     inputs = list_inputs(str(folder))
     shards = plan_shards(inputs, [sink], model, shard_size=4, run_dir=tmp_path, **plan)  # type: ignore[arg-type]

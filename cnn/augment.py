@@ -10,42 +10,53 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from cnn.errors import UserError
 
-# albumentations asks PyPI for a newer release when imported unless told not to: no network at run time.
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-import albumentations as A
+if TYPE_CHECKING:
+    import albumentations as A
+
+
+def _albumentations() -> Any:
+    """albumentations, imported on first use (a third of a second that scoring never needs). It asks PyPI for a
+    newer release when imported unless told not to: no network at run time."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import albumentations
+
+    return albumentations
 
 
 def _none() -> A.Compose:
-    return A.Compose([])
+    alb = _albumentations()
+    return alb.Compose([])
 
 
 def _xray() -> A.Compose:
     """Mild geometry and exposure changes; no flips (anatomy has a side) and no colour shifts."""
-    return A.Compose(
+    alb = _albumentations()
+    return alb.Compose(
         [
-            A.Affine(scale=(0.93, 1.07), translate_percent=(-0.04, 0.04), rotate=(-7, 7), p=0.7),
-            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
-            A.CLAHE(clip_limit=(1.0, 2.0), tile_grid_size=(4, 4), p=0.3),
+            alb.Affine(scale=(0.93, 1.07), translate_percent=(-0.04, 0.04), rotate=(-7, 7), p=0.7),
+            alb.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
+            alb.CLAHE(clip_limit=(1.0, 2.0), tile_grid_size=(4, 4), p=0.3),
         ]
     )
 
 
 def _photo() -> A.Compose:
     """Phone and camera photos: flips, colour jitter, perspective, blur and JPEG artefacts."""
-    return A.Compose(
+    alb = _albumentations()
+    return alb.Compose(
         [
-            A.HorizontalFlip(p=0.5),
-            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03, p=0.7),
-            A.Perspective(scale=(0.02, 0.06), p=0.3),
-            A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.MotionBlur(blur_limit=(3, 5))], p=0.2),
-            A.ImageCompression(quality_range=(50, 95), p=0.3),
+            alb.HorizontalFlip(p=0.5),
+            alb.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03, p=0.7),
+            alb.Perspective(scale=(0.02, 0.06), p=0.3),
+            alb.OneOf([alb.GaussianBlur(blur_limit=(3, 5)), alb.MotionBlur(blur_limit=(3, 5))], p=0.2),
+            alb.ImageCompression(quality_range=(50, 95), p=0.3),
         ]
     )
 
@@ -71,7 +82,7 @@ class Policy:
 
     def to_dict(self) -> dict[str, Any]:
         """albumentations' own serialisation: what `A.from_dict` (and `load_policy` on a file) reads."""
-        serialised: dict[str, Any] = A.to_dict(self.transform)
+        serialised: dict[str, Any] = _albumentations().to_dict(self.transform)
         return serialised
 
     def save(self, path: str | Path) -> Path:
@@ -106,7 +117,7 @@ def load_policy(spec: str) -> Policy:
 
 def policy_from_dict(data: dict[str, Any], name: str = "custom") -> Policy:
     """Rebuild a policy saved with `Policy.to_dict` (e.g. from a model's metadata)."""
-    return Policy(name, _compose(A.from_dict(data)))
+    return Policy(name, _compose(_albumentations().from_dict(data)))
 
 
 def _load_file(path: Path) -> A.Compose:
@@ -120,7 +131,7 @@ def _load_file(path: Path) -> A.Compose:
             data = yaml.safe_load(text)
         if not isinstance(data, dict) or "transform" not in data:
             raise ValueError("expected a mapping with a 'transform' key (albumentations' A.save format)")
-        return _compose(A.from_dict(data))
+        return _compose(_albumentations().from_dict(data))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"invalid augmentation policy {path}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - yaml and albumentations raise their own error types
@@ -128,7 +139,9 @@ def _load_file(path: Path) -> A.Compose:
 
 
 def _compose(transform: Any) -> A.Compose:
-    return transform if isinstance(transform, A.Compose) else A.Compose([transform])
+    alb = _albumentations()
+    compose: A.Compose = transform if isinstance(transform, alb.Compose) else alb.Compose([transform])
+    return compose
 
 
 def validate_policy(policy: Policy, channels: int, size: int) -> None:

@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 from cnn.choices import Metric
 
@@ -103,6 +102,14 @@ def compute_metrics(
     """All metrics for `probs` (N, C) against integer `labels` (N,)."""
     k = len(classes)
     pred = probs.argmax(axis=1)
+    # imported here: scikit-learn costs most of a second to import, and scoring never computes metrics
+    from sklearn.metrics import (
+        balanced_accuracy_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
+
     cm = confusion_matrix(labels, pred, labels=list(range(k)))
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, pred, labels=list(range(k)), zero_division=0

@@ -65,6 +65,13 @@ def test_compose_file_validates_and_mirrors_the_tested_setup() -> None:
     compose = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
     assert {"postgres", "prefect-server", "mlflow", "worker-cpu", "worker-gpu"} <= set(services)
+    # the Dask scheduler and its workers, which `cluster: tcp://dask-scheduler:8786` fans shards out to
+    assert services["dask-scheduler"]["command"].startswith("dask scheduler --host 0.0.0.0 --port 8786")
+    assert "dask worker tcp://dask-scheduler:8786" in services["dask-worker"]["command"]
+    assert "ports" not in services["dask-scheduler"]  # no authentication: never published
+    assert services["dask-worker"]["volumes"] == services["worker-cpu"]["volumes"] == ["data:/data"]
+    nightly = next(d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"] if d["name"] == "nightly")
+    assert "cluster" in nightly["parameters"]["config"] and "tcp://dask-scheduler:8786" in PREFECT_YAML.read_text()
     assert "postgresql+asyncpg" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert "--app-name basic-auth" in " ".join(services["mlflow"]["command"])
     assert services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"

@@ -399,6 +399,53 @@ def test_dask_local_cluster_scores_what_the_single_process_run_scores(home: Path
     assert len(a) + len(ra) == total
 
 
+@pytest.mark.e2e
+def test_a_real_dask_scheduler_and_two_worker_processes_score_what_one_process_scores(
+    home: Path, tmp_path: Path
+) -> None:
+    """`--cluster` against a scheduler and two workers started as their own processes on loopback (as in the compose
+    file), not an in-process LocalCluster: the same tables as the single-process run, and the shards ran there."""
+    from distributed import Client
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.processes import start_group, stop_group
+
+    folder, total = _mixed_folder(tmp_path / "cluster", n_per_class=6, seed=31)
+    port, dask = free_port(), str(Path(sys.executable).with_name("dask"))
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "CNN_HOME": str(home)}
+    quiet = {"env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": str(tmp_path)}
+    scheduler = start_group([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], **quiet)
+    workers = [
+        start_group([dask, "worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard"], **quiet)
+        for _ in range(2)
+    ]
+    try:
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+            base = ["score", str(folder), "--model", "patterns", "--shard-size", "4", "--explain", "none"]
+            single, spread = tmp_path / "single.parquet", tmp_path / "spread.parquet"
+            assert runner.invoke(app, [*base, "--output", str(single)]).exit_code == 0
+            result = runner.invoke(app, [*base, "--output", str(spread), "--cluster", address])
+            assert result.exit_code == 0, result.output
+            loaded = client.run(lambda: __import__("flows.versions").versions._cached_predictor.cache_info().currsize)
+        assert len(loaded) == 2 and sum(loaded.values()) >= 1  # the worker processes loaded the model and scored
+        ignore = ["scored_at", "flow_run_id", "duplicate_of", "duplicate_kind"]  # reuse check: see the test above
+        a, b = (
+            pd.read_parquet(p).drop(columns=ignore).sort_values("path").reset_index(drop=True) for p in (single, spread)
+        )
+        pd.testing.assert_frame_equal(a, b)
+        rejects = [tmp_path / "single.rejects.parquet", tmp_path / "spread.rejects.parquet"]
+        ra, rb = (
+            pd.read_parquet(p).drop(columns=ignore[:2]).sort_values("path").reset_index(drop=True) for p in rejects
+        )
+        pd.testing.assert_frame_equal(ra, rb)
+        assert len(a) + len(ra) == total
+    finally:
+        for proc in (*workers, scheduler):
+            stop_group(proc)
+
+
 def test_compiled_scoring_matches_eager(home: Path, tmp_path: Path) -> None:
     folder = write_patterns(tmp_path / "c", per_class=3, seed=17)
     eager, compiled = tmp_path / "eager.parquet", tmp_path / "compiled.parquet"

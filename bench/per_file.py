@@ -15,9 +15,8 @@ import argparse
 import hashlib
 import io
 import shutil
+import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,9 @@ import pandas as pd
 import torch
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.ingest import best_rate
 from cnn.contract import ModelContract
 from cnn.demo_data import render_claim
 from cnn.inference import Predictor
@@ -107,15 +109,6 @@ def predictor_for(work: Path, size: int, channels: int) -> Predictor:
     weights = work / "model.pt"
     torch.save(create_model("small_cnn", 2, channels).state_dict(), weights)
     return Predictor.load(weights, contract, "cpu", channels_last=True, fuse=True)
-
-
-def best_rate(fn: Callable[[], None], n: int, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return n / min(times)
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from cnn.config import ScoreConfig
 from cnn.decode import DecodeError, DecodeSpec, RejectKind, open_regular_file
@@ -30,7 +31,7 @@ from cnn.errors import UserError
 from cnn.fsio import atomic_path, sha256_file
 from cnn.inference import Predictor
 from cnn.neighbours import HISTORY_COLUMNS, History, Lookup, search_in_one_thread
-from cnn.parallel import DecodeOutcome, decode_many, sample_size
+from cnn.parallel import DecodeOutcome, decode_many, default_workers, sample_size
 from cnn.predictions import prediction_columns
 from cnn.pseudonyms import pseudonym, pseudonyms
 from cnn.sinks import EMBEDDING, REVIEW_COLUMN, Sink
@@ -115,7 +116,7 @@ class ScoringOptions:
         workers = 1 if config.fan_out else config.decode_workers
         return cls(
             **{**shared, "decode_workers": workers},
-            decode_ahead=not config.fan_out,
+            decode_ahead=not config.fan_out and decode_ahead_helps(config.device),
             flow_run_id=flow_run_id,
             explain_dir=explain_dir,
             explain_base=explain_base,
@@ -464,6 +465,14 @@ def score_shard(
         copies=int(predictions["duplicate_kind"].notna().sum()) if "duplicate_kind" in predictions else 0,
         decode_wait_s=waited,
     )
+
+
+def decode_ahead_helps(device: str) -> bool:
+    """Decoding the next shard during inference pays where inference leaves CPU cores free: on a GPU, or with more
+    cores than torch's threads. Where both use every core it does not (0.95-1.00x on 2 cores, bench/score.py)."""
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return True
+    return default_workers() > torch.get_num_threads()
 
 
 def _decoded(

@@ -33,7 +33,7 @@ from cnn.inference import Predictor
 from cnn.ingest import IngestOptions, ingest
 from cnn.models import create_model
 from cnn.parallel import default_workers
-from cnn.scoring import ModelRef, ScoringInputs, ScoringOptions, plan_shards, score_shard
+from cnn.scoring import ModelRef, ScoringInputs, ScoringOptions, decode_ahead_helps, plan_shards, score_shard
 from cnn.sinks import FileSink
 
 KINDS = {  # name: (target size, channels)
@@ -98,7 +98,9 @@ def engine_score(paths: list[Path], predictor: Predictor, work: Path) -> None:
     frame = pd.DataFrame({"path": [str(p) for p in paths]})
     plan = plan_shards(ScoringInputs(frame, []), [sink], ref, 1024, plan_dir)
     for shard in range(plan.shards):
-        score_shard(plan, shard, predictor, ref, [sink], ScoringOptions(batch_size=256, decode_ahead=True))
+        score_shard(
+            plan, shard, predictor, ref, [sink], ScoringOptions(batch_size=256, decode_ahead=decode_ahead_helps("cpu"))
+        )
     sink.finish()
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 PROBE_SKIP = 2
 PROBE_STEPS = 10
@@ -157,6 +157,3 @@ class Budget:
             first_plan_epochs=self.first_plan,
             replans=self.replans,
         )
-
-    def to_dict(self) -> dict[str, float | int]:
-        return asdict(self.report())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from cnn.contract import ModelContract, to_model_input
 from cnn.decode import DecodeError, decode_bytes, read_image_bytes
 from cnn.models import classifier_layer, create_model
-from cnn.precision import default_inference_dtype, top1_agreement
+from cnn.precision import default_inference_dtype, interleaved_speedups, top1_agreement
 from cnn.predictions import prediction_columns, prob_columns
 from cnn.runtime import load_weights, resolve_device
 
@@ -214,19 +213,13 @@ def relative_speeds(
     images = images[:256]
     if not len(images):
         return []
-    everyone = [reference, *variants]
-    for variant in everyone:  # warm-up: first-call allocations and kernel selection
+    for variant in (reference, *variants):  # warm-up: first-call allocations and kernel selection
         variant.predict_arrays(images[:batch_size], batch_size)
-    ratios: list[list[float]] = [[] for _ in variants]
-    for _ in range(rounds):  # interleaved: a drift of the host's speed hits all alike
-        times = []
-        for variant in everyone:
-            start = time.perf_counter()
-            variant.predict_arrays(images, batch_size)
-            times.append(time.perf_counter() - start)
-        for i, spent in enumerate(times[1:]):
-            ratios[i].append(times[0] / max(spent, 1e-9))
-    return [float(np.median(r)) for r in ratios]
+
+    def timed(variant: Predictor) -> Callable[[], object]:
+        return lambda: variant.predict_arrays(images, batch_size)
+
+    return interleaved_speedups(timed(reference), [timed(v) for v in variants], rounds)
 
 
 def bf16_agreement(predictor: Predictor, images: np.ndarray, batch_size: int = 128) -> float:

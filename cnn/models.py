@@ -215,11 +215,11 @@ def cached_weights_file(weights: Any, allow_download: bool = False) -> Path:
     if not target.is_file():
         if not allow_download:
             raise UserError(
-                f"{filename} is not in torch's cache. Place that file (from {weights.url}) at {target} "
+                f"{filename} is not in torch's cache. Place that file (from {url}) at {target} "
                 "(set TORCH_HOME to use another cache), or allow the download with --download-weights"
             )
         target.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(weights.url, str(target), published.group(1) if published else None)
+        torch.hub.download_url_to_file(url, str(target), published.group(1) if published else None)
     if published is not None and not sha256_file(target).startswith(published.group(1)):
         raise UserError(
             f"{target} does not match its published hash (sha256 {published.group(1)}...): a partial or altered "

@@ -14,7 +14,8 @@ Training, scoring, the MLflow model and the benchmarks all ask here, so the rule
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -145,6 +146,24 @@ def choose_inference_precision(
     return PrecisionChoice(
         "bf16", f"agrees with fp32 on >= {BF16_MIN_AGREEMENT:.1%} of validation images and is faster", measured, faster
     )
+
+
+def interleaved_speedups(
+    reference: Callable[[], object], variants: Sequence[Callable[[], object]], rounds: int = 3
+) -> list[float]:
+    """Each variant's speed over `reference`'s (the reference's seconds over the variant's): the median of `rounds`
+    rounds that time every one in turn, so that a drift of the host's speed hits all alike. Warm them up first."""
+    everyone = [reference, *variants]
+    ratios: list[list[float]] = [[] for _ in variants]
+    for _ in range(rounds):
+        times = []
+        for run in everyone:
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        for i, spent in enumerate(times[1:]):
+            ratios[i].append(times[0] / max(spent, 1e-9))
+    return [float(np.median(r)) for r in ratios]
 
 
 def top1_agreement(reference: np.ndarray, other: np.ndarray) -> float:

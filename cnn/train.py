@@ -32,7 +32,7 @@ from cnn.errors import UserError
 from cnn.fsio import atomic_path, write_json_atomic, write_text_atomic
 from cnn.metrics import ClassificationMetrics, compute_metrics
 from cnn.models import create_model, freeze_backbone, resolve_weights
-from cnn.precision import PrecisionChoice, choose_training_precision, training_amp
+from cnn.precision import PrecisionChoice, choose_training_precision, interleaved_speedups, training_amp
 from cnn.runtime import Runtime, resolve_device, rng_state, seed_everything, set_rng_state
 
 # Settings that must match for --resume to continue the same optimisation.
@@ -136,9 +136,7 @@ class TrainState:
         parts.scheduler.load_state_dict(checkpoint["scheduler"])
         parts.rt.scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"])
-        state = cls(**{k: checkpoint[k] for k in ("epoch", "best_epoch", "best_score", "stale", "history")})
-        state.precision = checkpoint.get("precision", "fp32")  # checkpoints before the CPU bf16 choice: fp32
-        return state
+        return cls(**{k: checkpoint[k] for k in ("epoch", "best_epoch", "best_score", "stale", "history")})
 
 
 @dataclass
@@ -391,14 +389,14 @@ def _fit(
     stopped: Stopped = "completed"
     epoch = state.epoch
     while epoch < (budget.epochs if budget is not None else cfg.epochs):
-        started = time.perf_counter()
+        epoch_start = time.perf_counter()
         seconds, stats = _run_epoch(parts, setup, cfg, dist, epoch, deadline, budget)
         train_loss, seen = dist.mean(stats.loss_sum, stats.images)
         if dist.main:
             record = end_of_epoch(parts, setup, state, cfg, epoch, train_loss, stats.steps, seen, seconds)
             save_checkpoint(parts, setup, state, cfg, run_dir, epoch)
             if budget is not None:
-                budget.after_epoch(seconds, stats.steps, time.perf_counter() - started)
+                budget.after_epoch(seconds, stats.steps, time.perf_counter() - epoch_start)
             if on_epoch is not None:
                 on_epoch(record)
             stopped = _stop_reason(cfg, state, stats.out_of_time, budget)
@@ -453,18 +451,16 @@ def bf16_training_speedup(cfg: TrainConfig, contract: ModelContract, device: tor
             loss.backward()  # type: ignore[no-untyped-call]  # torch leaves it untyped
             model.zero_grad(set_to_none=True)
 
-        for dtype in (None, torch.bfloat16):
+        def two_steps(dtype: torch.dtype | None) -> Callable[[], None]:
+            def run() -> None:
+                step(dtype)
+                step(dtype)
+
+            return run
+
+        for dtype in (None, torch.bfloat16):  # warm-up
             step(dtype)
-        ratios = []
-        for _ in range(rounds):
-            times = []
-            for dtype in (None, torch.bfloat16):
-                start = time.perf_counter()
-                step(dtype)
-                step(dtype)
-                times.append(time.perf_counter() - start)
-            ratios.append(times[0] / max(times[1], 1e-9))
-    return float(np.median(ratios))
+        return interleaved_speedups(two_steps(None), [two_steps(torch.bfloat16)], rounds)[0]
 
 
 def _budget(

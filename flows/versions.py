@@ -320,9 +320,13 @@ def _choose_backend(client: MlflowClient, ref: ModelRef, requested: str, precisi
     seen = _Validation(_cached_predictor(ref.files, ref.device, "fp32", False))
     name, model_dir = seen.predictor.contract.dataset, Path(ref.files)
 
+    built: dict[str, Predictor] = {}  # one session per candidate, for its agreement and its speed alike
+
     def candidate(c: Candidate, dataset: Dataset) -> Predictor:
-        path = _onnx_file(model_dir, c.precision, lambda: seen.images(dataset))
-        return seen.predictor.with_engine(OnnxEngine(path, c.backend, c.precision))
+        if c.key not in built:
+            path = _onnx_file(model_dir, c.precision, lambda: seen.images(dataset))
+            built[c.key] = seen.predictor.with_engine(OnnxEngine(path, c.backend, c.precision))
+        return built[c.key]
 
     def agreement(c: Candidate) -> float | None:
         def measure(d: Dataset) -> float | None:

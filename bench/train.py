@@ -6,8 +6,10 @@
 The engine reads the uint8 memmap cache (no decoding), augments in DataLoader workers when a policy is
 on, and converts/normalises on the device. Each contender runs `--epochs` epochs of the same model,
 batch size and optimiser; the first epoch is warm-up and the rest are timed. Targets with augmentation
-off: engine >= 0.85 x (a) and >= 1.5 x (b). Those comparisons run in fp32; then the engine trains in fp32,
-bf16 autocast and compiled (fp32 and bf16) side by side, same seed, with each one's validation accuracy.
+off: engine >= 0.85 x (a) and >= 1.5 x (b). Those comparisons run in fp32; then the engine reads the same images
+from a cache of 10 shards (as an ingest fanned out to Dask in 10 parts writes it) against the one-shard cache,
+interleaved (target: the same speed); then it trains in fp32, bf16 autocast and compiled (fp32 and bf16) side by
+side, same seed, with each one's validation accuracy.
 """
 
 from __future__ import annotations
@@ -28,7 +30,16 @@ from cnn.contract import ModelContract
 from cnn.data import load_split
 from cnn.dataset import Dataset
 from cnn.demo_data import generate
-from cnn.ingest import IngestOptions, ingest
+from cnn.ingest import (
+    IngestOptions,
+    commit_dataset,
+    decode_part,
+    finish_decode,
+    ingest,
+    plan_decode,
+    stage_scan,
+    stage_split,
+)
 from cnn.models import create_model
 from cnn.train import fit
 
@@ -57,6 +68,32 @@ def engine_run(
     timed = result.history[1:]
     rate = sum(h["train_images_per_s"] for h in timed) / len(timed)
     return rate, result.history[-1].get("val_accuracy", float("nan")), result.precision_reason
+
+
+def sharded(source: Path, work: Path, options: IngestOptions, parts: int) -> Path:
+    """The dataset as an ingest fanned out in `parts` parts writes it (one cache shard per part), decoded here."""
+    root = work / "ds-sharded"
+    files = len(list(source.rglob("*.jpg")))
+    fanned = options.model_copy(update={"dask_workers": 1, "files_per_part": -(-files // parts)})
+    stage_scan(source, root, fanned)
+    plan = plan_decode(root, fanned)
+    finish_decode(root, fanned, [decode_part(root, fanned, part) for part in range(plan.parts)])
+    stage_split(root, fanned)
+    commit_dataset(root, fanned)
+    return root
+
+
+def shards_row(root: Path, source: Path, work: Path, model: str, epochs: int, options: IngestOptions) -> None:
+    """The engine on the one-shard cache and on a 10-shard cache of the same images, two interleaved rounds."""
+    many = sharded(source, work, options, 10)
+    shards = len(Dataset(many).meta().cache_shards)
+    rates: dict[str, list[float]] = {"1 shard": [], f"{shards} shards": []}
+    for _ in range(2):
+        rates["1 shard"].append(engine(root, work, model, epochs, "none"))
+        rates[f"{shards} shards"].append(engine(many, work, model, epochs, "none"))
+    one, split = (max(r) for r in rates.values())
+    print("\ncache read across shards (augmentation off, fp32, best of 2 interleaved rounds):")
+    print(f"  1 shard {one:8.1f} images/s; {shards} shards {split:8.1f} images/s; ratio {split / one:.2f} (target 1.0)")
 
 
 def precisions(root: Path, work: Path, model: str, epochs: int) -> None:
@@ -157,7 +194,8 @@ def main() -> None:
         work = Path(tmp)
         made = generate("claims", work / "src", n=args.n, size=args.source_width)
         root = work / "ds"
-        ingest(made.source, root, IngestOptions(image_size=args.size, channels=3))
+        options = IngestOptions(image_size=args.size, channels=3)
+        ingest(made.source, root, options)
         print(
             f"claims: {args.n} JPEGs {args.source_width}x{args.source_width * 3 // 4} -> {args.size}px RGB, "
             f"{args.model}, batch {BATCH}, "
@@ -185,6 +223,7 @@ def main() -> None:
             f"engine / (b) = {off / folder_off:.2f}x (target >= 1.5x)"
         )
         print(f"policy photo:     engine / (b) = {on / folder_on:.2f}x")
+        shards_row(root, made.source, work, args.model, args.epochs, options)
         if not args.no_precisions:
             precisions(root, work, args.model, max(args.epochs, 4))
 

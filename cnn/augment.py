@@ -215,9 +215,9 @@ def preview_dataset(
             if len(by_class[label]) and len(picks) < rows:
                 picks.append(by_class[label].iloc[0])
                 by_class[label] = by_class[label].iloc[1:]
-    cache = dataset.open_cache(meta.cache_token)
+    cache = dataset.open_cache()
     index = cache.index()
-    images = [np.asarray(cache.images[index[row["image_id"]]]) for row in picks]
+    images = list(cache.images.read([index[row["image_id"]] for row in picks]))
     grid = render_preview(images, [row["label"] for row in picks], policy, augmented, seed)
     out = Path(out)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):

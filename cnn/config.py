@@ -63,6 +63,19 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
 
 
+class ClusterConfig(FlowConfig):
+    """The options of a flow whose tasks can fan out to Dask: an existing scheduler, or a local cluster."""
+
+    cluster: str | None = Field(None, description="Dask scheduler address: the tasks fan out to it")
+    dask_workers: int = Field(
+        0, ge=0, description="fan the tasks out to a local Dask cluster of N workers; 0 = no Dask"
+    )
+
+    @property
+    def fan_out(self) -> bool:
+        return bool(self.cluster or self.dask_workers)
+
+
 class TrainConfig(FlowConfig):
     """Everything that decides a training run."""
 
@@ -153,7 +166,7 @@ class TrainConfig(FlowConfig):
         return self.nproc_per_node * self.nnodes > 1
 
 
-class ScoreConfig(FlowConfig):
+class ScoreConfig(ClusterConfig):
     """Everything that decides a scoring run (the source is the command's argument)."""
 
     kind: ClassVar[str] = "scoring config"
@@ -199,9 +212,3 @@ class ScoreConfig(FlowConfig):
         "auto", description="torch, the ONNX export in onnxruntime or openvino, or auto: the fastest that agrees"
     )
     compile: bool = False
-    cluster: str | None = Field(None, description="Dask scheduler address: shards fan out to it")
-    dask_workers: int = Field(0, ge=0, description="fan shards out to a local Dask cluster of N workers; 0 = no Dask")
-
-    @property
-    def fan_out(self) -> bool:
-        return bool(self.cluster or self.dask_workers)

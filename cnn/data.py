@@ -11,16 +11,16 @@ from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
 from torch.utils.data import Dataset as TorchDataset
 
 from cnn.augment import Policy, policy_from_dict
-from cnn.dataset import Dataset
+from cnn.dataset import Dataset, ShardedImages
 from cnn.errors import UserError
 from cnn.parallel import pool_context
 
 
 @dataclass(frozen=True)
 class SplitData:
-    """Where a split's images are in the cache, with their labels and source rows."""
+    """Where a split's images are in the cache (its shard files and global slots), with labels and source rows."""
 
-    images_path: str
+    shard_files: tuple[str, ...]
     slots: np.ndarray
     labels: np.ndarray
     paths: list[str]
@@ -28,23 +28,21 @@ class SplitData:
 
     def read_images(self) -> np.ndarray:
         """The split's images, in row order, as one uint8 NHWC array read from the cache."""
-        return np.asarray(np.load(self.images_path, mmap_mode="r")[self.slots])
+        return ShardedImages.open(self.shard_files).read(self.slots)
 
 
 def load_split(dataset: Dataset, split: str, classes: list[str]) -> SplitData:
     """The ok rows of `split` (one per distinct image), resolved to cache slots."""
-    meta = dataset.meta()
     rows = dataset.usable(split, distinct=True)
-    index = dataset.open_cache(meta.cache_token).index()
+    index = dataset.open_cache().index()
     missing = [i for i in rows["image_id"] if i not in index]
     if missing:
         raise UserError(
             f"dataset {dataset.name}: {len(missing)} images are missing from the cache; re-run `cnn ingest`"
         )
-    images_path, _ = dataset.cache_paths(meta.cache_token)
     slots = np.array([index[i] for i in rows["image_id"]], dtype=np.int64)
     labels = np.array([classes.index(label) for label in rows["label"]], dtype=np.int64)
-    return SplitData(str(images_path), slots, labels, rows["path"].tolist(), rows["image_id"].tolist())
+    return SplitData(tuple(dataset.shard_files()), slots, labels, rows["path"].tolist(), rows["image_id"].tolist())
 
 
 class CacheDataset(TorchDataset[tuple[np.ndarray, int]]):
@@ -53,16 +51,16 @@ class CacheDataset(TorchDataset[tuple[np.ndarray, int]]):
     def __init__(self, data: SplitData, policy: dict[str, Any] | None = None) -> None:
         self.data = data
         self.policy_dict = policy or None
-        self._images: np.ndarray | None = None
+        self._images: ShardedImages | None = None
         self._policy: Policy | None = None
 
     def __len__(self) -> int:
         return len(self.data.slots)
 
     @property
-    def images(self) -> np.ndarray:
-        if self._images is None:  # opened lazily: each DataLoader worker maps the file itself
-            self._images = np.load(self.data.images_path, mmap_mode="r")
+    def images(self) -> ShardedImages:
+        if self._images is None:  # opened lazily: each DataLoader worker maps the files itself
+            self._images = ShardedImages.open(self.data.shard_files)
         return self._images
 
     @property
@@ -72,13 +70,13 @@ class CacheDataset(TorchDataset[tuple[np.ndarray, int]]):
         return self._policy
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        image = np.asarray(self.images[self.data.slots[i]])
+        image = self.images.read(self.data.slots[i : i + 1])[0]
         return (self.policy(image) if self.policy else image), int(self.data.labels[i])
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A whole batch in one read of the memmap (sorted slots read sequentially)."""
+        """A whole batch in one read per shard of the cache."""
         idx = np.asarray(indices)
-        batch = self.images[self.data.slots[idx]]
+        batch = self.images.read(self.data.slots[idx])
         if self.policy is not None:
             batch = np.stack([self.policy(image) for image in batch])
         return torch.from_numpy(np.ascontiguousarray(batch)), torch.from_numpy(self.data.labels[idx])

@@ -5,8 +5,13 @@ Layout of `datasets/NAME/`:
   generations/<gen>/manifest.parquet   one row per source file (MANIFEST_COLUMNS)
   generations/<gen>/dataset.json       metadata, with the token of the cache this generation uses
   report.json/.md               the dataset report
-  cache/images-<token>.npy      uint8 array (N, H, W, C), opened with np.load(mmap_mode="r")
-  cache/ids-<token>.npy         the image_id (sha256) of each cache slot ("" marks an unused slot)
+  cache/images-<shard>.npy      uint8 array (N, H, W, C), opened with np.load(mmap_mode="r")
+  cache/ids-<shard>.npy         the image_id (sha256) of each slot of that shard ("" marks an unused slot)
+
+The cache is a list of append-only shards (dataset.json names them, in order): an ingest writes the images it
+decoded into one new shard and leaves the earlier ones as they are, so adding 1% of new images writes about 1% of
+the cache. Images whose files left the source stay in their shard as dead slots until the dead slots outnumber
+the live ones (or the shards grow too many); then the ingest compacts the live images into one shard.
 
 An ingest writes a new generation beside the current one and then switches CURRENT in one rename, so the
 manifest, the metadata and the cache change together; a kill at any point leaves the previous dataset as it
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,7 +88,7 @@ class DatasetMeta:
     test_fraction: float
     group_column: str
     classes: list[str] = field(default_factory=list)
-    cache_token: str = ""
+    cache_shards: list[str] = field(default_factory=list)  # the tokens of the cache's shards, oldest first
     updated_at: str = ""
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # the decode limit of this ingest; models trained on it carry it
     format_version: int = 1
@@ -150,7 +156,10 @@ class Dataset:
     @staticmethod
     def meta_of(folder: Path) -> DatasetMeta:
         """The metadata of one generation folder."""
-        return DatasetMeta(**json.loads((folder / "dataset.json").read_text(encoding="utf-8")))
+        data = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+        legacy = data.pop("cache_token", "")  # one cache file, before shards: it is the only shard
+        data.setdefault("cache_shards", [legacy] if legacy else [])
+        return DatasetMeta(**data)
 
     def manifest(self) -> pd.DataFrame:
         manifest = pd.read_parquet(self.manifest_path)
@@ -170,8 +179,8 @@ class Dataset:
         folder = self.root / GENERATIONS / generation
         meta = self.meta_of(folder)
         durable = [*folder.iterdir(), folder, folder.parent]
-        if meta.cache_token:
-            durable += [*self.cache_paths(meta.cache_token), self.cache_dir]
+        if meta.cache_shards:
+            durable += [path for token in meta.cache_shards for path in self.cache_paths(token)] + [self.cache_dir]
         for path in durable:
             _fsync(path)
         pointer = self.root / POINTER
@@ -187,15 +196,18 @@ class Dataset:
     def cache_paths(self, token: str) -> tuple[Path, Path]:
         return self.cache_dir / f"images-{token}.npy", self.cache_dir / f"ids-{token}.npy"
 
-    def open_cache(self, token: str | None = None) -> ImageCache:
-        """Memory-map the image cache (no decoding, no copy)."""
-        token = token if token is not None else self.meta().cache_token
-        images_path, ids_path = self.cache_paths(token)
-        if not token or not images_path.is_file():
+    def open_cache(self, shards: Sequence[str] | None = None) -> ImageCache:
+        """Memory-map the image cache's shards (no decoding, no copy); the current generation's by default."""
+        tokens = self.meta().cache_shards if shards is None else shards
+        found = [self.cache_paths(token) for token in tokens if self.cache_paths(token)[0].is_file()]
+        if not found:
             return ImageCache.empty()
-        images = np.load(images_path, mmap_mode="r")
-        ids = np.load(ids_path, allow_pickle=False)
-        return ImageCache(images, ids)
+        ids = [np.load(ids_path, allow_pickle=False) for _, ids_path in found]
+        return ImageCache(ShardedImages.open([str(images) for images, _ in found]), np.concatenate(ids))
+
+    def shard_files(self) -> list[str]:
+        """The image files of the current cache's shards, in order (what a training reader opens)."""
+        return [str(self.cache_paths(token)[0]) for token in self.meta().cache_shards]
 
 
 def _fsync(path: Path) -> None:
@@ -207,26 +219,63 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+class ShardedImages:
+    """uint8 images kept in several arrays (the cache's shards), read by global slot: a shard's offset plus the
+    slot within it. A batch from one shard is one fancy-indexed read, as from a single file."""
+
+    def __init__(self, arrays: Sequence[np.ndarray]) -> None:
+        self.arrays = list(arrays)
+        self.offsets = np.cumsum([0, *(len(a) for a in self.arrays)])
+
+    @classmethod
+    def open(cls, paths: Sequence[str]) -> ShardedImages:
+        """Memory-map the shard files read-only."""
+        return cls([np.load(path, mmap_mode="r") for path in paths])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """(H, W, C) of every image; (1, 1, 1) for an empty cache."""
+        return tuple(self.arrays[0].shape[1:]) if self.arrays else (1, 1, 1)
+
+    def read(self, slots: np.ndarray | Sequence[int]) -> np.ndarray:
+        """The images at global `slots`, in that order, as one uint8 NHWC array."""
+        slots = np.asarray(slots, dtype=np.int64)
+        if len(self.arrays) == 1:
+            one: np.ndarray = np.asarray(self.arrays[0][slots])
+            return one
+        shard_of = np.searchsorted(self.offsets, slots, side="right") - 1
+        out = np.empty((len(slots), *self.image_shape), dtype=np.uint8)
+        for shard in np.unique(shard_of):
+            here = shard_of == shard
+            out[here] = self.arrays[shard][slots[here] - self.offsets[shard]]
+        return out
+
+
 @dataclass
 class ImageCache:
-    """The uint8 images of a dataset, addressed by image_id."""
+    """The uint8 images of a dataset, addressed by image_id, across its shards."""
 
-    images: np.ndarray  # (N, H, W, C) uint8, usually a read-only memmap
-    ids: np.ndarray  # (N,) str
+    images: ShardedImages
+    ids: np.ndarray  # (N,) str, one per global slot
 
     @classmethod
     def empty(cls) -> ImageCache:
-        return cls(np.zeros((0, 1, 1, 1), dtype=np.uint8), np.zeros((0,), dtype="<U64"))
+        return cls(ShardedImages([]), np.zeros((0,), dtype="<U64"))
 
     def __len__(self) -> int:
-        return int((self.ids != "").sum())
+        """The distinct images held (parts of one ingest may each have stored the same image)."""
+        return len(set(self.ids.tolist()) - {""})
 
     def index(self) -> dict[str, int]:
-        """Map image_id -> slot."""
+        """Map image_id -> global slot."""
         return {str(image_id): i for i, image_id in enumerate(self.ids) if image_id}
 
     def get(self, image_id: str) -> np.ndarray:
         slot = self.index().get(image_id)
         if slot is None:
             raise KeyError(image_id)
-        return np.asarray(self.images[slot])
+        image: np.ndarray = self.images.read([slot])[0]
+        return image

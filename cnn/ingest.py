@@ -11,7 +11,7 @@ import json
 import re
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from pydantic import ConfigDict, Field
 
-from cnn.config import FlowConfig
+from cnn.config import ClusterConfig
 from cnn.dataset import (
     GENERATIONS,
     MANIFEST_COLUMNS,
@@ -43,7 +43,7 @@ from cnn.splits import SplitFractions, assign_splits
 _CLASS_NAME = re.compile(r"^[^\W_][\w .+()-]{0,63}$")
 
 
-class IngestOptions(FlowConfig):
+class IngestOptions(ClusterConfig):
     """How a source becomes a dataset (the ingest flow's config; unknown keys are rejected)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -65,6 +65,9 @@ class IngestOptions(FlowConfig):
     max_file_mb: float = Field(256.0, gt=0)
     decode_time_limit_s: float = Field(DEFAULT_TIME_LIMIT_S, gt=0, description="seconds one file may take to decode")
     add: bool = Field(False, description="add the source's files to the dataset (a filled-in review table always adds)")
+    files_per_part: int = Field(
+        5000, ge=1, description="files per decode task when the decoding fans out to Dask (each writes one shard)"
+    )
 
     @property
     def max_file_bytes(self) -> int:
@@ -134,10 +137,11 @@ class DecodeRecord(_StageRecord):
     """What decoding did: the cache it produced, files decoded and reused."""
 
     file: ClassVar[str] = "decode.json"
-    cache_token: str
-    decoded: int
+    cache_shards: list[str]
+    decoded: int  # images decoded and stored in new shards
     reused: int
     files: int
+    compacted: bool = False
 
 
 @dataclass(frozen=True)
@@ -214,49 +218,112 @@ def _added_to(dataset: Dataset, listing: SourceListing, everything: bool) -> Sou
 
 
 # --- stage 2: decode -------------------------------------------------------------------------
+#
+# Decoding writes the new images into new shards of the cache and leaves the earlier shards as they are. It runs
+# as plan -> parts -> finish, so an orchestrator can send the parts to a cluster; `stage_decode` runs all three
+# here. A part decodes a list of files into a shard of its own and records its outcomes in staging.
+
+MAX_SHARDS = 64  # past this many shards (or when dead slots outnumber live ones) an ingest compacts the cache
 
 
-def stage_decode(dataset_dir: Path, options: IngestOptions, progress: ProgressFn | None = None) -> Path:
-    """Decode new or changed files into a new cache; write staging/decoded.parquet."""
+@dataclass(frozen=True)
+class DecodePlan(_StageRecord):
+    """What decoding has to do: how many files to decode (listed in staging/todo.parquet), in how many parts,
+    and the shards of the previous cache that the new one may keep."""
+
+    file: ClassVar[str] = "decode-plan.json"
+    todo: int
+    parts: int
+    old_shards: list[str]
+
+    def part_rows(self, part: int) -> slice:
+        """The rows of todo.parquet that part `part` decodes."""
+        size = -(-self.todo // max(1, self.parts))
+        return slice(part * size, (part + 1) * size)
+
+
+def plan_decode(dataset_dir: Path, options: IngestOptions) -> DecodePlan:
+    """Decide which scanned files must be decoded (new or changed) and which keep their cached result; split the
+    work into parts of `files_per_part` when it fans out to a cluster, else into one part."""
     dataset, staging = Dataset(dataset_dir), staging_dir(dataset_dir)
     files = pd.read_parquet(staging / "scan.parquet")
-    previous, old_cache, old_token = _previous_state(dataset, options)
+    previous, old_cache, old_shards = _previous_state(dataset, options)
+    reuse_mask, reused = _reusable_rows(files, previous, old_cache.index())
+    reused.to_parquet(staging / "reused.parquet", index=False)
+    todo = files.loc[~reuse_mask, ["path"]]
+    todo.to_parquet(staging / "todo.parquet", index=False)
+    parts = -(-len(todo) // options.files_per_part) if options.fan_out else min(1, len(todo))
+    plan = DecodePlan(len(todo), parts, old_shards)
+    plan.save(dataset_dir)
+    return plan
+
+
+def decode_part(dataset_dir: Path, options: IngestOptions, part: int, progress: ProgressFn | None = None) -> str:
+    """Decode part `part` of the plan into a new shard (images already in the previous cache are not decoded or
+    stored again); save its outcomes to staging. Return the part's token (its shard's, when it stored images)."""
+    dataset, staging = Dataset(dataset_dir), staging_dir(dataset_dir)
+    paths = pd.read_parquet(staging / "todo.parquet")["path"].tolist()[DecodePlan.load(dataset_dir).part_rows(part)]
+    previous, old_cache, _ = _previous_state(dataset, options)
     old_index = old_cache.index()
-    reuse_mask, reused = _reusable_rows(files, previous, old_index)
     known = {
         r.image_id: (r.width, r.height, r.format) for r in usable_rows(previous).itertuples() if r.image_id in old_index
     }
-    todo = files.loc[~reuse_mask, "path"].tolist()
-
-    builder = _CacheBuilder(dataset, old_cache, options, capacity=len(todo))
-    builder.keep(usable_rows(reused)["image_id"])
-    fresh = []
+    shard = _ShardWriter(dataset, capacity=len(paths))
+    outcomes = []
     for outcome in decode_many(
-        todo, options.decode_spec(), options.decode_workers, known, progress, options.decode_time_limit_s
+        paths, options.decode_spec(), options.decode_workers, known, progress, options.decode_time_limit_s
     ):
         if outcome.ok and outcome.array is None:  # same bytes as a cached image
             width, height, fmt = known[outcome.image_id]
             outcome = DecodeOutcome(outcome.path, outcome.image_id, "ok", "", width, height, fmt)
-            builder.keep([outcome.image_id])
         elif outcome.ok and outcome.array is not None:
-            builder.add(outcome.image_id, outcome.array)
-        fresh.append(outcome)
-    token = builder.finish(old_token)
+            shard.add(outcome.image_id, outcome.array)
+        outcomes.append(outcome)
+    shard.finish()
+    _outcome_frame(outcomes).to_parquet(staging / f"part-{shard.token}.parquet", index=False)
+    return shard.token
 
-    decoded = _decoded_frame(files, reuse_mask, reused, fresh)
+
+def finish_decode(dataset_dir: Path, options: IngestOptions, parts: list[str]) -> Path:
+    """Gather the parts' outcomes into staging/decoded.parquet and choose the shards the new cache is made of:
+    the earlier shards that still hold a live image, then the parts' new shards (compacted into one when the
+    dead slots outnumber the live ones or the shards are too many)."""
+    dataset, staging = Dataset(dataset_dir), staging_dir(dataset_dir)
+    files = pd.read_parquet(staging / "scan.parquet")
+    plan = DecodePlan.load(dataset_dir)
+    reused = pd.read_parquet(staging / "reused.parquet")
+    fresh = [pd.read_parquet(staging / f"part-{part}.parquet") for part in parts]
+    decoded = _decoded_frame(files, reused, pd.concat([_outcome_frame([]), *fresh], ignore_index=True))
+    live = set(usable_rows(decoded)["image_id"])
+    new_shards = [part for part in parts if dataset.cache_paths(part)[1].is_file()]  # parts that stored images
+    stored = len(dataset.open_cache(new_shards))
+    shards = [token for token in plan.old_shards if live.intersection(dataset.open_cache([token]).ids)]
+    shards += new_shards
+    cache = dataset.open_cache(shards)
+    compacted = len(shards) > MAX_SHARDS or len(cache) > 2 * len(live)
+    if compacted:
+        shards = [_compact(dataset, cache, live)]
     decoded.to_parquet(staging / "decoded.parquet", index=False)
-    DecodeRecord(token, sum(o.array is not None for o in fresh), int(reuse_mask.sum()), len(files)).save(dataset_dir)
+    DecodeRecord(shards, stored, len(files) - plan.todo, len(files), compacted).save(dataset_dir)
     return staging / "decoded.parquet"
 
 
-def _previous_state(dataset: Dataset, options: IngestOptions) -> tuple[pd.DataFrame, ImageCache, str]:
-    """The last committed manifest and cache, when the cache was built with the same decode settings."""
+def stage_decode(dataset_dir: Path, options: IngestOptions, progress: ProgressFn | None = None) -> Path:
+    """Decode new or changed files into new shards of the cache (plan, parts, finish, all in this process)."""
+    plan = plan_decode(dataset_dir, options)
+    return finish_decode(
+        dataset_dir, options, [decode_part(dataset_dir, options, k, progress) for k in range(plan.parts)]
+    )
+
+
+def _previous_state(dataset: Dataset, options: IngestOptions) -> tuple[pd.DataFrame, ImageCache, list[str]]:
+    """The last committed manifest, cache and its shards, when the cache was built with the same decode settings."""
     if not dataset.exists():
-        return pd.DataFrame(columns=MANIFEST_COLUMNS), ImageCache.empty(), ""
+        return pd.DataFrame(columns=MANIFEST_COLUMNS), ImageCache.empty(), []
     meta = dataset.meta()
     if meta.cache_key() != (options.image_size, options.channels, options.resize):
-        return pd.DataFrame(columns=MANIFEST_COLUMNS), ImageCache.empty(), ""
-    return dataset.manifest(), dataset.open_cache(meta.cache_token), meta.cache_token
+        return pd.DataFrame(columns=MANIFEST_COLUMNS), ImageCache.empty(), []
+    return dataset.manifest(), dataset.open_cache(meta.cache_shards), list(meta.cache_shards)
 
 
 def _reusable_rows(
@@ -274,70 +341,79 @@ def _reusable_rows(
     return mask, reused
 
 
-class _CacheBuilder:
-    """Writes a new cache file: surviving slots of the old one plus freshly decoded images."""
+class _ShardWriter:
+    """Writes one new shard of the cache: freshly decoded images, each distinct image once. The file is sized for
+    every file of the part; slots left unused (rejects, images already cached) are never written, so on the
+    usual filesystems (ext4, XFS, APFS) they take no disk space."""
 
-    def __init__(self, dataset: Dataset, old: ImageCache, options: IngestOptions, capacity: int) -> None:
-        self.dataset, self.old, self.options = dataset, old, options
-        self.old_index = old.index()
-        self.capacity = capacity
-        self.kept: dict[str, int] = {}
-        self.new_ids: list[str] = []
-        self._stored: set[str] = set()  # new_ids as a set: a list's `in` made every ingest quadratic
+    def __init__(self, dataset: Dataset, capacity: int) -> None:
+        self.dataset, self.capacity = dataset, capacity
+        self.ids: list[str] = []
+        self._stored: set[str] = set()  # ids as a set: a list's `in` made every ingest quadratic
         self.images: np.ndarray | None = None
         self.token = uuid.uuid4().hex[:12]
 
-    def keep(self, image_ids: Iterable[str]) -> None:
-        for image_id in image_ids:
-            if image_id in self.old_index:
-                self.kept[image_id] = self.old_index[image_id]
-
     def add(self, image_id: str, array: np.ndarray) -> None:
-        if image_id in self.kept or image_id in self._stored:
-            return  # identical bytes seen twice in one run: stored once
+        if image_id in self._stored:
+            return  # identical bytes seen twice in one part: stored once
         if self.images is None:
-            self.images = self._allocate(array.shape)
-        self.images[len(self.kept) + len(self.new_ids)] = array
-        self.new_ids.append(image_id)
+            self.images = _open_shard(self.dataset, self.token, (self.capacity, *array.shape))
+        self.images[len(self.ids)] = array
+        self.ids.append(image_id)
         self._stored.add(image_id)
 
-    def _allocate(self, shape: tuple[int, ...]) -> np.ndarray:
-        images_path, _ = self.dataset.cache_paths(self.token)
-        images_path.parent.mkdir(parents=True, exist_ok=True)
-        total = len(self.kept) + self.capacity
-        images = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(total, *shape))
-        for slot, old_slot in enumerate(self.kept.values()):
-            images[slot] = self.old.images[old_slot]
-        return images
-
-    def finish(self, old_token: str) -> str:
-        """Flush and return the token of the cache the manifest should use."""
-        if self.images is None:
-            if len(self.kept) == len(self.old_index) and old_token:
-                return old_token  # nothing new, nothing dropped: keep the old cache as is
-            if not self.kept:
-                return ""
-            spec = self.options
-            self.images = self._allocate((spec.image_size, spec.image_size, spec.channels))
-        self.images.flush()  # type: ignore[attr-defined]  # an open_memmap
-        ids = np.full(self.images.shape[0], "", dtype="<U64")
-        ids[: len(self.kept) + len(self.new_ids)] = list(self.kept) + self.new_ids
-        _, ids_path = self.dataset.cache_paths(self.token)
-        with atomic_path(ids_path) as tmp, open(tmp, "wb") as handle:
-            np.save(handle, ids, allow_pickle=False)
-        return self.token
+    def finish(self) -> None:
+        """Flush the images, then write the ids (the shard is complete once its ids file exists)."""
+        if self.images is not None:
+            _close_shard(self.dataset, self.token, self.images, self.ids)
 
 
-def _decoded_frame(
-    files: pd.DataFrame, reuse_mask: pd.Series, reused: pd.DataFrame, fresh: list[DecodeOutcome]
-) -> pd.DataFrame:
-    """One row per scanned file with the decode results, in scan order."""
-    result_cols = ["image_id", "width", "height", "format", "status", "reason", "reject_kind"]
-    fresh_frame = pd.DataFrame(
-        [(o.path, o.image_id, o.width, o.height, o.format, o.status, o.reason, o.kind and o.kind.value) for o in fresh],
-        columns=["path", *result_cols],
+def _open_shard(dataset: Dataset, token: str, shape: tuple[int, ...]) -> np.ndarray:
+    images_path, _ = dataset.cache_paths(token)
+    images_path.parent.mkdir(parents=True, exist_ok=True)
+    return np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=shape)
+
+
+def _close_shard(dataset: Dataset, token: str, images: np.ndarray, ids: list[str]) -> None:
+    images.flush()  # type: ignore[attr-defined]  # an open_memmap
+    slots = np.full(images.shape[0], "", dtype="<U64")
+    slots[: len(ids)] = ids
+    _, ids_path = dataset.cache_paths(token)
+    with atomic_path(ids_path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, slots, allow_pickle=False)
+
+
+def _compact(dataset: Dataset, cache: ImageCache, live: set[str]) -> str:
+    """Copy the live images of `cache` into one new shard, a bounded batch at a time; return its token."""
+    index = cache.index()
+    ids = [image_id for image_id in index if image_id in live]
+    token = uuid.uuid4().hex[:12]
+    images = _open_shard(dataset, token, (len(ids), *cache.images.image_shape))
+    step = max(1, (64 << 20) // max(1, int(np.prod(cache.images.image_shape))))  # about 64 MB per copy
+    for start in range(0, len(ids), step):
+        chunk = ids[start : start + step]
+        images[start : start + len(chunk)] = cache.images.read([index[i] for i in chunk])
+    _close_shard(dataset, token, images, ids)
+    return token
+
+
+def _outcome_frame(outcomes: list[DecodeOutcome]) -> pd.DataFrame:
+    """A part's outcomes, one row per file."""
+    return pd.DataFrame(
+        [
+            (o.path, o.image_id, o.width, o.height, o.format, o.status, o.reason, o.kind and o.kind.value)
+            for o in outcomes
+        ],
+        columns=["path", *_RESULT_COLUMNS],
     )
-    results = pd.concat([reused[["path", *result_cols]], fresh_frame], ignore_index=True)
+
+
+_RESULT_COLUMNS = ["image_id", "width", "height", "format", "status", "reason", "reject_kind"]
+
+
+def _decoded_frame(files: pd.DataFrame, reused: pd.DataFrame, fresh: pd.DataFrame) -> pd.DataFrame:
+    """One row per scanned file with the decode results, in scan order."""
+    results = pd.concat([reused[["path", *_RESULT_COLUMNS]], fresh], ignore_index=True)
     frame = files.rename(columns={"split": "preset"}).merge(results, on="path", how="left")
     return frame.astype({"width": "int64", "height": "int64"})
 
@@ -423,7 +499,7 @@ def commit_dataset(dataset_dir: Path, options: IngestOptions) -> Path:
     """Publish the staged manifest and cache as a new generation (see cnn.dataset), then drop the earlier ones
     (a run that already opened them keeps reading: open and memory-mapped files outlive their names)."""
     dataset, staging = Dataset(dataset_dir), staging_dir(dataset_dir)
-    scan, token = ScanRecord.load(dataset_dir), DecodeRecord.load(dataset_dir).cache_token
+    scan, shards = ScanRecord.load(dataset_dir), DecodeRecord.load(dataset_dir).cache_shards
     manifest = pd.read_parquet(staging / "manifest.parquet")
     classes = sorted(usable_rows(manifest)["label"].unique())
     meta = DatasetMeta(
@@ -438,7 +514,7 @@ def commit_dataset(dataset_dir: Path, options: IngestOptions) -> Path:
         test_fraction=options.test_fraction,
         group_column=options.group_column,
         classes=classes,
-        cache_token=token,
+        cache_shards=shards,
         updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
         max_file_bytes=options.max_file_bytes,
     )
@@ -454,14 +530,14 @@ def commit_dataset(dataset_dir: Path, options: IngestOptions) -> Path:
 
 def _drop_unused(dataset: Dataset, keep: Path) -> None:
     """Remove other generations, cache files the kept one does not use, and the earlier layout's files."""
-    token = Dataset.meta_of(keep).cache_token
+    used = {path.name for token in Dataset.meta_of(keep).cache_shards for path in dataset.cache_paths(token)}
     for folder in (dataset.root / GENERATIONS).iterdir():
         if folder != keep:
             shutil.rmtree(folder, ignore_errors=True)
     for name in ("manifest.parquet", "dataset.json"):  # the layout before generations
         (dataset.root / name).unlink(missing_ok=True)
     for stale in dataset.cache_dir.glob("*"):
-        if stale.name.endswith(".tmp") or not token or token not in stale.name:
+        if stale.name not in used:
             stale.unlink(missing_ok=True)
 
 

@@ -138,6 +138,17 @@ def ingest(
             "always adds).",
         ),
     ] = None,
+    cluster: Annotated[
+        str | None, typer.Option(help="Dask scheduler address (tcp://host:8786): the decoding fans out to it.")
+    ] = None,
+    dask_workers: Annotated[
+        int | None,
+        typer.Option(help=_help(IngestOptions, "dask_workers", "Decode on a local Dask cluster of N processes.")),
+    ] = None,
+    files_per_part: Annotated[
+        int | None,
+        typer.Option(help=_help(IngestOptions, "files_per_part", "Files per decode task on Dask (a shard each).")),
+    ] = None,
 ) -> None:
     """Ingest SOURCE: decode every image once, validate, split and cache it (Prefect flow `ingest`)."""
     from flows import render, workspace
@@ -156,6 +167,9 @@ def ingest(
         max_file_mb=max_file_mb,
         decode_time_limit_s=decode_time_limit,
         add=add,
+        cluster=cluster,
+        dask_workers=dask_workers,
+        files_per_part=files_per_part,
     )
     options.fractions()
     workspace.current().dataset(dataset)

@@ -130,6 +130,6 @@ def _training_images(dataset: str, image_ids: list[str]) -> list[np.ndarray | No
     found = workspace.current().dataset(dataset) if dataset else None
     if found is None or not found.exists():
         return [None] * len(image_ids)
-    cache = found.open_cache(found.meta().cache_token)
+    cache = found.open_cache()
     index = cache.index()
     return [np.asarray(cache.get(i)) if i in index else None for i in image_ids]

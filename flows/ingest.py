@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
+from prefect.task_runners import TaskRunner
 
 from cnn import ingest as lib
 from cnn.ingest import IngestOptions
 from cnn.report import DatasetReport, build_report, save_report
-from flows import workspace
+from flows import cluster, workspace
 from flows.logfilter import quiet_user_errors
 from flows.processes import sigterm_at_safe_points
 from flows.progress import reported_progress
@@ -35,11 +38,49 @@ def scan_source(source: str, dataset_dir: str, options: IngestOptions) -> str:
     return str(lib.stage_scan(source, Path(dataset_dir), options))
 
 
-@task(name="decode-images", cache_policy=NO_CACHE)
-def decode_images(dataset_dir: str, options: IngestOptions) -> str:
-    """Decode new and changed files once each, in parallel, into the memory-mapped cache."""
+@task(name="plan-decode", cache_policy=NO_CACHE)
+def plan_decode(dataset_dir: str, options: IngestOptions) -> int:
+    """Find the new and changed files; return the number of parts to decode them in."""
+    return lib.plan_decode(Path(dataset_dir), options).parts
+
+
+@task(name="decode-part", cache_policy=NO_CACHE)
+def decode_part(dataset_dir: str, options: IngestOptions, part: int) -> str:
+    """Decode one part's files once each into a new shard of the cache; return the part's token."""
+    if options.fan_out:  # one of many parts on a Dask worker: the flow reports the parts done
+        return lib.decode_part(Path(dataset_dir), options, part)
     with reported_progress("decoding images", key="ingest-decode") as progress:
-        return str(lib.stage_decode(Path(dataset_dir), options, progress))
+        return lib.decode_part(Path(dataset_dir), options, part, progress)
+
+
+@task(name="finish-decode", cache_policy=NO_CACHE)
+def finish_decode(dataset_dir: str, options: IngestOptions, parts: list[str]) -> str:
+    """Gather the parts' outcomes; choose the cache's shards (compacting them when they hold mostly dead images)."""
+    return str(lib.finish_decode(Path(dataset_dir), options, parts))
+
+
+def decode_images(dataset_dir: str, options: IngestOptions) -> str:
+    """Decode new and changed files: here in one part with a pool of processes, or in parts on a Dask cluster."""
+    parts = plan_decode(dataset_dir, options)
+    with cluster.fan_out(options) as dask:
+        if dask is None:
+            tokens = [decode_part(dataset_dir, options, part) for part in range(parts)]
+        else:
+            tokens = _decode_on(dask, dataset_dir, options, parts)
+    return finish_decode(dataset_dir, options, tokens)
+
+
+def _decode_on(dask: TaskRunner[PrefectFuture[Any]], dataset_dir: str, options: IngestOptions, parts: int) -> list[str]:
+    """The parts on the Dask cluster, with the parts done as the run's progress."""
+    args = {"dataset_dir": dataset_dir, "options": options}
+    futures = [dask.submit(decode_part, {**args, "part": part}) for part in range(parts)]
+    tokens: list[str] = []
+    with reported_progress("decoding images (parts)", key="ingest-decode") as progress:
+        progress(0, parts)
+        for future in futures:
+            tokens.append(future.result())
+            progress(len(tokens), parts)
+    return tokens
 
 
 @task(name="assign-splits", cache_policy=NO_CACHE)

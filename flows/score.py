@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from prefect import Flow, flow, task
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
@@ -25,7 +25,7 @@ from cnn.errors import UserError
 from cnn.plots import plot_drift
 from cnn.scoring import ModelRef, ScoringOptions, ScoringSummary, ShardPlan, ShardResult
 from cnn.sinks import Sink, open_sink, redact
-from flows import credentials, tracking, versions, workspace
+from flows import cluster, credentials, tracking, versions, workspace
 from flows.logfilter import quiet_user_errors
 from flows.processes import sigterm_at_safe_points
 from flows.progress import reported_progress
@@ -180,15 +180,17 @@ def score_flow(source: str, config: ScoreConfig, home: str | None = None) -> Sco
         start = time.perf_counter()
         with reported_progress(f"scoring with {model.label}", key="score-progress") as progress:
             progress(0, plan.files)
-            if config.fan_out:
-                futures = [score_shard.submit(plan, shard, model, config, options) for shard in range(plan.shards)]
-                shard_results = (future.result() for future in futures)
-            else:
-                shard_results = (score_shard(plan, shard, model, config, options) for shard in range(plan.shards))
-            for result in shard_results:
-                stopping.check()  # a safe point: between shards (what is committed stays committed)
-                results.append(result)
-                progress(sum(r.files for r in results), plan.files)
+            with cluster.fan_out(config) as dask:
+                if dask is not None:
+                    args = {"plan": plan, "model": model, "config": config, "options": options}
+                    futures = [dask.submit(score_shard, {**args, "shard": shard}) for shard in range(plan.shards)]
+                    shard_results = (future.result() for future in futures)
+                else:
+                    shard_results = (score_shard(plan, shard, model, config, options) for shard in range(plan.shards))
+                for result in shard_results:
+                    stopping.check()  # a safe point: between shards (what is committed stays committed)
+                    results.append(result)
+                    progress(sum(r.files for r in results), plan.files)
         summary = scoring.summarise(results, plan, model, time.perf_counter() - start, publish(config))
         plan.remove()
         if config.similar and config.embeddings:
@@ -221,29 +223,9 @@ def _log_config(config: ScoreConfig, run_dir: Path) -> None:
     create_markdown_artifact(f"```yaml\n{shown.to_yaml()}```\n", key="score-config", description="Scoring config")
 
 
-def runner(config: ScoreConfig) -> Flow[..., ScoringSummary]:
-    """`score_flow`, with its shards on an existing Dask scheduler (`cluster`) or a local cluster of `dask_workers`."""
-    if not config.fan_out:
-        return score_flow
-    from prefect_dask import DaskTaskRunner
-
-    if config.cluster:
-        task_runner = DaskTaskRunner(address=config.cluster)
-    else:
-        task_runner = DaskTaskRunner(
-            cluster_kwargs={
-                "n_workers": config.dask_workers,
-                "threads_per_worker": 1,
-                "processes": True,
-                "dashboard_address": None,
-            }
-        )
-    return score_flow.with_options(task_runner=task_runner)
-
-
 def score(source: str, config: ScoreConfig) -> ScoringSummary:
-    """Check the model spec, then run the flow (on Dask when the config says so). The caller has configured the
-    workspace (the CLI does, once per command)."""
+    """Check the model spec, then run the flow. The caller has configured the workspace (the CLI does, once per
+    command)."""
     versions.parse_spec(config.model)
     config = config.model_copy(update={"table": credentials.by_reference(config.table)})  # no password in parameters
-    return runner(config)(source=source, config=config)
+    return score_flow(source=source, config=config)

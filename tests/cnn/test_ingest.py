@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from cnn.dataset import MANIFEST_COLUMNS, Dataset
 from cnn.decode import DecodeSpec, decode_file
 from cnn.errors import UserError
-from cnn.ingest import IngestOptions, ingest, staged_stats
+from cnn.ingest import DecodeRecord, IngestOptions, ingest, staged_stats
 from cnn.report import build_report
 from cnn.sources import scan_source
 from tests.helpers import image_bytes
@@ -55,8 +56,8 @@ def test_manifest_columns_and_split_distribution(write_images: Callable[..., Pat
 def test_cache_holds_the_decoded_pixels(write_images: Callable[..., Path], tmp_path: Path) -> None:
     dataset, _ = _ingest(write_images(per_class=5), tmp_path)
     cache = dataset.open_cache()
-    assert isinstance(cache.images, np.memmap)
-    assert cache.images.shape[1:] == (16, 16, 3)
+    assert len(cache.images.arrays) == 1 and isinstance(cache.images.arrays[0], np.memmap)
+    assert cache.images.image_shape == (16, 16, 3)
     row = dataset.manifest().iloc[3]
     expected = decode_file(row["path"], DecodeSpec(channels=3, size=16)).array
     np.testing.assert_array_equal(cache.get(row["image_id"]), expected)
@@ -152,11 +153,11 @@ def test_incremental_rerun_decodes_only_new_and_changed(write_images: Callable[.
     src = write_images(per_class=10)
     dataset, _ = _ingest(src, tmp_path)
     first = dataset.manifest().set_index("path")["split"]
-    token = dataset.meta().cache_token
+    shards = dataset.meta().cache_shards
 
     dataset, stats = _ingest(src, tmp_path)
     assert stats.decoded == 0 and stats.reused == 20
-    assert dataset.meta().cache_token == token  # nothing changed: same cache file
+    assert dataset.meta().cache_shards == shards and len(shards) == 1  # nothing changed: same cache file
 
     new = np.random.default_rng(9).integers(0, 256, (24, 32, 3), dtype=np.uint8)
     (src / "dog" / "new.png").write_bytes(image_bytes(new))
@@ -170,9 +171,11 @@ def test_incremental_rerun_decodes_only_new_and_changed(write_images: Callable[.
     unchanged = first.drop(str(changed))
     assert (manifest.loc[unchanged.index, "split"] == unchanged).all()  # old rows keep their splits
     cache = dataset.open_cache()
-    assert len(cache) == 21
+    assert len(cache) == 22  # the 21 images, and the changed file's old one: a dead slot until a compaction
+    assert set(cache.index()) >= set(manifest["image_id"])
     np.testing.assert_array_equal(cache.get(manifest.loc[str(changed), "image_id"]), 0)
-    assert len(list(dataset.cache_dir.iterdir())) == 2  # the old cache files were removed
+    assert dataset.meta().cache_shards[0] == shards[0] and len(dataset.meta().cache_shards) == 2  # appended
+    assert len(list(dataset.cache_dir.iterdir())) == 4  # two shards, each an images and an ids file
 
 
 def test_changed_image_size_rebuilds_cache(write_images: Callable[..., Path], tmp_path: Path) -> None:
@@ -180,7 +183,8 @@ def test_changed_image_size_rebuilds_cache(write_images: Callable[..., Path], tm
     _ingest(src, tmp_path)
     dataset, stats = _ingest(src, tmp_path, OPTS.model_copy(update={"image_size": 24}))
     assert stats.decoded == 10
-    assert dataset.open_cache().images.shape[1:] == (24, 24, 3)
+    assert dataset.open_cache().images.image_shape == (24, 24, 3)
+    assert len(dataset.meta().cache_shards) == 1 and len(list(dataset.cache_dir.iterdir())) == 2  # old shard gone
 
 
 def test_duplicates_and_conflicting_labels_reported(write_images: Callable[..., Path], tmp_path: Path) -> None:
@@ -241,7 +245,7 @@ def test_an_ingest_that_dies_before_its_commit_point_leaves_the_previous_dataset
     dies (the pointer's rename never happens). The dataset still reads as before, whole."""
     src = write_images(per_class=10)
     before, _ = _ingest(src, tmp_path)
-    token, rows = before.meta().cache_token, len(before.manifest())
+    shards, rows = before.meta().cache_shards, len(before.manifest())
     (src / "dog" / "new.png").write_bytes(image_bytes(np.full((24, 32, 3), 7, np.uint8)))
     (src / "bird").mkdir()
     for i in range(3):
@@ -255,13 +259,16 @@ def test_an_ingest_that_dies_before_its_commit_point_leaves_the_previous_dataset
         ingest(src, before.root, OPTS)
     after = Dataset(before.root)
     meta = after.meta()
-    assert (meta.cache_token, meta.classes, len(after.manifest())) == (token, ["cat", "dog"], rows)
+    assert (meta.cache_shards, meta.classes, len(after.manifest())) == (shards, ["cat", "dog"], rows)
     assert len(after.open_cache()) == rows
     monkeypatch.undo()
 
     dataset, _ = _ingest(src, tmp_path)  # the next ingest commits and clears what the dead one left
     assert dataset.meta().classes == ["bird", "cat", "dog"] and len(dataset.manifest()) == rows + 4
-    assert len(list((dataset.root / "generations").iterdir())) == 1 and len(list(dataset.cache_dir.iterdir())) == 2
+    assert len(list((dataset.root / "generations").iterdir())) == 1
+    assert (
+        len(list(dataset.cache_dir.iterdir())) == 2 * len(dataset.meta().cache_shards) == 4
+    )  # the dead run's shard went
 
 
 def test_a_dataset_in_the_layout_before_generations_reads_and_moves_on_its_next_ingest(
@@ -273,6 +280,9 @@ def test_a_dataset_in_the_layout_before_generations_reads_and_moves_on_its_next_
     dataset, _ = _ingest(src, tmp_path)
     for name in ("manifest.parquet", "dataset.json"):  # as an earlier version left it
         shutil.move(dataset.manifest_path.parent / name, dataset.root / name)
+    meta = json.loads((dataset.root / "dataset.json").read_text())
+    meta["cache_token"] = meta.pop("cache_shards")[0]  # one cache file, before shards
+    (dataset.root / "dataset.json").write_text(json.dumps(meta))
     shutil.rmtree(dataset.root / "generations")
     (dataset.root / "CURRENT").unlink()
     legacy = Dataset(dataset.root)
@@ -363,3 +373,71 @@ def test_a_scheduled_re_ingest_of_the_source_keeps_reviewed_images(
     after = Dataset(root).usable().set_index("path")
     assert len(after) == 12 + 4 and int(after["reviewed"].sum()) == 5
     assert after.loc[corrected, "label"] == "dog"  # the reviewer's label wins over the source folder's
+
+
+def test_adding_one_percent_writes_about_one_percent_of_the_cache(tmp_path: Path) -> None:
+    """The cache is append-only: a night that adds 1% new images writes one shard of about 1% of the bytes and
+    leaves the earlier shard's file as it was (same inode, same bytes on disk)."""
+    rng = np.random.default_rng(3)
+    src = tmp_path / "src"
+    for label in ("cat", "dog"):
+        (src / label).mkdir(parents=True)
+        for i in range(100):
+            (src / label / f"{i:03d}.png").write_bytes(image_bytes(rng.integers(0, 256, (16, 16, 3), np.uint8)))
+    dataset, _ = _ingest(src, tmp_path)
+    (first,) = dataset.meta().cache_shards
+    first_file = dataset.cache_paths(first)[0]
+    before = (first_file.stat().st_ino, first_file.stat().st_mtime_ns, first_file.read_bytes())
+    for i in range(2):  # 1% of 200
+        (src / "dog" / f"new{i}.png").write_bytes(image_bytes(rng.integers(0, 256, (16, 16, 3), np.uint8)))
+
+    dataset, stats = _ingest(src, tmp_path)
+    old, new = dataset.meta().cache_shards
+    assert old == first and stats.decoded == 2 and stats.reused == 200
+    assert (first_file.stat().st_ino, first_file.stat().st_mtime_ns, first_file.read_bytes()) == before
+    new_file = dataset.cache_paths(new)[0]
+    assert new_file.stat().st_size < 0.02 * first_file.stat().st_size  # about 1% (plus the .npy header)
+    manifest = dataset.usable()
+    assert len(dataset.open_cache()) == 202 and set(dataset.open_cache().index()) == set(manifest["image_id"])
+
+
+def test_the_cache_compacts_when_dead_images_outnumber_live_ones(
+    write_images: Callable[..., Path], tmp_path: Path
+) -> None:
+    src = write_images(per_class=10)
+    dataset, _ = _ingest(src, tmp_path)
+    for path in sorted(src.glob("*/*.png"))[:14]:  # 14 of 20 files leave the source: 14 dead slots, 6 live
+        path.unlink()
+    (src / "cat" / "late.png").write_bytes(image_bytes(np.full((24, 32, 3), 5, np.uint8)))
+    dataset, stats = _ingest(src, tmp_path)
+    assert stats.decoded == 1 and len(dataset.meta().cache_shards) == 1  # one compacted shard, not two
+    assert DecodeRecord.load(dataset.root).compacted
+    cache = dataset.open_cache()
+    assert len(cache.ids) == len(cache) == 7 and len(list(dataset.cache_dir.iterdir())) == 2
+    for row in dataset.usable().itertuples():
+        np.testing.assert_array_equal(cache.get(row.image_id), decode_file(row.path, OPTS.decode_spec()).array)
+
+
+def test_training_reads_across_shards_what_a_single_shard_holds(
+    write_images: Callable[..., Path], tmp_path: Path
+) -> None:
+    from cnn.data import CacheDataset, load_split
+
+    src = write_images(per_class=10)
+    _ingest(src, tmp_path)
+    for i in range(6):
+        (src / ("cat" if i % 2 else "dog") / f"extra{i}.png").write_bytes(
+            image_bytes(np.full((24, 32, 3), 40 * i, np.uint8))
+        )
+    dataset, _ = _ingest(src, tmp_path)
+    assert len(dataset.meta().cache_shards) == 2
+    classes = dataset.meta().classes
+    split = load_split(dataset, "train", classes)
+    assert len(split.shard_files) == 2 and split.slots.max() >= 20  # rows from both shards
+    images = split.read_images()
+    for image, path in zip(images, split.paths):
+        np.testing.assert_array_equal(image, decode_file(path, OPTS.decode_spec()).array)
+    order = np.random.default_rng(0).permutation(len(split.slots)).tolist()
+    batch, labels = CacheDataset(split).__getitems__(order)
+    np.testing.assert_array_equal(batch.numpy(), images[order])
+    np.testing.assert_array_equal(labels.numpy(), split.labels[order])

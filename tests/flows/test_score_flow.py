@@ -16,10 +16,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from cnn.dataset import Dataset
 from flows.cli import app
 from tests.helpers import (
     PG_URL,
@@ -404,7 +406,9 @@ def test_a_real_dask_scheduler_and_two_worker_processes_score_what_one_process_s
     home: Path, tmp_path: Path
 ) -> None:
     """`--cluster` against a scheduler and two workers started as their own processes on loopback (as in the compose
-    file), not an in-process LocalCluster: the same tables as the single-process run, and the shards ran there."""
+    file), not an in-process LocalCluster: the same tables as the single-process run, and the shards ran there.
+    Ingest fans out to the same cluster: its parts decode there, each into a shard of the cache, into the same
+    dataset a single-process ingest makes."""
     from distributed import Client
     from prefect.settings import PREFECT_API_URL
 
@@ -429,7 +433,24 @@ def test_a_real_dask_scheduler_and_two_worker_processes_score_what_one_process_s
             result = runner.invoke(app, [*base, "--output", str(spread), "--cluster", address])
             assert result.exit_code == 0, result.output
             loaded = client.run(lambda: __import__("flows.versions").versions._cached_predictor.cache_info().currsize)
+            source = write_patterns(tmp_path / "ingest", per_class=8, seed=5)
+            ingest = ["ingest", str(source), "--image-size", "16", "--dataset"]
+            assert runner.invoke(app, [*ingest, "here"]).exit_code == 0
+            result = runner.invoke(app, [*ingest, "there", "--cluster", address, "--files-per-part", "5"])
+            assert result.exit_code == 0, result.output
+            decoded_there = client.run(lambda: "cnn.ingest" in sys.modules)
         assert len(loaded) == 2 and sum(loaded.values()) >= 1  # the worker processes loaded the model and scored
+        assert any(decoded_there.values())  # the parts ran in the worker processes
+        here, there = Dataset(home / "datasets" / "here"), Dataset(home / "datasets" / "there")
+        assert len(here.meta().cache_shards) == 1 and len(there.meta().cache_shards) == 5  # 24 files, 5 per part
+        columns = ["path", "image_id", "label", "split", "status"]
+        pd.testing.assert_frame_equal(
+            here.manifest()[columns].sort_values("path").reset_index(drop=True),
+            there.manifest()[columns].sort_values("path").reset_index(drop=True),
+        )
+        cache_here, cache_there = here.open_cache(), there.open_cache()
+        for image_id in here.usable()["image_id"]:
+            np.testing.assert_array_equal(cache_here.get(image_id), cache_there.get(image_id))
         ignore = ["scored_at", "flow_run_id", "duplicate_of", "duplicate_kind"]  # reuse check: see the test above
         a, b = (
             pd.read_parquet(p).drop(columns=ignore).sort_values("path").reset_index(drop=True) for p in (single, spread)

@@ -61,12 +61,40 @@ def _photo() -> A.Compose:
     )
 
 
-PRESETS: dict[str, Callable[[], A.Compose]] = {"none": _none, "xray": _xray, "photo": _photo}
+def _shift() -> A.Compose:
+    """Light geometry for small images: shifts and a little scaling (the pad-and-crop of CIFAR recipes); no flips,
+    so it suits images where laterality matters."""
+    alb = _albumentations()
+    return alb.Compose([alb.Affine(scale=(0.9, 1.1), translate_percent=(-0.1, 0.1), p=0.8)])
+
+
+def _light() -> A.Compose:
+    """`shift` plus horizontal flips: for photos, where a mirror image has the same label."""
+    alb = _albumentations()
+    return alb.Compose([alb.HorizontalFlip(p=0.5), *_shift().transforms])
+
+
+PRESETS: dict[str, Callable[[], A.Compose]] = {
+    "none": _none,
+    "xray": _xray,
+    "photo": _photo,
+    "shift": _shift,
+    "light": _light,
+}
+AUTO = "auto"  # a preset chosen from the dataset: `light` for RGB, `shift` (never a flip) for grayscale
+
+
+def resolve_policy(spec: str, channels: int) -> str:
+    """The policy `spec` names for a dataset of `channels`: `auto` becomes `light` for RGB and `shift` for grayscale
+    (grayscale is where X-rays are, and anatomy has a side); any other spec is itself."""
+    if spec != AUTO:
+        return spec
+    return "light" if channels == 3 else "shift"
 
 
 def list_policies() -> list[str]:
-    """Names of the preset policies."""
-    return sorted(PRESETS)
+    """Names of the preset policies (and `auto`)."""
+    return sorted([*PRESETS, AUTO])
 
 
 @dataclass
@@ -103,7 +131,8 @@ class Policy:
 
 
 def load_policy(spec: str) -> Policy:
-    """A preset by name, or an albumentations YAML/JSON file; UserError lists what is valid."""
+    """A preset by name, or an albumentations YAML/JSON file; UserError lists what is valid. (`auto` needs the
+    dataset: see `resolve_policy`.)"""
     if spec in PRESETS:
         return Policy(spec, PRESETS[spec]())
     path = Path(spec).expanduser()

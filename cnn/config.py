@@ -98,16 +98,23 @@ class TrainConfig(FlowConfig):
     )
     freeze_epochs: int = Field(0, ge=0, description="train only the head for the first N epochs")
     epochs: int = Field(10, ge=1, le=10_000)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: float = Field(0.9, ge=0, lt=1)
     schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
     warmup_epochs: float = Field(1.0, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    ema: float | None = Field(
+        0.999, ge=0, lt=1, description="decay of a moving average of the weights, validated and saved; null = off"
+    )
     imbalance: Literal["none", "class_weights", "sampler"] = "class_weights"
-    policy: str = Field("none", description="augmentation preset or albumentations YAML/JSON file")
+    policy: str = Field(
+        "none",
+        description="augmentation preset or albumentations YAML/JSON file; auto: light (flips, shifts) for RGB, "
+        "shift (no flips) for grayscale",
+    )
     monitor: Metric = "macro_f1"
     patience: int = Field(5, ge=0, description="early stopping after N epochs without improvement; 0 = off")
     grad_clip: float | None = Field(1.0, gt=0)

@@ -21,13 +21,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from cnn import stopping
-from cnn.augment import load_policy, validate_policy
+from cnn.augment import load_policy, resolve_policy, validate_policy
 from cnn.budget import Budget, BudgetReport, Schedule
 from cnn.config import TrainConfig
 from cnn.contract import ModelContract
 from cnn.data import CacheDataset, SplitData, load_split, make_loader
 from cnn.dataset import Dataset
 from cnn.distributed import Dist
+from cnn.ema import WeightAverage
 from cnn.errors import UserError
 from cnn.fsio import atomic_path, write_json_atomic, write_text_atomic
 from cnn.metrics import ClassificationMetrics, compute_metrics
@@ -52,6 +53,7 @@ _RESUME_KEYS = (
     "policy",
     "seed",
     "freeze_epochs",
+    "ema",
 )
 Stopped = Literal["completed", "early_stopping", "time_budget"]
 EpochRecord = dict[str, float]  # epoch, train_loss, lr, steps, epoch_seconds, train_images_per_s, val_*
@@ -115,6 +117,7 @@ class TrainState:
             "optimizer": parts.optimizer.state_dict(),
             "scheduler": parts.scheduler.state_dict(),
             "scaler": parts.rt.scaler.state_dict(),
+            "average": None if parts.average is None else parts.average.state_dict(),
             "rng": rng_state(),
             "config": cfg.model_dump(mode="json"),
             **asdict(self),
@@ -135,6 +138,8 @@ class TrainState:
         parts.optimizer.load_state_dict(checkpoint["optimizer"])
         parts.scheduler.load_state_dict(checkpoint["scheduler"])
         parts.rt.scaler.load_state_dict(checkpoint["scaler"])
+        if parts.average is not None:
+            parts.average.load_state_dict(checkpoint["average"])
         set_rng_state(checkpoint["rng"])
         return cls(**{k: checkpoint[k] for k in ("epoch", "best_epoch", "best_score", "stale", "history")})
 
@@ -149,6 +154,12 @@ class _Parts:
     scheduler: Any
     loss_fn: nn.Module
     rt: Runtime
+    average: WeightAverage | None = None  # the weights' moving average, when the config keeps one
+
+    @property
+    def kept(self) -> nn.Module:
+        """The weights that are validated and saved: the moving average where there is one, else the model's."""
+        return self.average.module if self.average is not None else self.model
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -212,6 +223,8 @@ def train_one_epoch(
         rt.scaler.step(parts.optimizer)
         rt.scaler.update()
         parts.scheduler.step()
+        if parts.average is not None:
+            parts.average.update(parts.model)
         total += loss.item() * len(y)
         seen += len(y)
         steps += 1
@@ -258,7 +271,8 @@ class _Setup:
     def __init__(self, cfg: TrainConfig, dataset: Dataset, dist: Dist) -> None:
         meta = dataset.meta()
         self.classes = meta.classes
-        self.policy = load_policy(cfg.policy)
+        self.policy_name = resolve_policy(cfg.policy, meta.channels)
+        self.policy = load_policy(self.policy_name)
         validate_policy(self.policy, meta.channels, meta.image_size)
         mean, std = ModelContract.normalisation(meta.channels, pretrained=cfg.weights is not None)
         self.contract = ModelContract(
@@ -278,8 +292,9 @@ class _Setup:
         self.val: SplitData = load_split(dataset, "val", self.classes)
         if len(self.train.slots) == 0:
             raise UserError(f"dataset {dataset.name} has no training images")
-        workers = cfg.loader_workers if cfg.loader_workers is not None else (0 if cfg.policy == "none" else 2)
-        policy = None if cfg.policy == "none" else self.policy.to_dict()
+        augmented = self.policy_name != "none"
+        workers = cfg.loader_workers if cfg.loader_workers is not None else (2 if augmented else 0)
+        policy = self.policy.to_dict() if augmented else None
         weights = _class_weights(self.train.labels, len(self.classes))
         sampler = weights[self.train.labels] if cfg.imbalance == "sampler" else None
         self.train_data = CacheDataset(self.train, policy)
@@ -305,7 +320,7 @@ def check_config(cfg: TrainConfig) -> None:
 
     if cfg.model not in list_models():
         raise UserError(f"unknown model {cfg.model!r}; choose one of: {', '.join(list_models())}")
-    load_policy(cfg.policy)
+    load_policy(resolve_policy(cfg.policy, 3))
     weights = resolve_weights(cfg.weights, cfg.model, cfg.download_weights)
     if weights is not None and not weights.is_file():
         raise UserError(f"pretrained weights not found: {cfg.weights} (a local file, or imagenet)")
@@ -353,7 +368,8 @@ def _build_parts(cfg: TrainConfig, setup: _Setup, device: torch.device, precisio
     loss_fn = nn.CrossEntropyLoss(
         weight=None if setup.loss_weight is None else setup.loss_weight.to(device), label_smoothing=cfg.label_smoothing
     )
-    return _Parts(model, model, optimizer, scheduler, loss_fn, rt)
+    average = WeightAverage(model, cfg.ema) if cfg.ema else None
+    return _Parts(model, model, optimizer, scheduler, loss_fn, rt, average)
 
 
 def _wrap_for_steps(parts: _Parts, cfg: TrainConfig, dist: Dist, device: torch.device) -> None:
@@ -512,7 +528,7 @@ def end_of_epoch(
     seconds: float,
 ) -> EpochRecord:
     """Validate, record the epoch and update the best epoch and the patience counter (rank 0)."""
-    val = evaluate(parts.model, setup.val_loader, parts.rt, setup.classes) if len(setup.val.slots) else None
+    val = evaluate(parts.kept, setup.val_loader, parts.rt, setup.classes) if len(setup.val.slots) else None
     record: EpochRecord = {
         "epoch": epoch + 1,
         "train_loss": train_loss,
@@ -539,7 +555,7 @@ def save_checkpoint(
 ) -> None:
     """best.pt when this epoch is the best so far, last.pt always, and the contract and config once (rank 0)."""
     if state.best_epoch == epoch + 1:
-        _save(parts.model.state_dict(), run_dir / "best.pt")
+        _save(parts.kept.state_dict(), run_dir / "best.pt")
     _save(state.to_checkpoint(parts, cfg), run_dir / "last.pt")
     if epoch == 0 or not (run_dir / "contract.json").is_file():
         setup.contract.save(run_dir / "contract.json")

@@ -8,7 +8,8 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from cnn.augment import load_policy, preview_dataset
+from cnn.augment import load_policy, preview_dataset, resolve_policy
+from cnn.dataset import Dataset
 from flows import workspace
 from flows.logfilter import quiet_user_errors
 
@@ -18,7 +19,8 @@ quiet_user_errors()
 @task(name="render-preview", cache_policy=NO_CACHE)
 def render_preview(dataset_dir: str, policy: str, out: str, rows: int, augmented: int, seed: int) -> str:
     """Validate the policy against the dataset's shape and write the preview grid."""
-    path = preview_dataset(dataset_dir, load_policy(policy), out, rows, augmented, seed)
+    channels = Dataset(dataset_dir).require().meta().channels
+    path = preview_dataset(dataset_dir, load_policy(resolve_policy(policy, channels)), out, rows, augmented, seed)
     create_markdown_artifact(
         f"Augmentation preview of policy `{policy}` on `{Path(dataset_dir).name}`: `{path}`",
         key="augment-preview",

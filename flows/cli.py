@@ -183,18 +183,21 @@ def ingest(
 @_command
 def augment(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="An ingested dataset.")],
-    policy: Annotated[str, typer.Option(help="Preset (none, xray, photo) or an albumentations YAML/JSON file.")],
+    policy: Annotated[
+        str,
+        typer.Option(help="Preset (none, xray, photo, shift, light, auto) or an albumentations YAML/JSON file."),
+    ],
     preview: Annotated[Path, typer.Option(help="Where to write the preview grid (.png or .jpg).")],
     rows: Annotated[int, typer.Option(help="Images in the preview (spread over classes).")] = 6,
     samples: Annotated[int, typer.Option(help="Augmented samples per image.")] = 5,
     seed: Annotated[int, typer.Option(help="Seed for sampling images and augmentations.")] = 0,
 ) -> None:
     """Validate an augmentation policy and render originals beside augmented samples (Prefect flow `augment`)."""
-    from cnn.augment import load_policy
+    from cnn.augment import load_policy, resolve_policy
     from flows import workspace
 
     workspace.current().dataset(dataset).require()
-    load_policy(policy)
+    load_policy(resolve_policy(policy, 3))  # a bad name fails here, before a flow starts
     from flows.augment import augment_flow
 
     out = augment_flow(dataset=dataset, policy=policy, preview=str(preview), rows=rows, augmented=samples, seed=seed)

@@ -9,12 +9,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnn.augment import list_policies, load_policy, policy_from_dict, preview_dataset, render_preview, validate_policy
+from cnn.augment import (
+    list_policies,
+    load_policy,
+    policy_from_dict,
+    preview_dataset,
+    render_preview,
+    resolve_policy,
+    validate_policy,
+)
 from cnn.errors import UserError
 from cnn.ingest import IngestOptions, ingest
 
 
-@pytest.mark.parametrize("name", ["none", "xray", "photo"])
+@pytest.mark.parametrize("name", ["none", "xray", "photo", "shift", "light"])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_presets_keep_shape_and_dtype(name: str, channels: int) -> None:
     policy = load_policy(name)
@@ -32,9 +40,26 @@ def test_xray_preset_has_no_colour_or_flip_transforms() -> None:
 
 
 def test_unknown_policy_lists_presets() -> None:
-    with pytest.raises(UserError, match="none, photo, xray"):
+    with pytest.raises(UserError, match="auto, light, none, photo, shift, xray"):
         load_policy("sparkle")
-    assert list_policies() == ["none", "photo", "xray"]
+    assert list_policies() == ["auto", "light", "none", "photo", "shift", "xray"]
+
+
+def test_auto_flips_photos_and_never_grayscale_images() -> None:
+    """`auto` is `light` (flips and shifts) for RGB and `shift` for grayscale, where anatomy has a side; a model
+    trained with it says so in its contract, which decides the scoring's mirror-image check."""
+    from cnn.contract import ModelContract
+
+    assert (resolve_policy("auto", 3), resolve_policy("auto", 1), resolve_policy("xray", 3)) == (
+        "light",
+        "shift",
+        "xray",
+    )
+
+    def contract(policy: str) -> ModelContract:
+        return ModelContract("m", ["a", "b"], 1, 8, "pad", [0.5], [0.25], policy=load_policy(policy).to_dict())
+
+    assert contract("light").flips_preserve_label() and not contract("shift").flips_preserve_label()
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])

@@ -33,7 +33,7 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(patterns: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(epochs=4, policy="xray", **FAST)
+    cfg = TrainConfig(epochs=4, policy="xray", ema=0.99, **FAST)
     fit(cfg, patterns, tmp_path / "straight")
 
     class Interrupted(Exception):
@@ -52,6 +52,32 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(patterns: Path, t
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+    averages = [torch.load(tmp_path / run / "last.pt", weights_only=True)["average"] for run in ("straight", "resumed")]
+    assert averages[0]["updates"] == averages[1]["updates"] > 0  # the weights' average resumes too
+    for key, value in averages[0]["averaged"].items():
+        assert torch.equal(value, averages[1]["averaged"][key]), key
+
+
+def test_the_weight_average_warms_up_and_is_what_is_saved(patterns: Path, tmp_path: Path) -> None:
+    from cnn.ema import WeightAverage
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    average = WeightAverage(model, decay=0.999)
+    expected = None
+    for step, value in enumerate([1.0, 3.0, 5.0]):
+        model.weight.data.fill_(value)
+        decay = min(0.999, (1 + step) / (10 + step))
+        average.update(model)
+        expected = value if expected is None else decay * expected + (1 - decay) * value  # the first update copies
+        assert average.module.weight.item() == pytest.approx(expected)
+
+    result = fit(TrainConfig(epochs=1, ema=0.999, **FAST), patterns, tmp_path / "run")  # epoch 1 is the best
+    saved = torch.load(result.weights, weights_only=True)
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    kept = {key.removeprefix("module."): v for key, v in last["average"]["averaged"].items() if key != "n_averaged"}
+    assert result.best_epoch == 1 and saved.keys() == kept.keys()
+    assert all(torch.equal(saved[key], kept[key]) for key in saved)  # best.pt holds the average, not the raw weights
+    assert not all(torch.equal(saved[key], last["model"][key]) for key in saved)
 
 
 def test_resume_refuses_changed_settings(patterns: Path, tmp_path: Path) -> None:

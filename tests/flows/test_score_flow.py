@@ -721,11 +721,12 @@ def test_similar_cases_reuse_and_drift_through_the_flow(home: Path, tmp_path: Pa
     assert found.exit_code == 0, found.output
     assert "nearest training images" in found.output and "C002" in found.output and (tmp_path / "s.png").is_file()
 
-    # an inverted batch drifts; --fail-on-drift makes the run fail (exit 3) after writing its tables
-    dark = tmp_path / "inverted"
+    # an underexposed batch drifts (brightness; a model may well label it as before); --fail-on-drift makes the
+    # run fail (exit 3) after writing its tables
+    dark = tmp_path / "underexposed"
     dark.mkdir()
     for i, path in enumerate(sorted(write_patterns(tmp_path / "src3", per_class=12, seed=41).rglob("*.png"))):
-        Image.fromarray(255 - np.asarray(Image.open(path))).save(dark / f"{i}.png")
+        Image.fromarray((np.asarray(Image.open(path)) // 4).astype(np.uint8)).save(dark / f"{i}.png")
     out3 = tmp_path / "n3.parquet"
     failed = runner.invoke(app, ["score", str(dark), "--model", "patterns", "--output", str(out3), "--fail-on-drift"])
     assert failed.exit_code == 3 and "drift" in failed.output and len(pd.read_parquet(out3)) == 36, failed.output

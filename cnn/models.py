@@ -6,6 +6,7 @@ file only; nothing is ever downloaded.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,12 +221,20 @@ def cached_weights_file(weights: Any, allow_download: bool = False) -> Path:
             )
         target.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(url, str(target), published.group(1) if published else None)
-    if published is not None and not sha256_file(target).startswith(published.group(1)):
+    stat = target.stat()
+    if published is not None and not _hash_starts_with(str(target), stat.st_size, stat.st_mtime_ns, published.group(1)):
         raise UserError(
             f"{target} does not match its published hash (sha256 {published.group(1)}...): a partial or altered "
             "download; delete it and place the published file again"
         )
     return target
+
+
+@functools.lru_cache(maxsize=16)
+def _hash_starts_with(path: str, size: int, mtime_ns: int, prefix: str) -> bool:
+    """Whether the file's sha256 starts with `prefix`; checked once per file version in a process (a run resolves
+    its weights more than once: the config check, then the model build)."""
+    return sha256_file(Path(path)).startswith(prefix)
 
 
 def _load_local_weights(path: str | Path, arch: str) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Prefect flow `ingest`: scan -> decode -> split -> commit -> report, each task one library call."""
+"""Prefect flow `ingest`: scan -> plan, decode in parts (here, or on a Dask cluster), finish -> split -> commit ->
+report, each task one library call."""
 
 from __future__ import annotations
 

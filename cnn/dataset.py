@@ -199,11 +199,16 @@ class Dataset:
     def open_cache(self, shards: Sequence[str] | None = None) -> ImageCache:
         """Memory-map the image cache's shards (no decoding, no copy); the current generation's by default."""
         tokens = self.meta().cache_shards if shards is None else shards
-        found = [self.cache_paths(token) for token in tokens if self.cache_paths(token)[0].is_file()]
-        if not found:
+        present = [token for token in tokens if self.cache_paths(token)[0].is_file()]
+        if not present:
             return ImageCache.empty()
-        ids = [np.load(ids_path, allow_pickle=False) for _, ids_path in found]
-        return ImageCache(ShardedImages.open([str(images) for images, _ in found]), np.concatenate(ids))
+        images = ShardedImages.open([str(self.cache_paths(token)[0]) for token in present])
+        return ImageCache(images, np.concatenate([self.shard_ids(token) for token in present]))
+
+    def shard_ids(self, token: str) -> np.ndarray:
+        """The image_id of each slot of one shard ("" for an unused slot)."""
+        ids: np.ndarray = np.load(self.cache_paths(token)[1], allow_pickle=False)
+        return ids
 
     def shard_files(self) -> list[str]:
         """The image files of the current cache's shards, in order (what a training reader opens)."""
@@ -260,6 +265,7 @@ class ImageCache:
 
     images: ShardedImages
     ids: np.ndarray  # (N,) str, one per global slot
+    _index: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def empty(cls) -> ImageCache:
@@ -270,8 +276,10 @@ class ImageCache:
         return len(set(self.ids.tolist()) - {""})
 
     def index(self) -> dict[str, int]:
-        """Map image_id -> global slot."""
-        return {str(image_id): i for i, image_id in enumerate(self.ids) if image_id}
+        """Map image_id -> global slot (built once: `get` is called per image)."""
+        if self._index is None:
+            self._index = {str(image_id): i for i, image_id in enumerate(self.ids) if image_id}
+        return self._index
 
     def get(self, image_id: str) -> np.ndarray:
         slot = self.index().get(image_id)

@@ -248,8 +248,12 @@ def plan_decode(dataset_dir: Path, options: IngestOptions) -> DecodePlan:
     dataset, staging = Dataset(dataset_dir), staging_dir(dataset_dir)
     files = pd.read_parquet(staging / "scan.parquet")
     previous, old_cache, old_shards = _previous_state(dataset, options)
-    reuse_mask, reused = _reusable_rows(files, previous, old_cache.index())
+    old_index = old_cache.index()
+    reuse_mask, reused = _reusable_rows(files, previous, old_index)
     reused.to_parquet(staging / "reused.parquet", index=False)
+    known = usable_rows(previous, distinct=True)  # what a part need not decode again: the bytes are cached
+    known = known.loc[known["image_id"].isin(list(old_index)), ["image_id", "width", "height", "format"]]
+    known.to_parquet(staging / "known.parquet", index=False)
     todo = files.loc[~reuse_mask, ["path"]]
     todo.to_parquet(staging / "todo.parquet", index=False)
     parts = -(-len(todo) // options.files_per_part) if options.fan_out else min(1, len(todo))
@@ -263,11 +267,8 @@ def decode_part(dataset_dir: Path, options: IngestOptions, part: int, progress: 
     stored again); save its outcomes to staging. Return the part's token (its shard's, when it stored images)."""
     dataset, staging = Dataset(dataset_dir), staging_dir(dataset_dir)
     paths = pd.read_parquet(staging / "todo.parquet")["path"].tolist()[DecodePlan.load(dataset_dir).part_rows(part)]
-    previous, old_cache, _ = _previous_state(dataset, options)
-    old_index = old_cache.index()
-    known = {
-        r.image_id: (r.width, r.height, r.format) for r in usable_rows(previous).itertuples() if r.image_id in old_index
-    }
+    cached = pd.read_parquet(staging / "known.parquet")  # the plan's, read once per part rather than the old cache
+    known = {r.image_id: (r.width, r.height, r.format) for r in cached.itertuples()}
     shard = _ShardWriter(dataset, capacity=len(paths))
     outcomes = []
     for outcome in decode_many(
@@ -296,13 +297,12 @@ def finish_decode(dataset_dir: Path, options: IngestOptions, parts: list[str]) -
     decoded = _decoded_frame(files, reused, pd.concat([_outcome_frame([]), *fresh], ignore_index=True))
     live = set(usable_rows(decoded)["image_id"])
     new_shards = [part for part in parts if dataset.cache_paths(part)[1].is_file()]  # parts that stored images
-    stored = len(dataset.open_cache(new_shards))
-    shards = [token for token in plan.old_shards if live.intersection(dataset.open_cache([token]).ids)]
-    shards += new_shards
-    cache = dataset.open_cache(shards)
-    compacted = len(shards) > MAX_SHARDS or len(cache) > 2 * len(live)
+    ids = {token: set(dataset.shard_ids(token).tolist()) - {""} for token in [*plan.old_shards, *new_shards]}
+    stored = len(set().union(*(ids[token] for token in new_shards)))
+    shards = [token for token in plan.old_shards if live & ids[token]] + new_shards
+    compacted = len(shards) > MAX_SHARDS or len(set().union(*(ids[token] for token in shards))) > 2 * len(live)
     if compacted:
-        shards = [_compact(dataset, cache, live)]
+        shards = [_compact(dataset, dataset.open_cache(shards), live)]
     decoded.to_parquet(staging / "decoded.parquet", index=False)
     DecodeRecord(shards, stored, len(files) - plan.todo, len(files), compacted).save(dataset_dir)
     return staging / "decoded.parquet"

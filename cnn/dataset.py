@@ -49,6 +49,7 @@ MANIFEST_COLUMNS = [
     "reject_kind",
     "size_bytes",
     "mtime_ns",
+    "version",  # an object's version id or ETag ("" for a local file)
     "reviewed",  # the label came from a reviewer (a filled-in review table)
 ]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -167,6 +168,8 @@ class Dataset:
             manifest.insert(MANIFEST_COLUMNS.index("reject_kind"), "reject_kind", None)
         if "reviewed" not in manifest.columns:  # written before review tables existed
             manifest["reviewed"] = False
+        if "version" not in manifest.columns:  # written before object stores: local files only
+            manifest.insert(MANIFEST_COLUMNS.index("version"), "version", "")
         return manifest
 
     def usable(self, split: str | None = None, distinct: bool = False) -> pd.DataFrame:

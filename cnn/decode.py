@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from cnn.errors import UserError
+from cnn.storage import is_url, read_object
 
 _log = logging.getLogger(__name__)
 RESIZE_MODES = ("pad", "crop")
@@ -199,8 +200,29 @@ def _file_type(mode: int) -> str:
 
 
 def read_image_bytes(path: str | os.PathLike[str], spec: DecodeSpec) -> bytes:
-    """Read a regular file under the size limit (at most `max_file_bytes + 1` bytes are ever read); raise
-    DecodeError for missing, unreadable, special or oversize files."""
+    """Read a regular file (or an object, by URL) under the size limit (at most `max_file_bytes + 1` bytes are ever
+    read); raise DecodeError for missing, unreadable, special or oversize files."""
+    if is_url(path):
+        data = _read_object(str(path), spec)
+    else:
+        data = _read_file(path, spec)
+    if len(data) > spec.max_file_bytes:  # it grew while we read it
+        raise _too_large(len(data), spec)
+    return data
+
+
+def _read_object(url: str, spec: DecodeSpec) -> bytes:
+    try:
+        return read_object(url, spec.max_file_bytes)
+    except FileNotFoundError:
+        raise DecodeError(RejectKind.NOT_FOUND, "object not found") from None
+    except PermissionError:
+        raise DecodeError(RejectKind.PERMISSION_DENIED, "access denied") from None
+    except Exception as exc:  # noqa: BLE001 - each store's client raises its own types for network trouble
+        raise DecodeError(RejectKind.UNREADABLE, f"cannot read the object: {type(exc).__name__}") from None
+
+
+def _read_file(path: str | os.PathLike[str], spec: DecodeSpec) -> bytes:
     with open_regular_file(path) as handle:
         try:
             size = os.fstat(handle.fileno()).st_size
@@ -212,8 +234,6 @@ def read_image_bytes(path: str | os.PathLike[str], spec: DecodeSpec) -> bytes:
                 data += handle.read(spec.max_file_bytes + 1 - len(data))
         except OSError as exc:
             raise DecodeError(RejectKind.UNREADABLE, f"cannot read the file: {os.strerror(exc.errno or 0)}") from None
-    if len(data) > spec.max_file_bytes:  # it grew while we read it
-        raise _too_large(len(data), spec)
     return data
 
 

@@ -39,6 +39,7 @@ from cnn.fsio import atomic_path, write_json_atomic
 from cnn.parallel import DEFAULT_TIME_LIMIT_S, DecodeOutcome, ProgressFn, decode_many
 from cnn.sources import SOURCE_COLUMNS, SourceListing, scan_source
 from cnn.splits import SplitFractions, assign_splits
+from cnn.storage import is_url, local_path, redact
 
 _CLASS_NAME = re.compile(r"^[^\W_][\w .+()-]{0,63}$")
 
@@ -183,8 +184,14 @@ def stage_scan(source: str | Path, dataset_dir: Path, options: IngestOptions) ->
         shutil.rmtree(staging)  # leftovers of an interrupted ingest
     staging.mkdir(parents=True)
     listing.files.to_parquet(staging / "scan.parquet", index=False)
-    ScanRecord(str(Path(source).expanduser().resolve()), listing.layout, listing.skipped).save(dataset_dir)
+    ScanRecord(_shown_source(source), listing.layout, listing.skipped).save(dataset_dir)
     return staging / "scan.parquet"
+
+
+def _shown_source(source: str | Path) -> str:
+    """The source as the dataset records it: an object store URL (never with credentials) or an absolute path."""
+    text = local_path(str(source))
+    return redact(text) if is_url(text) else str(Path(text).expanduser().resolve())
 
 
 def _added_to(dataset: Dataset, listing: SourceListing, everything: bool) -> SourceListing:
@@ -210,6 +217,7 @@ def _added_to(dataset: Dataset, listing: SourceListing, everything: bool) -> Sou
             "group": old["group"],
             "size_bytes": old["size_bytes"],
             "mtime_ns": old["mtime_ns"],
+            "version": old["version"].fillna("").astype(str),
             "reviewed": old["reviewed"].fillna(False).astype(bool),
         }
     )
@@ -329,12 +337,16 @@ def _previous_state(dataset: Dataset, options: IngestOptions) -> tuple[pd.DataFr
 def _reusable_rows(
     files: pd.DataFrame, previous: pd.DataFrame, old_index: dict[str, int]
 ) -> tuple[pd.Series, pd.DataFrame]:
-    """Rows whose file is unchanged (same path, size, mtime) and whose result is still cached."""
+    """Rows whose file is unchanged (same path, size, mtime and, for an object, version) and whose result is still
+    cached."""
     if previous.empty:
         return pd.Series(False, index=files.index), previous
     prev = previous.drop_duplicates("path").set_index("path")
-    joined = files.join(prev[["size_bytes", "mtime_ns", "status", "image_id"]], on="path", rsuffix="_prev")
-    unchanged = (joined["size_bytes"] == joined["size_bytes_prev"]) & (joined["mtime_ns"] == joined["mtime_ns_prev"])
+    stamp = ["size_bytes", "mtime_ns", "version"]
+    joined = files.join(prev[[*stamp, "status", "image_id"]], on="path", rsuffix="_prev")
+    unchanged = pd.Series(True, index=files.index)
+    for column in stamp:
+        unchanged &= joined[column] == joined[f"{column}_prev"]
     still_valid = (joined["status"] == "rejected") | joined["image_id"].isin(list(old_index))
     mask = (unchanged & still_valid & (files["size_bytes"] >= 0)).fillna(False).astype(bool)
     reused = prev.loc[files.loc[mask, "path"]].reset_index()

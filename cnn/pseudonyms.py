@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 from collections.abc import Iterable
 
 from cnn.decode import open_regular_file
+from cnn.storage import is_url, read_object
 
 PREFIX = "p-"
 
@@ -30,8 +32,11 @@ def dicom_tag(path: str, tag: str) -> str | None:
     import pydicom
 
     try:
-        with open_regular_file(path) as handle:
-            ds = pydicom.dcmread(handle, stop_before_pixels=True, specific_tags=[tag])
+        if is_url(path):  # the header is near the start, but its length is unknown: the object's bytes
+            ds = pydicom.dcmread(io.BytesIO(read_object(path)), stop_before_pixels=True, specific_tags=[tag])
+        else:
+            with open_regular_file(path) as handle:
+                ds = pydicom.dcmread(handle, stop_before_pixels=True, specific_tags=[tag])
     except Exception:  # noqa: BLE001 - unreadable, not DICOM, or a header pydicom cannot parse: no group
         return None
     value = ds.get(tag)

@@ -1,13 +1,17 @@
-"""Find the labelled files of a source: a class-folder tree, a train/val/test tree, or a manifest."""
+"""Find the labelled files of a source: a class-folder tree, a train/val/test tree, or a manifest; on local disk or
+in an object store (`s3://bucket/prefix`, see cnn/storage.py), where an object's version joins its size and time."""
 
 from __future__ import annotations
 
+import io
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
+from cnn import storage
 from cnn.dataset import SPLITS
 from cnn.errors import UserError
 
@@ -21,7 +25,8 @@ _SPLIT_ALIASES = {
     "testing": "test",
 }
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
-SOURCE_COLUMNS = ["path", "label", "split", "group", "size_bytes", "mtime_ns", "reviewed"]
+# version: an object's version id or ETag ("" for a local file, whose size and mtime say when it changed)
+SOURCE_COLUMNS = ["path", "label", "split", "group", "size_bytes", "mtime_ns", "version", "reviewed"]
 REVIEWED_LABEL = "reviewed_label"  # a scoring run's review table, once a reviewer filled this column
 
 
@@ -31,12 +36,18 @@ class SourceListing:
 
     files: pd.DataFrame
     layout: str  # "class-folders" | "split-folders" | "manifest" | "review" (a filled-in review table)
-    root: Path
+    root: Path | str  # a folder, or an object store URL
     skipped: int = 0  # loose files without a class folder, or repeated rows of a manifest
 
 
 def scan_source(source: str | os.PathLike[str], group_column: str = "group") -> SourceListing:
     """List every candidate file of `source` with its label, preset split and group."""
+    source = storage.local_path(str(source))
+    if storage.is_url(source):
+        listing = _scan_objects(source, group_column)
+        if listing.files.empty:
+            raise UserError(f"no objects found in {storage.redact(source)}")
+        return listing
     root = Path(source).expanduser()
     if not root.exists():
         raise UserError(f"source not found: {root}")
@@ -79,7 +90,7 @@ def _class_rows(folder: Path, split: str | None) -> tuple[list[dict[str, object]
     rows: list[dict[str, object]] = []
     for class_dir in _subdirs(folder):
         for path in iter_files(class_dir):
-            rows.append(_row(path, class_dir.name, split, None))
+            rows.append(_row(str(path.absolute()), class_dir.name, split, None))
     loose = sum(1 for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     return rows, loose
 
@@ -99,10 +110,53 @@ def _scan_split_folders(root: Path) -> SourceListing:
     return SourceListing(_frame(rows), "split-folders", root, loose)
 
 
-def _scan_manifest(manifest: Path, group_column: str) -> SourceListing:
+def _scan_objects(url: str, group_column: str) -> SourceListing:
+    """A bucket prefix laid out as class folders or split folders (one streamed listing), or a manifest object."""
+    if url.lower().endswith(MANIFEST_SUFFIXES):
+        return _scan_manifest(url, group_column)
+    prefix = url.rstrip("/")
+    keys: list[tuple[str, ...]] = []
+    objects: list[storage.ObjectInfo] = []
+    for found in storage.iter_objects(prefix):
+        parts = tuple(found.url[len(prefix) + 1 :].split("/"))
+        if not any(part.startswith(".") or not part for part in parts):  # hidden, as on disk
+            keys.append(parts)
+            objects.append(found)
+    tops = {parts[0] for parts in keys if len(parts) > 1}
+    named = {_SPLIT_ALIASES.get(top.lower()) for top in tops}
+    split_layout = bool(tops) and None not in named and ("train" in named or "test" in named)
+    depth = 3 if split_layout else 2  # split/class/file or class/file
+    rows, loose = [], 0
+    for parts, found in zip(keys, objects):
+        if len(parts) < depth:
+            loose += 1
+            continue
+        label, split = (parts[1], _SPLIT_ALIASES[parts[0].lower()]) if split_layout else (parts[0], None)
+        rows.append(_object_row(found, label, split, None))
+    layout = "split-folders" if split_layout else "class-folders"
+    return SourceListing(_frame(rows), layout, prefix, loose)
+
+
+def _object_row(
+    found: storage.ObjectInfo, label: str, split: str | None, group: str | None, reviewed: bool = False
+) -> dict[str, object]:
+    return {
+        "path": found.url,
+        "label": label,
+        "split": split,
+        "group": group,
+        "size_bytes": found.size,
+        "mtime_ns": found.mtime_ns,
+        "version": found.version,
+        "reviewed": reviewed,
+    }
+
+
+def _scan_manifest(manifest: Path | str, group_column: str) -> SourceListing:
     table = load_manifest_table(manifest)
+    base = _folder_of(manifest)
     if REVIEWED_LABEL in table.columns:
-        return _scan_review(manifest, table, group_column)
+        return _scan_review(manifest, base, table, group_column)
     missing = [c for c in ("path", "label") if c not in table.columns]
     if missing:
         raise UserError(
@@ -118,7 +172,7 @@ def _scan_manifest(manifest: Path, group_column: str) -> SourceListing:
             raise UserError(f"manifest {manifest} row {i + 2}: empty path or label")
         rows.append(
             _row(
-                _resolve(manifest.parent, str(path)),
+                _resolve(base, str(path)),
                 str(label).strip(),
                 _parse_split(split, manifest, i),
                 None if _blank(group) else str(group),
@@ -126,10 +180,11 @@ def _scan_manifest(manifest: Path, group_column: str) -> SourceListing:
         )
     frame = _frame(rows)
     repeated = int(frame["path"].duplicated().sum())  # a file listed twice is ingested once (first row wins)
-    return SourceListing(frame.drop_duplicates("path", ignore_index=True), "manifest", manifest.parent, repeated)
+    frame = _with_object_stats(frame.drop_duplicates("path", ignore_index=True))
+    return SourceListing(frame, "manifest", base, repeated)
 
 
-def _scan_review(manifest: Path, table: pd.DataFrame, group_column: str) -> SourceListing:
+def _scan_review(manifest: Path | str, base: Path | str, table: pd.DataFrame, group_column: str) -> SourceListing:
     """A review table: the rows a reviewer labelled (`reviewed_label`), with that label; the model's own `label`
     is ignored, and rows left blank are skipped."""
     if "path" not in table.columns:
@@ -137,35 +192,39 @@ def _scan_review(manifest: Path, table: pd.DataFrame, group_column: str) -> Sour
     labelled = table[~table[REVIEWED_LABEL].map(_blank)]
     groups = labelled[group_column] if group_column in labelled.columns else pd.Series([None] * len(labelled))
     rows = [
-        _row(_review_path(manifest.parent, str(path)), str(label).strip(), None, None if _blank(g) else str(g), True)
+        _row(_review_path(base, str(path)), str(label).strip(), None, None if _blank(g) else str(g), True)
         for path, label, g in zip(labelled["path"], labelled[REVIEWED_LABEL], groups)
     ]
     frame = _frame(rows).drop_duplicates("path", keep="last", ignore_index=True)
-    return SourceListing(frame, "review", manifest.parent, len(table) - len(frame))
+    return SourceListing(_with_object_stats(frame), "review", base, len(table) - len(frame))
 
 
-def _review_path(base: Path, path: str) -> Path:
+def _review_path(base: Path | str, path: str) -> str:
     """A review table's path: as scoring saw it, so a relative one is relative to where `cnn score` ran (the
     working folder) unless it exists beside the table."""
     beside = _resolve(base, path)
-    return beside if beside.exists() or Path(path).is_absolute() else Path(path).expanduser().absolute()
+    if storage.is_url(beside) or Path(path).is_absolute() or Path(beside).exists():
+        return beside
+    return str(Path(path).expanduser().absolute())
 
 
-def load_manifest_table(path: Path) -> pd.DataFrame:
-    """Read a CSV or Parquet manifest, turning parse errors into a UserError."""
+def load_manifest_table(path: Path | str) -> pd.DataFrame:
+    """Read a CSV or Parquet manifest (a file, or an object by URL), turning parse errors into a UserError."""
+    shown = storage.redact(str(path))
     try:
-        if path.suffix.lower() == ".csv":
-            return pd.read_csv(path, dtype=str, keep_default_na=False)
-        return pd.read_parquet(path)
+        source: Path | io.BytesIO = io.BytesIO(storage.read_object(str(path))) if storage.is_url(path) else Path(path)
+        if str(path).lower().endswith(".csv"):
+            return pd.read_csv(source, dtype=str, keep_default_na=False)
+        return pd.read_parquet(source)
     except (ValueError, OSError, pd.errors.ParserError) as exc:
-        raise UserError(f"cannot read manifest {path}: {exc}") from None
+        raise UserError(f"cannot read manifest {shown}: {exc}") from None
 
 
 def _blank(value: object) -> bool:
     return value is None or (isinstance(value, float) and pd.isna(value)) or str(value).strip() == ""
 
 
-def _parse_split(value: object, manifest: Path, index: int) -> str | None:
+def _parse_split(value: object, manifest: Path | str, index: int) -> str | None:
     if _blank(value):
         return None
     split = _SPLIT_ALIASES.get(str(value).strip().lower())
@@ -174,28 +233,78 @@ def _parse_split(value: object, manifest: Path, index: int) -> str | None:
     return split
 
 
-def _resolve(base: Path, path: str) -> Path:
+def _folder_of(manifest: Path | str) -> Path | str:
+    """The folder a manifest's relative paths start from: its own."""
+    return storage.parent(str(manifest)) if storage.is_url(manifest) else Path(manifest).parent
+
+
+def _resolve(base: Path | str, path: str) -> str:
+    """A manifest's path as the pipeline names it: an object URL, or an absolute local path."""
+    path = storage.local_path(path)
+    if storage.is_url(path):
+        return path
+    if isinstance(base, str):  # a manifest in a bucket: its relative paths are keys beside it
+        if Path(path).is_absolute():
+            return path
+        return storage.join(base, str(PurePosixPath(path)))
     candidate = Path(path).expanduser()
-    return candidate if candidate.is_absolute() else (base / candidate)
+    return str((candidate if candidate.is_absolute() else base / candidate).absolute())
 
 
-def _row(path: Path, label: str, split: str | None, group: str | None, reviewed: bool = False) -> dict[str, object]:
-    try:
-        stat = path.stat()
-        size, mtime = int(stat.st_size), int(stat.st_mtime_ns)
-    except OSError:
-        size, mtime = -1, -1  # missing: the decoder reports it as a reject
+def _row(path: str, label: str, split: str | None, group: str | None, reviewed: bool = False) -> dict[str, object]:
+    size, mtime = -1, -1  # missing (the decoder reports it as a reject), or an object (see _with_object_stats)
+    if not storage.is_url(path):
+        try:
+            stat = os.stat(path)
+            size, mtime = int(stat.st_size), int(stat.st_mtime_ns)
+        except OSError:
+            pass
     return {
-        "path": str(path.absolute()),
+        "path": path,
         "label": label,
         "split": split,
         "group": group,
         "size_bytes": size,
         "mtime_ns": mtime,
+        "version": "",
         "reviewed": reviewed,
     }
 
 
+def _with_object_stats(frame: pd.DataFrame) -> pd.DataFrame:
+    """Fill size, time and version of the rows that name objects, from one streamed listing per bucket."""
+    urls = [p for p in frame["path"] if storage.is_url(p)]
+    if not urls:
+        return frame
+    found = object_stats(urls)
+    frame = frame.copy()
+    for column, field in (("size_bytes", "size"), ("mtime_ns", "mtime_ns"), ("version", "version")):
+        missing = "" if column == "version" else -1
+        frame[column] = [
+            getattr(found[p], field) if p in found else (value if not storage.is_url(p) else missing)
+            for p, value in zip(frame["path"], frame[column])
+        ]
+    return frame
+
+
+def object_stats(urls: Iterable[str]) -> dict[str, storage.ObjectInfo]:
+    """Size, time and version of each object named (absent where there is none), listing the narrowest prefix of
+    each bucket that holds them all, rather than asking for each object."""
+    wanted: dict[str, list[str]] = {}
+    for url in set(urls):
+        bucket = "/".join(url.split("/")[:3])  # s3://bucket
+        wanted.setdefault(bucket, []).append(url)
+    found: dict[str, storage.ObjectInfo] = {}
+    for bucket, members in wanted.items():
+        folders = [m[len(bucket) + 1 :].rsplit("/", 1)[0] if "/" in m[len(bucket) + 1 :] else "" for m in members]
+        common = os.path.commonpath(folders) if all(folders) else ""
+        names = set(members)
+        for info in storage.iter_objects(storage.join(bucket, common) if common else bucket):
+            if info.url in names:
+                found[info.url] = info
+    return found
+
+
 def _frame(rows: list[dict[str, object]]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=SOURCE_COLUMNS)
-    return frame.astype({"size_bytes": "int64", "mtime_ns": "int64", "reviewed": bool})
+    return frame.astype({"size_bytes": "int64", "mtime_ns": "int64", "version": str, "reviewed": bool})

@@ -1,0 +1,231 @@
+"""Objects in storage by URL (`s3://`, `gs://`, `az://`, `file://`) through fsspec: list, read and write them.
+
+Credentials come from each cloud's usual places (environment variables, `~/.aws`, `gcloud` application default
+credentials, `AZURE_STORAGE_*`), read by the cloud's own library; nothing here ever sees or writes them. An
+S3-compatible store on premises is named by `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`), as the AWS tools do.
+
+A `file://` URL is a local path: callers turn it into one with `local_path` and take the local code paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from cnn.errors import UserError
+
+# scheme -> the fsspec implementation's package; package -> the pip extra that installs it
+BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+BACKENDS["abfss"] = "adlfs"
+EXTRA = {"s3fs": "s3", "gcsfs": "gcs", "adlfs": "azure"}
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+PAGE = 1000  # objects per listing page (S3's own maximum)
+READ_THREADS = 16  # object reads wait on the network, not the CPU
+
+
+def scheme(text: str) -> str:
+    """The URL scheme of `text` in lower case ("" for a plain path)."""
+    found = _SCHEME.match(str(text))
+    return found.group(1).lower() if found else ""
+
+
+def is_url(text: object) -> bool:
+    """Whether `text` names an object in a store this module reads (not a plain path, not a `file://` URL)."""
+    return scheme(str(text)) in BACKENDS
+
+
+def local_path(text: str) -> str:
+    """A `file://` URL as a plain path; anything else unchanged."""
+    if scheme(text) != "file":
+        return text
+    parts = urlsplit(text)
+    if parts.netloc not in ("", "localhost"):
+        raise UserError(f"file URL {text!r} names host {parts.netloc!r}: use file:///absolute/path")
+    return unquote(parts.path)
+
+
+def redact(url: str) -> str:
+    """A URL without any user or password part (never written anywhere with them)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """The fsspec filesystem for `url` and the path inside it; a UserError names the extra to install."""
+    name = scheme(url)
+    package = BACKENDS.get(name)
+    if package is None:
+        raise UserError(f"{redact(url)}: unsupported URL scheme {name!r} (use s3://, gs://, az:// or file://)")
+    if "@" in urlsplit(url).netloc and name.startswith("s3"):
+        raise UserError(f"{redact(url)}: put credentials in the environment or ~/.aws, never in the URL")
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except ImportError:
+        raise UserError(
+            f"reading {name}:// URLs needs {package}: pip install '.[{EXTRA[package]}]' (or pip install {package})"
+        ) from None
+    return fs, path
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object: its URL, size, version (the store's version id or ETag: it changes whenever the bytes do) and
+    modification time."""
+
+    url: str
+    size: int
+    version: str
+    mtime_ns: int
+
+
+def object_version(info: dict[str, Any]) -> str:
+    """The store's identity of an object's current bytes: a version id where the bucket keeps versions, else the
+    ETag (S3, Azure) or generation (GCS)."""
+    for key in ("VersionId", "version_id", "generation", "ETag", "etag"):
+        value = info.get(key)
+        if value not in (None, "", "null"):
+            return str(value).strip('"')
+    return ""
+
+
+def _mtime_ns(info: dict[str, Any]) -> int:
+    for key in ("LastModified", "last_modified", "updated", "mtime"):
+        value = info.get(key)
+        if isinstance(value, datetime):
+            return int(value.timestamp() * 1e9)
+        if isinstance(value, int | float):
+            return int(value * 1e9)
+        if isinstance(value, str) and value:
+            try:
+                return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1e9)
+            except ValueError:
+                continue
+    return -1
+
+
+def _info(protocol: str, info: dict[str, Any]) -> ObjectInfo:
+    return ObjectInfo(f"{protocol}://{info['name']}", int(info.get("size") or 0), object_version(info), _mtime_ns(info))
+
+
+def iter_objects(url: str) -> Iterator[ObjectInfo]:
+    """Every object below the prefix `url` (a folder: with or without the trailing /), streamed page by page: a
+    prefix of a million objects is never one listing in memory. Order: as the store lists them."""
+    fs, path = filesystem(url)
+    protocol = scheme(url)
+    try:
+        if hasattr(fs, "_iterdir") and hasattr(fs, "split_path"):  # s3fs: one paginated flat listing
+            yield from (_info(protocol, i) for i in _s3_pages(fs, path))
+            return
+        for _, _, files in fs.walk(path, detail=True):  # other stores: a folder's listing at a time
+            for info in files.values():
+                if info.get("type") != "directory":
+                    yield _info(protocol, info)
+    except (FileNotFoundError, PermissionError) as exc:
+        raise UserError(f"cannot list {redact(url)}: {type(exc).__name__}: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"cannot list {redact(url)}: {exc}") from None
+
+
+def _s3_pages(fs: Any, path: str) -> Iterator[dict[str, Any]]:
+    from fsspec.asyn import sync
+
+    bucket, key, _ = fs.split_path(path)
+    prefix = f"{key.rstrip('/')}/" if key else ""
+    pages = fs._iterdir(bucket, delimiter="", prefix=prefix)
+
+    async def page() -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        while len(items) < PAGE:
+            try:
+                items.append(await pages.__anext__())
+            except StopAsyncIteration:
+                break
+        return items
+
+    while items := sync(fs.loop, page):
+        yield from (i for i in items if i.get("type") == "file")
+
+
+def info(url: str) -> ObjectInfo:
+    """One object's size and version; FileNotFoundError where there is none."""
+    fs, path = filesystem(url)
+    return _info(scheme(url), fs.info(path))
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return bool(fs.exists(path))
+
+
+def read_object(url: str, max_bytes: int | None = None) -> bytes:
+    """An object's bytes; at most `max_bytes + 1` are fetched, so a caller can tell an oversize object."""
+    fs, path = filesystem(url)
+    if max_bytes is None:
+        return bytes(fs.cat_file(path))
+    return bytes(fs.cat_file(path, start=0, end=max_bytes + 1))
+
+
+def write_object(url: str, data: bytes) -> None:
+    """Write a whole object in one request: readers see the old object or the new one, never a part."""
+    fs, path = filesystem(url)
+    fs.pipe_file(path, data)
+
+
+def remove(urls: Iterable[str]) -> None:
+    """Delete objects (missing ones are fine)."""
+    for url in urls:
+        fs, path = filesystem(url)
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
+
+def list_prefix(url: str) -> list[str]:
+    """The URLs of the objects below `url`, sorted (for small listings: a table's parts)."""
+    return sorted(o.url for o in iter_objects(url))
+
+
+def glob(pattern: str) -> list[str]:
+    """Objects matching a glob URL (`s3://bucket/photos/**/*.jpg`), sorted."""
+    fs, path = filesystem(pattern)
+    protocol = scheme(pattern)
+    try:
+        found = fs.glob(path, detail=True)
+    except OSError as exc:
+        raise UserError(f"cannot list {redact(pattern)}: {exc}") from None
+    return sorted(f"{protocol}://{name}" for name, i in found.items() if i.get("type") != "directory")
+
+
+def sha256_objects(urls: list[str], threads: int = READ_THREADS) -> list[str]:
+    """The sha256 of each object's bytes ("" where it cannot be read), reading several at a time."""
+
+    def digest(url: str) -> str:
+        try:
+            return hashlib.sha256(read_object(url)).hexdigest()
+        except OSError:
+            return ""
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(digest, urls))
+
+
+def join(url: str, *names: str) -> str:
+    """`url` with `names` appended as path parts."""
+    return "/".join([url.rstrip("/"), *(n.strip("/") for n in names)])
+
+
+def parent(url: str) -> str:
+    """The folder part of an object URL (`s3://b/a/m.csv` -> `s3://b/a`)."""
+    head, _, _ = url.rstrip("/").rpartition("/")
+    return head if scheme(head) and head.count("/") >= 2 and not head.endswith(":/") else url

@@ -30,6 +30,7 @@ import numpy as np
 
 from cnn import stopping
 from cnn.decode import DecodeError, DecodeSpec, RejectKind, check_decoder_settings, decode_bytes, read_image_bytes
+from cnn.storage import client_environment
 
 ProgressFn = Callable[[int, int], None]
 DecodeFn = Callable[[str, DecodeSpec, frozenset[str]], "DecodeOutcome"]
@@ -62,8 +63,9 @@ _worker_known: frozenset[str] = frozenset()
 _worker_decode: DecodeFn | None = None
 
 
-def _init_worker(spec: DecodeSpec, known: frozenset[str], decode: DecodeFn) -> None:
+def _init_worker(spec: DecodeSpec, known: frozenset[str], decode: DecodeFn, env: dict[str, str]) -> None:
     global _worker_spec, _worker_known, _worker_decode
+    os.environ.update(env)  # a forkserver started earlier has an older environment than this process
     _worker_spec, _worker_known, _worker_decode = spec, known, decode
 
 
@@ -156,6 +158,7 @@ class _IsolatedPool:
             decode,
         )
         self.context = pool_context()
+        self.env = client_environment()  # what object store clients read: the workers need this process's
         self.pool: ProcessPoolExecutor | None = None
         self.running: dict[Future[list[DecodeOutcome]], tuple[list[int], float]] = {}
         self.chunk = chunk_size(paths, workers)
@@ -181,7 +184,7 @@ class _IsolatedPool:
                 self.workers,
                 mp_context=self.context,
                 initializer=_init_worker,
-                initargs=(self.spec, self.known, self.decode),
+                initargs=(self.spec, self.known, self.decode, self.env),
             )
         while todo and len(self.running) < 2 * self.workers:  # a little queued work keeps every worker busy
             chunk = [todo.popleft()]
@@ -233,7 +236,9 @@ class _IsolatedPool:
         """Decode one file in a process of its own, to tell a file that kills its decoder from its neighbours."""
         receiver, sender = self.context.Pipe(duplex=False)
         process = self.context.Process(  # type: ignore[attr-defined]  # every concrete context has Process
-            target=_decode_alone, args=(sender, self.paths[i], self.spec, self.known, self.decode), daemon=True
+            target=_decode_alone,
+            args=(sender, self.paths[i], self.spec, self.known, self.decode, self.env),
+            daemon=True,
         )
         process.start()
         sender.close()
@@ -261,7 +266,7 @@ class _IsolatedPool:
     def _key(self) -> tuple[object, ...]:
         # Not the start method: it follows this process's thread count, which the idle pool's own manager thread
         # changes. A pool reused later starts no process (a fork pool starts all its workers at its first task).
-        return (self.workers, self.spec, self.known, self.decode)
+        return (self.workers, self.spec, self.known, self.decode, hash(frozenset(self.env.items())))
 
     def _stop(self, kill: bool) -> None:
         pool, self.pool = self.pool, None
@@ -303,7 +308,10 @@ def _keep_pool(key: tuple[object, ...], pool: ProcessPoolExecutor) -> None:
         previous[1].shutdown(wait=False, cancel_futures=True)
 
 
-def _decode_alone(sender: Any, path: str, spec: DecodeSpec, known: frozenset[str], decode: DecodeFn) -> None:
+def _decode_alone(
+    sender: Any, path: str, spec: DecodeSpec, known: frozenset[str], decode: DecodeFn, env: dict[str, str]
+) -> None:
+    os.environ.update(env)
     sender.send(decode(path, spec, known))
     sender.close()
 

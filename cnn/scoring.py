@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cnn import storage
 from cnn.config import ScoreConfig
 from cnn.decode import DecodeError, DecodeSpec, RejectKind, open_regular_file
 from cnn.drift import DriftSample
@@ -34,8 +35,8 @@ from cnn.neighbours import HISTORY_COLUMNS, History, Lookup, search_in_one_threa
 from cnn.parallel import DecodeOutcome, decode_many, default_workers, sample_size
 from cnn.predictions import prediction_columns
 from cnn.pseudonyms import pseudonym, pseudonyms
-from cnn.sinks import EMBEDDING, REVIEW_COLUMN, Sink
-from cnn.sources import MANIFEST_SUFFIXES, iter_files, load_manifest_table
+from cnn.sinks import EMBEDDING, REVIEW_COLUMN, VERSION_COLUMN, Sink
+from cnn.sources import MANIFEST_SUFFIXES, iter_files, load_manifest_table, object_stats
 
 STAMP_COLUMNS = ["model_name", "model_version", "run_id", "scored_at", "flow_run_id", "superseded_at"]
 OUTPUT_COLUMNS = [
@@ -211,40 +212,92 @@ class ScoringSummary:
 
 
 def list_inputs(source: str) -> ScoringInputs:
-    """A folder (recursive), a glob, or a CSV/Parquet manifest with `path` and any id columns."""
+    """A folder (recursive), a glob, or a CSV/Parquet manifest with `path` and any id columns; each may be an object
+    store URL (`s3://bucket/incoming/`, `s3://bucket/incoming/**/*.jpg`, `s3://bucket/batch.csv`), and a manifest
+    may name objects. Objects carry their version (`source_version`), which tells an unchanged object without
+    reading it again."""
+    source = storage.local_path(source)
+    inputs = _list_objects(source) if storage.is_url(source) else _list_local(source)
+    if inputs.files["path"].map(storage.is_url).any():
+        inputs = _with_versions(inputs)
+    return inputs
+
+
+def _list_objects(source: str) -> ScoringInputs:
+    if source.lower().endswith(MANIFEST_SUFFIXES):
+        return _list_manifest(source)
+    if any(ch in source for ch in "*?["):
+        urls = storage.glob(source)
+    else:
+        prefix = source.rstrip("/")
+        found = (o.url for o in storage.iter_objects(prefix))
+        urls = sorted(u for u in found if not any(p.startswith(".") for p in u[len(prefix) :].split("/")))  # hidden
+    if not urls:
+        raise UserError(f"nothing to score: no objects in {storage.redact(source)}")
+    return ScoringInputs(pd.DataFrame({"path": urls}), [])
+
+
+def _with_versions(inputs: ScoringInputs) -> ScoringInputs:
+    """Add each object's version (one streamed listing per bucket; "" for local files and missing objects)."""
+    found = object_stats(p for p in inputs.files["path"] if storage.is_url(p))
+    versions = [found[p].version if p in found else "" for p in inputs.files["path"]]
+    return replace(inputs, files=inputs.files.assign(**{VERSION_COLUMN: versions}))
+
+
+def _list_manifest(path: Path | str) -> ScoringInputs:
+    """A CSV/Parquet manifest (a file or an object) with `path` and any id columns to carry to the output; its
+    relative paths start from its own folder."""
+    shown = storage.redact(str(path))
+    table = load_manifest_table(path)
+    if "path" not in table.columns:
+        raise UserError(f"manifest {shown} has no `path` column; it has: {', '.join(map(str, table.columns))}")
+    ids = [str(c) for c in table.columns if c != "path"]
+    reserved = {*OUTPUT_COLUMNS, *REJECT_COLUMNS, *PLAN_COLUMNS, REVIEW_COLUMN, VERSION_COLUMN}
+    for column in ids:
+        if not _ID_COLUMN.match(column):
+            raise UserError(f"manifest column {column!r} cannot be carried to the output: use letters, digits and _")
+        if column in reserved or column.startswith("prob_"):
+            raise UserError(
+                f"manifest column {column!r} has the name of a column the output has already; "
+                "rename it (the output's own columns: " + ", ".join(sorted(reserved)) + ", prob_*)"
+            )
+    files = table.copy()
+    base = storage.parent(str(path)) if storage.is_url(path) else str(Path(path).parent)
+    files["path"] = [_beside(base, p) for p in files["path"].astype(str)]
+    files[ids] = files[ids].astype(str)
+    return ScoringInputs(files.drop_duplicates("path", ignore_index=True)[["path", *ids]], ids)
+
+
+def _beside(base: str, path: str) -> str:
+    """A manifest's path: a URL or an absolute path as it is, a relative one under the manifest's folder."""
+    path = storage.local_path(path)
+    if storage.is_url(path) or Path(path).is_absolute():
+        return path
+    return storage.join(base, path) if storage.is_url(base) else str(Path(base) / path)
+
+
+def _list_local(source: str) -> ScoringInputs:
     path = Path(source).expanduser()
     if path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
-        table = load_manifest_table(path)
-        if "path" not in table.columns:
-            raise UserError(f"manifest {path} has no `path` column; it has: {', '.join(map(str, table.columns))}")
-        ids = [str(c) for c in table.columns if c != "path"]
-        reserved = {*OUTPUT_COLUMNS, *REJECT_COLUMNS, *PLAN_COLUMNS, REVIEW_COLUMN}
-        for column in ids:
-            if not _ID_COLUMN.match(column):
-                raise UserError(
-                    f"manifest column {column!r} cannot be carried to the output: use letters, digits and _"
-                )
-            if column in reserved or column.startswith("prob_"):
-                raise UserError(
-                    f"manifest column {column!r} has the name of a column the output has already; "
-                    "rename it (the output's own columns: " + ", ".join(sorted(reserved)) + ", prob_*)"
-                )
-        files = table.copy()
-        files["path"] = [str(p if Path(p).is_absolute() else path.parent / p) for p in files["path"].astype(str)]
-        files[ids] = files[ids].astype(str)
-    elif path.is_dir():
-        files, ids = pd.DataFrame({"path": sorted(str(p) for p in iter_files(path))}), []
+        return _list_manifest(path)
+    if path.is_dir():
+        files = pd.DataFrame({"path": sorted(str(p) for p in iter_files(path))})
     elif any(ch in source for ch in "*?["):
-        matches = sorted(p for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-        files, ids = pd.DataFrame({"path": matches}), []
+        files = pd.DataFrame({"path": sorted(p for p in glob.glob(str(path), recursive=True) if Path(p).is_file())})
     else:
         raise UserError(f"nothing to score: {source} is not a folder, a glob or a CSV/Parquet manifest")
-    files = files.drop_duplicates("path", ignore_index=True)
-    return ScoringInputs(files[["path", *ids]], ids)
+    return ScoringInputs(files.drop_duplicates("path", ignore_index=True), [])
 
 
 def content_ids(paths: Sequence[str], threads: int = 4) -> list[str]:
-    """The sha256 of each file's bytes (the `image_id`); "" for a file that cannot be read as a regular file."""
+    """The sha256 of each file's bytes (the `image_id`); "" for a file that cannot be read as a regular file. Objects
+    (URLs) are read several at a time."""
+    urls = [i for i, p in enumerate(paths) if storage.is_url(p)]
+    if urls:
+        found = dict(zip(urls, storage.sha256_objects([paths[i] for i in urls])))
+        rest = [i for i in range(len(paths)) if i not in found]
+        local = dict(zip(rest, content_ids([paths[i] for i in rest], threads))) if rest else {}
+        return [found[i] if i in found else local[i] for i in range(len(paths))]
 
     def digest(path: str) -> str:
         try:
@@ -355,14 +408,14 @@ def plan_shards(
     """Hash every input, drop those every sink already holds with the same bytes (rows of any version, or of this
     version only with `rescore`), resolve duplicates by content, and number the shards."""
     masking.check(inputs.id_columns)
-    files = inputs.files.assign(image_id=content_ids(inputs.files["path"].tolist()))
-    shown = files["path"].map(masking.path)  # what the tables hold
+    currents = [sink.current(model.name) for sink in sinks]
+    shown = inputs.files["path"].map(masking.path)  # what the tables hold
+    files = inputs.files.assign(image_id=_image_ids(inputs.files, shown, currents))
     pairs = pd.Series(list(zip(shown, files["image_id"])), dtype=object)
     todo = pd.Series(False, index=files.index)
     attempts: dict[tuple[str, str], int] = {}
     owners: dict[str, str] = {}
-    for sink in sinks:
-        current = sink.current(model.name)
+    for current in currents:
         if rescore:
             current = current[current["model_version"].astype(str) == str(model.version)]
         increment = Increment.of(current, max_attempts)
@@ -385,6 +438,22 @@ def plan_shards(
         tuple(inputs.id_columns),
         retried=int((files["attempt"] > 1).sum()),
     )
+
+
+def _image_ids(files: pd.DataFrame, shown: pd.Series, currents: Sequence[pd.DataFrame]) -> list[str]:
+    """Each input's content id: for an object whose version a sink recorded with the same path, the id recorded
+    then (the object is not read again); for everything else, the hash of its bytes."""
+    if VERSION_COLUMN not in files.columns:
+        return content_ids(files["path"].tolist())
+    known: dict[tuple[str, str], str] = {}
+    for current in currents:
+        rows = current[current[VERSION_COLUMN].astype(str) != ""]
+        known.update(zip(zip(rows["path"].astype(str), rows[VERSION_COLUMN].astype(str)), rows["image_id"].astype(str)))
+    ids = [known.get((p, str(v)), "") if v else "" for p, v in zip(shown, files[VERSION_COLUMN])]
+    todo = [i for i, image_id in enumerate(ids) if not image_id]
+    for i, image_id in zip(todo, content_ids(files["path"].iloc[todo].tolist())):
+        ids[i] = image_id
+    return ids
 
 
 _BESIDE = ThreadPoolExecutor(1, "reuse-check", search_in_one_thread)  # beside the model's forward pass
@@ -514,6 +583,7 @@ def score_files(
     `decoded` holds the outcomes of the rows to decode where they were decoded already (in order)."""
     rejects: list[tuple[str, str, str, str]] = []
     ids_by_path = files[["path", *id_columns]]
+    versions_by_path = files[[c for c in ("path", VERSION_COLUMN) if c in files.columns]]
     planned = dict(zip(files["path"], files["image_id"])) if "image_id" in files.columns else {}
     tries = dict(zip(files["path"], files["attempt"])) if "attempt" in files.columns else {}
     if "duplicate_of" in files.columns:
@@ -580,6 +650,8 @@ def score_files(
             **{column: rows[column] for column in id_columns},
         }
     )
+    if VERSION_COLUMN in files.columns:  # objects: the version scored, so the next run need not read it again
+        predictions[VERSION_COLUMN] = rows[VERSION_COLUMN].to_numpy()
     columns = prediction_columns(
         probs, classes, options.top_k, options.review_below, contract.points(), mirrored, options.review_margin
     )
@@ -609,6 +681,8 @@ def score_files(
     reject_frame["attempts"] = [int(tries.get(p, 1)) for p in reject_frame["path"]]
     if id_columns:
         reject_frame = reject_frame.merge(ids_by_path, on="path", how="left")
+    if VERSION_COLUMN in versions_by_path.columns:
+        reject_frame = reject_frame.merge(versions_by_path, on="path", how="left")
     for key, value in stamp.items():
         predictions[key] = value
         reject_frame[key] = value

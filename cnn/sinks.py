@@ -29,13 +29,14 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
 
 from cnn.errors import UserError
 from cnn.fsio import atomic_path
+from cnn.storage import is_url, local_path
 
 if TYPE_CHECKING:
     from sqlalchemy import URL, Connection
@@ -57,7 +58,8 @@ def split_embeddings(predictions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFr
 
 
 REJECT_KEY = ["path", "model_name", "model_version"]
-CURRENT_COLUMNS = ["path", "image_id", "model_version", "reject_kind", "attempts", "scored_at"]
+VERSION_COLUMN = "source_version"  # an object's version id or ETag when it was scored ("" for a local file)
+CURRENT_COLUMNS = ["path", "image_id", "model_version", "reject_kind", "attempts", "scored_at", VERSION_COLUMN]
 _TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _TIMES = ("scored_at", "superseded_at")
 _HISTORY = ("reject_kind", "attempts", "superseded_at")  # columns a table written by an earlier version may lack
@@ -80,10 +82,15 @@ class Sink(Protocol):
 
 
 def open_sink(output: str | None, table: str | None, default_table: str) -> list[Sink]:
-    """The sinks named by --output and --table; the default SQL table when neither is given."""
+    """The sinks named by --output and --table; the default SQL table when neither is given. An --output URL
+    (`s3://bucket/preds/night.parquet`) is a table in an object store (cnn/object_sink.py)."""
     sinks: list[Sink] = []
-    if output:
-        sinks.append(FileSink(Path(output)))
+    if output and is_url(local_path(output)):
+        from cnn.object_sink import ObjectSink
+
+        sinks.append(ObjectSink(local_path(output)))
+    elif output:
+        sinks.append(FileSink(Path(local_path(output))))
     if table or not output:
         sinks.append(SqlSink.from_url(table or default_table))
     return sinks
@@ -112,6 +119,19 @@ def _column(frame: pd.DataFrame, name: str, default: object) -> pd.Series:
     return frame[name].replace("", None).fillna(default)
 
 
+def read_csv_table(source: Path | IO[bytes]) -> pd.DataFrame:
+    """A prediction table from CSV: every column as text (a claim number 007123 stays 007123, and nothing is
+    re-parsed between runs) except the times, which the history is computed from."""
+    try:
+        frame = pd.read_csv(source, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:  # an earlier run with nothing to write left an empty file
+        return pd.DataFrame()
+    for column in _TIMES:
+        if column in frame.columns:
+            frame[column] = _as_time(frame[column])
+    return frame
+
+
 def _latest_per_path(predictions: pd.DataFrame, rejects: pd.DataFrame) -> pd.DataFrame:
     """CURRENT_COLUMNS for the newest row of each (model, path) across both tables."""
     frames = []
@@ -127,6 +147,7 @@ def _latest_per_path(predictions: pd.DataFrame, rejects: pd.DataFrame) -> pd.Dat
                 "reject_kind": _column(frame, "reject_kind", "corrupt").astype(str) if is_reject else "",
                 "attempts": pd.to_numeric(_column(frame, "attempts", 1), errors="coerce") if is_reject else 0,
                 "scored_at": _as_time(frame["scored_at"]),
+                VERSION_COLUMN: _column(frame, VERSION_COLUMN, "").astype(str),
             }
         )
         if "superseded_at" in frame.columns:
@@ -161,14 +182,10 @@ class FileSink:
             return pd.DataFrame()
         if not self.csv:
             return pd.read_parquet(path)
-        try:  # every column as text: a claim number 007123 stays 007123, and nothing is re-parsed between runs
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        except pd.errors.EmptyDataError:  # an earlier run with nothing to write left an empty file
-            return pd.DataFrame()
-        for column in _TIMES:  # except the times, which the history is computed from
-            if column in frame.columns:
-                frame[column] = _as_time(frame[column])
-        return frame
+        return read_csv_table(path)
+
+    def _read_review(self) -> pd.DataFrame:
+        return self._read(self.review_path)
 
     def _parts(self, kind: str) -> list[Path]:
         return sorted(self.parts.glob(f"*.{kind}.parquet")) if self.parts.is_dir() else []
@@ -221,7 +238,8 @@ class FileSink:
             with atomic_path(self.drift_path) as tmp:
                 table.to_csv(tmp, index=False) if self.csv else table.to_parquet(tmp, index=False)
 
-    def _merge(self) -> list[str]:
+    def _merged(self) -> dict[str, pd.DataFrame]:
+        """The tables as the publish writes them: what is published plus every committed part, each key once."""
         tables = {}
         for kind, key in (("pred", KEY), ("rej", REJECT_KEY), ("emb", KEY)):
             merged = self._all(kind)
@@ -231,8 +249,12 @@ class FileSink:
                 merged = merged.loc[~_frame_key(merged, key).duplicated(keep="last")].sort_index()
             tables[kind] = merged
         _supersede(tables["pred"], tables["rej"])
-        tables["review"] = review_queue(tables["pred"], self._read(self.review_path))
+        tables["review"] = review_queue(tables["pred"], self._read_review())
         tables["dup"] = duplicates(tables["pred"])
+        return tables
+
+    def _merge(self) -> list[str]:
+        tables = self._merged()
         targets = [("pred", self.path), ("rej", self.rejects_path), ("review", self.review_path)]
         if len(tables["dup"]):
             targets.append(("dup", self.duplicates_path))
@@ -451,7 +473,15 @@ class SqlSink:
             for name in (self.table, self.rejects):
                 columns = self._columns(conn, name)
                 if columns:
-                    readable = ("path", "image_id", "model_name", "model_version", "scored_at", *_HISTORY)
+                    readable = (
+                        "path",
+                        "image_id",
+                        "model_name",
+                        "model_version",
+                        "scored_at",
+                        *_HISTORY,
+                        VERSION_COLUMN,
+                    )
                     wanted = [c for c in readable if c in columns]
                     where = "model_name = :m" + (" AND superseded_at IS NULL" if "superseded_at" in columns else "")
                     query = f"SELECT {', '.join(map(self.quote, wanted))} FROM {self.quote(name)} WHERE {where}"

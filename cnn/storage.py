@@ -10,6 +10,7 @@ A `file://` URL is a local path: callers turn it into one with `local_path` and 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,15 @@ EXTRA = {"s3fs": "s3", "gcsfs": "gcs", "adlfs": "azure"}
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 PAGE = 1000  # objects per listing page (S3's own maximum)
 READ_THREADS = 16  # object reads wait on the network, not the CPU
+
+
+_CLIENT_ENV = ("AWS_", "GOOGLE_", "GCE_", "CLOUDSDK_", "AZURE_", "FSSPEC_", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+
+
+def client_environment() -> dict[str, str]:
+    """The environment variables object store clients read (endpoints, regions, profiles, credentials), for worker
+    processes started from an older snapshot of it (a forkserver). They travel in memory only."""
+    return {k: v for k, v in os.environ.items() if k.upper().startswith(_CLIENT_ENV)}
 
 
 def scheme(text: str) -> str:

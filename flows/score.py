@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 
-from cnn import drift, scoring, stopping
+from cnn import drift, scoring, stopping, storage
 from cnn.config import ScoreConfig
 from cnn.drift import DriftReport
 from cnn.errors import UserError
@@ -205,14 +205,18 @@ def score_flow(source: str, config: ScoreConfig, home: str | None = None) -> Sco
 
 
 def _explanations(config: ScoreConfig, home: Path) -> tuple[str, str]:
-    """(folder of the overlays, folder the `explanation` column is relative to): beside --output as
-    X.explanations/ (relative paths), else under CNN_HOME/explanations/TABLE (absolute paths)."""
+    """(folder of the overlays, folder the `explanation` column is relative to): beside an --output file as
+    X.explanations/ (relative paths), else under CNN_HOME/explanations/TABLE (absolute paths; for an --output in an
+    object store, TABLE is its name without the suffix)."""
     if config.explain == "none":
         return "", ""
-    if config.output:
-        output = Path(config.output).expanduser().resolve()
-        return str(output.with_name(f"{output.stem}.explanations")), str(output.parent)
+    output = storage.local_path(config.output) if config.output else ""
+    if output and not storage.is_url(output):
+        local = Path(output).expanduser().resolve()
+        return str(local.with_name(f"{local.stem}.explanations")), str(local.parent)
     table = (config.table or "").rpartition("#")[2] or "predictions"
+    if output:
+        table = output.rsplit("/", 1)[-1].rsplit(".", 1)[0]
     return str(home / "explanations" / table), ""
 
 

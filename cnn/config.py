@@ -179,7 +179,9 @@ class ScoreConfig(ClusterConfig):
     kind: ClassVar[str] = "scoring config"
 
     model: str = Field(..., description="MODEL (= MODEL@champion), MODEL@alias or MODEL:version")
-    output: str | None = Field(None, description="prediction file, .parquet or .csv (rejects beside it)")
+    output: str | None = Field(
+        None, description="prediction file, .parquet or .csv (rejects beside it); a path or an s3://, gs://, az:// URL"
+    )
     table: str | None = Field(
         None, description="SQLAlchemy URL#table, or `default` for CNN_PREDICTIONS_URL (else SQLite under CNN_HOME)"
     )

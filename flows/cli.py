@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
 import cnn
+from cnn import storage
 from cnn.config import ScoreConfig, TrainConfig, describe_validation_error
 from cnn.errors import UserError
 from cnn.ingest import IngestOptions
@@ -95,7 +96,13 @@ CrashAfter = Annotated[
 @app.command()
 @_command
 def ingest(
-    source: Annotated[Path, typer.Argument(help="Class folders, train/val/test folders, or a CSV/Parquet manifest.")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="Class folders, train/val/test folders, or a CSV/Parquet manifest; a folder or path or an object "
+            "store URL (s3://bucket/prefix, gs://..., az://..., file://...)."
+        ),
+    ],
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset name (folder under $CNN_HOME/datasets).")],
     config: ConfigFile = None,
     image_size: Annotated[
@@ -173,9 +180,10 @@ def ingest(
     )
     options.fractions()
     workspace.current().dataset(dataset)
-    if not source.exists():
+    source = storage.local_path(source)
+    if not storage.is_url(source) and not Path(source).expanduser().exists():
         raise UserError(f"source not found: {source}")
-    outcome = ingest_flow(source=str(source), dataset=dataset, options=options)
+    outcome = ingest_flow(source=source, dataset=dataset, options=options)
     render.dataset_report(Path(outcome.dataset_dir))
 
 
@@ -329,14 +337,24 @@ def train(
 @_command
 def score(
     source: Annotated[
-        str, typer.Argument(help="Folder (recursive), glob, or CSV/Parquet manifest with a path column.")
+        str,
+        typer.Argument(
+            help="Folder (recursive), glob, or CSV/Parquet manifest with a path column; local, or an object store "
+            "URL (s3://bucket/incoming/, s3://bucket/incoming/**/*.jpg, s3://bucket/batch.csv)."
+        ),
     ],
     model: Annotated[
         str | None,
         typer.Option(help="MODEL (= MODEL@champion), MODEL@alias or MODEL:version (required here or in --config)."),
     ] = None,
     config: ConfigFile = None,
-    output: Annotated[str | None, typer.Option(help="Prediction file, .parquet or .csv (rejects beside it).")] = None,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            help="Prediction file, .parquet or .csv (rejects beside it); a path or an object store URL "
+            "(s3://bucket/preds/night.parquet: published with a manifest object written last)."
+        ),
+    ] = None,
     table: Annotated[
         str | None,
         typer.Option(

@@ -1,0 +1,162 @@
+"""Prediction tables in an object store (a real S3-compatible server): committed shards, a publish that ends with a
+manifest object, and kill -9 at every write of a publish followed by a re-run: no duplicate, no gap."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime, timedelta
+
+import pandas as pd
+import pytest
+
+from cnn import storage
+from cnn.object_sink import ObjectSink, read_manifest
+from cnn.sinks import open_sink
+from tests.helpers import clean_env
+from tests.s3 import S3Server
+
+
+def _shard(first: int, n: int, run: str, when: datetime, bytes_tag: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """n predictions (paths first..first+n-1; `bytes_tag` changes their content ids) and one reject, stamped like a
+    scoring run's rows."""
+    stamp = {"model_name": "m", "model_version": "1", "run_id": "r", "scored_at": when, "flow_run_id": run}
+    predictions = pd.DataFrame(
+        {
+            "image_id": [f"id{bytes_tag}{i:04d}" for i in range(first, first + n)],
+            "path": [f"s3://in/{i:04d}.jpg" for i in range(first, first + n)],
+            "label": "cat",
+            "confidence": 0.5,
+            "needs_review": [i % 2 == 0 for i in range(first, first + n)],
+            "urgency": 0.5,
+            "source_version": "v1",
+            **stamp,
+        }
+    )
+    rejects = pd.DataFrame(
+        {"image_id": [""], "path": [f"s3://in/bad{first}.jpg"], "reason": ["x"], "reject_kind": ["corrupt"]}
+    ).assign(attempts=1, **stamp)
+    for frame in (predictions, rejects):
+        frame["superseded_at"] = pd.Series(pd.NaT, index=frame.index, dtype="datetime64[us, UTC]")
+    return predictions, rejects
+
+
+def _read(url: str) -> pd.DataFrame:
+    return pd.read_parquet(io.BytesIO(storage.read_object(url)))
+
+
+def test_commit_then_publish_writes_the_tables_and_a_manifest_last(s3: S3Server) -> None:
+    out = f"{s3.bucket('preds')}/nightly/2026-11-30.parquet"
+    (sink,) = open_sink(out, None, "unused")
+    assert isinstance(sink, ObjectSink)
+    now = datetime.now(UTC)
+    sink.commit(0, *_shard(0, 5, "run-a", now))
+    sink.commit(1, *_shard(5, 5, "run-a", now))
+    parts = storage.list_prefix(f"{out}.parts")
+    assert len(parts) == 4 and all("/run-a/shard-" in p for p in parts)  # run-scoped prefix, pred + rej each
+    with pytest.raises(Exception, match="not been published"):
+        read_manifest(out)
+    current = sink.current("m")
+    assert len(current) == 12 and set(current["source_version"]) == {"v1", ""}  # parts count before the publish
+    written = sink.finish()
+    assert written[0] == f"{out}.manifest.json"
+    predictions, rejects = _read(out), _read(out.replace(".parquet", ".rejects.parquet"))
+    assert len(predictions) == 10 and predictions["path"].is_unique and len(rejects) == 2
+    manifest = read_manifest(out)
+    assert manifest["tables"]["predictions"]["rows"] == 10
+    assert manifest["tables"]["predictions"]["version"] == storage.info(out).version
+    assert len(manifest["merged_parts"]) == 4
+    assert storage.list_prefix(f"{out}.parts") == []  # removed after the manifest
+
+
+def test_a_second_run_supersedes_and_keeps_history(s3: S3Server) -> None:
+    out = f"{s3.bucket('preds')}/p.csv"
+    sink = ObjectSink(out)
+    now = datetime.now(UTC)
+    sink.commit(0, *_shard(0, 4, "run-a", now))
+    sink.finish()
+    sink.commit(0, *_shard(2, 4, "run-b", now + timedelta(seconds=5), bytes_tag="b"))  # 2, 3: new bytes
+    sink.finish()
+    table = pd.read_csv(io.BytesIO(storage.read_object(out)), dtype=str, keep_default_na=False)
+    assert len(table) == 8  # the earlier rows of paths 2 and 3 stay, as history
+    live = table[table["superseded_at"] == ""]
+    assert sorted(live["path"]) == [f"s3://in/{i:04d}.jpg" for i in range(6)]
+    replaced = table[table["superseded_at"] != ""]
+    assert sorted(replaced["image_id"]) == ["id0002", "id0003"]
+
+
+PUBLISH_IN_A_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    from cnn import storage
+    from cnn.object_sink import ObjectSink
+
+    out, die_at = sys.argv[1], int(sys.argv[2])
+    original, writes = storage.write_object, []
+
+    def write_then_maybe_die(url, data):
+        original(url, data)
+        writes.append(url)
+        if len(writes) == die_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would: no cleanup, no finally
+
+    storage.write_object = write_then_maybe_die
+    ObjectSink(out).finish()
+    print(len(writes))
+    """
+)
+
+
+def _publish_in_child(out: str, die_at: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", PUBLISH_IN_A_CHILD, out, str(die_at)],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_kill_9_at_every_write_of_a_publish_then_a_rerun_leaves_no_duplicate_and_no_gap(s3: S3Server) -> None:
+    bucket = s3.bucket("killed")
+    now = datetime.now(UTC)
+
+    def committed(out: str) -> None:
+        sink = ObjectSink(out)
+        sink.commit(0, *_shard(0, 6, "run-a", now))
+        sink.finish()  # an earlier night, published
+        sink.commit(0, *_shard(6, 6, "run-b", now + timedelta(seconds=1)))
+        sink.commit(1, *_shard(12, 6, "run-b", now + timedelta(seconds=1)))
+
+    probe = f"{bucket}/probe.parquet"
+    committed(probe)
+    uninterrupted = _publish_in_child(probe, die_at=0)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+    writes = int(uninterrupted.stdout.split()[-1])
+    assert writes == 4  # predictions, rejects, review, then the manifest
+    expected = _read(probe).sort_values("path").reset_index(drop=True)
+    assert len(expected) == 18
+
+    for die_at in range(1, writes + 1):
+        out = f"{bucket}/night-{die_at}.parquet"
+        committed(out)
+        before = read_manifest(out)
+        killed = _publish_in_child(out, die_at)
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        if die_at < writes:  # killed before the manifest: readers of the manifest still see the earlier night
+            assert read_manifest(out) == before
+        ObjectSink(out).finish()  # the next run's publish
+        table = _read(out).sort_values("path").reset_index(drop=True)
+        assert table["path"].is_unique and len(table) == 18, f"killed after write {die_at}"
+        pd.testing.assert_frame_equal(
+            table.drop(columns=["scored_at", "superseded_at"]), expected.drop(columns=["scored_at", "superseded_at"])
+        )
+        rejects = _read(out.replace(".parquet", ".rejects.parquet"))
+        assert sorted(rejects["path"]) == [f"s3://in/bad{i}.jpg" for i in (0, 12, 6)]
+        assert storage.list_prefix(f"{out}.parts") == []
+        manifest = read_manifest(out)
+        assert manifest["tables"]["predictions"]["version"] == storage.info(out).version
+        assert json.dumps(manifest).count("canary") == 0

@@ -196,6 +196,11 @@ class ScoreConfig(ClusterConfig):
         3, ge=1, description="runs that try a file whose reject was transient (truncated, I/O error, time limit)"
     )
     rescore: bool = Field(False, description="score every input again with this version, even those already scored")
+    partition_by: list[str] = Field(
+        default_factory=list,
+        description="write --output as a Hive-partitioned Parquet table by these columns (date, label, decision, "
+        "model_name, model_version)",
+    )
     pseudonymize: list[str] = Field(
         default_factory=list, description="carried id columns (and `path`) written as keyed pseudonyms"
     )

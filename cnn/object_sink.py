@@ -28,12 +28,13 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from urllib.parse import quote, unquote
 
 import pandas as pd
 
 from cnn import storage
 from cnn.errors import UserError
-from cnn.sinks import DRIFT_KEY, FileSink, _frame_key, read_csv_table, split_embeddings
+from cnn.sinks import DRIFT_KEY, FileSink, _as_time, _frame_key, read_csv_table, split_embeddings
 
 MANIFEST_FORMAT = "cnn-prediction-table/1"
 
@@ -167,3 +168,153 @@ def read_manifest(url: str) -> dict[str, object]:
         return dict(json.loads(storage.read_object(f"{url}.manifest.json")))
     except FileNotFoundError:
         raise UserError(f"{storage.redact(url)} has not been published yet (no {url}.manifest.json)") from None
+
+
+# --- partitioned tables ------------------------------------------------------------------------------------------
+
+PARTITION_COLUMNS = ("date", "label", "decision", "model_name", "model_version")  # date: the UTC day scored
+
+
+class PartitionedSink(FileSink):
+    """Predictions as a Hive-partitioned Parquet table (`--partition-by date,label`): a folder or a bucket prefix
+    that DuckDB, pandas (pyarrow) and Spark read as one table, on disk or in an object store.
+
+      T/date=2026-11-30/label=cat/shard-NNNNNN-<id>.parquet    the predictions of one committed shard, per partition
+      T/_rejects/shard-...parquet, T/_embeddings/shard-...     that shard's rejects and vectors (not partitioned)
+      T/_review.parquet, T/_duplicates.parquet                 rebuilt at each publish, as in a single-file table
+      T/_manifest.json                                         written last: every data file of the table
+      T/_parts/<run>/...                                       committed shards waiting for the publish
+
+    Rows are never rewritten: a table that grows night by night by new files only. The current row of a path is
+    its newest (`scored_at`); `superseded_at` is not kept here (it would rewrite old partitions), so a query takes
+    the newest row per path where history matters. A data file is named after the shard it came from, so a publish
+    killed midway and run again writes the same files again, never a second copy; names starting with `_` are what
+    readers of the data (Spark, pyarrow, a `*/*/*.parquet` glob) leave out."""
+
+    def __init__(self, root: str, partition_by: list[str]) -> None:
+        unknown = [c for c in partition_by if c not in PARTITION_COLUMNS]
+        if unknown or not partition_by:
+            raise UserError(
+                f"cannot partition by {', '.join(unknown) or 'nothing'}: use some of {', '.join(PARTITION_COLUMNS)}"
+            )
+        if root.lower().endswith(".csv"):
+            raise UserError("--partition-by writes Parquet: name a folder or prefix for --output, not a .csv file")
+        if storage.is_url(root):
+            storage.filesystem(root)  # an unknown scheme or a missing extra is refused before any file is decoded
+        self.root = root.rstrip("/")
+        self.partition_by = list(partition_by)
+        self.csv = False
+        self.parts_url = storage.join(self.root, "_parts")
+        self.manifest_url = storage.join(self.root, "_manifest.json")
+        self.review_url = storage.join(self.root, "_review.parquet")
+        self.duplicates_url = storage.join(self.root, "_duplicates.parquet")
+        self.drift_url = storage.join(self.root, "_drift.parquet")
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def _manifest(self) -> dict[str, list[str]]:
+        try:
+            found = json.loads(storage.read_object(self.manifest_url))
+        except FileNotFoundError:
+            return {"files": [], "rejects": [], "embeddings": []}
+        return {k: list(found.get(k, [])) for k in ("files", "rejects", "embeddings")}
+
+    def _read_data(self, key: str) -> pd.DataFrame:
+        """One data file, with the partition values its path holds put back as columns."""
+        frame = _read_parquet(storage.join(self.root, key))
+        for part in key.split("/")[:-1]:
+            name, _, value = part.partition("=")
+            if name != "date" and name in self.partition_by:
+                frame[name] = unquote(value)
+        return frame
+
+    def _all(self, kind: str) -> pd.DataFrame:
+        parts = [u for u in storage.list_prefix(self.parts_url) if u.endswith(f".{kind}.parquet")]
+        listed = self._manifest()[{"pred": "files", "rej": "rejects", "emb": "embeddings"}[kind]]
+        frames = [self._read_data(k) if kind == "pred" else _read_parquet(storage.join(self.root, k)) for k in listed]
+        frames += [_read_parquet(u) for u in parts]
+        frames = [f for f in frames if len(f)]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def _read_review(self) -> pd.DataFrame:
+        return _read_parquet(self.review_url)
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        yield  # see ObjectSink's note on concurrency: the same holds here, on disk too
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def commit(self, shard: int, predictions: pd.DataFrame, rejects: pd.DataFrame) -> None:
+        name = storage.join(self.parts_url, _run_of(predictions, rejects), f"shard-{shard:06d}-{uuid.uuid4().hex[:12]}")
+        predictions, embeddings = split_embeddings(predictions)
+        for frame, kind in ((rejects, "rej"), (embeddings, "emb"), (predictions, "pred")):
+            if kind != "emb" or len(frame):
+                _write_parquet(f"{name}.{kind}.parquet", frame)
+
+    def record_drift(self, rows: pd.DataFrame) -> None:
+        table = pd.concat([_read_parquet(self.drift_url), rows], ignore_index=True)
+        _write_parquet(self.drift_url, table.loc[~_frame_key(table, DRIFT_KEY).duplicated(keep="last")])
+
+    def _merge(self) -> list[str]:
+        parts = storage.list_prefix(self.parts_url)
+        listed = self._manifest()
+        for url in parts:
+            stem, kind = url.rsplit("/", 1)[1].rsplit(".", 2)[:2]
+            frame = _read_parquet(url)
+            if kind == "pred":
+                listed["files"] += [k for k in self._write_partitions(stem, frame) if k not in listed["files"]]
+            elif len(frame):
+                key = f"_{'rejects' if kind == 'rej' else 'embeddings'}/{stem}.parquet"
+                _write_parquet(storage.join(self.root, key), frame)
+                group = listed["rejects" if kind == "rej" else "embeddings"]
+                group += [key] if key not in group else []
+        tables = self._merged()
+        _write_parquet(self.review_url, tables["review"])
+        written = [self.review_url]
+        if len(tables["dup"]):
+            _write_parquet(self.duplicates_url, tables["dup"])
+            written.append(self.duplicates_url)
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "published_at": datetime.now(UTC).isoformat(),
+            "partition_by": self.partition_by,
+            **{k: sorted(v) for k, v in listed.items()},
+        }
+        storage.write_object(self.manifest_url, json.dumps(manifest, indent=2).encode("utf-8"))
+        storage.remove(parts)  # only now: a publish killed before this line writes the same files again
+        return [self.root, self.manifest_url, *written]
+
+    def _merged(self) -> dict[str, pd.DataFrame]:
+        tables = super()._merged()
+        tables["pred"] = tables["pred"].drop(columns="superseded_at", errors="ignore")
+        return tables
+
+    def _write_partitions(self, stem: str, frame: pd.DataFrame) -> list[str]:
+        """Write one shard's predictions as one file per partition; the keys written, relative to the root."""
+        if frame.empty:
+            return []
+        values = frame.assign(date=_as_time(frame["scored_at"]).dt.strftime("%Y-%m-%d"))
+        keys = []
+        for group, rows in values.groupby(self.partition_by, sort=True, dropna=False):
+            group = group if isinstance(group, tuple) else (group,)
+            folder = "/".join(f"{c}={quote(str(v), safe='')}" for c, v in zip(self.partition_by, group))
+            key = f"{folder}/{stem}.parquet"
+            data = rows.drop(columns=[c for c in self.partition_by if c != "date"] + ["date"])
+            data = data.drop(columns="superseded_at", errors="ignore")
+            _write_parquet(storage.join(self.root, key), data.reset_index(drop=True))
+            keys.append(key)
+        return keys
+
+
+def _read_parquet(url: str) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(io.BytesIO(storage.read_object(url)))
+    except FileNotFoundError:
+        return pd.DataFrame()
+
+
+def _write_parquet(url: str, frame: pd.DataFrame) -> None:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    storage.write_object(url, buffer.getvalue())

@@ -81,11 +81,23 @@ class Sink(Protocol):
         """Keep a run's drift statistics (one row per statistic, unique per flow run and statistic)."""
 
 
-def open_sink(output: str | None, table: str | None, default_table: str) -> list[Sink]:
+def open_sink(
+    output: str | None, table: str | None, default_table: str, partition_by: list[str] | None = None
+) -> list[Sink]:
     """The sinks named by --output and --table; the default SQL table when neither is given. An --output URL
-    (`s3://bucket/preds/night.parquet`) is a table in an object store (cnn/object_sink.py)."""
+    (`s3://bucket/preds/night.parquet`) is a table in an object store, and `partition_by` makes --output a
+    partitioned Parquet table (cnn/object_sink.py)."""
     sinks: list[Sink] = []
-    if output and is_url(local_path(output)):
+    if partition_by and not output:
+        raise UserError("--partition-by needs an --output folder or prefix to write the partitioned table to")
+    if output and partition_by:
+        from cnn.object_sink import PartitionedSink
+
+        target = local_path(output)
+        sinks.append(
+            PartitionedSink(target if is_url(target) else str(Path(target).expanduser().resolve()), partition_by)
+        )
+    elif output and is_url(local_path(output)):
         from cnn.object_sink import ObjectSink
 
         sinks.append(ObjectSink(local_path(output)))

@@ -4,7 +4,9 @@ Credentials come from each cloud's usual places (environment variables, `~/.aws`
 credentials, `AZURE_STORAGE_*`), read by the cloud's own library; nothing here ever sees or writes them. An
 S3-compatible store on premises is named by `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`), as the AWS tools do.
 
-A `file://` URL is a local path: callers turn it into one with `local_path` and take the local code paths.
+A `file://` URL is a local path: callers turn it into one with `local_path` and take the local code paths. The
+object functions (read, write, info, list, remove) take plain local paths too, so that a table can be kept the
+same way on disk (a write there is atomic: a temporary file, then a rename).
 """
 
 from __future__ import annotations
@@ -167,18 +169,19 @@ def _s3_pages(fs: Any, path: str) -> Iterator[dict[str, Any]]:
 
 
 def info(url: str) -> ObjectInfo:
-    """One object's size and version; FileNotFoundError where there is none."""
+    """One object's (or local file's) size and version; FileNotFoundError where there is none."""
+    if not is_url(url):
+        found = os.stat(url)
+        return ObjectInfo(url, found.st_size, f"{found.st_mtime_ns}-{found.st_size}", found.st_mtime_ns)
     fs, path = filesystem(url)
     return _info(scheme(url), fs.info(path))
 
 
-def exists(url: str) -> bool:
-    fs, path = filesystem(url)
-    return bool(fs.exists(path))
-
-
 def read_object(url: str, max_bytes: int | None = None) -> bytes:
     """An object's bytes; at most `max_bytes + 1` are fetched, so a caller can tell an oversize object."""
+    if not is_url(url):
+        with open(url, "rb") as handle:
+            return handle.read(-1 if max_bytes is None else max_bytes + 1)
     fs, path = filesystem(url)
     if max_bytes is None:
         return bytes(fs.cat_file(path))
@@ -186,7 +189,14 @@ def read_object(url: str, max_bytes: int | None = None) -> bytes:
 
 
 def write_object(url: str, data: bytes) -> None:
-    """Write a whole object in one request: readers see the old object or the new one, never a part."""
+    """Write a whole object in one request (a local file: atomically): readers see the old object or the new one,
+    never a part."""
+    if not is_url(url):
+        from cnn.fsio import atomic_path
+
+        with atomic_path(url) as tmp:
+            tmp.write_bytes(data)
+        return
     fs, path = filesystem(url)
     fs.pipe_file(path, data)
 
@@ -194,15 +204,22 @@ def write_object(url: str, data: bytes) -> None:
 def remove(urls: Iterable[str]) -> None:
     """Delete objects (missing ones are fine)."""
     for url in urls:
-        fs, path = filesystem(url)
         try:
+            if not is_url(url):
+                os.unlink(url)
+                continue
+            fs, path = filesystem(url)
             fs.rm_file(path)
         except FileNotFoundError:
             pass
 
 
 def list_prefix(url: str) -> list[str]:
-    """The URLs of the objects below `url`, sorted (for small listings: a table's parts)."""
+    """The URLs (or paths) of the objects (files) below `url`, sorted (for small listings: a table's parts); a
+    local listing leaves out the temporary files of writes in progress."""
+    if not is_url(url):
+        found = [os.path.join(d, f) for d, _, files in os.walk(url) for f in files if not f.startswith(".")]
+        return sorted(found)
     return sorted(o.url for o in iter_objects(url))
 
 
@@ -231,7 +248,7 @@ def sha256_objects(urls: list[str], threads: int = READ_THREADS) -> list[str]:
 
 
 def join(url: str, *names: str) -> str:
-    """`url` with `names` appended as path parts."""
+    """`url` (or a local path) with `names` appended as path parts."""
     return "/".join([url.rstrip("/"), *(n.strip("/") for n in names)])
 
 

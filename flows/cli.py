@@ -395,6 +395,13 @@ def score(
             )
         ),
     ] = None,
+    partition_by: Annotated[
+        str | None,
+        typer.Option(
+            help="Write --output (a folder or prefix) as a Hive-partitioned Parquet table by these comma-separated "
+            "columns: date (the UTC day scored), label, decision, model_name, model_version."
+        ),
+    ] = None,
     pseudonymize: Annotated[
         list[str] | None,
         typer.Option(
@@ -500,6 +507,7 @@ def score(
         decode_time_limit_s=decode_time_limit,
         shard_size=shard_size,
         max_attempts=max_attempts,
+        partition_by=[c.strip() for c in partition_by.split(",") if c.strip()] if partition_by else None,
         pseudonymize=pseudonymize or None,
         rescore=rescore,
         explain=explain,

@@ -52,14 +52,14 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
     return isinstance(exc, (ConnectionError, TimeoutError))
 
 
-def _sinks(output: str | None, table: str | None) -> list[Sink]:
+def _sinks(output: str | None, table: str | None, partition_by: list[str] | None = None) -> list[Sink]:
     """The sinks of a run. The default table is CNN_PREDICTIONS_URL (kept in the environment, so a password
     never becomes a flow parameter), else SQLite under CNN_HOME; `env:`/`secret:` references resolve here."""
     default = os.environ.get("CNN_PREDICTIONS_URL") or f"sqlite:///{workspace.current().home / 'predictions.db'}"
     if "#" not in default:
         default += "#predictions"
     named = default if table == DEFAULT_TABLE else (credentials.resolve(table) if table else None)
-    return open_sink(output, named, default)
+    return open_sink(output, named, default, partition_by)
 
 
 def _masking(config: ScoreConfig) -> scoring.Masking:
@@ -80,7 +80,7 @@ def resolve_model(config: ScoreConfig) -> ModelRef:
 def plan_shards(source: str, config: ScoreConfig, model: ModelRef, run_dir: str) -> ShardPlan:
     """List and hash the inputs, drop those the tables already hold with the same bytes, cut the rest into shards."""
     inputs = scoring.list_inputs(source)
-    sinks = _sinks(config.output, config.table)
+    sinks = _sinks(config.output, config.table, config.partition_by)
     return scoring.plan_shards(
         inputs,
         sinks,
@@ -98,7 +98,7 @@ def score_shard(
     plan: ShardPlan, shard: int, model: ModelRef, config: ScoreConfig, options: ScoringOptions
 ) -> ShardResult:
     """Decode, predict and commit one shard to every sink (one transaction or one atomic part file each)."""
-    sinks = _sinks(config.output, config.table)
+    sinks = _sinks(config.output, config.table, config.partition_by)
     predictor = versions.load_predictor(model)
     explainer = versions.load_explainer(model) if options.explain != "none" else None
     lookup = versions.load_lookup(model) if config.similar and config.embeddings else None
@@ -108,7 +108,7 @@ def score_shard(
 @task(name="publish-tables", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, retry_condition_fn=_transient)
 def publish(config: ScoreConfig) -> list[str]:
     """Merge file parts into the output files atomically; return where every table lives."""
-    return [location for sink in _sinks(config.output, config.table) for location in sink.finish()]
+    return [location for sink in _sinks(config.output, config.table, config.partition_by) for location in sink.finish()]
 
 
 @task(name="extend-history", cache_policy=NO_CACHE)
@@ -136,7 +136,7 @@ def check_drift(
             model_name=model.name, model_version=model.version, flow_run_id=flow_run_id,
             checked_at=pd.Timestamp.now(tz="UTC"), images=report.images,
         )  # fmt: skip
-        for sink in _sinks(config.output, config.table):
+        for sink in _sinks(config.output, config.table, config.partition_by):
             sink.record_drift(frame)
     where = f"\nThe plot: MLflow run {mlflow_run} (experiment cnn-scoring-{model.name}), artifact drift/drift.png.\n"
     create_markdown_artifact(_drift_markdown(report) + (where if mlflow_run else ""), key="drift", description="Drift")

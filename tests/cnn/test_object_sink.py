@@ -9,18 +9,21 @@ import subprocess
 import sys
 import textwrap
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from cnn import storage
-from cnn.object_sink import ObjectSink, read_manifest
+from cnn.object_sink import ObjectSink, PartitionedSink, read_manifest
 from cnn.sinks import open_sink
 from tests.helpers import clean_env
 from tests.s3 import S3Server
 
 
-def _shard(first: int, n: int, run: str, when: datetime, bytes_tag: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
+def _shard(
+    first: int, n: int, run: str, when: datetime, bytes_tag: str = "", labels: tuple[str, ...] = ("cat",)
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """n predictions (paths first..first+n-1; `bytes_tag` changes their content ids) and one reject, stamped like a
     scoring run's rows."""
     stamp = {"model_name": "m", "model_version": "1", "run_id": "r", "scored_at": when, "flow_run_id": run}
@@ -28,7 +31,7 @@ def _shard(first: int, n: int, run: str, when: datetime, bytes_tag: str = "") ->
         {
             "image_id": [f"id{bytes_tag}{i:04d}" for i in range(first, first + n)],
             "path": [f"s3://in/{i:04d}.jpg" for i in range(first, first + n)],
-            "label": "cat",
+            "label": [labels[i % len(labels)] for i in range(first, first + n)],
             "confidence": 0.5,
             "needs_review": [i % 2 == 0 for i in range(first, first + n)],
             "urgency": 0.5,
@@ -92,7 +95,7 @@ PUBLISH_IN_A_CHILD = textwrap.dedent(
     """
     import os, signal, sys
     from cnn import storage
-    from cnn.object_sink import ObjectSink
+    from cnn.object_sink import ObjectSink, PartitionedSink
 
     out, die_at = sys.argv[1], int(sys.argv[2])
     original, writes = storage.write_object, []
@@ -104,15 +107,18 @@ PUBLISH_IN_A_CHILD = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would: no cleanup, no finally
 
     storage.write_object = write_then_maybe_die
-    ObjectSink(out).finish()
+    if len(sys.argv) > 3:
+        PartitionedSink(out, sys.argv[3].split(",")).finish()
+    else:
+        ObjectSink(out).finish()
     print(len(writes))
     """
 )
 
 
-def _publish_in_child(out: str, die_at: int) -> subprocess.CompletedProcess[str]:
+def _publish_in_child(out: str, die_at: int, partitioned: bool = False) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", PUBLISH_IN_A_CHILD, out, str(die_at)],
+        [sys.executable, "-c", PUBLISH_IN_A_CHILD, out, str(die_at), *(["label"] if partitioned else [])],
         env=clean_env(),
         capture_output=True,
         text=True,
@@ -160,3 +166,77 @@ def test_kill_9_at_every_write_of_a_publish_then_a_rerun_leaves_no_duplicate_and
         manifest = read_manifest(out)
         assert manifest["tables"]["predictions"]["version"] == storage.info(out).version
         assert json.dumps(manifest).count("canary") == 0
+
+
+def _duckdb(root: str, columns: list[str]) -> pd.DataFrame:
+    """The partitioned table as DuckDB reads it (straight from the bucket through fsspec, or from disk)."""
+    import duckdb
+
+    con = duckdb.connect()
+    if storage.is_url(root):
+        fs, _ = storage.filesystem(root)
+        con.register_filesystem(fs)
+    glob = f"{root}/{'/'.join(f'{c}=*' for c in columns)}/*.parquet"
+    return con.sql(f"select * from read_parquet('{glob}', hive_partitioning = true)").df()
+
+
+@pytest.mark.parametrize("where", ["bucket", "disk"])
+def test_a_partitioned_table_reads_as_one_table_in_duckdb_and_pandas(s3: S3Server, tmp_path: Path, where: str) -> None:
+    root = f"{s3.bucket('parted')}/preds" if where == "bucket" else str(tmp_path / "preds")
+    (sink,) = open_sink(root, None, "unused", ["date", "label"])
+    assert isinstance(sink, PartitionedSink)
+    day = datetime(2026, 11, 30, 23, 0, tzinfo=UTC)
+    sink.commit(0, *_shard(0, 6, "night-1", day, labels=("cat", "dog")))
+    sink.finish()
+    sink.commit(0, *_shard(6, 4, "night-2", day + timedelta(hours=2), labels=("cat", "dog")))
+    sink.commit(1, *_shard(0, 2, "night-2", day + timedelta(hours=2), bytes_tag="b", labels=("cat", "dog")))
+    sink.finish()
+    files = storage.list_prefix(root)
+    data = sorted(f[len(root) + 1 :] for f in files if not f[len(root) + 1 :].startswith("_"))
+    assert {d.rsplit("/", 1)[0] for d in data} == {
+        "date=2026-11-30/label=cat", "date=2026-11-30/label=dog", "date=2026-12-01/label=cat",
+        "date=2026-12-01/label=dog",
+    }  # fmt: skip
+    manifest = json.loads(storage.read_object(f"{root}/_manifest.json"))
+    assert sorted(manifest["files"]) == data and manifest["partition_by"] == ["date", "label"]
+    assert not any(str(tmp_path) in f for f in manifest["files"])  # keys relative to the table, never absolute
+
+    table = _duckdb(root, ["date", "label"])
+    assert len(table) == 12 and set(table["label"]) == {"cat", "dog"}
+    assert sorted(table["path"].unique()) == [f"s3://in/{i:04d}.jpg" for i in range(10)]
+    newest = table.sort_values("scored_at").drop_duplicates("path", keep="last")  # the current row of each path
+    assert len(newest) == 10 and set(newest.loc[newest["path"] == "s3://in/0000.jpg", "image_id"]) == {"idb0000"}
+    if where == "disk":  # pandas (pyarrow) reads the folder as one table and leaves the _ files out
+        frame = pd.read_parquet(root)
+        assert len(frame) == 12 and {"date", "label"} <= set(frame.columns)
+    current = sink.current("m")
+    assert len(current) == 12 and sorted(current.loc[current["reject_kind"] == "", "path"])[0] == "s3://in/0000.jpg"
+    assert set(current.loc[current["path"] == "s3://in/0000.jpg", "image_id"]) == {"idb0000"}
+    review = _read(f"{root}/_review.parquet") if where == "bucket" else pd.read_parquet(f"{root}/_review.parquet")
+    assert "idb0000" in set(review["image_id"]) and "id0000" not in set(review["image_id"])  # current rows only
+
+
+def test_a_partitioned_publish_killed_at_every_write_then_rerun_has_no_duplicate(s3: S3Server) -> None:
+    bucket = s3.bucket("parted-kill")
+    day = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+    def committed(root: str) -> None:
+        sink = PartitionedSink(root, ["label"])
+        sink.commit(0, *_shard(0, 6, "night-1", day, labels=("cat", "dog")))
+        sink.commit(1, *_shard(6, 6, "night-1", day, labels=("cat", "dog")))
+
+    probe = f"{bucket}/probe"
+    committed(probe)
+    done = _publish_in_child(probe, 0, partitioned=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    writes = int(done.stdout.split()[-1])
+    assert writes == 4 + 2 + 2  # 2 shards x 2 labels, 2 reject files, the review queue, the manifest
+    for die_at in range(1, writes + 1):
+        root = f"{bucket}/t{die_at}"
+        committed(root)
+        killed = _publish_in_child(root, die_at, partitioned=True)
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        PartitionedSink(root, ["label"]).finish()
+        table = _duckdb(root, ["label"])
+        assert len(table) == 12 and table["path"].is_unique, f"killed after write {die_at}"
+        assert not storage.list_prefix(f"{root}/_parts")

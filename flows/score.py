@@ -216,7 +216,7 @@ def _explanations(config: ScoreConfig, home: Path) -> tuple[str, str]:
         return str(local.with_name(f"{local.stem}.explanations")), str(local.parent)
     table = (config.table or "").rpartition("#")[2] or "predictions"
     if output:
-        table = output.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        table = output.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0] or table
     return str(home / "explanations" / table), ""
 
 

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.helpers import free_port, wait_until_up
 
@@ -24,6 +25,7 @@ class S3Server:
     access_key: str
     secret_key: str = field(repr=False)
     process: subprocess.Popen[bytes] = field(repr=False)
+    _admin: Any = field(default=None, repr=False)
 
     def env(self) -> dict[str, str]:
         return {
@@ -35,14 +37,19 @@ class S3Server:
 
     def bucket(self, stem: str) -> str:
         """A new, empty bucket (unique name): its URL."""
+        name = f"{stem}-{uuid.uuid4().hex[:8]}"
+        self.admin().mkdir(name)
+        return f"s3://{name}"
+
+    def admin(self) -> Any:
+        """An s3fs client of this server with its credentials (one per server: clients are slow to make)."""
         import s3fs
 
-        name = f"{stem}-{uuid.uuid4().hex[:8]}"
-        fs = s3fs.S3FileSystem(
-            key=self.access_key, secret=self.secret_key, endpoint_url=self.endpoint, skip_instance_cache=True
-        )
-        fs.mkdir(name)
-        return f"s3://{name}"
+        if self._admin is None:
+            self._admin = s3fs.S3FileSystem(
+                key=self.access_key, secret=self.secret_key, endpoint_url=self.endpoint, skip_instance_cache=True
+            )
+        return self._admin
 
     def stop(self) -> None:
         """Stop at once: a throwaway server's data need not be flushed (SIGTERM makes it wait about 20 s)."""
@@ -78,7 +85,10 @@ def start_s3_server(folder: Path) -> S3Server:
     for name, port in ports.items():
         command += [f"-{name}.port={port}", f"-{name}.port.grpc={free_port()}"]
     command += ["-filer", "-s3", f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0"]
-    command += ["-master.volumeSizeLimitMB=64", "-volume.max=50"]
+    # Each bucket is a collection with volumes of its own: one new volume at a time (master.toml, read from the
+    # working folder) and as many as the disk holds, so a session's many small buckets never run out of them.
+    (folder / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\n", encoding="utf-8")
+    command += ["-master.volumeSizeLimitMB=64", "-volume.max=0"]
     log = (folder / "weed.log").open("ab")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder)
     endpoint = f"http://127.0.0.1:{ports['s3']}"
@@ -96,11 +106,7 @@ def _wait_for_writes(server: S3Server, timeout: float = 60) -> None:
     """The gateway answers before the volume server takes writes: wait until an object can be written."""
     import time
 
-    import s3fs
-
-    fs = s3fs.S3FileSystem(
-        key=server.access_key, secret=server.secret_key, endpoint_url=server.endpoint, skip_instance_cache=True
-    )
+    fs = server.admin()
     deadline = time.monotonic() + timeout
     while True:
         try:

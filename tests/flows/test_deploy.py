@@ -89,6 +89,20 @@ def test_compose_file_validates_and_mirrors_the_tested_setup() -> None:
     assert "://mlflow:" in services["mlflow"]["environment"]["STORE_DB"]
     assert "://predictions_writer:" in compose["x-pipeline"]["environment"]["CNN_PREDICTIONS_URL"]
     assert compose["x-pipeline"]["environment"]["MLFLOW_TRACKING_USERNAME"] == "${MLFLOW_WORKER_USERNAME:-worker}"
+    # the S3-compatible store: MLflow's artifacts, incoming images and prediction tables, one identity each
+    store = services["seaweedfs"]
+    assert "weed server" in store["command"][0] and "-s3 " in store["command"][0] and "ports" not in store
+    assert '"secretKey": "$$S3_PIPELINE_SECRET_KEY"' in store["command"][0]  # from the environment at start
+    assert '"Read:images", "List:images", "Read:predictions", "Write:predictions"' in store["command"][0]
+    assert "--artifacts-destination s3://mlflow-artifacts/" in " ".join(services["mlflow"]["command"])
+    assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://seaweedfs:8333"
+    assert services["mlflow"]["environment"]["AWS_SECRET_ACCESS_KEY"].startswith("${S3_MLFLOW_SECRET_KEY:?")
+    pipeline_env = compose["x-pipeline"]["environment"]
+    assert pipeline_env["AWS_ENDPOINT_URL"] == "http://seaweedfs:8333"
+    assert pipeline_env["AWS_SECRET_ACCESS_KEY"].startswith("${S3_PIPELINE_SECRET_KEY:?")
+    assert "'images', 'predictions', 'mlflow-artifacts'" in services["s3-buckets"]["command"][-1]
+    assert nightly["parameters"]["source"].startswith("s3://images/")
+    assert nightly["parameters"]["config"]["output"].startswith("s3://predictions/")
     tool = shutil.which("docker-compose")
     if tool is None:
         pytest.skip("docker-compose (Debian's 1.29 package) is not installed; .ci/run installs it")
@@ -103,6 +117,9 @@ def test_compose_file_validates_and_mirrors_the_tested_setup() -> None:
             "MLFLOW_TRACKING_PASSWORD",
             "MLFLOW_WORKER_PASSWORD",
             "MLFLOW_FLASK_SERVER_SECRET_KEY",
+            "S3_ADMIN_SECRET_KEY",
+            "S3_MLFLOW_SECRET_KEY",
+            "S3_PIPELINE_SECRET_KEY",
         )
     }
     checked = subprocess.run([tool, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, env=env)

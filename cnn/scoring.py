@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import re
+import shutil
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -53,7 +54,8 @@ OUTPUT_COLUMNS = [
     *STAMP_COLUMNS,
 ]
 REJECT_COLUMNS = ["image_id", "path", "reason", "reject_kind", "attempts"]
-PLAN_COLUMNS = ["image_id", "duplicate_of", "shard", "attempt"]
+PLAN_COLUMNS = ["image_id", "duplicate_of", "shard", "attempt", "local_copy"]
+SPOOL = "objects"  # the run folder's copies of the objects the plan read (cnn.storage.fetch_objects)
 _ID_COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
@@ -136,8 +138,10 @@ class ShardPlan:
     retried: int = 0  # files whose earlier reject was transient, tried again
 
     def remove(self) -> None:
-        """Delete the plan file once the run is published (it lists paths and image ids)."""
+        """Delete the plan file once the run is published (it lists paths and image ids), and what is left of its
+        copies of objects."""
         Path(self.path).unlink(missing_ok=True)
+        shutil.rmtree(Path(self.path).parent / SPOOL, ignore_errors=True)
 
     def rows(self, shard: int) -> pd.DataFrame:
         """The files of one shard, with their image_id and duplicate mark."""
@@ -410,7 +414,10 @@ def plan_shards(
     masking.check(inputs.id_columns)
     currents = [sink.current(model.name) for sink in sinks]
     shown = inputs.files["path"].map(masking.path)  # what the tables hold
-    files = inputs.files.assign(image_id=_image_ids(inputs.files, shown, currents))
+    ids, copies = _image_ids(inputs.files, shown, currents, Path(run_dir) / SPOOL)
+    files = inputs.files.assign(image_id=ids)
+    if any(copies):
+        files["local_copy"] = copies
     pairs = pd.Series(list(zip(shown, files["image_id"])), dtype=object)
     todo = pd.Series(False, index=files.index)
     attempts: dict[tuple[str, str], int] = {}
@@ -440,20 +447,28 @@ def plan_shards(
     )
 
 
-def _image_ids(files: pd.DataFrame, shown: pd.Series, currents: Sequence[pd.DataFrame]) -> list[str]:
-    """Each input's content id: for an object whose version a sink recorded with the same path, the id recorded
-    then (the object is not read again); for everything else, the hash of its bytes."""
+def _image_ids(
+    files: pd.DataFrame, shown: pd.Series, currents: Sequence[pd.DataFrame], spool: Path
+) -> tuple[list[str], list[str]]:
+    """Each input's content id, and the local copy of the objects read for it: for an object whose version a sink
+    recorded with the same path, the id recorded then (the object is not read at all); for other objects, the
+    hash of the bytes, which are kept in `spool` for the decoder (up to storage.SPOOL_BYTES); for files, the hash."""
+    copies = [""] * len(files)
     if VERSION_COLUMN not in files.columns:
-        return content_ids(files["path"].tolist())
+        return content_ids(files["path"].tolist()), copies
     known: dict[tuple[str, str], str] = {}
     for current in currents:
         rows = current[current[VERSION_COLUMN].astype(str) != ""]
         known.update(zip(zip(rows["path"].astype(str), rows[VERSION_COLUMN].astype(str)), rows["image_id"].astype(str)))
     ids = [known.get((p, str(v)), "") if v else "" for p, v in zip(shown, files[VERSION_COLUMN])]
-    todo = [i for i, image_id in enumerate(ids) if not image_id]
-    for i, image_id in zip(todo, content_ids(files["path"].iloc[todo].tolist())):
+    paths = files["path"].tolist()
+    objects = [i for i, image_id in enumerate(ids) if not image_id and storage.is_url(paths[i])]
+    for i, (image_id, copy) in zip(objects, storage.fetch_objects([paths[i] for i in objects], spool)):
+        ids[i], copies[i] = image_id, copy
+    local = [i for i, image_id in enumerate(ids) if not image_id and not storage.is_url(paths[i])]
+    for i, image_id in zip(local, content_ids([paths[i] for i in local])):
         ids[i] = image_id
-    return ids
+    return ids, copies
 
 
 _BESIDE = ThreadPoolExecutor(1, "reuse-check", search_in_one_thread)  # beside the model's forward pass
@@ -518,6 +533,8 @@ def score_shard(
     predictions, rejects = scored.predictions, scored.rejects
     for sink in sinks:
         sink.commit(shard, predictions, rejects)
+    for copy in filter(None, _copies(files)):  # committed: the plan's copies of this shard's objects are done
+        Path(copy).unlink(missing_ok=True)
     if scored.history is not None and options.history_dir:  # after the commit: only what was committed
         with atomic_path(Path(options.history_dir) / f"shard-{shard:06d}.parquet") as tmp:
             scored.history.to_parquet(tmp, index=False)
@@ -563,8 +580,19 @@ def _to_decode(files: pd.DataFrame) -> pd.DataFrame:
 
 
 def _decode_rows(files: pd.DataFrame, spec: DecodeSpec, options: ScoringOptions) -> list[DecodeOutcome]:
-    paths = _to_decode(files)["path"].tolist()
-    return list(decode_many(paths, spec, options.decode_workers, time_limit_s=options.decode_time_limit_s))
+    """Decode the rows' files; an object the plan kept a local copy of is read from that copy (and named by its
+    URL in the outcome)."""
+    rows = _to_decode(files)
+    paths = rows["path"].tolist()
+    reads = [c or p for c, p in zip(_copies(rows), paths)]
+    outcomes = decode_many(reads, spec, options.decode_workers, time_limit_s=options.decode_time_limit_s)
+    return [o if o.path == p else replace(o, path=p) for o, p in zip(outcomes, paths)]
+
+
+def _copies(files: pd.DataFrame) -> list[str]:
+    if "local_copy" not in files.columns:
+        return [""] * len(files)
+    return [str(c) for c in files["local_copy"].fillna("")]
 
 
 def score_files(

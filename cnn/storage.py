@@ -14,10 +14,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -30,6 +32,7 @@ EXTRA = {"s3fs": "s3", "gcsfs": "gcs", "adlfs": "azure"}
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 PAGE = 1000  # objects per listing page (S3's own maximum)
 READ_THREADS = 16  # object reads wait on the network, not the CPU
+SPOOL_BYTES = 2 << 30  # what a scoring run keeps of the objects it hashed, for its decoder (see fetch_objects)
 
 
 _CLIENT_ENV = ("AWS_", "GOOGLE_", "GCE_", "CLOUDSDK_", "AZURE_", "FSSPEC_", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
@@ -236,15 +239,38 @@ def glob(pattern: str) -> list[str]:
 
 def sha256_objects(urls: list[str], threads: int = READ_THREADS) -> list[str]:
     """The sha256 of each object's bytes ("" where it cannot be read), reading several at a time."""
+    return [digest for digest, _ in fetch_objects(urls, None, threads=threads)]
 
-    def digest(url: str) -> str:
+
+def fetch_objects(
+    urls: list[str], folder: Path | None, budget: int = SPOOL_BYTES, threads: int = READ_THREADS
+) -> list[tuple[str, str]]:
+    """(sha256, local copy) of each object, reading several at a time ("", "" where one cannot be read). With a
+    `folder`, the bytes are kept there as `<sha256>` files, up to `budget` bytes in all (beyond it: no copy), so
+    that what reads them next (the decoder) reads a local file instead of fetching the object a second time."""
+    kept, lock = [0], threading.Lock()
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def fetch(url: str) -> tuple[str, str]:
         try:
-            return hashlib.sha256(read_object(url)).hexdigest()
-        except OSError:
-            return ""
+            data = read_object(url)
+        except Exception:  # noqa: BLE001 - each store's client raises its own types: the decoder says why
+            return "", ""
+        digest = hashlib.sha256(data).hexdigest()
+        if folder is None:
+            return digest, ""
+        with lock:
+            if kept[0] + len(data) > budget:
+                return digest, ""
+            kept[0] += len(data)
+        copy = folder / digest
+        if not copy.exists():
+            write_object(str(copy), data)
+        return digest, str(copy)
 
     with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(digest, urls))
+        return list(pool.map(fetch, urls))
 
 
 def join(url: str, *names: str) -> str:

@@ -27,6 +27,7 @@ from cnn.scoring import (
 from cnn.sinks import FileSink
 from cnn.train import FitResult
 from tests.helpers import write_patterns
+from tests.s3 import S3Server
 
 MODEL = ModelRef("patterns", "1", "run-1")
 
@@ -238,3 +239,37 @@ def test_decoding_ahead_is_on_only_where_inference_leaves_cores_free(monkeypatch
     monkeypatch.setattr(scoring, "default_workers", lambda: 8)
     assert ScoringOptions.from_config(ScoreConfig(model="m", device="cpu"), "").decode_ahead
     assert not ScoringOptions.from_config(ScoreConfig(model="m", device="cpu", dask_workers=2), "").decode_ahead
+
+
+def test_a_bucket_is_read_once_per_new_object_and_not_at_all_when_unchanged(
+    trained: FitResult, tmp_path: Path, s3: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cnn import storage
+    from cnn.object_sink import ObjectSink
+
+    bucket = s3.bucket("scoring")
+    folder = _incoming(tmp_path / "in")
+    fs, root = storage.filesystem(bucket)
+    fs.pipe({f"{root}/in/{p.relative_to(folder).as_posix()}": p.read_bytes() for p in folder.rglob("*") if p.is_file()})
+    sink = ObjectSink(f"{bucket}/out/preds.parquet")
+    inputs = list_inputs(f"{bucket}/in/")
+    assert (inputs.files["source_version"].str.len() > 0).all()
+    plan = plan_shards(inputs, [sink], MODEL, shard_size=4, run_dir=tmp_path / "run")
+    copies = sorted((tmp_path / "run" / "objects").iterdir())
+    assert plan.files == 12 and len(copies) == 11  # each object read once at planning; equal bytes kept once
+    fs.rm(f"{root}/in", recursive=True)  # the shards decode the plan's copies: they never fetch an object again
+    results = [score_shard(plan, i, _predictor(trained), MODEL, [sink], ScoringOptions()) for i in range(3)]
+    summary = summarise(results, plan, MODEL, seconds=1.0, tables=sink.finish())
+    assert (summary.predicted, summary.rejected) == (9, 3)
+    assert summary.rejects_by_kind == {"empty": 1, "not_an_image": 1, "duplicate": 1}
+    assert not list((tmp_path / "run" / "objects").iterdir())  # each shard removed its copies once committed
+    plan.remove()
+    assert not (tmp_path / "run" / "objects").exists()
+
+    fs.pipe({f"{root}/in/{p.relative_to(folder).as_posix()}": p.read_bytes() for p in folder.rglob("*") if p.is_file()})
+    reads: list[str] = []
+    real_read = storage.read_object
+    monkeypatch.setattr(storage, "read_object", lambda url, *a: reads.append(url) or real_read(url, *a))
+    again = plan_shards(list_inputs(f"{bucket}/in/"), [sink], MODEL, shard_size=4, run_dir=tmp_path / "run")
+    assert (again.files, again.skipped) == (0, 12)
+    assert not [r for r in reads if "/in/" in r]  # same ETags: the recorded content ids, no object read

@@ -29,12 +29,22 @@ from typing import Any
 import numpy as np
 
 from cnn import stopping
-from cnn.decode import DecodeError, DecodeSpec, RejectKind, check_decoder_settings, decode_bytes, read_image_bytes
-from cnn.storage import client_environment
+from cnn.decode import (
+    DecodeError,
+    DecodeSpec,
+    RejectKind,
+    check_decoder_settings,
+    decode_bytes,
+    prefetched,
+    read_image_bytes,
+)
+from cnn.storage import client_environment, is_url
+from cnn.storage import info as storage_info
 
 ProgressFn = Callable[[int, int], None]
 DecodeFn = Callable[[str, DecodeSpec, frozenset[str]], "DecodeOutcome"]
 DEFAULT_TIME_LIMIT_S = 60.0  # per file; a 50-megapixel JPEG decodes in well under a second here
+START_GRACE_S = 30.0  # what a process of its own may take to start before its file's time limit begins
 CHUNK_BYTES = 1 << 20  # files per task: about this many bytes of them...
 MAX_CHUNK = 64  # ...but at most this many (a chunk's outcomes come back together)
 
@@ -63,8 +73,12 @@ _worker_known: frozenset[str] = frozenset()
 _worker_decode: DecodeFn | None = None
 
 
-def _init_worker(spec: DecodeSpec, known: frozenset[str], decode: DecodeFn, env: dict[str, str]) -> None:
-    global _worker_spec, _worker_known, _worker_decode
+_worker_started: Any = None  # the pool's shared clock: when the task in each slot started running
+
+
+def _init_worker(spec: DecodeSpec, known: frozenset[str], decode: DecodeFn, env: dict[str, str], started: Any) -> None:
+    global _worker_spec, _worker_known, _worker_decode, _worker_started
+    _worker_started = started
     os.environ.update(env)  # a forkserver started earlier has an older environment than this process
     _worker_spec, _worker_known, _worker_decode = spec, known, decode
 
@@ -85,19 +99,22 @@ def decode_one(path: str, spec: DecodeSpec, known: frozenset[str] = frozenset())
     return DecodeOutcome(path, image_id, "ok", "", image.width, image.height, image.format, image.array)
 
 
-def _decode_in_worker(paths: list[str]) -> list[DecodeOutcome]:
+def _decode_in_worker(slot: int, paths: list[str]) -> list[DecodeOutcome]:
     assert _worker_spec is not None and _worker_decode is not None, "worker not initialised"
-    return [_worker_decode(path, _worker_spec, _worker_known) for path in paths]
+    _worker_started[slot] = time.monotonic()  # the limit counts from here, not from the queue (one clock: Linux)
+    with prefetched(paths, _worker_spec):  # a chunk of small objects: fetched together, not one by one
+        return [_worker_decode(path, _worker_spec, _worker_known) for path in paths]
 
 
 def sample_size(paths: Sequence[str]) -> float:
-    """The mean size in bytes of up to 32 files spread over `paths` (infinite where one cannot be read: no basis for
-    treating them as small)."""
+    """The mean size in bytes of up to 32 files (8 objects: each costs a request) spread over `paths` (infinite where
+    one cannot be read: no basis for treating them as small)."""
     sizes = []
-    for path in paths[:: max(1, len(paths) // 32)][:32]:
+    many = 8 if paths and is_url(paths[0]) else 32
+    for path in paths[:: max(1, len(paths) // many)][:many]:
         try:
-            sizes.append(os.stat(path).st_size)
-        except OSError:  # a missing file or a URL
+            sizes.append(storage_info(path).size if is_url(path) else os.stat(path).st_size)
+        except Exception:  # noqa: BLE001 - a missing file, or an object the store will not describe
             return float("inf")
     return sum(sizes) / max(1, len(sizes))
 
@@ -159,8 +176,9 @@ class _IsolatedPool:
         )
         self.context = pool_context()
         self.env = client_environment()  # what object store clients read: the workers need this process's
-        self.pool: ProcessPoolExecutor | None = None
-        self.running: dict[Future[list[DecodeOutcome]], tuple[list[int], float]] = {}
+        self.pool: _Pool | None = None
+        # each task: its files and its slot in the pool's clock of start times (-1: none, never overdue)
+        self.running: dict[Future[list[DecodeOutcome]], tuple[list[int], int]] = {}
         self.chunk = chunk_size(paths, workers)
         self.alone: set[int] = set()  # files of a chunk that ran past the limit: one task each from now on
 
@@ -180,23 +198,27 @@ class _IsolatedPool:
 
     def _fill(self, todo: deque[int]) -> None:
         if self.pool is None:
-            self.pool = _reusable_pool(self._key()) or ProcessPoolExecutor(
-                self.workers,
-                mp_context=self.context,
-                initializer=_init_worker,
-                initargs=(self.spec, self.known, self.decode, self.env),
+            self.pool = _reusable_pool(self._key()) or _Pool(
+                self.workers, self.context, (self.spec, self.known, self.decode, self.env)
             )
-        while todo and len(self.running) < 2 * self.workers:  # a little queued work keeps every worker busy
+        while todo and len(self.running) < _Pool.depth(self.workers):  # a little queued work keeps workers busy
             chunk = [todo.popleft()]
             while todo and len(chunk) < self.chunk and chunk[0] not in self.alone and todo[0] not in self.alone:
                 chunk.append(todo.popleft())
-            future = self.pool.submit(_decode_in_worker, [self.paths[i] for i in chunk])
-            self.running[future] = (chunk, time.monotonic())
+            slot = min(set(range(_Pool.depth(self.workers))) - {s for _, s in self.running.values()})
+            self.pool.started[slot] = 0.0  # not started: waiting in the queue or for a worker process to start
+            future = self.pool.submit(_decode_in_worker, slot, [self.paths[i] for i in chunk])
+            self.running[future] = (chunk, slot)
+
+    def _started(self, slot: int) -> float:
+        """When the task in `slot` started running in a worker (0: not yet)."""
+        return float(self.pool.started[slot]) if self.pool is not None and slot >= 0 else 0.0
 
     def _collect(self, todo: deque[int]) -> dict[int, DecodeOutcome]:
-        """Wait for the next results; deal with a broken pool or a task past its time limit."""
-        oldest = min(start for _, start in self.running.values())
-        timeout = max(0.0, oldest + self.limit - time.monotonic())
+        """Wait for the next results; deal with a broken pool or a task past its time limit (counted from when it
+        started running: time in the queue or waiting for a new worker process is nobody's fault)."""
+        starts = [s for s in (self._started(slot) for _, slot in self.running.values()) if s]
+        timeout = max(0.0, min(starts) + self.limit - time.monotonic()) if starts else min(self.limit, 0.5)
         finished, _ = wait(self.running, timeout=timeout, return_when=FIRST_COMPLETED)
         results: dict[int, DecodeOutcome] = {}
         broken = False
@@ -206,9 +228,11 @@ class _IsolatedPool:
                 results.update(zip(chunk, future.result()))
             except BrokenProcessPool:
                 broken = True
-                self.running[future] = (chunk, 0.0)  # put back: its files are among the suspects below
+                self.running[future] = (chunk, -1)  # put back: its files are among the suspects below
         now = time.monotonic()
-        overdue = [f for f, (_, start) in self.running.items() if start and now - start > self.limit]
+        overdue = [
+            f for f, (_, slot) in self.running.items() if (start := self._started(slot)) and now - start > self.limit
+        ]
         if broken:
             suspects = sorted(i for chunk, _ in self.running.values() for i in chunk)
             singles = all(len(chunk) == 1 for chunk, _ in self.running.values())
@@ -243,6 +267,11 @@ class _IsolatedPool:
         process.start()
         sender.close()
         try:
+            if receiver.poll(max(self.limit, START_GRACE_S)):  # the process started (or died trying)
+                try:
+                    receiver.recv()
+                except EOFError:
+                    pass
             if receiver.poll(self.limit):
                 try:
                     outcome: DecodeOutcome = receiver.recv()
@@ -285,11 +314,24 @@ class _IsolatedPool:
 
 # One idle pool is kept for the next call with the same settings: scoring calls decode_many once per shard, and
 # starting workers again for every shard costs a few tenths of a second each. Idle workers end with the process.
-_idle: tuple[tuple[object, ...], ProcessPoolExecutor] | None = None
+_idle: tuple[tuple[object, ...], _Pool] | None = None
 _idle_lock = threading.Lock()
 
 
-def _reusable_pool(key: tuple[object, ...]) -> ProcessPoolExecutor | None:
+class _Pool(ProcessPoolExecutor):
+    """The decode workers, with a clock they share with this process: when the task in each slot started."""
+
+    def __init__(self, workers: int, context: multiprocessing.context.BaseContext, initargs: tuple[Any, ...]) -> None:
+        self.started: Any = context.Array("d", _Pool.depth(workers), lock=False)
+        super().__init__(workers, mp_context=context, initializer=_init_worker, initargs=(*initargs, self.started))
+
+    @staticmethod
+    def depth(workers: int) -> int:
+        """Tasks in flight at most: two per worker."""
+        return 2 * workers
+
+
+def _reusable_pool(key: tuple[object, ...]) -> _Pool | None:
     global _idle
     with _idle_lock:
         idle, _idle = _idle, None
@@ -300,7 +342,7 @@ def _reusable_pool(key: tuple[object, ...]) -> ProcessPoolExecutor | None:
     return None
 
 
-def _keep_pool(key: tuple[object, ...], pool: ProcessPoolExecutor) -> None:
+def _keep_pool(key: tuple[object, ...], pool: _Pool) -> None:
     global _idle
     with _idle_lock:
         previous, _idle = _idle, (key, pool)
@@ -312,6 +354,7 @@ def _decode_alone(
     sender: Any, path: str, spec: DecodeSpec, known: frozenset[str], decode: DecodeFn, env: dict[str, str]
 ) -> None:
     os.environ.update(env)
+    sender.send(None)  # started: the time limit counts from here, not from the process start
     sender.send(decode(path, spec, known))
     sender.close()
 

@@ -138,3 +138,24 @@ def test_file_urls_are_local_paths(write_images: Callable[..., Path]) -> None:
     listing = scan_source(f"file://{local}")
     assert listing.layout == "class-folders" and len(listing.files) == 4
     assert listing.files["path"].str.startswith(str(local)).all()
+
+
+def test_a_task_fetches_its_objects_together_and_a_missing_one_is_its_own_reject(s3: S3Server) -> None:
+    from cnn import decode
+    from cnn.decode import DecodeError, DecodeSpec, RejectKind, read_image_bytes
+
+    url = s3.bucket("prefetch")
+    storage.write_object(f"{url}/a.png", b"a" * 10)
+    storage.write_object(f"{url}/b.png", b"b" * 5000)
+    spec = DecodeSpec(channels=1, size=8, max_file_bytes=100)
+    paths = [f"{url}/a.png", f"{url}/b.png", f"{url}/gone.png"]
+    with decode.prefetched(paths, spec):
+        assert set(decode._PREFETCHED) == set(paths)  # fetched before the first read
+        storage.remove([f"{url}/a.png"])  # the task reads what it fetched
+        assert read_image_bytes(paths[0], spec) == b"a" * 10
+        with pytest.raises(DecodeError) as large:
+            read_image_bytes(paths[1], spec)
+        with pytest.raises(DecodeError) as gone:
+            read_image_bytes(paths[2], spec)
+    assert large.value.kind == RejectKind.TOO_LARGE and gone.value.kind == RejectKind.NOT_FOUND
+    assert decode._PREFETCHED == {}

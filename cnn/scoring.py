@@ -741,11 +741,11 @@ def _explain(
     classes = explainer.contract.classes
     targets = [classes.index(label) for label in predictions["label"].iloc[rows]]
     maps = heatmaps(explainer, images[rows], targets)
-    folder = Path(options.explain_dir)
     for row, heat in zip(rows, maps):
         name = f"{predictions['image_id'].iloc[row][:20]}-{model.name}-v{model.version}.jpg"
-        path = save_jpeg(overlay(images[row], heat), folder / name)
-        column.iloc[row] = str(path.relative_to(options.explain_base)) if options.explain_base else str(path)
+        path = str(save_jpeg(overlay(images[row], heat), storage.join(options.explain_dir, name)))
+        base = options.explain_base.rstrip("/")
+        column.iloc[row] = path[len(base) + 1 :] if base and path.startswith(base + "/") else path
     return column
 
 

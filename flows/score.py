@@ -206,17 +206,21 @@ def score_flow(source: str, config: ScoreConfig, home: str | None = None) -> Sco
 
 def _explanations(config: ScoreConfig, home: Path) -> tuple[str, str]:
     """(folder of the overlays, folder the `explanation` column is relative to): beside an --output file as
-    X.explanations/ (relative paths), else under CNN_HOME/explanations/TABLE (absolute paths; for an --output in an
-    object store, TABLE is its name without the suffix)."""
+    X.explanations/, in a partitioned table's folder or prefix as _explanations/, beside an object as
+    X.explanations/ in the store (all relative paths), else under CNN_HOME/explanations/TABLE (absolute paths)."""
     if config.explain == "none":
         return "", ""
     output = storage.local_path(config.output) if config.output else ""
-    if output and not storage.is_url(output):
+    if output and config.partition_by:
+        root = output.rstrip("/") if storage.is_url(output) else str(Path(output).expanduser().resolve())
+        return storage.join(root, "_explanations"), root
+    if output and storage.is_url(output):
+        folder, _, name = output.rpartition("/")
+        return storage.join(folder, f"{name.rsplit('.', 1)[0]}.explanations"), folder
+    if output:
         local = Path(output).expanduser().resolve()
         return str(local.with_name(f"{local.stem}.explanations")), str(local.parent)
     table = (config.table or "").rpartition("#")[2] or "predictions"
-    if output:
-        table = output.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0] or table
     return str(home / "explanations" / table), ""
 
 

@@ -53,6 +53,7 @@ def test_ingest_train_and_score_with_buckets_then_an_incremental_night(
     output += cnn("train", "--dataset", "patterns", "--config", str(tmp_path / "fast.yaml"))
     out = f"{results}/predictions/scores.parquet"
     score = ["score", f"{incoming}/", "--model", "patterns", "--output", out, "--shard-size", "5"]
+    score += ["--review-below", "0.99"]  # rows for the review queue, each with its overlay
     first = cnn(*score)
     assert "12 predictions, 0 rejects" in first, first[-2000:]
     table = _read(out)
@@ -60,6 +61,9 @@ def test_ingest_train_and_score_with_buckets_then_an_incremental_night(
     assert (table["source_version"].str.len() > 0).all()
     manifest = read_manifest(out)
     assert manifest["tables"]["predictions"]["version"] == storage.info(out).version
+    overlays = table["explanation"].dropna()
+    assert len(overlays) > 0 and overlays.str.startswith("scores.explanations/").all()  # relative, in the bucket
+    assert all(storage.read_object(f"{results}/predictions/{e}")[:2] == b"\xff\xd8" for e in overlays)  # JPEGs
     assert not storage.list_prefix(f"{out}.parts")
 
     again = cnn(*score)

@@ -5,7 +5,8 @@ run from listing to a published Parquet table (the bucket's into another bucket,
     python bench/object_store.py [--n 256] [--model resnet18] [--size 224] [--rounds 3]
 
 Prints images/s per run (rounds interleaved: local, bucket, local, ...), the median of each and the ratio
-bucket / local (target >= 0.8), with the planning share (listing and hashing) of each. Loopback has no network
+bucket / local (target >= 0.8), with the planning share (listing and hashing) of each; then the same for ingest
+(listing, reading, decoding to 64 px and committing a dataset; no target, for information). Loopback has no network
 latency: against a remote store, reads wait on the network, which the ratio here does not show.
 """
 
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.score import make_jpegs, make_model
 from cnn import storage
 from cnn.inference import Predictor
+from cnn.ingest import IngestOptions, ingest
 from cnn.scoring import ModelRef, ScoringOptions, list_inputs, plan_shards, score_shard
 from cnn.sinks import Sink, open_sink
 from tests.s3 import start_s3_server
@@ -63,6 +65,11 @@ def main() -> None:
         images, results = server.bucket("images"), server.bucket("results")
         fs, root = storage.filesystem(images)
         fs.pipe({f"{root}/incoming/{p.name}": p.read_bytes() for p in sorted(folder.iterdir())})
+        classes = folder.parent / "classes"  # the same files as class folders, for ingest
+        for i, p in enumerate(sorted(folder.iterdir())):
+            (classes / f"c{i % 4}").mkdir(parents=True, exist_ok=True)
+            (classes / f"c{i % 4}" / p.name).write_bytes(p.read_bytes())
+        fs.pipe({f"{root}/classes/{p.parent.name}/{p.name}": p.read_bytes() for p in sorted(classes.rglob("*.jpg"))})
         print(f"{args.n} JPEGs 640x480 -> {args.model} at {args.size} px, batch {args.batch}, {args.rounds} rounds")
         rates: dict[str, list[float]] = {"local": [], "bucket": []}
         shares: dict[str, list[float]] = {"local": [], "bucket": []}
@@ -79,6 +86,16 @@ def main() -> None:
         print(f"local disk : {local:7.1f} images/s (planning {statistics.median(shares['local']):.0%} of the run)")
         print(f"bucket     : {bucket:7.1f} images/s (planning {statistics.median(shares['bucket']):.0%} of the run)")
         print(f"bucket / local: {bucket / local:.2f} (target >= 0.8)")
+        ingested = {"local": [], "bucket": []}
+        for r in range(args.rounds):
+            for kind in ("local", "bucket"):
+                source = str(folder.parent / "classes") if kind == "local" else f"{images}/classes"
+                start = time.perf_counter()
+                ingest(source, work / f"datasets-{kind}-{r}" / "bench", IngestOptions(image_size=64, channels=3))
+                ingested[kind].append(args.n / (time.perf_counter() - start))
+        local, bucket = statistics.median(ingested["local"]), statistics.median(ingested["bucket"])
+        print(f"ingest to 64 px: local {local:.1f} images/s, bucket {bucket:.1f} images/s", end=", ")
+        print(f"bucket / local {bucket / local:.2f}")
     finally:
         server.stop()
 

@@ -529,7 +529,7 @@ def score(
 @app.command("explain")
 @_command
 def explain_images(
-    images: Annotated[list[Path], typer.Argument(help="Image files to explain.")],
+    images: Annotated[list[str], typer.Argument(help="Image files (paths or object store URLs) to explain.")],
     model: Annotated[str, typer.Option(help="MODEL (= MODEL@champion), MODEL@alias or MODEL:version.")],
     out: Annotated[Path, typer.Option(help="Folder for the overlays, feature-map grids and JSON.")],
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
@@ -538,7 +538,7 @@ def explain_images(
     from flows import render
     from flows.explain import explain
 
-    outcome = explain([str(p) for p in images], model, out, device)
+    outcome = explain([storage.local_path(p) for p in images], model, out, device)
     render.explanations(outcome)
     if not outcome.explained:
         raise UserError("no image could be read; nothing was explained")

@@ -86,7 +86,10 @@ def test_ingest_train_and_score_with_buckets_then_an_incremental_night(
     old = table[table["path"] == replaced]
     assert len(old) == 2 and old["source_version"].nunique() == 2 and old["image_id"].nunique() == 2
 
-    logs = output + first + again + night
+    explained = cnn("explain", replaced, "--model", "patterns", "--out", str(tmp_path / "why"))  # an object by URL
+    assert len(list((tmp_path / "why").glob("*.json"))) == 1, explained[-2000:]
+
+    logs = output + first + again + night + explained
     secret = s3.secret_key.encode()
     leaked = [str(p.relative_to(home)) for p in home.rglob("*") if p.is_file() and secret in p.read_bytes()]
     assert s3.secret_key not in logs and not leaked, leaked

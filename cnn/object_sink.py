@@ -15,9 +15,9 @@ with one PUT, then the manifest, and only then deletes the parts it merged. Kill
 run merges the same parts again, and the merge keeps one row per key: nothing is lost and nothing is doubled.
 A reader of one table sees whole runs only; a reader that joins several checks their versions in the manifest.
 
-Concurrency: shards of runs running at the same time commit safely (their parts have unique names). Publishing
-is not serialised (there is no lock to take): a publish re-merges when the table changed under it, which narrows
-but does not close the window; schedule runs that write the same output apart, or give each its own output.
+Concurrency: shards of runs running at the same time commit safely (their parts have unique names). Publishes
+take turns through a lock object (`X.publish.lock`, created with a conditional PUT and renewed while held; one
+whose holder was killed is taken over after storage.LOCK_LEASE_S), so no publish overwrites another's rows.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class ObjectSink(FileSink):
         self.drift_url = f"{stem}.drift{suffix}"
         self.parts_url = f"{url}.parts"
         self.manifest_url = f"{url}.manifest.json"
+        self.lock_url = f"{url}.publish.lock"
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -88,7 +89,11 @@ class ObjectSink(FileSink):
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
-        yield  # nothing to lock in an object store (see the module's note on concurrency)
+        yield  # reads and commits need no lock (see the module's note on concurrency)
+
+    def finish(self) -> list[str]:
+        with storage.exclusive(self.lock_url):
+            return self._merge()
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -110,16 +115,14 @@ class ObjectSink(FileSink):
                 self._write_url(f"{name}.{kind}.parquet", frame, parquet=True)
 
     def record_drift(self, rows: pd.DataFrame) -> None:
-        table = pd.concat([self._read_url(self.drift_url), rows], ignore_index=True)
-        table = table.loc[~_frame_key(table, DRIFT_KEY).duplicated(keep="last")]
-        self._write_url(self.drift_url, table)
+        with storage.exclusive(self.lock_url):
+            table = pd.concat([self._read_url(self.drift_url), rows], ignore_index=True)
+            table = table.loc[~_frame_key(table, DRIFT_KEY).duplicated(keep="last")]
+            self._write_url(self.drift_url, table)
 
     def _merge(self) -> list[str]:
         parts = [u for kind in ("pred", "rej", "emb") for u in self._part_urls(kind)]
-        before = self._version(self.path_url)
         tables = self._merged()
-        if self._version(self.path_url) != before:  # another run published meanwhile: merge what it wrote
-            tables = self._merged()
         targets = [("pred", self.path_url), ("rej", self.rejects_url), ("review", self.review_url)]
         if len(tables["dup"]):
             targets.append(("dup", self.duplicates_url))
@@ -139,12 +142,6 @@ class ObjectSink(FileSink):
         storage.write_object(self.manifest_url, json.dumps(manifest, indent=2).encode("utf-8"))
         storage.remove(parts)  # only now: a publish killed before this line merges them again, once
         return [self.manifest_url, *(str(entry["url"]) for entry in written.values())]
-
-    def _version(self, url: str) -> str:
-        try:
-            return storage.info(url).version
-        except FileNotFoundError:
-            return ""
 
     def _entry(self, url: str, frame: pd.DataFrame) -> dict[str, object]:
         found = storage.info(url)
@@ -209,6 +206,7 @@ class PartitionedSink(FileSink):
         self.review_url = storage.join(self.root, "_review.parquet")
         self.duplicates_url = storage.join(self.root, "_duplicates.parquet")
         self.drift_url = storage.join(self.root, "_drift.parquet")
+        self.lock_url = storage.join(self.root, "_publish.lock")
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -241,7 +239,11 @@ class PartitionedSink(FileSink):
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
-        yield  # see ObjectSink's note on concurrency: the same holds here, on disk too
+        yield  # reads and commits need no lock; publishes take turns (see ObjectSink's note on concurrency)
+
+    def finish(self) -> list[str]:
+        with storage.exclusive(self.lock_url):
+            return self._merge()
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -253,8 +255,9 @@ class PartitionedSink(FileSink):
                 _write_parquet(f"{name}.{kind}.parquet", frame)
 
     def record_drift(self, rows: pd.DataFrame) -> None:
-        table = pd.concat([_read_parquet(self.drift_url), rows], ignore_index=True)
-        _write_parquet(self.drift_url, table.loc[~_frame_key(table, DRIFT_KEY).duplicated(keep="last")])
+        with storage.exclusive(self.lock_url):
+            table = pd.concat([_read_parquet(self.drift_url), rows], ignore_index=True)
+            _write_parquet(self.drift_url, table.loc[~_frame_key(table, DRIFT_KEY).duplicated(keep="last")])
 
     def _merge(self) -> list[str]:
         parts = storage.list_prefix(self.parts_url)

@@ -15,8 +15,11 @@ import hashlib
 import os
 import re
 import threading
+import time
+import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -282,3 +285,108 @@ def parent(url: str) -> str:
     """The folder part of an object URL (`s3://b/a/m.csv` -> `s3://b/a`)."""
     head, _, _ = url.rstrip("/").rpartition("/")
     return head if scheme(head) and head.count("/") >= 2 and not head.endswith(":/") else url
+
+
+# --- a lock in the store --------------------------------------------------------------------------------------
+
+LOCK_LEASE_S = 60.0  # a lock whose holder has not renewed it for this long is taken over (a killed holder)
+LOCK_WAIT_S = 900.0  # how long to wait for a lock before giving up (a busy publish, not a dead one)
+
+
+class LockTimeout(TimeoutError):
+    """Another process held the lock for longer than LOCK_WAIT_S, renewing it all along."""
+
+
+def create_exclusive(url: str, data: bytes) -> str:
+    """Create an object only if there is none (S3's conditional PUT, `If-None-Match: *`; O_EXCL on disk): its
+    version, or "" when one exists already."""
+    if not is_url(url):
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(url, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return ""
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        return info(url).version
+    return _conditional_put(url, data, IfNoneMatch="*")
+
+
+def replace_if(url: str, data: bytes, version: str) -> str:
+    """Replace an object only if it still has `version` (S3's `If-Match`): its new version, or "" when it changed."""
+    if not is_url(url):
+        try:
+            if info(url).version != version:
+                return ""
+        except FileNotFoundError:
+            return ""
+        write_object(url, data)
+        return info(url).version
+    return _conditional_put(url, data, IfMatch=f'"{version}"')
+
+
+def _conditional_put(url: str, data: bytes, **condition: str) -> str:
+    fs, path = filesystem(url)
+    if not hasattr(fs, "call_s3"):  # stores without conditional writes here (gs://, az://): no exclusion
+        fs.pipe_file(path, data)
+        return info(url).version
+    bucket, key, _ = fs.split_path(path)
+    try:
+        answer = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+    except OSError as exc:
+        if "condition" in str(exc).lower():  # 412 Precondition Failed (or 409 for a concurrent conditional write)
+            return ""
+        raise
+    fs.invalidate_cache(path)
+    return str(answer.get("ETag", "")).strip('"')
+
+
+@contextmanager
+def exclusive(url: str, lease_s: float | None = None, wait_s: float | None = None) -> Iterator[None]:
+    """Hold the lock object `url` for the block: one holder at a time across processes and machines. The holder
+    renews it every quarter lease; a lock nobody renewed for a whole lease (its holder was killed) is taken over.
+    Needs conditional writes (S3 and S3-compatible stores, local disk); elsewhere it does not exclude."""
+    lease = LOCK_LEASE_S if lease_s is None else lease_s
+    deadline = time.monotonic() + (LOCK_WAIT_S if wait_s is None else wait_s)
+    owner = uuid.uuid4().hex
+    seen, since = "", time.monotonic()
+    while not (version := create_exclusive(url, f"{owner} 0".encode())):
+        try:
+            current = info(url).version
+        except FileNotFoundError:
+            continue  # released meanwhile
+        if current != seen:
+            seen, since = current, time.monotonic()
+        elif time.monotonic() - since > lease:  # not renewed for a lease: its holder is gone
+            if _unchanged(url, seen):
+                remove([url])
+            continue
+        if time.monotonic() > deadline:
+            raise LockTimeout(f"{redact(url)} stayed locked by another process for {LOCK_WAIT_S:.0f} s")
+        time.sleep(min(0.5, lease / 8))
+    stop = threading.Event()
+    renewer = threading.Thread(target=_renew, args=(url, owner, version, lease, stop), daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
+        remove([url])
+
+
+def _unchanged(url: str, version: str) -> bool:
+    try:
+        return info(url).version == version
+    except FileNotFoundError:
+        return False
+
+
+def _renew(url: str, owner: str, version: str, lease: float, stop: threading.Event) -> None:
+    beat = 0
+    while not stop.wait(lease / 4):
+        beat += 1
+        try:
+            version = replace_if(url, f"{owner} {beat}".encode(), version) or version
+        except Exception:  # noqa: BLE001 - a failed renewal is retried at the next beat
+            continue

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -45,6 +46,14 @@ def _shard(
     for frame in (predictions, rejects):
         frame["superseded_at"] = pd.Series(pd.NaT, index=frame.index, dtype="datetime64[us, UTC]")
     return predictions, rejects
+
+
+def _exists(url: str) -> bool:
+    try:
+        storage.info(url)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def _read(url: str) -> pd.DataFrame:
@@ -126,7 +135,10 @@ def _publish_in_child(out: str, die_at: int, partitioned: bool = False) -> subpr
     )
 
 
-def test_kill_9_at_every_write_of_a_publish_then_a_rerun_leaves_no_duplicate_and_no_gap(s3: S3Server) -> None:
+def test_kill_9_at_every_write_of_a_publish_then_a_rerun_leaves_no_duplicate_and_no_gap(
+    s3: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(storage, "LOCK_LEASE_S", 1.0)  # the killed publish's lock is taken over after a second
     bucket = s3.bucket("killed")
     now = datetime.now(UTC)
 
@@ -152,6 +164,7 @@ def test_kill_9_at_every_write_of_a_publish_then_a_rerun_leaves_no_duplicate_and
         before = read_manifest(out)
         killed = _publish_in_child(out, die_at)
         assert killed.returncode == -9, killed.stderr[-2000:]
+        assert _exists(f"{out}.publish.lock")  # left behind by the killed holder
         if die_at < writes:  # killed before the manifest: readers of the manifest still see the earlier night
             assert read_manifest(out) == before
         ObjectSink(out).finish()  # the next run's publish
@@ -162,7 +175,7 @@ def test_kill_9_at_every_write_of_a_publish_then_a_rerun_leaves_no_duplicate_and
         )
         rejects = _read(out.replace(".parquet", ".rejects.parquet"))
         assert sorted(rejects["path"]) == [f"s3://in/bad{i}.jpg" for i in (0, 12, 6)]
-        assert storage.list_prefix(f"{out}.parts") == []
+        assert storage.list_prefix(f"{out}.parts") == [] and not _exists(f"{out}.publish.lock")
         manifest = read_manifest(out)
         assert manifest["tables"]["predictions"]["version"] == storage.info(out).version
         assert json.dumps(manifest).count("canary") == 0
@@ -216,7 +229,10 @@ def test_a_partitioned_table_reads_as_one_table_in_duckdb_and_pandas(s3: S3Serve
     assert "idb0000" in set(review["image_id"]) and "id0000" not in set(review["image_id"])  # current rows only
 
 
-def test_a_partitioned_publish_killed_at_every_write_then_rerun_has_no_duplicate(s3: S3Server) -> None:
+def test_a_partitioned_publish_killed_at_every_write_then_rerun_has_no_duplicate(
+    s3: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(storage, "LOCK_LEASE_S", 1.0)
     bucket = s3.bucket("parted-kill")
     day = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
@@ -240,3 +256,30 @@ def test_a_partitioned_publish_killed_at_every_write_then_rerun_has_no_duplicate
         table = _duckdb(root, ["label"])
         assert len(table) == 12 and table["path"].is_unique, f"killed after write {die_at}"
         assert not storage.list_prefix(f"{root}/_parts")
+
+
+def test_publishes_take_turns_and_a_dead_holders_lock_is_taken_over(
+    s3: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = f"{s3.bucket('turns')}/p.parquet"
+    sink = ObjectSink(out)
+    now = datetime.now(UTC)
+    sink.commit(0, *_shard(0, 3, "run-a", now))
+    with storage.exclusive(f"{out}.publish.lock", lease_s=1.0):  # another publish, alive (it renews its lock)
+        child = subprocess.Popen(
+            [sys.executable, "-c", PUBLISH_IN_A_CHILD, out, "0"], env=clean_env(), stdout=subprocess.PIPE, text=True
+        )
+        time.sleep(4)  # four leases: a live holder keeps it however long it takes
+        assert child.poll() is None and storage.list_prefix(f"{out}.parts")  # waiting: nothing merged yet
+        with pytest.raises(FileNotFoundError):
+            storage.info(f"{out}.manifest.json")
+    assert child.wait(timeout=120) == 0  # its turn came when the lock was released
+    assert len(_read(out)) == 3
+
+    storage.create_exclusive(f"{out}.publish.lock", b"a holder killed -9: never renewed, never removed")
+    sink.commit(0, *_shard(3, 3, "run-b", now + timedelta(seconds=1)))
+    monkeypatch.setattr(storage, "LOCK_LEASE_S", 1.0)
+    start = time.monotonic()
+    sink.finish()
+    assert 1.0 <= time.monotonic() - start < 30 and len(_read(out)) == 6  # taken over after a lease
+    assert not _exists(f"{out}.publish.lock")

@@ -447,6 +447,21 @@ def plan_shards(
     )
 
 
+def sweep_copies(scoring_dir: Path, older_than_s: float = 7 * 86400) -> int:
+    """Remove the object copies that killed runs left in their run folders (`<run>/objects/`, nothing in it touched
+    for `older_than_s`: a run still going writes copies or removes them as it goes); return how many folders."""
+    swept, now = 0, time.time()
+    for folder in Path(scoring_dir).glob(f"*/{SPOOL}"):
+        try:
+            newest = max([folder.stat().st_mtime, *(p.stat().st_mtime for p in folder.iterdir())])
+        except OSError:  # removed meanwhile
+            continue
+        if now - newest > older_than_s:
+            shutil.rmtree(folder, ignore_errors=True)
+            swept += 1
+    return swept
+
+
 def _image_ids(
     files: pd.DataFrame, shown: pd.Series, currents: Sequence[pd.DataFrame], spool: Path
 ) -> tuple[list[str], list[str]]:

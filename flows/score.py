@@ -169,6 +169,7 @@ def score_flow(source: str, config: ScoreConfig, home: str | None = None) -> Sco
     flow_run_id = str(flow_run.id) if flow_run is not None else ""
     run_dir = ws.home / "scoring" / (flow_run_id or "local")
     run_dir.mkdir(parents=True, exist_ok=True)
+    scoring.sweep_copies(ws.home / "scoring")  # what killed runs left of the objects they had fetched
     with sigterm_at_safe_points():
         _log_config(config, run_dir)
         model = resolve_model(config)

@@ -273,3 +273,19 @@ def test_a_bucket_is_read_once_per_new_object_and_not_at_all_when_unchanged(
     again = plan_shards(list_inputs(f"{bucket}/in/"), [sink], MODEL, shard_size=4, run_dir=tmp_path / "run")
     assert (again.files, again.skipped) == (0, 12)
     assert not [r for r in reads if "/in/" in r]  # same ETags: the recorded content ids, no object read
+
+
+def test_copies_a_killed_run_left_are_swept_after_a_week_and_a_live_runs_are_kept(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from cnn.scoring import sweep_copies
+
+    for run in ("killed", "live"):
+        (tmp_path / run / "objects").mkdir(parents=True)
+        (tmp_path / run / "objects" / "ab12").write_bytes(b"photo")
+    week_ago = time.time() - 8 * 86400
+    for path in (tmp_path / "killed" / "objects" / "ab12", tmp_path / "killed" / "objects"):
+        os.utime(path, (week_ago, week_ago))
+    assert sweep_copies(tmp_path) == 1
+    assert not (tmp_path / "killed" / "objects").exists() and (tmp_path / "live" / "objects" / "ab12").is_file()

@@ -47,7 +47,6 @@ class ObjectSink(FileSink):
         if suffix not in (".parquet", ".csv"):
             raise UserError(f"--output must end in .parquet or .csv, not {storage.redact(url)}")
         storage.filesystem(url)  # an unknown scheme or a missing extra is refused before any file is decoded
-        self.url = url
         self.csv = suffix == ".csv"
         stem = url[: -len(suffix)]
         self.path_url = url
@@ -63,15 +62,13 @@ class ObjectSink(FileSink):
     # --- reading ---------------------------------------------------------------------------
 
     def _read_url(self, url: str, parquet: bool | None = None) -> pd.DataFrame:
+        """A table (empty where there is none), in the sink's format or, with `parquet`, as Parquet."""
+        if parquet if parquet is not None else not self.csv:
+            return _read_parquet(url)
         try:
-            data = storage.read_object(url)
+            return read_csv_table(io.BytesIO(storage.read_object(url)))
         except FileNotFoundError:
             return pd.DataFrame()
-        if not data:
-            return pd.DataFrame()
-        if parquet if parquet is not None else not self.csv:
-            return pd.read_parquet(io.BytesIO(data))
-        return read_csv_table(io.BytesIO(data))
 
     def _read_review(self) -> pd.DataFrame:
         return self._read_url(self.review_url)
@@ -98,11 +95,11 @@ class ObjectSink(FileSink):
     # --- writing ---------------------------------------------------------------------------
 
     def _write_url(self, url: str, frame: pd.DataFrame, parquet: bool | None = None) -> None:
-        buffer = io.BytesIO()
         if parquet if parquet is not None else not self.csv:
-            frame.to_parquet(buffer, index=False)
-        else:
-            frame.to_csv(buffer, index=False)
+            _write_parquet(url, frame)
+            return
+        buffer = io.BytesIO()
+        frame.to_csv(buffer, index=False)
         storage.write_object(url, buffer.getvalue())
 
     def commit(self, shard: int, predictions: pd.DataFrame, rejects: pd.DataFrame) -> None:
@@ -172,7 +169,7 @@ def read_manifest(url: str) -> dict[str, object]:
 PARTITION_COLUMNS = ("date", "label", "decision", "model_name", "model_version")  # date: the UTC day scored
 
 
-class PartitionedSink(FileSink):
+class PartitionedSink(ObjectSink):
     """Predictions as a Hive-partitioned Parquet table (`--partition-by date,label`): a folder or a bucket prefix
     that DuckDB, pandas (pyarrow) and Spark read as one table, on disk or in an object store.
 
@@ -234,30 +231,7 @@ class PartitionedSink(FileSink):
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
-    def _read_review(self) -> pd.DataFrame:
-        return _read_parquet(self.review_url)
-
-    @contextmanager
-    def _lock(self) -> Iterator[None]:
-        yield  # reads and commits need no lock; publishes take turns (see ObjectSink's note on concurrency)
-
-    def finish(self) -> list[str]:
-        with storage.exclusive(self.lock_url):
-            return self._merge()
-
-    # --- writing ---------------------------------------------------------------------------
-
-    def commit(self, shard: int, predictions: pd.DataFrame, rejects: pd.DataFrame) -> None:
-        name = storage.join(self.parts_url, _run_of(predictions, rejects), f"shard-{shard:06d}-{uuid.uuid4().hex[:12]}")
-        predictions, embeddings = split_embeddings(predictions)
-        for frame, kind in ((rejects, "rej"), (embeddings, "emb"), (predictions, "pred")):
-            if kind != "emb" or len(frame):
-                _write_parquet(f"{name}.{kind}.parquet", frame)
-
-    def record_drift(self, rows: pd.DataFrame) -> None:
-        with storage.exclusive(self.lock_url):
-            table = pd.concat([_read_parquet(self.drift_url), rows], ignore_index=True)
-            _write_parquet(self.drift_url, table.loc[~_frame_key(table, DRIFT_KEY).duplicated(keep="last")])
+    # --- writing (commits, drift and the publish lock are ObjectSink's) ------------------------
 
     def _merge(self) -> list[str]:
         parts = storage.list_prefix(self.parts_url)
@@ -312,9 +286,10 @@ class PartitionedSink(FileSink):
 
 def _read_parquet(url: str) -> pd.DataFrame:
     try:
-        return pd.read_parquet(io.BytesIO(storage.read_object(url)))
+        data = storage.read_object(url)
     except FileNotFoundError:
         return pd.DataFrame()
+    return pd.read_parquet(io.BytesIO(data)) if data else pd.DataFrame()
 
 
 def _write_parquet(url: str, frame: pd.DataFrame) -> None:

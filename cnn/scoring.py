@@ -37,7 +37,7 @@ from cnn.parallel import DecodeOutcome, decode_many, default_workers, sample_siz
 from cnn.predictions import prediction_columns
 from cnn.pseudonyms import pseudonym, pseudonyms
 from cnn.sinks import EMBEDDING, REVIEW_COLUMN, VERSION_COLUMN, Sink
-from cnn.sources import MANIFEST_SUFFIXES, iter_files, load_manifest_table, object_stats
+from cnn.sources import MANIFEST_SUFFIXES, iter_files, load_manifest_table, object_stats, visible_objects
 
 STAMP_COLUMNS = ["model_name", "model_version", "run_id", "scored_at", "flow_run_id", "superseded_at"]
 OUTPUT_COLUMNS = [
@@ -233,9 +233,7 @@ def _list_objects(source: str) -> ScoringInputs:
     if any(ch in source for ch in "*?["):
         urls = storage.glob(source)
     else:
-        prefix = source.rstrip("/")
-        found = (o.url for o in storage.iter_objects(prefix))
-        urls = sorted(u for u in found if not any(p.startswith(".") for p in u[len(prefix) :].split("/")))  # hidden
+        urls = sorted(found.url for _, found in visible_objects(source))
     if not urls:
         raise UserError(f"nothing to score: no objects in {storage.redact(source)}")
     return ScoringInputs(pd.DataFrame({"path": urls}), [])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -114,12 +114,10 @@ def _scan_objects(url: str, group_column: str) -> SourceListing:
     """A bucket prefix laid out as class folders or split folders (one streamed listing), or a manifest object."""
     if url.lower().endswith(MANIFEST_SUFFIXES):
         return _scan_manifest(url, group_column)
-    prefix = url.rstrip("/")
     keys: list[tuple[str, ...]] = []
     objects: list[storage.ObjectInfo] = []
-    for found in storage.iter_objects(prefix):
-        parts = tuple(found.url[len(prefix) + 1 :].split("/"))
-        if not any(part.startswith(".") or not part for part in parts):  # hidden, as on disk
+    for parts, found in visible_objects(url):
+        if all(parts):  # a key with an empty part (`a//b.png`) names no class folder
             keys.append(parts)
             objects.append(found)
     tops = {parts[0] for parts in keys if len(parts) > 1}
@@ -134,7 +132,17 @@ def _scan_objects(url: str, group_column: str) -> SourceListing:
         label, split = (parts[1], _SPLIT_ALIASES[parts[0].lower()]) if split_layout else (parts[0], None)
         rows.append(_object_row(found, label, split, None))
     layout = "split-folders" if split_layout else "class-folders"
-    return SourceListing(_frame(rows), layout, prefix, loose)
+    return SourceListing(_frame(rows), layout, url.rstrip("/"), loose)
+
+
+def visible_objects(url: str) -> Iterator[tuple[tuple[str, ...], storage.ObjectInfo]]:
+    """The objects below the prefix `url`, each with its key's parts below it, skipping hidden ones (a part that
+    starts with `.`, as on disk); streamed."""
+    prefix = url.rstrip("/")
+    for found in storage.iter_objects(prefix):
+        parts = tuple(found.url[len(prefix) + 1 :].split("/"))
+        if not any(part.startswith(".") for part in parts):
+            yield parts, found
 
 
 def _object_row(

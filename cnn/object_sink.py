@@ -183,7 +183,7 @@ class PartitionedSink(ObjectSink):
     its newest (`scored_at`); `superseded_at` is not kept here (it would rewrite old partitions), so a query takes
     the newest row per path where history matters. A data file is named after the shard it came from, so a publish
     killed midway and run again writes the same files again, never a second copy; names starting with `_` are what
-    readers of the data (Spark, pyarrow, a `*/*/*.parquet` glob) leave out."""
+    readers of the data leave out (Spark, pyarrow; a glob that names the partitions, `date=*/label=*/*.parquet`)."""
 
     def __init__(self, root: str, partition_by: list[str]) -> None:
         unknown = [c for c in partition_by if c not in PARTITION_COLUMNS]

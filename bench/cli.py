@@ -24,9 +24,9 @@ from pathlib import Path
 LIBRARY = """
 import sys
 from pathlib import Path
-from cnn.scoring import ModelRef, ScoringOptions, list_inputs, plan_shards, score_shard
-from cnn.inference import Predictor
-from cnn.sinks import FileSink
+from cnn.batch.scoring import ModelRef, ScoringOptions, list_inputs, plan_shards, score_shard
+from cnn.infer.predictor import Predictor
+from cnn.batch.sinks import FileSink
 files, source, out = sys.argv[1:4]
 predictor = Predictor.load(f"{files}/artifacts/best.pt", f"{files}/artifacts/contract.json", "cpu", True, True)
 sink, ref = FileSink(Path(out)), ModelRef("bench", "1", "")

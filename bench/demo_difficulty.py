@@ -19,12 +19,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
 from cnn.config import TrainConfig
-from cnn.data import load_split
-from cnn.dataset import Dataset
-from cnn.demo_data import generate
-from cnn.evaluation import evaluate_run
-from cnn.ingest import IngestOptions, ingest
-from cnn.train import fit
+from cnn.data.dataset import Dataset
+from cnn.data.demo import generate
+from cnn.data.ingest import IngestOptions, ingest
+from cnn.data.loaders import load_split
+from cnn.model.train import fit
+from cnn.trust.evaluation import evaluate_run
 
 
 def load_xy(dataset: Dataset, split: str, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:

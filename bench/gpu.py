@@ -19,14 +19,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cnn.batch.scoring import ModelRef, ScoringInputs, ScoringOptions, plan_shards, score_shard
+from cnn.batch.sinks import FileSink
 from cnn.config import TrainConfig
-from cnn.demo_data import generate
-from cnn.inference import Predictor
-from cnn.ingest import IngestOptions, ingest
-from cnn.precision import choose_inference_precision
-from cnn.scoring import ModelRef, ScoringInputs, ScoringOptions, plan_shards, score_shard
-from cnn.sinks import FileSink
-from cnn.train import FitResult, fit
+from cnn.data.demo import generate
+from cnn.data.ingest import IngestOptions, ingest
+from cnn.infer.predictor import Predictor
+from cnn.model.precision import choose_inference_precision
+from cnn.model.train import FitResult, fit
 
 VARIANTS = {  # name -> (amp, channels_last, compile)
     "fp32 eager NCHW (baseline)": (False, False, False),

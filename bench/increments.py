@@ -21,9 +21,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.score import CLASSES, make_jpegs, make_model
-from cnn.inference import Predictor
-from cnn.scoring import ModelRef, ScoringOptions, list_inputs, plan_shards, score_shard, summarise
-from cnn.sinks import FileSink
+from cnn.batch.scoring import ModelRef, ScoringOptions, list_inputs, plan_shards, score_shard, summarise
+from cnn.batch.sinks import FileSink
+from cnn.infer.predictor import Predictor
 
 
 def make_pngs(folder: Path, n: int) -> None:

@@ -23,10 +23,10 @@ from unittest.mock import patch
 import numpy as np
 from PIL import Image
 
-from cnn.decode import DecodeSpec
-from cnn.demo_data import render_claim
-from cnn.ingest import IngestOptions, ingest
-from cnn.parallel import decode_many, default_workers
+from cnn.data.demo import render_claim
+from cnn.data.ingest import IngestOptions, ingest
+from cnn.io.decode import DecodeSpec
+from cnn.io.pool import decode_many, default_workers
 
 
 def make_jpegs(folder: Path, n: int, width: int, first: int = 0) -> list[Path]:

@@ -21,11 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.score import make_jpegs, make_model
-from cnn import storage
-from cnn.inference import Predictor
-from cnn.ingest import IngestOptions, ingest
-from cnn.scoring import ModelRef, ScoringOptions, list_inputs, plan_shards, score_shard
-from cnn.sinks import Sink, open_sink
+from cnn.batch.scoring import ModelRef, ScoringOptions, list_inputs, plan_shards, score_shard
+from cnn.batch.sinks import Sink, open_sink
+from cnn.data.ingest import IngestOptions, ingest
+from cnn.infer.predictor import Predictor
+from cnn.io import storage
 from tests.s3 import start_s3_server
 
 

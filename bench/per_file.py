@@ -27,14 +27,14 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.ingest import best_rate
-from cnn.contract import ModelContract
-from cnn.demo_data import render_claim
-from cnn.inference import Predictor
-from cnn.ingest import IngestOptions, ingest
-from cnn.models import create_model
-from cnn.parallel import default_workers
-from cnn.scoring import ModelRef, ScoringInputs, ScoringOptions, decode_ahead_helps, plan_shards, score_shard
-from cnn.sinks import FileSink
+from cnn.batch.scoring import ModelRef, ScoringInputs, ScoringOptions, decode_ahead_helps, plan_shards, score_shard
+from cnn.batch.sinks import FileSink
+from cnn.data.demo import render_claim
+from cnn.data.ingest import IngestOptions, ingest
+from cnn.infer.predictor import Predictor
+from cnn.io.pool import default_workers
+from cnn.model.contract import ModelContract
+from cnn.model.networks import create_model
 
 KINDS = {  # name: (target size, channels)
     "png28": (28, 1),

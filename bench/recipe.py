@@ -25,14 +25,14 @@ from typing import Any
 import numpy as np
 
 from cnn.config import TrainConfig
-from cnn.contract import ModelContract
-from cnn.dataset import Dataset
-from cnn.demo_data import generate
-from cnn.evaluation import evaluate_run, split_images
-from cnn.inference import Predictor
-from cnn.ingest import IngestOptions, ingest
-from cnn.metrics import compute_metrics
-from cnn.train import fit
+from cnn.data.dataset import Dataset
+from cnn.data.demo import generate
+from cnn.data.ingest import IngestOptions, ingest
+from cnn.infer.predictor import Predictor
+from cnn.metrics.classification import compute_metrics
+from cnn.model.contract import ModelContract
+from cnn.model.train import fit
+from cnn.trust.evaluation import evaluate_run, split_images
 
 # The defaults before this recipe: AdamW at lr 1e-3, batch 64, no label smoothing, no weight average.
 BEFORE: dict[str, Any] = {"lr": 1e-3, "batch_size": 64, "label_smoothing": 0.0, "ema": None}

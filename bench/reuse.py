@@ -24,9 +24,10 @@ import pandas as pd
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cnn.decode import DecodeSpec, decode_bytes
-from cnn.demo_data import render_claim, render_xray
-from cnn.neighbours import HASH_SIZE, LAYOUT_RMS, NEAR_BITS, HashTable, crop_views, layouts, phashes
+from cnn.data.demo import render_claim, render_xray
+from cnn.io.decode import DecodeSpec, decode_bytes
+from cnn.similarity.fingerprints import HASH_SIZE, LAYOUT_RMS, crop_views, layouts, phashes
+from cnn.similarity.reuse import NEAR_BITS, HashTable
 
 CLASSES = {"claims": ["none", "scratch", "dent", "broken_glass"], "xray": ["normal", "nodule", "opacity"]}
 KINDS = ["resized", "recompressed", "cropped", "mirrored"]

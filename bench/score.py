@@ -31,16 +31,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cnn import backends
-from cnn.backends import BackendChoice, Candidate, OnnxEngine
-from cnn.contract import ModelContract
-from cnn.decode import decode_file
-from cnn.demo_data import render_claim
-from cnn.inference import Predictor, bf16_agreement, bf16_speedup, relative_speeds
-from cnn.models import create_model
-from cnn.precision import BF16_MIN_AGREEMENT, PrecisionChoice, choose_inference_precision, top1_agreement
-from cnn.scoring import ModelRef, ScoringInputs, ScoringOptions, decode_ahead_helps, plan_shards, score_shard
-from cnn.sinks import FileSink
+from cnn.batch.scoring import ModelRef, ScoringInputs, ScoringOptions, decode_ahead_helps, plan_shards, score_shard
+from cnn.batch.sinks import FileSink
+from cnn.data.demo import render_claim
+from cnn.infer import backends
+from cnn.infer.backends import BackendChoice, Candidate, OnnxEngine
+from cnn.infer.predictor import Predictor, bf16_agreement, bf16_speedup, relative_speeds
+from cnn.io.decode import decode_file
+from cnn.model.contract import ModelContract
+from cnn.model.networks import create_model
+from cnn.model.precision import BF16_MIN_AGREEMENT, PrecisionChoice, choose_inference_precision, top1_agreement
 
 CLASSES = ["none", "scratch", "dent", "broken_glass"]
 
@@ -67,8 +67,8 @@ def _train(
     model: torch.nn.Module, name: str, contract: ModelContract, images: np.ndarray, whole: bool, epochs: int
 ) -> None:
     """Label i is the class file i was rendered as (i % 4)."""
-    from cnn.contract import to_model_input
-    from cnn.models import freeze_backbone
+    from cnn.model.contract import to_model_input
+    from cnn.model.networks import freeze_backbone
 
     freeze_backbone(model, name, frozen=not whole)
     model = model.to(memory_format=torch.channels_last)

@@ -26,11 +26,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cnn.config import TrainConfig
-from cnn.contract import ModelContract
-from cnn.data import load_split
-from cnn.dataset import Dataset
-from cnn.demo_data import generate
-from cnn.ingest import (
+from cnn.data.dataset import Dataset
+from cnn.data.demo import generate
+from cnn.data.ingest import (
     IngestOptions,
     commit_dataset,
     decode_part,
@@ -40,8 +38,10 @@ from cnn.ingest import (
     stage_scan,
     stage_split,
 )
-from cnn.models import create_model
-from cnn.train import fit
+from cnn.data.loaders import load_split
+from cnn.model.contract import ModelContract
+from cnn.model.networks import create_model
+from cnn.model.train import fit
 
 BATCH = 64
 

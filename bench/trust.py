@@ -29,13 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.score import fused, make_jpegs, make_model
-from cnn.augment import load_policy
-from cnn.contract import ModelContract
-from cnn.decode import DecodeSpec, decode_file
-from cnn.drift import DriftSample, check_drift, reference_sample
-from cnn.inference import Predictor
-from cnn.neighbours import HashTable, History, Lookup, VectorIndex, layouts, phashes, semantic_threshold
-from cnn.scoring import (
+from cnn.batch.scoring import (
     ModelRef,
     ScoringInputs,
     ScoringOptions,
@@ -44,7 +38,17 @@ from cnn.scoring import (
     plan_shards,
     score_shard,
 )
-from cnn.sinks import FileSink
+from cnn.batch.sinks import FileSink
+from cnn.data.augment import load_policy
+from cnn.infer.predictor import Predictor
+from cnn.io.decode import DecodeSpec, decode_file
+from cnn.metrics.drift import DriftSample, check_drift, reference_sample
+from cnn.model.contract import ModelContract
+from cnn.similarity.fingerprints import layouts, phashes
+from cnn.similarity.history import History
+from cnn.similarity.index import VectorIndex
+from cnn.similarity.reference import semantic_threshold
+from cnn.similarity.reuse import HashTable, Lookup
 
 
 def run(

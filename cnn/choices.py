@@ -1,11 +1,37 @@
-"""Named choices that configs accept, kept free of heavy imports so that parsing a command line stays fast."""
+"""Every name the pipeline accepts or writes as a choice, defined once: config choices, splits and their aliases,
+resize modes, the registry's aliases. Free of heavy imports, so that parsing a command line stays fast."""
 
 from __future__ import annotations
 
 from typing import Literal, get_args
 
 Metric = Literal["macro_f1", "balanced_accuracy", "accuracy", "auroc_macro"]  # what selects and gates models
-Precision = Literal["auto", "fp32", "bf16"]  # see cnn.precision for the policy behind each
+Precision = Literal["auto", "fp32", "bf16"]  # see cnn.model.precision for the policy behind each
 PRECISIONS: tuple[str, ...] = get_args(Precision)
-Backend = Literal["auto", "torch", "onnxruntime", "openvino"]  # see cnn.backends for the policy behind auto
+Backend = Literal["auto", "torch", "onnxruntime", "openvino"]  # see cnn.infer.backends for the policy behind auto
 BACKENDS: tuple[str, ...] = get_args(Backend)
+Resize = Literal["pad", "crop"]  # pad letterboxes (keeps the whole image), crop fills the square from the centre
+RESIZE_MODES: tuple[str, ...] = get_args(Resize)
+Explain = Literal["none", "review", "all"]  # which scored rows get a Grad-CAM overlay
+Optimizer = Literal["adamw", "sgd"]
+Schedule = Literal["cosine", "onecycle", "constant"]
+Imbalance = Literal["none", "class_weights", "sampler"]
+DemoKind = Literal["xray", "claims"]
+
+SPLITS = ("train", "val", "test")  # the one list of splits, in this order everywhere
+# how a split folder or a manifest's split column may name each split
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+
+# what a partitioned prediction table may be partitioned by (date: the UTC day scored)
+PARTITION_COLUMNS = ("date", "label", "decision", "model_name", "model_version")
+
+# the registry's aliases: the version scoring uses, a gated version that did not win, the champion it replaced
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"

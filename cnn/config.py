@@ -11,10 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cnn.choices import Backend, Metric, Precision
 from cnn.errors import UserError
-from cnn.parallel import DEFAULT_TIME_LIMIT_S
+from cnn.limits import DEFAULT_TIME_LIMIT_S
 
 if TYPE_CHECKING:
-    from cnn.operating_points import PointSpec
+    from cnn.metrics.operating_points import PointSpec
 
 
 class FlowConfig(BaseModel):
@@ -158,13 +158,13 @@ class TrainConfig(FlowConfig):
     @field_validator("operating_points")
     @classmethod
     def _parse_points(cls, value: list[str]) -> list[str]:
-        from cnn.operating_points import PointSpec
+        from cnn.metrics.operating_points import PointSpec
 
         return [PointSpec.parse(v).describe() for v in value]
 
     def point_specs(self) -> list[PointSpec]:
         """The operating points as typed specs, in priority order."""
-        from cnn.operating_points import PointSpec
+        from cnn.metrics.operating_points import PointSpec
 
         return [PointSpec.parse(v) for v in self.operating_points]
 

@@ -8,8 +8,8 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from cnn.augment import load_policy, preview_dataset, resolve_policy
-from cnn.dataset import Dataset
+from cnn.data.augment import load_policy, preview_dataset, resolve_policy
+from cnn.data.dataset import Dataset
 from flows import workspace
 from flows.logfilter import quiet_user_errors
 

@@ -19,10 +19,10 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
 import cnn
-from cnn import storage
 from cnn.config import ScoreConfig, TrainConfig, describe_validation_error
+from cnn.data.ingest import IngestOptions
 from cnn.errors import UserError
-from cnn.ingest import IngestOptions
+from cnn.io import storage
 
 app = typer.Typer(
     name="cnn",
@@ -201,7 +201,7 @@ def augment(
     seed: Annotated[int, typer.Option(help="Seed for sampling images and augmentations.")] = 0,
 ) -> None:
     """Validate an augmentation policy and render originals beside augmented samples (Prefect flow `augment`)."""
-    from cnn.augment import load_policy, resolve_policy
+    from cnn.data.augment import load_policy, resolve_policy
     from flows import workspace
 
     workspace.current().dataset(dataset).require()
@@ -696,7 +696,7 @@ def demo_data(
     size: Annotated[int | None, typer.Option(help="Side of the generated images in pixels.")] = None,
 ) -> None:
     """Generate a deterministic synthetic dataset to try the pipeline on."""
-    from cnn.demo_data import generate
+    from cnn.data.demo import generate
     from flows import workspace
 
     made = generate(kind, out or workspace.current().home / "demo" / kind, n=n, seed=seed, size=size)

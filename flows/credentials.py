@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 
+from cnn.batch.sinks import parse_url, redact
 from cnn.errors import UserError
-from cnn.sinks import parse_url, redact
 
 ENV, SECRET = "env:", "secret:"
 CLI_VARIABLE = "CNN_TABLE_URL"  # where a command keeps a URL it was given with a password

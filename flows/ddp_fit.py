@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from cnn.config import TrainConfig
-from cnn.distributed import Dist
 from cnn.errors import UserError
-from cnn.train import EpochRecord, fit
+from cnn.model.distributed import Dist
+from cnn.model.train import EpochRecord, fit
 
 
 def main() -> int:

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cnn.batch.scoring import ScoringSummary
 from cnn.config import ScoreConfig, TrainConfig
-from cnn.demo_data import DemoDataset, generate
-from cnn.ingest import IngestOptions
-from cnn.scoring import ScoringSummary
+from cnn.data.demo import DemoDataset, generate
+from cnn.data.ingest import IngestOptions
 from flows.explain import ExplainOutcome, card, explain
 from flows.pipeline import PipelineOutcome, pipeline_flow
 from flows.score import score_flow

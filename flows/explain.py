@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from cnn.decode import DecodeError, decode_bytes, read_image_bytes
 from cnn.errors import UserError
-from cnn.explain import ImageExplanation, explain_image, save_png, tile_sheet
-from cnn.neighbours import VectorIndex
+from cnn.io.decode import DecodeError, decode_bytes, read_image_bytes
+from cnn.similarity.index import VectorIndex
+from cnn.trust.explain import ImageExplanation, explain_image, save_png, tile_sheet
 from flows import versions, workspace
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")

@@ -14,7 +14,7 @@ class CnnClassifier(mlflow.pyfunc.PythonModel):
     """Image classifier over files or bytes; preprocessing comes from the model's own contract."""
 
     def load_context(self, context: Any) -> None:
-        from cnn.inference import Predictor
+        from cnn.infer.predictor import Predictor
 
         self.predictor = Predictor.load(context.artifacts["weights"], context.artifacts["contract"], device="cpu")
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from prefect import flow
 
+from cnn.batch.scoring import ScoringSummary
 from cnn.config import ScoreConfig, TrainConfig
-from cnn.ingest import IngestOptions
-from cnn.scoring import ScoringSummary
+from cnn.data.ingest import IngestOptions
 from flows.ingest import IngestOutcome, ingest_flow
 from flows.score import score_flow
 from flows.train import TrainOutcome, train_flow

@@ -12,16 +12,14 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cnn.choices import Metric
-from cnn.comparison import compare_paired
-from cnn.contract import ModelContract
-from cnn.dataset import Dataset
+from cnn.choices import CHALLENGER, CHAMPION, PREVIOUS, Metric
+from cnn.data.dataset import Dataset
 from cnn.errors import UserError
-from cnn.evaluation import SplitScores, score_split
-from cnn.operating_points import check
+from cnn.metrics.comparison import compare_paired
+from cnn.metrics.operating_points import check
+from cnn.model.contract import ModelContract
+from cnn.trust.evaluation import SplitScores, score_split
 from flows import versions
-
-CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 
 
 @dataclass(frozen=True)

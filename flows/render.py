@@ -8,9 +8,9 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from cnn.dataset import Dataset
-from cnn.report import DatasetReport
-from cnn.scoring import ScoringSummary
+from cnn.batch.scoring import ScoringSummary
+from cnn.data.dataset import Dataset
+from cnn.data.report import DatasetReport
 from flows.explain import ExplainOutcome, SimilarOutcome
 from flows.train import NodeOutcome, TrainOutcome
 

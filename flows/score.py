@@ -18,13 +18,16 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 
-from cnn import drift, scoring, stopping, storage
+from cnn import stopping
+from cnn.batch import scoring
+from cnn.batch.scoring import ModelRef, ScoringOptions, ScoringSummary, ShardPlan, ShardResult
+from cnn.batch.sinks import Sink, open_sink, redact
 from cnn.config import ScoreConfig
-from cnn.drift import DriftReport
 from cnn.errors import UserError
-from cnn.plots import plot_drift
-from cnn.scoring import ModelRef, ScoringOptions, ScoringSummary, ShardPlan, ShardResult
-from cnn.sinks import Sink, open_sink, redact
+from cnn.io import storage
+from cnn.metrics import drift
+from cnn.metrics.drift import DriftReport
+from cnn.trust.plots import plot_drift
 from flows import cluster, credentials, tracking, versions, workspace
 from flows.logfilter import quiet_user_errors
 from flows.processes import sigterm_at_safe_points

@@ -16,15 +16,15 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
 import cnn
-from cnn import backends
-from cnn.card import ModelCard
 from cnn.config import TrainConfig
-from cnn.contract import ModelContract
-from cnn.dataset import Dataset, usable_rows
-from cnn.drift import DriftReport
-from cnn.evaluation import CalibrationResult
-from cnn.operating_points import PointCheck
-from cnn.train import EpochRecord, FitResult
+from cnn.data.dataset import Dataset, usable_rows
+from cnn.infer import backends
+from cnn.metrics.drift import DriftReport
+from cnn.metrics.operating_points import PointCheck
+from cnn.model.contract import ModelContract
+from cnn.model.train import EpochRecord, FitResult
+from cnn.trust.card import ModelCard
+from cnn.trust.evaluation import CalibrationResult
 from flows import workspace
 
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")

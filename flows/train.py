@@ -16,14 +16,15 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from cnn import backends, neighbours
-from cnn.card import build_card
 from cnn.config import TrainConfig
-from cnn.dataset import Dataset, validate_name
+from cnn.data.dataset import Dataset, validate_name
 from cnn.errors import UserError
-from cnn.evaluation import CalibrationResult, calibrate_run, evaluate_run, record_checks
 from cnn.fsio import write_json_atomic
-from cnn.train import EpochRecord, FitResult, check_config, fit
+from cnn.infer import backends
+from cnn.model.train import EpochRecord, FitResult, check_config, fit
+from cnn.similarity import reference
+from cnn.trust.card import build_card
+from cnn.trust.evaluation import CalibrationResult, calibrate_run, evaluate_run, record_checks
 from flows import registry, tracking, workspace
 from flows.logfilter import quiet_user_errors
 from flows.processes import sigterm_at_safe_points
@@ -191,7 +192,7 @@ def evaluate_model(dataset_dir: str, run_dir: str, run_id: str) -> dict[str, flo
 def build_reference(dataset_dir: str, run_dir: str) -> str:
     """The version's reference: training embeddings, labels and hashes (similar cases, reuse check) and the
     validation split's statistics (drift); logged with the model."""
-    return str(neighbours.build_reference(Path(run_dir), Path(dataset_dir)).folder)
+    return str(reference.build_reference(Path(run_dir), Path(dataset_dir)).folder)
 
 
 @task(name="export-onnx", cache_policy=NO_CACHE)

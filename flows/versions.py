@@ -19,20 +19,22 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cnn import backends
-from cnn.backends import BackendChoice, Candidate, OnnxEngine
-from cnn.contract import ModelContract
-from cnn.dataset import Dataset
+from cnn.batch.scoring import ModelRef
+from cnn.choices import CHAMPION
+from cnn.data.dataset import Dataset
 from cnn.errors import UserError
-from cnn.evaluation import split_images
 from cnn.fsio import sha256_file
-from cnn.inference import Predictor, bf16_agreement, bf16_speedup, relative_speeds
-from cnn.neighbours import History, Lookup, Reference
-from cnn.precision import PrecisionChoice, choose_inference_precision, host_type, top1_agreement
-from cnn.scoring import ModelRef
+from cnn.infer import backends
+from cnn.infer.backends import BackendChoice, Candidate, OnnxEngine
+from cnn.infer.predictor import Predictor, bf16_agreement, bf16_speedup, relative_speeds
+from cnn.model.contract import ModelContract
+from cnn.model.precision import PrecisionChoice, choose_inference_precision, host_type, top1_agreement
+from cnn.similarity.history import History
+from cnn.similarity.reference import Reference
+from cnn.similarity.reuse import Lookup
+from cnn.trust.evaluation import split_images
 from flows import workspace
 
-CHAMPION = "champion"
 DIGEST_TAGS = {"weights": "weights.sha256", "contract": "contract.sha256", "onnx": "onnx.sha256"}  # at registration
 _SPEC = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@(?P<alias>[A-Za-z0-9_-]+)|:(?P<version>\d+))?$")
 

@@ -11,7 +11,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnn.dataset import Dataset, validate_name
+from cnn.data.dataset import Dataset, validate_name
 from flows.automations import HEARTBEAT_S
 
 DEFAULT_HOME = "./data"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cnn.decode import DecodeError, DecodeSpec, decode_bytes
+from cnn.io.decode import DecodeError, DecodeSpec, decode_bytes
 
 SPEC = DecodeSpec(channels=3, size=32, max_file_bytes=1 << 20, max_pixels=4_000_000)
 

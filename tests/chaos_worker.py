@@ -6,10 +6,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cnn.inference import Predictor
-from cnn.ingest import IngestOptions, ingest
-from cnn.scoring import ModelRef, ScoringOptions, list_inputs, plan_shards, score_shard
-from cnn.sinks import FileSink, Sink, SqlSink
+from cnn.batch.scoring import ModelRef, ScoringOptions, list_inputs, plan_shards, score_shard
+from cnn.batch.sinks import FileSink, Sink, SqlSink
+from cnn.data.ingest import IngestOptions, ingest
+from cnn.infer.predictor import Predictor
 
 MODEL = ModelRef("patterns", "1", "run-1")
 

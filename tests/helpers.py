@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnn.ingest import IngestOptions, ingest
+from cnn.data.ingest import IngestOptions, ingest
 
 PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cnn.config import TrainConfig
-from cnn.train import FitResult, fit
+from cnn.model.train import FitResult, fit
 from tests.helpers import pattern_dataset
 
 FAST = dict(

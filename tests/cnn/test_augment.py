@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnn.augment import (
+from cnn.data.augment import (
     list_policies,
     load_policy,
     policy_from_dict,
@@ -18,8 +18,8 @@ from cnn.augment import (
     resolve_policy,
     validate_policy,
 )
+from cnn.data.ingest import IngestOptions, ingest
 from cnn.errors import UserError
-from cnn.ingest import IngestOptions, ingest
 
 
 @pytest.mark.parametrize("name", ["none", "xray", "photo", "shift", "light"])
@@ -48,7 +48,7 @@ def test_unknown_policy_lists_presets() -> None:
 def test_auto_flips_photos_and_never_grayscale_images() -> None:
     """`auto` is `light` (flips and shifts) for RGB and `shift` for grayscale, where anatomy has a side; a model
     trained with it says so in its contract, which decides the scoring's mirror-image check."""
-    from cnn.contract import ModelContract
+    from cnn.model.contract import ModelContract
 
     assert (resolve_policy("auto", 3), resolve_policy("auto", 1), resolve_policy("xray", 3)) == (
         "light",
@@ -85,7 +85,7 @@ def test_invalid_policy_files(tmp_path: Path) -> None:
 def test_policy_that_changes_shape_is_refused(tmp_path: Path) -> None:
     import albumentations as A
 
-    from cnn.augment import Policy
+    from cnn.data.augment import Policy
 
     with pytest.raises(UserError, match="keep the size"):
         validate_policy(Policy("resize", A.Compose([A.Resize(8, 8)])), 3, 32)

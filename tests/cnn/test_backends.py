@@ -11,7 +11,9 @@ import onnx
 import pytest
 import torch
 
-from cnn.backends import (
+from cnn.data.dataset import Dataset
+from cnn.errors import UserError
+from cnn.infer.backends import (
     BackendChoice,
     Candidate,
     OnnxEngine,
@@ -20,12 +22,10 @@ from cnn.backends import (
     onnx_candidates,
     quantize_int8,
 )
-from cnn.dataset import Dataset
-from cnn.errors import UserError
-from cnn.evaluation import split_images
-from cnn.inference import Predictor, relative_speeds
-from cnn.precision import PrecisionChoice, cpu_bf16_available, top1_agreement
-from cnn.train import FitResult
+from cnn.infer.predictor import Predictor, relative_speeds
+from cnn.model.precision import PrecisionChoice, cpu_bf16_available, top1_agreement
+from cnn.model.train import FitResult
+from cnn.trust.evaluation import split_images
 
 CPU = torch.device("cpu")
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from cnn import budget as budget_module
-from cnn.budget import PROBE_SKIP, PROBE_STEPS, SAFETY, Budget, Schedule
 from cnn.config import TrainConfig
-from cnn.train import FitResult, fit
+from cnn.model import budget as budget_module
+from cnn.model.budget import PROBE_SKIP, PROBE_STEPS, SAFETY, Budget, Schedule
+from cnn.model.train import FitResult, fit
 from tests.cnn.conftest import FAST
 
 

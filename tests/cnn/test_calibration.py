@@ -8,13 +8,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from cnn.calibration import calibrate, fit_temperature, rescale
-from cnn.contract import ModelContract
-from cnn.dataset import Dataset
-from cnn.evaluation import CalibrationResult, calibrate_run, evaluate_run, score_split
-from cnn.inference import Predictor
-from cnn.metrics import expected_calibration_error
-from cnn.train import FitResult
+from cnn.data.dataset import Dataset
+from cnn.infer.predictor import Predictor
+from cnn.metrics.calibration import calibrate, fit_temperature, rescale
+from cnn.metrics.classification import expected_calibration_error
+from cnn.model.contract import ModelContract
+from cnn.model.train import FitResult
+from cnn.trust.evaluation import CalibrationResult, calibrate_run, evaluate_run, score_split
 
 
 def _overconfident(n: int, temperature: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

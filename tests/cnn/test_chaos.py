@@ -17,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cnn.dataset import Dataset
-from cnn.train import FitResult
+from cnn.data.dataset import Dataset
+from cnn.model.train import FitResult
 from tests.helpers import PG_URL, requires_postgres, write_patterns
 
 pytestmark = pytest.mark.slow

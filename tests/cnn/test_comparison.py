@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cnn.comparison import compare_paired
-from cnn.evaluation import SplitScores
-from cnn.metrics import compute_metrics
+from cnn.metrics.classification import compute_metrics
+from cnn.metrics.comparison import compare_paired
+from cnn.trust.evaluation import SplitScores
 
 CLASSES = ["a", "b", "c", "d"]
 

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFile
 
-from cnn.decode import (
+from cnn.errors import UserError
+from cnn.io.decode import (
     DecodeError,
     DecodeSpec,
     RejectKind,
@@ -23,8 +24,7 @@ from cnn.decode import (
     sniff_format,
     stable_message,
 )
-from cnn.errors import UserError
-from cnn.parallel import decode_many
+from cnn.io.pool import decode_many
 from tests.helpers import image_bytes
 
 RGB = DecodeSpec(channels=3)
@@ -382,7 +382,7 @@ def test_special_files_are_rejected_at_once_and_never_read(tmp_path: Path) -> No
 
 
 def test_special_files_do_not_stall_duplicate_marking(tmp_path: Path) -> None:
-    from cnn.scoring import mark_duplicates
+    from cnn.batch.scoring import mark_duplicates
 
     files = _special_files(tmp_path)
     start = time.monotonic()
@@ -507,5 +507,5 @@ def test_library_warnings_go_to_the_debug_log_with_the_file_name(caplog: pytest.
         decode_bytes(path.read_bytes(), DecodeSpec(channels=3, size=16), str(path))
     assert escaped == []
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    notes = [r.getMessage() for r in caplog.records if r.name == "cnn.decode"]
+    notes = [r.getMessage() for r in caplog.records if r.name == "cnn.io.decode"]
     assert any(n.startswith("SC_rgb_jpeg.dcm: UserWarning: Expected explicit VR") for n in notes), notes

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cnn.demo_data import generate
+from cnn.data.demo import generate
 from cnn.errors import UserError
 
 

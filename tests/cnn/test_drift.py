@@ -12,13 +12,13 @@ import pytest
 from PIL import Image, ImageFilter
 
 from cnn.config import TrainConfig
-from cnn.decode import DecodeError, DecodeSpec, decode_file
-from cnn.demo_data import generate
-from cnn.drift import DriftRules, DriftSample, check_drift, mmd_test, psi
-from cnn.inference import Predictor
-from cnn.ingest import IngestOptions, ingest
-from cnn.neighbours import build_reference
-from cnn.train import fit
+from cnn.data.demo import generate
+from cnn.data.ingest import IngestOptions, ingest
+from cnn.infer.predictor import Predictor
+from cnn.io.decode import DecodeError, DecodeSpec, decode_file
+from cnn.metrics.drift import DriftRules, DriftSample, check_drift, mmd_test, psi
+from cnn.model.train import fit
+from cnn.similarity.reference import build_reference
 from tests.cnn.conftest import FAST
 
 
@@ -53,7 +53,7 @@ def _fresh(n: int, seed: int, folder: Path) -> np.ndarray:
 
 
 def test_batches_of_the_training_distribution_are_not_flagged(model: tuple[Predictor, Path], tmp_path: Path) -> None:
-    from cnn.neighbours import Reference
+    from cnn.similarity.reference import Reference
 
     predictor, folder = model
     reference = Reference(folder)
@@ -80,7 +80,7 @@ def test_batches_of_the_training_distribution_are_not_flagged(model: tuple[Predi
 def test_shifted_batches_are_flagged(
     model: tuple[Predictor, Path], shift: str, moved: set[str], tmp_path: Path
 ) -> None:
-    from cnn.neighbours import Reference
+    from cnn.similarity.reference import Reference
 
     predictor, folder = model
     reference = Reference(folder)

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnn.dataset import Dataset
+from cnn.data.dataset import Dataset
 from cnn.errors import UserError
-from cnn.evaluation import bf16_split_agreement, evaluate_run, score_split
-from cnn.inference import Predictor
-from cnn.train import FitResult
+from cnn.infer.predictor import Predictor
+from cnn.model.train import FitResult
+from cnn.trust.evaluation import bf16_split_agreement, evaluate_run, score_split
 
 
 def test_score_split_reads_the_cache_and_matches_decoding_the_files(trained: FitResult, patterns: Path) -> None:

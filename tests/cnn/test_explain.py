@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 
 from cnn.config import TrainConfig
-from cnn.contract import ModelContract
-from cnn.dataset import Dataset
-from cnn.evaluation import split_images
-from cnn.explain import explain_image, feature_maps, heatmaps, peak_quadrant
-from cnn.inference import Predictor
-from cnn.ingest import IngestOptions, ingest
-from cnn.models import create_model, feature_blocks, list_models
-from cnn.train import fit
+from cnn.data.dataset import Dataset
+from cnn.data.ingest import IngestOptions, ingest
+from cnn.infer.predictor import Predictor
+from cnn.model.contract import ModelContract
+from cnn.model.networks import create_model, feature_blocks, list_models
+from cnn.model.train import fit
+from cnn.trust.evaluation import split_images
+from cnn.trust.explain import explain_image, feature_maps, heatmaps, peak_quadrant
 from tests.cnn.conftest import FAST
 
 
@@ -53,7 +53,7 @@ def test_every_model_explains_with_its_declared_layers(name: str, channels: int,
 def test_a_second_overlay_when_the_operating_point_decides_another_class(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from cnn.operating_points import OperatingPoint
+    from cnn.metrics.operating_points import OperatingPoint
 
     predictor = _predictor("small_cnn", 1)
     image = np.random.default_rng(1).integers(0, 256, (64, 64, 1), dtype=np.uint8)

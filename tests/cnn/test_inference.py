@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from cnn.contract import ModelContract
-from cnn.inference import Predictor
-from cnn.models import create_model
+from cnn.infer.predictor import Predictor
+from cnn.model.contract import ModelContract
+from cnn.model.networks import create_model
 from tests.helpers import unusable_compiler
 
 
@@ -43,7 +43,7 @@ def test_compile_failure_falls_back_to_eager(predictor: Predictor, caplog: pytes
     images = _images(6)
     eager = predictor.predict_arrays(images)
     compiled = predictor.compiled()
-    with unusable_compiler(), caplog.at_level(logging.WARNING, logger="cnn.inference"):
+    with unusable_compiler(), caplog.at_level(logging.WARNING, logger="cnn.infer.predictor"):
         out = compiled.predict_arrays(images)
     assert compiled.compile_failed
     assert "torch.compile failed" in caplog.text and "C++ compiler" in caplog.text

@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cnn.dataset import MANIFEST_COLUMNS, Dataset
-from cnn.decode import DecodeSpec, decode_file
+from cnn.data.dataset import MANIFEST_COLUMNS, Dataset
+from cnn.data.ingest import DecodeRecord, IngestOptions, ingest, staged_stats
+from cnn.data.report import build_report
 from cnn.errors import UserError
-from cnn.ingest import DecodeRecord, IngestOptions, ingest, staged_stats
-from cnn.report import build_report
-from cnn.sources import scan_source
+from cnn.io.decode import DecodeSpec, decode_file
+from cnn.io.sources import scan_source
 from tests.helpers import image_bytes
 
 OPTS = IngestOptions(image_size=16, channels=3, decode_workers=1)
@@ -228,7 +228,7 @@ def test_class_names_that_cannot_be_column_names_are_refused(write_images: Calla
 def test_a_second_ingest_of_the_same_dataset_is_refused_while_the_first_runs(
     write_images: Callable[..., Path], tmp_path: Path
 ) -> None:
-    from cnn.ingest import ingest_lock
+    from cnn.data.ingest import ingest_lock
 
     root = tmp_path / "datasets" / "busy"
     with ingest_lock(root):  # as another process's ingest holds it
@@ -421,7 +421,7 @@ def test_the_cache_compacts_when_dead_images_outnumber_live_ones(
 def test_training_reads_across_shards_what_a_single_shard_holds(
     write_images: Callable[..., Path], tmp_path: Path
 ) -> None:
-    from cnn.data import CacheDataset, load_split
+    from cnn.data.loaders import CacheDataset, load_split
 
     src = write_images(per_class=10)
     _ingest(src, tmp_path)

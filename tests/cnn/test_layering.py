@@ -18,12 +18,12 @@ def _modules_after(statement: str) -> set[str]:
 def test_library_never_imports_the_orchestration() -> None:
     modules = ", ".join(f"cnn.{p.stem}" for p in sorted(Path(cnn.__file__).parent.glob("*.py")) if p.stem != "__init__")
     loaded = _modules_after(f"import {modules}")
-    assert "cnn.train" in loaded and not {m for m in loaded if m.split(".")[0] in ("prefect", "mlflow", "flows")}
+    assert "cnn.model.train" in loaded and not {m for m in loaded if m.split(".")[0] in ("prefect", "mlflow", "flows")}
 
 
 def test_scoring_does_not_import_the_training_module() -> None:
-    loaded = _modules_after("import cnn.scoring, cnn.evaluation, cnn.inference")
-    assert "cnn.train" not in loaded and "cnn.runtime" in loaded and "cnn.precision" in loaded
+    loaded = _modules_after("import cnn.batch.scoring, cnn.evaluation, cnn.inference")
+    assert "cnn.model.train" not in loaded and "cnn.model.runtime" in loaded and "cnn.model.precision" in loaded
 
 
 def test_no_module_shadows_the_standard_library() -> None:

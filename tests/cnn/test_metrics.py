@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cnn.metrics import compute_metrics, expected_calibration_error
+from cnn.metrics.classification import compute_metrics, expected_calibration_error
 
 
 def test_metrics_on_known_predictions() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cnn.errors import UserError
-from cnn.models import create_model, freeze_backbone, head_prefix, list_models
+from cnn.model.networks import create_model, freeze_backbone, head_prefix, list_models
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -104,7 +104,7 @@ def test_imagenet_weights_come_from_torchs_cache_checked_against_the_published_h
     from torchvision.models import get_model_weights
     from torchvision.models._api import Weights
 
-    from cnn.models import cached_weights_file, resolve_weights
+    from cnn.model.networks import cached_weights_file, resolve_weights
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     checkpoints = tmp_path / "torch" / "hub" / "checkpoints"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,23 +12,19 @@ import pytest
 import torch
 from PIL import Image
 
-from cnn import neighbours
-from cnn.contract import ModelContract
-from cnn.demo_data import render_claim
-from cnn.inference import Predictor, _fuse_conv_bn
-from cnn.models import create_model, list_models
-from cnn.neighbours import (
-    HashTable,
-    History,
-    Lookup,
-    Reference,
-    VectorIndex,
-    build_reference,
-    crop_views,
-    layouts,
-    phashes,
-)
-from cnn.train import FitResult
+from cnn.data.demo import render_claim
+from cnn.infer.predictor import Predictor, _fuse_conv_bn
+from cnn.model.contract import ModelContract
+from cnn.model.networks import create_model, list_models
+from cnn.model.train import FitResult
+from cnn.similarity import fingerprints, reference
+from cnn.similarity import history as scored_history
+from cnn.similarity import index as vector_index
+from cnn.similarity.fingerprints import crop_views, layouts, phashes
+from cnn.similarity.history import History
+from cnn.similarity.index import VectorIndex
+from cnn.similarity.reference import Reference, build_reference
+from cnn.similarity.reuse import HashTable, Lookup
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -51,8 +48,8 @@ def test_the_index_is_exact_when_small_and_hnsw_when_large(monkeypatch: pytest.M
     exact = VectorIndex.build(vectors)
     similarity, ids = exact.search(vectors[:5], 3)
     assert ids[:, 0].tolist() == [0, 1, 2, 3, 4] and np.allclose(similarity[:, 0], 1.0, atol=1e-5)
-    assert neighbours.exact_limit(512) == neighbours.exact_limit(128) // 4  # exact search costs vectors x dims
-    monkeypatch.setattr(neighbours, "EXACT_LIMIT", 25)  # 200 vectors of 16 dimensions
+    assert vector_index.exact_limit(512) == vector_index.exact_limit(128) // 4  # exact search costs vectors x dims
+    monkeypatch.setattr(vector_index, "EXACT_LIMIT", 25)  # 200 vectors of 16 dimensions
     grown = exact.add(rng.normal(0, 1, (50, 16)).astype(np.float32))  # past the limit: rebuilt as HNSW
     assert len(grown) == 350 and hasattr(grown.index, "hnsw")
     loaded = VectorIndex.load(grown.save(tmp_path / "i.faiss"))
@@ -105,7 +102,7 @@ def test_copies_are_found_exactly_nearly_cropped_and_mirrored_and_a_file_is_neve
     assert (found[1].kind, found[1].row) == ("near", 3)
     assert (found[2].kind, found[2].row, found[2].measure) == ("near", 5, "phash_bits")  # a mirrored copy
     assert (found[3].kind, found[3].row, found[3].measure) == ("near", 7, "layout_rms")  # a cropped copy
-    assert found[3].value <= neighbours.LAYOUT_RMS
+    assert found[3].value <= fingerprints.LAYOUT_RMS
     assert found[4] is None  # another photo of the same kind
     again = table.matches(["id0"], hashes[:1], ["k0"], views=views[:1])  # the same file scored again, own path
     assert again == [None]
@@ -125,13 +122,13 @@ def test_both_perceptual_hashes_are_imagehashs_phash_bit_for_bit(channels: int) 
         rng.integers(1, 256, (h, w, 3), dtype=np.uint8) for h, w in sides + [(96, 80), (200, 131), (200, 133)]
     ]
     images = [image[:, :, :channels] if channels == 3 else image[:, :, :1] for image in images]
-    plain, mirrored = neighbours._phashes(images)
+    plain, mirrored = fingerprints.region_phashes(images)
     assert phashes(images[0][None]) == ([plain[0]], [mirrored[0]])  # the public call: content first, same hash
     for image, ours, ours_mirrored in zip(images, plain, mirrored):
         picture = Image.fromarray(image[:, :, 0] if channels == 1 else image)
-        assert ours == str(imagehash.phash(picture, hash_size=neighbours.HASH_SIZE)), image.shape
+        assert ours == str(imagehash.phash(picture, hash_size=fingerprints.HASH_SIZE)), image.shape
         flipped = picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        assert ours_mirrored == str(imagehash.phash(flipped, hash_size=neighbours.HASH_SIZE)), image.shape
+        assert ours_mirrored == str(imagehash.phash(flipped, hash_size=fingerprints.HASH_SIZE)), image.shape
 
 
 def test_a_shard_of_images_of_several_shapes_gets_each_its_own_views() -> None:
@@ -152,14 +149,14 @@ def test_a_blank_image_is_no_ones_copy_by_layout() -> None:
 def test_the_semantic_check_is_calibrated_on_the_training_split_and_off_where_embeddings_do_not_separate() -> None:
     rng = np.random.default_rng(0)
     spread = rng.normal(0, 1, (500, 32)).astype(np.float32)
-    found = neighbours.semantic_threshold(spread)
+    found = reference.semantic_threshold(spread)
     assert found["semantic_cosine"] is not None and 0.95 <= found["semantic_cosine"] < 1
     collapsed = np.ones((500, 32), np.float32) + rng.normal(0, 1e-4, (500, 32)).astype(np.float32)
-    assert neighbours.semantic_threshold(collapsed)["semantic_cosine"] is None  # a class maps to one point
+    assert reference.semantic_threshold(collapsed)["semantic_cosine"] is None  # a class maps to one point
     photos = np.stack([_shown(p) for p in _claims(range(4))])
     train = _table(photos)
     lookup = Lookup(train.__class__(train.rows.assign(label="dent")), VectorIndex.build(spread[:4]), _table(photos[:0]))
-    lookup = neighbours.replace(lookup, semantic=0.99)
+    lookup = replace(lookup, semantic=0.99)
     query = np.stack([_shown(_claims([50])[0]), _shown(_claims([51])[0])])  # other photos ...
     vectors = np.stack([spread[2] * 1.01, rng.normal(0, 1, 32).astype(np.float32)])  # ... one of which embeds as #2
     notes = lookup.annotate(lookup.copies(["q1", "q2"], ["/q1", "/q2"], query), ["dent"] * 2, vectors)
@@ -178,7 +175,7 @@ def test_an_earlier_shard_of_the_same_run_is_searched(tmp_path: Path) -> None:
     assert earlier["duplicate_kind"].isna().all()
     later = np.stack([_shown(photos[1].crop((8, 6, 160, 120)))])
     alone = lookup.annotate(lookup.copies(["d"], ["/d"], later), ["dent"], None)
-    with_run = lookup.with_run(earlier[neighbours.HISTORY_COLUMNS[:-1]])
+    with_run = lookup.with_run(earlier[scored_history.HISTORY_COLUMNS[:-1]])
     noted = with_run.annotate(with_run.copies(["d"], ["/d"], later), ["dent"], None)
     assert alone["duplicate_kind"].tolist() == [None] and noted["duplicate_kind"].tolist() == ["near"]
     assert '"source": "this run"' in noted["duplicate_of"].iloc[0] and '"claim": "C1"' in noted["duplicate_of"].iloc[0]
@@ -212,8 +209,8 @@ def test_the_reference_and_lookup_of_a_trained_model(trained: FitResult, pattern
     assert len(rows) == len(reference.vectors()) and set(rows["label"]) == {"checker", "horizontal", "vertical"}
     assert reference.drift()["split"] == "val" and len(reference.drift_embeddings()) > 0
     lookup = Lookup.load(reference, History(tmp_path / "history"))
-    from cnn.dataset import Dataset
-    from cnn.evaluation import split_images
+    from cnn.data.dataset import Dataset
+    from cnn.trust.evaluation import split_images
 
     images, labels, ids = split_images(Dataset(patterns), "test", trained.contract)
     predictor = Predictor.load(run / "best.pt", run / "contract.json")

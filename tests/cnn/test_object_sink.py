@@ -15,9 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cnn import storage
-from cnn.object_sink import ObjectSink, PartitionedSink, read_manifest
-from cnn.sinks import open_sink
+from cnn.batch.object_sink import ObjectSink, PartitionedSink, read_manifest
+from cnn.batch.sinks import open_sink
+from cnn.io import storage
 from tests.helpers import clean_env
 from tests.s3 import S3Server
 
@@ -103,8 +103,8 @@ def test_a_second_run_supersedes_and_keeps_history(s3: S3Server) -> None:
 PUBLISH_IN_A_CHILD = textwrap.dedent(
     """
     import os, signal, sys
-    from cnn import storage
-    from cnn.object_sink import ObjectSink, PartitionedSink
+    from cnn.io import storage
+    from cnn.batch.object_sink import ObjectSink, PartitionedSink
 
     out, die_at = sys.argv[1], int(sys.argv[2])
     original, writes = storage.write_object, []

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from cnn.errors import UserError
-from cnn.operating_points import OperatingPoint, PointSpec, check, check_classes, choose, decide, measure
-from cnn.predictions import prediction_columns
+from cnn.infer.predictions import prediction_columns
+from cnn.metrics.operating_points import OperatingPoint, PointSpec, check, check_classes, choose, decide, measure
 
 CLASSES = ["normal", "tumour"]
 

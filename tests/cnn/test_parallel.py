@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cnn.decode import DecodeSpec, RejectKind
-from cnn.parallel import DecodeOutcome, decode_many, decode_one
+from cnn.io.decode import DecodeSpec, RejectKind
+from cnn.io.pool import DecodeOutcome, decode_many, decode_one
 from tests.helpers import image_bytes
 
 SPEC = DecodeSpec(channels=3, size=16)
@@ -88,7 +88,7 @@ def _pid_and_slow(path: str, spec: DecodeSpec, known: frozenset[str]) -> DecodeO
 def test_small_files_travel_in_chunks_and_a_bad_one_is_still_named(tmp_path: Path) -> None:
     """Small files go to the workers in chunks (one round trip per chunk, not per file); a chunk past the time
     limit, or one whose worker died, is decoded again file by file, so only the bad file is rejected."""
-    from cnn.parallel import chunk_size
+    from cnn.io.pool import chunk_size
 
     names = [f"{i:03d}.png" for i in range(160)]
     names[37], names[101] = "037-slow.png", "101-crash.png"

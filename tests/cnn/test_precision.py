@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cnn.errors import UserError
-from cnn.precision import (
+from cnn.model.precision import (
     BF16_MIN_AGREEMENT,
     BF16_MIN_SPEEDUP,
     PrecisionChoice,
@@ -41,12 +41,12 @@ def test_bf16_forced_reports_the_measured_agreement_instead_of_falling_back() ->
 def test_auto_applies_the_agreement_check(
     monkeypatch: pytest.MonkeyPatch, agreement: float | None, expected: str
 ) -> None:
-    monkeypatch.setattr("cnn.precision.cpu_bf16_available", lambda: True)
+    monkeypatch.setattr("cnn.model.precision.cpu_bf16_available", lambda: True)
     assert choose_inference_precision("auto", CPU, lambda: agreement, lambda: 2.0).name == expected
 
 
 def test_auto_without_native_bf16_stays_fp32_unmeasured(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("cnn.precision.cpu_bf16_available", lambda: False)
+    monkeypatch.setattr("cnn.model.precision.cpu_bf16_available", lambda: False)
     choice = choose_inference_precision("auto", CPU, _never)
     assert choice.name == "fp32" and "no native bf16" in choice.reason
 
@@ -66,12 +66,12 @@ def test_cpu_training_needs_no_scaler_in_either_precision() -> None:
 def test_cpu_training_takes_bf16_only_where_its_steps_ran_faster(
     monkeypatch: pytest.MonkeyPatch, speedup: float | None, expected: str
 ) -> None:
-    monkeypatch.setattr("cnn.precision.cpu_bf16_available", lambda: True)
+    monkeypatch.setattr("cnn.model.precision.cpu_bf16_available", lambda: True)
     choice = choose_training_precision("auto", CPU, True, lambda: speedup)
     assert choice.name == expected and choice.speedup == speedup
     assert choose_training_precision("fp32", CPU, True, _never).name == "fp32"  # forced: nothing timed
     assert choose_training_precision("bf16", CPU, True, _never).name == "bf16"
-    monkeypatch.setattr("cnn.precision.cpu_bf16_available", lambda: False)
+    monkeypatch.setattr("cnn.model.precision.cpu_bf16_available", lambda: False)
     assert choose_training_precision("auto", CPU, True, _never).reason == "this CPU has no native bf16"
 
 
@@ -91,7 +91,7 @@ def test_auto_picks_bf16_only_where_it_is_faster_on_this_host(
     monkeypatch: pytest.MonkeyPatch, speedup: float | None, expected: str
 ) -> None:
     """On a CPU with AVX512-BF16 but no AMX, bf16 ran at 0.59x fp32: agreeing is not enough."""
-    monkeypatch.setattr("cnn.precision.cpu_bf16_available", lambda: True)
+    monkeypatch.setattr("cnn.model.precision.cpu_bf16_available", lambda: True)
     choice = choose_inference_precision("auto", CPU, lambda: 1.0, lambda: speedup)
     assert choice.name == expected and choice.speedup == speedup
     if speedup is not None:
@@ -99,7 +99,7 @@ def test_auto_picks_bf16_only_where_it_is_faster_on_this_host(
 
 
 def test_speed_is_not_measured_when_bf16_disagrees_or_is_forced(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("cnn.precision.cpu_bf16_available", lambda: True)
+    monkeypatch.setattr("cnn.model.precision.cpu_bf16_available", lambda: True)
     assert choose_inference_precision("auto", CPU, lambda: 0.9, _never).name == "fp32"
     assert choose_inference_precision("bf16", CPU, lambda: 0.9, _never).name == "bf16"
 
@@ -110,9 +110,9 @@ def test_host_type_names_the_bf16_units_and_threads() -> None:
 
 
 def test_bf16_speedup_times_both_precisions_on_a_real_model() -> None:
-    from cnn.contract import ModelContract
-    from cnn.inference import Predictor, bf16_speedup
-    from cnn.models import create_model
+    from cnn.infer.predictor import Predictor, bf16_speedup
+    from cnn.model.contract import ModelContract
+    from cnn.model.networks import create_model
 
     contract = ModelContract("small_cnn", ["a", "b"], 3, 32, "pad", [0.5] * 3, [0.25] * 3)
     predictor = Predictor(create_model("small_cnn", num_classes=2, in_channels=3).eval(), contract, CPU)

@@ -10,10 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cnn.decode import RejectKind
-from cnn.errors import UserError
-from cnn.inference import Predictor
-from cnn.scoring import (
+from cnn.batch.scoring import (
     Masking,
     ModelRef,
     ScoringOptions,
@@ -24,8 +21,11 @@ from cnn.scoring import (
     score_shard,
     summarise,
 )
-from cnn.sinks import FileSink
-from cnn.train import FitResult
+from cnn.batch.sinks import FileSink
+from cnn.errors import UserError
+from cnn.infer.predictor import Predictor
+from cnn.io.decode import RejectKind
+from cnn.model.train import FitResult
 from tests.helpers import write_patterns
 from tests.s3 import S3Server
 
@@ -120,7 +120,7 @@ def test_decoding_the_next_shard_ahead_scores_the_same_rows(
 ) -> None:
     """With decode_ahead, shard k+1 decodes while shard k is in inference, and each shard takes its own decoded
     files from there (no second decode); the tables are the same as decoding each shard in turn."""
-    from cnn import scoring
+    from cnn.batch import scoring
 
     folder = _incoming(tmp_path / "in")
     predictor, tables = _predictor(trained), {}
@@ -217,7 +217,7 @@ def test_pseudonymized_columns_and_paths_still_make_increments_work(trained: Fit
     assert shown["claim_id"].str.startswith("p-").all() and shown["path"].str.startswith("p-").all()
     text = shown.to_csv()
     assert "CLAIM-" not in text and str(folder) not in text and ".png" not in text  # nor in a duplicate's reason
-    from cnn.pseudonyms import pseudonym
+    from cnn.io.pseudonyms import pseudonym
 
     assert pseudonym("CLAIM-0000", b"key") in set(shown["claim_id"])  # joins back through the key holder
     again = _run(folder / "claims.csv", sink, predictor, tmp_path, masking=masking)
@@ -229,7 +229,7 @@ def test_pseudonymized_columns_and_paths_still_make_increments_work(trained: Fit
 def test_decoding_ahead_is_on_only_where_inference_leaves_cores_free(monkeypatch: pytest.MonkeyPatch) -> None:
     """On 2 cores with 2 torch threads decoding ahead measured 0.95-1.00x: a run turns it on only with cores to
     spare or on a GPU, and never when its shards fan out to Dask (each shard on its own worker)."""
-    from cnn import scoring
+    from cnn.batch import scoring
     from cnn.config import ScoreConfig
 
     monkeypatch.setattr(scoring.torch, "get_num_threads", lambda: 2)
@@ -244,8 +244,8 @@ def test_decoding_ahead_is_on_only_where_inference_leaves_cores_free(monkeypatch
 def test_a_bucket_is_read_once_per_new_object_and_not_at_all_when_unchanged(
     trained: FitResult, tmp_path: Path, s3: S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cnn import storage
-    from cnn.object_sink import ObjectSink
+    from cnn.batch.object_sink import ObjectSink
+    from cnn.io import storage
 
     bucket = s3.bucket("scoring")
     folder = _incoming(tmp_path / "in")
@@ -279,7 +279,7 @@ def test_copies_a_killed_run_left_are_swept_after_a_week_and_a_live_runs_are_kep
     import os
     import time
 
-    from cnn.scoring import sweep_copies
+    from cnn.batch.scoring import sweep_copies
 
     for run in ("killed", "live"):
         (tmp_path / run / "objects").mkdir(parents=True)

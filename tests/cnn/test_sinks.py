@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from cnn.batch.sinks import FileSink, SqlSink, open_sink
 from cnn.errors import UserError
-from cnn.sinks import FileSink, SqlSink, open_sink
 from tests.helpers import PG_URL, requires_postgres
 
 

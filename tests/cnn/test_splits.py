@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cnn.data.splits import SplitFractions, assign_splits, find_units
 from cnn.errors import UserError
-from cnn.splits import SplitFractions, assign_splits, find_units
 
 ALL = ("train", "val", "test")
 

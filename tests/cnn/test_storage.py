@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cnn import storage
-from cnn.dataset import Dataset
+from cnn.data.dataset import Dataset
+from cnn.data.ingest import IngestOptions, ingest, staged_stats
 from cnn.errors import UserError
-from cnn.ingest import IngestOptions, ingest, staged_stats
-from cnn.sources import scan_source
+from cnn.io import storage
+from cnn.io.sources import scan_source
 from tests.helpers import image_bytes
 from tests.s3 import S3Server
 
@@ -141,8 +141,8 @@ def test_file_urls_are_local_paths(write_images: Callable[..., Path]) -> None:
 
 
 def test_a_task_fetches_its_objects_together_and_a_missing_one_is_its_own_reject(s3: S3Server) -> None:
-    from cnn import decode
-    from cnn.decode import DecodeError, DecodeSpec, RejectKind, read_image_bytes
+    from cnn.io import decode
+    from cnn.io.decode import DecodeError, DecodeSpec, RejectKind, read_image_bytes
 
     url = s3.bucket("prefetch")
     storage.write_object(f"{url}/a.png", b"a" * 10)

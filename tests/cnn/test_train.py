@@ -11,10 +11,10 @@ import torch
 
 from cnn.config import TrainConfig
 from cnn.errors import UserError
-from cnn.evaluation import evaluate_run
-from cnn.models import create_model, head_prefix
-from cnn.runtime import seed_everything
-from cnn.train import FitResult, NonFiniteLossError, fit
+from cnn.model.networks import create_model, head_prefix
+from cnn.model.runtime import seed_everything
+from cnn.model.train import FitResult, NonFiniteLossError, fit
+from cnn.trust.evaluation import evaluate_run
 from tests.cnn.conftest import FAST
 
 
@@ -59,7 +59,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(patterns: Path, t
 
 
 def test_the_weight_average_warms_up_and_is_what_is_saved(patterns: Path, tmp_path: Path) -> None:
-    from cnn.ema import WeightAverage
+    from cnn.model.ema import WeightAverage
 
     model = torch.nn.Linear(1, 1, bias=False)
     average = WeightAverage(model, decay=0.999)
@@ -183,7 +183,7 @@ def test_cpu_bf16_training_learns_what_fp32_learns_on_the_same_seed(patterns: Pa
 
 
 def test_auto_training_precision_is_measured_and_kept_on_resume(patterns: Path, tmp_path: Path) -> None:
-    from cnn.precision import cpu_bf16_available
+    from cnn.model.precision import cpu_bf16_available
 
     cfg = TrainConfig(epochs=2, **{**FAST, "precision": "auto"})
     first = fit(cfg, patterns, tmp_path / "run")

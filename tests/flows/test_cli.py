@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from cnn.dataset import Dataset
+from cnn.data.dataset import Dataset
 from flows.cli import app
 from tests.helpers import clean_env, free_port, wait_until_up
 

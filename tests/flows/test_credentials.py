@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from cnn.batch.sinks import SqlSink, parse_url, redact
 from cnn.errors import UserError
-from cnn.sinks import SqlSink, parse_url, redact
 from flows import credentials
 from tests.helpers import PG_URL, requires_postgres
 

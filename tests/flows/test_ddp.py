@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cnn.config import TrainConfig
-from cnn.train import FitResult, fit
+from cnn.model.train import FitResult, fit
 from flows.cli import app
 from flows.train import launch_distributed
 from tests.helpers import pattern_dataset

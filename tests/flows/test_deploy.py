@@ -190,8 +190,8 @@ def test_scoring_defaults_live_in_one_place() -> None:
 
 def test_flow_configs_load_yaml_and_let_options_override(tmp_path: Path) -> None:
     from cnn.config import ScoreConfig
+    from cnn.data.ingest import IngestOptions
     from cnn.errors import UserError
-    from cnn.ingest import IngestOptions
 
     path = tmp_path / "score.yaml"
     path.write_text("model: xray@challenger\nreview_below: 0.8\nshard_size: 32\n")
@@ -246,7 +246,7 @@ def test_served_deployments_run_one_at_a_time() -> None:
 def test_table_default_means_the_workspace_table_beside_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cnn.sinks import FileSink, SqlSink
+    from cnn.batch.sinks import FileSink, SqlSink
     from flows.score import _sinks
 
     monkeypatch.setenv("CNN_HOME", str(tmp_path))

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cnn import storage
-from cnn.object_sink import read_manifest
+from cnn.batch.object_sink import read_manifest
+from cnn.io import storage
 from tests.helpers import clean_env, write_patterns
 from tests.s3 import S3Server
 

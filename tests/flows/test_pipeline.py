@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from cnn.config import ScoreConfig, TrainConfig
-from cnn.ingest import IngestOptions
+from cnn.data.ingest import IngestOptions
 from tests.helpers import write_patterns
 
 pytestmark = pytest.mark.slow

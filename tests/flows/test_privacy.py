@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cnn.dataset import Dataset
+from cnn.data.dataset import Dataset
 from tests.helpers import PG_URL, clean_env, free_port, requires_postgres, wait_until_up, write_dicom
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, requires_postgres]

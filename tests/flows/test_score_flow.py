@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from cnn.dataset import Dataset
+from cnn.data.dataset import Dataset
 from flows.cli import app
 from tests.helpers import (
     PG_URL,
@@ -438,7 +438,7 @@ def test_a_real_dask_scheduler_and_two_worker_processes_score_what_one_process_s
             assert runner.invoke(app, [*ingest, "here"]).exit_code == 0
             result = runner.invoke(app, [*ingest, "there", "--cluster", address, "--files-per-part", "5"])
             assert result.exit_code == 0, result.output
-            decoded_there = client.run(lambda: "cnn.ingest" in sys.modules)
+            decoded_there = client.run(lambda: "cnn.data.ingest" in sys.modules)
         assert len(loaded) == 2 and sum(loaded.values()) >= 1  # the worker processes loaded the model and scored
         assert any(decoded_there.values())  # the parts ran in the worker processes
         here, there = Dataset(home / "datasets" / "here"), Dataset(home / "datasets" / "there")
@@ -510,7 +510,7 @@ def test_auto_precision_takes_bf16_only_where_this_host_type_measured_it_faster(
     is not enough: where it is slower (AVX512-BF16 without AMX), `auto` stays fp32."""
     from mlflow.tracking import MlflowClient
 
-    from cnn.precision import cpu_bf16_available, host_type
+    from cnn.model.precision import cpu_bf16_available, host_type
 
     folder = write_patterns(tmp_path / "p", per_class=2, seed=23)
     client = MlflowClient()
@@ -545,7 +545,7 @@ def test_backends_score_what_torch_scores_and_auto_measures_each_once(home: Path
     measures each candidate's agreement and speed once, keeps them as version tags, and picks from the tags."""
     from mlflow.tracking import MlflowClient
 
-    from cnn.precision import host_type
+    from cnn.model.precision import host_type
 
     folder = write_patterns(tmp_path / "b", per_class=3, seed=29)
     client = MlflowClient()

@@ -89,10 +89,10 @@ def test_pyfunc_from_registry_agrees_with_the_engine(trained: Path, cnn_home: Pa
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from cnn.contract import ModelContract
-    from cnn.data import load_split
-    from cnn.dataset import Dataset
-    from cnn.inference import Predictor
+    from cnn.data.dataset import Dataset
+    from cnn.data.loaders import load_split
+    from cnn.infer.predictor import Predictor
+    from cnn.model.contract import ModelContract
 
     version = MlflowClient().get_model_version_by_alias("patterns", "champion")
     run_dir = next((cnn_home / "runs" / "patterns").iterdir())
@@ -153,7 +153,7 @@ def test_calibration_operating_points_and_the_model_card(trained: Path, cnn_home
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from cnn.contract import ModelContract
+    from cnn.model.contract import ModelContract
     from flows import versions
 
     client = MlflowClient()

@@ -1,0 +1,1 @@
+"""Predictions from a trained model: the Predictor (torch), the ONNX backends, the prediction columns."""

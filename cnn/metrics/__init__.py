@@ -1,0 +1,3 @@
+"""Numbers about predictions: classification metrics with intervals, calibration, operating points, paired
+comparison, drift tests. NumPy and SciPy only, no model.
+"""

@@ -1,0 +1,134 @@
+"""What a registered version carries about its training data, in its model folder's `reference/`: the training
+split's embeddings, labels and hashes (similar cases, the reuse check) and the validation split's predictions and
+image statistics (the drift check)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cnn.data.dataset import Dataset
+from cnn.fsio import atomic_path, write_json_atomic
+from cnn.infer.predictor import Predictor
+from cnn.metrics.drift import DriftSample, reference_sample
+from cnn.model.contract import ModelContract
+from cnn.similarity.fingerprints import layouts, phashes
+from cnn.similarity.index import VectorIndex
+from cnn.trust.evaluation import split_images
+
+SEMANTIC_QUANTILE, SEMANTIC_FLOOR, SEMANTIC_OFF = 0.999, 0.95, 0.9999
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A registered version's reference files (its model folder's `reference/`)."""
+
+    folder: Path
+
+    @property
+    def exists(self) -> bool:
+        return (self.folder / "train_rows.parquet").is_file()
+
+    def rows(self) -> pd.DataFrame:
+        """The training split: image_id, label, phash, phash_mirror, layout (row i = vector i)."""
+        return pd.read_parquet(self.folder / "train_rows.parquet")
+
+    def vectors(self) -> np.ndarray:
+        vectors: np.ndarray = np.load(self.folder / "train_embeddings.npy", allow_pickle=False).astype(np.float32)
+        return vectors
+
+    def index(self) -> VectorIndex:
+        path = self.folder / "train.faiss"
+        return VectorIndex.load(path) if path.is_file() else VectorIndex.build(self.vectors())
+
+    def drift(self) -> dict[str, object]:
+        """The validation split's statistics (see cnn.drift)."""
+        data: dict[str, object] = json.loads((self.folder / "drift.json").read_text(encoding="utf-8"))
+        return data
+
+    def drift_embeddings(self) -> np.ndarray:
+        vectors: np.ndarray = np.load(self.folder / "val_embeddings.npy", allow_pickle=False).astype(np.float32)
+        return vectors
+
+    def semantic_cosine(self) -> float | None:
+        """The embedding cosine from which two images count as the same picture (None: the check is off)."""
+        path = self.folder / "reuse.json"
+        found = json.loads(path.read_text(encoding="utf-8")).get("semantic_cosine") if path.is_file() else None
+        return float(found) if found is not None else None
+
+
+def semantic_threshold(vectors: np.ndarray) -> dict[str, float | None]:
+    """When two embeddings are close enough to call the images the same picture: closer than SEMANTIC_QUANTILE of
+    the training images are to their nearest other training image (and at least SEMANTIC_FLOOR). Off (None) where
+    that would be almost 1: the model's embeddings then do not tell one picture from another (a weak or
+    small model often maps a whole class to nearly one point)."""
+    if len(vectors) < 2:
+        return {"semantic_cosine": None, "nearest_cosine_p50": None, "nearest_cosine_p99": None}
+    scores, ids = VectorIndex.build(vectors).search(vectors, 2)
+    nearest = np.where(ids[:, 0] == np.arange(len(vectors)), scores[:, 1], scores[:, 0])
+    cut = max(SEMANTIC_FLOOR, float(np.quantile(nearest, SEMANTIC_QUANTILE)))
+    return {
+        "semantic_cosine": round(cut, 6) if cut < SEMANTIC_OFF else None,
+        "nearest_cosine_p50": round(float(np.median(nearest)), 6),
+        "nearest_cosine_p99": round(float(np.quantile(nearest, 0.99)), 6),
+    }
+
+
+def save_reference(
+    folder: Path,
+    train_ids: Sequence[str],
+    train_labels: Sequence[str],
+    train_vectors: np.ndarray,
+    train_images: np.ndarray,
+    drift: dict[str, object],
+    val_vectors: np.ndarray,
+) -> Reference:
+    """Write a version's reference files: embeddings as float16 .npy, rows as Parquet, the index in FAISS's format."""
+    folder.mkdir(parents=True, exist_ok=True)
+    plain, mirrored = phashes(train_images)
+    rows = pd.DataFrame({"image_id": list(train_ids), "label": list(train_labels), "phash": plain})
+    rows["phash_mirror"] = mirrored
+    rows["layout"] = [bytes(v) for v in layouts(train_images)]
+    with atomic_path(folder / "train_rows.parquet") as tmp:
+        rows.to_parquet(tmp, index=False)
+    for name, vectors in (("train_embeddings.npy", train_vectors), ("val_embeddings.npy", val_vectors)):
+        with atomic_path(folder / name) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, np.asarray(vectors, dtype=np.float16), allow_pickle=False)
+    VectorIndex.build(train_vectors).save(folder / "train.faiss")
+    write_json_atomic(folder / "drift.json", drift)
+    write_json_atomic(folder / "reuse.json", semantic_threshold(train_vectors))
+    return Reference(folder)
+
+
+def build_reference(run_dir: Path, dataset_root: Path) -> Reference:
+    """A trained run's reference (run_dir/reference): the training split's embeddings, labels and hashes for the
+    similar-case index and the reuse check; the validation split's predictions, image statistics and embeddings for
+    the drift check (the training split where there is no validation split)."""
+    contract = ModelContract.load(run_dir / "contract.json")
+    predictor = Predictor.load(run_dir / "best.pt", contract)
+    dataset = Dataset(dataset_root)
+    images, labels, ids = split_images(dataset, "train", contract)
+    _, train_vectors = predictor.predict_with_embeddings(images)
+    held_out = "val" if len(dataset.usable("val")) else "train"
+    val_images, _, val_ids = split_images(dataset, held_out, contract)
+    probs, val_vectors = predictor.predict_with_embeddings(val_images)
+    source = dataset.usable(held_out, distinct=True).set_index("image_id")
+    sizes = [(int(source.at[i, "width"]), int(source.at[i, "height"])) for i in val_ids]
+    formats = [str(source.at[i, "format"]) for i in val_ids]
+    classes = contract.classes
+    predicted = [classes[j] for j in probs.argmax(axis=1)]
+    sample = DriftSample.of(predicted, probs.max(axis=1), val_images, sizes, formats, None)
+    return save_reference(
+        run_dir / "reference",
+        ids,
+        [classes[j] for j in labels],
+        train_vectors,
+        images,
+        {**reference_sample(sample), "split": held_out},
+        val_vectors,
+    )

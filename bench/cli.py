@@ -24,15 +24,18 @@ from pathlib import Path
 LIBRARY = """
 import sys
 from pathlib import Path
-from cnn.batch.scoring import ModelRef, ScoringOptions, list_inputs, plan_shards, score_shard
+from cnn.batch.run import ModelRef, ScoringOptions
+from cnn.batch.plan import list_inputs, plan_shards
 from cnn.infer.predictor import Predictor
-from cnn.batch.sinks import FileSink
+from cnn.batch.file_sink import FileSink
+from cnn.batch.shard import Scorer
 files, source, out = sys.argv[1:4]
 predictor = Predictor.load(f"{files}/artifacts/best.pt", f"{files}/artifacts/contract.json", "cpu", True, True)
 sink, ref = FileSink(Path(out)), ModelRef("bench", "1", "")
 plan = plan_shards(list_inputs(source), [sink], ref, 256, Path(out + ".run"))
+scorer = Scorer(predictor, ref, ScoringOptions())
 for i in range(plan.shards):
-    score_shard(plan, i, predictor, ref, [sink], ScoringOptions())
+    scorer.score_shard(plan, i, [sink])
 sink.finish()
 """
 

@@ -19,12 +19,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cnn.batch.scoring import ModelRef, ScoringInputs, ScoringOptions, plan_shards, score_shard
-from cnn.batch.sinks import FileSink
+from cnn.batch.file_sink import FileSink
+from cnn.batch.plan import plan_shards
+from cnn.batch.run import ModelRef, ScoringOptions
+from cnn.batch.shard import Scorer
 from cnn.config import TrainConfig
 from cnn.data.demo import generate
 from cnn.data.ingest import IngestOptions, ingest
 from cnn.infer.predictor import Predictor
+from cnn.io.inputs import ScoringInputs
 from cnn.model.precision import choose_inference_precision
 from cnn.model.train import FitResult, fit
 
@@ -69,7 +72,7 @@ def score_rate(paths: list[str], predictor: Predictor, out: Path, batch: int) ->
     start = time.perf_counter()
     plan = plan_shards(ScoringInputs(pd.DataFrame({"path": paths}), []), [sink], ref, 512, out.parent)
     for shard in range(plan.shards):
-        score_shard(plan, shard, predictor, ref, [sink], ScoringOptions(batch_size=batch))
+        Scorer(predictor, ref, ScoringOptions(batch_size=batch)).score_shard(plan, shard, [sink])
     sink.finish()
     return len(paths) / (time.perf_counter() - start)
 

@@ -21,8 +21,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.score import CLASSES, make_jpegs, make_model
-from cnn.batch.scoring import ModelRef, ScoringOptions, list_inputs, plan_shards, score_shard, summarise
-from cnn.batch.sinks import FileSink
+from cnn.batch.file_sink import FileSink
+from cnn.batch.plan import list_inputs, plan_shards
+from cnn.batch.run import ModelRef, ScoringOptions, summarise
+from cnn.batch.shard import Scorer
 from cnn.infer.predictor import Predictor
 
 
@@ -38,7 +40,8 @@ def run(folder: Path, predictor: Predictor, out: Path, work: Path) -> tuple[floa
     sink, ref = FileSink(out), ModelRef("bench", "1", "")
     start = time.perf_counter()
     plan = plan_shards(list_inputs(str(folder)), [sink], ref, 256, work)
-    results = [score_shard(plan, i, predictor, ref, [sink], ScoringOptions()) for i in range(plan.shards)]
+    scorer = Scorer(predictor, ref, ScoringOptions())
+    results = [scorer.score_shard(plan, i, [sink]) for i in range(plan.shards)]
     sink.finish()
     seconds = time.perf_counter() - start
     return seconds, summarise(results, plan, ref, seconds, []).files

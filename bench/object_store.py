@@ -21,8 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.score import make_jpegs, make_model
-from cnn.batch.scoring import ModelRef, ScoringOptions, list_inputs, plan_shards, score_shard
-from cnn.batch.sinks import Sink, open_sink
+from cnn.batch.file_sink import Sink
+from cnn.batch.plan import list_inputs, plan_shards
+from cnn.batch.run import ModelRef, ScoringOptions
+from cnn.batch.shard import Scorer
+from cnn.batch.sinks import open_sink
 from cnn.data.ingest import IngestOptions, ingest
 from cnn.infer.predictor import Predictor
 from cnn.io import storage
@@ -36,9 +39,9 @@ def score_once(source: str, output: str, predictor: Predictor, work: Path, batch
     sinks: list[Sink] = open_sink(output, None, "unused")
     plan = plan_shards(list_inputs(source), sinks, ref, 64, work)
     planned = time.perf_counter() - start
-    predicted = 0
+    predicted, scorer = 0, Scorer(predictor, ref, ScoringOptions(batch_size=batch))
     for shard in range(plan.shards):
-        predicted += score_shard(plan, shard, predictor, ref, sinks, ScoringOptions(batch_size=batch)).predicted
+        predicted += scorer.score_shard(plan, shard, sinks).predicted
     for sink in sinks:
         sink.finish()
     return time.perf_counter() - start, planned, predicted

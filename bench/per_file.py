@@ -27,11 +27,14 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.ingest import best_rate
-from cnn.batch.scoring import ModelRef, ScoringInputs, ScoringOptions, decode_ahead_helps, plan_shards, score_shard
-from cnn.batch.sinks import FileSink
+from cnn.batch.file_sink import FileSink
+from cnn.batch.plan import plan_shards
+from cnn.batch.run import ModelRef, ScoringOptions, decode_ahead_helps
+from cnn.batch.shard import Scorer
 from cnn.data.demo import render_claim
 from cnn.data.ingest import IngestOptions, ingest
 from cnn.infer.predictor import Predictor
+from cnn.io.inputs import ScoringInputs
 from cnn.io.pool import default_workers
 from cnn.model.contract import ModelContract
 from cnn.model.networks import create_model
@@ -97,10 +100,9 @@ def engine_score(paths: list[Path], predictor: Predictor, work: Path) -> None:
     plan_dir.mkdir()
     frame = pd.DataFrame({"path": [str(p) for p in paths]})
     plan = plan_shards(ScoringInputs(frame, []), [sink], ref, 1024, plan_dir)
+    scorer = Scorer(predictor, ref, ScoringOptions(batch_size=256, decode_ahead=decode_ahead_helps("cpu")))
     for shard in range(plan.shards):
-        score_shard(
-            plan, shard, predictor, ref, [sink], ScoringOptions(batch_size=256, decode_ahead=decode_ahead_helps("cpu"))
-        )
+        scorer.score_shard(plan, shard, [sink])
     sink.finish()
 
 

@@ -31,13 +31,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cnn.batch.scoring import ModelRef, ScoringInputs, ScoringOptions, decode_ahead_helps, plan_shards, score_shard
-from cnn.batch.sinks import FileSink
+from cnn.batch.file_sink import FileSink
+from cnn.batch.plan import plan_shards
+from cnn.batch.run import ModelRef, ScoringOptions, decode_ahead_helps
+from cnn.batch.shard import Scorer
 from cnn.data.demo import render_claim
 from cnn.infer import backends
 from cnn.infer.backends import BackendChoice, Candidate, OnnxEngine
 from cnn.infer.predictor import Predictor, bf16_agreement, bf16_speedup, relative_speeds
 from cnn.io.decode import decode_file
+from cnn.io.inputs import ScoringInputs
 from cnn.model.contract import ModelContract
 from cnn.model.networks import create_model
 from cnn.model.precision import BF16_MIN_AGREEMENT, PrecisionChoice, choose_inference_precision, top1_agreement
@@ -170,8 +173,9 @@ def run_engine(
     start = time.perf_counter()
     plan = plan_shards(ScoringInputs(pd.DataFrame({"path": paths}), []), [sink], ref, shard, out.parent)
     waited = 0.0
+    scorer = Scorer(predictor, ref, ScoringOptions(batch_size=batch, decode_ahead=ahead))
     for i in range(plan.shards):
-        result = score_shard(plan, i, predictor, ref, [sink], ScoringOptions(batch_size=batch, decode_ahead=ahead))
+        result = scorer.score_shard(plan, i, [sink])
         waited += result.decode_wait_s
     sink.finish()
     seconds = time.perf_counter() - start

@@ -29,19 +29,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.score import fused, make_jpegs, make_model
-from cnn.batch.scoring import (
-    ModelRef,
-    ScoringInputs,
-    ScoringOptions,
-    extend_history,
-    merged_drift,
-    plan_shards,
-    score_shard,
-)
-from cnn.batch.sinks import FileSink
+from cnn.batch.file_sink import FileSink
+from cnn.batch.plan import plan_shards
+from cnn.batch.run import ModelRef, ScoringOptions, merged_drift
+from cnn.batch.shard import Scorer, extend_history
 from cnn.data.augment import load_policy
 from cnn.infer.predictor import Predictor
 from cnn.io.decode import DecodeSpec, decode_file
+from cnn.io.inputs import ScoringInputs
 from cnn.metrics.drift import DriftSample, check_drift, reference_sample
 from cnn.model.contract import ModelContract
 from cnn.similarity.fingerprints import layouts, phashes
@@ -67,10 +62,8 @@ def run(
     sink, ref = FileSink(out), ModelRef("bench", "1", "")
     start = time.perf_counter()
     plan = plan_shards(ScoringInputs(pd.DataFrame({"path": paths}), []), [sink], ref, 256, out.parent)
-    results = [
-        score_shard(plan, shard, predictor, ref, [sink], options, explainer=explainer, lookup=lookup)
-        for shard in range(plan.shards)
-    ]
+    scorer = Scorer(predictor, ref, options, explainer=explainer, lookup=lookup)
+    results = [scorer.score_shard(plan, shard, [sink]) for shard in range(plan.shards)]
     sink.finish()
     if reference is not None:  # what the score flow does after the shards
         check_drift(*reference, merged_drift(results))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from cnn.batch.sinks import parse_url, redact
+from cnn.batch.sql_sink import parse_url, redact
 from cnn.errors import UserError
 
 ENV, SECRET = "env:", "secret:"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnn.batch.scoring import ScoringSummary
+from cnn.batch.run import ScoringSummary
 from cnn.config import ScoreConfig, TrainConfig
 from cnn.data.demo import DemoDataset, generate
 from cnn.data.ingest import IngestOptions

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from prefect import flow
 
-from cnn.batch.scoring import ScoringSummary
+from cnn.batch.run import ScoringSummary
 from cnn.config import ScoreConfig, TrainConfig
 from cnn.data.ingest import IngestOptions
 from flows.ingest import IngestOutcome, ingest_flow

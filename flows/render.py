@@ -8,7 +8,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from cnn.batch.scoring import ScoringSummary
+from cnn.batch.run import ScoringSummary
 from cnn.data.dataset import Dataset
 from cnn.data.report import DatasetReport
 from flows.explain import ExplainOutcome, SimilarOutcome

@@ -19,9 +19,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 
 from cnn import stopping
-from cnn.batch import scoring
-from cnn.batch.scoring import ModelRef, ScoringOptions, ScoringSummary, ShardPlan, ShardResult
-from cnn.batch.sinks import Sink, open_sink, redact
+from cnn.batch import plan as planning
+from cnn.batch.file_sink import Sink
+from cnn.batch.masking import Masking
+from cnn.batch.run import ModelRef, ScoringOptions, ScoringSummary, ShardPlan, ShardResult, merged_drift, summarise
+from cnn.batch.shard import Scorer
+from cnn.batch.shard import extend_history as add_to_history
+from cnn.batch.sinks import open_sink
+from cnn.batch.sql_sink import redact
 from cnn.config import ScoreConfig
 from cnn.errors import UserError
 from cnn.io import storage
@@ -65,11 +70,11 @@ def _sinks(output: str | None, table: str | None, partition_by: list[str] | None
     return open_sink(output, named, default, partition_by)
 
 
-def _masking(config: ScoreConfig) -> scoring.Masking:
+def _masking(config: ScoreConfig) -> Masking:
     """The run's pseudonymized columns, keyed in this process (the key is never a parameter)."""
     if not config.pseudonymize:
-        return scoring.Masking()
-    return scoring.Masking(tuple(config.pseudonymize), workspace.current().pseudonym_key())
+        return Masking()
+    return Masking(tuple(config.pseudonymize), workspace.current().pseudonym_key())
 
 
 @task(name="resolve-model", cache_policy=NO_CACHE)
@@ -82,9 +87,9 @@ def resolve_model(config: ScoreConfig) -> ModelRef:
 @task(name="plan-shards", cache_policy=NO_CACHE)
 def plan_shards(source: str, config: ScoreConfig, model: ModelRef, run_dir: str) -> ShardPlan:
     """List and hash the inputs, drop those the tables already hold with the same bytes, cut the rest into shards."""
-    inputs = scoring.list_inputs(source)
+    inputs = planning.list_inputs(source)
     sinks = _sinks(config.output, config.table, config.partition_by)
-    return scoring.plan_shards(
+    return planning.plan_shards(
         inputs,
         sinks,
         model,
@@ -102,10 +107,30 @@ def score_shard(
 ) -> ShardResult:
     """Decode, predict and commit one shard to every sink (one transaction or one atomic part file each)."""
     sinks = _sinks(config.output, config.table, config.partition_by)
-    predictor = versions.load_predictor(model)
-    explainer = versions.load_explainer(model) if options.explain != "none" else None
-    lookup = versions.load_lookup(model) if config.similar and config.embeddings else None
-    return scoring.score_shard(plan, shard, predictor, model, sinks, options, _masking(config), explainer, lookup)
+    return _scorer(model, options, config).score_shard(plan, shard, sinks)
+
+
+_held: dict[tuple[object, ...], Scorer] = {}  # the Scorer of the run this process scores shards of
+
+
+def _scorer(model: ModelRef, options: ScoringOptions, config: ScoreConfig) -> Scorer:
+    """One Scorer per run and process: shards run one after another here (or on the same Dask worker), so the model
+    is loaded once and the next shard's decoding can start during this shard's inference."""
+    similar = config.similar and config.embeddings
+    key = (model, options, similar, tuple(config.pseudonymize))
+    if key not in _held:
+        for old in _held.values():
+            old.close()
+        _held.clear()
+        _held[key] = Scorer(
+            versions.load_predictor(model),
+            model,
+            options,
+            _masking(config),
+            versions.load_explainer(model) if options.explain != "none" else None,
+            versions.load_lookup(model) if similar else None,
+        )
+    return _held[key]
 
 
 @task(name="publish-tables", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, retry_condition_fn=_transient)
@@ -117,7 +142,7 @@ def publish(config: ScoreConfig) -> list[str]:
 @task(name="extend-history", cache_policy=NO_CACHE)
 def extend_history(model: ModelRef, run_dir: str) -> int:
     """Add what this run scored to the version's history (for `cnn similar` and the next runs' reuse check)."""
-    return scoring.extend_history(Path(run_dir) / "history", versions.history(model))
+    return add_to_history(Path(run_dir) / "history", versions.history(model))
 
 
 @task(name="check-drift", cache_policy=NO_CACHE)
@@ -129,7 +154,7 @@ def check_drift(
     found = versions.reference(model)
     if not found.exists:
         return None
-    batch, reference = scoring.merged_drift(results), found.drift()
+    batch, reference = merged_drift(results), found.drift()
     report = drift.check_drift(reference, found.drift_embeddings(), batch, drift.DriftRules(alpha=config.drift_alpha))
     mlflow_run = ""
     if report.statistics:
@@ -172,7 +197,7 @@ def score_flow(source: str, config: ScoreConfig, home: str | None = None) -> Sco
     flow_run_id = str(flow_run.id) if flow_run is not None else ""
     run_dir = ws.home / "scoring" / (flow_run_id or "local")
     run_dir.mkdir(parents=True, exist_ok=True)
-    scoring.sweep_copies(ws.home / "scoring")  # what killed runs left of the objects they had fetched
+    planning.sweep_copies(ws.home / "scoring")  # what killed runs left of the objects they had fetched
     with sigterm_at_safe_points():
         _log_config(config, run_dir)
         model = resolve_model(config)
@@ -195,7 +220,7 @@ def score_flow(source: str, config: ScoreConfig, home: str | None = None) -> Sco
                     stopping.check()  # a safe point: between shards (what is committed stays committed)
                     results.append(result)
                     progress(sum(r.files for r in results), plan.files)
-        summary = scoring.summarise(results, plan, model, time.perf_counter() - start, publish(config))
+        summary = summarise(results, plan, model, time.perf_counter() - start, publish(config))
         plan.remove()
         if config.similar and config.embeddings:
             extend_history(model, str(run_dir))

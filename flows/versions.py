@@ -19,7 +19,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cnn.batch.scoring import ModelRef
+from cnn.batch.run import ModelRef
 from cnn.choices import CHAMPION
 from cnn.data.dataset import Dataset
 from cnn.errors import UserError

@@ -6,8 +6,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cnn.batch.scoring import ModelRef, ScoringOptions, list_inputs, plan_shards, score_shard
-from cnn.batch.sinks import FileSink, Sink, SqlSink
+from cnn.batch.file_sink import FileSink, Sink
+from cnn.batch.plan import list_inputs, plan_shards
+from cnn.batch.run import ModelRef, ScoringOptions
+from cnn.batch.shard import Scorer
+from cnn.batch.sql_sink import SqlSink
 from cnn.data.ingest import IngestOptions, ingest
 from cnn.infer.predictor import Predictor
 
@@ -19,8 +22,9 @@ def score(source: str, weights: str, contract: str, run_dir: str, outputs: list[
     predictor = Predictor.load(Path(weights), Path(contract), "cpu")
     plan = plan_shards(list_inputs(source), sinks, MODEL, shard_size=6, run_dir=Path(run_dir))
     print("planned", flush=True)  # the chaos test kills from here on: where the writing happens
+    scorer = Scorer(predictor, MODEL, ScoringOptions(decode_workers=1))
     for shard in range(plan.shards):
-        score_shard(plan, shard, predictor, MODEL, sinks, ScoringOptions(decode_workers=1))
+        scorer.score_shard(plan, shard, sinks)
     for sink in sinks:
         sink.finish()
     plan.remove()

@@ -32,7 +32,8 @@ from urllib.parse import quote, unquote
 
 import pandas as pd
 
-from cnn.batch.sinks import DRIFT_KEY, FileSink, _as_time, _frame_key, read_csv_table, split_embeddings
+from cnn.batch.file_sink import FileSink
+from cnn.batch.tables import DRIFT_KEY, as_time, read_csv_table, row_keys, side_table, split_embeddings
 from cnn.choices import PARTITION_COLUMNS
 from cnn.errors import UserError
 from cnn.io import storage
@@ -49,13 +50,10 @@ class ObjectSink(FileSink):
             raise UserError(f"--output must end in .parquet or .csv, not {storage.redact(url)}")
         storage.filesystem(url)  # an unknown scheme or a missing extra is refused before any file is decoded
         self.csv = suffix == ".csv"
-        stem = url[: -len(suffix)]
         self.path_url = url
-        self.rejects_url = f"{stem}.rejects{suffix}"
-        self.review_url = f"{stem}.review{suffix}"
-        self.duplicates_url = f"{stem}.duplicates{suffix}"
-        self.embeddings_url = f"{stem}.embeddings.parquet"
-        self.drift_url = f"{stem}.drift{suffix}"
+        self.rejects_url, self.review_url, self.duplicates_url, self.embeddings_url, self.drift_url = (
+            side_table(url, kind) for kind in ("rejects", "review", "duplicates", "embeddings", "drift")
+        )
         self.parts_url = f"{url}.parts"
         self.manifest_url = f"{url}.manifest.json"
         self.lock_url = f"{url}.publish.lock"
@@ -115,7 +113,7 @@ class ObjectSink(FileSink):
     def record_drift(self, rows: pd.DataFrame) -> None:
         with storage.exclusive(self.lock_url):
             table = pd.concat([self._read_url(self.drift_url), rows], ignore_index=True)
-            table = table.loc[~_frame_key(table, DRIFT_KEY).duplicated(keep="last")]
+            table = table.loc[~row_keys(table, DRIFT_KEY).duplicated(keep="last")]
             self._write_url(self.drift_url, table)
 
     def _merge(self) -> list[str]:
@@ -199,9 +197,9 @@ class PartitionedSink(ObjectSink):
         self.csv = False
         self.parts_url = storage.join(self.root, "_parts")
         self.manifest_url = storage.join(self.root, "_manifest.json")
-        self.review_url = storage.join(self.root, "_review.parquet")
-        self.duplicates_url = storage.join(self.root, "_duplicates.parquet")
-        self.drift_url = storage.join(self.root, "_drift.parquet")
+        self.review_url, self.duplicates_url, self.drift_url = (
+            side_table(self.root, kind, "partitioned") for kind in ("review", "duplicates", "drift")
+        )
         self.lock_url = storage.join(self.root, "_publish.lock")
 
     # --- reading ---------------------------------------------------------------------------
@@ -270,7 +268,7 @@ class PartitionedSink(ObjectSink):
         """Write one shard's predictions as one file per partition; the keys written, relative to the root."""
         if frame.empty:
             return []
-        values = frame.assign(date=_as_time(frame["scored_at"]).dt.strftime("%Y-%m-%d"))
+        values = frame.assign(date=as_time(frame["scored_at"]).dt.strftime("%Y-%m-%d"))
         keys = []
         for group, rows in values.groupby(self.partition_by, sort=True, dropna=False):
             group = group if isinstance(group, tuple) else (group,)

@@ -382,7 +382,7 @@ def test_special_files_are_rejected_at_once_and_never_read(tmp_path: Path) -> No
 
 
 def test_special_files_do_not_stall_duplicate_marking(tmp_path: Path) -> None:
-    from cnn.batch.scoring import mark_duplicates
+    from cnn.batch.plan import mark_duplicates
 
     files = _special_files(tmp_path)
     start = time.monotonic()

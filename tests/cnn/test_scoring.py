@@ -10,18 +10,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cnn.batch.scoring import (
-    Masking,
-    ModelRef,
-    ScoringOptions,
-    list_inputs,
-    mark_duplicates,
-    plan_shards,
-    score_files,
-    score_shard,
-    summarise,
-)
-from cnn.batch.sinks import FileSink
+from cnn.batch.file_sink import FileSink
+from cnn.batch.masking import Masking
+from cnn.batch.plan import list_inputs, mark_duplicates, plan_shards
+from cnn.batch.run import ModelRef, ScoringOptions, summarise
+from cnn.batch.shard import Scorer
 from cnn.errors import UserError
 from cnn.infer.predictor import Predictor
 from cnn.io.decode import RejectKind
@@ -75,9 +68,8 @@ def _incoming(base: Path) -> Path:
 def test_score_files_rows_rejects_and_ids(trained: FitResult, tmp_path: Path) -> None:
     folder = _incoming(tmp_path / "in")
     files = mark_duplicates(list_inputs(str(folder)).files.assign(claim_id=lambda f: [f"C{i}" for i in f.index]))
-    scored = score_files(
-        files, ["claim_id"], _predictor(trained), MODEL, ScoringOptions(batch_size=4, top_k=2, review_below=0.99)
-    )
+    options = ScoringOptions(batch_size=4, top_k=2, review_below=0.99)
+    scored = Scorer(_predictor(trained), MODEL, options).score_files(files, ["claim_id"])
     preds, rejects = scored.predictions, scored.rejects
     assert len(preds) == 9 and len(rejects) == 3
     assert sorted(preds["path"].tolist() + rejects["path"].tolist()) == sorted(files["path"])
@@ -102,7 +94,8 @@ def test_plan_then_shards_then_summary_exactly_once(trained: FitResult, tmp_path
     plan = plan_shards(inputs, [sink], MODEL, shard_size=4, run_dir=tmp_path)
     assert (plan.files, plan.shards, plan.skipped) == (12, 3, 0)
     predictor = _predictor(trained)
-    results = [score_shard(plan, i, predictor, MODEL, [sink], ScoringOptions()) for i in range(plan.shards)]
+    scorer = Scorer(predictor, MODEL, ScoringOptions())
+    results = [scorer.score_shard(plan, i, [sink]) for i in range(plan.shards)]
     summary = summarise(results, plan, MODEL, seconds=1.0, tables=sink.finish())
     assert (summary.predicted, summary.rejected, summary.files) == (9, 3, 12)
     assert summary.rejects_by_kind == {"empty": 1, "not_an_image": 1, "duplicate": 1}
@@ -120,19 +113,20 @@ def test_decoding_the_next_shard_ahead_scores_the_same_rows(
 ) -> None:
     """With decode_ahead, shard k+1 decodes while shard k is in inference, and each shard takes its own decoded
     files from there (no second decode); the tables are the same as decoding each shard in turn."""
-    from cnn.batch import scoring
+    from cnn.batch import shard as shards
 
     folder = _incoming(tmp_path / "in")
     predictor, tables = _predictor(trained), {}
     decoded_now: list[int] = []
-    real = scoring._decode_rows
+    real = shards.decode_rows
     for ahead in (False, True):
         sink = FileSink(tmp_path / f"ahead-{ahead}.parquet")
         plan = plan_shards(list_inputs(str(folder)), [sink], MODEL, shard_size=4, run_dir=tmp_path / str(ahead))
         decoded_now.clear()
-        monkeypatch.setattr(scoring, "_decode_rows", lambda f, *a: decoded_now.append(len(f)) or real(f, *a))
+        monkeypatch.setattr(shards, "decode_rows", lambda f, *a: decoded_now.append(len(f)) or real(f, *a))
+        scorer = Scorer(predictor, MODEL, ScoringOptions(decode_ahead=ahead))
         for i in range(plan.shards):
-            score_shard(plan, i, predictor, MODEL, [sink], ScoringOptions(decode_ahead=ahead))
+            scorer.score_shard(plan, i, [sink])
         sink.finish()
         tables[ahead] = pd.read_parquet(tmp_path / f"ahead-{ahead}.parquet").drop(columns=["scored_at"])
         assert len(decoded_now) == plan.shards  # every shard decoded exactly once, ahead or in turn
@@ -143,10 +137,8 @@ def _run(folder: Path, sink: FileSink, predictor: Predictor, tmp_path: Path, mod
     inputs = list_inputs(str(folder))
     shards = plan_shards(inputs, [sink], model, shard_size=4, run_dir=tmp_path, **plan)  # type: ignore[arg-type]
     masking = plan.get("masking", Masking())
-    results = [
-        score_shard(shards, i, predictor, model, [sink], ScoringOptions(), masking)  # type: ignore[arg-type]
-        for i in range(shards.shards)
-    ]
+    scorer = Scorer(predictor, model, ScoringOptions(), masking)  # type: ignore[arg-type]
+    results = [scorer.score_shard(shards, i, [sink]) for i in range(shards.shards)]
     return summarise(results, shards, model, seconds=1.0, tables=sink.finish())
 
 
@@ -258,7 +250,8 @@ def test_a_bucket_is_read_once_per_new_object_and_not_at_all_when_unchanged(
     copies = sorted((tmp_path / "run" / "objects").iterdir())
     assert plan.files == 12 and len(copies) == 11  # each object read once at planning; equal bytes kept once
     fs.rm(f"{root}/in", recursive=True)  # the shards decode the plan's copies: they never fetch an object again
-    results = [score_shard(plan, i, _predictor(trained), MODEL, [sink], ScoringOptions()) for i in range(3)]
+    scorer = Scorer(_predictor(trained), MODEL, ScoringOptions())
+    results = [scorer.score_shard(plan, i, [sink]) for i in range(3)]
     summary = summarise(results, plan, MODEL, seconds=1.0, tables=sink.finish())
     assert (summary.predicted, summary.rejected) == (9, 3)
     assert summary.rejects_by_kind == {"empty": 1, "not_an_image": 1, "duplicate": 1}
@@ -279,7 +272,7 @@ def test_copies_a_killed_run_left_are_swept_after_a_week_and_a_live_runs_are_kep
     import os
     import time
 
-    from cnn.batch.scoring import sweep_copies
+    from cnn.batch.plan import sweep_copies
 
     for run in ("killed", "live"):
         (tmp_path / run / "objects").mkdir(parents=True)

@@ -7,7 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cnn.batch.sinks import FileSink, SqlSink, open_sink
+from cnn.batch.file_sink import FileSink
+from cnn.batch.sinks import open_sink
+from cnn.batch.sql_sink import SqlSink
 from cnn.errors import UserError
 from tests.helpers import PG_URL, requires_postgres
 

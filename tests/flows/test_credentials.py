@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cnn.batch.sinks import SqlSink, parse_url, redact
+from cnn.batch.sql_sink import SqlSink, parse_url, redact
 from cnn.errors import UserError
 from flows import credentials
 from tests.helpers import PG_URL, requires_postgres

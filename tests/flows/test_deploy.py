@@ -246,7 +246,8 @@ def test_served_deployments_run_one_at_a_time() -> None:
 def test_table_default_means_the_workspace_table_beside_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cnn.batch.sinks import FileSink, SqlSink
+    from cnn.batch.file_sink import FileSink
+    from cnn.batch.sql_sink import SqlSink
     from flows.score import _sinks
 
     monkeypatch.setenv("CNN_HOME", str(tmp_path))

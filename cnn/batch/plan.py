@@ -1,0 +1,168 @@
+"""Planning a scoring run: hash the inputs, drop what every table already holds with the same bytes, mark
+duplicates by content, cut the rest into shards (`ShardPlan`, saved as Parquet; shards read their rows from it)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from cnn.batch.masking import Masking
+from cnn.batch.run import SPOOL, ModelRef, ShardPlan
+from cnn.batch.sinks import Sink
+from cnn.batch.tables import OUTPUT_COLUMNS, REJECT_COLUMNS, REVIEW_COLUMN
+from cnn.fsio import atomic_path
+from cnn.io import inputs as listing
+from cnn.io import storage
+from cnn.io.decode import RejectKind
+from cnn.io.inputs import VERSION_COLUMN, ScoringInputs, content_ids
+
+PLAN_COLUMNS = ["image_id", "same_bytes_as", "shard", "attempt", "local_copy"]
+RESERVED = {*OUTPUT_COLUMNS, *REJECT_COLUMNS, *PLAN_COLUMNS, REVIEW_COLUMN, VERSION_COLUMN}  # the output's columns
+
+
+def list_inputs(source: str) -> ScoringInputs:
+    """The files of `source` to score (cnn.io.inputs), with carried id columns that cannot clash with the output's
+    own."""
+    return listing.list_inputs(source, RESERVED)
+
+
+def mark_duplicates(
+    files: pd.DataFrame, predicted: dict[str, str] | None = None, masking: Masking = Masking()
+) -> pd.DataFrame:
+    """Add `image_id` (unless there) and `same_bytes_as`: a file whose bytes an earlier file has (in path order,
+    or an earlier run's prediction) is a duplicate of it. Done once before sharding, so parallel shards agree.
+    Paths are compared and named as the tables show them (`masking`)."""
+    ids = files["image_id"].tolist() if "image_id" in files.columns else content_ids(files["path"].tolist())
+    owner = dict(predicted or {})
+    same_bytes_as: list[str | None] = []
+    for path, image_id in zip(files["path"].map(masking.path), ids):
+        if not image_id:
+            same_bytes_as.append(None)
+        elif image_id in owner and owner[image_id] != path:
+            same_bytes_as.append(owner[image_id])
+        else:
+            owner.setdefault(image_id, path)
+            same_bytes_as.append(None)
+    return files.assign(image_id=ids, same_bytes_as=same_bytes_as)
+
+
+@dataclass(frozen=True)
+class Increment:
+    """What a run still has to do, from the sinks' current rows: a file is done when its path has a current
+    row for the same bytes (a prediction, a final reject, or a transient one tried `max_attempts` times)."""
+
+    done: set[tuple[str, str]]  # (path, image_id)
+    attempts: dict[tuple[str, str], int]  # transient rejects: tries so far
+    owners: dict[str, str]  # image_id -> path of its current prediction (for duplicates)
+
+    @classmethod
+    def of(cls, current: pd.DataFrame, max_attempts: int) -> Increment:
+        """From one sink's current rows (path, image_id, reject_kind ("" = prediction), attempts)."""
+        pairs = list(zip(current["path"].astype(str), current["image_id"].astype(str)))
+        kinds = current["reject_kind"].astype(str).tolist()
+        tries = pd.to_numeric(current["attempts"], errors="coerce").fillna(1).astype(int).tolist()
+        retry = {
+            pair: n for pair, kind, n in zip(pairs, kinds, tries) if kind and _transient(kind) and n < max_attempts
+        }
+        owners = {image_id: path for (path, image_id), kind in zip(pairs, kinds) if not kind and image_id}
+        return cls({pair for pair in pairs if pair not in retry}, retry, owners)
+
+
+def _transient(kind: str) -> bool:
+    try:
+        return RejectKind(kind).transient
+    except ValueError:  # a kind this version does not know (written by a newer one): final
+        return False
+
+
+def plan_shards(
+    inputs: ScoringInputs,
+    sinks: Sequence[Sink],
+    model: ModelRef,
+    shard_size: int,
+    run_dir: Path,
+    *,
+    rescore: bool = False,
+    max_attempts: int = 3,
+    masking: Masking = Masking(),
+) -> ShardPlan:
+    """Hash every input, drop those every sink already holds with the same bytes (rows of any version, or of this
+    version only with `rescore`), resolve duplicates by content, and number the shards."""
+    masking.check(inputs.id_columns)
+    currents = [sink.current(model.name) for sink in sinks]
+    shown = inputs.files["path"].map(masking.path)  # what the tables hold
+    ids, copies = _image_ids(inputs.files, shown, currents, Path(run_dir) / SPOOL)
+    files = inputs.files.assign(image_id=ids)
+    if any(copies):
+        files["local_copy"] = copies
+    pairs = pd.Series(list(zip(shown, files["image_id"])), dtype=object)
+    todo = pd.Series(False, index=files.index)
+    attempts: dict[tuple[str, str], int] = {}
+    owners: dict[str, str] = {}
+    for current in currents:
+        if rescore:
+            current = current[current["model_version"].astype(str) == str(model.version)]
+        increment = Increment.of(current, max_attempts)
+        todo |= ~pairs.isin(increment.done)  # done only when every sink has it
+        attempts.update(increment.attempts)
+        owners.update(increment.owners)
+    keep = todo.to_numpy()
+    files = mark_duplicates(files[keep].reset_index(drop=True), owners, masking)
+    files["attempt"] = [attempts.get(pair, 0) + 1 for pair in pairs[keep]]
+    files["shard"] = files.index // shard_size
+    plan = Path(run_dir) / "plan.parquet"
+    with atomic_path(plan) as tmp:
+        files.to_parquet(tmp, index=False)
+    shards = int(files["shard"].max() + 1) if len(files) else 0
+    return ShardPlan(
+        str(plan),
+        shards,
+        len(files),
+        len(inputs.files) - len(files),
+        tuple(inputs.id_columns),
+        retried=int((files["attempt"] > 1).sum()),
+    )
+
+
+def sweep_copies(scoring_dir: Path, older_than_s: float = 7 * 86400) -> int:
+    """Remove the object copies that killed runs left in their run folders (`<run>/objects/`, nothing in it touched
+    for `older_than_s`: a run still going writes copies or removes them as it goes); return how many folders."""
+    swept, now = 0, time.time()
+    for folder in Path(scoring_dir).glob(f"*/{SPOOL}"):
+        try:
+            newest = max([folder.stat().st_mtime, *(p.stat().st_mtime for p in folder.iterdir())])
+        except OSError:  # removed meanwhile
+            continue
+        if now - newest > older_than_s:
+            shutil.rmtree(folder, ignore_errors=True)
+            swept += 1
+    return swept
+
+
+def _image_ids(
+    files: pd.DataFrame, shown: pd.Series, currents: Sequence[pd.DataFrame], spool: Path
+) -> tuple[list[str], list[str]]:
+    """Each input's content id, and the local copy of the objects read for it: for an object whose version a sink
+    recorded with the same path, the id recorded then (the object is not read at all); for other objects, the
+    hash of the bytes, which are kept in `spool` for the decoder (up to storage.SPOOL_BYTES); for files, the hash."""
+    copies = [""] * len(files)
+    if VERSION_COLUMN not in files.columns:
+        return content_ids(files["path"].tolist()), copies
+    known: dict[tuple[str, str], str] = {}
+    for current in currents:
+        rows = current[current[VERSION_COLUMN].astype(str) != ""]
+        known.update(zip(zip(rows["path"].astype(str), rows[VERSION_COLUMN].astype(str)), rows["image_id"].astype(str)))
+    ids = [known.get((p, str(v)), "") if v else "" for p, v in zip(shown, files[VERSION_COLUMN])]
+    paths = files["path"].tolist()
+    objects = [i for i, image_id in enumerate(ids) if not image_id and storage.is_url(paths[i])]
+    for i, (image_id, copy) in zip(objects, storage.fetch_objects([paths[i] for i in objects], spool)):
+        ids[i], copies[i] = image_id, copy
+    local = [i for i, image_id in enumerate(ids) if not image_id and not storage.is_url(paths[i])]
+    for i, image_id in zip(local, content_ids([paths[i] for i in local])):
+        ids[i] = image_id
+    return ids, copies

@@ -1,0 +1,279 @@
+"""A SQL prediction table and its side tables (PostgreSQL or SQLite, through SQLAlchemy): each shard upserted in
+one transaction."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from cnn.batch.tables import (
+    CURRENT_COLUMNS,
+    DRIFT_KEY,
+    EMBEDDING,
+    KEY,
+    LATER_COLUMNS,
+    REJECT_KEY,
+    REVIEW_COLUMN,
+    duplicates,
+    latest_per_path,
+    review_queue,
+    side_table,
+    split_embeddings,
+)
+from cnn.errors import UserError
+from cnn.io.inputs import VERSION_COLUMN
+
+if TYPE_CHECKING:
+    from sqlalchemy import URL, Connection
+    from sqlalchemy.types import TypeEngine
+
+_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+class SqlSink:
+    """A SQL table and its `<table>_rejects` twin, through SQLAlchemy; upsert on the unique key.
+
+    Each shard is one transaction. On PostgreSQL it first takes a transaction-scoped advisory lock on the table,
+    so concurrent runs create and alter the tables and upsert in turn; SQLite serialises writers itself (a
+    writer waits up to 30 s for the lock, then the shard's retry takes over)."""
+
+    DIALECTS = ("postgresql", "sqlite")
+
+    def __init__(self, url: str, table: str) -> None:
+        from sqlalchemy import create_engine
+        from sqlalchemy.exc import ArgumentError
+
+        if not _TABLE.match(table):
+            raise UserError(f"invalid table name {table!r}: use letters, digits and _, starting with a letter")
+        self.url, self.table = url, table
+        self.rejects, self.review, self.embeddings, self.duplicates, self.drift = (
+            side_table(table, kind, "sql") for kind in ("rejects", "review", "embeddings", "duplicates", "drift")
+        )
+        try:
+            parsed = parse_url(url)
+        except ArgumentError:
+            raise UserError(f"not a database URL: {redact(url)} (e.g. postgresql://user@host/db#table)") from None
+        backend = parsed.get_backend_name()
+        if backend not in self.DIALECTS:  # refused before any file is decoded
+            raise UserError(f"prediction tables live in SQLite or PostgreSQL, not {backend}: {redact(url)}")
+        try:
+            self.engine = create_engine(parsed, connect_args={"timeout": 30} if backend == "sqlite" else {})
+            if backend == "sqlite":
+                _begin_immediate(self.engine)
+            with self.engine.connect():
+                pass
+        except Exception as exc:  # noqa: BLE001 - drivers raise their own types for bad URLs and servers
+            detail = str(exc).replace(parsed.password, "***") if parsed.password else str(exc)
+            raise UserError(f"cannot open the table database {redact(url)}: {type(exc).__name__}: {detail}") from None
+        self.quote = self.engine.dialect.identifier_preparer.quote  # identifiers are quoted by SQLAlchemy
+        self._indexed: set[str] = set()
+
+    @classmethod
+    def from_url(cls, spec: str) -> SqlSink:
+        """`URL#table` (table defaults to `predictions`)."""
+        url, _, table = spec.partition("#")
+        return cls(url, table or "predictions")
+
+    def _columns(self, conn: Connection, name: str) -> set[str]:
+        from sqlalchemy import inspect
+
+        inspector = inspect(conn)
+        return {c["name"] for c in inspector.get_columns(name)} if inspector.has_table(name) else set()
+
+    def _ensure(self, conn: Connection, name: str, frame: pd.DataFrame, key: list[str], history: bool = True) -> None:
+        """Create the table with a unique key, or add columns it lacks (new id or class columns)."""
+        from sqlalchemy import (
+            BigInteger,
+            Boolean,
+            Column,
+            DateTime,
+            Float,
+            LargeBinary,
+            MetaData,
+            String,
+            Table,
+            Text,
+            UniqueConstraint,
+            text,
+        )
+
+        def column_type(series: pd.Series) -> TypeEngine[Any]:
+            if series.name == EMBEDDING:
+                return LargeBinary()
+            if pd.api.types.is_bool_dtype(series):
+                return Boolean()
+            if pd.api.types.is_integer_dtype(series):
+                return BigInteger()
+            if pd.api.types.is_float_dtype(series):
+                return Float()
+            if pd.api.types.is_datetime64_any_dtype(series):
+                return DateTime(timezone=True)
+            return String(512) if series.name in key else Text()
+
+        existing = self._columns(conn, name)
+        if not existing:
+            meta = MetaData()
+            Table(
+                name,
+                meta,
+                *[Column(c, column_type(frame[c])) for c in frame.columns],
+                UniqueConstraint(*key, name=f"uq_{name}_key"),
+            )
+            meta.create_all(conn)
+        for column in frame.columns:
+            if existing and column not in existing:
+                ddl = column_type(frame[column]).compile(dialect=self.engine.dialect)
+                conn.execute(text(f"ALTER TABLE {self.quote(name)} ADD COLUMN {self.quote(str(column))} {ddl}"))
+        if history and name not in self._indexed:  # each shard supersedes its paths' earlier rows: find them by index
+            index = self.quote(f"ix_{name}_path")
+            conn.execute(text(f"CREATE INDEX IF NOT EXISTS {index} ON {self.quote(name)} (model_name, path)"))
+            self._indexed.add(name)
+
+    def current(self, model_name: str) -> pd.DataFrame:
+        from sqlalchemy import text
+
+        frames = []
+        with self.engine.connect() as conn:
+            for name in (self.table, self.rejects):
+                columns = self._columns(conn, name)
+                if columns:
+                    readable = (
+                        "path",
+                        "image_id",
+                        "model_name",
+                        "model_version",
+                        "scored_at",
+                        *LATER_COLUMNS,
+                        VERSION_COLUMN,
+                    )
+                    wanted = [c for c in readable if c in columns]
+                    where = "model_name = :m" + (" AND superseded_at IS NULL" if "superseded_at" in columns else "")
+                    query = f"SELECT {', '.join(map(self.quote, wanted))} FROM {self.quote(name)} WHERE {where}"
+                    frames.append(pd.read_sql_query(text(query), conn, params={"m": model_name}))
+                else:
+                    frames.append(pd.DataFrame())
+        latest = latest_per_path(*frames)
+        return latest[CURRENT_COLUMNS]
+
+    def commit(self, shard: int, predictions: pd.DataFrame, rejects: pd.DataFrame) -> None:
+        predictions, embeddings = split_embeddings(predictions)
+        with self.engine.begin() as conn:  # one transaction per shard: all of it or none of it
+            self._lock(conn)
+            if len(embeddings):  # float16 bytes: the vectors' own width, readable with numpy.frombuffer
+                vectors = embeddings.assign(
+                    embedding=[np.asarray(v, np.float16).tobytes() for v in embeddings[EMBEDDING]]
+                )
+                self._ensure(conn, self.embeddings, vectors, KEY, history=False)
+                self._upsert(
+                    conn, self.embeddings, vectors.assign(model_version=vectors["model_version"].astype(str)), KEY
+                )
+            review, copies = review_queue(predictions, pd.DataFrame()), duplicates(predictions)
+            frames = [(self.table, predictions, KEY), (self.rejects, rejects, REJECT_KEY), (self.review, review, KEY)]
+            frames.append((self.duplicates, copies, KEY))
+            for name, frame, key in frames:
+                if len(frame) or self._columns(conn, name):
+                    self._ensure(conn, name, _sql_ready(frame), key)
+            for name, _, _ in frames:  # rows of these paths so far give way to this shard's
+                self._supersede(conn, name, predictions, rejects)
+            for name, frame, key in frames:
+                if len(frame):
+                    self._upsert(conn, name, _sql_ready(frame), key)
+
+    def _supersede(self, conn: Connection, name: str, predictions: pd.DataFrame, rejects: pd.DataFrame) -> None:
+        from sqlalchemy import bindparam, text
+
+        if not self._columns(conn, name):
+            return
+        rows = pd.concat([f[["model_name", "path", "scored_at"]] for f in (predictions, rejects) if len(f)])
+        if rows.empty:
+            return
+        model, when = str(rows["model_name"].iloc[0]), rows["scored_at"].max().to_pydatetime()
+        statement = text(
+            f"UPDATE {self.quote(name)} SET superseded_at = :when "
+            "WHERE model_name = :m AND superseded_at IS NULL AND path IN :paths"
+        ).bindparams(bindparam("paths", expanding=True))
+        paths = rows["path"].astype(str).unique().tolist()
+        for start in range(0, len(paths), 500):
+            conn.execute(statement, {"when": when, "m": model, "paths": paths[start : start + 500]})
+
+    def _lock(self, conn: Connection) -> None:
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy import text
+
+            key = int.from_bytes(hashlib.sha256(self.table.encode()).digest()[:8], "big", signed=True)
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+    def _upsert(self, conn: Connection, name: str, frame: pd.DataFrame, key: list[str]) -> None:
+        from sqlalchemy import MetaData, Table
+
+        table = Table(name, MetaData(), autoload_with=conn)
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]  # same API, other dialect
+        records = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+        statement = insert(table).values(records)
+        update = {c: statement.excluded[c] for c in frame.columns if c not in key and c != REVIEW_COLUMN}
+        conn.execute(statement.on_conflict_do_update(index_elements=key, set_=update))
+
+    def record_drift(self, rows: pd.DataFrame) -> None:
+        name = self.drift
+        frame = rows.assign(model_version=rows["model_version"].astype(str))
+        with self.engine.begin() as conn:
+            self._lock(conn)
+            self._ensure(conn, name, frame, DRIFT_KEY, history=False)
+            self._upsert(conn, name, frame, DRIFT_KEY)
+
+    def finish(self) -> list[str]:
+        with self.engine.connect() as conn:  # the side tables exist once a run wrote to them
+            extra = [n for n in (self.review, self.embeddings, self.duplicates) if self._columns(conn, n)]
+        return [f"{redact(self.url)}#{name}" for name in (self.table, self.rejects, *extra)]
+
+
+def _begin_immediate(engine: Any) -> None:
+    """SQLite: take the write lock when a transaction begins, so concurrent writers queue on the busy timeout
+    instead of failing at once when a read lock cannot be upgraded (SQLAlchemy's documented recipe)."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _immediate(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _sql_ready(frame: pd.DataFrame) -> pd.DataFrame:
+    out = frame.copy()
+    out["model_version"] = out["model_version"].astype(str)
+    if "superseded_at" not in out.columns:  # the sink keeps the history, whoever built the rows
+        out["superseded_at"] = pd.Series(pd.NaT, index=out.index, dtype="datetime64[us, UTC]")
+    return out
+
+
+def parse_url(url: str) -> URL:
+    """SQLAlchemy's URL of `url`, also when a password holds a raw `@` (SQLAlchemy splits at the first one and
+    leaves the rest of the password in the host)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.host and "@" in parsed.host:
+        extra, host = parsed.host.rsplit("@", 1)
+        parsed = parsed.set(password=f"{parsed.password or ''}@{extra}", host=host)
+    return parsed
+
+
+def redact(url: str) -> str:
+    """A database URL as SQLAlchemy renders it with the password hidden; text that is no URL is shown only when
+    it cannot hold credentials."""
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return parse_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return url if "@" not in url else "<a database URL that does not parse>"

@@ -1,0 +1,208 @@
+"""The prediction tables' schema, defined once: columns and keys, where each side table lives beside its main
+table, and the tables every sink derives from the predictions (the review queue, the reused photos, the history
+of superseded rows)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import IO, Literal
+
+import pandas as pd
+
+from cnn.io import storage
+from cnn.io.inputs import VERSION_COLUMN
+
+STAMP_COLUMNS = ["model_name", "model_version", "run_id", "scored_at", "flow_run_id", "superseded_at"]
+OUTPUT_COLUMNS = [
+    "image_id",
+    "path",
+    "label",
+    "confidence",
+    "decision",
+    "top_k",
+    "needs_review",
+    "review_reason",
+    "urgency",
+    "explanation",
+    *STAMP_COLUMNS,
+]
+REJECT_COLUMNS = ["image_id", "path", "reason", "reject_kind", "attempts"]
+KEY = ["image_id", "model_name", "model_version"]
+REVIEW_COLUMN = "reviewed_label"  # the review table's column a reviewer fills in; a run never overwrites it
+DRIFT_KEY = ["flow_run_id", "name"]
+EMBEDDING = "embedding"  # a prediction frame's column of float16 vectors, kept in the embeddings side table
+REJECT_KEY = ["path", "model_name", "model_version"]
+CURRENT_COLUMNS = ["path", "image_id", "model_version", "reject_kind", "attempts", "scored_at", VERSION_COLUMN]
+_TIMES = ("scored_at", "superseded_at")
+LATER_COLUMNS = ("reject_kind", "attempts", "superseded_at")  # columns a table written by an earlier version may lack
+DUPLICATE_COLUMNS = ["image_id", "path", "duplicate_kind", "duplicate_of", "earlier_image_id", "earlier_source"]
+
+SideTable = Literal["rejects", "review", "duplicates", "embeddings", "drift"]
+TableLayout = Literal["file", "sql", "partitioned"]
+
+
+def side_table(main: str, kind: SideTable, layout: TableLayout = "file") -> str:
+    """Where the side table `kind` of the main table `main` lives (the one rule for every sink): beside a file or
+    object `X.parquet|csv` as `X.<kind>.parquet|csv` (embeddings always Parquet), beside a SQL table `T` as `T_<kind>`,
+    inside a partitioned table's folder or prefix as `_<kind>/` (rejects and embeddings, one file per shard) or
+    `_<kind>.parquet`."""
+    if layout == "sql":
+        return f"{main}_{kind}"
+    if layout == "partitioned":
+        return storage.join(main, f"_{kind}" if kind in ("rejects", "embeddings") else f"_{kind}.parquet")
+    stem, _, suffix = main.rpartition(".")
+    return f"{stem}.{kind}.{'parquet' if kind == 'embeddings' else suffix}"
+
+
+def split_embeddings(predictions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(predictions without the vectors, the side table's rows: KEY, dim, embedding float16)."""
+    if EMBEDDING not in predictions.columns:
+        return predictions, pd.DataFrame()
+    side = predictions[[*KEY, "scored_at", EMBEDDING]].copy()
+    side.insert(3, "dim", [len(v) for v in side[EMBEDDING]])
+    return predictions.drop(columns=EMBEDDING), side
+
+
+def row_keys(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
+    """The columns' values as one string per row (joined column by column: a row-wise join is ten times slower)."""
+    text = frame[columns].astype(str).fillna("")
+    key = text[columns[0]]
+    for column in columns[1:]:
+        key = key + "\x1f" + text[column]
+    return key
+
+
+def as_time(values: pd.Series) -> pd.Series:
+    """UTC timestamps from a typed column or from CSV text ("" = none)."""
+    if pd.api.types.is_datetime64_any_dtype(values):
+        return values.dt.tz_localize("UTC") if values.dt.tz is None else values.dt.tz_convert("UTC")
+    return pd.to_datetime(values.replace("", None), utc=True, format="ISO8601")
+
+
+def _column(frame: pd.DataFrame, name: str, default: object) -> pd.Series:
+    """A column, with `default` for rows (or tables, written before it existed) without a value."""
+    if name not in frame.columns:
+        return pd.Series(default, index=frame.index)
+    return frame[name].replace("", None).fillna(default)
+
+
+def read_csv_table(source: Path | IO[bytes]) -> pd.DataFrame:
+    """A prediction table from CSV: every column as text (a claim number 007123 stays 007123, and nothing is
+    re-parsed between runs) except the times, which the history is computed from."""
+    try:
+        frame = pd.read_csv(source, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:  # an earlier run with nothing to write left an empty file
+        return pd.DataFrame()
+    for column in _TIMES:
+        if column in frame.columns:
+            frame[column] = as_time(frame[column])
+    return frame
+
+
+def latest_per_path(predictions: pd.DataFrame, rejects: pd.DataFrame) -> pd.DataFrame:
+    """CURRENT_COLUMNS for the newest row of each (model, path) across both tables."""
+    frames = []
+    for frame, is_reject in ((predictions, False), (rejects, True)):
+        if frame.empty:
+            continue
+        rows = pd.DataFrame(
+            {
+                "model_name": frame["model_name"].astype(str),
+                "path": frame["path"].astype(str),
+                "image_id": frame["image_id"].fillna("").astype(str),
+                "model_version": frame["model_version"].astype(str),
+                "reject_kind": _column(frame, "reject_kind", "corrupt").astype(str) if is_reject else "",
+                "attempts": pd.to_numeric(_column(frame, "attempts", 1), errors="coerce") if is_reject else 0,
+                "scored_at": as_time(frame["scored_at"]),
+                VERSION_COLUMN: _column(frame, VERSION_COLUMN, "").astype(str),
+            }
+        )
+        if "superseded_at" in frame.columns:
+            rows = rows[as_time(frame["superseded_at"]).isna().to_numpy()]
+        frames.append(rows)
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in ["model_name", *CURRENT_COLUMNS]})
+    rows = pd.concat(frames, ignore_index=True).sort_values("scored_at", kind="stable")
+    rows["attempts"] = rows["attempts"].fillna(1).astype(int)
+    return rows.drop_duplicates(["model_name", "path"], keep="last").reset_index(drop=True)
+
+
+def duplicates(predictions: pd.DataFrame) -> pd.DataFrame:
+    """The current predictions that repeat an earlier image (reused photos), with the earlier image's id and where
+    it was (training, scored, this run) pulled out of `duplicate_of`; carried id columns and the stamp stay."""
+    if predictions.empty or "duplicate_kind" not in predictions.columns:
+        return pd.DataFrame(columns=[*DUPLICATE_COLUMNS, "model_name", "model_version"])
+    found = predictions.loc[predictions["duplicate_kind"].notna() & _live(predictions)]
+    found = _without(found, "top_k", "review_reason", "explanation", "phash")
+    earlier = [json.loads(str(v)) for v in found["duplicate_of"]]
+    found["earlier_image_id"] = [e.get("image_id") for e in earlier]
+    found["earlier_source"] = [e.get("source") for e in earlier]
+    return found.reset_index(drop=True)
+
+
+def _live(predictions: pd.DataFrame) -> pd.Series | bool:
+    """Which rows are current (no later row replaced them)."""
+    return as_time(predictions["superseded_at"]).isna() if "superseded_at" in predictions else True
+
+
+def _without(frame: pd.DataFrame, *columns: str) -> pd.DataFrame:
+    """A copy without the probabilities and these columns (what a side table leaves out)."""
+    drop = [c for c in frame.columns if c.startswith("prob_") or c in columns]
+    return frame.drop(columns=drop)
+
+
+def review_queue(predictions: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFrame:
+    """The current predictions that need review, most urgent first, with `reviewed_label`. What a reviewer wrote
+    in `earlier` (the review file as it was) stays: their labels and columns by row key, and reviewed rows whose
+    prediction has been replaced since."""
+    if predictions.empty or "needs_review" not in predictions.columns:
+        queue = pd.DataFrame(columns=[*KEY, REVIEW_COLUMN])
+    else:
+        flagged = predictions["needs_review"].astype(str).str.lower().isin(["true", "1"])
+        queue = _without(predictions.loc[flagged & _live(predictions)], "top_k", "flow_run_id", "run_id")
+        queue[REVIEW_COLUMN] = pd.Series(None, index=queue.index, dtype=object)
+    if not earlier.empty and REVIEW_COLUMN in earlier.columns:
+        keyed = earlier.set_index(row_keys(earlier, KEY))
+        theirs = [c for c in earlier.columns if c not in queue.columns or c == REVIEW_COLUMN]
+        index = row_keys(queue, KEY)
+        for column in theirs:
+            queue[column] = index.map(keyed[column].to_dict()).where(index.isin(keyed.index), None).to_numpy()
+        reviewed = earlier[earlier[REVIEW_COLUMN].fillna("").astype(str).str.strip() != ""]
+        queue = pd.concat([queue, reviewed[~row_keys(reviewed, KEY).isin(index)]], ignore_index=True)
+    if "urgency" in queue.columns and len(queue):
+        queue = queue.assign(_u=pd.to_numeric(queue["urgency"], errors="coerce")).sort_values(
+            "_u", ascending=False, na_position="last", kind="stable"
+        )
+        queue = queue.drop(columns="_u")
+    return queue.reset_index(drop=True)
+
+
+def mark_superseded(predictions: pd.DataFrame, rejects: pd.DataFrame) -> None:
+    """Mark each current row that a newer row of its path (per model) follows as superseded at that row's time."""
+    rows = []
+    for which, frame in enumerate((predictions, rejects)):
+        if frame.empty:
+            continue
+        if "superseded_at" not in frame.columns:
+            frame["superseded_at"] = pd.Series(pd.NaT, index=frame.index, dtype="datetime64[us, UTC]")
+        frame["superseded_at"] = as_time(frame["superseded_at"]).astype("datetime64[us, UTC]")
+        live = frame["superseded_at"].isna()
+        rows.append(
+            pd.DataFrame(
+                {
+                    "which": which,
+                    "row": frame.index[live],
+                    "model_name": frame.loc[live, "model_name"].astype(str),
+                    "path": frame.loc[live, "path"].astype(str),
+                    "scored_at": as_time(frame.loc[live, "scored_at"]).astype("datetime64[us, UTC]"),
+                }
+            )
+        )
+    if not rows:
+        return
+    chain = pd.concat(rows, ignore_index=True).sort_values("scored_at", kind="stable")
+    chain["next"] = chain.groupby(["model_name", "path"])["scored_at"].shift(-1)
+    for which, frame in enumerate((predictions, rejects)):
+        later = chain[(chain["which"] == which) & chain["next"].notna()]
+        frame.loc[later["row"].to_numpy(), "superseded_at"] = later["next"].to_numpy()

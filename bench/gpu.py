@@ -29,7 +29,8 @@ from cnn.data.ingest import IngestOptions, ingest
 from cnn.infer.predictor import Predictor
 from cnn.io.inputs import ScoringInputs
 from cnn.model.precision import choose_inference_precision
-from cnn.model.train import FitResult, fit
+from cnn.model.run import FitResult
+from cnn.model.train import fit
 
 VARIANTS = {  # name -> (amp, channels_last, compile)
     "fp32 eager NCHW (baseline)": (False, False, False),
@@ -54,7 +55,7 @@ def train_rate(
         patience=0,
     )
     result = fit(cfg, root, work / f"run-{int(amp)}{int(channels_last)}{int(compile)}")
-    rates = [h["train_images_per_s"] for h in result.history[1:]]
+    rates = [h.train_images_per_s for h in result.history[1:]]
     return sum(rates) / len(rates), result
 
 

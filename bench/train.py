@@ -66,8 +66,8 @@ def engine_run(
     )
     result = fit(cfg, root, work / f"engine-{policy}-{'-'.join(f'{k}={v}' for k, v in options.items())}")
     timed = result.history[1:]
-    rate = sum(h["train_images_per_s"] for h in timed) / len(timed)
-    return rate, result.history[-1].get("val_accuracy", float("nan")), result.precision_reason
+    rate = sum(h.train_images_per_s for h in timed) / len(timed)
+    return rate, result.history[-1].val.get("accuracy", float("nan")), result.precision_reason
 
 
 def sharded(source: Path, work: Path, options: IngestOptions, parts: int) -> Path:

@@ -4,7 +4,7 @@ command line, logged with every run. Unknown keys are rejected."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -12,9 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cnn.choices import Backend, Metric, Precision
 from cnn.errors import UserError
 from cnn.limits import DEFAULT_TIME_LIMIT_S
-
-if TYPE_CHECKING:
-    from cnn.metrics.operating_points import PointSpec
+from cnn.metrics.operating_points import PointSpec
 
 
 class FlowConfig(BaseModel):
@@ -158,14 +156,10 @@ class TrainConfig(FlowConfig):
     @field_validator("operating_points")
     @classmethod
     def _parse_points(cls, value: list[str]) -> list[str]:
-        from cnn.metrics.operating_points import PointSpec
-
         return [PointSpec.parse(v).describe() for v in value]
 
     def point_specs(self) -> list[PointSpec]:
         """The operating points as typed specs, in priority order."""
-        from cnn.metrics.operating_points import PointSpec
-
         return [PointSpec.parse(v) for v in self.operating_points]
 
     @property

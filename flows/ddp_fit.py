@@ -10,7 +10,8 @@ from pathlib import Path
 from cnn.config import TrainConfig
 from cnn.errors import UserError
 from cnn.model.distributed import Dist
-from cnn.model.train import EpochRecord, fit
+from cnn.model.run import EpochRecord
+from cnn.model.train import fit
 
 
 def main() -> int:
@@ -30,8 +31,8 @@ def main() -> int:
         def on_epoch(record: EpochRecord) -> None:
             tracking.log_epoch(args.run_id, record)
             print(
-                f"epoch {int(record['epoch'])}/{cfg.epochs}: "
-                + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("train_loss", "val_macro"))),
+                f"epoch {record.epoch}/{cfg.epochs}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in record.metrics().items() if k in ("train_loss", "val_macro_f1")),
                 flush=True,
             )
 

@@ -18,11 +18,10 @@ from mlflow.types import ColSpec, Schema
 import cnn
 from cnn.config import TrainConfig
 from cnn.data.dataset import Dataset, usable_rows
-from cnn.infer import backends
 from cnn.metrics.drift import DriftReport
 from cnn.metrics.operating_points import PointCheck
 from cnn.model.contract import ModelContract
-from cnn.model.train import EpochRecord, FitResult
+from cnn.model.run import EpochRecord, FitResult, RunFolder
 from cnn.trust.card import ModelCard
 from cnn.trust.evaluation import CalibrationResult
 from flows import workspace
@@ -86,12 +85,8 @@ def start_run(dataset: Dataset, cfg: TrainConfig, model_name: str) -> str:
 
 def log_epoch(run_id: str, record: EpochRecord) -> None:
     """All of one epoch's metrics in one batched call."""
-    step = int(record["epoch"])
-    metrics = [
-        mlflow.entities.Metric(k, float(v), int(1000 * time.time()), step)
-        for k, v in record.items()
-        if k != "epoch" and v == v
-    ]
+    stamp = int(1000 * time.time())
+    metrics = [mlflow.entities.Metric(k, v, stamp, record.epoch) for k, v in record.metrics().items() if v == v]
     MlflowClient().log_batch(run_id, metrics=metrics)
 
 
@@ -182,29 +177,19 @@ def signature_for(contract: ModelContract) -> ModelSignature:
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def onnx_file(run_dir: Path) -> Path:
-    """Where a run keeps its ONNX export."""
-    return run_dir / backends.ONNX_FILE
-
-
-def model_files(run_dir: Path) -> dict[str, Path]:
-    """The files a version's digests cover: weights, contract and (where exported) the ONNX model."""
-    files = {"weights": run_dir / "best.pt", "contract": run_dir / "contract.json", "onnx": onnx_file(run_dir)}
-    return {part: path for part, path in files.items() if path.is_file()}
-
-
 def log_model(run_id: str, run_dir: Path) -> str:
     """Log the pyfunc (models from code, state_dict weights, the contract, the ONNX export, the reference) and
     return its model URI."""
-    contract = ModelContract.load(run_dir / "contract.json")
-    extras = {"reference": run_dir / "reference", "onnx": onnx_file(run_dir)}
+    folder = RunFolder(run_dir)
+    contract = ModelContract.load(folder.contract)
+    extras = {"reference": folder.reference, "onnx": folder.onnx}
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(MODEL_CODE),
             artifacts={
-                "weights": str(run_dir / "best.pt"),
-                "contract": str(run_dir / "contract.json"),
+                "weights": str(folder.weights),
+                "contract": str(folder.contract),
                 **{key: str(path) for key, path in extras.items() if path.exists()},
             },
             code_paths=[str(LIBRARY)],

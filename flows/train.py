@@ -21,7 +21,8 @@ from cnn.data.dataset import Dataset, validate_name
 from cnn.errors import UserError
 from cnn.fsio import write_json_atomic
 from cnn.infer import backends
-from cnn.model.train import EpochRecord, FitResult, check_config, fit
+from cnn.model.run import EpochRecord, FitResult, RunFolder
+from cnn.model.train import check_config, fit
 from cnn.similarity import reference
 from cnn.trust.card import build_card
 from cnn.trust.evaluation import CalibrationResult, calibrate_run, evaluate_run, record_checks
@@ -58,7 +59,8 @@ def run_directory(home: Path, model_name: str, resume: bool) -> Path:
     """A new run folder, or with `resume` the latest unfinished one."""
     root = home / "runs" / model_name
     if resume:
-        candidates = sorted(p for p in root.glob("*") if (p / "last.pt").is_file() and not (p / "done").exists())
+        runs = [RunFolder(p) for p in sorted(root.glob("*"))]
+        candidates = [r.root for r in runs if r.checkpoint.is_file() and not r.done.exists()]
         if not candidates:
             raise UserError(f"nothing to resume: no unfinished run of {model_name!r} under {root}")
         return candidates[-1]
@@ -83,7 +85,7 @@ def train(dataset: str, config: TrainConfig, resume: bool = False) -> TrainOutco
 @task(name="start-run", cache_policy=NO_CACHE)
 def start_run(dataset_dir: str, run_dir: str, config: TrainConfig, model_name: str) -> str:
     """Open (or, on resume, reopen) the MLflow run of this training."""
-    id_file = Path(run_dir) / "mlflow_run_id"
+    id_file = RunFolder(Path(run_dir)).tracking_id
     if id_file.is_file():
         return id_file.read_text().strip()
     Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -101,7 +103,7 @@ def fit_model(dataset_dir: str, run_dir: str, run_id: str, config: TrainConfig, 
 
         def on_epoch(record: EpochRecord) -> None:
             tracking.log_epoch(run_id, record)
-            progress(int(record["epoch"]), config.epochs)
+            progress(record.epoch, config.epochs)
 
         result = fit(config, dataset_dir, run_dir, resume=resume, on_epoch=on_epoch)
     return str(result.save())
@@ -161,7 +163,7 @@ def launch_distributed(dataset_dir: str, run_dir: str, config: TrainConfig, run_
             f"distributed training failed (exit {result.returncode}); rank output:\n"
             f"{rank_output[-3000:]}\n{result.stderr[-1500:]}"
         )
-    return Path(run_dir) / "fit.json"
+    return RunFolder(Path(run_dir)).fit
 
 
 @task(name="calibrate-model", cache_policy=NO_CACHE)
@@ -201,7 +203,7 @@ def export_onnx(run_dir: str) -> str:
     own serving stacks can load."""
     return str(
         backends.export_onnx(
-            Path(run_dir) / "best.pt", Path(run_dir) / "contract.json", tracking.onnx_file(Path(run_dir))
+            RunFolder(Path(run_dir)).weights, RunFolder(Path(run_dir)).contract, RunFolder(Path(run_dir)).onnx
         )
     )
 
@@ -225,7 +227,7 @@ def register_and_gate(
         config.replace_task,
         config.gate_operating_points,
     )
-    files = tracking.model_files(Path(run_dir))  # what was logged: their digests
+    files = RunFolder(Path(run_dir)).model_files()  # what was logged: their digests
     decision = registry.register_and_gate(model_uri, model_name, run_id, Dataset(dataset_dir), files, rules)
     create_markdown_artifact(
         f"## {decision.model} v{decision.version}: **@{decision.decision}**\n\n{decision.reason}\n",
@@ -245,12 +247,12 @@ def write_model_card(dataset_dir: str, run_dir: str, run_id: str, config: TrainC
         decision.version,
         config.model_dump(mode="json"),
         asdict(decision),
-        [f"evaluation/{p.name}" for p in sorted((Path(run_dir) / "eval").glob("*_explanations.png"))],
+        [f"evaluation/{p.name}" for p in sorted(RunFolder(Path(run_dir)).eval_dir.glob("*_explanations.png"))],
     )
-    card.save(Path(run_dir) / "model_card")
+    card.save(RunFolder(Path(run_dir)).card_dir)
     tracking.log_card(run_id, decision.model, decision.version, card)
     create_markdown_artifact(card.to_markdown(brief=True), key="model-card", description="Model card")
-    return str(Path(run_dir) / "model_card" / "card.md")
+    return str(RunFolder(Path(run_dir)).card_dir / "card.md")
 
 
 @flow(name="train")
@@ -274,7 +276,7 @@ def train_flow(
         model_uri = log_model(dataset_dir, run_dir, run_id)
         decision = register_and_gate(model_uri, model_name, run_id, dataset_dir, run_dir, config)
         write_model_card(dataset_dir, run_dir, run_id, config, decision)
-    (Path(run_dir) / "done").write_text(run_id)
+    RunFolder(Path(run_dir)).done.write_text(run_id)
     create_table_artifact(
         [{"metric": k, "test": round(v, 4)} for k, v in test_metrics.items()],
         key="test-metrics",

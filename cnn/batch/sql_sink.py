@@ -9,6 +9,30 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from sqlalchemy import (
+    URL,
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    DateTime,
+    Float,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    bindparam,
+    create_engine,
+    event,
+    inspect,
+    text,
+)
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from cnn.batch.tables import (
     CURRENT_COLUMNS,
@@ -28,7 +52,6 @@ from cnn.errors import UserError
 from cnn.io.inputs import VERSION_COLUMN
 
 if TYPE_CHECKING:
-    from sqlalchemy import URL, Connection
     from sqlalchemy.types import TypeEngine
 
 _TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -44,9 +67,6 @@ class SqlSink:
     DIALECTS = ("postgresql", "sqlite")
 
     def __init__(self, url: str, table: str) -> None:
-        from sqlalchemy import create_engine
-        from sqlalchemy.exc import ArgumentError
-
         if not _TABLE.match(table):
             raise UserError(f"invalid table name {table!r}: use letters, digits and _, starting with a letter")
         self.url, self.table = url, table
@@ -79,27 +99,11 @@ class SqlSink:
         return cls(url, table or "predictions")
 
     def _columns(self, conn: Connection, name: str) -> set[str]:
-        from sqlalchemy import inspect
-
         inspector = inspect(conn)
         return {c["name"] for c in inspector.get_columns(name)} if inspector.has_table(name) else set()
 
     def _ensure(self, conn: Connection, name: str, frame: pd.DataFrame, key: list[str], history: bool = True) -> None:
         """Create the table with a unique key, or add columns it lacks (new id or class columns)."""
-        from sqlalchemy import (
-            BigInteger,
-            Boolean,
-            Column,
-            DateTime,
-            Float,
-            LargeBinary,
-            MetaData,
-            String,
-            Table,
-            Text,
-            UniqueConstraint,
-            text,
-        )
 
         def column_type(series: pd.Series) -> TypeEngine[Any]:
             if series.name == EMBEDDING:
@@ -134,8 +138,6 @@ class SqlSink:
             self._indexed.add(name)
 
     def current(self, model_name: str) -> pd.DataFrame:
-        from sqlalchemy import text
-
         frames = []
         with self.engine.connect() as conn:
             for name in (self.table, self.rejects):
@@ -184,8 +186,6 @@ class SqlSink:
                     self._upsert(conn, name, _sql_ready(frame), key)
 
     def _supersede(self, conn: Connection, name: str, predictions: pd.DataFrame, rejects: pd.DataFrame) -> None:
-        from sqlalchemy import bindparam, text
-
         if not self._columns(conn, name):
             return
         rows = pd.concat([f[["model_name", "path", "scored_at"]] for f in (predictions, rejects) if len(f)])
@@ -202,19 +202,12 @@ class SqlSink:
 
     def _lock(self, conn: Connection) -> None:
         if self.engine.dialect.name == "postgresql":
-            from sqlalchemy import text
-
             key = int.from_bytes(hashlib.sha256(self.table.encode()).digest()[:8], "big", signed=True)
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
     def _upsert(self, conn: Connection, name: str, frame: pd.DataFrame, key: list[str]) -> None:
-        from sqlalchemy import MetaData, Table
-
         table = Table(name, MetaData(), autoload_with=conn)
-        if self.engine.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]  # same API, other dialect
+        insert = postgresql_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
         records = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
         statement = insert(table).values(records)
         update = {c: statement.excluded[c] for c in frame.columns if c not in key and c != REVIEW_COLUMN}
@@ -237,7 +230,6 @@ class SqlSink:
 def _begin_immediate(engine: Any) -> None:
     """SQLite: take the write lock when a transaction begins, so concurrent writers queue on the busy timeout
     instead of failing at once when a read lock cannot be upgraded (SQLAlchemy's documented recipe)."""
-    from sqlalchemy import event
 
     @event.listens_for(engine, "connect")
     def _no_implicit_begin(dbapi_connection: Any, record: Any) -> None:
@@ -259,8 +251,6 @@ def _sql_ready(frame: pd.DataFrame) -> pd.DataFrame:
 def parse_url(url: str) -> URL:
     """SQLAlchemy's URL of `url`, also when a password holds a raw `@` (SQLAlchemy splits at the first one and
     leaves the rest of the password in the host)."""
-    from sqlalchemy.engine import make_url
-
     parsed = make_url(url)
     if parsed.host and "@" in parsed.host:
         extra, host = parsed.host.rsplit("@", 1)
@@ -271,9 +261,7 @@ def parse_url(url: str) -> URL:
 def redact(url: str) -> str:
     """A database URL as SQLAlchemy renders it with the password hidden; text that is no URL is shown only when
     it cannot hold credentials."""
-    from sqlalchemy.exc import ArgumentError
-
     try:
-        return parse_url(url).render_as_string(hide_password=True)
+        return str(parse_url(url).render_as_string(hide_password=True))
     except (ArgumentError, ValueError):
         return url if "@" not in url else "<a database URL that does not parse>"

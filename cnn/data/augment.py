@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import yaml
 from PIL import Image, ImageDraw
 
+from cnn.data.dataset import Dataset
 from cnn.errors import UserError
+from cnn.fsio import atomic_path
 
 if TYPE_CHECKING:
     import albumentations as A
@@ -25,6 +28,7 @@ def _albumentations() -> Any:
     """albumentations, imported on first use (a third of a second that scoring never needs). It asks PyPI for a
     newer release when imported unless told not to: no network at run time."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    # imported here: heavy (about a second), and only where a policy augments
     import albumentations
 
     return albumentations
@@ -120,8 +124,6 @@ class Policy:
         if path.suffix.lower() == ".json":
             path.write_text(json.dumps(data, indent=2), encoding="utf-8")
         else:
-            import yaml
-
             path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
         return path
 
@@ -155,8 +157,6 @@ def _load_file(path: Path) -> A.Compose:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            import yaml
-
             data = yaml.safe_load(text)
         if not isinstance(data, dict) or "transform" not in data:
             raise ValueError("expected a mapping with a 'transform' key (albumentations' A.save format)")
@@ -227,8 +227,6 @@ def preview_dataset(
     dataset_root: str | Path, policy: Policy, out: str | Path, rows: int = 6, augmented: int = 5, seed: int = 0
 ) -> Path:
     """Render a preview grid for `rows` training images of an ingested dataset (spread over classes)."""
-    from cnn.data.dataset import Dataset
-    from cnn.fsio import atomic_path
 
     dataset = Dataset(dataset_root).require()
     meta = dataset.meta()

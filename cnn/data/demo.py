@@ -103,6 +103,7 @@ def render_xray(label: str, rng: np.random.Generator, size: int = 128) -> np.nda
 
 def _write_dicom(path: Path, image: np.ndarray, monochrome1: bool, index: int) -> None:
     """A 12-bit uncompressed DICOM with rescale slope/intercept and a VOI window."""
+    # imported here: heavy; DICOM files only
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 

@@ -38,7 +38,9 @@ from cnn.fsio import atomic_path, write_json_atomic
 from cnn.choices import SPLITS
 from cnn.limits import DEFAULT_TIME_LIMIT_S, MAX_FILE_MB
 from cnn.io.pool import DecodeOutcome, ProgressFn, decode_many
+from cnn.io.pseudonyms import dicom_tag, pseudonym
 from cnn.io.sources import SOURCE_COLUMNS, SourceListing, scan_source
+from cnn.data.report import IngestStats, build_report, save_report
 from cnn.data.splits import SplitFractions, assign_splits
 from cnn.io.storage import is_url, local_path, redact
 
@@ -152,23 +154,6 @@ class SplitRecord(_StageRecord):
 
     file: ClassVar[str] = "split.json"
     moved: int
-
-
-@dataclass(frozen=True)
-class IngestStats:
-    """The counters of one ingest, for the report (zero where a stage did not run)."""
-
-    layout: str = ""
-    skipped: int = 0
-    files: int = 0
-    decoded: int = 0
-    reused: int = 0
-    moved: int = 0
-
-    @classmethod
-    def from_dict(cls, data: dict[str, object]) -> IngestStats:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})  # type: ignore[arg-type]  # our own records
 
 
 # --- stage 1: scan ---------------------------------------------------------------------------
@@ -470,8 +455,6 @@ def stage_split(dataset_dir: Path, options: IngestOptions, pseudonym_key: bytes 
 
 def _dicom_groups(frame: pd.DataFrame, tag: str, key: bytes) -> pd.DataFrame:
     """Fill the group of DICOM rows that have none with the pseudonym of their `tag` (read from the header)."""
-    from cnn.io.pseudonyms import dicom_tag, pseudonym
-
     todo = frame["group"].isna() & (frame["format"] == "DICOM") & (frame["status"] == "ok")
     values = {path: dicom_tag(path, tag) for path in frame.loc[todo, "path"]}
     groups = frame["group"].astype(object).copy()
@@ -575,8 +558,6 @@ def ingest(
     pseudonym_key: bytes | None = None,
 ) -> Path:
     """Run every stage in this process (the library path, without an orchestrator), report included."""
-    from cnn.data.report import build_report, save_report
-
     options = options or IngestOptions()
     with ingest_lock(dataset_dir):
         stage_scan(source, dataset_dir, options)

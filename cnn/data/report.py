@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -14,8 +14,21 @@ from cnn.choices import SPLITS
 from cnn.data.dataset import Dataset, usable_rows
 from cnn.fsio import write_json_atomic, write_text_atomic
 
-if TYPE_CHECKING:
-    from cnn.data.ingest import IngestStats
+@dataclass(frozen=True)
+class IngestStats:
+    """The counters of one ingest, for the report (zero where a stage did not run)."""
+
+    layout: str = ""
+    skipped: int = 0
+    files: int = 0
+    decoded: int = 0
+    reused: int = 0
+    moved: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> IngestStats:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})  # type: ignore[arg-type]  # our own records
 
 
 @dataclass
@@ -44,8 +57,6 @@ class DatasetReport:
     @classmethod
     def load(cls, dataset_dir: Path) -> DatasetReport:
         """Read report.json back (the one reader of that file)."""
-        from cnn.data.ingest import IngestStats
-
         data = json.loads((Path(dataset_dir) / "report.json").read_text(encoding="utf-8"))
         data["stats"] = IngestStats.from_dict(data.get("stats") or {})
         return cls(**data)
@@ -60,8 +71,6 @@ class DatasetReport:
 
     def to_markdown(self) -> str:
         """A human-readable report (also the Prefect artifact)."""
-        from cnn.data.ingest import IngestStats
-
         stats = self.stats or IngestStats()
         lines = [
             f"# Dataset report: {self.dataset}",

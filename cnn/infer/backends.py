@@ -13,7 +13,10 @@ Runtime or OpenVINO, in fp32, in bf16 (OpenVINO, on CPUs with native bf16) or in
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +34,7 @@ from cnn.model.precision import BF16_MIN_AGREEMENT, BF16_MIN_SPEEDUP, PrecisionC
 
 _log = logging.getLogger(__name__)
 
-ONNX_FILE = "model.onnx"
+
 INT8_FILE = "model.int8.onnx"
 RUNTIMES = ("onnxruntime", "openvino")
 _CALIBRATION_IMAGES = 256  # enough for min/max ranges on every layer; more only costs time
@@ -177,10 +180,6 @@ class _quiet_exporter:
     """The exporter prints its progress and warnings to the console; a scoring run's log keeps only ours."""
 
     def __enter__(self) -> None:
-        import contextlib
-        import io
-        import warnings
-
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
         self._stack.enter_context(warnings.catch_warnings())
@@ -197,6 +196,7 @@ class _quiet_exporter:
 def quantize_int8(onnx_file: str | Path, images: np.ndarray, contract: ModelContract, target: str | Path) -> Path:
     """Static int8 quantization of the ONNX model with ONNX Runtime's tooling (QDQ, per-channel weights), its
     activation ranges calibrated on up to 256 of `images` (uint8 NHWC, decoded with the contract's spec)."""
+    # imported here: optional heavy backend: only when ONNX Runtime runs the model
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     if not len(images):
@@ -255,6 +255,7 @@ class OnnxEngine:
 
 
 def _onnxruntime_session(path: Path, threads: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    # imported here: optional heavy backend: only when ONNX Runtime runs the model
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -271,6 +272,7 @@ def _onnxruntime_session(path: Path, threads: int) -> Callable[[np.ndarray], tup
 
 
 def _openvino_model(path: Path, hint: str, threads: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    # imported here: optional heavy backend: only when OpenVINO runs the model
     import openvino as ov
 
     core = ov.Core()

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-if TYPE_CHECKING:
-    from cnn.metrics.operating_points import OperatingPoint
+from cnn.metrics.operating_points import OperatingPoint, decide
 
 NEAR_POINT = 0.05  # a probability this close to an operating point's threshold is sent for review
 
@@ -37,8 +35,6 @@ def prediction_columns(
     within `near` of an operating point's threshold, or the mirrored image (`mirrored`, probabilities of the
     test-time flip) gets another label. A row of NaN (an input that could not be scored) gets label None and NaN
     confidence. Text columns are object columns so that None stays None (JSON null) instead of becoming NaN."""
-    from cnn.metrics.operating_points import decide
-
     probs = np.asarray(probs, dtype=np.float64).reshape(len(probs), len(classes))
     scored = np.asarray(~np.isnan(probs).any(axis=1), dtype=bool)
     filled = np.nan_to_num(probs, nan=-1.0)

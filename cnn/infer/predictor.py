@@ -231,6 +231,7 @@ def bf16_agreement(predictor: Predictor, images: np.ndarray, batch_size: int = 1
 
 def _fuse_conv_bn(model: torch.nn.Module) -> torch.nn.Module:
     """Fold BatchNorm into convolutions with torch.fx; the unfused model where tracing is not possible."""
+    # imported here: torch.fx loads its tracer; only when batch norm is folded
     from torch.fx.experimental.optimization import fuse
 
     try:

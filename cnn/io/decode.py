@@ -393,6 +393,7 @@ def _open_dicom(data: bytes, spec: DecodeSpec) -> tuple[Image.Image, int, int]:
             gray = 255 - gray  # MONOCHROME1: low values are white
         return Image.fromarray(gray, mode="L"), cols, rows
     if photometric == "PALETTE COLOR":
+        # imported here: heavy; DICOM files only
         from pydicom.pixels import apply_color_lut  # type: ignore[attr-defined]  # public, not in __all__
 
         pixels = np.asarray(apply_color_lut(pixels, ds))
@@ -405,6 +406,7 @@ def _open_dicom(data: bytes, spec: DecodeSpec) -> tuple[Image.Image, int, int]:
 def read_dicom_frame(data: bytes, spec: DecodeSpec) -> tuple[Any, np.ndarray]:
     """The dataset and its first frame's stored pixels (before any LUT or window), after checking the sizes a
     file declares (pixels, one frame's bytes, the inflated size of deflated data) against `spec`'s limits."""
+    # imported here: heavy; DICOM files only
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import get_decoder, pixel_array  # type: ignore[attr-defined]  # public, not in __all__
@@ -462,6 +464,7 @@ def _demote_library_log(name: str) -> None:
 def _check_inflated_size(data: bytes, spec: DecodeSpec) -> None:
     """A deflated DICOM dataset must not inflate past the file-size limit: inflate it in chunks, keeping none of
     the output, and stop as soon as it passes (a 2 MB file can hold 2 GB)."""
+    # imported here: heavy; DICOM files only
     from pydicom.filereader import _read_file_meta_info, read_preamble  # private: the meta reader for a stream
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
@@ -492,6 +495,7 @@ def _check_inflated_size(data: bytes, spec: DecodeSpec) -> None:
 
 def _dicom_grayscale(pixels: np.ndarray, ds: Any) -> np.ndarray:
     """Modality LUT (rescale slope/intercept), then the VOI window, then 0..255."""
+    # imported here: heavy; DICOM files only
     from pydicom.pixels import apply_modality_lut, apply_voi_lut  # type: ignore[attr-defined]  # public, not in __all__
 
     values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)

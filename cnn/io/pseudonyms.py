@@ -29,6 +29,7 @@ def pseudonyms(values: Iterable[object], key: bytes) -> list[str | None]:
 def dicom_tag(path: str, tag: str) -> str | None:
     """The value of one DICOM tag (e.g. PatientID) from the file's header, without reading its pixels; None when
     the file has no such tag or is not DICOM."""
+    # imported here: heavy; DICOM files only
     import pydicom
 
     try:

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from cnn.errors import UserError
+from cnn.fsio import atomic_path
 
 # scheme -> the fsspec implementation's package; package -> the pip extra that installs it
 BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
@@ -84,6 +85,7 @@ def filesystem(url: str) -> tuple[Any, str]:
         raise UserError(f"{redact(url)}: unsupported URL scheme {name!r} (use s3://, gs://, az:// or file://)")
     if "@" in urlsplit(url).netloc and name.startswith("s3"):
         raise UserError(f"{redact(url)}: put credentials in the environment or ~/.aws, never in the URL")
+    # imported here: object stores only: fsspec and the store's client load on the first URL
     import fsspec
 
     try:
@@ -155,6 +157,7 @@ def iter_objects(url: str) -> Iterator[ObjectInfo]:
 
 
 def _s3_pages(fs: Any, path: str) -> Iterator[dict[str, Any]]:
+    # imported here: object stores only: fsspec and the store's client load on the first URL
     from fsspec.asyn import sync
 
     bucket, key, _ = fs.split_path(path)
@@ -198,8 +201,6 @@ def write_object(url: str, data: bytes) -> None:
     """Write a whole object in one request (a local file: atomically): readers see the old object or the new one,
     never a part."""
     if not is_url(url):
-        from cnn.fsio import atomic_path
-
         with atomic_path(url) as tmp:
             tmp.write_bytes(data)
         return

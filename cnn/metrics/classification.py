@@ -3,15 +3,26 @@ specificity, one-vs-rest AUROC, confusion matrix and expected calibration error.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cnn.choices import Metric
 
-if TYPE_CHECKING:
-    from cnn.metrics.operating_points import Interval
+
+@dataclass(frozen=True)
+class Interval:
+    """A value with its bootstrap 95% interval (NaN where undefined, such as precision with nothing predicted)."""
+
+    value: float
+    low: float
+    high: float
+
+    def describe(self) -> str:
+        if math.isnan(self.value):
+            return "n/a"
+        return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}]"
 
 
 @dataclass
@@ -146,8 +157,6 @@ def class_intervals(
 ) -> dict[str, dict[str, Interval]]:
     """Per-class precision, recall (sensitivity), specificity and F1 of the argmax with percentile-bootstrap 95%
     intervals (images resampled with replacement; the confusion matrix of each resample in one product)."""
-    from cnn.metrics.operating_points import Interval
-
     k, n = len(classes), len(labels)
     if not n:
         return {}

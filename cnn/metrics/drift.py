@@ -128,6 +128,7 @@ def psi(expected: np.ndarray, actual: np.ndarray, eps: float = 1e-4) -> float:
 def _categorical(
     name: str, reference: Sequence[str], batch: Sequence[str], threshold: float, min_psi: float
 ) -> Statistic:
+    # imported here: heavy: only where the statistic is computed
     from scipy.stats import chisquare
 
     categories = sorted(set(reference) | set(batch))
@@ -143,6 +144,7 @@ def _categorical(
 
 
 def _continuous(name: str, reference: np.ndarray, batch: np.ndarray, threshold: float, min_psi: float) -> Statistic:
+    # imported here: heavy: only where the statistic is computed
     from scipy.stats import ks_2samp
 
     p = float(ks_2samp(reference, batch).pvalue)

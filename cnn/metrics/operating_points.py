@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 
 from cnn.errors import UserError
+from cnn.metrics.classification import Interval
 
 Target = Literal["sensitivity", "specificity", "precision", "threshold"]
 _SPEC = re.compile(
@@ -55,20 +56,6 @@ class PointSpec:
             if self.target == "threshold"
             else (f"{self.class_name}:{self.target}>={self.value:g}")
         )
-
-
-@dataclass(frozen=True)
-class Interval:
-    """A value with its bootstrap 95% interval (NaN where undefined, such as precision with nothing predicted)."""
-
-    value: float
-    low: float
-    high: float
-
-    def describe(self) -> str:
-        if math.isnan(self.value):
-            return "n/a"
-        return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}]"
 
 
 @dataclass(frozen=True)

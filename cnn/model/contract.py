@@ -8,16 +8,15 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from cnn.fsio import write_json_atomic
 from cnn.io.decode import DecodeSpec
 from cnn.limits import DEFAULT_MAX_FILE_BYTES
-
-if TYPE_CHECKING:
-    from cnn.metrics.operating_points import OperatingPoint
+from cnn.metrics.operating_points import OperatingPoint
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -44,8 +43,6 @@ class ModelContract:
 
     def points(self) -> list[OperatingPoint]:
         """The operating points, in the order they decide."""
-        from cnn.metrics.operating_points import OperatingPoint
-
         return [OperatingPoint.from_dict(p) for p in self.operating_points]
 
     def flips_preserve_label(self) -> bool:
@@ -74,8 +71,6 @@ class ModelContract:
 
     def save(self, path: str | Path) -> Path:
         """Write contract.json atomically."""
-        from cnn.fsio import write_json_atomic
-
         return write_json_atomic(path, asdict(self))
 
     @classmethod

@@ -171,6 +171,8 @@ _REGISTRY["small_cnn"] = _Entry(_small_cnn, "head", pretrainable=False, blocks=_
 
 def _torchvision(arch: str, stem: str, head: str) -> Callable[..., nn.Module]:
     def build(num_classes: int, in_channels: int, weights: str | Path | None = None, **kwargs: Any) -> nn.Module:
+        # imported here: heavy: only for torchvision's architectures and weights
+        # imported here: heavy: only for torchvision's architectures and weights
         import torchvision
 
         if kwargs:
@@ -198,6 +200,7 @@ def resolve_weights(spec: str | None, name: str, allow_download: bool = False) -
         return Path(spec).expanduser()
     if not _entry(name).pretrainable:
         raise UserError(f"model {name!r} has no pretrained variant; train it from scratch (no --weights)")
+    # imported here: heavy: only for torchvision's architectures and weights
     import torchvision
 
     return cached_weights_file(torchvision.models.get_model_weights(name).DEFAULT, allow_download)
@@ -207,6 +210,7 @@ def cached_weights_file(weights: Any, allow_download: bool = False) -> Path:
     """The file of a torchvision weights enum entry (its `url`, whose name carries the sha256 prefix torchvision
     publishes) in torch hub's cache, checked against that prefix; fetched with torch hub's own download (which
     checks the hash too) only when `allow_download`, else a UserError naming the exact file and where it goes."""
+    # imported here: only where published weights are resolved
     import torch.hub
 
     url: str = weights.url

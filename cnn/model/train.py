@@ -7,12 +7,11 @@ checkpoints every epoch atomically with everything needed to resume bit-for-bit 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,14 +25,15 @@ from cnn.data.augment import load_policy, resolve_policy, validate_policy
 from cnn.data.dataset import Dataset
 from cnn.data.loaders import CacheDataset, SplitData, load_split, make_loader
 from cnn.errors import UserError
-from cnn.fsio import atomic_path, write_json_atomic, write_text_atomic
+from cnn.fsio import atomic_path, write_text_atomic
 from cnn.metrics.classification import ClassificationMetrics, compute_metrics
-from cnn.model.budget import Budget, BudgetReport, Schedule
+from cnn.model.budget import Budget, Schedule
 from cnn.model.contract import ModelContract
 from cnn.model.distributed import Dist
 from cnn.model.ema import WeightAverage
-from cnn.model.networks import create_model, freeze_backbone, resolve_weights
+from cnn.model.networks import create_model, freeze_backbone, list_models, resolve_weights
 from cnn.model.precision import PrecisionChoice, choose_training_precision, interleaved_speedups, training_amp
+from cnn.model.run import EpochRecord, FitResult, RunFolder, Stopped
 from cnn.model.runtime import Runtime, resolve_device, rng_state, seed_everything, set_rng_state
 
 # Settings that must match for --resume to continue the same optimisation.
@@ -55,48 +55,10 @@ _RESUME_KEYS = (
     "freeze_epochs",
     "ema",
 )
-Stopped = Literal["completed", "early_stopping", "time_budget"]
-EpochRecord = dict[str, float]  # epoch, train_loss, lr, steps, epoch_seconds, train_images_per_s, val_*
 
 
 class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-@dataclass(frozen=True)
-class FitResult:
-    """What a training run produced; saved as fit.json beside contract.json."""
-
-    run_dir: Path
-    weights: Path  # best.pt: state_dict of the best epoch
-    contract: ModelContract
-    best_epoch: int
-    best_score: float | None
-    epochs_run: int
-    stopped: Stopped
-    history: list[EpochRecord] = field(default_factory=list)
-    device: str = "cpu"
-    world_size: int = 1
-    precision: str = "fp32"  # what the training steps ran in, and why
-    precision_reason: str = ""
-    budget: BudgetReport | None = None  # how a --max-minutes budget was planned and spent
-
-    def save(self) -> Path:
-        """fit.json: everything but the contract (saved beside it as contract.json)."""
-        summary = {k: v for k, v in asdict(self).items() if k != "contract"}
-        return write_json_atomic(self.run_dir / "fit.json", summary)
-
-    @classmethod
-    def load(cls, run_dir: str | Path) -> FitResult:
-        """Read fit.json and contract.json of a run (the one reader of fit.json)."""
-        run_dir = Path(run_dir)
-        data = json.loads((run_dir / "fit.json").read_text(encoding="utf-8"))
-        data.update(
-            run_dir=run_dir, weights=Path(data["weights"]), contract=ModelContract.load(run_dir / "contract.json")
-        )
-        if data.get("budget"):
-            data["budget"] = BudgetReport(**data["budget"])
-        return cls(**data)
 
 
 @dataclass
@@ -141,7 +103,8 @@ class TrainState:
         if parts.average is not None:
             parts.average.load_state_dict(checkpoint["average"])
         set_rng_state(checkpoint["rng"])
-        return cls(**{k: checkpoint[k] for k in ("epoch", "best_epoch", "best_score", "stale", "history")})
+        state = {k: checkpoint[k] for k in ("epoch", "best_epoch", "best_score", "stale")}
+        return cls(**state, history=[EpochRecord.from_dict(h) for h in checkpoint["history"]])
 
 
 @dataclass
@@ -316,8 +279,6 @@ class _Setup:
 
 def check_config(cfg: TrainConfig) -> None:
     """Catch mistakes before any work starts: unknown model, bad policy, missing weights, bad device."""
-    from cnn.model.networks import list_models
-
     if cfg.model not in list_models():
         raise UserError(f"unknown model {cfg.model!r}; choose one of: {', '.join(list_models())}")
     load_policy(resolve_policy(cfg.policy, 3))
@@ -392,7 +353,7 @@ def _fit(
     started = time.monotonic()
     seed_everything(cfg.seed)
     setup = _Setup(cfg, dataset, dist)
-    last = run_dir / "last.pt"
+    last = RunFolder(run_dir).checkpoint
     resuming = resume and last.is_file()
     precision = _training_precision(cfg, setup.contract, device, last if resuming else None)
     parts = _build_parts(cfg, setup, device, precision)
@@ -421,7 +382,7 @@ def _fit(
         epoch += 1
     return FitResult(
         run_dir,
-        run_dir / "best.pt",
+        RunFolder(run_dir).weights,
         setup.contract,
         state.best_epoch,
         state.best_score,
@@ -529,16 +490,15 @@ def end_of_epoch(
 ) -> EpochRecord:
     """Validate, record the epoch and update the best epoch and the patience counter (rank 0)."""
     val = evaluate(parts.kept, setup.val_loader, parts.rt, setup.classes) if len(setup.val.slots) else None
-    record: EpochRecord = {
-        "epoch": epoch + 1,
-        "train_loss": train_loss,
-        "lr": parts.optimizer.param_groups[0]["lr"],
-        "steps": steps,
-        "epoch_seconds": seconds,
-        "train_images_per_s": images / max(seconds, 1e-9),
-    }
-    if val is not None:
-        record.update({f"val_{k}": v for k, v in val.headline().items()})
+    record = EpochRecord(
+        epoch=epoch + 1,
+        train_loss=train_loss,
+        lr=parts.optimizer.param_groups[0]["lr"],
+        steps=steps,
+        epoch_seconds=seconds,
+        train_images_per_s=images / max(seconds, 1e-9),
+        val=val.headline() if val is not None else {},
+    )
     score = None if val is None else val.score(cfg.monitor)
     improved = state.best_score is None or (score is not None and score > state.best_score)
     if improved or val is None:
@@ -554,12 +514,13 @@ def save_checkpoint(
     parts: _Parts, setup: _Setup, state: TrainState, cfg: TrainConfig, run_dir: Path, epoch: int
 ) -> None:
     """best.pt when this epoch is the best so far, last.pt always, and the contract and config once (rank 0)."""
+    folder = RunFolder(run_dir)
     if state.best_epoch == epoch + 1:
-        _save(parts.kept.state_dict(), run_dir / "best.pt")
-    _save(state.to_checkpoint(parts, cfg), run_dir / "last.pt")
-    if epoch == 0 or not (run_dir / "contract.json").is_file():
-        setup.contract.save(run_dir / "contract.json")
-        write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
+        _save(parts.kept.state_dict(), folder.weights)
+    _save(state.to_checkpoint(parts, cfg), folder.checkpoint)
+    if epoch == 0 or not folder.contract.is_file():
+        setup.contract.save(folder.contract)
+        write_text_atomic(folder.config, cfg.to_yaml())
 
 
 def _stop_reason(cfg: TrainConfig, state: TrainState, out_of_time: bool, budget: Budget | None) -> Stopped:

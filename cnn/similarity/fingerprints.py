@@ -46,6 +46,7 @@ def phashes(images: np.ndarray) -> tuple[list[str], list[str]]:
 
 
 def region_phashes(regions: Sequence[np.ndarray]) -> tuple[list[str], list[str]]:
+    # imported here: heavy: only where the statistic is computed
     import scipy.fftpack
     from PIL import Image
 
@@ -91,6 +92,7 @@ _SEARCHED_CROPS = [_CROPS[0], _CROPS[_MIDDLE]]  # on each axis: the views that f
 
 def _reduced(region: np.ndarray) -> np.ndarray:
     """An image's content (no letterbox) with its long side at LAYOUT_SIDE px, as float32 (h, w, channels)."""
+    # imported here: heavy (OpenCV): only for the reuse check's layouts
     import cv2
 
     h, w, channels = region.shape

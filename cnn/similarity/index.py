@@ -27,6 +27,7 @@ K = 10
 def search_in_one_thread() -> None:
     """Make FAISS search with one thread in the calling thread: the reuse check runs beside the model's forward
     pass, whose threads already hold the cores, and OpenMP threads spinning for a core cost more than they save."""
+    # imported here: heavy (FAISS): only where an index is built or searched
     import faiss
 
     faiss.omp_set_num_threads(1)
@@ -44,6 +45,7 @@ class VectorIndex:
     or by Euclidean distance (`metric="l2"`: layouts)."""
 
     def __init__(self, index: Any) -> None:
+        # imported here: heavy (FAISS): only where an index is built or searched
         import faiss
 
         self.index = index  # a faiss index (flat or HNSW)
@@ -51,6 +53,7 @@ class VectorIndex:
 
     @classmethod
     def build(cls, vectors: np.ndarray, metric: str = "cosine") -> VectorIndex:
+        # imported here: heavy (FAISS): only where an index is built or searched
         import faiss
 
         x = normalise(vectors) if metric == "cosine" else np.ascontiguousarray(vectors, dtype=np.float32)
@@ -92,6 +95,7 @@ class VectorIndex:
         return scores, ids
 
     def save(self, path: Path) -> Path:
+        # imported here: heavy (FAISS): only where an index is built or searched
         import faiss
 
         with atomic_path(path) as tmp:
@@ -100,6 +104,7 @@ class VectorIndex:
 
     @classmethod
     def load(cls, path: Path) -> VectorIndex:
+        # imported here: heavy (FAISS): only where an index is built or searched
         import faiss
 
         index = faiss.read_index(str(path))

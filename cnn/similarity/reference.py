@@ -17,6 +17,7 @@ from cnn.fsio import atomic_path, write_json_atomic
 from cnn.infer.predictor import Predictor
 from cnn.metrics.drift import DriftSample, reference_sample
 from cnn.model.contract import ModelContract
+from cnn.model.run import RunFolder
 from cnn.similarity.fingerprints import layouts, phashes
 from cnn.similarity.index import VectorIndex
 from cnn.trust.evaluation import split_images
@@ -109,8 +110,9 @@ def build_reference(run_dir: Path, dataset_root: Path) -> Reference:
     """A trained run's reference (run_dir/reference): the training split's embeddings, labels and hashes for the
     similar-case index and the reuse check; the validation split's predictions, image statistics and embeddings for
     the drift check (the training split where there is no validation split)."""
-    contract = ModelContract.load(run_dir / "contract.json")
-    predictor = Predictor.load(run_dir / "best.pt", contract)
+    folder = RunFolder(run_dir)
+    contract = ModelContract.load(folder.contract)
+    predictor = Predictor.load(folder.weights, contract)
     dataset = Dataset(dataset_root)
     images, labels, ids = split_images(dataset, "train", contract)
     _, train_vectors = predictor.predict_with_embeddings(images)
@@ -124,7 +126,7 @@ def build_reference(run_dir: Path, dataset_root: Path) -> Reference:
     predicted = [classes[j] for j in probs.argmax(axis=1)]
     sample = DriftSample.of(predicted, probs.max(axis=1), val_images, sizes, formats, None)
     return save_reference(
-        run_dir / "reference",
+        folder.reference,
         ids,
         [classes[j] for j in labels],
         train_vectors,

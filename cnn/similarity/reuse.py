@@ -72,6 +72,7 @@ class HashTable:
     Euclidean index (`layout_index`, built from the rows unless given)."""
 
     def __init__(self, rows: pd.DataFrame, layout_index: VectorIndex | None = None) -> None:
+        # imported here: heavy (FAISS): only where an index is built or searched
         import faiss
 
         self.rows = rows.reset_index(drop=True)

@@ -18,6 +18,7 @@ from cnn.data.dataset import Dataset, usable_rows
 from cnn.data.report import DatasetReport
 from cnn.fsio import write_json_atomic, write_text_atomic
 from cnn.model.contract import ModelContract
+from cnn.model.run import RunFolder
 from cnn.trust.evaluation import CalibrationResult
 
 
@@ -194,8 +195,9 @@ def build_card(
     explanations: list[str],
 ) -> ModelCard:
     """The card of a trained version from its run folder (contract, calibration.json, eval/) and its dataset."""
-    contract = ModelContract.load(run_dir / "contract.json")
-    eval_dir = run_dir / "eval"
+    folder = RunFolder(run_dir)
+    contract = ModelContract.load(folder.contract)
+    eval_dir = folder.eval_dir
     metrics = (
         json.loads((eval_dir / "test_metrics.json").read_text()) if (eval_dir / "test_metrics.json").is_file() else {}
     )

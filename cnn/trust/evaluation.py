@@ -17,9 +17,11 @@ from cnn.fsio import write_json_atomic, write_text_atomic
 from cnn.infer.predictor import Predictor, bf16_agreement
 from cnn.io.pool import decode_many
 from cnn.metrics.calibration import Calibration, calibrate, rescale
-from cnn.metrics.classification import ClassificationMetrics, class_intervals, compute_metrics
-from cnn.metrics.operating_points import Interval, OperatingPoint, PointCheck, PointSpec, check, check_classes, choose
+from cnn.metrics.classification import ClassificationMetrics, Interval, class_intervals, compute_metrics
+from cnn.metrics.operating_points import OperatingPoint, PointCheck, PointSpec, check, check_classes, choose
 from cnn.model.contract import ModelContract
+from cnn.model.run import FitResult, RunFolder
+from cnn.trust.explain import contact_sheet, heatmaps, save_png
 from cnn.trust.plots import plot_confusion, plot_history, plot_reliability, plot_roc
 
 
@@ -89,11 +91,11 @@ class CalibrationResult:
         return {"calibration": self.calibration.to_dict(), "operating_points": [p.to_dict() for p in self.points]}
 
     def save(self, run_dir: Path) -> Path:
-        return write_json_atomic(Path(run_dir) / "calibration.json", self.to_dict())
+        return write_json_atomic(RunFolder(Path(run_dir)).calibration, self.to_dict())
 
     @classmethod
     def load(cls, run_dir: Path) -> CalibrationResult | None:
-        path = Path(run_dir) / "calibration.json"
+        path = RunFolder(Path(run_dir)).calibration
         if not path.is_file():
             return None
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -106,9 +108,10 @@ def calibrate_run(run_dir: str | Path, dataset_root: str | Path, specs: Sequence
     operating point's threshold on the calibrated validation probabilities; both go into contract.json, so every
     predictor built from it applies them."""
     run_dir = Path(run_dir)
-    contract = ModelContract.load(run_dir / "contract.json")
+    folder = RunFolder(run_dir)
+    contract = ModelContract.load(folder.contract)
     check_classes(specs, contract.classes)
-    predictor = Predictor.load(run_dir / "best.pt", replace(contract, temperature=1.0, operating_points=[]))
+    predictor = Predictor.load(folder.weights, replace(contract, temperature=1.0, operating_points=[]))
     dataset = Dataset(dataset_root)
     val = score_split(predictor, dataset, "val")
     has_test = len(dataset.usable("test")) > 0
@@ -123,7 +126,7 @@ def calibrate_run(run_dir: str | Path, dataset_root: str | Path, specs: Sequence
     points = [choose(spec, val_probs, val.labels, contract.classes) for spec in specs]
     contract.temperature = calibration.temperature
     contract.operating_points = [p.to_dict() for p in points]
-    contract.save(run_dir / "contract.json")
+    contract.save(folder.contract)
     result = CalibrationResult(calibration, points)
     result.save(run_dir)
     return result
@@ -144,10 +147,9 @@ def evaluate_run(run_dir: str | Path, dataset_root: str | Path, split: str = "te
     """Score `split` with the run's best weights (calibrated); write metrics with bootstrap intervals, the
     operating points' checks, report and plots (reliability before and after calibration, heat maps of the
     most confident errors and least confident correct predictions) to run_dir/eval."""
-    from cnn.model.train import FitResult
-
     run_dir = Path(run_dir)
-    predictor = Predictor.load(run_dir / "best.pt", ModelContract.load(run_dir / "contract.json"), device)
+    folder = RunFolder(run_dir)
+    predictor = Predictor.load(folder.weights, ModelContract.load(folder.contract), device)
     contract = predictor.contract
     images, labels, image_ids = split_images(Dataset(dataset_root), split, contract)
     probs = predictor.predict_arrays(images) if len(images) else np.zeros((0, len(contract.classes)))
@@ -155,7 +157,7 @@ def evaluate_run(run_dir: str | Path, dataset_root: str | Path, split: str = "te
     metrics, classes = scores.metrics(), scores.classes
     checks = [check(point, probs, labels, classes, split) for point in contract.points()]
     intervals = class_intervals(probs, labels, classes)
-    out = run_dir / "eval"
+    out = folder.eval_dir
     out.mkdir(exist_ok=True)
     files = [
         write_json_atomic(out / f"{split}_metrics.json", metrics.to_dict()),
@@ -174,7 +176,7 @@ def evaluate_run(run_dir: str | Path, dataset_root: str | Path, split: str = "te
         files.append(write_json_atomic(out / f"{split}_operating_points.json", [c.to_dict() for c in checks]))
     if len(images):
         files.append(_explanation_sheet(predictor, images, probs, labels, out / f"{split}_explanations.png"))
-    if (run_dir / "fit.json").is_file():
+    if folder.fit.is_file():
         files.append(plot_history(FitResult.load(run_dir).history, out / "training_curves.png"))
     return Evaluation(split, metrics, files, checks, intervals)
 
@@ -184,7 +186,7 @@ def record_checks(run_dir: str | Path, checks: Sequence[PointCheck]) -> None:
     is logged and its digest recorded)."""
     if not checks:
         return
-    path = Path(run_dir) / "contract.json"
+    path = RunFolder(Path(run_dir)).contract
     contract = ModelContract.load(path)
     contract.operating_points = [c.recorded().to_dict() for c in checks]
     contract.save(path)
@@ -194,8 +196,6 @@ def _explanation_sheet(
     predictor: Predictor, images: np.ndarray, probs: np.ndarray, labels: np.ndarray, path: Path, each: int = 8
 ) -> Path:
     """Heat maps of the most confident errors and the least confident correct predictions."""
-    from cnn.trust.explain import contact_sheet, heatmaps, save_png
-
     predicted, confidence = probs.argmax(axis=1), probs.max(axis=1)
     wrong = np.flatnonzero(predicted != labels)
     right = np.flatnonzero(predicted == labels)

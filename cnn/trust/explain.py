@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 from cnn.fsio import atomic_path, write_json_atomic
 from cnn.infer.predictor import Predictor
 from cnn.io.storage import is_url, write_object
+from cnn.metrics.operating_points import decide
 from cnn.model.contract import to_model_input
 from cnn.model.networks import cam_layer, feature_blocks
 
@@ -29,6 +30,7 @@ VIEW = 224  # overlays are enlarged to at least this side: model inputs are ofte
 
 def heatmaps(predictor: Predictor, images: np.ndarray, targets: Sequence[int], batch_size: int = 32) -> np.ndarray:
     """Grad-CAM maps (N, H, W) in [0, 1] at the input size, for class `targets[i]` of image i."""
+    # imported here: heavy (about 2.5 s with its dependencies): only when heat maps are drawn
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -67,6 +69,7 @@ def _gradients_from(model: torch.nn.Module, layer: torch.nn.Module) -> Iterator[
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, side: int = VIEW) -> Image.Image:
     """The heat map (jet colours) blended over the image, enlarged to at least `side` pixels."""
+    # imported here: heavy (about 2.5 s with its dependencies): only when heat maps are drawn
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
     rgb = image if image.shape[2] == 3 else np.repeat(image, 3, axis=2)
@@ -151,8 +154,6 @@ def explain_image(
 ) -> ImageExplanation:
     """For one decoded image: a heat-map overlay for the predicted class (and for the decided class when the
     operating points decide another), a grid of the feature maps of each block, and a JSON of the top classes."""
-    from cnn.metrics.operating_points import decide
-
     classes = predictor.contract.classes
     probs = predictor.predict_arrays(image[None])[0]
     label = int(probs.argmax())

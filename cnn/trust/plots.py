@@ -8,8 +8,13 @@ from typing import Any
 
 import numpy as np
 
+from cnn.fsio import atomic_path
+from cnn.metrics.classification import expected_calibration_error
+from cnn.model.run import EpochRecord
+
 
 def _pyplot() -> Any:  # matplotlib.pyplot, imported late: the Agg backend must be chosen first
+    # imported here: heavy: only when a plot is drawn (and the Agg backend must be chosen first)
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -19,8 +24,6 @@ def _pyplot() -> Any:  # matplotlib.pyplot, imported late: the Agg backend must 
 
 
 def _save(fig: Any, path: Path) -> Path:
-    from cnn.fsio import atomic_path
-
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     _pyplot().close(fig)
@@ -43,6 +46,7 @@ def plot_confusion(confusion: Sequence[Sequence[int]], classes: list[str], path:
 
 
 def plot_roc(probs: np.ndarray, labels: np.ndarray, classes: list[str], path: Path) -> Path:
+    # imported here: heavy (about a second): only where these metrics are computed
     from sklearn.metrics import roc_curve
 
     plt = _pyplot()
@@ -76,8 +80,6 @@ def plot_reliability(
     probs: np.ndarray, labels: np.ndarray, path: Path, bins: int = 10, before: np.ndarray | None = None
 ) -> Path:
     """Accuracy against confidence per bin; with `before`, the uncalibrated probabilities beside the calibrated."""
-    from cnn.metrics.classification import expected_calibration_error
-
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
@@ -93,9 +95,10 @@ def plot_reliability(
     return _save(fig, path)
 
 
-def plot_history(history: Sequence[dict[str, float]], path: Path) -> Path:
+def plot_history(records: Sequence[EpochRecord], path: Path) -> Path:
     plt = _pyplot()
-    epochs = [h["epoch"] for h in history]
+    epochs = [r.epoch for r in records]
+    history = [r.metrics() for r in records]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     for key in ("train_loss", "val_loss"):
         left.plot(epochs, [h.get(key, np.nan) for h in history], label=key)

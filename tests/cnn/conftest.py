@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from cnn.config import TrainConfig
-from cnn.model.train import FitResult, fit
+from cnn.model.run import FitResult
+from cnn.model.train import fit
 from tests.helpers import pattern_dataset
 
 FAST = dict(

@@ -24,7 +24,7 @@ from cnn.infer.backends import (
 )
 from cnn.infer.predictor import Predictor, relative_speeds
 from cnn.model.precision import PrecisionChoice, cpu_bf16_available, top1_agreement
-from cnn.model.train import FitResult
+from cnn.model.run import FitResult
 from cnn.trust.evaluation import split_images
 
 CPU = torch.device("cpu")

@@ -10,7 +10,8 @@ import pytest
 from cnn.config import TrainConfig
 from cnn.model import budget as budget_module
 from cnn.model.budget import PROBE_SKIP, PROBE_STEPS, SAFETY, Budget, Schedule
-from cnn.model.train import FitResult, fit
+from cnn.model.run import FitResult
+from cnn.model.train import fit
 from tests.cnn.conftest import FAST
 
 
@@ -91,6 +92,6 @@ def test_a_budgeted_run_plans_its_epochs_and_ends_inside_the_budget(patterns: Pa
     assert report is not None and result.stopped == "completed", (result.stopped, report, result.history)
     assert result.epochs_run == report.planned_epochs > 2  # planned from the budget, not --epochs
     assert 0.5 * budget_s < report.used_s <= budget_s
-    assert result.history[-1]["lr"] <= 0.02 * cfg.lr  # the schedule ran to its end, not cut
+    assert result.history[-1].lr <= 0.02 * cfg.lr  # the schedule ran to its end, not cut
     result.save()
     assert FitResult.load(result.run_dir).budget == report  # kept in fit.json

@@ -13,7 +13,7 @@ from cnn.infer.predictor import Predictor
 from cnn.metrics.calibration import calibrate, fit_temperature, rescale
 from cnn.metrics.classification import expected_calibration_error
 from cnn.model.contract import ModelContract
-from cnn.model.train import FitResult
+from cnn.model.run import FitResult
 from cnn.trust.evaluation import CalibrationResult, calibrate_run, evaluate_run, score_split
 
 

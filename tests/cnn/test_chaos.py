@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from cnn.data.dataset import Dataset
-from cnn.model.train import FitResult
+from cnn.model.run import FitResult
 from tests.helpers import PG_URL, requires_postgres, write_patterns
 
 pytestmark = pytest.mark.slow

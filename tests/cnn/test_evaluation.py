@@ -11,7 +11,7 @@ import pytest
 from cnn.data.dataset import Dataset
 from cnn.errors import UserError
 from cnn.infer.predictor import Predictor
-from cnn.model.train import FitResult
+from cnn.model.run import FitResult
 from cnn.trust.evaluation import bf16_split_agreement, evaluate_run, score_split
 
 

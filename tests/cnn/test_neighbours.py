@@ -16,7 +16,7 @@ from cnn.data.demo import render_claim
 from cnn.infer.predictor import Predictor, _fuse_conv_bn
 from cnn.model.contract import ModelContract
 from cnn.model.networks import create_model, list_models
-from cnn.model.train import FitResult
+from cnn.model.run import FitResult
 from cnn.similarity import fingerprints, reference
 from cnn.similarity import history as scored_history
 from cnn.similarity import index as vector_index

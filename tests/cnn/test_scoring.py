@@ -18,7 +18,7 @@ from cnn.batch.shard import Scorer
 from cnn.errors import UserError
 from cnn.infer.predictor import Predictor
 from cnn.io.decode import RejectKind
-from cnn.model.train import FitResult
+from cnn.model.run import FitResult
 from tests.helpers import write_patterns
 from tests.s3 import S3Server
 

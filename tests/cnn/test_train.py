@@ -12,8 +12,9 @@ import torch
 from cnn.config import TrainConfig
 from cnn.errors import UserError
 from cnn.model.networks import create_model, head_prefix
+from cnn.model.run import EpochRecord, FitResult
 from cnn.model.runtime import seed_everything
-from cnn.model.train import FitResult, NonFiniteLossError, fit
+from cnn.model.train import NonFiniteLossError, fit
 from cnn.trust.evaluation import evaluate_run
 from tests.cnn.conftest import FAST
 
@@ -21,7 +22,7 @@ from tests.cnn.conftest import FAST
 def test_short_training_beats_chance_by_far(patterns: Path, trained: FitResult) -> None:
     """Bound: three balanced classes (chance 0.33); 6 epochs must reach test accuracy >= 0.8."""
     assert trained.stopped == "completed" and trained.epochs_run == 6
-    assert len(trained.history) == 6 and trained.history[-1]["val_accuracy"] > 0.6
+    assert len(trained.history) == 6 and trained.history[-1].val["accuracy"] > 0.6
     evaluation = evaluate_run(trained.run_dir, patterns, "test")
     assert evaluation.metrics.accuracy >= 0.8, evaluation.metrics.report()
     names = {p.name for p in evaluation.files}
@@ -39,8 +40,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(patterns: Path, t
     class Interrupted(Exception):
         pass
 
-    def stop_after_two(record: dict[str, float]) -> None:
-        if record["epoch"] == 2:
+    def stop_after_two(record: EpochRecord) -> None:
+        if record.epoch == 2:
             raise Interrupted
 
     with pytest.raises(Interrupted):
@@ -123,7 +124,7 @@ def test_sampler_onecycle_sgd_label_smoothing_and_freeze(patterns: Path, tmp_pat
     result = fit(
         cfg, patterns, tmp_path / "run", on_epoch=lambda _: snapshots.append(_state(tmp_path / "run" / "last.pt"))
     )
-    assert result.epochs_run == 2 and np.isfinite(result.history[-1]["train_loss"])
+    assert result.epochs_run == 2 and np.isfinite(result.history[-1].train_loss)
     head = head_prefix(cfg.model) + "."
     backbone = [
         k

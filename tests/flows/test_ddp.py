@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cnn.config import TrainConfig
-from cnn.model.train import FitResult, fit
+from cnn.model.run import FitResult
+from cnn.model.train import fit
 from flows.cli import app
 from flows.train import launch_distributed
 from tests.helpers import pattern_dataset
@@ -35,8 +36,8 @@ def test_ddp_two_cpu_processes_match_single_process_steps(prefect_server: None, 
     run_dir = next((cnn_home / "runs" / "patterns").iterdir())
     ddp = FitResult.load(run_dir)
     assert ddp.world_size == 2 and ddp.epochs_run == 2
-    assert [h["steps"] for h in ddp.history] == [h["steps"] for h in single.history]
-    assert all(h["train_images_per_s"] > 0 for h in ddp.history) and len(ddp.history) == 2
+    assert [h.steps for h in ddp.history] == [h.steps for h in single.history]
+    assert all(h.train_images_per_s > 0 for h in ddp.history) and len(ddp.history) == 2
     versions = MlflowClient().search_model_versions("name='patterns'")
     assert len(versions) == 1
     run = MlflowClient().get_run(versions[0].run_id)
@@ -65,5 +66,5 @@ def test_ddp_resume_continues_from_the_last_checkpoint(tmp_path: Path) -> None:
     first = launch(1, resume=False)
     assert first.epochs_run == 1 and first.world_size == 2
     resumed = launch(3, resume=True)
-    assert resumed.epochs_run == 3 and [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert resumed.epochs_run == 3 and [h.epoch for h in resumed.history] == [1, 2, 3]
     assert resumed.history[0] == first.history[0]  # epoch 1 was not trained again

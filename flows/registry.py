@@ -15,10 +15,11 @@ from mlflow.tracking import MlflowClient
 from cnn.choices import CHALLENGER, CHAMPION, PREVIOUS, Metric
 from cnn.data.dataset import Dataset
 from cnn.errors import UserError
+from cnn.metrics.classification import SplitScores
 from cnn.metrics.comparison import compare_paired
 from cnn.metrics.operating_points import check
 from cnn.model.contract import ModelContract
-from cnn.trust.evaluation import SplitScores, score_split
+from cnn.trust.evaluation import score_split
 from flows import versions
 
 

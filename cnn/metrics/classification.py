@@ -186,3 +186,17 @@ def class_intervals(
             low, high = np.quantile(finite, [0.025, 0.975]) if len(finite) else (np.nan, np.nan)
             out[name][metric] = Interval(sample, float(low), float(high))
     return out
+
+
+@dataclass(frozen=True)
+class SplitScores:
+    """A predictor's probabilities on one split of a dataset, one row per distinct image, with true labels."""
+
+    split: str
+    classes: list[str]
+    probs: np.ndarray  # (N, C) in the predictor's class order
+    labels: np.ndarray  # (N,) indices into `classes`
+    image_ids: list[str]
+
+    def metrics(self) -> ClassificationMetrics:
+        return compute_metrics(self.probs, self.labels, self.classes)

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnn.choices import Metric
-from cnn.metrics.classification import compute_metrics
-from cnn.trust.evaluation import SplitScores
+from cnn.metrics.classification import SplitScores, compute_metrics
 
 ROUNDS = 2000  # resamples for the confusion-based metrics (vectorised: well under a second for 10k images)
 AUROC_ROUNDS = 200  # AUROC is recomputed per resample with scikit-learn

@@ -17,26 +17,12 @@ from cnn.fsio import write_json_atomic, write_text_atomic
 from cnn.infer.predictor import Predictor, bf16_agreement
 from cnn.io.pool import decode_many
 from cnn.metrics.calibration import Calibration, calibrate, rescale
-from cnn.metrics.classification import ClassificationMetrics, Interval, class_intervals, compute_metrics
+from cnn.metrics.classification import ClassificationMetrics, Interval, SplitScores, class_intervals
 from cnn.metrics.operating_points import OperatingPoint, PointCheck, PointSpec, check, check_classes, choose
 from cnn.model.contract import ModelContract
 from cnn.model.run import FitResult, RunFolder
 from cnn.trust.explain import contact_sheet, heatmaps, save_png
 from cnn.trust.plots import plot_confusion, plot_history, plot_reliability, plot_roc
-
-
-@dataclass(frozen=True)
-class SplitScores:
-    """A predictor's probabilities on one split of a dataset, one row per distinct image, with true labels."""
-
-    split: str
-    classes: list[str]
-    probs: np.ndarray  # (N, C) in the predictor's class order
-    labels: np.ndarray  # (N,) indices into `classes`
-    image_ids: list[str]
-
-    def metrics(self) -> ClassificationMetrics:
-        return compute_metrics(self.probs, self.labels, self.classes)
 
 
 def _cache_matches(dataset: Dataset, contract: ModelContract) -> bool:

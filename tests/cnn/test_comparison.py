@@ -6,9 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cnn.metrics.classification import compute_metrics
+from cnn.metrics.classification import SplitScores, compute_metrics
 from cnn.metrics.comparison import compare_paired
-from cnn.trust.evaluation import SplitScores
 
 CLASSES = ["a", "b", "c", "d"]
 

@@ -75,9 +75,9 @@ def test_the_gate_decides_on_evidence_and_records_it(home: Path) -> None:
 def test_an_operating_point_that_does_not_hold_on_test_holds_the_version_back() -> None:
     import numpy as np
 
+    from cnn.metrics.classification import SplitScores
     from cnn.metrics.operating_points import OperatingPoint
     from cnn.model.contract import ModelContract
-    from cnn.trust.evaluation import SplitScores
     from flows.registry import _failing_points
 
     rng = np.random.default_rng(0)

@@ -3,12 +3,13 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+LOCKS  := -c requirements.lock -c requirements-dev.lock
 
-.PHONY: install demo test test-fast lint bench fuzz clean
+.PHONY: install demo test test-fast test-all lint docs lock bench fuzz clean
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock requirements-dev.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(LOCKS) -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -16,14 +17,34 @@ install: $(STAMP)
 demo: install
 	$(BIN)/cnn demo
 
-# ruff (lint and format) and mypy (strict on cnn/), then the whole suite
+# ruff (lint and format) and mypy (strict on cnn/)
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+# the documentation site (docs/, MkDocs Material); --strict: a broken link or a page missing from the nav fails
+docs: install
+	$(BIN)/mkdocs build --strict --quiet --site-dir build/site
+
+# lint, types, the docs and the suite without its slowest end-to-end tier (under 8 minutes on 2 cores)
+test: lint docs
+	$(BIN)/python -m pytest -q -m "not slowest"
+
+# everything, the slowest tier (whole flows through real servers and the installed command) included: what CI runs
+test-all: lint docs
 	$(BIN)/python -m pytest -q
+
+# the edit-test loop: no flow runs, no real servers (about 2 minutes)
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not e2e"
+
+# pin every dependency again from a fresh resolution (see docs/development.md)
+lock:
+	rm -rf .lockenv && $(PYTHON) -m venv .lockenv
+	.lockenv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	.lockenv/bin/python deploy/lock.py
+	rm -rf .lockenv
 
 # coverage-guided fuzzing of the decoder (atheris) from the seed corpus for FUZZ_SECONDS; findings land in
 # fuzz/findings/ (copy them to fuzz/regressions/, which the suite decodes)
@@ -33,10 +54,6 @@ fuzz: install
 	mkdir -p fuzz/findings
 	$(BIN)/python fuzz/decode_fuzz.py .fuzz/corpus -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
 		-timeout=10 -artifact_prefix=fuzz/findings/
-
-# the edit-test loop: everything but the slow flow runs and the real-server end-to-end tests (about 2 minutes)
-test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow and not e2e"
 
 bench: install
 	$(BIN)/python bench/ingest.py

@@ -18,10 +18,10 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
-from cnn.config import TrainConfig
+from cnn.config import IngestOptions, TrainConfig
 from cnn.data.dataset import Dataset
 from cnn.data.demo import generate
-from cnn.data.ingest import IngestOptions, ingest
+from cnn.data.ingest import ingest
 from cnn.data.loaders import load_split
 from cnn.model.train import fit
 from cnn.trust.evaluation import evaluate_run

@@ -23,9 +23,9 @@ from cnn.batch.file_sink import FileSink
 from cnn.batch.plan import plan_shards
 from cnn.batch.run import ModelRef, ScoringOptions
 from cnn.batch.shard import Scorer
-from cnn.config import TrainConfig
+from cnn.config import IngestOptions, TrainConfig
 from cnn.data.demo import generate
-from cnn.data.ingest import IngestOptions, ingest
+from cnn.data.ingest import ingest
 from cnn.infer.predictor import Predictor
 from cnn.io.inputs import ScoringInputs
 from cnn.model.precision import choose_inference_precision

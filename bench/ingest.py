@@ -23,8 +23,9 @@ from unittest.mock import patch
 import numpy as np
 from PIL import Image
 
+from cnn.config import IngestOptions
 from cnn.data.demo import render_claim
-from cnn.data.ingest import IngestOptions, ingest
+from cnn.data.ingest import ingest
 from cnn.io.decode import DecodeSpec
 from cnn.io.pool import decode_many, default_workers
 

@@ -26,7 +26,8 @@ from cnn.batch.plan import list_inputs, plan_shards
 from cnn.batch.run import ModelRef, ScoringOptions
 from cnn.batch.shard import Scorer
 from cnn.batch.sinks import open_sink
-from cnn.data.ingest import IngestOptions, ingest
+from cnn.config import IngestOptions
+from cnn.data.ingest import ingest
 from cnn.infer.predictor import Predictor
 from cnn.io import storage
 from tests.s3 import start_s3_server

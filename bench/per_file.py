@@ -31,8 +31,9 @@ from cnn.batch.file_sink import FileSink
 from cnn.batch.plan import plan_shards
 from cnn.batch.run import ModelRef, ScoringOptions, decode_ahead_helps
 from cnn.batch.shard import Scorer
+from cnn.config import IngestOptions
 from cnn.data.demo import render_claim
-from cnn.data.ingest import IngestOptions, ingest
+from cnn.data.ingest import ingest
 from cnn.infer.predictor import Predictor
 from cnn.io.inputs import ScoringInputs
 from cnn.io.pool import default_workers

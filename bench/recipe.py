@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from cnn.config import TrainConfig
+from cnn.config import IngestOptions, TrainConfig
 from cnn.data.dataset import Dataset
 from cnn.data.demo import generate
-from cnn.data.ingest import IngestOptions, ingest
+from cnn.data.ingest import ingest
 from cnn.infer.predictor import Predictor
 from cnn.metrics.classification import compute_metrics
 from cnn.model.contract import ModelContract

@@ -1,17 +1,22 @@
-"""The typed configs of the flows: one pydantic model per flow, loadable from YAML, overridable from the
-command line, logged with every run. Unknown keys are rejected."""
+"""The typed configs of the flows: one pydantic model per flow, loadable from YAML, overridable from the command
+line, logged with every run. Unknown keys are rejected.
+
+Each field's `description` is the one text that describes it: the command line's `--help`, the documentation's
+config reference and the run's logged config all show it (tests/flows/test_cli.py checks the command line)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cnn.choices import Backend, Metric, Precision
+from cnn.choices import Backend, Explain, Imbalance, Metric, Optimizer, Precision, Resize, Schedule
 from cnn.errors import UserError
-from cnn.limits import DEFAULT_TIME_LIMIT_S
+from cnn.io.decode import DecodeSpec
+from cnn.limits import DEFAULT_TIME_LIMIT_S, MAX_FILE_MB
 from cnn.metrics.operating_points import PointSpec
 
 
@@ -55,23 +60,101 @@ class FlowConfig(BaseModel):
                 out[key] = str(value)
         return out
 
+    @classmethod
+    def described(cls, field: str) -> str:
+        """The field's description with its default: the help of the option that sets it."""
+        info = cls.model_fields[field]
+        if info.is_required():
+            return str(info.description)
+        default = info.get_default(call_default_factory=True)
+        shown = "none" if default is None or default == [] else default
+        return f"{info.description} (default: {shown})"
+
 
 def describe_validation_error(exc: ValidationError) -> str:
     """pydantic's errors as one line: `field: problem; ...`."""
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
 
 
+@dataclass(frozen=True)
+class SplitFractions:
+    """Fractions of the data that go to validation and test; the rest trains."""
+
+    val: float = 0.15
+    test: float = 0.15
+
+    def __post_init__(self) -> None:
+        for name, value in (("val", self.val), ("test", self.test)):
+            if not 0.0 <= value < 1.0:
+                raise UserError(f"--{name}-fraction must be in [0, 1), not {value}")
+        if self.val + self.test >= 1.0:
+            raise UserError("--val-fraction plus --test-fraction must leave some data to train on")
+
+    def targets(self, allowed: tuple[str, ...]) -> dict[str, float]:
+        """Share of each allowed split, renormalised over what is allowed."""
+        shares = {"val": self.val, "test": self.test}
+        out = {s: shares[s] for s in allowed if s != "train"}
+        out["train"] = 1.0 - sum(out.values())
+        return {s: out[s] for s in allowed}
+
+
 class ClusterConfig(FlowConfig):
     """The options of a flow whose tasks can fan out to Dask: an existing scheduler, or a local cluster."""
 
-    cluster: str | None = Field(None, description="Dask scheduler address: the tasks fan out to it")
-    dask_workers: int = Field(
-        0, ge=0, description="fan the tasks out to a local Dask cluster of N workers; 0 = no Dask"
-    )
+    cluster: str | None = Field(None, description="Dask scheduler address (tcp://host:8786): the tasks fan out to it")
+    dask_workers: int = Field(0, ge=0, description="Fan the tasks out to a local Dask cluster of N processes; 0 = none")
 
     @property
     def fan_out(self) -> bool:
         return bool(self.cluster or self.dask_workers)
+
+
+class IngestOptions(ClusterConfig):
+    """How a source becomes a dataset (the ingest flow's config)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: ClassVar[str] = "ingest config"
+
+    image_size: int = Field(224, ge=8, le=4096, description="Side of the square cached images, in pixels")
+    channels: Literal[1, 3] = Field(3, description="1 (grayscale) or 3 (RGB)")
+    resize: Resize = Field("pad", description="pad (letterbox, keeps the whole image) or crop (the centre)")
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="Share of images for validation")
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="Share of images for test")
+    group_column: str = Field("group", description="Manifest column holding the patient or claim id")
+    group_tag: str | None = Field(
+        "PatientID",
+        description="DICOM tag that groups files (one patient never spans two splits) where the source names no "
+        "group; stored only as a keyed pseudonym; null turns it off",
+    )
+    seed: int = Field(0, description="Seed of the split draw")
+    decode_workers: int = Field(0, ge=0, description="Decoding processes (0 = all cores)")
+    max_file_mb: float = Field(
+        float(MAX_FILE_MB),
+        gt=0,
+        description="Reject files larger than this many MiB before reading them; models trained on the dataset carry "
+        "the limit",
+    )
+    decode_time_limit_s: float = Field(DEFAULT_TIME_LIMIT_S, gt=0, description="Seconds one file may take to decode")
+    add: bool = Field(
+        False,
+        description="Add the source's files to the dataset instead of replacing its file list (a filled-in review "
+        "table always adds)",
+    )
+    files_per_part: int = Field(
+        5000, ge=1, description="Files per decode task when the decoding fans out to Dask (each writes one shard)"
+    )
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * 1024 * 1024)
+
+    def decode_spec(self) -> DecodeSpec:
+        return DecodeSpec(
+            channels=self.channels, size=self.image_size, resize=self.resize, max_file_bytes=self.max_file_bytes
+        )
+
+    def fractions(self) -> SplitFractions:
+        return SplitFractions(val=self.val_fraction, test=self.test_fraction)
 
 
 class TrainConfig(FlowConfig):
@@ -86,72 +169,77 @@ class TrainConfig(FlowConfig):
             update={key: Path(value).name for key, value in local.items() if value and ("/" in value or "\\" in value)}
         )
 
-    model: str = "small_cnn"
-    model_options: dict[str, Any] = Field(default_factory=dict, description="extra arguments of the model builder")
+    model: str = Field("small_cnn", description="Model name (see the model registry: cnn.model.networks)")
+    model_options: dict[str, Any] = Field(default_factory=dict, description="Extra arguments of the model builder")
     weights: str | None = Field(
-        None, description="pretrained weights: a local file, or imagenet (torchvision's, from torch's cache)"
+        None,
+        description="Pretrained weights: a local state_dict file, or imagenet (torchvision's published weights for "
+        "the model, from torch's cache; see download_weights)",
     )
     download_weights: bool = Field(
-        False, description="let --weights imagenet download into torch's cache where it is missing"
+        False, description="Let --weights imagenet download into torch's cache where it is missing"
     )
-    freeze_epochs: int = Field(0, ge=0, description="train only the head for the first N epochs")
-    epochs: int = Field(10, ge=1, le=10_000)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
-    warmup_epochs: float = Field(1.0, ge=0)
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    freeze_epochs: int = Field(0, ge=0, description="Train only the head for the first N epochs")
+    epochs: int = Field(10, ge=1, le=10_000, description="Number of epochs (under a time budget: at most)")
+    batch_size: int = Field(32, ge=1, description="Images per batch")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate")
+    weight_decay: float = Field(1e-4, ge=0, description="Weight decay")
+    optimizer: Optimizer = Field("adamw", description="adamw or sgd (Nesterov momentum)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum of sgd")
+    schedule: Schedule = Field("cosine", description="cosine, onecycle or constant, after the warm-up")
+    warmup_epochs: float = Field(1.0, ge=0, description="Epochs of linear learning-rate warm-up")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the cross-entropy")
     ema: float | None = Field(
-        0.999, ge=0, lt=1, description="decay of a moving average of the weights, validated and saved; null = off"
+        0.999, ge=0, lt=1, description="Decay of a moving average of the weights, validated and saved; null = off"
     )
-    imbalance: Literal["none", "class_weights", "sampler"] = "class_weights"
+    imbalance: Imbalance = Field(
+        "class_weights", description="none, class_weights (weighted loss) or sampler (weighted sampling)"
+    )
     policy: str = Field(
         "none",
-        description="augmentation preset or albumentations YAML/JSON file; auto: light (flips, shifts) for RGB, "
-        "shift (no flips) for grayscale",
+        description="Augmentation preset (none, xray, photo, shift, light, auto) or albumentations YAML/JSON file; "
+        "auto: light (flips, shifts) for RGB, shift (no flips) for grayscale",
     )
-    monitor: Metric = "macro_f1"
-    patience: int = Field(5, ge=0, description="early stopping after N epochs without improvement; 0 = off")
-    grad_clip: float | None = Field(1.0, gt=0)
-    max_minutes: float | None = Field(None, gt=0)
-    device: str = "auto"
-    amp: bool = Field(True, description="mixed precision on CUDA (bf16 where supported, else fp16 + grad scaler)")
+    monitor: Metric = Field("macro_f1", description="Validation metric that picks the best epoch")
+    patience: int = Field(5, ge=0, description="Early stopping after N epochs without improvement; 0 = off")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradient norm at this; null = off")
+    max_minutes: float | None = Field(
+        None, gt=0, description="Time budget: epochs and schedule are planned to end inside it"
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    amp: bool = Field(True, description="Mixed precision on CUDA (bf16 where supported, else fp16 + grad scaler)")
     precision: Precision = Field(
         "auto", description="CPU training: auto (bf16 where its steps run faster here), fp32 or bf16"
     )
-    channels_last: bool = True
-    compile: bool = False
+    channels_last: bool = Field(True, description="Train in the channels_last memory layout")
+    compile: bool = Field(False, description="torch.compile the model for training")
     loader_workers: int | None = Field(
-        None, ge=0, description="DataLoader workers; None = 0 without augmentation, else 2"
+        None, ge=0, description="DataLoader workers; null = 0 without augmentation, else 2"
     )
-    seed: int = 0
-    # distributed data parallel (torchrun): processes per node, nodes, this node, rendezvous
-    nproc_per_node: int = Field(1, ge=1)
-    nnodes: int = Field(1, ge=1)
-    node_rank: int = Field(0, ge=0)
-    master_addr: str = "127.0.0.1"
-    master_port: int = Field(29500, ge=1, le=65535)
-    # registry and promotion gate (used by the flow, logged with the run)
-    register_as: str | None = None
-    gate_metric: Metric = "macro_f1"
-    min_improvement: float = Field(0.0, ge=0, description="margin the new version must beat the champion by")
-    gate_min_score: float | None = Field(None, ge=0, le=1, description="floor: below it a version never leads")
-    gate_confidence: float = Field(0.95, ge=0.5, lt=1, description="confidence of the paired improvement test")
-    replace_task: bool = Field(False, description="let a version with other classes or data replace the champion")
-    # trust: operating points (chosen on validation, checked on test), the gate's use of them, the model card
+    seed: int = Field(0, description="Seed of the run (initialisation, shuffling, augmentation)")
+    nproc_per_node: int = Field(1, ge=1, description="DDP processes on this node (torchrun)")
+    nnodes: int = Field(1, ge=1, description="Nodes in the DDP job")
+    node_rank: int = Field(0, ge=0, description="This node's rank (0 tracks, registers and gates)")
+    master_addr: str = Field("127.0.0.1", description="Address of node 0 for the rendezvous")
+    master_port: int = Field(29500, ge=1, le=65535, description="Port of node 0 for the rendezvous")
+    register_as: str | None = Field(None, description="Registered model name (default: the dataset name)")
+    gate_metric: Metric = Field("macro_f1", description="Metric the promotion gate compares versions on")
+    min_improvement: float = Field(0.0, ge=0, description="Margin the new version must beat the champion by")
+    gate_min_score: float | None = Field(None, ge=0, le=1, description="Never crown a version scoring below this floor")
+    gate_confidence: float = Field(0.95, ge=0.5, lt=1, description="Confidence the paired improvement test must reach")
+    replace_task: bool = Field(
+        False, description="Let a version with other classes or another dataset replace the champion"
+    )
     operating_points: list[str] = Field(
         default_factory=list,
-        description="CLASS:sensitivity>=0.95, CLASS:specificity>=0.9, CLASS:precision>=0.8 or CLASS:0.3; "
-        "the first that fires decides",
+        description="CLASS:sensitivity>=0.95, CLASS:specificity>=0.9, CLASS:precision>=0.8 or CLASS:0.3 (a "
+        "threshold); repeat for more, the first that fires decides. Chosen on validation, checked on test",
     )
     gate_operating_points: bool = Field(
-        False, description="crown only when every operating point holds on the test split (interval's lower end)"
+        False, description="Crown only when every operating point holds on test (the interval's lower end)"
     )
-    intended_use: str = Field("", description="the model card's intended use")
-    limitations: str = Field("", description="the model card's known limitations")
+    intended_use: str = Field("", description="The model card's intended use")
+    limitations: str = Field("", description="The model card's known limitations")
 
     @field_validator("operating_points")
     @classmethod
@@ -174,49 +262,62 @@ class ScoreConfig(ClusterConfig):
 
     model: str = Field(..., description="MODEL (= MODEL@champion), MODEL@alias or MODEL:version")
     output: str | None = Field(
-        None, description="prediction file, .parquet or .csv (rejects beside it); a path or an s3://, gs://, az:// URL"
+        None,
+        description="Prediction file, .parquet or .csv (rejects, review queue and overlays beside it); a path or an "
+        "object store URL (s3://bucket/preds/night.parquet: published with a manifest object written last)",
     )
     table: str | None = Field(
-        None, description="SQLAlchemy URL#table, or `default` for CNN_PREDICTIONS_URL (else SQLite under CNN_HOME)"
+        None,
+        description="SQLAlchemy URL#table, env:VARIABLE#table, secret:BLOCK#table, or default (CNN_PREDICTIONS_URL, "
+        "else SQLite under CNN_HOME); without --output the default table",
     )
-    batch_size: int = Field(64, ge=1, description="images per forward pass")
-    device: str = "auto"
-    top_k: int = Field(3, ge=1, description="ranked labels kept per image")
-    review_below: float = Field(0.6, ge=0.0, le=1.0, description="flag predictions whose confidence is below this")
-    decode_workers: int = Field(0, ge=0, description="decoding processes of a single-process run; 0 = all cores")
-    decode_time_limit_s: float = Field(DEFAULT_TIME_LIMIT_S, gt=0, description="seconds one file may take to decode")
-    shard_size: int = Field(256, ge=1, description="files per shard; each shard commits on its own")
+    batch_size: int = Field(64, ge=1, description="Images per forward pass")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    top_k: int = Field(3, ge=1, description="Ranked labels kept per image")
+    review_below: float = Field(
+        0.6, ge=0.0, le=1.0, description="Flag predictions whose confidence is below this (0 = off)"
+    )
+    decode_workers: int = Field(0, ge=0, description="Decoding processes of a single-process run (0 = all cores)")
+    decode_time_limit_s: float = Field(DEFAULT_TIME_LIMIT_S, gt=0, description="Seconds one file may take to decode")
+    shard_size: int = Field(256, ge=1, description="Files per shard (each shard commits on its own)")
     max_attempts: int = Field(
-        3, ge=1, description="runs that try a file whose reject was transient (truncated, I/O error, time limit)"
+        3,
+        ge=1,
+        description="Runs that try a file whose reject was transient (truncated, I/O error, time limit, worker died)",
     )
-    rescore: bool = Field(False, description="score every input again with this version, even those already scored")
+    rescore: bool = Field(
+        False, description="Score every input again with this version (after a new champion); earlier rows are kept"
+    )
     partition_by: list[str] = Field(
         default_factory=list,
-        description="write --output as a Hive-partitioned Parquet table by these columns (date, label, decision, "
-        "model_name, model_version)",
+        description="Write --output (a folder or prefix) as a Hive-partitioned Parquet table by these columns: date "
+        "(the UTC day scored), label, decision, model_name, model_version",
     )
     pseudonymize: list[str] = Field(
-        default_factory=list, description="carried id columns (and `path`) written as keyed pseudonyms"
+        default_factory=list,
+        description="Carried id columns (and `path`) written as keyed pseudonyms (HMAC-SHA256 with "
+        "CNN_PSEUDONYM_KEY or $CNN_HOME/pseudonym.key)",
     )
-    embeddings: bool = Field(True, description="keep each image's embedding in the embeddings side table")
+    embeddings: bool = Field(True, description="Keep each image's embedding in the embeddings side table")
     similar: bool = Field(
-        True,
-        description="nearest training images (neighbour_label) and the reuse check (duplicate_of); needs embeddings",
+        True, description="Nearest training images (neighbour_label) and the reuse check (duplicate_of)"
     )
-    drift: bool = Field(True, description="compare the batch with the version's validation reference")
-    fail_on_drift: bool = Field(False, description="fail the run (exit 3) when the batch drifted")
-    drift_alpha: float = Field(0.01, gt=0, lt=1, description="false-alarm rate of the drift check per run")
-    explain: Literal["none", "review", "all"] = Field(
-        "review", description="write Grad-CAM overlays for the rows needing review, all rows, or none"
+    drift: bool = Field(True, description="Compare the batch with the version's validation reference")
+    fail_on_drift: bool = Field(False, description="Exit 3 when the batch drifted (the tables are written)")
+    drift_alpha: float = Field(0.01, gt=0, lt=1, description="False-alarm rate of the drift check per run")
+    explain: Explain = Field(
+        "review", description="Grad-CAM overlays beside the output for these rows: none, review or all"
     )
     review_flips: bool = Field(
-        True, description="send a row for review when its mirror image gets another label (models trained with flips)"
+        True, description="Review rows whose mirror image gets another label (models trained with flips)"
     )
-    review_margin: float = Field(
-        0.05, ge=0, le=1, description="send a row for review when it is this close to an operating point"
+    review_margin: float = Field(0.05, ge=0, le=1, description="Review rows this close to an operating point")
+    precision: Precision = Field(
+        "auto", description="auto: bf16 where it agrees with fp32 and is faster here; fp32 or bf16"
     )
-    precision: Precision = "auto"
     backend: Backend = Field(
-        "auto", description="torch, the ONNX export in onnxruntime or openvino, or auto: the fastest that agrees"
+        "auto",
+        description="torch, the ONNX export in onnxruntime or openvino, or auto: the fastest here (fp32, bf16, int8) "
+        "that agrees with fp32",
     )
-    compile: bool = False
+    compile: bool = Field(False, description="torch.compile the model")

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import typer
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from rich.console import Console
 
 import cnn
-from cnn.config import ScoreConfig, TrainConfig, describe_validation_error
-from cnn.data.ingest import IngestOptions
+from cnn.choices import Backend, DemoKind, Explain, Precision, Resize
+from cnn.config import FlowConfig, IngestOptions, ScoreConfig, TrainConfig, describe_validation_error
 from cnn.errors import UserError
 from cnn.io import storage
 
@@ -61,10 +61,10 @@ def _command(func: F) -> F:
     return wrapper  # type: ignore[return-value]  # functools.wraps keeps the signature typer reads
 
 
-def _help(model: type[BaseModel], field: str, text: str) -> str:
-    """Option help that states the config's own default."""
-    default = model.model_fields[field].get_default(call_default_factory=True)
-    return f"{text} (default: {'none' if default is None else default})"
+def _opt(config: type[FlowConfig], field: str, *flags: str, **options: Any) -> Any:
+    """A typer option described by the config field it sets: its help is the field's description and default, so the
+    command line and the config (and the documentation built from both) can never say two things."""
+    return typer.Option(*flags, help=config.described(field) + ".", **options)
 
 
 def _version(value: bool) -> None:
@@ -91,6 +91,7 @@ CrashAfter = Annotated[
         "(default: 3 x PREFECT_FLOWS_HEARTBEAT_FREQUENCY, 180).",
     ),
 ]
+INGEST, TRAIN, SCORE = IngestOptions, TrainConfig, ScoreConfig  # the configs the options set
 
 
 @app.command()
@@ -105,57 +106,20 @@ def ingest(
     ],
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset name (folder under $CNN_HOME/datasets).")],
     config: ConfigFile = None,
-    image_size: Annotated[
-        int | None,
-        typer.Option(help=_help(IngestOptions, "image_size", "Side of the square cached images, in pixels.")),
-    ] = None,
-    channels: Annotated[
-        Literal["1", "3"] | None, typer.Option(help=_help(IngestOptions, "channels", "1 (grayscale) or 3 (RGB)."))
-    ] = None,
-    resize: Annotated[
-        Literal["pad", "crop"] | None,
-        typer.Option(help=_help(IngestOptions, "resize", "pad (letterbox, keeps the whole image) or crop (centre).")),
-    ] = None,
-    val_fraction: Annotated[
-        float | None, typer.Option(help=_help(IngestOptions, "val_fraction", "Share of images for validation."))
-    ] = None,
-    test_fraction: Annotated[
-        float | None, typer.Option(help=_help(IngestOptions, "test_fraction", "Share of images for test."))
-    ] = None,
-    group_column: Annotated[
-        str | None,
-        typer.Option(help=_help(IngestOptions, "group_column", "Manifest column holding the patient/claim id.")),
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help=_help(IngestOptions, "seed", "Seed of the split draw."))] = None,
-    decode_workers: Annotated[
-        int | None, typer.Option(help=_help(IngestOptions, "decode_workers", "Decoding processes (0 = all cores)."))
-    ] = None,
-    decode_time_limit: Annotated[
-        float | None,
-        typer.Option(help=_help(IngestOptions, "decode_time_limit_s", "Seconds one file may take to decode.")),
-    ] = None,
-    max_file_mb: Annotated[
-        float | None, typer.Option(help=_help(IngestOptions, "max_file_mb", "Reject files larger than this many MiB."))
-    ] = None,
-    add: Annotated[
-        bool | None,
-        typer.Option(
-            "--add/--replace",
-            help="Add SOURCE's files to the dataset instead of replacing its file list (a filled-in review table "
-            "always adds).",
-        ),
-    ] = None,
-    cluster: Annotated[
-        str | None, typer.Option(help="Dask scheduler address (tcp://host:8786): the decoding fans out to it.")
-    ] = None,
-    dask_workers: Annotated[
-        int | None,
-        typer.Option(help=_help(IngestOptions, "dask_workers", "Decode on a local Dask cluster of N processes.")),
-    ] = None,
-    files_per_part: Annotated[
-        int | None,
-        typer.Option(help=_help(IngestOptions, "files_per_part", "Files per decode task on Dask (a shard each).")),
-    ] = None,
+    image_size: Annotated[int | None, _opt(INGEST, "image_size")] = None,
+    channels: Annotated[Literal["1", "3"] | None, _opt(INGEST, "channels")] = None,
+    resize: Annotated[Resize | None, _opt(INGEST, "resize")] = None,
+    val_fraction: Annotated[float | None, _opt(INGEST, "val_fraction")] = None,
+    test_fraction: Annotated[float | None, _opt(INGEST, "test_fraction")] = None,
+    group_column: Annotated[str | None, _opt(INGEST, "group_column")] = None,
+    seed: Annotated[int | None, _opt(INGEST, "seed")] = None,
+    decode_workers: Annotated[int | None, _opt(INGEST, "decode_workers")] = None,
+    decode_time_limit: Annotated[float | None, _opt(INGEST, "decode_time_limit_s")] = None,
+    max_file_mb: Annotated[float | None, _opt(INGEST, "max_file_mb")] = None,
+    add: Annotated[bool | None, _opt(INGEST, "add", "--add/--replace")] = None,
+    cluster: Annotated[str | None, _opt(INGEST, "cluster")] = None,
+    dask_workers: Annotated[int | None, _opt(INGEST, "dask_workers")] = None,
+    files_per_part: Annotated[int | None, _opt(INGEST, "files_per_part")] = None,
 ) -> None:
     """Ingest SOURCE: decode every image once, validate, split and cache it (Prefect flow `ingest`)."""
     from flows import render, workspace
@@ -191,10 +155,7 @@ def ingest(
 @_command
 def augment(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="An ingested dataset.")],
-    policy: Annotated[
-        str,
-        typer.Option(help="Preset (none, xray, photo, shift, light, auto) or an albumentations YAML/JSON file."),
-    ],
+    policy: Annotated[str, _opt(TRAIN, "policy")],
     preview: Annotated[Path, typer.Option(help="Where to write the preview grid (.png or .jpg).")],
     rows: Annotated[int, typer.Option(help="Images in the preview (spread over classes).")] = 6,
     samples: Annotated[int, typer.Option(help="Augmented samples per image.")] = 5,
@@ -217,88 +178,36 @@ def augment(
 def train(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="An ingested dataset.")],
     config: ConfigFile = None,
-    model: Annotated[str | None, typer.Option(help=_help(TrainConfig, "model", "Model name (see the README)."))] = None,
-    epochs: Annotated[int | None, typer.Option(help=_help(TrainConfig, "epochs", "Number of epochs."))] = None,
-    batch_size: Annotated[int | None, typer.Option(help=_help(TrainConfig, "batch_size", "Images per batch."))] = None,
-    lr: Annotated[float | None, typer.Option(help=_help(TrainConfig, "lr", "Peak learning rate."))] = None,
-    policy: Annotated[
-        str | None,
-        typer.Option(help=_help(TrainConfig, "policy", "Augmentation preset or albumentations YAML/JSON file.")),
-    ] = None,
-    device: Annotated[str | None, typer.Option(help=_help(TrainConfig, "device", "auto, cpu, cuda or cuda:N."))] = None,
-    max_minutes: Annotated[
-        float | None,
-        typer.Option(
-            help=_help(TrainConfig, "max_minutes", "Time budget: epochs and schedule are planned to end inside it.")
-        ),
-    ] = None,
-    weights: Annotated[
-        str | None,
-        typer.Option(
-            help="Pretrained weights: a local state_dict file, or imagenet (torchvision's published weights for "
-            "--model, from torch's cache; see --download-weights)."
-        ),
-    ] = None,
-    precision: Annotated[
-        Literal["auto", "fp32", "bf16"] | None,
-        typer.Option(help=_help(TrainConfig, "precision", "CPU training: auto takes bf16 where its steps run faster.")),
-    ] = None,
+    model: Annotated[str | None, _opt(TRAIN, "model")] = None,
+    epochs: Annotated[int | None, _opt(TRAIN, "epochs")] = None,
+    batch_size: Annotated[int | None, _opt(TRAIN, "batch_size")] = None,
+    lr: Annotated[float | None, _opt(TRAIN, "lr")] = None,
+    policy: Annotated[str | None, _opt(TRAIN, "policy")] = None,
+    device: Annotated[str | None, _opt(TRAIN, "device")] = None,
+    max_minutes: Annotated[float | None, _opt(TRAIN, "max_minutes")] = None,
+    weights: Annotated[str | None, _opt(TRAIN, "weights")] = None,
+    precision: Annotated[Precision | None, _opt(TRAIN, "precision")] = None,
     download_weights: Annotated[
-        bool | None,
-        typer.Option(
-            "--download-weights/--no-download-weights",
-            help=_help(TrainConfig, "download_weights", "Let --weights imagenet download into torch's cache."),
-        ),
+        bool | None, _opt(TRAIN, "download_weights", "--download-weights/--no-download-weights")
     ] = None,
-    register_as: Annotated[str | None, typer.Option(help="Registered model name (default: the dataset name).")] = None,
-    gate_min_score: Annotated[
-        float | None,
-        typer.Option(help=_help(TrainConfig, "gate_min_score", "Never crown a version scoring below this.")),
-    ] = None,
-    gate_confidence: Annotated[
-        float | None,
-        typer.Option(help=_help(TrainConfig, "gate_confidence", "Confidence the improvement must reach.")),
-    ] = None,
-    replace_task: Annotated[
-        bool | None,
-        typer.Option(
-            "--replace-task/--no-replace-task",
-            help=_help(TrainConfig, "replace_task", "Let other classes or another dataset replace the champion."),
-        ),
-    ] = None,
-    operating_point: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="CLASS:sensitivity>=0.95, CLASS:specificity>=0.9, CLASS:precision>=0.8 or CLASS:0.3 (a threshold); "
-            "repeat for more, the first that fires decides. Chosen on validation, checked on test."
-        ),
-    ] = None,
+    register_as: Annotated[str | None, _opt(TRAIN, "register_as")] = None,
+    gate_min_score: Annotated[float | None, _opt(TRAIN, "gate_min_score")] = None,
+    gate_confidence: Annotated[float | None, _opt(TRAIN, "gate_confidence")] = None,
+    replace_task: Annotated[bool | None, _opt(TRAIN, "replace_task", "--replace-task/--no-replace-task")] = None,
+    operating_point: Annotated[list[str] | None, _opt(TRAIN, "operating_points", "--operating-point")] = None,
     gate_operating_points: Annotated[
-        bool | None,
-        typer.Option(
-            "--gate-operating-points/--no-gate-operating-points",
-            help=_help(TrainConfig, "gate_operating_points", "Crown only when every operating point holds on test."),
-        ),
+        bool | None, _opt(TRAIN, "gate_operating_points", "--gate-operating-points/--no-gate-operating-points")
     ] = None,
-    intended_use: Annotated[str | None, typer.Option(help="The model card's intended use.")] = None,
-    limitations: Annotated[str | None, typer.Option(help="The model card's known limitations.")] = None,
+    intended_use: Annotated[str | None, _opt(TRAIN, "intended_use")] = None,
+    limitations: Annotated[str | None, _opt(TRAIN, "limitations")] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the latest interrupted run of this model.")
     ] = False,
-    nproc_per_node: Annotated[
-        int | None, typer.Option(help=_help(TrainConfig, "nproc_per_node", "DDP processes on this node (torchrun)."))
-    ] = None,
-    nnodes: Annotated[int | None, typer.Option(help=_help(TrainConfig, "nnodes", "Nodes in the DDP job."))] = None,
-    node_rank: Annotated[
-        int | None,
-        typer.Option(help=_help(TrainConfig, "node_rank", "This node's rank (0 tracks, registers and gates).")),
-    ] = None,
-    master_addr: Annotated[
-        str | None, typer.Option(help=_help(TrainConfig, "master_addr", "Address of node 0 for the rendezvous."))
-    ] = None,
-    master_port: Annotated[
-        int | None, typer.Option(help=_help(TrainConfig, "master_port", "Port of node 0 for the rendezvous."))
-    ] = None,
+    nproc_per_node: Annotated[int | None, _opt(TRAIN, "nproc_per_node")] = None,
+    nnodes: Annotated[int | None, _opt(TRAIN, "nnodes")] = None,
+    node_rank: Annotated[int | None, _opt(TRAIN, "node_rank")] = None,
+    master_addr: Annotated[str | None, _opt(TRAIN, "master_addr")] = None,
+    master_port: Annotated[int | None, _opt(TRAIN, "master_port")] = None,
 ) -> None:
     """Train a CNN, track it in MLflow, register a version and gate its promotion (Prefect flow `train`)."""
     from flows import render
@@ -333,6 +242,11 @@ def train(
     render.training(run_training(dataset, cfg, resume))
 
 
+def _on_off(field: str) -> str:
+    flag = field.replace("_", "-")
+    return f"--{flag}/--no-{flag}"
+
+
 @app.command()
 @_command
 def score(
@@ -343,148 +257,33 @@ def score(
             "URL (s3://bucket/incoming/, s3://bucket/incoming/**/*.jpg, s3://bucket/batch.csv)."
         ),
     ],
-    model: Annotated[
-        str | None,
-        typer.Option(help="MODEL (= MODEL@champion), MODEL@alias or MODEL:version (required here or in --config)."),
-    ] = None,
+    model: Annotated[str | None, _opt(SCORE, "model")] = None,
     config: ConfigFile = None,
-    output: Annotated[
-        str | None,
-        typer.Option(
-            help="Prediction file, .parquet or .csv (rejects beside it); a path or an object store URL "
-            "(s3://bucket/preds/night.parquet: published with a manifest object written last)."
-        ),
-    ] = None,
-    table: Annotated[
-        str | None,
-        typer.Option(
-            help="SQLAlchemy URL#table (default sqlite:///$CNN_HOME/predictions.db#predictions when no --output)."
-        ),
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help=_help(ScoreConfig, "batch_size", "Images per forward pass."))
-    ] = None,
-    device: Annotated[str | None, typer.Option(help=_help(ScoreConfig, "device", "auto, cpu, cuda or cuda:N."))] = None,
-    top_k: Annotated[
-        int | None, typer.Option(help=_help(ScoreConfig, "top_k", "Ranked labels kept per image."))
-    ] = None,
-    review_below: Annotated[
-        float | None,
-        typer.Option(
-            help=_help(ScoreConfig, "review_below", "Flag predictions whose confidence is below this (0 = off).")
-        ),
-    ] = None,
-    decode_workers: Annotated[
-        int | None, typer.Option(help=_help(ScoreConfig, "decode_workers", "Decoding processes (0 = all cores)."))
-    ] = None,
-    decode_time_limit: Annotated[
-        float | None,
-        typer.Option(help=_help(ScoreConfig, "decode_time_limit_s", "Seconds one file may take to decode.")),
-    ] = None,
-    shard_size: Annotated[
-        int | None,
-        typer.Option(help=_help(ScoreConfig, "shard_size", "Files per shard (each shard commits on its own).")),
-    ] = None,
-    max_attempts: Annotated[
-        int | None,
-        typer.Option(
-            help=_help(
-                ScoreConfig,
-                "max_attempts",
-                "Runs that try a file whose reject was transient (truncated, I/O error, time limit, worker died).",
-            )
-        ),
-    ] = None,
-    partition_by: Annotated[
-        str | None,
-        typer.Option(
-            help="Write --output (a folder or prefix) as a Hive-partitioned Parquet table by these comma-separated "
-            "columns: date (the UTC day scored), label, decision, model_name, model_version."
-        ),
-    ] = None,
-    pseudonymize: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Write this carried id column (repeat for more; `path` too) as keyed pseudonyms "
-            "(HMAC-SHA256 with CNN_PSEUDONYM_KEY or $CNN_HOME/pseudonym.key)."
-        ),
-    ] = None,
-    rescore: Annotated[
-        bool | None,
-        typer.Option(
-            "--rescore/--no-rescore",
-            help=_help(
-                ScoreConfig,
-                "rescore",
-                "Score every input again with this version (after a new champion); earlier rows are kept.",
-            ),
-        ),
-    ] = None,
-    explain: Annotated[
-        Literal["none", "review", "all"] | None,
-        typer.Option(help=_help(ScoreConfig, "explain", "Grad-CAM overlays beside the output for these rows.")),
-    ] = None,
-    review_flips: Annotated[
-        bool | None,
-        typer.Option(
-            "--review-flips/--no-review-flips",
-            help=_help(ScoreConfig, "review_flips", "Review rows whose mirror image gets another label."),
-        ),
-    ] = None,
-    review_margin: Annotated[
-        float | None,
-        typer.Option(help=_help(ScoreConfig, "review_margin", "Review rows this close to an operating point.")),
-    ] = None,
-    embeddings: Annotated[
-        bool | None,
-        typer.Option(
-            "--embeddings/--no-embeddings", help=_help(ScoreConfig, "embeddings", "Keep each image's embedding.")
-        ),
-    ] = None,
-    similar_cases: Annotated[
-        bool | None,
-        typer.Option(
-            "--similar/--no-similar",
-            help=_help(ScoreConfig, "similar", "Nearest training images and the reuse check."),
-        ),
-    ] = None,
-    drift: Annotated[
-        bool | None,
-        typer.Option("--drift/--no-drift", help=_help(ScoreConfig, "drift", "Check the batch for drift.")),
-    ] = None,
-    fail_on_drift: Annotated[
-        bool | None,
-        typer.Option(
-            "--fail-on-drift/--no-fail-on-drift",
-            help=_help(ScoreConfig, "fail_on_drift", "Exit 3 when the batch drifted (tables are written)."),
-        ),
-    ] = None,
-    cluster: Annotated[
-        str | None, typer.Option(help="Dask scheduler address (tcp://host:8786): shards fan out to it.")
-    ] = None,
-    dask_workers: Annotated[
-        int | None,
-        typer.Option(help=_help(ScoreConfig, "dask_workers", "Fan shards out to a local Dask cluster of N processes.")),
-    ] = None,
-    precision: Annotated[
-        Literal["auto", "fp32", "bf16"] | None,
-        typer.Option(help=_help(ScoreConfig, "precision", "auto: bf16 where it agrees with fp32 and is faster here.")),
-    ] = None,
-    backend: Annotated[
-        Literal["auto", "torch", "onnxruntime", "openvino"] | None,
-        typer.Option(
-            help=_help(
-                ScoreConfig,
-                "backend",
-                "auto: the fastest here of torch and the ONNX export in ONNX Runtime and "
-                "OpenVINO (fp32, bf16, int8) that agrees with fp32.",
-            )
-        ),
-    ] = None,
-    compile: Annotated[
-        bool | None,
-        typer.Option("--compile/--no-compile", help=_help(ScoreConfig, "compile", "torch.compile the model.")),
-    ] = None,
+    output: Annotated[str | None, _opt(SCORE, "output")] = None,
+    table: Annotated[str | None, _opt(SCORE, "table")] = None,
+    batch_size: Annotated[int | None, _opt(SCORE, "batch_size")] = None,
+    device: Annotated[str | None, _opt(SCORE, "device")] = None,
+    top_k: Annotated[int | None, _opt(SCORE, "top_k")] = None,
+    review_below: Annotated[float | None, _opt(SCORE, "review_below")] = None,
+    decode_workers: Annotated[int | None, _opt(SCORE, "decode_workers")] = None,
+    decode_time_limit: Annotated[float | None, _opt(SCORE, "decode_time_limit_s")] = None,
+    shard_size: Annotated[int | None, _opt(SCORE, "shard_size")] = None,
+    max_attempts: Annotated[int | None, _opt(SCORE, "max_attempts")] = None,
+    partition_by: Annotated[str | None, _opt(SCORE, "partition_by")] = None,
+    pseudonymize: Annotated[list[str] | None, _opt(SCORE, "pseudonymize")] = None,
+    rescore: Annotated[bool | None, _opt(SCORE, "rescore", _on_off("rescore"))] = None,
+    explain: Annotated[Explain | None, _opt(SCORE, "explain")] = None,
+    review_flips: Annotated[bool | None, _opt(SCORE, "review_flips", _on_off("review_flips"))] = None,
+    review_margin: Annotated[float | None, _opt(SCORE, "review_margin")] = None,
+    embeddings: Annotated[bool | None, _opt(SCORE, "embeddings", _on_off("embeddings"))] = None,
+    similar_cases: Annotated[bool | None, _opt(SCORE, "similar", _on_off("similar"))] = None,
+    drift: Annotated[bool | None, _opt(SCORE, "drift", _on_off("drift"))] = None,
+    fail_on_drift: Annotated[bool | None, _opt(SCORE, "fail_on_drift", _on_off("fail_on_drift"))] = None,
+    cluster: Annotated[str | None, _opt(SCORE, "cluster")] = None,
+    dask_workers: Annotated[int | None, _opt(SCORE, "dask_workers")] = None,
+    precision: Annotated[Precision | None, _opt(SCORE, "precision")] = None,
+    backend: Annotated[Backend | None, _opt(SCORE, "backend")] = None,
+    compile: Annotated[bool | None, _opt(SCORE, "compile", _on_off("compile"))] = None,
 ) -> None:
     """Score new images with a registered model into prediction tables, exactly once (Prefect flow `score`)."""
     from flows import render
@@ -689,7 +488,7 @@ def automations(
 @app.command("demo-data")
 @_command
 def demo_data(
-    kind: Annotated[Literal["xray", "claims"], typer.Argument(help="Which demo set.")],
+    kind: Annotated[DemoKind, typer.Argument(help="Which demo set.")],
     out: Annotated[Path | None, typer.Option(help="Output folder (default $CNN_HOME/demo/KIND).")] = None,
     n: Annotated[int | None, typer.Option("--n", help="Number of images (default 600 each).")] = None,
     seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same files.")] = 0,

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnn.batch.run import ScoringSummary
-from cnn.config import ScoreConfig, TrainConfig
+from cnn.config import IngestOptions, ScoreConfig, TrainConfig
 from cnn.data.demo import DemoDataset, generate
-from cnn.data.ingest import IngestOptions
 from flows.explain import ExplainOutcome, card, explain
 from flows.pipeline import PipelineOutcome, pipeline_flow
 from flows.score import score_flow

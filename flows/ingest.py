@@ -13,8 +13,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner
 
+from cnn.config import IngestOptions
 from cnn.data import ingest as lib
-from cnn.data.ingest import IngestOptions
 from cnn.data.report import DatasetReport, build_report, save_report
 from flows import cluster, workspace
 from flows.logfilter import quiet_user_errors

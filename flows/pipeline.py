@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from prefect import flow
 
 from cnn.batch.run import ScoringSummary
-from cnn.config import ScoreConfig, TrainConfig
-from cnn.data.ingest import IngestOptions
+from cnn.config import IngestOptions, ScoreConfig, TrainConfig
 from flows.ingest import IngestOutcome, ingest_flow
 from flows.score import score_flow
 from flows.train import TrainOutcome, train_flow

@@ -11,7 +11,8 @@ from cnn.batch.plan import list_inputs, plan_shards
 from cnn.batch.run import ModelRef, ScoringOptions
 from cnn.batch.shard import Scorer
 from cnn.batch.sql_sink import SqlSink
-from cnn.data.ingest import IngestOptions, ingest
+from cnn.config import IngestOptions
+from cnn.data.ingest import ingest
 from cnn.infer.predictor import Predictor
 
 MODEL = ModelRef("patterns", "1", "run-1")

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnn.data.ingest import IngestOptions, ingest
+from cnn.config import IngestOptions
+from cnn.data.ingest import ingest
 
-PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 def image_bytes(array: np.ndarray, fmt: str = "PNG", **save: object) -> bytes:
@@ -67,9 +68,9 @@ def wait_until_up(url: str, timeout: float = 120, auth: str | None = None) -> No
 
 def _postgres_up() -> bool:
     try:
-        import psycopg2
+        import psycopg
 
-        psycopg2.connect(host="127.0.0.1", user="postgres", dbname="test", connect_timeout=3).close()
+        psycopg.connect(host="127.0.0.1", user="postgres", dbname="test", connect_timeout=3).close()
         return True
     except Exception:  # noqa: BLE001 - any failure means no server to test against
         return False

@@ -14,7 +14,7 @@ import pandas as pd
 from cnn.batch.masking import Masking
 from cnn.batch.run import SPOOL, ModelRef, ShardPlan
 from cnn.batch.sinks import Sink
-from cnn.batch.tables import OUTPUT_COLUMNS, REJECT_COLUMNS, REVIEW_COLUMN
+from cnn.batch.tables import EMBEDDING, OUTPUT_COLUMNS, REJECT_COLUMNS, REVIEW_COLUMN, SIMILARITY_COLUMNS
 from cnn.fsio import atomic_path
 from cnn.io import inputs as listing
 from cnn.io import storage
@@ -22,7 +22,15 @@ from cnn.io.decode import RejectKind
 from cnn.io.inputs import VERSION_COLUMN, ScoringInputs, content_ids
 
 PLAN_COLUMNS = ["image_id", "same_bytes_as", "shard", "attempt", "local_copy"]
-RESERVED = {*OUTPUT_COLUMNS, *REJECT_COLUMNS, *PLAN_COLUMNS, REVIEW_COLUMN, VERSION_COLUMN}  # the output's columns
+RESERVED = {
+    *OUTPUT_COLUMNS,
+    *REJECT_COLUMNS,
+    *SIMILARITY_COLUMNS,
+    *PLAN_COLUMNS,
+    REVIEW_COLUMN,
+    VERSION_COLUMN,
+    EMBEDDING,
+}
 
 
 def list_inputs(source: str) -> ScoringInputs:

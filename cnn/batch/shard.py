@@ -24,7 +24,7 @@ import pandas as pd
 from cnn.batch.masking import Masking
 from cnn.batch.run import ModelRef, ScoringOptions, ShardPlan, ShardResult
 from cnn.batch.sinks import Sink
-from cnn.batch.tables import EMBEDDING, REJECT_COLUMNS
+from cnn.batch.tables import EMBEDDING, REJECT_COLUMNS, SIMILARITY_COLUMNS
 from cnn.fsio import atomic_path
 from cnn.infer.predictions import prediction_columns
 from cnn.infer.predictor import Predictor
@@ -192,7 +192,7 @@ class Scorer:
         notes = None
         if lookup is not None and copies is not None:
             notes = lookup.annotate(copies.result(), predictions["label"].tolist(), vectors)
-            for column in ("phash", "neighbour_label", "neighbour_agreement", "duplicate_of", "duplicate_kind"):
+            for column in SIMILARITY_COLUMNS:
                 predictions[column] = notes[column].to_numpy()
         drift = self._drift(kept, predictions, vectors)
         halves = list(vectors.astype(np.float16)) if vectors is not None else []  # as the side tables keep them

@@ -28,6 +28,8 @@ OUTPUT_COLUMNS = [
     *STAMP_COLUMNS,
 ]
 REJECT_COLUMNS = ["image_id", "path", "reason", "reject_kind", "attempts"]
+# what the reuse check and the similar cases add to a prediction row (cnn.similarity.reuse.Lookup.annotate)
+SIMILARITY_COLUMNS = ["phash", "neighbour_label", "neighbour_agreement", "duplicate_of", "duplicate_kind"]
 KEY = ["image_id", "model_name", "model_version"]
 REVIEW_COLUMN = "reviewed_label"  # the review table's column a reviewer fills in; a run never overwrites it
 DRIFT_KEY = ["flow_run_id", "name"]

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from pydantic import ConfigDict, Field
 
-from cnn.config import ClusterConfig
+from cnn.config import IngestOptions
 from cnn.data.dataset import (
     GENERATIONS,
     MANIFEST_COLUMNS,
@@ -41,49 +41,10 @@ from cnn.io.pool import DecodeOutcome, ProgressFn, decode_many
 from cnn.io.pseudonyms import dicom_tag, pseudonym
 from cnn.io.sources import SOURCE_COLUMNS, SourceListing, scan_source
 from cnn.data.report import IngestStats, build_report, save_report
-from cnn.data.splits import SplitFractions, assign_splits
+from cnn.data.splits import assign_splits
 from cnn.io.storage import is_url, local_path, redact
 
 _CLASS_NAME = re.compile(r"^[^\W_][\w .+()-]{0,63}$")
-
-
-class IngestOptions(ClusterConfig):
-    """How a source becomes a dataset (the ingest flow's config; unknown keys are rejected)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    kind: ClassVar[str] = "ingest config"
-
-    image_size: int = Field(224, ge=8, le=4096, description="side of the square cached images")
-    channels: Literal[1, 3] = 3
-    resize: Literal["pad", "crop"] = "pad"
-    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
-    group_column: str = "group"
-    group_tag: str | None = Field(
-        "PatientID",
-        description="DICOM tag that groups files (one patient never spans two splits) where the source names no "
-        "group; stored only as a keyed pseudonym; null turns it off",
-    )
-    seed: int = 0
-    decode_workers: int = Field(0, ge=0, description="decoding processes; 0 = all cores")
-    max_file_mb: float = Field(float(MAX_FILE_MB), gt=0)
-    decode_time_limit_s: float = Field(DEFAULT_TIME_LIMIT_S, gt=0, description="seconds one file may take to decode")
-    add: bool = Field(False, description="add the source's files to the dataset (a filled-in review table always adds)")
-    files_per_part: int = Field(
-        5000, ge=1, description="files per decode task when the decoding fans out to Dask (each writes one shard)"
-    )
-
-    @property
-    def max_file_bytes(self) -> int:
-        return int(self.max_file_mb * 1024 * 1024)
-
-    def decode_spec(self) -> DecodeSpec:
-        return DecodeSpec(
-            channels=self.channels, size=self.image_size, resize=self.resize, max_file_bytes=self.max_file_bytes
-        )
-
-    def fractions(self) -> SplitFractions:
-        return SplitFractions(val=self.val_fraction, test=self.test_fraction)
 
 
 @contextmanager

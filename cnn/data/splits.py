@@ -13,31 +13,9 @@ import numpy as np
 import pandas as pd
 
 from cnn.choices import SPLITS
-from cnn.errors import UserError
+from cnn.config import SplitFractions
 
 _PRIORITY = {"test": 0, "val": 1, "train": 2}  # where a unit's members disagree, evaluation wins
-
-
-@dataclass(frozen=True)
-class SplitFractions:
-    """Fractions of the data that go to validation and test; the rest trains."""
-
-    val: float = 0.15
-    test: float = 0.15
-
-    def __post_init__(self) -> None:
-        for name, value in (("val", self.val), ("test", self.test)):
-            if not 0.0 <= value < 1.0:
-                raise UserError(f"--{name}-fraction must be in [0, 1), not {value}")
-        if self.val + self.test >= 1.0:
-            raise UserError("--val-fraction plus --test-fraction must leave some data to train on")
-
-    def targets(self, allowed: tuple[str, ...]) -> dict[str, float]:
-        """Share of each allowed split, renormalised over what is allowed."""
-        shares = {"val": self.val, "test": self.test}
-        out = {s: shares[s] for s in allowed if s != "train"}
-        out["train"] = 1.0 - sum(out.values())
-        return {s: out[s] for s in allowed}
 
 
 def find_units(image_ids: pd.Series, groups: pd.Series) -> np.ndarray:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cnn.config import IngestOptions
 from cnn.data.augment import (
     list_policies,
     load_policy,
@@ -18,7 +19,7 @@ from cnn.data.augment import (
     resolve_policy,
     validate_policy,
 )
-from cnn.data.ingest import IngestOptions, ingest
+from cnn.data.ingest import ingest
 from cnn.errors import UserError
 
 

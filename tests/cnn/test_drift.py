@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from cnn.config import TrainConfig
+from cnn.config import IngestOptions, TrainConfig
 from cnn.data.demo import generate
-from cnn.data.ingest import IngestOptions, ingest
+from cnn.data.ingest import ingest
 from cnn.infer.predictor import Predictor
 from cnn.io.decode import DecodeError, DecodeSpec, decode_file
 from cnn.metrics.drift import DriftRules, DriftSample, check_drift, mmd_test, psi

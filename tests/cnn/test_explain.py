@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cnn.config import TrainConfig
+from cnn.config import IngestOptions, TrainConfig
 from cnn.data.dataset import Dataset
-from cnn.data.ingest import IngestOptions, ingest
+from cnn.data.ingest import ingest
 from cnn.infer.predictor import Predictor
 from cnn.model.contract import ModelContract
 from cnn.model.networks import create_model, feature_blocks, list_models

@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cnn.config import IngestOptions
 from cnn.data.dataset import MANIFEST_COLUMNS, Dataset
-from cnn.data.ingest import DecodeRecord, IngestOptions, ingest, staged_stats
+from cnn.data.ingest import DecodeRecord, ingest, staged_stats
 from cnn.data.report import build_report
 from cnn.errors import UserError
 from cnn.io.decode import DecodeSpec, decode_file

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from cnn.batch import run as scoring_run
 from cnn.batch.file_sink import FileSink
 from cnn.batch.masking import Masking
 from cnn.batch.plan import list_inputs, mark_duplicates, plan_shards
@@ -46,11 +47,11 @@ def test_mark_duplicates_in_path_order_and_against_earlier_runs(tmp_path: Path) 
     shutil.copy(first, folder / "zz_copy.png")
     files = list_inputs(str(folder)).files
     marked = mark_duplicates(files).set_index("path")
-    assert marked.loc[str(folder / "zz_copy.png"), "duplicate_of"] == str(first)
-    assert marked["duplicate_of"].notna().sum() == 1
+    assert marked.loc[str(folder / "zz_copy.png"), "same_bytes_as"] == str(first)
+    assert marked["same_bytes_as"].notna().sum() == 1
     earlier = {marked.loc[str(first), "image_id"]: "/old/place.png"}
     again = mark_duplicates(files, earlier).set_index("path")
-    assert again.loc[str(first), "duplicate_of"] == "/old/place.png"
+    assert again.loc[str(first), "same_bytes_as"] == "/old/place.png"
 
 
 def _predictor(trained: FitResult) -> Predictor:
@@ -185,7 +186,10 @@ def test_increments_follow_content_retry_transient_rejects_and_rescore_keeps_his
     assert (again.files, again.retried) == (1, 1)  # a rescore resumes: only v2's transient reject is tried again
 
 
-@pytest.mark.parametrize("column", ["shard", "reason", "label", "duplicate_of", "reject_kind", "prob_cat"])
+@pytest.mark.parametrize(
+    "column",
+    ["shard", "reason", "label", "duplicate_of", "same_bytes_as", "neighbour_label", "reject_kind", "prob_cat"],
+)
 def test_id_columns_named_like_output_columns_are_refused_up_front(tmp_path: Path, column: str) -> None:
     folder = write_patterns(tmp_path / "in", per_class=1)
     pd.DataFrame({"path": ["checker/checker000.png"], column: ["x"]}).to_csv(folder / "m.csv", index=False)
@@ -221,14 +225,13 @@ def test_pseudonymized_columns_and_paths_still_make_increments_work(trained: Fit
 def test_decoding_ahead_is_on_only_where_inference_leaves_cores_free(monkeypatch: pytest.MonkeyPatch) -> None:
     """On 2 cores with 2 torch threads decoding ahead measured 0.95-1.00x: a run turns it on only with cores to
     spare or on a GPU, and never when its shards fan out to Dask (each shard on its own worker)."""
-    from cnn.batch import scoring
     from cnn.config import ScoreConfig
 
-    monkeypatch.setattr(scoring.torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(scoring, "default_workers", lambda: 2)
-    assert not scoring.decode_ahead_helps("cpu") and scoring.decode_ahead_helps("cuda:0")
+    monkeypatch.setattr(scoring_run.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(scoring_run, "default_workers", lambda: 2)
+    assert not scoring_run.decode_ahead_helps("cpu") and scoring_run.decode_ahead_helps("cuda:0")
     assert not ScoringOptions.from_config(ScoreConfig(model="m", device="cpu"), "").decode_ahead
-    monkeypatch.setattr(scoring, "default_workers", lambda: 8)
+    monkeypatch.setattr(scoring_run, "default_workers", lambda: 8)
     assert ScoringOptions.from_config(ScoreConfig(model="m", device="cpu"), "").decode_ahead
     assert not ScoringOptions.from_config(ScoreConfig(model="m", device="cpu", dask_workers=2), "").decode_ahead
 

@@ -103,7 +103,7 @@ def test_sink_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="invalid table name"):
         SqlSink.from_url(f"sqlite:///{tmp_path / 'x.db'}#1bad")
     with pytest.raises(UserError, match="cannot open") as unreachable:
-        SqlSink.from_url("postgresql+psycopg2://nobody:secret@127.0.0.1:1/none#t")
+        SqlSink.from_url("postgresql+psycopg://nobody:secret@127.0.0.1:1/none#t")
     assert "secret" not in str(unreachable.value) and "nobody:***@" in str(unreachable.value)
     with pytest.raises(UserError, match=".parquet or .csv"):
         open_sink(str(tmp_path / "x.txt"), None, "sqlite://#t")
@@ -174,13 +174,13 @@ def test_unsupported_or_malformed_database_urls_are_refused_up_front() -> None:
 
 
 @requires_postgres
-@pytest.mark.parametrize("scheme", ["postgresql", "postgresql+psycopg2", "postgresql+psycopg"])
+@pytest.mark.parametrize("scheme", ["postgresql", "postgresql+psycopg"])
 def test_postgresql_urls_as_people_write_them(scheme: str) -> None:
     import uuid
 
     from sqlalchemy import create_engine, text
 
-    url = PG_URL.replace("postgresql+psycopg2", scheme)
+    url = PG_URL.replace("postgresql+psycopg", scheme)
     table = f"preds_{uuid.uuid4().hex[:8]}"
     sink = SqlSink.from_url(f"{url}#{table}")
     try:

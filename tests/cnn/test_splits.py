@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cnn.data.splits import SplitFractions, assign_splits, find_units
+from cnn.config import SplitFractions
+from cnn.data.splits import assign_splits, find_units
 from cnn.errors import UserError
 
 ALL = ("train", "val", "test")

@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cnn.config import IngestOptions
 from cnn.data.dataset import Dataset
-from cnn.data.ingest import IngestOptions, ingest, staged_stats
+from cnn.data.ingest import ingest, staged_stats
 from cnn.errors import UserError
 from cnn.io import storage
 from cnn.io.sources import scan_source

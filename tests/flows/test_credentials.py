@@ -55,7 +55,7 @@ def test_a_secret_block_names_the_table(prefect_server: None) -> None:
 
 @requires_postgres
 def test_a_password_with_a_raw_at_sign_connects_and_never_shows(tmp_path: Path) -> None:
-    url = PG_URL.replace("postgresql+psycopg2://postgres@", "postgresql://postgres:p@ss@")  # trust auth: any password
+    url = PG_URL.replace("postgresql+psycopg://postgres@", "postgresql://postgres:p@ss@")  # trust auth: any password
     sink = SqlSink.from_url(f"{url}#t_unused")
     assert "p@ss" not in " ".join(sink.finish()) and "postgres:***@" in sink.finish()[0]
     with pytest.raises(UserError) as unreachable:

@@ -13,7 +13,8 @@ import mlflow
 import pytest
 from typer.testing import CliRunner
 
-from cnn.data.ingest import IngestOptions, ingest
+from cnn.config import IngestOptions
+from cnn.data.ingest import ingest
 from flows.cli import app
 from tests.helpers import pattern_dataset, workspace_env, write_patterns
 

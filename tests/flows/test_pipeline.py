@@ -8,8 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cnn.config import ScoreConfig, TrainConfig
-from cnn.data.ingest import IngestOptions
+from cnn.config import IngestOptions, ScoreConfig, TrainConfig
 from tests.helpers import write_patterns
 
 pytestmark = pytest.mark.slow

@@ -60,7 +60,7 @@ def test_a_canary_patient_and_a_canary_password_leave_no_trace_in_what_is_shared
     canary = f"CANARY{uuid.uuid4().hex[:8].upper()}"
     password = f"Pw@{uuid.uuid4().hex[:10]}"  # with a raw '@', which SQLAlchemy alone would half show
     table = f"privacy_{uuid.uuid4().hex[:8]}"
-    url = PG_URL.replace("postgresql+psycopg2://postgres@", f"postgresql://postgres:{password}@")  # trust auth
+    url = PG_URL.replace("postgresql+psycopg://postgres@", f"postgresql://postgres:{password}@")  # trust auth
     source, home = tmp_path / "scans", tmp_path / "home"
     rng = np.random.default_rng(0)
     for label, level in (("clear", 40), ("effusion", 200)):

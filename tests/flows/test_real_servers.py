@@ -34,10 +34,9 @@ pytestmark = [requires_postgres, pytest.mark.e2e]
 
 
 def _databases(names: list[str], create: bool) -> None:
-    import psycopg2
+    import psycopg
 
-    conn = psycopg2.connect(host="127.0.0.1", user="postgres", dbname="test")
-    conn.autocommit = True
+    conn = psycopg.connect(host="127.0.0.1", user="postgres", dbname="test", autocommit=True)
     with conn.cursor() as cur:
         for name in names:
             if create:
@@ -57,7 +56,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     prefect_port, mlflow_port = free_port(), free_port()
     (tmp / "auth.ini").write_text(
         "[mlflow]\ndefault_permission = READ\n"
-        f"database_uri = postgresql+psycopg2://{PG}/{dbs[2]}\n"
+        f"database_uri = postgresql+psycopg://{PG}/{dbs[2]}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
     )
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "CNN_"))}
@@ -72,7 +71,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         "PREFECT_API_AUTH_STRING": API_AUTH,
         "CNN_HOME": str(tmp / "home"),
         "CNN_PROJECT_DIR": str(ROOT),
-        "CNN_PREDICTIONS_URL": f"postgresql+psycopg2://{PG}/{dbs[3]}#predictions",
+        "CNN_PREDICTIONS_URL": f"postgresql+psycopg://{PG}/{dbs[3]}#predictions",
         "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true",
         "PATH": f"{BIN}{os.pathsep}{base.get('PATH', '')}",  # as in the image: the project's commands on PATH
     }
@@ -121,7 +120,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
                 "--app-name",
                 "basic-auth",
                 "--backend-store-uri",
-                f"postgresql+psycopg2://{PG}/{dbs[1]}",
+                f"postgresql+psycopg://{PG}/{dbs[1]}",
                 "--artifacts-destination",
                 str(tmp / "mlartifacts"),
                 "--serve-artifacts",
@@ -230,7 +229,7 @@ def test_train_then_score_on_real_servers(stack: dict[str, str]) -> None:
 
     from sqlalchemy import create_engine, text
 
-    engine = create_engine(f"postgresql+psycopg2://{PG}/{stack['preds_db']}")
+    engine = create_engine(f"postgresql+psycopg://{PG}/{stack['preds_db']}")
     with engine.connect() as conn:
         rows = conn.execute(text("select count(*), count(distinct path), min(model_version) from predictions")).one()
     engine.dispose()

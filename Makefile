@@ -25,7 +25,7 @@ lint: install
 
 # the documentation site (docs/, MkDocs Material); --strict: a broken link or a page missing from the nav fails
 docs: install
-	$(BIN)/mkdocs build --strict --quiet --site-dir build/site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
 
 # lint, types, the docs and the suite without its slowest end-to-end tier (under 8 minutes on 2 cores)
 test: lint docs

@@ -155,7 +155,7 @@ def ingest(
 @_command
 def augment(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="An ingested dataset.")],
-    policy: Annotated[str, _opt(TRAIN, "policy")],
+    policy: Annotated[str, typer.Option(help=f"{TRAIN.model_fields['policy'].description}.")],
     preview: Annotated[Path, typer.Option(help="Where to write the preview grid (.png or .jpg).")],
     rows: Annotated[int, typer.Option(help="Images in the preview (spread over classes).")] = 6,
     samples: Annotated[int, typer.Option(help="Augmented samples per image.")] = 5,

@@ -259,17 +259,15 @@ def test_table_default_means_the_workspace_table_beside_the_file(
 
 
 def test_deployment_files_set_up_crashed_run_detection() -> None:
-    """Work-pool runs get the heartbeat automation from the pull steps, and their workers send heartbeats."""
+    """The heartbeat automation is set up once at deploy time (the compose file's one-shot service; never in a pull
+    step, which would run it before every flow run), and the workers send heartbeats."""
     import json
 
     steps = yaml.safe_load(PREFECT_YAML.read_text())["pull"]
-    scripts = [
-        s["prefect.deployments.steps.run_shell_script"]["script"]
-        for s in steps
-        if len(s) == 1 and "prefect.deployments.steps.run_shell_script" in s
-    ]
-    assert scripts == ["cnn automations"]
+    assert not [s for s in steps if "prefect.deployments.steps.run_shell_script" in s]
     compose = yaml.safe_load(COMPOSE.read_text())
+    once = compose["services"]["prefect-automations"]
+    assert once["command"] == ["cnn", "automations"] and once["restart"] == "no"
     assert compose["x-pipeline"]["environment"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "60"
     template = json.loads((PREFECT_YAML.parent / "k8s" / "gpu-base-job-template.json").read_text())
     assert template["variables"]["properties"]["env"]["default"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "60"

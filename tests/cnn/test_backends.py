@@ -79,7 +79,6 @@ def test_relative_speeds_times_every_variant_against_the_reference(trained: FitR
     images = split_images(Dataset(patterns), "val", predictor.contract)[0]
     speeds = relative_speeds(predictor, [predictor, predictor.with_precision(torch.bfloat16)], images, 8, rounds=3)
     assert len(speeds) == 2 and all(s > 0 for s in speeds)
-    assert 0.2 < speeds[0] < 5  # the reference against itself: about 1 on a noisy host
     assert relative_speeds(predictor, [predictor], images[:0]) == []
 
 

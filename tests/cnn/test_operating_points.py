@@ -8,7 +8,7 @@ import pytest
 
 from cnn.errors import UserError
 from cnn.infer.predictions import prediction_columns
-from cnn.metrics.operating_points import OperatingPoint, PointSpec, check, check_classes, choose, decide, measure
+from cnn.metrics.operating_points import OperatingPoint, PointSpec, check, check_classes, choose, decide
 
 CLASSES = ["normal", "tumour"]
 
@@ -48,18 +48,30 @@ def test_classes_are_checked() -> None:
         check_classes([PointSpec("tumour", "threshold", 0.5), PointSpec("tumour", "threshold", 0.2)], CLASSES)
 
 
-@pytest.mark.parametrize("target", ["sensitivity", "specificity", "precision"])
-def test_the_chosen_threshold_meets_the_target_and_is_the_least_costly(target: str) -> None:
-    probs, labels = _scores()
-    point = choose(PointSpec("tumour", target, 0.9), probs, labels, CLASSES)  # type: ignore[arg-type]
-    assert point.attained and point.val[target] >= 0.9
-    positive = labels == 1
-    met = measure(probs[:, 1] >= point.threshold, positive)
-    assert met == pytest.approx(point.val, nan_ok=True)
-    # one step further along the curve misses the target: the threshold is the edge, not merely somewhere safe
-    others = np.unique(probs[:, 1])
-    step = others[others > point.threshold].min() if target == "sensitivity" else others[others < point.threshold].max()
-    assert measure(probs[:, 1] >= step, positive)[target] < 0.9 or target == "precision"
+# Ten images whose curve is worked out by hand: positives score 0.9 0.8 0.7 0.4 0.2, negatives 0.6 0.5 0.3 0.1 0.05.
+# At threshold 0.4: 4 of 5 positives, 2 negatives flagged. At 0.6: 3 positives and 1 negative. At 0.5: 3 and 2.
+EDGE = np.array([0.9, 0.8, 0.7, 0.4, 0.2, 0.6, 0.5, 0.3, 0.1, 0.05]), np.array([1] * 5 + [0] * 5)
+
+
+@pytest.mark.parametrize(
+    ("target", "value", "threshold", "figures"),
+    [
+        # the highest threshold that still finds 4 of 5 positives (0.7 finds 3)
+        ("sensitivity", 0.8, 0.4, {"sensitivity": 0.8, "specificity": 0.6, "precision": 4 / 6}),
+        # the lowest threshold that flags at most one negative (0.5 flags two): the most sensitivity kept
+        ("specificity", 0.8, 0.6, {"sensitivity": 0.6, "specificity": 0.8, "precision": 0.75}),
+        # the lowest threshold with precision 0.75 (0.5 gives 3/5, 0.4 gives 4/6): again 0.6
+        ("precision", 0.75, 0.6, {"sensitivity": 0.6, "specificity": 0.8, "precision": 0.75}),
+    ],
+)
+def test_the_chosen_threshold_is_the_edge_of_the_target(
+    target: str, value: float, threshold: float, figures: dict[str, float]
+) -> None:
+    scores, labels = EDGE
+    probs = np.stack([1 - scores, scores], axis=1)
+    point = choose(PointSpec("tumour", target, value), probs, labels, CLASSES)  # type: ignore[arg-type]
+    assert point.attained and point.threshold == pytest.approx(threshold)
+    assert point.val == pytest.approx(figures)
 
 
 def test_an_unattainable_target_is_marked() -> None:

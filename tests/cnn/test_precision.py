@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -120,3 +122,22 @@ def test_bf16_speedup_times_both_precisions_on_a_real_model() -> None:
     measured = bf16_speedup(predictor, images, batch_size=16, rounds=1)
     assert measured is not None and 0.01 < measured < 100
     assert bf16_speedup(predictor, images[:0]) is None
+
+
+def test_interleaved_speedups_are_the_median_ratio_of_each_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The timing rule on a clock the test drives: a variant taking half the reference's time is 2x; a round where
+    the host stalled one run (an outlier) does not move the median."""
+    from cnn.model import precision
+
+    clock = [0.0]
+    monkeypatch.setattr(precision.time, "perf_counter", lambda: clock[0])
+    stalls = iter([0.0, 0.0, 5.0])  # the variant's third run is slowed by the host
+
+    def takes(seconds: float, stall: bool = False) -> Callable[[], None]:
+        def run() -> None:
+            clock[0] += seconds + (next(stalls) if stall else 0.0)
+
+        return run
+
+    speeds = precision.interleaved_speedups(takes(2.0), [takes(1.0, stall=True), takes(4.0)], rounds=3)
+    assert speeds == [2.0, 0.5]

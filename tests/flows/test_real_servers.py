@@ -166,6 +166,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
             cwd=ROOT,
         )
         assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+        # deploy time, once (the compose file's prefect-automations service): crashed-run detection
+        automations = subprocess.run([str(BIN / "cnn"), "automations"], env=env, capture_output=True, text=True)
+        assert automations.returncode == 0, automations.stdout[-2000:] + automations.stderr[-2000:]
         for pool in ("cpu", "gpu"):
             start(f"worker-{pool}", [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"], {})
         yield {**env, "tmp": str(tmp), "preds_db": dbs[3]}
@@ -208,7 +211,7 @@ def test_train_then_score_on_real_servers(stack: dict[str, str]) -> None:
     trained = _run_deployment(stack, "train/scheduled", {"dataset": "patterns", "config": config})
     logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in (tmp / "logs").glob("worker-*.log"))
     assert trained["state_type"] == "COMPLETED", logs
-    # the deployment's pull steps set up crashed-run detection on the server the runs report to
+    # crashed-run detection was set up once at deploy time, and the runs did not add a second one
     automations = api_json(f"{stack['PREFECT_API_URL']}/automations/filter", {}, auth=PREFECT_AUTH)
     assert [a["name"] for a in automations] == ["cnn: mark flow runs Crashed when their heartbeats stop"]
 
@@ -235,13 +238,16 @@ def test_train_then_score_on_real_servers(stack: dict[str, str]) -> None:
     engine.dispose()
     assert rows == (6, 6, "1")
 
-    # No secret in flow parameters (the table URL stays in the environment) or in MLflow params and tags.
+    # No secret in any run's flow parameters (the table URL stays in the environment) or in MLflow's params and
+    # tags: neither the workers' own password (the one they hold), nor the admin's, nor the Prefect API's.
+    secrets = {"worker password": WORKER_PASSWORD, "admin password": PASSWORD, "API auth": API_AUTH.split(":")[1]}
     for run in (trained, scored):
-        assert PASSWORD not in json.dumps(run["parameters"])
+        shown = json.dumps(run["parameters"])
+        assert not [name for name, value in secrets.items() if value in shown], run["name"]
+        assert "postgresql" not in shown, run["name"]
     run_id = alias["model_version"]["run_id"]
-    mlflow_run = api_json(f"{mlflow_api}/runs/get?run_id={run_id}", auth=auth)["run"]
-    assert PASSWORD not in json.dumps(mlflow_run["data"])
-    assert "postgresql" not in json.dumps(run["parameters"])
+    mlflow_run = json.dumps(api_json(f"{mlflow_api}/runs/get?run_id={run_id}", auth=auth)["run"]["data"])
+    assert not [name for name, value in secrets.items() if value in mlflow_run]
 
 
 def test_the_servers_are_closed_by_default(stack: dict[str, str]) -> None:

@@ -530,7 +530,7 @@ def test_auto_precision_takes_bf16_only_where_this_host_type_measured_it_faster(
     tags = client.get_model_version("patterns", version).tags
     if not cpu_bf16_available():
         assert "precision: fp32 (this CPU has no native bf16)" in said and key not in tags
-        return
+        pytest.skip("this CPU has no native bf16: the speed rule that follows cannot be measured here")
     measured = float(tags[key])  # measured on the validation split, on this host, once
     assert measured > 0 and f"{measured:.2f}x fp32's speed on {host_type()}" in said
     client.set_model_version_tag("patterns", version, key, "0.50")  # what a host without AMX measures

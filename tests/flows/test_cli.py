@@ -178,3 +178,37 @@ def test_ui_serves_the_workspace_store(tmp_path: Path) -> None:
     assert f"http://127.0.0.1:{port}" in output and "mlflow.db" in output
     with pytest.raises(OSError):  # nothing listens any more: the server the command started was stopped
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+# The command line's option names where they differ from the config field they set.
+RENAMED = {
+    "decode_time_limit": "decode_time_limit_s",
+    "operating_point": "operating_points",
+    "similar_cases": "similar",
+}
+
+
+def test_each_option_is_described_once_by_the_config_field_it_sets() -> None:
+    """An option that sets a config field shows that field's description and default, word for word: the config is
+    the one place that describes it (the docs' config reference shows the same text)."""
+    from typer.main import get_command
+
+    from cnn.config import IngestOptions, ScoreConfig, TrainConfig
+
+    commands = get_command(app).commands  # type: ignore[attr-defined]  # a group of commands
+    checked = []
+    for name, config in (("ingest", IngestOptions), ("train", TrainConfig), ("score", ScoreConfig)):
+        for param in commands[name].params:
+            field = RENAMED.get(param.name, param.name)
+            if param.param_type_name == "option" and field in config.model_fields:
+                assert param.help == config.described(field) + ".", (name, param.name)
+                checked.append(f"{name} {field}")
+    assert len(checked) >= 60  # every option of the three commands that sets a field
+    for config in (IngestOptions, TrainConfig, ScoreConfig):
+        undescribed = [f for f, info in config.model_fields.items() if not (info.description or "").strip()]
+        assert not undescribed, (config.__name__, undescribed)
+
+
+def test_help_shows_the_configs_default() -> None:
+    result = runner.invoke(app, ["score", "--help"], env={"COLUMNS": "200"})
+    assert "Images per forward pass (default: 64)." in " ".join(result.output.split())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +158,7 @@ def check_drift(
     report = drift.check_drift(reference, found.drift_embeddings(), batch, drift.DriftRules(alpha=config.drift_alpha))
     mlflow_run = ""
     if report.statistics:
-        plot = plot_drift(reference, asdict(batch), Path(run_dir) / "drift.png")
+        plot = plot_drift(reference, batch, Path(run_dir) / "drift.png")
         mlflow_run = tracking.log_drift(model.name, model.version, flow_run_id, report, plot)
         frame = pd.DataFrame(report.rows()).assign(
             model_name=model.name, model_version=model.version, flow_run_id=flow_run_id,

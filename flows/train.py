@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from cnn.infer import backends
 from cnn.model.run import EpochRecord, FitResult, RunFolder
 from cnn.model.train import check_config, fit
 from cnn.similarity import reference
-from cnn.trust.card import build_card
+from cnn.trust.card import GateSummary, build_card
 from cnn.trust.evaluation import CalibrationResult, calibrate_run, evaluate_run, record_checks
 from flows import registry, tracking, workspace
 from flows.logfilter import quiet_user_errors
@@ -246,7 +246,7 @@ def write_model_card(dataset_dir: str, run_dir: str, run_id: str, config: TrainC
         decision.model,
         decision.version,
         config.model_dump(mode="json"),
-        asdict(decision),
+        GateSummary(decision.decision, decision.reason, decision.test, decision.p_value),
         [f"evaluation/{p.name}" for p in sorted(RunFolder(Path(run_dir)).eval_dir.glob("*_explanations.png"))],
     )
     card.save(RunFolder(Path(run_dir)).card_dir)

@@ -18,7 +18,8 @@ no difference significant.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
@@ -82,6 +83,38 @@ def image_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # every 4th pixel of every 4th row: the statistics of a whole batch hardly move, the cost falls 16-fold
     flat = np.asarray(images[:, ::4, ::4], dtype=np.float32).reshape(len(images), -1)
     return flat.mean(axis=1), flat.std(axis=1)
+
+
+@dataclass(frozen=True)
+class DriftReference:
+    """A version's reference for the drift check (its `drift.json`): the held-out split's per-image statistics
+    (sub-sampled), how many images they came from, and which split."""
+
+    predicted_class: list[str]
+    format: list[str]
+    confidence: list[float]
+    brightness: list[float]
+    contrast: list[float]
+    long_side: list[float]
+    images: int
+    split: str = "val"
+    format_version: int = 1
+
+    def values(self, name: str) -> list[Any]:
+        """One statistic's reference values (one of CATEGORICAL or CONTINUOUS)."""
+        if name not in (*CATEGORICAL, *CONTINUOUS):
+            raise KeyError(name)
+        found: list[Any] = getattr(self, name)
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DriftReference:
+        """From `to_dict`, or from a drift.json written before it named its format (the same keys)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass(frozen=True)
@@ -189,21 +222,24 @@ class DriftRules:
 
 
 def check_drift(
-    reference: dict[str, object], reference_embeddings: np.ndarray, batch: DriftSample, rules: DriftRules = DriftRules()
+    reference: DriftReference | None,
+    reference_embeddings: np.ndarray,
+    batch: DriftSample,
+    rules: DriftRules = DriftRules(),
 ) -> DriftReport:
     """Compare a batch with a version's validation reference (`reference_sample` wrote it)."""
     tests = len(CATEGORICAL) + len(CONTINUOUS) + (1 if len(batch.embeddings) and len(reference_embeddings) else 0)
     threshold = rules.alpha / tests
-    if len(batch) < rules.min_images:
+    if reference is None or len(batch) < rules.min_images:
         return DriftReport(len(batch), [], rules.alpha)
     stats = [
-        _categorical(name, list(reference[name]), getattr(batch, name), threshold, rules.min_psi)  # type: ignore[call-overload]
+        _categorical(name, reference.values(name), getattr(batch, name), threshold, rules.min_psi)
         for name in CATEGORICAL
     ]
     stats += [
         _continuous(
             name,
-            np.asarray(reference[name], dtype=float),
+            np.asarray(reference.values(name), dtype=float),
             np.asarray(getattr(batch, name), dtype=float),
             threshold,
             rules.min_psi,
@@ -231,12 +267,21 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return unit
 
 
-def reference_sample(sample: DriftSample, max_values: int = 5000) -> dict[str, object]:
-    """The JSON reference of a version: the validation split's statistics (sub-sampled past `max_values`)."""
+def reference_sample(sample: DriftSample, split: str = "val", max_values: int = 5000) -> DriftReference:
+    """The reference of a version: the held-out split's statistics (sub-sampled past `max_values`)."""
     keep = np.random.default_rng(0).permutation(len(sample))[:max_values]
-    out: dict[str, object] = {}
-    for name in (*CATEGORICAL, *CONTINUOUS):
+
+    def pick(name: str) -> list[Any]:
         values = getattr(sample, name)
-        out[name] = [values[i] for i in keep]
-    out["images"] = len(sample)
-    return out
+        return [values[i] for i in keep]
+
+    return DriftReference(
+        predicted_class=pick("predicted_class"),
+        format=pick("format"),
+        confidence=pick("confidence"),
+        brightness=pick("brightness"),
+        contrast=pick("contrast"),
+        long_side=pick("long_side"),
+        images=len(sample),
+        split=split,
+    )

@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -105,6 +105,12 @@ class PointCheck:
         out = asdict(self)
         out["holds"] = self.holds
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PointCheck:
+        """From `to_dict` (`holds` is derived, so it is not read back)."""
+        metrics = {m: Interval(**data[m]) for m in ("sensitivity", "specificity", "precision")}
+        return cls(OperatingPoint.from_dict(data["point"]), str(data["split"]), int(data["images"]), **metrics)
 
     def recorded(self) -> OperatingPoint:
         """The point with this check's figures in `test` (what the contract keeps)."""

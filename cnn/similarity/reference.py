@@ -15,7 +15,7 @@ import pandas as pd
 from cnn.data.dataset import Dataset
 from cnn.fsio import atomic_path, write_json_atomic
 from cnn.infer.predictor import Predictor
-from cnn.metrics.drift import DriftSample, reference_sample
+from cnn.metrics.drift import DriftReference, DriftSample, reference_sample
 from cnn.model.contract import ModelContract
 from cnn.model.run import RunFolder
 from cnn.similarity.fingerprints import layouts, phashes
@@ -47,10 +47,9 @@ class Reference:
         path = self.folder / "train.faiss"
         return VectorIndex.load(path) if path.is_file() else VectorIndex.build(self.vectors())
 
-    def drift(self) -> dict[str, object]:
-        """The validation split's statistics (see cnn.drift)."""
-        data: dict[str, object] = json.loads((self.folder / "drift.json").read_text(encoding="utf-8"))
-        return data
+    def drift(self) -> DriftReference:
+        """The held-out split's statistics for the drift check (cnn.metrics.drift)."""
+        return DriftReference.from_dict(json.loads((self.folder / "drift.json").read_text(encoding="utf-8")))
 
     def drift_embeddings(self) -> np.ndarray:
         vectors: np.ndarray = np.load(self.folder / "val_embeddings.npy", allow_pickle=False).astype(np.float32)
@@ -86,7 +85,7 @@ def save_reference(
     train_labels: Sequence[str],
     train_vectors: np.ndarray,
     train_images: np.ndarray,
-    drift: dict[str, object],
+    drift: DriftReference,
     val_vectors: np.ndarray,
 ) -> Reference:
     """Write a version's reference files: embeddings as float16 .npy, rows as Parquet, the index in FAISS's format."""
@@ -101,7 +100,7 @@ def save_reference(
         with atomic_path(folder / name) as tmp, open(tmp, "wb") as handle:
             np.save(handle, np.asarray(vectors, dtype=np.float16), allow_pickle=False)
     VectorIndex.build(train_vectors).save(folder / "train.faiss")
-    write_json_atomic(folder / "drift.json", drift)
+    write_json_atomic(folder / "drift.json", drift.to_dict())
     write_json_atomic(folder / "reuse.json", semantic_threshold(train_vectors))
     return Reference(folder)
 
@@ -131,6 +130,6 @@ def build_reference(run_dir: Path, dataset_root: Path) -> Reference:
         [classes[j] for j in labels],
         train_vectors,
         images,
-        {**reference_sample(sample), "split": held_out},
+        reference_sample(sample, held_out),
         val_vectors,
     )

@@ -10,6 +10,7 @@ import numpy as np
 
 from cnn.fsio import atomic_path
 from cnn.metrics.classification import expected_calibration_error
+from cnn.metrics.drift import CATEGORICAL, CONTINUOUS, DriftReference, DriftSample
 from cnn.model.run import EpochRecord
 
 
@@ -112,16 +113,15 @@ def plot_history(records: Sequence[EpochRecord], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_drift(reference: dict[str, object], batch: dict[str, list[object]], path: Path) -> Path:
+def plot_drift(reference: DriftReference, batch: DriftSample, path: Path) -> Path:
     """The batch against the version's reference: histograms of the continuous statistics, shares of the classes
     and formats."""
     plt = _pyplot()
-    continuous = ("confidence", "brightness", "contrast", "long_side")
-    categorical = ("predicted_class", "format")
+    continuous, categorical = CONTINUOUS, CATEGORICAL
     fig, axes = plt.subplots(2, 3, figsize=(11, 6))
     for ax, name in zip(axes.flat, continuous):
-        ref = np.asarray(reference.get(name, []), dtype=float)
-        got = np.asarray(batch.get(name, []), dtype=float)
+        ref = np.asarray(reference.values(name), dtype=float)
+        got = np.asarray(getattr(batch, name), dtype=float)
         if len(ref) and len(got):
             lo, hi = float(min(ref.min(), got.min())), float(max(ref.max(), got.max()))
             bins = np.linspace(lo, hi if hi > lo else lo + 1, 21)
@@ -130,8 +130,8 @@ def plot_drift(reference: dict[str, object], batch: dict[str, list[object]], pat
         ax.set_title(name)
         ax.legend(fontsize=7)
     for ax, name in zip(list(axes.flat)[len(continuous) :], categorical):
-        ref_values = [str(v) for v in reference.get(name, [])]  # type: ignore[attr-defined]  # a JSON list
-        got_values = [str(v) for v in batch.get(name, [])]
+        ref_values = [str(v) for v in reference.values(name)]
+        got_values = [str(v) for v in getattr(batch, name)]
         names = sorted(set(ref_values) | set(got_values))
         x = np.arange(len(names))
         ax.bar(x - 0.2, [ref_values.count(n) / max(len(ref_values), 1) for n in names], 0.4, label="reference")

@@ -101,7 +101,7 @@ def test_shifted_batches_are_flagged(
 
 
 def test_small_batches_get_no_verdict_and_the_building_blocks() -> None:
-    report = check_drift({}, np.zeros((0, 4)), DriftSample(confidence=[0.9] * 5), DriftRules(min_images=30))
+    report = check_drift(None, np.zeros((0, 4)), DriftSample(confidence=[0.9] * 5), DriftRules(min_images=30))
     assert not report.drifted and report.statistics == [] and "no drift" in report.describe()
     assert psi(np.array([0.5, 0.5]), np.array([0.5, 0.5])) == pytest.approx(0.0)
     assert psi(np.array([0.9, 0.1]), np.array([0.1, 0.9])) > 1

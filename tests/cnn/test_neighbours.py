@@ -207,7 +207,7 @@ def test_the_reference_and_lookup_of_a_trained_model(trained: FitResult, pattern
     assert isinstance(reference, Reference) and reference.exists
     rows = reference.rows()
     assert len(rows) == len(reference.vectors()) and set(rows["label"]) == {"checker", "horizontal", "vertical"}
-    assert reference.drift()["split"] == "val" and len(reference.drift_embeddings()) > 0
+    assert reference.drift().split == "val" and len(reference.drift_embeddings()) > 0
     lookup = Lookup.load(reference, History(tmp_path / "history"))
     from cnn.data.dataset import Dataset
     from cnn.trust.evaluation import split_images

@@ -27,6 +27,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -34,6 +35,7 @@ import pandas as pd
 from cnn.choices import SPLITS
 from cnn.limits import DEFAULT_MAX_FILE_BYTES
 from cnn.errors import UserError
+from cnn.formats import migrated
 
 MANIFEST_COLUMNS = [
     "image_id",
@@ -54,6 +56,7 @@ MANIFEST_COLUMNS = [
 ]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 POINTER = "CURRENT"
+META_FORMAT = 2  # dataset.json: 1 named one cache file (`cache_token`); 2 names the cache's shards
 GENERATIONS = "generations"
 
 
@@ -92,7 +95,7 @@ class DatasetMeta:
     cache_shards: list[str] = field(default_factory=list)  # the tokens of the cache's shards, oldest first
     updated_at: str = ""
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # the decode limit of this ingest; models trained on it carry it
-    format_version: int = 1
+    format_version: int = META_FORMAT
 
     def cache_key(self) -> tuple[int, int, str]:
         """Decoding parameters; a change invalidates the cache."""
@@ -158,9 +161,7 @@ class Dataset:
     def meta_of(folder: Path) -> DatasetMeta:
         """The metadata of one generation folder."""
         data = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
-        legacy = data.pop("cache_token", "")  # one cache file, before shards: it is the only shard
-        data.setdefault("cache_shards", [legacy] if legacy else [])
-        return DatasetMeta(**data)
+        return DatasetMeta(**migrated(data, META_FORMAT, {1: _sharded_cache}, f"{folder.name}/dataset.json"))
 
     def manifest(self) -> pd.DataFrame:
         manifest = pd.read_parquet(self.manifest_path)
@@ -216,6 +217,12 @@ class Dataset:
     def shard_files(self) -> list[str]:
         """The image files of the current cache's shards, in order (what a training reader opens)."""
         return [str(self.cache_paths(token)[0]) for token in self.meta().cache_shards]
+
+
+def _sharded_cache(data: dict[str, Any]) -> dict[str, Any]:
+    """dataset.json format 1 -> 2: the one cache file of an ingest before shards is the cache's only shard."""
+    legacy = data.pop("cache_token", "")
+    return {**data, "cache_shards": data.get("cache_shards") or ([legacy] if legacy else [])}
 
 
 def _fsync(path: Path) -> None:

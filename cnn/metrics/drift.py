@@ -18,13 +18,16 @@ no difference significant.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
+from cnn.formats import migrated
+
 CONTINUOUS = ("confidence", "brightness", "contrast", "long_side")
 CATEGORICAL = ("predicted_class", "format")
+DRIFT_FORMAT = 1  # drift.json's format (cnn.formats)
 EMBEDDING_SAMPLE = 300  # per side of the MMD test
 PERMUTATIONS = 200
 
@@ -98,7 +101,7 @@ class DriftReference:
     long_side: list[float]
     images: int
     split: str = "val"
-    format_version: int = 1
+    format_version: int = DRIFT_FORMAT
 
     def values(self, name: str) -> list[Any]:
         """One statistic's reference values (one of CATEGORICAL or CONTINUOUS)."""
@@ -112,9 +115,8 @@ class DriftReference:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DriftReference:
-        """From `to_dict`, or from a drift.json written before it named its format (the same keys)."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """From `to_dict`, or from a drift.json written before it named its format (format 1: the same keys)."""
+        return cls(**migrated(data, DRIFT_FORMAT, {}, "the version's drift.json"))
 
 
 @dataclass(frozen=True)

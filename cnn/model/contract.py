@@ -13,11 +13,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from cnn.formats import migrated
 from cnn.fsio import write_json_atomic
 from cnn.io.decode import DecodeSpec
 from cnn.limits import DEFAULT_MAX_FILE_BYTES
 from cnn.metrics.operating_points import OperatingPoint
 
+CONTRACT_FORMAT = 1  # contract.json's format (cnn.formats)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -37,7 +39,7 @@ class ModelContract:
     dataset: str = ""
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # the ingest's decode limits travel with the model
     max_pixels: int | None = None
-    format_version: int = 1
+    format_version: int = CONTRACT_FORMAT
     temperature: float = 1.0  # calibration: every predictor divides the logits by it
     operating_points: list[dict[str, Any]] = field(default_factory=list)  # OperatingPoint.to_dict(), in order
 
@@ -76,7 +78,8 @@ class ModelContract:
     @classmethod
     def load(cls, path: str | Path) -> ModelContract:
         """Read contract.json (the one reader of that file)."""
-        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls(**migrated(data, CONTRACT_FORMAT, {}, "the model's contract.json"))
 
 
 def to_model_input(

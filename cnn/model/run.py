@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cnn.formats import migrated
 from cnn.fsio import write_json_atomic
 from cnn.model.budget import BudgetReport
 from cnn.model.contract import ModelContract
@@ -145,10 +146,15 @@ class FitResult:
     def load(cls, run_dir: str | Path) -> FitResult:
         """Read fit.json and contract.json of a run (the one reader of fit.json; format 1 is read as well)."""
         folder = RunFolder(Path(run_dir))
-        data = json.loads(folder.fit.read_text(encoding="utf-8"))
-        data.pop("format_version", None)
+        data = migrated(json.loads(folder.fit.read_text(encoding="utf-8")), FIT_FORMAT, {1: _nested_val}, "fit.json")
+        data.pop("format_version")
         data.update(run_dir=folder.root, weights=Path(data["weights"]), contract=ModelContract.load(folder.contract))
         data["history"] = [EpochRecord.from_dict(h) for h in data.get("history", [])]
         if data.get("budget"):
             data["budget"] = BudgetReport(**data["budget"])
         return cls(**data)
+
+
+def _nested_val(data: dict[str, Any]) -> dict[str, Any]:
+    """fit.json format 1 -> 2: each epoch's validation metrics move from flat `val_*` keys into `val`."""
+    return {**data, "history": [asdict(EpochRecord.from_dict(h)) for h in data.get("history", [])]}

@@ -282,7 +282,8 @@ def test_a_dataset_in_the_layout_before_generations_reads_and_moves_on_its_next_
     for name in ("manifest.parquet", "dataset.json"):  # as an earlier version left it
         shutil.move(dataset.manifest_path.parent / name, dataset.root / name)
     meta = json.loads((dataset.root / "dataset.json").read_text())
-    meta["cache_token"] = meta.pop("cache_shards")[0]  # one cache file, before shards
+    meta["cache_token"] = meta.pop("cache_shards")[0]  # one cache file, before shards (dataset.json format 1)
+    meta["format_version"] = 1
     (dataset.root / "dataset.json").write_text(json.dumps(meta))
     shutil.rmtree(dataset.root / "generations")
     (dataset.root / "CURRENT").unlink()

@@ -14,7 +14,7 @@ import cnn
 ROOT = Path(cnn.__file__).parent
 # Lowest first: a module may import its own layer's modules and those of lower layers, never a higher one.
 LAYERS = [
-    {"cnn", "cnn.errors", "cnn.choices", "cnn.limits", "cnn.fsio", "cnn.stopping"},
+    {"cnn", "cnn.errors", "cnn.choices", "cnn.limits", "cnn.fsio", "cnn.stopping", "cnn.formats"},
     {"cnn.io"},
     {"cnn.metrics"},
     {"cnn.config"},

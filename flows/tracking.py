@@ -7,6 +7,7 @@ import platform
 import time
 import warnings
 from dataclasses import asdict
+from importlib.metadata import requires, version
 from pathlib import Path
 
 import mlflow
@@ -14,6 +15,7 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
+from packaging.requirements import Requirement
 
 import cnn
 from cnn.config import TrainConfig
@@ -27,6 +29,7 @@ from cnn.trust.evaluation import CalibrationResult
 from flows import workspace
 
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+PROJECT = "cnn-pipeline"  # the distribution whose runtime requirements the logged model carries
 DESCRIPTION_LIMIT = 5000
 LIBRARY = Path(cnn.__file__).parent
 
@@ -195,26 +198,21 @@ def log_model(run_id: str, run_dir: Path) -> str:
             code_paths=[str(LIBRARY)],
             signature=signature_for(contract),
             input_example=pd.DataFrame({"path": ["example.png"]}),  # never a real file's path: MLflow is shared
-            pip_requirements=_requirements(),
+            pip_requirements=model_requirements(),
             metadata={"cnn_contract": asdict(contract)},
         )
     return info.model_uri
 
 
-def _requirements() -> list[str]:
-    from importlib.metadata import version
-
-    names = [
-        "torch",
-        "torchvision",
-        "numpy",
-        "pandas",
-        "pillow",
-        "pydicom",
-        "albumentations",
-        "scikit-learn",
-        "pydantic",
-        "pyyaml",
-        "mlflow",
-    ]
-    return [f"{n}=={version(n)}" for n in names]
+def model_requirements() -> list[str]:
+    """The pyfunc's pip requirements, generated from the project's runtime set: every runtime dependency the
+    project declares (the DICOM codec plugins among them), pinned at the version installed here, which is the
+    version `requirements.lock` pins. Nothing is listed by hand, so a new dependency cannot be forgotten."""
+    out = []
+    for text in requires(PROJECT) or []:
+        requirement = Requirement(text)
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue  # an extra's requirement (s3, dev, ...), not the runtime set
+        extras = f"[{','.join(sorted(requirement.extras))}]" if requirement.extras else ""
+        out.append(f"{requirement.name}{extras}=={version(requirement.name)}")
+    return sorted(out)

@@ -16,7 +16,16 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tests.helpers import pattern_dataset, workspace_env
+from tests.helpers import (
+    api_json,
+    clean_env,
+    free_port,
+    pattern_dataset,
+    pattern_image,
+    wait_until_up,
+    workspace_env,
+    write_dicom,
+)
 
 runner = CliRunner()
 EPOCHS = ["--epochs", "3", "--batch-size", "16", "--lr", "0.003"]
@@ -271,3 +280,53 @@ def test_local_model_copies_are_keyed_by_run_and_published_whole(trained: Path, 
     assert fetched == folder / f"1-{run_id}" and (fetched / "MLmodel").is_file()
     assert versions.fetch("patterns", "1", run_id) == fetched  # downloaded once
     assert versions.load("patterns", "1").contract.classes == ["checker", "horizontal", "vertical"]
+
+
+@pytest.mark.slowest
+def test_the_registered_model_serves_from_a_fresh_virtualenv_built_from_its_requirements(
+    trained: Path, cnn_home: Path, tmp_path: Path
+) -> None:
+    """`mlflow models serve` of the registered version, in a virtualenv that holds only what the model's
+    requirements.txt (generated from the runtime set) installs, scores a JPEG 2000 DICOM: the codec plugins travel
+    with the model."""
+    import signal
+
+    import mlflow
+    from pydicom import dcmread
+    from pydicom.uid import JPEG2000Lossless
+
+    model = Path(mlflow.artifacts.download_artifacts("models:/patterns@champion", dst_path=str(tmp_path / "model")))
+    wanted = (model / "requirements.txt").read_text()
+    assert all(f"{plugin}==" in wanted for plugin in ("pylibjpeg-openjpeg", "pylibjpeg-rle", "pyjpegls", "python-gdcm"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    installed = subprocess.run([*pip, "-r", str(model / "requirements.txt")], capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+
+    scan = write_dicom(tmp_path / "scan.dcm", pattern_image("horizontal", np.random.default_rng(3)), "P-0001")
+    ds = dcmread(scan)
+    ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    ds.save_as(scan)
+    assert dcmread(scan).file_meta.TransferSyntaxUID == JPEG2000Lossless
+
+    port = free_port()
+    log = (tmp_path / "serve.log").open("wb")
+    command = [str(venv / "bin" / "mlflow"), "models", "serve", "-m", str(model), "--env-manager", "local"]
+    server = subprocess.Popen(
+        [*command, "-h", "127.0.0.1", "-p", str(port)],
+        env=clean_env(cnn_home, drop=("PREFECT_", "MLFLOW_", "PYTHONPATH")),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/ping", timeout=300)
+        answer = api_json(
+            f"http://127.0.0.1:{port}/invocations", {"dataframe_split": {"columns": ["path"], "data": [[str(scan)]]}}
+        )
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    row = answer["predictions"][0]
+    assert row["error"] is None and row["label"] in ("checker", "horizontal", "vertical"), row

@@ -1,5 +1,4 @@
-"""Scoring library: input listing, duplicate marking, planning against the sinks, scoring shards directly, and
-combining shard results; every input ends up exactly once."""
+"""Scoring shards: rows and rejects, exactly once, decode-ahead, increments, pseudonyms."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cnn.batch import run as scoring_run
 from cnn.batch.file_sink import FileSink
 from cnn.batch.masking import Masking
 from cnn.batch.plan import list_inputs, mark_duplicates, plan_shards
@@ -21,37 +19,8 @@ from cnn.infer.predictor import Predictor
 from cnn.io.decode import RejectKind
 from cnn.model.run import FitResult
 from tests.helpers import write_patterns
-from tests.s3 import S3Server
 
 MODEL = ModelRef("patterns", "1", "run-1")
-
-
-def test_list_inputs_folder_glob_and_manifest(tmp_path: Path) -> None:
-    folder = write_patterns(tmp_path / "in", per_class=2)
-    (folder / ".hidden.png").write_bytes(b"x")
-    assert len(list_inputs(str(folder)).files) == 6
-    assert len(list_inputs(str(folder / "*" / "checker*.png")).files) == 2
-    pd.DataFrame({"path": ["checker/checker000.png"], "claim_id": ["C1"]}).to_csv(folder / "m.csv", index=False)
-    listed = list_inputs(str(folder / "m.csv"))
-    assert listed.id_columns == ["claim_id"] and listed.files["path"][0] == str(folder / "checker/checker000.png")
-    pd.DataFrame({"path": ["a.png"], "label": ["x"]}).to_csv(folder / "bad.csv", index=False)
-    with pytest.raises(UserError, match="has the name of a column the output has"):
-        list_inputs(str(folder / "bad.csv"))
-    with pytest.raises(UserError, match="nothing to score"):
-        list_inputs(str(tmp_path / "missing"))
-
-
-def test_mark_duplicates_in_path_order_and_against_earlier_runs(tmp_path: Path) -> None:
-    folder = write_patterns(tmp_path / "in", per_class=1)
-    first = folder / "checker" / "checker000.png"
-    shutil.copy(first, folder / "zz_copy.png")
-    files = list_inputs(str(folder)).files
-    marked = mark_duplicates(files).set_index("path")
-    assert marked.loc[str(folder / "zz_copy.png"), "same_bytes_as"] == str(first)
-    assert marked["same_bytes_as"].notna().sum() == 1
-    earlier = {marked.loc[str(first), "image_id"]: "/old/place.png"}
-    again = mark_duplicates(files, earlier).set_index("path")
-    assert again.loc[str(first), "same_bytes_as"] == "/old/place.png"
 
 
 def _predictor(trained: FitResult) -> Predictor:
@@ -186,17 +155,6 @@ def test_increments_follow_content_retry_transient_rejects_and_rescore_keeps_his
     assert (again.files, again.retried) == (1, 1)  # a rescore resumes: only v2's transient reject is tried again
 
 
-@pytest.mark.parametrize(
-    "column",
-    ["shard", "reason", "label", "duplicate_of", "same_bytes_as", "neighbour_label", "reject_kind", "prob_cat"],
-)
-def test_id_columns_named_like_output_columns_are_refused_up_front(tmp_path: Path, column: str) -> None:
-    folder = write_patterns(tmp_path / "in", per_class=1)
-    pd.DataFrame({"path": ["checker/checker000.png"], column: ["x"]}).to_csv(folder / "m.csv", index=False)
-    with pytest.raises(UserError, match=f"manifest column '{column}' has the name of a column the output has"):
-        list_inputs(str(folder / "m.csv"))
-
-
 def test_pseudonymized_columns_and_paths_still_make_increments_work(trained: FitResult, tmp_path: Path) -> None:
     folder = write_patterns(tmp_path / "in", per_class=2, seed=4)
     shutil.copy(next(folder.glob("checker/*.png")), folder / "zz_copy.png")
@@ -220,68 +178,3 @@ def test_pseudonymized_columns_and_paths_still_make_increments_work(trained: Fit
     assert again.files == 0  # "already done" compares the pseudonymized paths
     with pytest.raises(UserError, match="cannot pseudonymize patient"):
         _run(folder / "claims.csv", sink, predictor, tmp_path, masking=Masking(("patient",), b"key"))
-
-
-def test_decoding_ahead_is_on_only_where_inference_leaves_cores_free(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On 2 cores with 2 torch threads decoding ahead measured 0.95-1.00x: a run turns it on only with cores to
-    spare or on a GPU, and never when its shards fan out to Dask (each shard on its own worker)."""
-    from cnn.config import ScoreConfig
-
-    monkeypatch.setattr(scoring_run.torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(scoring_run, "default_workers", lambda: 2)
-    assert not scoring_run.decode_ahead_helps("cpu") and scoring_run.decode_ahead_helps("cuda:0")
-    assert not ScoringOptions.from_config(ScoreConfig(model="m", device="cpu"), "").decode_ahead
-    monkeypatch.setattr(scoring_run, "default_workers", lambda: 8)
-    assert ScoringOptions.from_config(ScoreConfig(model="m", device="cpu"), "").decode_ahead
-    assert not ScoringOptions.from_config(ScoreConfig(model="m", device="cpu", dask_workers=2), "").decode_ahead
-
-
-def test_a_bucket_is_read_once_per_new_object_and_not_at_all_when_unchanged(
-    trained: FitResult, tmp_path: Path, s3: S3Server, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from cnn.batch.object_sink import ObjectSink
-    from cnn.io import storage
-
-    bucket = s3.bucket("scoring")
-    folder = _incoming(tmp_path / "in")
-    fs, root = storage.filesystem(bucket)
-    fs.pipe({f"{root}/in/{p.relative_to(folder).as_posix()}": p.read_bytes() for p in folder.rglob("*") if p.is_file()})
-    sink = ObjectSink(f"{bucket}/out/preds.parquet")
-    inputs = list_inputs(f"{bucket}/in/")
-    assert (inputs.files["source_version"].str.len() > 0).all()
-    plan = plan_shards(inputs, [sink], MODEL, shard_size=4, run_dir=tmp_path / "run")
-    copies = sorted((tmp_path / "run" / "objects").iterdir())
-    assert plan.files == 12 and len(copies) == 11  # each object read once at planning; equal bytes kept once
-    fs.rm(f"{root}/in", recursive=True)  # the shards decode the plan's copies: they never fetch an object again
-    scorer = Scorer(_predictor(trained), MODEL, ScoringOptions())
-    results = [scorer.score_shard(plan, i, [sink]) for i in range(3)]
-    summary = summarise(results, plan, MODEL, seconds=1.0, tables=sink.finish())
-    assert (summary.predicted, summary.rejected) == (9, 3)
-    assert summary.rejects_by_kind == {"empty": 1, "not_an_image": 1, "duplicate": 1}
-    assert not list((tmp_path / "run" / "objects").iterdir())  # each shard removed its copies once committed
-    plan.remove()
-    assert not (tmp_path / "run" / "objects").exists()
-
-    fs.pipe({f"{root}/in/{p.relative_to(folder).as_posix()}": p.read_bytes() for p in folder.rglob("*") if p.is_file()})
-    reads: list[str] = []
-    real_read = storage.read_object
-    monkeypatch.setattr(storage, "read_object", lambda url, *a: reads.append(url) or real_read(url, *a))
-    again = plan_shards(list_inputs(f"{bucket}/in/"), [sink], MODEL, shard_size=4, run_dir=tmp_path / "run")
-    assert (again.files, again.skipped) == (0, 12)
-    assert not [r for r in reads if "/in/" in r]  # same ETags: the recorded content ids, no object read
-
-
-def test_copies_a_killed_run_left_are_swept_after_a_week_and_a_live_runs_are_kept(tmp_path: Path) -> None:
-    import os
-    import time
-
-    from cnn.batch.plan import sweep_copies
-
-    for run in ("killed", "live"):
-        (tmp_path / run / "objects").mkdir(parents=True)
-        (tmp_path / run / "objects" / "ab12").write_bytes(b"photo")
-    week_ago = time.time() - 8 * 86400
-    for path in (tmp_path / "killed" / "objects" / "ab12", tmp_path / "killed" / "objects"):
-        os.utime(path, (week_ago, week_ago))
-    assert sweep_copies(tmp_path) == 1
-    assert not (tmp_path / "killed" / "objects").exists() and (tmp_path / "live" / "objects" / "ab12").is_file()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-FUZZ = Path(__file__).parents[2] / "fuzz"
+FUZZ = Path(__file__).parents[3] / "fuzz"
 
 
 def _check() -> object:

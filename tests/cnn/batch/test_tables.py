@@ -1,4 +1,4 @@
-"""Prediction sinks: Parquet/CSV parts merged once, SQL upserts, kill -9 leftovers, errors without secrets."""
+"""What every sink keeps: current rows and history, retried rejects, the review queue, embeddings, drift rows."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import pandas as pd
 import pytest
 
 from cnn.batch.file_sink import FileSink
-from cnn.batch.sinks import open_sink
 from cnn.batch.sql_sink import SqlSink
-from cnn.errors import UserError
 from tests.helpers import PG_URL, requires_postgres
 
 
@@ -40,157 +38,6 @@ def _rows(n: int, version: str = "1") -> tuple[pd.DataFrame, pd.DataFrame]:
         }
     )
     return preds, rejects
-
-
-def _current(sink: FileSink | SqlSink, version: str) -> tuple[dict[str, str], set[str]]:
-    """({image_id: path} predicted, paths rejected): the current rows of one version."""
-    rows = sink.current("m")
-    rows = rows[rows["model_version"] == version]
-    predicted = rows[rows["reject_kind"] == ""]
-    return dict(zip(predicted["image_id"], predicted["path"])), set(rows.loc[rows["reject_kind"] != "", "path"])
-
-
-@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
-def test_file_sink_commits_parts_and_merges_once(tmp_path: Path, suffix: str) -> None:
-    sink = FileSink(tmp_path / f"out{suffix}")
-    preds, rejects = _rows(3)
-    sink.commit(0, preds, rejects)
-    sink.commit(0, preds, rejects)  # a retried shard
-    assert _current(sink, "1") == ({f"id{i}": f"/p/{i}.png" for i in range(3)}, {"/bad/1.png"})
-    sink.finish()
-    assert not (tmp_path / f"out{suffix}.parts").exists()
-    out = pd.read_parquet(sink.path) if suffix == ".parquet" else pd.read_csv(sink.path)
-    assert len(out) == 3
-    sink.commit(1, *_rows(2, version="2"))
-    sink.finish()
-    out = pd.read_parquet(sink.path) if suffix == ".parquet" else pd.read_csv(sink.path)
-    assert len(out) == 5 and _current(sink, "2")[1] == {"/bad/2.png"}
-
-
-def test_file_sink_finishes_over_a_killed_runs_temporary_files(tmp_path: Path) -> None:
-    sink = FileSink(tmp_path / "out.parquet")
-    sink.commit(0, *_rows(2))
-    # kill -9 during a part write leaves the temporary file of atomic_path behind
-    (sink.parts / ".shard-000001-abc.pred.parquet.x1y2.tmp").write_bytes(b"PAR1 half written")
-    (tmp_path / ".out.parquet.k3j4.tmp").write_bytes(b"PAR1 half merged")  # ... or of the final merge
-    assert _current(sink, "1")[0] == {"id0": "/p/0.png", "id1": "/p/1.png"}
-    sink.finish()
-    assert not sink.parts.exists() and len(pd.read_parquet(sink.path)) == 2
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".out.parquet.lock") == [
-        "out.parquet",
-        "out.rejects.parquet",
-        "out.review.parquet",
-    ]
-
-
-def test_sql_sink_upserts_and_adds_columns(tmp_path: Path) -> None:
-    sink = SqlSink.from_url(f"sqlite:///{tmp_path / 't.db'}#preds")
-    preds, rejects = _rows(3)
-    sink.commit(0, preds, rejects)
-    sink.commit(0, preds.assign(label="b"), rejects)  # same keys: updated, not doubled
-    more = _rows(1, version="2")[0].assign(claim_id="C9")
-    sink.commit(1, more, _rows(0, version="2")[1])
-    import sqlite3
-
-    with sqlite3.connect(tmp_path / "t.db") as db:
-        assert db.execute("select count(*), min(label) from preds where model_version='1'").fetchone() == (3, "b")
-        assert db.execute("select claim_id from preds where model_version='2'").fetchone() == ("C9",)
-        assert db.execute("select count(*) from preds_rejects").fetchone()[0] == 2
-    assert "sqlite" in sink.finish()[0]
-
-
-def test_sink_errors(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="invalid table name"):
-        SqlSink.from_url(f"sqlite:///{tmp_path / 'x.db'}#1bad")
-    with pytest.raises(UserError, match="cannot open") as unreachable:
-        SqlSink.from_url("postgresql+psycopg://nobody:secret@127.0.0.1:1/none#t")
-    assert "secret" not in str(unreachable.value) and "nobody:***@" in str(unreachable.value)
-    with pytest.raises(UserError, match=".parquet or .csv"):
-        open_sink(str(tmp_path / "x.txt"), None, "sqlite://#t")
-
-
-def test_csv_with_nothing_to_write_does_not_break_the_next_run(tmp_path: Path) -> None:
-    sink = FileSink(tmp_path / "out.csv")
-    preds, _ = _rows(2)
-    sink.commit(0, preds, _rows(0)[1].iloc[0:0])  # a run without rejects
-    sink.finish()
-    assert _current(sink, "1")[1] == set()  # reading the empty rejects file back used to raise EmptyDataError
-    sink.commit(1, _rows(1, version="2")[0], _rows(1, version="2")[1])
-    sink.finish()
-    assert len(pd.read_csv(tmp_path / "out.csv")) == 3 and len(pd.read_csv(tmp_path / "out.rejects.csv")) == 1
-
-
-def test_carried_ids_stay_text_in_csv_across_runs(tmp_path: Path) -> None:
-    sink = FileSink(tmp_path / "out.csv")
-    sink.commit(0, _rows(1)[0].assign(claim_id="007123"), _rows(1)[1])
-    sink.finish()
-    sink.commit(1, _rows(1, version="2")[0].assign(claim_id="000042"), _rows(1, version="2")[1])
-    sink.finish()
-    text = (tmp_path / "out.csv").read_text()
-    assert "007123" in text and "000042" in text
-
-
-def _commit_and_finish_many(path: str, worker: int) -> None:
-    sink = FileSink(Path(path))
-    for shard in range(12):
-        preds = _rows(3)[0].assign(image_id=[f"w{worker}-s{shard}-{i}" for i in range(3)])
-        sink.commit(shard, preds, _rows(0)[1].iloc[0:0])
-        if shard % 3 == 2:
-            sink.finish()  # a merge while the other run keeps committing
-
-
-def test_two_runs_writing_the_same_file_lose_nothing(tmp_path: Path) -> None:
-    """A manual run while the schedule fires: each run's merge must not delete the other's committed parts."""
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")  # not fork: this process runs threads (pyarrow, pools)
-    runs = [context.Process(target=_commit_and_finish_many, args=(str(tmp_path / "out.parquet"), w)) for w in (1, 2)]
-    for run in runs:
-        run.start()
-    for run in runs:
-        run.join(60)
-        assert run.exitcode == 0
-    FileSink(tmp_path / "out.parquet").finish()
-    out = pd.read_parquet(tmp_path / "out.parquet")
-    assert len(out) == 2 * 12 * 3 and out["image_id"].is_unique
-
-
-def test_identifiers_are_quoted_by_sqlalchemy(tmp_path: Path) -> None:
-    sink = SqlSink.from_url(f"sqlite:///{tmp_path / 't.db'}#preds")
-    preds, rejects = _rows(1)
-    sink.commit(0, preds, rejects)
-    sink.commit(1, _rows(1, version="2")[0].assign(**{'prob_x"y': 0.5, "order": "1"}), rejects.iloc[0:0])
-    import sqlite3
-
-    with sqlite3.connect(tmp_path / "t.db") as db:
-        assert db.execute('select "prob_x""y", "order" from preds where model_version = \'2\'').fetchone() == (0.5, "1")
-
-
-def test_unsupported_or_malformed_database_urls_are_refused_up_front() -> None:
-    with pytest.raises(UserError, match="SQLite or PostgreSQL, not mysql"):
-        SqlSink.from_url("mysql://user:pw@127.0.0.1/db#t")
-    with pytest.raises(UserError, match="not a database URL"):
-        SqlSink.from_url("predictions.db#t")
-
-
-@requires_postgres
-@pytest.mark.parametrize("scheme", ["postgresql", "postgresql+psycopg"])
-def test_postgresql_urls_as_people_write_them(scheme: str) -> None:
-    import uuid
-
-    from sqlalchemy import create_engine, text
-
-    url = PG_URL.replace("postgresql+psycopg", scheme)
-    table = f"preds_{uuid.uuid4().hex[:8]}"
-    sink = SqlSink.from_url(f"{url}#{table}")
-    try:
-        sink.commit(0, *_rows(2))
-        sink.commit(0, *_rows(2))  # a retried shard: upserted, not doubled
-        assert set(_current(sink, "1")[0]) == {"id0", "id1"}
-    finally:
-        with create_engine(PG_URL).begin() as conn:
-            conn.execute(text(f'drop table if exists "{table}"'))
-            conn.execute(text(f'drop table if exists "{table}_rejects"'))
 
 
 def _pg_table_sink() -> SqlSink:
@@ -383,18 +230,3 @@ def test_drift_rows_are_kept_once_per_run_and_statistic(tmp_path: Path) -> None:
             with sink.engine.connect() as conn:
                 table = pd.read_sql_query('select * from "preds_drift"', conn)
         assert len(table) == 4 and set(table.loc[table["flow_run_id"] == "r1", "p_value"]) == {0.6, 0.002}
-
-
-def test_sql_duplicates_table_collects_the_copies(tmp_path: Path) -> None:
-    sink = SqlSink.from_url(f"sqlite:///{tmp_path / 't.db'}#preds")
-    preds, rejects = _rows(3)
-    preds = preds.assign(
-        duplicate_kind=[None, "near", "exact"],
-        duplicate_of=[None, '{"image_id": "old1", "source": "training"}', '{"image_id": "old2", "source": "scored"}'],
-    )
-    sink.commit(0, preds, rejects)
-    with sink.engine.connect() as conn:
-        copies = pd.read_sql_query('select * from "preds_duplicates" order by image_id', conn)
-    assert copies["image_id"].tolist() == ["id1", "id2"] and copies["earlier_image_id"].tolist() == ["old1", "old2"]
-    assert copies["earlier_source"].tolist() == ["training", "scored"]
-    assert "#preds_duplicates" in sink.finish()[-1]

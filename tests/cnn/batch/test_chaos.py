@@ -22,7 +22,7 @@ from cnn.model.run import FitResult
 from tests.helpers import PG_URL, requires_postgres, write_patterns
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).parents[3]
 ROUNDS = 2
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,8 +12,7 @@ from cnn.data.dataset import Dataset
 from cnn.errors import UserError
 from cnn.infer.predictor import Predictor
 from cnn.model.run import FitResult
-from cnn.trust.card import GateSummary, ModelCard, build_card
-from cnn.trust.evaluation import bf16_split_agreement, calibrate_run, evaluate_run, score_split
+from cnn.trust.evaluation import bf16_split_agreement, evaluate_run, score_split
 
 
 def test_score_split_reads_the_cache_and_matches_decoding_the_files(trained: FitResult, patterns: Path) -> None:
@@ -49,20 +46,3 @@ def test_evaluate_run_metrics_equal_score_split(trained: FitResult, patterns: Pa
 def test_bf16_agreement_on_the_validation_split(trained: FitResult, patterns: Path) -> None:
     agreement = bf16_split_agreement(Predictor.load(trained.weights, trained.contract), Dataset(patterns), "val")
     assert agreement is not None and 0.8 <= agreement <= 1.0  # bf16 rounding flips few labels of a real model
-
-
-def test_a_model_card_round_trips_through_its_json_with_typed_sections(
-    trained: FitResult, patterns: Path, tmp_path: Path
-) -> None:
-    """card.json is written from typed sections and read back into the same card (what `to_markdown` renders)."""
-    run = tmp_path / "run"
-    shutil.copytree(trained.run_dir, run)  # the session's trained run stays as it is
-    calibrate_run(run, patterns)
-    evaluate_run(run, patterns, "test")
-    gate = GateSummary("champion", "no champion yet")
-    card = build_card(run, Dataset(patterns), "patterns", "1", {"intended_use": "tests"}, gate, [])
-    again = ModelCard.from_dict(json.loads(json.dumps(card.to_dict())))  # as card.json is read back
-    assert json.dumps(again.to_dict(), sort_keys=True) == json.dumps(card.to_dict(), sort_keys=True)
-    assert again.to_markdown() == card.to_markdown()
-    assert card.data.ok == len(Dataset(patterns).usable()) and set(card.per_class) == set(trained.contract.classes)
-    assert "**@champion**: no champion yet" in card.to_markdown()

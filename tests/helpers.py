@@ -18,12 +18,21 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from cnn.config import IngestOptions
 from cnn.data.ingest import ingest
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+# the small CNN every training test trains: a few thousand weights, a few seconds an epoch on the pattern set
+TINY = {"model": "small_cnn", "model_options": {"filters": [8, 16], "dense": 32}, "loader_workers": 0}
+
+
+def tiny_config(path: Path, **settings: object) -> Path:
+    """A training config file (YAML) for the tiny CNN (`TINY`), with `settings` on top."""
+    path.write_text(yaml.safe_dump({**TINY, **settings}, sort_keys=False))
+    return path
 
 
 def image_bytes(array: np.ndarray, fmt: str = "PNG", **save: object) -> bytes:

@@ -9,11 +9,10 @@ import pytest
 from cnn.config import TrainConfig
 from cnn.model.run import FitResult
 from cnn.model.train import fit
-from tests.helpers import pattern_dataset
+from tests.helpers import TINY, pattern_dataset
 
 FAST = dict(
-    model="small_cnn",
-    model_options={"filters": [8, 16], "dense": 32},
+    **TINY,
     batch_size=16,
     lr=3e-3,
     warmup_epochs=0.5,

@@ -16,7 +16,7 @@ from PIL import Image
 
 from cnn.batch.object_sink import read_manifest
 from cnn.io import storage
-from tests.helpers import clean_env, write_patterns
+from tests.helpers import clean_env, tiny_config, write_patterns
 from tests.s3 import S3Server
 
 CNN = str(Path(sys.executable).with_name("cnn"))
@@ -48,7 +48,7 @@ def test_ingest_train_and_score_with_buckets_then_an_incremental_night(
     training, incoming, results = s3.bucket("training"), s3.bucket("incoming"), s3.bucket("results")
     _upload(write_patterns(tmp_path / "train", per_class=30, seed=0), f"{training}/patterns")
     _upload(write_patterns(tmp_path / "night1", per_class=4, seed=5), f"{incoming}/2026-11-30")
-    (tmp_path / "fast.yaml").write_text("model_options: {filters: [8, 16], dense: 32}\nloader_workers: 0\nepochs: 3\n")
+    tiny_config(tmp_path / "fast.yaml", epochs=3)
     output = cnn("ingest", f"{training}/patterns", "--dataset", "patterns", "--image-size", "24", "--channels", "1")
     output += cnn("train", "--dataset", "patterns", "--config", str(tmp_path / "fast.yaml"))
     out = f"{results}/predictions/scores.parquet"

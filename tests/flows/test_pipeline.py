@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from cnn.config import IngestOptions, ScoreConfig, TrainConfig
-from tests.helpers import write_patterns
+from tests.helpers import TINY, write_patterns
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ def test_pipeline_scores_with_the_champion_it_trained(prefect_server: None, cnn_
         dataset="patterns",
         incoming=str(incoming),
         options=IngestOptions(image_size=24, channels=1, decode_workers=1),
-        config=TrainConfig(epochs=2, batch_size=16, model_options={"filters": [8, 16], "dense": 32}),
+        config=TrainConfig(**{**TINY, "epochs": 2, "batch_size": 16}),
         scoring=ScoreConfig(model="not-this-one", output=str(out), review_below=0.0),
     )
     assert Path(outcome.ingest.manifest).is_file()

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 from cnn.data.dataset import Dataset
-from tests.helpers import PG_URL, clean_env, free_port, requires_postgres, wait_until_up, write_dicom
+from tests.helpers import PG_URL, clean_env, free_port, requires_postgres, tiny_config, wait_until_up, write_dicom
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, requires_postgres]
 CNN = str(Path(sys.executable).with_name("cnn"))
@@ -69,7 +69,7 @@ def test_a_canary_patient_and_a_canary_password_leave_no_trace_in_what_is_shared
                 pixels = np.clip(rng.normal(level, 25, (24, 24)), 0, 255)
                 folder = source / label / f"{canary}-{label}-{patient}"  # PACS exports name folders by patient
                 write_dicom(folder / f"{scan}.dcm", pixels, f"{canary}-ID-{label}-{patient}", f"{canary}^Jane")
-    (tmp_path / "fast.yaml").write_text("model_options: {filters: [8, 16], dense: 32}\nloader_workers: 0\n")
+    tiny_config(tmp_path / "fast.yaml")
     output = _cnn(home, api, "ingest", str(source), "--dataset", "scans", "--image-size", "24", "--channels", "1")
     output += _cnn(home, api, "train", "--dataset", "scans", "--config", str(tmp_path / "fast.yaml"), "--epochs", "2")
     preds = tmp_path / "preds.parquet"

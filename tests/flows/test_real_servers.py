@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import api_json, free_port, pattern_dataset, requires_postgres, wait_until_up, write_patterns
+from tests.helpers import TINY, api_json, free_port, pattern_dataset, requires_postgres, wait_until_up, write_patterns
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
@@ -207,7 +207,7 @@ def _run_deployment(env: dict[str, str], name: str, parameters: dict) -> dict:
 def test_train_then_score_on_real_servers(stack: dict[str, str]) -> None:
     tmp = Path(stack["tmp"])
     pattern_dataset(Path(stack["CNN_HOME"]))
-    config = {"model_options": {"filters": [8, 16], "dense": 32}, "loader_workers": 0, "epochs": 2, "batch_size": 16}
+    config = {**TINY, "epochs": 2, "batch_size": 16}
     trained = _run_deployment(stack, "train/scheduled", {"dataset": "patterns", "config": config})
     logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in (tmp / "logs").glob("worker-*.log"))
     assert trained["state_type"] == "COMPLETED", logs

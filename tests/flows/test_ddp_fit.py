@@ -13,7 +13,7 @@ from cnn.model.run import FitResult
 from cnn.model.train import fit
 from flows.cli import app
 from flows.train import launch_distributed
-from tests.helpers import pattern_dataset
+from tests.helpers import TINY, pattern_dataset, tiny_config
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow
@@ -27,10 +27,10 @@ def test_ddp_two_cpu_processes_match_single_process_steps(prefect_server: None, 
 
     workspace.configure()
     root = pattern_dataset(cnn_home)
-    options = {"model_options": {"filters": [8, 16], "dense": 32}, "loader_workers": 0, "epochs": 2, "batch_size": 16}
+    options = {**TINY, "epochs": 2, "batch_size": 16}
     single = fit(TrainConfig(**options), root, tmp_path / "single")
     config = tmp_path / "ddp.yaml"
-    config.write_text("model_options: {filters: [8, 16], dense: 32}\nloader_workers: 0\nepochs: 2\nbatch_size: 16\n")
+    tiny_config(config, epochs=2, batch_size=16)
     result = runner.invoke(app, ["train", "--dataset", "patterns", "--config", str(config), "--nproc-per-node", "2"])
     assert result.exit_code == 0, result.output
     run_dir = next((cnn_home / "runs" / "patterns").iterdir())
@@ -53,13 +53,7 @@ def test_ddp_resume_continues_from_the_last_checkpoint(tmp_path: Path) -> None:
 
     def launch(epochs: int, resume: bool) -> FitResult:
         """torchrun without Prefect or MLflow: what a worker node of a multi-node job runs."""
-        cfg = TrainConfig(
-            model_options={"filters": [8, 16], "dense": 32},
-            loader_workers=0,
-            epochs=epochs,
-            batch_size=16,
-            nproc_per_node=2,
-        )
+        cfg = TrainConfig(**{**TINY, "epochs": epochs, "batch_size": 16, "nproc_per_node": 2})
         launch_distributed(str(root), str(run_dir), cfg, "", resume)
         return FitResult.load(run_dir)
 

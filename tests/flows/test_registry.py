@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from cnn.config import IngestOptions
 from cnn.data.ingest import ingest
 from flows.cli import app
-from tests.helpers import pattern_dataset, workspace_env, write_patterns
+from tests.helpers import pattern_dataset, tiny_config, workspace_env, write_patterns
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow
@@ -30,7 +30,7 @@ def home(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Iter
     with workspace_env(tmp_path_factory.mktemp("gate") / "home") as home:
         workspace.configure()
         pattern_dataset(home)
-        (home.parent / "fast.yaml").write_text("model_options: {filters: [8, 16], dense: 32}\nloader_workers: 0\n")
+        tiny_config(home.parent / "fast.yaml")
         yield home
 
 

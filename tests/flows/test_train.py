@@ -22,6 +22,7 @@ from tests.helpers import (
     free_port,
     pattern_dataset,
     pattern_image,
+    tiny_config,
     wait_until_up,
     workspace_env,
     write_dicom,
@@ -48,7 +49,7 @@ def trained(cnn_home: Path) -> Path:
     workspace.configure()
     pattern_dataset(cnn_home)
     config = cnn_home.parent / "fast.yaml"
-    config.write_text("model_options: {filters: [8, 16], dense: 32}\nloader_workers: 0\nwarmup_epochs: 0.5\n")
+    tiny_config(config, warmup_epochs=0.5)
     trust = ["--operating-point", "horizontal:sensitivity>=0.9", "--intended-use", "Sorting test patterns."]
     result = runner.invoke(app, ["train", "--dataset", "patterns", "--config", str(config), *EPOCHS, *trust])
     assert result.exit_code == 0, result.output

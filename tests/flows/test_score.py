@@ -30,6 +30,7 @@ from tests.helpers import (
     free_port,
     pattern_dataset,
     requires_postgres,
+    tiny_config,
     unusable_compiler,
     write_patterns,
 )
@@ -50,7 +51,7 @@ def home(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Iter
     workspace.configure()
     pattern_dataset(root / "home")
     config = root / "fast.yaml"
-    config.write_text("model_options: {filters: [8, 16], dense: 32}\nloader_workers: 0\nepochs: 3\nbatch_size: 16\n")
+    tiny_config(config, epochs=3, batch_size=16)
     result = runner.invoke(app, ["train", "--dataset", "patterns", "--config", str(config)])
     assert result.exit_code == 0, result.output
     yield root / "home"

@@ -16,7 +16,6 @@ FAST = dict(
     batch_size=16,
     lr=3e-3,
     warmup_epochs=0.5,
-    loader_workers=0,
     precision="fp32",  # bit-for-bit comparisons need one precision on every host (auto times bf16 per host)
 )
 

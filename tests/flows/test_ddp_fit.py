@@ -16,7 +16,7 @@ from flows.train import launch_distributed
 from tests.helpers import TINY, pattern_dataset, tiny_config
 
 runner = CliRunner()
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.slowest]  # minutes: in make test-all and CI
 
 
 def test_ddp_two_cpu_processes_match_single_process_steps(prefect_server: None, cnn_home: Path, tmp_path: Path) -> None:

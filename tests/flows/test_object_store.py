@@ -20,7 +20,7 @@ from tests.helpers import clean_env, tiny_config, write_patterns
 from tests.s3 import S3Server
 
 CNN = str(Path(sys.executable).with_name("cnn"))
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.slowest]  # minutes: in make test-all and CI
 
 
 def _upload(local: Path, url: str) -> None:

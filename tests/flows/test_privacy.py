@@ -22,7 +22,7 @@ import pytest
 from cnn.data.dataset import Dataset
 from tests.helpers import PG_URL, clean_env, free_port, requires_postgres, tiny_config, wait_until_up, write_dicom
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e, requires_postgres]
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.slowest, requires_postgres]  # in make test-all and CI
 CNN = str(Path(sys.executable).with_name("cnn"))
 
 

@@ -30,7 +30,7 @@ WORKER_PASSWORD = "w0rker-" + uuid.uuid4().hex[:8]
 API_AUTH = f"cnn:api-{uuid.uuid4().hex[:8]}"  # PREFECT_SERVER_API_AUTH_STRING, as in the compose file
 
 
-pytestmark = [requires_postgres, pytest.mark.e2e]
+pytestmark = [requires_postgres, pytest.mark.e2e, pytest.mark.slowest]  # minutes: in make test-all and CI
 
 
 def _databases(names: list[str], create: bool) -> None:

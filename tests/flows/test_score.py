@@ -37,7 +37,7 @@ from tests.helpers import (
 
 runner = CliRunner()
 CNN = str(Path(sys.executable).with_name("cnn"))
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.slowest]  # minutes: in make test-all and CI
 
 
 @pytest.fixture(scope="module")

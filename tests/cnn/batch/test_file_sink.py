@@ -8,69 +8,33 @@ import pandas as pd
 import pytest
 
 from cnn.batch.file_sink import FileSink
-from cnn.batch.sql_sink import SqlSink
-
-
-def _rows(n: int, version: str = "1") -> tuple[pd.DataFrame, pd.DataFrame]:
-    preds = pd.DataFrame(
-        {
-            "image_id": [f"id{i}" for i in range(n)],
-            "path": [f"/p/{i}.png" for i in range(n)],
-            "label": "a",
-            "confidence": 0.9,
-            "needs_review": False,
-            "model_name": "m",
-            "model_version": version,
-            "scored_at": pd.Timestamp("2026-01-01", tz="UTC"),
-        }
-    )
-    rejects = pd.DataFrame(
-        {
-            "image_id": [""],
-            "path": [f"/bad/{version}.png"],
-            "reason": ["empty file (0 bytes)"],
-            "reject_kind": "empty",
-            "attempts": 1,
-            "model_name": "m",
-            "model_version": version,
-            "scored_at": pd.Timestamp("2026-01-01", tz="UTC"),
-        }
-    )
-    return preds, rejects
-
-
-def _current(sink: FileSink | SqlSink, version: str) -> tuple[dict[str, str], set[str]]:
-    """({image_id: path} predicted, paths rejected): the current rows of one version."""
-    rows = sink.current("m")
-    rows = rows[rows["model_version"] == version]
-    predicted = rows[rows["reject_kind"] == ""]
-    return dict(zip(predicted["image_id"], predicted["path"])), set(rows.loc[rows["reject_kind"] != "", "path"])
+from tests.cnn.batch.rows import current_rows, table_rows
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".csv"])
 def test_file_sink_commits_parts_and_merges_once(tmp_path: Path, suffix: str) -> None:
     sink = FileSink(tmp_path / f"out{suffix}")
-    preds, rejects = _rows(3)
+    preds, rejects = table_rows(3)
     sink.commit(0, preds, rejects)
     sink.commit(0, preds, rejects)  # a retried shard
-    assert _current(sink, "1") == ({f"id{i}": f"/p/{i}.png" for i in range(3)}, {"/bad/1.png"})
+    assert current_rows(sink, "1") == ({f"id{i}": f"/p/{i}.png" for i in range(3)}, {"/bad/1.png"})
     sink.finish()
     assert not (tmp_path / f"out{suffix}.parts").exists()
     out = pd.read_parquet(sink.path) if suffix == ".parquet" else pd.read_csv(sink.path)
     assert len(out) == 3
-    sink.commit(1, *_rows(2, version="2"))
+    sink.commit(1, *table_rows(2, version="2"))
     sink.finish()
     out = pd.read_parquet(sink.path) if suffix == ".parquet" else pd.read_csv(sink.path)
-    assert len(out) == 5 and _current(sink, "2")[1] == {"/bad/2.png"}
+    assert len(out) == 5 and current_rows(sink, "2")[1] == {"/bad/2.png"}
 
 
 def test_file_sink_finishes_over_a_killed_runs_temporary_files(tmp_path: Path) -> None:
     sink = FileSink(tmp_path / "out.parquet")
-    sink.commit(0, *_rows(2))
+    sink.commit(0, *table_rows(2))
     # kill -9 during a part write leaves the temporary file of atomic_path behind
     (sink.parts / ".shard-000001-abc.pred.parquet.x1y2.tmp").write_bytes(b"PAR1 half written")
     (tmp_path / ".out.parquet.k3j4.tmp").write_bytes(b"PAR1 half merged")  # ... or of the final merge
-    assert _current(sink, "1")[0] == {"id0": "/p/0.png", "id1": "/p/1.png"}
+    assert current_rows(sink, "1")[0] == {"id0": "/p/0.png", "id1": "/p/1.png"}
     sink.finish()
     assert not sink.parts.exists() and len(pd.read_parquet(sink.path)) == 2
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".out.parquet.lock") == [
@@ -82,20 +46,20 @@ def test_file_sink_finishes_over_a_killed_runs_temporary_files(tmp_path: Path) -
 
 def test_csv_with_nothing_to_write_does_not_break_the_next_run(tmp_path: Path) -> None:
     sink = FileSink(tmp_path / "out.csv")
-    preds, _ = _rows(2)
-    sink.commit(0, preds, _rows(0)[1].iloc[0:0])  # a run without rejects
+    preds, _ = table_rows(2)
+    sink.commit(0, preds, table_rows(0)[1].iloc[0:0])  # a run without rejects
     sink.finish()
-    assert _current(sink, "1")[1] == set()  # reading the empty rejects file back used to raise EmptyDataError
-    sink.commit(1, _rows(1, version="2")[0], _rows(1, version="2")[1])
+    assert current_rows(sink, "1")[1] == set()  # reading the empty rejects file back used to raise EmptyDataError
+    sink.commit(1, table_rows(1, version="2")[0], table_rows(1, version="2")[1])
     sink.finish()
     assert len(pd.read_csv(tmp_path / "out.csv")) == 3 and len(pd.read_csv(tmp_path / "out.rejects.csv")) == 1
 
 
 def test_carried_ids_stay_text_in_csv_across_runs(tmp_path: Path) -> None:
     sink = FileSink(tmp_path / "out.csv")
-    sink.commit(0, _rows(1)[0].assign(claim_id="007123"), _rows(1)[1])
+    sink.commit(0, table_rows(1)[0].assign(claim_id="007123"), table_rows(1)[1])
     sink.finish()
-    sink.commit(1, _rows(1, version="2")[0].assign(claim_id="000042"), _rows(1, version="2")[1])
+    sink.commit(1, table_rows(1, version="2")[0].assign(claim_id="000042"), table_rows(1, version="2")[1])
     sink.finish()
     text = (tmp_path / "out.csv").read_text()
     assert "007123" in text and "000042" in text
@@ -104,8 +68,8 @@ def test_carried_ids_stay_text_in_csv_across_runs(tmp_path: Path) -> None:
 def _commit_and_finish_many(path: str, worker: int) -> None:
     sink = FileSink(Path(path))
     for shard in range(12):
-        preds = _rows(3)[0].assign(image_id=[f"w{worker}-s{shard}-{i}" for i in range(3)])
-        sink.commit(shard, preds, _rows(0)[1].iloc[0:0])
+        preds = table_rows(3)[0].assign(image_id=[f"w{worker}-s{shard}-{i}" for i in range(3)])
+        sink.commit(shard, preds, table_rows(0)[1].iloc[0:0])
         if shard % 3 == 2:
             sink.finish()  # a merge while the other run keeps committing
 

@@ -12,8 +12,8 @@ from cnn.batch.plan import list_inputs, mark_duplicates, plan_shards
 from cnn.batch.run import ModelRef, ScoringOptions, summarise
 from cnn.batch.shard import Scorer
 from cnn.errors import UserError
-from cnn.infer.predictor import Predictor
 from cnn.model.run import FitResult
+from tests.cnn.batch.batches import incoming_batch, scoring_predictor
 from tests.helpers import write_patterns
 from tests.s3 import S3Server
 
@@ -31,18 +31,6 @@ def test_mark_duplicates_in_path_order_and_against_earlier_runs(tmp_path: Path) 
     earlier = {marked.loc[str(first), "image_id"]: "/old/place.png"}
     again = mark_duplicates(files, earlier).set_index("path")
     assert again.loc[str(first), "same_bytes_as"] == "/old/place.png"
-
-
-def _predictor(trained: FitResult) -> Predictor:
-    return Predictor.load(trained.weights, trained.contract, "cpu", channels_last=True, fuse=True)
-
-
-def _incoming(base: Path) -> Path:
-    folder = write_patterns(base, per_class=3, seed=5)
-    (folder / "empty.png").write_bytes(b"")
-    (folder / "notes.png").write_text("call the adjuster")
-    shutil.copy(next(folder.glob("checker/*.png")), folder / "zz_copy.png")
-    return folder
 
 
 @pytest.mark.parametrize(
@@ -63,7 +51,7 @@ def test_a_bucket_is_read_once_per_new_object_and_not_at_all_when_unchanged(
     from cnn.io import storage
 
     bucket = s3.bucket("scoring")
-    folder = _incoming(tmp_path / "in")
+    folder = incoming_batch(tmp_path / "in")
     fs, root = storage.filesystem(bucket)
     fs.pipe({f"{root}/in/{p.relative_to(folder).as_posix()}": p.read_bytes() for p in folder.rglob("*") if p.is_file()})
     sink = ObjectSink(f"{bucket}/out/preds.parquet")
@@ -73,7 +61,7 @@ def test_a_bucket_is_read_once_per_new_object_and_not_at_all_when_unchanged(
     copies = sorted((tmp_path / "run" / "objects").iterdir())
     assert plan.files == 12 and len(copies) == 11  # each object read once at planning; equal bytes kept once
     fs.rm(f"{root}/in", recursive=True)  # the shards decode the plan's copies: they never fetch an object again
-    scorer = Scorer(_predictor(trained), MODEL, ScoringOptions())
+    scorer = Scorer(scoring_predictor(trained), MODEL, ScoringOptions())
     results = [scorer.score_shard(plan, i, [sink]) for i in range(3)]
     summary = summarise(results, plan, MODEL, seconds=1.0, tables=sink.finish())
     assert (summary.predicted, summary.rejected) == (9, 3)

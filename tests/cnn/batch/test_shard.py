@@ -18,28 +18,17 @@ from cnn.errors import UserError
 from cnn.infer.predictor import Predictor
 from cnn.io.decode import RejectKind
 from cnn.model.run import FitResult
+from tests.cnn.batch.batches import incoming_batch, scoring_predictor
 from tests.helpers import write_patterns
 
 MODEL = ModelRef("patterns", "1", "run-1")
 
 
-def _predictor(trained: FitResult) -> Predictor:
-    return Predictor.load(trained.weights, trained.contract, "cpu", channels_last=True, fuse=True)
-
-
-def _incoming(base: Path) -> Path:
-    folder = write_patterns(base, per_class=3, seed=5)
-    (folder / "empty.png").write_bytes(b"")
-    (folder / "notes.png").write_text("call the adjuster")
-    shutil.copy(next(folder.glob("checker/*.png")), folder / "zz_copy.png")
-    return folder
-
-
 def test_score_files_rows_rejects_and_ids(trained: FitResult, tmp_path: Path) -> None:
-    folder = _incoming(tmp_path / "in")
+    folder = incoming_batch(tmp_path / "in")
     files = mark_duplicates(list_inputs(str(folder)).files.assign(claim_id=lambda f: [f"C{i}" for i in f.index]))
     options = ScoringOptions(batch_size=4, top_k=2, review_below=0.99)
-    scored = Scorer(_predictor(trained), MODEL, options).score_files(files, ["claim_id"])
+    scored = Scorer(scoring_predictor(trained), MODEL, options).score_files(files, ["claim_id"])
     preds, rejects = scored.predictions, scored.rejects
     assert len(preds) == 9 and len(rejects) == 3
     assert sorted(preds["path"].tolist() + rejects["path"].tolist()) == sorted(files["path"])
@@ -58,12 +47,12 @@ def test_score_files_rows_rejects_and_ids(trained: FitResult, tmp_path: Path) ->
 
 
 def test_plan_then_shards_then_summary_exactly_once(trained: FitResult, tmp_path: Path) -> None:
-    folder = _incoming(tmp_path / "in")
+    folder = incoming_batch(tmp_path / "in")
     sink = FileSink(tmp_path / "out.parquet")
     inputs = list_inputs(str(folder))
     plan = plan_shards(inputs, [sink], MODEL, shard_size=4, run_dir=tmp_path)
     assert (plan.files, plan.shards, plan.skipped) == (12, 3, 0)
-    predictor = _predictor(trained)
+    predictor = scoring_predictor(trained)
     scorer = Scorer(predictor, MODEL, ScoringOptions())
     results = [scorer.score_shard(plan, i, [sink]) for i in range(plan.shards)]
     summary = summarise(results, plan, MODEL, seconds=1.0, tables=sink.finish())
@@ -85,8 +74,8 @@ def test_decoding_the_next_shard_ahead_scores_the_same_rows(
     files from there (no second decode); the tables are the same as decoding each shard in turn."""
     from cnn.batch import shard as shards
 
-    folder = _incoming(tmp_path / "in")
-    predictor, tables = _predictor(trained), {}
+    folder = incoming_batch(tmp_path / "in")
+    predictor, tables = scoring_predictor(trained), {}
     decoded_now: list[int] = []
     real = shards.decode_rows
     for ahead in (False, True):
@@ -121,7 +110,7 @@ def test_increments_follow_content_retry_transient_rejects_and_rescore_keeps_his
     uploading.write_bytes(photos[0].read_bytes()[:120])  # an upload still in progress when the run starts
     stuck = folder / "stuck.png"
     stuck.write_bytes(photos[1].read_bytes()[:150])  # truncated for good
-    sink, predictor = FileSink(tmp_path / "out.parquet"), _predictor(trained)
+    sink, predictor = FileSink(tmp_path / "out.parquet"), scoring_predictor(trained)
 
     first = _run(folder, sink, predictor, tmp_path, max_attempts=2)
     assert (first.predicted, first.rejects_by_kind) == (6, {"truncated": 2})
@@ -163,7 +152,7 @@ def test_pseudonymized_columns_and_paths_still_make_increments_work(trained: Fit
         folder / "claims.csv", index=False
     )
     masking = Masking(("claim_id", "path"), b"key")
-    sink, predictor = FileSink(tmp_path / "out.parquet"), _predictor(trained)
+    sink, predictor = FileSink(tmp_path / "out.parquet"), scoring_predictor(trained)
     first = _run(folder / "claims.csv", sink, predictor, tmp_path, masking=masking)
     assert (first.predicted, first.rejected) == (6, 1)
     table, rejects = pd.read_parquet(sink.path), pd.read_parquet(sink.rejects_path)

@@ -7,55 +7,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cnn.batch.file_sink import FileSink
 from cnn.batch.sql_sink import SqlSink
 from cnn.errors import UserError
+from tests.cnn.batch.rows import current_rows, table_rows
 from tests.helpers import PG_URL, requires_postgres
-
-
-def _rows(n: int, version: str = "1") -> tuple[pd.DataFrame, pd.DataFrame]:
-    preds = pd.DataFrame(
-        {
-            "image_id": [f"id{i}" for i in range(n)],
-            "path": [f"/p/{i}.png" for i in range(n)],
-            "label": "a",
-            "confidence": 0.9,
-            "needs_review": False,
-            "model_name": "m",
-            "model_version": version,
-            "scored_at": pd.Timestamp("2026-01-01", tz="UTC"),
-        }
-    )
-    rejects = pd.DataFrame(
-        {
-            "image_id": [""],
-            "path": [f"/bad/{version}.png"],
-            "reason": ["empty file (0 bytes)"],
-            "reject_kind": "empty",
-            "attempts": 1,
-            "model_name": "m",
-            "model_version": version,
-            "scored_at": pd.Timestamp("2026-01-01", tz="UTC"),
-        }
-    )
-    return preds, rejects
-
-
-def _current(sink: FileSink | SqlSink, version: str) -> tuple[dict[str, str], set[str]]:
-    """({image_id: path} predicted, paths rejected): the current rows of one version."""
-    rows = sink.current("m")
-    rows = rows[rows["model_version"] == version]
-    predicted = rows[rows["reject_kind"] == ""]
-    return dict(zip(predicted["image_id"], predicted["path"])), set(rows.loc[rows["reject_kind"] != "", "path"])
 
 
 def test_sql_sink_upserts_and_adds_columns(tmp_path: Path) -> None:
     sink = SqlSink.from_url(f"sqlite:///{tmp_path / 't.db'}#preds")
-    preds, rejects = _rows(3)
+    preds, rejects = table_rows(3)
     sink.commit(0, preds, rejects)
     sink.commit(0, preds.assign(label="b"), rejects)  # same keys: updated, not doubled
-    more = _rows(1, version="2")[0].assign(claim_id="C9")
-    sink.commit(1, more, _rows(0, version="2")[1])
+    more = table_rows(1, version="2")[0].assign(claim_id="C9")
+    sink.commit(1, more, table_rows(0, version="2")[1])
     import sqlite3
 
     with sqlite3.connect(tmp_path / "t.db") as db:
@@ -67,9 +31,9 @@ def test_sql_sink_upserts_and_adds_columns(tmp_path: Path) -> None:
 
 def test_identifiers_are_quoted_by_sqlalchemy(tmp_path: Path) -> None:
     sink = SqlSink.from_url(f"sqlite:///{tmp_path / 't.db'}#preds")
-    preds, rejects = _rows(1)
+    preds, rejects = table_rows(1)
     sink.commit(0, preds, rejects)
-    sink.commit(1, _rows(1, version="2")[0].assign(**{'prob_x"y': 0.5, "order": "1"}), rejects.iloc[0:0])
+    sink.commit(1, table_rows(1, version="2")[0].assign(**{'prob_x"y': 0.5, "order": "1"}), rejects.iloc[0:0])
     import sqlite3
 
     with sqlite3.connect(tmp_path / "t.db") as db:
@@ -94,9 +58,9 @@ def test_postgresql_urls_as_people_write_them(scheme: str) -> None:
     table = f"preds_{uuid.uuid4().hex[:8]}"
     sink = SqlSink.from_url(f"{url}#{table}")
     try:
-        sink.commit(0, *_rows(2))
-        sink.commit(0, *_rows(2))  # a retried shard: upserted, not doubled
-        assert set(_current(sink, "1")[0]) == {"id0", "id1"}
+        sink.commit(0, *table_rows(2))
+        sink.commit(0, *table_rows(2))  # a retried shard: upserted, not doubled
+        assert set(current_rows(sink, "1")[0]) == {"id0", "id1"}
     finally:
         with create_engine(PG_URL).begin() as conn:
             conn.execute(text(f'drop table if exists "{table}"'))
@@ -105,7 +69,7 @@ def test_postgresql_urls_as_people_write_them(scheme: str) -> None:
 
 def test_sql_duplicates_table_collects_the_copies(tmp_path: Path) -> None:
     sink = SqlSink.from_url(f"sqlite:///{tmp_path / 't.db'}#preds")
-    preds, rejects = _rows(3)
+    preds, rejects = table_rows(3)
     preds = preds.assign(
         duplicate_kind=[None, "near", "exact"],
         duplicate_of=[None, '{"image_id": "old1", "source": "training"}', '{"image_id": "old2", "source": "scored"}'],

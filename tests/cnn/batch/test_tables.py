@@ -9,35 +9,8 @@ import pytest
 
 from cnn.batch.file_sink import FileSink
 from cnn.batch.sql_sink import SqlSink
+from tests.cnn.batch.rows import table_rows
 from tests.helpers import PG_URL, requires_postgres
-
-
-def _rows(n: int, version: str = "1") -> tuple[pd.DataFrame, pd.DataFrame]:
-    preds = pd.DataFrame(
-        {
-            "image_id": [f"id{i}" for i in range(n)],
-            "path": [f"/p/{i}.png" for i in range(n)],
-            "label": "a",
-            "confidence": 0.9,
-            "needs_review": False,
-            "model_name": "m",
-            "model_version": version,
-            "scored_at": pd.Timestamp("2026-01-01", tz="UTC"),
-        }
-    )
-    rejects = pd.DataFrame(
-        {
-            "image_id": [""],
-            "path": [f"/bad/{version}.png"],
-            "reason": ["empty file (0 bytes)"],
-            "reject_kind": "empty",
-            "attempts": 1,
-            "model_name": "m",
-            "model_version": version,
-            "scored_at": pd.Timestamp("2026-01-01", tz="UTC"),
-        }
-    )
-    return preds, rejects
 
 
 def _pg_table_sink() -> SqlSink:
@@ -80,7 +53,7 @@ def test_a_path_has_one_current_row_and_keeps_its_history(tmp_path: Path, kind: 
     path at each step, and every earlier row kept with the time it was superseded."""
     sink = _sink(kind, tmp_path)
     t = [pd.Timestamp(f"2026-01-0{d}", tz="UTC") for d in range(1, 6)]
-    preds, rejects = _rows(2)
+    preds, rejects = table_rows(2)
     empty = rejects.iloc[0:0]
     try:
         sink.commit(0, preds.assign(scored_at=t[0]), empty)
@@ -115,11 +88,11 @@ def test_a_path_has_one_current_row_and_keeps_its_history(tmp_path: Path, kind: 
 
 def test_a_retried_reject_replaces_its_row_and_counts_attempts(tmp_path: Path) -> None:
     sink = FileSink(tmp_path / "out.parquet")
-    _, rejects = _rows(1)
+    _, rejects = table_rows(1)
     slow = rejects.assign(reject_kind="time_limit", image_id="x")
-    sink.commit(0, _rows(0)[0], slow)
+    sink.commit(0, table_rows(0)[0], slow)
     sink.finish()
-    sink.commit(0, _rows(0)[0], slow.assign(attempts=2, scored_at=pd.Timestamp("2026-01-02", tz="UTC")))
+    sink.commit(0, table_rows(0)[0], slow.assign(attempts=2, scored_at=pd.Timestamp("2026-01-02", tz="UTC")))
     sink.finish()
     out = pd.read_parquet(sink.rejects_path)
     assert len(out) == 1 and out["attempts"].tolist() == [2] and out["superseded_at"].isna().all()
@@ -127,7 +100,7 @@ def test_a_retried_reject_replaces_its_row_and_counts_attempts(tmp_path: Path) -
 
 
 def _review_rows(n: int, version: str = "1", when: str = "2026-01-01") -> pd.DataFrame:
-    preds, _ = _rows(n, version)
+    preds, _ = table_rows(n, version)
     return preds.assign(
         needs_review=[i % 2 == 0 for i in range(n)],  # ids 0, 2, 4, ...
         urgency=[i / 10 for i in range(n)],
@@ -166,19 +139,19 @@ def _fill(sink: FileSink | SqlSink, image_id: str, label: str) -> None:
 def test_the_review_queue_is_ordered_and_keeps_what_reviewers_wrote(tmp_path: Path, kind: str) -> None:
     sink = _sink(kind, tmp_path)
     try:
-        sink.commit(0, _review_rows(6), _rows(0)[1])
+        sink.commit(0, _review_rows(6), table_rows(0)[1])
         queue = _review(sink)
         assert queue["image_id"].tolist() == ["id4", "id2", "id0"]  # most urgent first, only rows needing review
         assert queue["reviewed_label"].isna().all() or (queue["reviewed_label"] == "").all()
         assert not any(c.startswith("prob_") for c in queue.columns)
         _fill(sink, "id2", "b")
-        sink.commit(1, _review_rows(6), _rows(0)[1])  # the same rows again (a retried shard)
+        sink.commit(1, _review_rows(6), table_rows(0)[1])  # the same rows again (a retried shard)
         queue = _review(sink)
         assert queue.set_index("image_id").loc["id2", "reviewed_label"] == "b"
         if isinstance(sink, FileSink):
             assert (queue["reviewer"] == "dr. who").all()
         # the path is scored again by version 2 (its review row is replaced): the reviewed row stays in the file
-        sink.commit(2, _review_rows(6, version="2", when="2026-02-01"), _rows(0)[1])
+        sink.commit(2, _review_rows(6, version="2", when="2026-02-01"), table_rows(0)[1])
         queue = _review(sink)
         assert set(queue.loc[queue["model_version"].astype(str) == "2", "image_id"]) == {"id0", "id2", "id4"}
         if isinstance(sink, FileSink):
@@ -193,7 +166,7 @@ def test_embeddings_go_to_their_side_table_in_the_shard_commit(tmp_path: Path, k
     import numpy as np
 
     sink = _sink(kind, tmp_path)
-    preds, rejects = _rows(3)
+    preds, rejects = table_rows(3)
     vectors = np.random.default_rng(0).normal(0, 1, (3, 8)).astype(np.float16)
     try:
         sink.commit(0, preds.assign(embedding=list(vectors)), rejects)

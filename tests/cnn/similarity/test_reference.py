@@ -7,43 +7,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-from PIL import Image
 
-from cnn.data.demo import render_claim
 from cnn.infer.predictor import Predictor
 from cnn.model.run import FitResult
 from cnn.similarity import reference
-from cnn.similarity.fingerprints import layouts, phashes
 from cnn.similarity.history import History
 from cnn.similarity.index import VectorIndex
 from cnn.similarity.reference import Reference, build_reference
-from cnn.similarity.reuse import HashTable, Lookup
-
-
-def _letterbox(image: np.ndarray, size: int = 64) -> np.ndarray:
-    """As the decoder pads: black bars around the content."""
-    out = np.zeros((size, size, 3), np.uint8)
-    top = (size - image.shape[0]) // 2
-    out[top : top + image.shape[0], : image.shape[1]] = image
-    return out
-
-
-def _claims(seeds: range | list[int]) -> list[Image.Image]:
-    return [render_claim("dent", np.random.default_rng(seed), (160, 120)) for seed in seeds]
-
-
-def _shown(photo: Image.Image) -> np.ndarray:
-    """As a model at 64 px sees it: long side 64, letterboxed."""
-    w, h = photo.size
-    return _letterbox(np.asarray(photo.resize((64, round(64 * h / w)))))
-
-
-def _table(images: np.ndarray, prefix: str = "id") -> HashTable:
-    plain, mirrored = phashes(images)
-    rows = pd.DataFrame({"image_id": [f"{prefix}{i}" for i in range(len(images))], "phash": plain})
-    grid = [bytes(v) for v in layouts(images)]
-    return HashTable(rows.assign(phash_mirror=mirrored, layout=grid, path_key=[f"k{i}" for i in range(len(images))]))
+from cnn.similarity.reuse import Lookup
+from tests.cnn.similarity.images import claims, hash_table, shown
 
 
 def test_the_semantic_check_is_calibrated_on_the_training_split_and_off_where_embeddings_do_not_separate() -> None:
@@ -53,11 +25,13 @@ def test_the_semantic_check_is_calibrated_on_the_training_split_and_off_where_em
     assert found["semantic_cosine"] is not None and 0.95 <= found["semantic_cosine"] < 1
     collapsed = np.ones((500, 32), np.float32) + rng.normal(0, 1e-4, (500, 32)).astype(np.float32)
     assert reference.semantic_threshold(collapsed)["semantic_cosine"] is None  # a class maps to one point
-    photos = np.stack([_shown(p) for p in _claims(range(4))])
-    train = _table(photos)
-    lookup = Lookup(train.__class__(train.rows.assign(label="dent")), VectorIndex.build(spread[:4]), _table(photos[:0]))
+    photos = np.stack([shown(p) for p in claims(range(4))])
+    train = hash_table(photos)
+    lookup = Lookup(
+        train.__class__(train.rows.assign(label="dent")), VectorIndex.build(spread[:4]), hash_table(photos[:0])
+    )
     lookup = replace(lookup, semantic=0.99)
-    query = np.stack([_shown(_claims([50])[0]), _shown(_claims([51])[0])])  # other photos ...
+    query = np.stack([shown(claims([50])[0]), shown(claims([51])[0])])  # other photos ...
     vectors = np.stack([spread[2] * 1.01, rng.normal(0, 1, 32).astype(np.float32)])  # ... one of which embeds as #2
     notes = lookup.annotate(lookup.copies(["q1", "q2"], ["/q1", "/q2"], query), ["dent"] * 2, vectors)
     assert notes["duplicate_kind"].tolist() == ["semantic", None]

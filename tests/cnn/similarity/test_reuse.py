@@ -6,54 +6,22 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from cnn.data.demo import render_claim
 from cnn.similarity import fingerprints
 from cnn.similarity import history as scored_history
-from cnn.similarity.fingerprints import crop_views, layouts, phashes
+from cnn.similarity.fingerprints import crop_views, phashes
 from cnn.similarity.index import VectorIndex
 from cnn.similarity.reuse import HashTable, Lookup
-
-
-def _photo(seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)
-    return np.asarray(__import__("PIL.Image", fromlist=["Image"]).fromarray(small).resize((64, 48)), dtype=np.uint8)
-
-
-def _letterbox(image: np.ndarray, size: int = 64) -> np.ndarray:
-    """As the decoder pads: black bars around the content."""
-    out = np.zeros((size, size, 3), np.uint8)
-    top = (size - image.shape[0]) // 2
-    out[top : top + image.shape[0], : image.shape[1]] = image
-    return out
-
-
-def _claims(seeds: range | list[int]) -> list[Image.Image]:
-    return [render_claim("dent", np.random.default_rng(seed), (160, 120)) for seed in seeds]
-
-
-def _shown(photo: Image.Image) -> np.ndarray:
-    """As a model at 64 px sees it: long side 64, letterboxed."""
-    w, h = photo.size
-    return _letterbox(np.asarray(photo.resize((64, round(64 * h / w)))))
-
-
-def _table(images: np.ndarray, prefix: str = "id") -> HashTable:
-    plain, mirrored = phashes(images)
-    rows = pd.DataFrame({"image_id": [f"{prefix}{i}" for i in range(len(images))], "phash": plain})
-    grid = [bytes(v) for v in layouts(images)]
-    return HashTable(rows.assign(phash_mirror=mirrored, layout=grid, path_key=[f"k{i}" for i in range(len(images))]))
+from tests.cnn.similarity.images import claims, hash_table, letterbox, photo, shown
 
 
 def test_copies_are_found_exactly_nearly_cropped_and_mirrored_and_a_file_is_never_a_copy_of_itself() -> None:
-    photos = _claims(range(20))
-    table = _table(np.stack([_shown(p) for p in photos]))
+    photos = claims(range(20))
+    table = hash_table(np.stack([shown(p) for p in photos]))
     smaller = photos[3].resize((60, 45)).resize((160, 120))
     cropped = photos[7].crop((12, 0, 160, 110))  # 7.5 % off the left, 8 % off the bottom
     queries = np.stack(
-        [_shown(photos[0]), _shown(smaller), _shown(photos[5])[:, ::-1], _shown(cropped), _shown(_claims([99])[0])]
+        [shown(photos[0]), shown(smaller), shown(photos[5])[:, ::-1], shown(cropped), shown(claims([99])[0])]
     )
     hashes, _ = phashes(queries)
     views = crop_views(queries)
@@ -70,15 +38,15 @@ def test_copies_are_found_exactly_nearly_cropped_and_mirrored_and_a_file_is_neve
 
 
 def test_an_earlier_shard_of_the_same_run_is_searched(tmp_path: Path) -> None:
-    photos = _claims(range(3))
-    first = np.stack([_shown(p) for p in photos])
-    empty = _table(first[:0])
+    photos = claims(range(3))
+    first = np.stack([shown(p) for p in photos])
+    empty = hash_table(first[:0])
     lookup = Lookup(empty, VectorIndex.build(np.zeros((0, 4), np.float32)), empty)
     earlier = lookup.annotate(
         lookup.copies(["a", "b", "c"], ["/a", "/b", "/c"], first, ['{"claim": "C1"}'] * 3), ["dent"] * 3, None
     )
     assert earlier["duplicate_kind"].isna().all()
-    later = np.stack([_shown(photos[1].crop((8, 6, 160, 120)))])
+    later = np.stack([shown(photos[1].crop((8, 6, 160, 120)))])
     alone = lookup.annotate(lookup.copies(["d"], ["/d"], later), ["dent"], None)
     with_run = lookup.with_run(earlier[scored_history.HISTORY_COLUMNS[:-1]])
     noted = with_run.annotate(with_run.copies(["d"], ["/d"], later), ["dent"], None)
@@ -87,10 +55,10 @@ def test_an_earlier_shard_of_the_same_run_is_searched(tmp_path: Path) -> None:
 
 
 def test_the_same_photo_twice_in_one_shard_is_a_copy_of_the_first(tmp_path: Path) -> None:
-    photo = _letterbox(_photo(1))
+    image = letterbox(photo(1))
     empty = HashTable(pd.DataFrame({"image_id": [], "phash": [], "phash_mirror": [], "label": []}))
     lookup = Lookup(empty, VectorIndex.build(np.zeros((0, 4), np.float32)), empty)
-    images = np.stack([photo, _letterbox(_photo(2)), photo[:, ::-1]])
+    images = np.stack([image, letterbox(photo(2)), image[:, ::-1]])
     ids = ['{"claim": "A1"}', '{"claim": "B2"}', '{"claim": "C3"}']
     notes = lookup.annotate(lookup.copies(["x", "y", "z"], ["/a", "/b", "/c"], images, ids), ["none"] * 3, None)
     assert notes["duplicate_kind"].tolist()[:2] == [None, None] and notes["duplicate_kind"].iloc[2] == "near"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
@@ -193,3 +194,17 @@ def workspace_env(home: Path) -> Iterator[Path]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def aliases(model: str) -> dict[str, str]:
+    """The registered model's aliases and the versions they name (MLflow at MLFLOW_TRACKING_URI)."""
+    from mlflow.tracking import MlflowClient
+
+    return {alias: str(v) for alias, v in MlflowClient().get_registered_model(model).aliases.items()}
+
+
+def read_table(url: str) -> pd.DataFrame:
+    """A Parquet table in an object store (or on disk), as a frame."""
+    from cnn.io import storage
+
+    return pd.read_parquet(io.BytesIO(storage.read_object(url)))

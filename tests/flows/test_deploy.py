@@ -204,8 +204,8 @@ def test_flow_configs_load_yaml_and_let_options_override(tmp_path: Path) -> None
         IngestOptions.load(path)
 
 
-def _readme_deployments() -> dict[str, dict[str, str]]:
-    readme = (PREFECT_YAML.parents[1] / "README.md").read_text()
+def _documented_deployments() -> dict[str, dict[str, str]]:
+    readme = (PREFECT_YAML.parents[1] / "docs" / "operations" / "deployments.md").read_text()
     start = readme.index("| deployment | pool | schedule (UTC) | concurrency | writes |")
     rows = {}
     for line in readme[start:].splitlines()[2:]:
@@ -216,8 +216,8 @@ def _readme_deployments() -> dict[str, dict[str, str]]:
     return rows
 
 
-def test_readme_deployment_table_matches_prefect_yaml() -> None:
-    readme = _readme_deployments()
+def test_the_documented_deployment_table_matches_prefect_yaml() -> None:
+    readme = _documented_deployments()
     shipped = {f"{d['entrypoint'].split(':')[1].removesuffix('_flow')}/{d['name']}": d for d in _deployments()}
     assert set(readme) == set(shipped)
     for name, deployment in shipped.items():

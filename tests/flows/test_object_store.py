@@ -10,13 +10,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from PIL import Image
 
 from cnn.batch.object_sink import read_manifest
 from cnn.io import storage
-from tests.helpers import clean_env, tiny_config, write_patterns
+from tests.helpers import clean_env, read_table, tiny_config, write_patterns
 from tests.s3 import S3Server
 
 CNN = str(Path(sys.executable).with_name("cnn"))
@@ -26,10 +25,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.slowest]  # minutes: in make test-al
 def _upload(local: Path, url: str) -> None:
     fs, path = storage.filesystem(url)
     fs.pipe({f"{path}/{f.relative_to(local).as_posix()}": f.read_bytes() for f in local.rglob("*") if f.is_file()})
-
-
-def _read(url: str) -> pd.DataFrame:
-    return pd.read_parquet(io.BytesIO(storage.read_object(url)))
 
 
 def test_ingest_train_and_score_with_buckets_then_an_incremental_night(
@@ -56,7 +51,7 @@ def test_ingest_train_and_score_with_buckets_then_an_incremental_night(
     score += ["--review-below", "0.99"]  # rows for the review queue, each with its overlay
     first = cnn(*score)
     assert "12 predictions, 0 rejects" in first, first[-2000:]
-    table = _read(out)
+    table = read_table(out)
     assert len(table) == 12 and table["path"].is_unique and table["path"].str.startswith(f"{incoming}/").all()
     assert (table["source_version"].str.len() > 0).all()
     manifest = read_manifest(out)
@@ -80,7 +75,7 @@ def test_ingest_train_and_score_with_buckets_then_an_incremental_night(
     _upload(write_patterns(tmp_path / "night2", per_class=1, seed=9), f"{incoming}/2026-12-01")
     night = cnn(*score)
     assert "4 predictions, 0 rejects, 11 already scored" in night, night[-2000:]
-    table = _read(out)
+    table = read_table(out)
     live = table[table["superseded_at"].isna()]
     assert len(live) == 15 and live["path"].is_unique
     old = table[table["path"] == replaced]

@@ -170,7 +170,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         automations = subprocess.run([str(BIN / "cnn"), "automations"], env=env, capture_output=True, text=True)
         assert automations.returncode == 0, automations.stdout[-2000:] + automations.stderr[-2000:]
         for pool in ("cpu", "gpu"):
-            start(f"worker-{pool}", [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"], {})
+            worker = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"]
+            start(f"worker-{pool}", worker, {"PREFECT_WORKER_QUERY_SECONDS": "1"})  # a run starts within a second
         yield {**env, "tmp": str(tmp), "preds_db": dbs[3]}
     finally:
         for proc in processes:

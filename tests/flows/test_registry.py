@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from cnn.config import IngestOptions
 from cnn.data.ingest import ingest
 from flows.cli import app
-from tests.helpers import pattern_dataset, tiny_config, workspace_env, write_patterns
+from tests.helpers import aliases, pattern_dataset, tiny_config, workspace_env, write_patterns
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow
@@ -45,12 +45,6 @@ def _tags(version: str) -> dict[str, str]:
     return dict(MlflowClient().get_model_version("patterns", version).tags)
 
 
-def _aliases() -> dict[str, str]:
-    from mlflow.tracking import MlflowClient
-
-    return {alias: str(v) for alias, v in MlflowClient().get_registered_model("patterns").aliases.items()}
-
-
 def test_the_gate_decides_on_evidence_and_records_it(home: Path) -> None:
     first = _train(home, "--dataset", "patterns")
     assert first.startswith("0\n") and "no champion yet" in first, first
@@ -62,7 +56,7 @@ def test_the_gate_decides_on_evidence_and_records_it(home: Path) -> None:
     tags = _tags("2")
     assert tags["gate.test"].startswith("paired bootstrap") and float(tags["gate.p_value"]) == 1.0
     assert len(tags["gate.images_sha256"]) == 64
-    assert _aliases() == {"champion": "1", "challenger": "2"}
+    assert aliases("patterns") == {"champion": "1", "challenger": "2"}
 
     poor = _train(home, "--dataset", "patterns", "--epochs", "1", "--lr", "0.00001", "--gate-min-score", "0.9")
     assert "@challenger" in poor and "below the floor gate_min_score 0.9" in poor, poor
@@ -101,7 +95,7 @@ def test_another_task_is_held_back_unless_it_replaces_the_champion_on_purpose(ho
     ingest(two, home / "datasets" / "two", IngestOptions(image_size=24, channels=1, decode_workers=1))
     held = _train(home, "--dataset", "two", "--register-as", "patterns")
     assert held.startswith("0\n") and "@challenger" in held and "trained on another task" in held, held
-    assert "--replace-task" in held and _aliases()["champion"] == "1"
+    assert "--replace-task" in held and aliases("patterns")["champion"] == "1"
     replaced = _train(home, "--dataset", "two", "--register-as", "patterns", "--replace-task")
     assert "@champion" in replaced and "replaces the task" in replaced, replaced
 

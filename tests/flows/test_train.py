@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from tests.helpers import (
+    aliases,
     api_json,
     clean_env,
     free_port,
@@ -55,12 +56,6 @@ def trained(cnn_home: Path) -> Path:
     assert result.exit_code == 0, result.output
     assert "@champion" in result.output and "no champion yet" in result.output
     return config
-
-
-def _aliases(model: str) -> dict[str, str]:
-    from mlflow.tracking import MlflowClient
-
-    return {alias: str(v) for alias, v in MlflowClient().get_registered_model(model).aliases.items()}
 
 
 def test_training_is_tracked_in_mlflow(trained: Path, cnn_home: Path) -> None:
@@ -253,15 +248,15 @@ def test_gate_holds_back_then_promote_and_rollback(trained: Path, tmp_path: Path
     run = MlflowClient().get_run(MlflowClient().get_model_version("patterns", "2").run_id or "")
     assert run.data.metrics["budget_planned_epochs"] == run.data.metrics["epochs_run"] > 3  # more than --epochs
     assert run.data.metrics["budget_used_s"] <= 12.0 and "epochs planned" in run.data.tags["budget"]
-    assert _aliases("patterns") == {"champion": "1", "challenger": "2"}
+    assert aliases("patterns") == {"champion": "1", "challenger": "2"}
 
     promoted = runner.invoke(app, ["promote", "patterns", "--version", "2"])
     assert promoted.exit_code == 0 and "v2 is now @champion" in promoted.output
-    assert _aliases("patterns") == {"champion": "2", "previous": "1"}
+    assert aliases("patterns") == {"champion": "2", "previous": "1"}
 
     back = runner.invoke(app, ["rollback", "patterns"])
     assert back.exit_code == 0, back.output
-    assert _aliases("patterns") == {"champion": "1", "previous": "2"}
+    assert aliases("patterns") == {"champion": "1", "previous": "2"}
 
     missing = runner.invoke(app, ["promote", "patterns", "--version", "9"])
     assert missing.exit_code == 2 and "no version 9" in missing.output

@@ -18,7 +18,7 @@ import pytest
 from cnn.batch.object_sink import ObjectSink, PartitionedSink, read_manifest
 from cnn.batch.sinks import open_sink
 from cnn.io import storage
-from tests.helpers import clean_env
+from tests.helpers import clean_env, read_table
 from tests.s3 import S3Server
 
 
@@ -56,10 +56,6 @@ def _exists(url: str) -> bool:
         return False
 
 
-def _read(url: str) -> pd.DataFrame:
-    return pd.read_parquet(io.BytesIO(storage.read_object(url)))
-
-
 def test_commit_then_publish_writes_the_tables_and_a_manifest_last(s3: S3Server) -> None:
     out = f"{s3.bucket('preds')}/nightly/2026-11-30.parquet"
     (sink,) = open_sink(out, None, "unused")
@@ -75,7 +71,7 @@ def test_commit_then_publish_writes_the_tables_and_a_manifest_last(s3: S3Server)
     assert len(current) == 12 and set(current["source_version"]) == {"v1", ""}  # parts count before the publish
     written = sink.finish()
     assert written[0] == f"{out}.manifest.json"
-    predictions, rejects = _read(out), _read(out.replace(".parquet", ".rejects.parquet"))
+    predictions, rejects = read_table(out), read_table(out.replace(".parquet", ".rejects.parquet"))
     assert len(predictions) == 10 and predictions["path"].is_unique and len(rejects) == 2
     manifest = read_manifest(out)
     assert manifest["tables"]["predictions"]["rows"] == 10
@@ -155,7 +151,7 @@ def test_kill_9_at_every_write_of_a_publish_then_a_rerun_leaves_no_duplicate_and
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
     writes = int(uninterrupted.stdout.split()[-1])
     assert writes == 4  # predictions, rejects, review, then the manifest
-    expected = _read(probe).sort_values("path").reset_index(drop=True)
+    expected = read_table(probe).sort_values("path").reset_index(drop=True)
     assert len(expected) == 18
 
     for die_at in range(1, writes + 1):
@@ -168,12 +164,12 @@ def test_kill_9_at_every_write_of_a_publish_then_a_rerun_leaves_no_duplicate_and
         if die_at < writes:  # killed before the manifest: readers of the manifest still see the earlier night
             assert read_manifest(out) == before
         ObjectSink(out).finish()  # the next run's publish
-        table = _read(out).sort_values("path").reset_index(drop=True)
+        table = read_table(out).sort_values("path").reset_index(drop=True)
         assert table["path"].is_unique and len(table) == 18, f"killed after write {die_at}"
         pd.testing.assert_frame_equal(
             table.drop(columns=["scored_at", "superseded_at"]), expected.drop(columns=["scored_at", "superseded_at"])
         )
-        rejects = _read(out.replace(".parquet", ".rejects.parquet"))
+        rejects = read_table(out.replace(".parquet", ".rejects.parquet"))
         assert sorted(rejects["path"]) == [f"s3://in/bad{i}.jpg" for i in (0, 12, 6)]
         assert storage.list_prefix(f"{out}.parts") == [] and not _exists(f"{out}.publish.lock")
         manifest = read_manifest(out)
@@ -225,7 +221,7 @@ def test_a_partitioned_table_reads_as_one_table_in_duckdb_and_pandas(s3: S3Serve
     current = sink.current("m")
     assert len(current) == 12 and sorted(current.loc[current["reject_kind"] == "", "path"])[0] == "s3://in/0000.jpg"
     assert set(current.loc[current["path"] == "s3://in/0000.jpg", "image_id"]) == {"idb0000"}
-    review = _read(f"{root}/_review.parquet") if where == "bucket" else pd.read_parquet(f"{root}/_review.parquet")
+    review = read_table(f"{root}/_review.parquet") if where == "bucket" else pd.read_parquet(f"{root}/_review.parquet")
     assert "idb0000" in set(review["image_id"]) and "id0000" not in set(review["image_id"])  # current rows only
 
 
@@ -274,12 +270,12 @@ def test_publishes_take_turns_and_a_dead_holders_lock_is_taken_over(
         with pytest.raises(FileNotFoundError):
             storage.info(f"{out}.manifest.json")
     assert child.wait(timeout=120) == 0  # its turn came when the lock was released
-    assert len(_read(out)) == 3
+    assert len(read_table(out)) == 3
 
     storage.create_exclusive(f"{out}.publish.lock", b"a holder killed -9: never renewed, never removed")
     sink.commit(0, *_shard(3, 3, "run-b", now + timedelta(seconds=1)))
     monkeypatch.setattr(storage, "LOCK_LEASE_S", 1.0)
     start = time.monotonic()
     sink.finish()
-    assert 1.0 <= time.monotonic() - start < 30 and len(_read(out)) == 6  # taken over after a lease
+    assert 1.0 <= time.monotonic() - start < 30 and len(read_table(out)) == 6  # taken over after a lease
     assert not _exists(f"{out}.publish.lock")

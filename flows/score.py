@@ -1,6 +1,6 @@
 """Prefect flow `score`: resolve the model -> plan shards -> score each shard (committed on its own) -> publish.
 
-Each task wraps one library call (`cnn.scoring`) and passes typed references: the pinned `ModelRef`, the
+Each task wraps one library call (`cnn.batch`) and passes typed references: the pinned `ModelRef`, the
 `ShardPlan`, each `ShardResult`; the flow returns the `ScoringSummary`.
 """
 

@@ -316,8 +316,8 @@ def _choose_precision(client: MlflowClient, ref: ModelRef, requested: str, seen:
 
 
 def _choose_backend(client: MlflowClient, ref: ModelRef, requested: str, precision: str) -> BackendChoice:
-    """The backend policy (cnn.backends.choose_backend) for this version: each ONNX candidate's agreement with torch
-    fp32 is measured once per version (`backend.<candidate>.agreement`), its speed once per version and host type
+    """The backend policy (cnn.infer.backends.choose_backend) for this version: each ONNX candidate's agreement with
+    torch fp32 is measured once per version (`backend.<candidate>.agreement`), its speed once per version and host type
     (`backend.<candidate>.speedup.<host type>`), and the choice kept as `backend.chosen.<host type>`."""
     seen = _Validation(_cached_predictor(ref.files, ref.device, "fp32", False))
     name, model_dir = seen.predictor.contract.dataset, Path(ref.files)

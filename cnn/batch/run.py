@@ -17,7 +17,7 @@ from cnn.config import ScoreConfig
 from cnn.io.pool import default_workers
 from cnn.metrics.drift import DriftSample
 
-SPOOL = "objects"  # the run folder's copies of the objects the plan read (cnn.storage.fetch_objects)
+SPOOL = "objects"  # the run folder's copies of the objects the plan read (cnn.io.storage.fetch_objects)
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class ModelRef:
     precision: str = "fp32"  # fp32 | bf16 | fp16 | int8, as the precision and backend policies chose
     precision_reason: str = ""
     compile: bool = False
-    backend: str = "torch"  # torch | onnxruntime | openvino (cnn.backends)
+    backend: str = "torch"  # torch | onnxruntime | openvino (cnn.infer.backends)
 
     @property
     def label(self) -> str:

@@ -19,7 +19,7 @@ def open_sink(
 ) -> list[Sink]:
     """The sinks named by --output and --table; the default SQL table when neither is given. An --output URL
     (`s3://bucket/preds/night.parquet`) is a table in an object store, and `partition_by` makes --output a
-    partitioned Parquet table (cnn/object_sink.py)."""
+    partitioned Parquet table (cnn/batch/object_sink.py)."""
     sinks: list[Sink] = []
     if partition_by and not output:
         raise UserError("--partition-by needs an --output folder or prefix to write the partitioned table to")

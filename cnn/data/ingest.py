@@ -453,7 +453,7 @@ def _fixed_and_allowed(
 
 
 def commit_dataset(dataset_dir: Path, options: IngestOptions) -> Path:
-    """Publish the staged manifest and cache as a new generation (see cnn.dataset), then drop the earlier ones
+    """Publish the staged manifest and cache as a new generation (see cnn.data.dataset), then drop the earlier ones
     (a run that already opened them keeps reading: open and memory-mapped files outlive their names)."""
     dataset, staging = Dataset(dataset_dir), staging_dir(dataset_dir)
     scan, shards = ScanRecord.load(dataset_dir), DecodeRecord.load(dataset_dir).cache_shards

@@ -32,7 +32,7 @@ class Predictor:
     channels_last: bool = False
     autocast_dtype: torch.dtype | None = None  # bf16/fp16 autocast; None = full precision
     compile: bool = False  # torch.compile (inductor, weights frozen); eager again if compiling fails
-    # another runtime running the model's export (cnn.backends.OnnxEngine): normalised NCHW -> (logits, embeddings)
+    # another runtime running the model's export (cnn.infer.backends.OnnxEngine): normalised NCHW -> (logits, vectors)
     engine: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
     _compiled: torch.nn.Module | None = field(default=None, init=False, repr=False)
     _compile_failed: bool = field(default=False, init=False, repr=False)
@@ -67,7 +67,7 @@ class Predictor:
         return replace(self, autocast_dtype=dtype)
 
     def with_engine(self, engine: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None) -> Predictor:
-        """The same model run by another runtime (see cnn.backends); None runs it in torch again."""
+        """The same model run by another runtime (see cnn.infer.backends); None runs it in torch again."""
         return replace(self, engine=engine)
 
     def compiled(self) -> Predictor:

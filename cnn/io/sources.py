@@ -1,5 +1,5 @@
 """Find the labelled files of a source: a class-folder tree, a train/val/test tree, or a manifest; on local disk or
-in an object store (`s3://bucket/prefix`, see cnn/storage.py), where an object's version joins its size and time."""
+in an object store (`s3://bucket/prefix`, see cnn/io/storage.py), where an object's version joins its size and time."""
 
 from __future__ import annotations
 

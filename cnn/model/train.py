@@ -135,7 +135,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
     """Per-step schedule: linear warm-up, then cosine decay (or constant); or one-cycle. Under a time budget the plan
-    moves the schedule's end, so one-cycle there is warm-up + cosine too (cnn.budget.Schedule)."""
+    moves the schedule's end, so one-cycle there is warm-up + cosine too (cnn.model.budget.Schedule)."""
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = min(total - 1, int(cfg.warmup_epochs * steps_per_epoch))
     if cfg.schedule == "onecycle" and not cfg.max_minutes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -309,9 +310,11 @@ def test_the_registered_model_serves_from_a_fresh_virtualenv_built_from_its_requ
     port = free_port()
     log = (tmp_path / "serve.log").open("wb")
     command = [str(venv / "bin" / "mlflow"), "models", "serve", "-m", str(model), "--env-manager", "local"]
+    env = clean_env(cnn_home, drop=("PREFECT_", "MLFLOW_", "PYTHONPATH"))
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"  # as an activated virtualenv: its uvicorn
     server = subprocess.Popen(
         [*command, "-h", "127.0.0.1", "-p", str(port)],
-        env=clean_env(cnn_home, drop=("PREFECT_", "MLFLOW_", "PYTHONPATH")),
+        env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -324,5 +327,6 @@ def test_the_registered_model_serves_from_a_fresh_virtualenv_built_from_its_requ
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+        shutil.rmtree(venv, ignore_errors=True)  # several GB (torch): not left for pytest's kept temporary folders
     row = answer["predictions"][0]
     assert row["error"] is None and row["label"] in ("checker", "horizontal", "vertical"), row

@@ -67,6 +67,12 @@ def _opt(config: type[FlowConfig], field: str, *flags: str, **options: Any) -> A
     return typer.Option(*flags, help=config.described(field) + ".", **options)
 
 
+def _on_off(field: str) -> str:
+    """The --FIELD/--no-FIELD flags of a boolean config field."""
+    flag = field.replace("_", "-")
+    return f"--{flag}/--no-{flag}"
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"cnn {cnn.__version__}")
@@ -187,16 +193,14 @@ def train(
     max_minutes: Annotated[float | None, _opt(TRAIN, "max_minutes")] = None,
     weights: Annotated[str | None, _opt(TRAIN, "weights")] = None,
     precision: Annotated[Precision | None, _opt(TRAIN, "precision")] = None,
-    download_weights: Annotated[
-        bool | None, _opt(TRAIN, "download_weights", "--download-weights/--no-download-weights")
-    ] = None,
+    download_weights: Annotated[bool | None, _opt(TRAIN, "download_weights", _on_off("download_weights"))] = None,
     register_as: Annotated[str | None, _opt(TRAIN, "register_as")] = None,
     gate_min_score: Annotated[float | None, _opt(TRAIN, "gate_min_score")] = None,
     gate_confidence: Annotated[float | None, _opt(TRAIN, "gate_confidence")] = None,
-    replace_task: Annotated[bool | None, _opt(TRAIN, "replace_task", "--replace-task/--no-replace-task")] = None,
+    replace_task: Annotated[bool | None, _opt(TRAIN, "replace_task", _on_off("replace_task"))] = None,
     operating_point: Annotated[list[str] | None, _opt(TRAIN, "operating_points", "--operating-point")] = None,
     gate_operating_points: Annotated[
-        bool | None, _opt(TRAIN, "gate_operating_points", "--gate-operating-points/--no-gate-operating-points")
+        bool | None, _opt(TRAIN, "gate_operating_points", _on_off("gate_operating_points"))
     ] = None,
     intended_use: Annotated[str | None, _opt(TRAIN, "intended_use")] = None,
     limitations: Annotated[str | None, _opt(TRAIN, "limitations")] = None,
@@ -240,11 +244,6 @@ def train(
         master_port=master_port,
     )
     render.training(run_training(dataset, cfg, resume))
-
-
-def _on_off(field: str) -> str:
-    flag = field.replace("_", "-")
-    return f"--{flag}/--no-{flag}"
 
 
 @app.command()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnn.batch.run import ScoringSummary
+from cnn.batch.tables import side_table
 from cnn.config import IngestOptions, ScoreConfig, TrainConfig
 from cnn.data.demo import DemoDataset, generate
 from flows.explain import ExplainOutcome, card, explain
@@ -79,7 +80,7 @@ def look_inside(home: Path, outcome: DemoOutcome, rows: int = 2) -> Inside:
     """Explain the most urgent rows of the review queue and read the champion's model card."""
     import pandas as pd
 
-    review = outcome.parquet.with_name(f"{outcome.parquet.stem}.review.parquet")
+    review = Path(side_table(str(outcome.parquet), "review"))
     urgent = pd.read_parquet(review)["path"].head(rows).tolist()
     model = f"{outcome.pipeline.train.gate.model}@champion"
     return Inside(review, explain(urgent, model, home / "explained"), card(model))

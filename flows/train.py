@@ -201,11 +201,8 @@ def build_reference(dataset_dir: str, run_dir: str) -> str:
 def export_onnx(run_dir: str) -> str:
     """The model in ONNX, logged with the version: what the ONNX Runtime and OpenVINO backends run, and what users'
     own serving stacks can load."""
-    return str(
-        backends.export_onnx(
-            RunFolder(Path(run_dir)).weights, RunFolder(Path(run_dir)).contract, RunFolder(Path(run_dir)).onnx
-        )
-    )
+    folder = RunFolder(Path(run_dir))
+    return str(backends.export_onnx(folder.weights, folder.contract, folder.onnx))
 
 
 @task(name="log-model", cache_policy=NO_CACHE)
@@ -240,19 +237,20 @@ def register_and_gate(
 @task(name="write-model-card", cache_policy=NO_CACHE)
 def write_model_card(dataset_dir: str, run_dir: str, run_id: str, config: TrainConfig, decision: GateDecision) -> str:
     """The version's model card: logged with the run and set as the version's description in the registry."""
+    folder = RunFolder(Path(run_dir))
     card = build_card(
-        Path(run_dir),
+        folder.root,
         Dataset(dataset_dir),
         decision.model,
         decision.version,
         config.model_dump(mode="json"),
         GateSummary(decision.decision, decision.reason, decision.test, decision.p_value),
-        [f"evaluation/{p.name}" for p in sorted(RunFolder(Path(run_dir)).eval_dir.glob("*_explanations.png"))],
+        [f"evaluation/{p.name}" for p in sorted(folder.eval_dir.glob("*_explanations.png"))],
     )
-    card.save(RunFolder(Path(run_dir)).card_dir)
+    markdown, _ = card.save(folder.card_dir)
     tracking.log_card(run_id, decision.model, decision.version, card)
     create_markdown_artifact(card.to_markdown(brief=True), key="model-card", description="Model card")
-    return str(RunFolder(Path(run_dir)).card_dir / "card.md")
+    return str(markdown)
 
 
 @flow(name="train")

@@ -33,7 +33,15 @@ from urllib.parse import quote, unquote
 import pandas as pd
 
 from cnn.batch.file_sink import FileSink
-from cnn.batch.tables import DRIFT_KEY, as_time, read_csv_table, row_keys, side_table, split_embeddings
+from cnn.batch.tables import (
+    DRIFT_KEY,
+    SideTable,
+    as_time,
+    read_csv_table,
+    row_keys,
+    side_table,
+    split_embeddings,
+)
 from cnn.choices import PARTITION_COLUMNS
 from cnn.errors import UserError
 from cnn.io import storage
@@ -239,10 +247,11 @@ class PartitionedSink(ObjectSink):
             if kind == "pred":
                 listed["files"] += [k for k in self._write_partitions(stem, frame) if k not in listed["files"]]
             elif len(frame):
-                key = f"_{'rejects' if kind == 'rej' else 'embeddings'}/{stem}.parquet"
+                side: SideTable = "rejects" if kind == "rej" else "embeddings"
+                folder = side_table(self.root, side, "partitioned")  # its keys are relative to the root
+                key = f"{folder[len(self.root) + 1 :]}/{stem}.parquet"
                 _write_parquet(storage.join(self.root, key), frame)
-                group = listed["rejects" if kind == "rej" else "embeddings"]
-                group += [key] if key not in group else []
+                listed[side] += [key] if key not in listed[side] else []
         tables = self._merged()
         _write_parquet(self.review_url, tables["review"])
         written = [self.review_url]

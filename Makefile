@@ -46,14 +46,18 @@ lock:
 	.lockenv/bin/python deploy/lock.py
 	rm -rf .lockenv
 
-# coverage-guided fuzzing of the decoder (atheris) from the seed corpus for FUZZ_SECONDS; findings land in
-# fuzz/findings/ (copy them to fuzz/regressions/, which the suite decodes)
+# coverage-guided fuzzing (atheris) of the decoder, then of the contract and index loaders, from the seed corpora,
+# FUZZ_SECONDS each; findings land in fuzz/findings/ (copy them to fuzz/regressions/, which the suite replays)
 FUZZ_SECONDS ?= 300
 fuzz: install
 	$(BIN)/python fuzz/seeds.py .fuzz/corpus
 	mkdir -p fuzz/findings
 	$(BIN)/python fuzz/decode_fuzz.py .fuzz/corpus -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
 		-timeout=10 -artifact_prefix=fuzz/findings/
+	for target in contract index; do \
+		$(BIN)/python fuzz/loaders_fuzz.py $$target .fuzz/$$target -max_total_time=$(FUZZ_SECONDS) \
+			-rss_limit_mb=2048 -timeout=10 -artifact_prefix=fuzz/findings/$$target- || exit 1; \
+	done
 
 bench: install
 	$(BIN)/python bench/ingest.py

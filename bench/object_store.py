@@ -1,6 +1,6 @@
 """Scoring from an object store against scoring the same files from local disk, in one run: a real S3-compatible
 server (SeaweedFS's `weed`, as the tests start it) on loopback, the same JPEGs in a bucket and in a folder, each
-run from listing to a published Parquet table (the bucket's into another bucket, through the manifest publish).
+run from listing to a written table (a local Parquet file; the bucket's as Delta tables in another bucket).
 
     python bench/object_store.py [--n 256] [--model resnet18] [--size 224] [--rounds 3]
 
@@ -80,7 +80,7 @@ def main() -> None:
         for r in range(args.rounds):
             for kind in ("local", "bucket"):
                 source = str(folder) if kind == "local" else f"{images}/incoming/"
-                output = str(work / f"local-{r}.parquet") if kind == "local" else f"{results}/preds-{r}.parquet"
+                output = str(work / f"local-{r}.parquet") if kind == "local" else f"{results}/preds-{r}"
                 seconds, planned, predicted = score_once(source, output, predictor, work, args.batch)
                 assert predicted == args.n, f"{kind}: {predicted} of {args.n} predicted"
                 rates[kind].append(predicted / seconds)

@@ -1,7 +1,12 @@
 """Training throughput of the engine against (a) the same model and steps on tensors already in memory
 (the compute limit) and (b) torchvision ImageFolder with PIL transforms over the original files.
 
-    python bench/train.py [--n 1000] [--size 64] [--epochs 3] [--model small_cnn] [--source-width 640]
+    python bench/train.py [--n 1000] [--size 64] [--sizes 28,64,224] [--epochs 3] [--model small_cnn]
+                          [--source-width 640] [--no-precisions]
+
+First, at each of `--sizes`: the engine (augmentation off, the weight average on, batch 64 and the rule's batch
+for the size) against the same model and steps on tensors already in memory with the same fused optimiser (the
+compute limit): the ratio says how much of a step is overhead (target >= 0.85).
 
 The engine reads the uint8 memmap cache (no decoding), augments in DataLoader workers when a policy is
 on, and converts/normalises on the device. Each contender runs `--epochs` epochs of the same model,
@@ -57,7 +62,7 @@ def engine_run(
     cfg = TrainConfig(
         model=model,
         epochs=epochs,
-        batch_size=BATCH,
+        batch_size=options.pop("batch_size", BATCH),
         policy=policy,
         patience=0,
         imbalance="none",
@@ -118,7 +123,7 @@ def _train_steps(
     model: nn.Module, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], epochs: int
 ) -> float:
     """Run `epochs` epochs over `batches()` and return images/s over all but the first."""
-    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # as the engine's (build_optimizer)
     loss_fn = nn.CrossEntropyLoss()
     rates = []
     for _ in range(epochs):
@@ -135,7 +140,7 @@ def _train_steps(
     return sum(rates[1:]) / len(rates[1:])
 
 
-def in_memory(root: Path, model_name: str, epochs: int) -> float:
+def in_memory(root: Path, model_name: str, epochs: int, batch: int = BATCH) -> float:
     dataset = Dataset(root)
     meta = dataset.meta()
     split = load_split(dataset, "train", meta.classes)
@@ -150,7 +155,7 @@ def in_memory(root: Path, model_name: str, epochs: int) -> float:
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(len(y_all))
-        return ((x_all[idx], y_all[idx]) for idx in order.split(BATCH))
+        return ((x_all[idx], y_all[idx]) for idx in order.split(batch))
 
     return _train_steps(model, batches, epochs)
 
@@ -180,10 +185,28 @@ def image_folder(root: Path, source: Path, model_name: str, epochs: int, augment
     return _train_steps(model, lambda: loader, epochs)
 
 
+def sizes_table(work: Path, source: Path, model: str, epochs: int, sizes: list[int]) -> None:
+    """Images/s of the engine against the in-memory limit at each size, at batch 64 and at the rule's batch."""
+    from cnn.model.recipe import default_batch_size
+
+    print(f"{model}, fp32, augmentation off, weight average on; images/s (engine / in-memory limit)")
+    for size in sizes:
+        root = work / f"ds-{size}"
+        ingest(source, root, IngestOptions(image_size=size, channels=3))
+        train = len(load_split(Dataset(root), "train", Dataset(root).meta().classes).labels)
+        cells = []
+        for batch in sorted({BATCH, default_batch_size(size, max(train, 4096))}):
+            limit = in_memory(root, model, epochs, batch)
+            rate = engine(root, work / f"size-{size}", model, epochs, "none", batch_size=batch)
+            cells.append(f"batch {batch}: {rate:7.1f} / {limit:7.1f} = {rate / limit:.2f}")
+        print(f"  {size:>3} px   " + "   ".join(cells))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--sizes", default="28,64,224", help="sizes of the engine-against-limit table ('' skips it)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--model", default="small_cnn")
     parser.add_argument("--source-width", type=int, default=640, help="width of the generated JPEGs (4:3)")
@@ -193,6 +216,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         made = generate("claims", work / "src", n=args.n, size=args.source_width)
+        if args.sizes:
+            sizes_table(work, made.source, args.model, args.epochs, [int(v) for v in args.sizes.split(",")])
         root = work / "ds"
         options = IngestOptions(image_size=args.size, channels=3)
         ingest(made.source, root, options)

@@ -98,6 +98,12 @@ class SplitFractions:
         return {s: out[s] for s in allowed}
 
 
+ALLOW_OUTSIDE = (  # the one description of --allow-outside, which ingest and scoring both take
+    "Read links that lead out of the source, and manifest or review-table rows naming files outside the table's "
+    "folder (refused by default: a link or an edited table must not pull in other files)"
+)
+
+
 class ClusterConfig(FlowConfig):
     """The options of a flow whose tasks can fan out to Dask: an existing scheduler, or a local cluster."""
 
@@ -143,6 +149,10 @@ class IngestOptions(ClusterConfig):
     files_per_part: int = Field(
         5000, ge=1, description="Files per decode task when the decoding fans out to Dask (each writes one shard)"
     )
+    allow_outside: bool = Field(
+        False,
+        description=ALLOW_OUTSIDE,
+    )
 
     @property
     def max_file_bytes(self) -> int:
@@ -162,6 +172,20 @@ class TrainConfig(FlowConfig):
 
     kind: ClassVar[str] = "training config"
 
+    @property
+    def batch(self) -> int:
+        """The batch size, once the recipe decided it (cnn.model.train.resolved_config)."""
+        if self.batch_size is None:
+            raise RuntimeError("the batch size is decided by resolved_config() before training")
+        return self.batch_size
+
+    @property
+    def peak_lr(self) -> float:
+        """The peak learning rate, once the recipe decided it (cnn.model.train.resolved_config)."""
+        if self.lr is None:
+            raise RuntimeError("the learning rate is decided by resolved_config() before training")
+        return self.lr
+
     def for_sharing(self) -> TrainConfig:
         """The config as MLflow shows it: local files (weights, policy) by their file name, never a path."""
         local = {key: getattr(self, key) for key in ("weights", "policy")}
@@ -169,7 +193,11 @@ class TrainConfig(FlowConfig):
             update={key: Path(value).name for key, value in local.items() if value and ("/" in value or "\\" in value)}
         )
 
-    model: str = Field("small_cnn", description="Model name (see the model registry: cnn.model.networks)")
+    model: str = Field(
+        "auto",
+        description="Model name (see the model registry: cnn.model.networks); auto: small_resnet for images of at most "
+        "32 px with at least 4,096 training images, else small_cnn (cnn.model.recipe)",
+    )
     model_options: dict[str, Any] = Field(default_factory=dict, description="Extra arguments of the model builder")
     weights: str | None = Field(
         None,
@@ -181,8 +209,13 @@ class TrainConfig(FlowConfig):
     )
     freeze_epochs: int = Field(0, ge=0, description="Train only the head for the first N epochs")
     epochs: int = Field(10, ge=1, le=10_000, description="Number of epochs (under a time budget: at most)")
-    batch_size: int = Field(32, ge=1, description="Images per batch")
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Images per batch; unset: 128 for images of at most 32 px with at least 4,096 training images, "
+        "else 32 (cnn.model.recipe)",
+    )
+    lr: float | None = Field(None, gt=0, description="Peak learning rate; unset: 3e-3 x sqrt(batch size / 32)")
     weight_decay: float = Field(1e-4, ge=0, description="Weight decay")
     optimizer: Optimizer = Field("adamw", description="adamw or sgd (Nesterov momentum)")
     momentum: float = Field(0.9, ge=0, lt=1, description="Momentum of sgd")
@@ -196,9 +229,10 @@ class TrainConfig(FlowConfig):
         "class_weights", description="none, class_weights (weighted loss) or sampler (weighted sampling)"
     )
     policy: str = Field(
-        "none",
+        "auto",
         description="Augmentation preset (none, xray, photo, shift, light, auto) or albumentations YAML/JSON file; "
-        "auto: light (flips, shifts) for RGB, shift (no flips) for grayscale",
+        "auto: none under 4,096 training images, else light (flips, shifts) for RGB and shift (no flips) for "
+        "grayscale (cnn.model.recipe)",
     )
     monitor: Metric = Field("macro_f1", description="Validation metric that picks the best epoch")
     patience: int = Field(5, ge=0, description="Early stopping after N epochs without improvement; 0 = off")
@@ -214,7 +248,7 @@ class TrainConfig(FlowConfig):
     channels_last: bool = Field(True, description="Train in the channels_last memory layout")
     compile: bool = Field(False, description="torch.compile the model for training")
     loader_workers: int | None = Field(
-        None, ge=0, description="DataLoader workers; null = 0 without augmentation, else 2"
+        None, ge=0, description="DataLoader workers; null = 2 when augmenting images over 64 px, else 0 (in process)"
     )
     seed: int = Field(0, description="Seed of the run (initialisation, shuffling, augmentation)")
     nproc_per_node: int = Field(1, ge=1, description="DDP processes on this node (torchrun)")
@@ -263,8 +297,9 @@ class ScoreConfig(ClusterConfig):
     model: str = Field(..., description="MODEL (= MODEL@champion), MODEL@alias or MODEL:version")
     output: str | None = Field(
         None,
-        description="Prediction file, .parquet or .csv (rejects, review queue and overlays beside it); a path or an "
-        "object store URL (s3://bucket/preds/night.parquet: published with a manifest object written last)",
+        description="A folder or object-store prefix (s3://bucket/preds) of Delta tables: predictions, rejects, "
+        "embeddings, review, duplicates, drift, one commit per shard; or a plain .parquet or .csv file (rejects, "
+        "review queue and overlays beside it) that each run rewrites",
     )
     table: str | None = Field(
         None,
@@ -288,9 +323,14 @@ class ScoreConfig(ClusterConfig):
     rescore: bool = Field(
         False, description="Score every input again with this version (after a new champion); earlier rows are kept"
     )
+    verify_content: bool = Field(
+        False,
+        description="Hash every input again instead of trusting an unchanged file's stat (size, times, inode) or an "
+        "object's version: a periodic full check where timestamps cannot be trusted",
+    )
     partition_by: list[str] = Field(
         default_factory=list,
-        description="Write --output (a folder or prefix) as a Hive-partitioned Parquet table by these columns: date "
+        description="Partition the Delta predictions table of --output (a folder or prefix) by these columns: date "
         "(the UTC day scored), label, decision, model_name, model_version",
     )
     pseudonymize: list[str] = Field(
@@ -321,3 +361,7 @@ class ScoreConfig(ClusterConfig):
         "that agrees with fp32",
     )
     compile: bool = Field(False, description="torch.compile the model")
+    allow_outside: bool = Field(
+        False,
+        description=ALLOW_OUTSIDE,
+    )

@@ -16,7 +16,9 @@ def migrated(data: Mapping[str, Any], current: int, steps: Mapping[int, Migratio
     """`data` at format `current`: `steps[n]` turns format n into n + 1 (a record without `format_version` is
     format 1). A record from a newer version of cnn is a UserError naming it."""
     record = dict(data)
-    version = int(record.get("format_version", 1))
+    version = record.get("format_version", 1)
+    if not isinstance(version, int) or version < 1 or (version < current and version not in steps):
+        raise UserError(f"{what} has format_version {version!r}, which no version of cnn wrote")
     if version > current:
         raise UserError(
             f"{what} was written by a newer version of cnn (format {version}; this one reads up to {current}): "

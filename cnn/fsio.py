@@ -1,4 +1,5 @@
-"""Atomic file writes: write to a temporary file in the same folder, then rename over the target."""
+"""Atomic file writes (write to a temporary file in the same folder, then rename over the target), file names that
+stay in their folder, bounded hashing."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from cnn.errors import UserError
 
 
 @contextmanager
@@ -27,14 +30,37 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-def sha256_file(handle_or_path: str | os.PathLike[str] | Any) -> str:
-    """The sha256 of a file (a path, or a binary handle opened elsewhere), read in blocks."""
+def inside(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
+    """Whether `path`, links resolved, lies within `folder` (links resolved too)."""
+    real, base = os.path.realpath(path), os.path.realpath(folder)
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def file_in(folder: str | os.PathLike[str], name: str) -> Path:
+    """`folder / name` for a file `name` built from strings others chose (image names, class names): refused with a
+    UserError unless it is one plain file name that resolves inside `folder`, so no string becomes a path elsewhere."""
+    if name in ("", ".", "..") or "/" in name or os.sep in name or "\0" in name:
+        raise UserError(f"{name!r} cannot name a file: it is not one plain file name")
+    target = Path(folder) / name
+    if not inside(target, folder):  # a plain name is never the folder itself
+        raise UserError(f"{name!r} would be written outside {Path(folder).name}")
+    return target
+
+
+def sha256_file(handle_or_path: str | os.PathLike[str] | Any, limit: int | None = None) -> str:
+    """The sha256 of a file (a path, or a binary handle opened elsewhere), read in blocks; with `limit`, of its first
+    `limit` bytes only (nothing past them is read)."""
     digest = hashlib.sha256()
     if isinstance(handle_or_path, (str, os.PathLike)):
         with open(handle_or_path, "rb") as handle:
-            return sha256_file(handle)
-    for block in iter(lambda: handle_or_path.read(1 << 20), b""):
+            return sha256_file(handle, limit)
+    left = -1 if limit is None else limit
+    while left:
+        block = handle_or_path.read(1 << 20 if left < 0 else min(1 << 20, left))
+        if not block:
+            break
         digest.update(block)
+        left = left - len(block) if left > 0 else left
     return digest.hexdigest()
 
 

@@ -24,22 +24,30 @@ def cli_reference() -> str:
     from flows.cli import app
 
     root = get_command(app)
-    out = []
+    out: list[str] = []
     for name in sorted(root.commands):  # type: ignore[attr-defined]  # a TyperGroup
         command = root.commands[name]  # type: ignore[attr-defined]
-        arguments = [p for p in command.params if p.param_type_name == "argument"]
-        usage = " ".join(
-            [f"cnn {name} [OPTIONS]", *(p.name.upper() + ("..." if p.nargs == -1 else "") for p in arguments)]
-        )
-        out += [f"## `cnn {name}`", "", (command.help or "").strip(), "", f"    {usage}", ""]
-        rows = [f"| `{p.name.upper()}` | {_cell(getattr(p, 'help', '') or '')} |" for p in arguments]
-        for param in command.params:
-            if param.param_type_name == "option":
-                flags = ", ".join(f"`{f}`" for f in [*param.opts, *param.secondary_opts])
-                rows.append(f"| {flags} | {_cell(param.help or '')} |")
-        if rows:
-            out += ["| argument or option | meaning |", "|---|---|", *rows, ""]
+        group = getattr(command, "commands", None)  # `cnn tables ...`: a group of commands
+        if group:
+            for sub in sorted(group):
+                out += _command_reference(f"{name} {sub}", group[sub])
+        else:
+            out += _command_reference(name, command)
     return "\n".join(out)
+
+
+def _command_reference(name: str, command: Any) -> list[str]:
+    arguments = [p for p in command.params if p.param_type_name == "argument"]
+    usage = " ".join([f"cnn {name} [OPTIONS]", *(p.name.upper() + ("..." if p.nargs == -1 else "") for p in arguments)])
+    out = [f"## `cnn {name}`", "", (command.help or "").strip(), "", f"    {usage}", ""]
+    rows = [f"| `{p.name.upper()}` | {_cell(getattr(p, 'help', '') or '')} |" for p in arguments]
+    for param in command.params:
+        if param.param_type_name == "option":
+            flags = ", ".join(f"`{f}`" for f in [*param.opts, *param.secondary_opts])
+            rows.append(f"| {flags} | {_cell(param.help or '')} |")
+    if rows:
+        out += ["| argument or option | meaning |", "|---|---|", *rows, ""]
+    return out
 
 
 def config_reference() -> str:

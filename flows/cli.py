@@ -7,22 +7,21 @@ and exit code 2. Defaults shown in `--help` come from the configs themselves, so
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 
 import cnn
 from cnn.choices import Backend, DemoKind, Explain, Precision, Resize
-from cnn.config import FlowConfig, IngestOptions, ScoreConfig, TrainConfig, describe_validation_error
+from cnn.config import FlowConfig, IngestOptions, ScoreConfig, TrainConfig
 from cnn.errors import UserError
 from cnn.io import storage
+from flows.boundary import command as _command
+from flows.tables_cli import tables_app
 
 app = typer.Typer(
     name="cnn",
@@ -33,32 +32,6 @@ app = typer.Typer(
     rich_markup_mode=None,  # plain click help: flags show as flags, choices as {a|b}
 )
 console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _command(func: F) -> F:
-    """Configure the workspace, run the command, and turn UserError (and invalid options) into one red line and
-    a non-zero exit, never a traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from flows import workspace
-
-        try:
-            workspace.configure()
-            return func(*args, **kwargs)
-        except UserError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-            raise typer.Exit(exc.exit_code) from None
-        except ValidationError as exc:
-            err_console.print(f"[bold red]error:[/] invalid options: {describe_validation_error(exc)}", highlight=False)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]  # functools.wraps keeps the signature typer reads
 
 
 def _opt(config: type[FlowConfig], field: str, *flags: str, **options: Any) -> Any:
@@ -126,6 +99,7 @@ def ingest(
     cluster: Annotated[str | None, _opt(INGEST, "cluster")] = None,
     dask_workers: Annotated[int | None, _opt(INGEST, "dask_workers")] = None,
     files_per_part: Annotated[int | None, _opt(INGEST, "files_per_part")] = None,
+    allow_outside: Annotated[bool | None, _opt(INGEST, "allow_outside", _on_off("allow_outside"))] = None,
 ) -> None:
     """Ingest SOURCE: decode every image once, validate, split and cache it (Prefect flow `ingest`)."""
     from flows import render, workspace
@@ -147,10 +121,12 @@ def ingest(
         cluster=cluster,
         dask_workers=dask_workers,
         files_per_part=files_per_part,
+        allow_outside=allow_outside,
     )
     options.fractions()
     workspace.current().dataset(dataset)
     source = storage.local_path(source)
+    storage.refuse_credentials(source)  # before the flow run records its parameters
     if not storage.is_url(source) and not Path(source).expanduser().exists():
         raise UserError(f"source not found: {source}")
     outcome = ingest_flow(source=source, dataset=dataset, options=options)
@@ -271,6 +247,7 @@ def score(
     partition_by: Annotated[str | None, _opt(SCORE, "partition_by")] = None,
     pseudonymize: Annotated[list[str] | None, _opt(SCORE, "pseudonymize")] = None,
     rescore: Annotated[bool | None, _opt(SCORE, "rescore", _on_off("rescore"))] = None,
+    verify_content: Annotated[bool | None, _opt(SCORE, "verify_content", _on_off("verify_content"))] = None,
     explain: Annotated[Explain | None, _opt(SCORE, "explain")] = None,
     review_flips: Annotated[bool | None, _opt(SCORE, "review_flips", _on_off("review_flips"))] = None,
     review_margin: Annotated[float | None, _opt(SCORE, "review_margin")] = None,
@@ -283,6 +260,7 @@ def score(
     precision: Annotated[Precision | None, _opt(SCORE, "precision")] = None,
     backend: Annotated[Backend | None, _opt(SCORE, "backend")] = None,
     compile: Annotated[bool | None, _opt(SCORE, "compile", _on_off("compile"))] = None,
+    allow_outside: Annotated[bool | None, _opt(SCORE, "allow_outside", _on_off("allow_outside"))] = None,
 ) -> None:
     """Score new images with a registered model into prediction tables, exactly once (Prefect flow `score`)."""
     from flows import render
@@ -308,6 +286,7 @@ def score(
         partition_by=[c.strip() for c in partition_by.split(",") if c.strip()] if partition_by else None,
         pseudonymize=pseudonymize or None,
         rescore=rescore,
+        verify_content=verify_content,
         explain=explain,
         review_flips=review_flips,
         review_margin=review_margin,
@@ -320,7 +299,10 @@ def score(
         precision=precision,
         backend=backend,
         compile=compile,
+        allow_outside=allow_outside,
     )
+    for url in (source, cfg.output or ""):  # before the flow run records its parameters
+        storage.refuse_credentials(storage.local_path(url))
     render.scoring(run_scoring(source, cfg))
 
 
@@ -489,7 +471,7 @@ def automations(
 def demo_data(
     kind: Annotated[DemoKind, typer.Argument(help="Which demo set.")],
     out: Annotated[Path | None, typer.Option(help="Output folder (default $CNN_HOME/demo/KIND).")] = None,
-    n: Annotated[int | None, typer.Option("--n", help="Number of images (default 600 each).")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Number of images (default 600; garments 20,000).")] = None,
     seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same files.")] = 0,
     size: Annotated[int | None, typer.Option(help="Side of the generated images in pixels.")] = None,
 ) -> None:
@@ -542,6 +524,9 @@ def demo() -> None:
         f"     cnn serve   (nightly scoring of {home / 'incoming'})",
         highlight=False,
     )
+
+
+app.add_typer(tables_app, name="tables")
 
 
 def main() -> None:

@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import os
 
-from cnn.batch.sql_sink import parse_url, redact
+from cnn.batch.sql_sink import redact
 from cnn.errors import UserError
+from cnn.io import credentials as url_credentials
 
 ENV, SECRET = "env:", "secret:"
 CLI_VARIABLE = "CNN_TABLE_URL"  # where a command keeps a URL it was given with a password
 
 
 def has_password(spec: str | None) -> bool:
-    """Whether a `URL#table` spec carries a password (references and plain names do not)."""
+    """Whether a `URL#table` spec carries a credential: a password in its user info or a credential in its query
+    (`?password=`, `?sslpassword=`, `?token=`...); references and plain names do not."""
     if not spec or spec.startswith((ENV, SECRET)) or "://" not in spec:
         return False
-    try:
-        return parse_url(spec.partition("#")[0]).password is not None
-    except Exception:  # noqa: BLE001 - whatever does not parse is refused later, with its own message
-        return False
+    return url_credentials.carries_credentials(spec.partition("#")[0])
 
 
 def by_reference(spec: str | None) -> str | None:

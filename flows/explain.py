@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException
 
 from cnn.errors import UserError
 from cnn.io.decode import DecodeError, decode_bytes, read_image_bytes
-from cnn.similarity.index import VectorIndex
+from cnn.similarity.index import SegmentedIndex, VectorIndex
 from cnn.trust.explain import ImageExplanation, explain_image, save_png, tile_sheet
 from flows import versions, workspace
 
@@ -111,7 +111,9 @@ def similar(image: str, spec: str, k: int, out: Path, device: str = "cpu") -> Si
     return SimilarOutcome(ref.label, label, training, scored, sheet)
 
 
-def _nearest(index: VectorIndex, rows: pd.DataFrame, vector: np.ndarray, k: int) -> list[dict[str, object]]:
+def _nearest(
+    index: VectorIndex | SegmentedIndex, rows: pd.DataFrame, vector: np.ndarray, k: int
+) -> list[dict[str, object]]:
     similarity, ids = index.search(vector, k)
     found = []
     for rank, (score, position) in enumerate(zip(similarity[0], ids[0]), start=1):

@@ -100,6 +100,20 @@ def register_and_gate(
     return decision
 
 
+TASK_FIELDS = ("dataset", "dataset_id", "classes", "channels", "image_size", "resize", "mean", "std")  # same task
+
+
+def task_changes(old: ModelContract, new: ModelContract) -> list[str]:
+    """How `new`'s task differs from `old`'s: the dataset, the classes and the data contract (channels, image size,
+    resize, normalisation); a model that sees other inputs is not a better model of the same task. Empty when the
+    task is the same."""
+    return [
+        f"{field} {getattr(new, field)!r} where the champion has {getattr(old, field)!r}"
+        for field in TASK_FIELDS
+        if getattr(old, field) != getattr(new, field) and (field != "dataset_id" or (old.dataset_id and new.dataset_id))
+    ]
+
+
 def _decide(client: MlflowClient, model: str, version: str, dataset: Dataset, rules: GateRules) -> GateDecision:
     split, metric = gate_split(dataset), rules.metric
     new_predictor = versions.load(model, version)
@@ -122,10 +136,9 @@ def _decide(client: MlflowClient, model: str, version: str, dataset: Dataset, ru
     if champion is None:
         return decided(decision=CHAMPION, reason="no champion yet")
     old_predictor = versions.load(model, champion)
-    old_task = (old_predictor.contract.dataset, list(old_predictor.contract.classes))
-    new_task = (new_predictor.contract.dataset, list(new_predictor.contract.classes))
-    if old_task != new_task:
-        task = f"dataset {new_task[0]} with classes {new_task[1]} (champion v{champion}: {old_task[0]}, {old_task[1]})"
+    changed = task_changes(old_predictor.contract, new_predictor.contract)
+    if changed:
+        task = "; ".join(changed) + f" (against champion v{champion})"
         if not rules.replace_task:
             reason = f"trained on another task: {task}; pass --replace-task to let it replace the champion"
             return decided(decision=CHALLENGER, reason=reason, champion_version=champion)

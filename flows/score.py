@@ -20,12 +20,13 @@ from prefect.context import get_run_context
 
 from cnn import stopping
 from cnn.batch import plan as planning
+from cnn.batch.delta_sink import DeltaSink
 from cnn.batch.file_sink import Sink
 from cnn.batch.masking import Masking
 from cnn.batch.run import ModelRef, ScoringOptions, ScoringSummary, ShardPlan, ShardResult, merged_drift, summarise
 from cnn.batch.shard import Scorer
 from cnn.batch.shard import extend_history as add_to_history
-from cnn.batch.sinks import open_sink
+from cnn.batch.sinks import open_sink, output_sink
 from cnn.batch.sql_sink import redact
 from cnn.config import ScoreConfig
 from cnn.errors import UserError
@@ -87,7 +88,7 @@ def resolve_model(config: ScoreConfig) -> ModelRef:
 @task(name="plan-shards", cache_policy=NO_CACHE)
 def plan_shards(source: str, config: ScoreConfig, model: ModelRef, run_dir: str) -> ShardPlan:
     """List and hash the inputs, drop those the tables already hold with the same bytes, cut the rest into shards."""
-    inputs = planning.list_inputs(source)
+    inputs = planning.list_inputs(source, config.allow_outside)
     sinks = _sinks(config.output, config.table, config.partition_by)
     return planning.plan_shards(
         inputs,
@@ -98,6 +99,8 @@ def plan_shards(source: str, config: ScoreConfig, model: ModelRef, run_dir: str)
         rescore=config.rescore,
         max_attempts=config.max_attempts,
         masking=_masking(config),
+        max_file_bytes=versions.contract(model).max_file_bytes,
+        verify_content=config.verify_content,
     )
 
 
@@ -135,7 +138,8 @@ def _scorer(model: ModelRef, options: ScoringOptions, config: ScoreConfig) -> Sc
 
 @task(name="publish-tables", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, retry_condition_fn=_transient)
 def publish(config: ScoreConfig) -> list[str]:
-    """Merge file parts into the output files atomically; return where every table lives."""
+    """Merge a file output's parts into its files atomically (Delta and SQL tables have nothing to publish); return
+    where every table lives."""
     return [location for sink in _sinks(config.output, config.table, config.partition_by) for location in sink.finish()]
 
 
@@ -235,20 +239,15 @@ def score_flow(source: str, config: ScoreConfig, home: str | None = None) -> Sco
 
 def _explanations(config: ScoreConfig, home: Path) -> tuple[str, str]:
     """(folder of the overlays, folder the `explanation` column is relative to): beside an --output file as
-    X.explanations/, in a partitioned table's folder or prefix as _explanations/, beside an object as
-    X.explanations/ in the store (all relative paths), else under CNN_HOME/explanations/TABLE (absolute paths)."""
+    X.explanations/, in a Delta tables' folder or prefix as explanations/ (both relative paths), else under
+    CNN_HOME/explanations/TABLE (absolute paths)."""
     if config.explain == "none":
         return "", ""
-    output = storage.local_path(config.output) if config.output else ""
-    if output and config.partition_by:
-        root = output.rstrip("/") if storage.is_url(output) else str(Path(output).expanduser().resolve())
-        return storage.join(root, "_explanations"), root
-    if output and storage.is_url(output):
-        folder, _, name = output.rpartition("/")
-        return storage.join(folder, f"{name.rsplit('.', 1)[0]}.explanations"), folder
-    if output:
-        local = Path(output).expanduser().resolve()
-        return str(local.with_name(f"{local.stem}.explanations")), str(local.parent)
+    if config.output:
+        sink = output_sink(config.output, config.partition_by)
+        if isinstance(sink, DeltaSink):
+            return storage.join(sink.root, "explanations"), sink.root
+        return str(sink.path.with_name(f"{sink.path.stem}.explanations")), str(sink.path.parent)
     table = (config.table or "").rpartition("#")[2] or "predictions"
     return str(home / "explanations" / table), ""
 

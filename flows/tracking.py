@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import platform
+import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from importlib.metadata import requires, version
 from pathlib import Path
 
 import mlflow
 import pandas as pd
+import yaml
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
@@ -79,9 +84,10 @@ def start_run(dataset: Dataset, cfg: TrainConfig, model_name: str) -> str:
         mlflow.log_dict(
             {"manifest_sha256": manifest_digest, "rows": len(manifest), "ok": len(ok)}, "dataset/manifest_digest.json"
         )
-        for path in (dataset.root / "report.md", dataset.root / "report.json", dataset.meta_path):
+        for path in (dataset.root / "report.md", dataset.root / "report.json"):
             if path.is_file():
                 mlflow.log_artifact(str(path), "dataset")
+        mlflow.log_dict(dataset.meta().for_sharing(), f"dataset/{dataset.meta_path.name}")  # no host paths
         mlflow.log_text(cfg.for_sharing().to_yaml(), "config/config.yaml")
         return run.info.run_id
 
@@ -186,7 +192,9 @@ def log_model(run_id: str, run_dir: Path) -> str:
     folder = RunFolder(run_dir)
     contract = ModelContract.load(folder.contract)
     extras = {"reference": folder.reference, "onnx": folder.onnx}
-    with mlflow.start_run(run_id=run_id):
+    # MLflow tries the input example on a copy that is not registered yet, which the pyfunc refuses to load (it checks
+    # its files against the registry first): MLflow's warning about it is expected, not news.
+    with mlflow.start_run(run_id=run_id), _quiet("mlflow.models.model"):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(MODEL_CODE),
@@ -201,7 +209,37 @@ def log_model(run_id: str, run_dir: Path) -> str:
             pip_requirements=model_requirements(),
             metadata={"cnn_contract": asdict(contract)},
         )
+    _share_mlmodel(info.model_id)
     return info.model_uri
+
+
+@contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _share_mlmodel(model_id: str) -> None:
+    """MLflow writes the logging host's absolute paths into MLmodel (each artifact's source `uri`, the code file's
+    `model_code_path`, the store's `artifact_path`); none is read back (loaders use the relative `path` and the code
+    file's name), and the registry is shared: rewrite MLmodel with paths relative to the model, before it is
+    registered and its digests recorded."""
+    location = mlflow.get_logged_model(model_id).artifact_location
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/MLmodel", dst_path=tmp))
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        flavor = data["flavors"]["python_function"]
+        for spec in flavor.get("artifacts", {}).values():
+            spec["uri"] = spec["path"]
+        flavor["model_code_path"] = Path(flavor["model_code_path"]).name
+        data.pop("artifact_path", None)
+        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        MlflowClient().log_model_artifact(model_id, str(path))
 
 
 def model_requirements() -> list[str]:

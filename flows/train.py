@@ -22,7 +22,7 @@ from cnn.errors import UserError
 from cnn.fsio import write_json_atomic
 from cnn.infer import backends
 from cnn.model.run import EpochRecord, FitResult, RunFolder
-from cnn.model.train import check_config, fit
+from cnn.model.train import check_config, fit, resolved_config
 from cnn.similarity import reference
 from cnn.trust.card import GateSummary, build_card
 from cnn.trust.evaluation import CalibrationResult, calibrate_run, evaluate_run, record_checks
@@ -263,6 +263,7 @@ def train_flow(
     check_config(config)
     model_name = config.register_as or dataset
     dataset_dir = str(ws.dataset(dataset).require().root)
+    config = resolved_config(config, Dataset(dataset_dir))  # MLflow, the card and the run log what was decided
     run_dir = str(run_directory(ws.home, model_name, resume))
     with sigterm_at_safe_points():  # training stops between steps, keeping the last epoch's checkpoint
         run_id = start_run(dataset_dir, run_dir, config, model_name)

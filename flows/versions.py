@@ -34,8 +34,9 @@ from cnn.similarity.reference import Reference
 from cnn.similarity.reuse import Lookup
 from cnn.trust.evaluation import split_images
 from flows import workspace
+from flows.mlflow_model import MANIFEST_TAG, manifest, manifest_digest
 
-DIGEST_TAGS = {"weights": "weights.sha256", "contract": "contract.sha256", "onnx": "onnx.sha256"}  # at registration
+DIGEST_TAGS = {"weights": "weights.sha256", "contract": "contract.sha256", "onnx": "onnx.sha256"}  # shown in the UI
 _SPEC = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@(?P<alias>[A-Za-z0-9_-]+)|:(?P<version>\d+))?$")
 
 
@@ -48,51 +49,67 @@ def parse_spec(spec: str) -> tuple[str, str | None, str | None]:
     return match["name"], (alias or (CHAMPION if version is None else None)), version
 
 
-def record_digests(name: str, version: str, files: dict[str, Path]) -> dict[str, str]:
-    """Set the sha256 of the weights, the contract and the ONNX export as version tags (at registration, from the
-    run's files; `files` maps weights, contract and, where exported, onnx to them)."""
-    digests = {part: sha256_file(path) for part, path in files.items()}
+def record_digests(name: str, version: str, files: dict[str, Path]) -> str:
+    """At registration: fetch the version's artifact, check that it holds the run's `files` (weights, contract and,
+    where exported, onnx) unchanged, and set the digest of its manifest (MANIFEST_TAG) and the parts' digests as
+    version tags. Loaders refuse a version without MANIFEST_TAG: its registration did not finish."""
+    mv = MlflowClient().get_model_version(name, version)
+    target = _cache_dir(name, version, mv.run_id or "", uuid.uuid4().hex)
+    _download(name, version, target)
+    found = manifest(target)
+    parts = {part: sha256_file(path) for part, path in files.items()}
+    missing = [part for part, digest in parts.items() if digest not in found.values()]
+    if missing:
+        shutil.rmtree(target, ignore_errors=True)
+        raise UserError(f"model {name} v{version}: the registered artifact does not hold the run's {missing}")
+    digest = manifest_digest(found)
     client = MlflowClient()
-    for part, digest in digests.items():
-        client.set_model_version_tag(name, version, DIGEST_TAGS[part], digest)
-    return digests
+    for part, value in parts.items():
+        client.set_model_version_tag(name, version, DIGEST_TAGS[part], value)
+    client.set_model_version_tag(name, version, MANIFEST_TAG, digest)
+    final = _cache_dir(name, version, mv.run_id or "", digest)
+    shutil.rmtree(final, ignore_errors=True)
+    target.rename(final)
+    return digest
 
 
 def version_files(name: str, version: str) -> Path:
-    """The version's files, fetched and checked against its recorded digests."""
+    """The version's files, fetched and checked against the digest of its manifest; a version without one (its
+    registration did not finish, or it predates manifests) is refused, never trusted."""
     mv = MlflowClient().get_model_version(name, version)
-    digests = {part: mv.tags[tag] for part, tag in DIGEST_TAGS.items() if tag in mv.tags}
-    return fetch(name, str(mv.version), mv.run_id or "", digests)
+    digest = mv.tags.get(MANIFEST_TAG, "")
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise UserError(
+            f"model {name} v{version} has no digest manifest (version tag {MANIFEST_TAG}): its registration did not "
+            "finish, or it was registered before manifests existed, so nothing proves its files are the ones "
+            "trained; it is not loaded (train it again, or use another version)"
+        )
+    return fetch(name, str(mv.version), mv.run_id or "", digest)
 
 
-def fetch(name: str, version: str, run_id: str, digests: dict[str, str] | None = None) -> Path:
-    """The version's files under $CNN_HOME/models/NAME/VERSION-RUN-DIGEST (downloaded once). Keyed by the training
-    run and the weights' digest too, so a registry rebuilt with other models under the same numbers never serves a
-    stale copy; downloaded into a temporary folder and renamed, so a killed download never looks like a usable
-    model. With `digests`, a copy whose files do not match is fetched again, and refused if the store's does not
-    match either (a changed artifact)."""
-    key = f"{version}-{run_id or 'norun'}" + (f"-{digests['weights'][:12]}" if digests else "")
-    target = workspace.current().home / "models" / name / key
-    if target.is_dir() and _matches(target, digests):  # only ever renamed into place whole
+def _cache_dir(name: str, version: str, run_id: str, digest: str) -> Path:
+    # keyed by the training run and the manifest's digest too, so a registry rebuilt with other models under the
+    # same numbers never serves a stale copy
+    return workspace.current().home / "models" / name / f"{version}-{run_id or 'norun'}-{digest[:12]}"
+
+
+def fetch(name: str, version: str, run_id: str, digest: str) -> Path:
+    """The version's files under $CNN_HOME/models/NAME/VERSION-RUN-DIGEST (downloaded once), whose manifest has the
+    digest recorded at registration. Downloaded into a temporary folder and renamed, so a killed download never looks
+    like a usable model; a copy that does not match is fetched again, and refused if the store's does not match
+    either (a changed artifact)."""
+    target = _cache_dir(name, version, run_id, digest)
+    if target.is_dir() and manifest_digest(manifest(target)) == digest:  # only ever renamed into place whole
         return target
     shutil.rmtree(target, ignore_errors=True)  # a local copy that was changed: fetch the store's again
     _download(name, version, target)
-    if not _matches(target, digests):
+    if manifest_digest(manifest(target)) != digest:
         shutil.rmtree(target, ignore_errors=True)
         raise UserError(
             f"model {name} v{version}: its files do not match the sha256 digests recorded at registration "
-            f"(tags {', '.join(DIGEST_TAGS.values())}); the artifact was changed since, so it is not loaded"
+            f"(tag {MANIFEST_TAG}); the artifact was changed since, so it is not loaded"
         )
     return target
-
-
-def _matches(model_dir: Path, digests: dict[str, str] | None) -> bool:
-    if not digests:  # registered before digests were recorded: nothing to check against
-        return True
-    weights, contract = _artifact_paths(model_dir)
-    files = {"weights": weights, "contract": contract, "onnx": _registered_onnx(model_dir)}
-    found = {part: sha256_file(path) for part, path in files.items() if path is not None and path.is_file()}
-    return all(found.get(part) == digest for part, digest in digests.items())
 
 
 def _download(name: str, version: str, target: Path) -> None:
@@ -127,6 +144,13 @@ def find_version(spec: str) -> ModelVersion:
         ) from None
 
 
+def load_pyfunc(spec: str) -> mlflow.pyfunc.PyFuncModel:
+    """The MLflow pyfunc of MODEL[@alias|:version], its copy checked against the registry's manifest digest before
+    MLflow imports anything from it (the pyfunc's own code included): the Python route for your own scripts."""
+    mv = find_version(spec)
+    return mlflow.pyfunc.load_model(str(version_files(mv.name, str(mv.version))))
+
+
 def load_spec(spec: str, device: str = "cpu") -> tuple[ModelVersion, Predictor]:
     """The version MODEL[@alias|:version] names and a plain (unfused, fp32) Predictor of it."""
     mv = find_version(spec)
@@ -151,6 +175,11 @@ def load_predictor(ref: ModelRef) -> Predictor:
     """The pinned version as the scoring engine runs it: batch norm folded, channels_last, its precision (or its ONNX
     export in the chosen runtime)."""
     return _cached_predictor(ref.files, ref.device, ref.precision, ref.compile, ref.backend)
+
+
+def contract(ref: ModelRef) -> ModelContract:
+    """The pinned version's data contract."""
+    return ModelContract.load(_artifact_paths(Path(ref.files))[1])
 
 
 def load_explainer(ref: ModelRef) -> Predictor:
@@ -267,10 +296,12 @@ def _measured_once(
         measured = measure(dataset)
     except UserError:  # the dataset changed its classes since: nothing to compare on
         return None
-    if measured is not None:
-        client.set_model_version_tag(ref.name, ref.version, key, f"{measured:.{digits}f}")
-        client.set_model_version_tag(ref.name, ref.version, "cpu_bf16.checked_on", f"{dataset_name}/val")
-    return measured
+    if measured is None:
+        return None
+    kept = f"{measured:.{digits}f}"  # the first run says what the tag says, as every later run will
+    client.set_model_version_tag(ref.name, ref.version, key, kept)
+    client.set_model_version_tag(ref.name, ref.version, "cpu_bf16.checked_on", f"{dataset_name}/val")
+    return float(kept)
 
 
 class _Validation:

@@ -146,6 +146,25 @@ def api_json(url: str, body: dict[str, Any] | None = None, auth: str | None = No
             time.sleep(1)
 
 
+def with_window_center(path: Path, value: str) -> Path:
+    """Give a DICOM a malformed WindowCenter holding `value` (a PACS that wrote a name into it): a reject whose
+    reason must not quote it."""
+    import pydicom
+    from pydicom import config
+    from pydicom.dataelem import DataElement
+
+    ds = pydicom.dcmread(path)
+    ds[0x00281050] = DataElement(0x00281050, "LO", value)
+    ds[0x00281051] = DataElement(0x00281051, "LO", "100")
+    mode = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.IGNORE
+    try:
+        ds.save_as(path)
+    finally:
+        config.settings.writing_validation_mode = mode
+    return path
+
+
 @contextmanager
 def unusable_compiler() -> Iterator[None]:
     """torch.compile as on a machine without a C++ compiler: inductor's real failure, no graph cache to hide it."""

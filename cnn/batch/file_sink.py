@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
@@ -44,6 +44,7 @@ from cnn.batch.tables import (
     row_keys,
     side_table,
     split_embeddings,
+    write_csv,
 )
 from cnn.errors import UserError
 from cnn.fsio import atomic_path
@@ -52,11 +53,12 @@ from cnn.fsio import atomic_path
 class Sink(Protocol):
     """Where predictions and rejects go."""
 
-    def current(self, model_name: str) -> pd.DataFrame:
-        """The current row of each path this model name scored (CURRENT_COLUMNS; reject_kind "" = predicted)."""
+    def current(self, model_name: str, paths: Sequence[str] | None = None) -> pd.DataFrame:
+        """The current row of each path this model name scored (CURRENT_COLUMNS; reject_kind "" = predicted); a
+        sink may leave out paths not in `paths` (what planning asks about)."""
 
-    def commit(self, shard: int, predictions: pd.DataFrame, rejects: pd.DataFrame) -> None:
-        """Make one shard's rows durable, exactly once."""
+    def commit(self, shard: int, predictions: pd.DataFrame, rejects: pd.DataFrame, run_key: str = "") -> None:
+        """Make one shard's rows durable, exactly once (`run_key`: the plan's id, the same for a retried shard)."""
 
     def finish(self) -> list[str]:
         """Publish; return where the tables live."""
@@ -104,12 +106,12 @@ class FileSink:
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
-    def current(self, model_name: str) -> pd.DataFrame:
+    def current(self, model_name: str, paths: Sequence[str] | None = None) -> pd.DataFrame:
         with self._lock():  # a consistent view: no merge removes parts while they are read
             latest = latest_per_path(self._all("pred"), self._all("rej"))
         return latest.loc[latest["model_name"] == model_name, CURRENT_COLUMNS].reset_index(drop=True)
 
-    def commit(self, shard: int, predictions: pd.DataFrame, rejects: pd.DataFrame) -> None:
+    def commit(self, shard: int, predictions: pd.DataFrame, rejects: pd.DataFrame, run_key: str = "") -> None:
         name = f"shard-{shard:06d}-{uuid.uuid4().hex[:12]}"  # unique across runs writing the same output
         predictions, embeddings = split_embeddings(predictions)
         with self._lock():  # never between another run's merge and its removal of the parts it merged
@@ -140,7 +142,7 @@ class FileSink:
             table = pd.concat([self._read(self.drift_path), rows], ignore_index=True)
             table = table.loc[~row_keys(table, DRIFT_KEY).duplicated(keep="last")]
             with atomic_path(self.drift_path) as tmp:
-                table.to_csv(tmp, index=False) if self.csv else table.to_parquet(tmp, index=False)
+                write_csv(table, tmp) if self.csv else table.to_parquet(tmp, index=False)
 
     def _merged(self) -> dict[str, pd.DataFrame]:
         """The tables as the publish writes them: what is published plus every committed part, each key once."""
@@ -170,7 +172,7 @@ class FileSink:
                 stale.unlink(missing_ok=True)
             with atomic_path(target) as tmp:
                 if self.csv:
-                    tables[kind].to_csv(tmp, index=False)
+                    write_csv(tables[kind], tmp)
                 else:
                     tables[kind].to_parquet(tmp, index=False)
         for part in self._parts("pred") + self._parts("rej") + self._parts("emb"):

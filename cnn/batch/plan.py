@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,8 @@ from cnn.fsio import atomic_path
 from cnn.io import inputs as listing
 from cnn.io import storage
 from cnn.io.decode import RejectKind
-from cnn.io.inputs import VERSION_COLUMN, ScoringInputs, content_ids
+from cnn.io.inputs import VERSION_COLUMN, ScoringInputs, content_ids, with_stat_versions
+from cnn.limits import DEFAULT_MAX_FILE_BYTES
 
 PLAN_COLUMNS = ["image_id", "same_bytes_as", "shard", "attempt", "local_copy"]
 RESERVED = {
@@ -33,19 +35,25 @@ RESERVED = {
 }
 
 
-def list_inputs(source: str) -> ScoringInputs:
+def list_inputs(source: str, allow_outside: bool = False) -> ScoringInputs:
     """The files of `source` to score (cnn.io.inputs), with carried id columns that cannot clash with the output's
     own."""
-    return listing.list_inputs(source, RESERVED)
+    return listing.list_inputs(source, RESERVED, allow_outside)
 
 
 def mark_duplicates(
-    files: pd.DataFrame, predicted: dict[str, str] | None = None, masking: Masking = Masking()
+    files: pd.DataFrame,
+    predicted: dict[str, str] | None = None,
+    masking: Masking = Masking(),
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> pd.DataFrame:
     """Add `image_id` (unless there) and `same_bytes_as`: a file whose bytes an earlier file has (in path order,
     or an earlier run's prediction) is a duplicate of it. Done once before sharding, so parallel shards agree.
     Paths are compared and named as the tables show them (`masking`)."""
-    ids = files["image_id"].tolist() if "image_id" in files.columns else content_ids(files["path"].tolist())
+    if "image_id" in files.columns:
+        ids = files["image_id"].tolist()
+    else:
+        ids = content_ids(files["path"].tolist(), max_file_bytes=max_file_bytes)
     owner = dict(predicted or {})
     same_bytes_as: list[str | None] = []
     for path, image_id in zip(files["path"].map(masking.path), ids):
@@ -98,14 +106,19 @@ def plan_shards(
     rescore: bool = False,
     max_attempts: int = 3,
     masking: Masking = Masking(),
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    verify_content: bool = False,
 ) -> ShardPlan:
-    """Hash every input, drop those every sink already holds with the same bytes (rows of any version, or of this
-    version only with `rescore`), resolve duplicates by content, and number the shards."""
+    """Hash every new input (at most `max_file_bytes + 1` bytes of each: the model's decode limit), drop those every
+    sink already holds with the same bytes (rows of any version, or of this version only with `rescore`), resolve
+    duplicates by content, and number the shards. An input whose version (an object's ETag, a file's
+    `stat_version`) a sink recorded with its path is known without reading it, unless `verify_content`."""
     masking.check(inputs.id_columns)
-    currents = [sink.current(model.name) for sink in sinks]
     shown = inputs.files["path"].map(masking.path)  # what the tables hold
-    ids, copies = _image_ids(inputs.files, shown, currents, Path(run_dir) / SPOOL)
-    files = inputs.files.assign(image_id=ids)
+    currents = [sink.current(model.name, shown.tolist()) for sink in sinks]
+    listed = with_stat_versions(inputs.files)
+    ids, copies = _image_ids(listed, shown, [] if verify_content else currents, Path(run_dir) / SPOOL, max_file_bytes)
+    files = listed.assign(image_id=ids)
     if any(copies):
         files["local_copy"] = copies
     pairs = pd.Series(list(zip(shown, files["image_id"])), dtype=object)
@@ -120,7 +133,7 @@ def plan_shards(
         attempts.update(increment.attempts)
         owners.update(increment.owners)
     keep = todo.to_numpy()
-    files = mark_duplicates(files[keep].reset_index(drop=True), owners, masking)
+    files = mark_duplicates(files[keep].reset_index(drop=True), owners, masking, max_file_bytes)
     files["attempt"] = [attempts.get(pair, 0) + 1 for pair in pairs[keep]]
     files["shard"] = files.index // shard_size
     plan = Path(run_dir) / "plan.parquet"
@@ -134,6 +147,7 @@ def plan_shards(
         len(inputs.files) - len(files),
         tuple(inputs.id_columns),
         retried=int((files["attempt"] > 1).sum()),
+        key=uuid.uuid4().hex,
     )
 
 
@@ -153,14 +167,12 @@ def sweep_copies(scoring_dir: Path, older_than_s: float = 7 * 86400) -> int:
 
 
 def _image_ids(
-    files: pd.DataFrame, shown: pd.Series, currents: Sequence[pd.DataFrame], spool: Path
+    files: pd.DataFrame, shown: pd.Series, currents: Sequence[pd.DataFrame], spool: Path, max_file_bytes: int
 ) -> tuple[list[str], list[str]]:
-    """Each input's content id, and the local copy of the objects read for it: for an object whose version a sink
-    recorded with the same path, the id recorded then (the object is not read at all); for other objects, the
-    hash of the bytes, which are kept in `spool` for the decoder (up to storage.SPOOL_BYTES); for files, the hash."""
+    """Each input's content id, and the local copy of the objects read for it: for an input whose version a sink
+    recorded with the same path, the id recorded then (it is not read at all); for other objects, the hash of the
+    bytes, which are kept in `spool` for the decoder (up to storage.SPOOL_BYTES); for files, the hash."""
     copies = [""] * len(files)
-    if VERSION_COLUMN not in files.columns:
-        return content_ids(files["path"].tolist()), copies
     known: dict[tuple[str, str], str] = {}
     for current in currents:
         rows = current[current[VERSION_COLUMN].astype(str) != ""]
@@ -168,9 +180,11 @@ def _image_ids(
     ids = [known.get((p, str(v)), "") if v else "" for p, v in zip(shown, files[VERSION_COLUMN])]
     paths = files["path"].tolist()
     objects = [i for i, image_id in enumerate(ids) if not image_id and storage.is_url(paths[i])]
-    for i, (image_id, copy) in zip(objects, storage.fetch_objects([paths[i] for i in objects], spool)):
+    for i, (image_id, copy) in zip(
+        objects, storage.fetch_objects([paths[i] for i in objects], spool, max_bytes=max_file_bytes)
+    ):
         ids[i], copies[i] = image_id, copy
     local = [i for i, image_id in enumerate(ids) if not image_id and not storage.is_url(paths[i])]
-    for i, image_id in zip(local, content_ids([paths[i] for i in local])):
+    for i, image_id in zip(local, content_ids([paths[i] for i in local], max_file_bytes=max_file_bytes)):
         ids[i] = image_id
     return ids, copies

@@ -30,6 +30,7 @@ class ShardPlan:
     skipped: int  # these bytes at this path already have a current row in every sink
     id_columns: tuple[str, ...] = ()
     retried: int = 0  # files whose earlier reject was transient, tried again
+    key: str = ""  # this plan's own id: a retried shard commits under the same transaction identifier
 
     def remove(self) -> None:
         """Delete the plan file once the run is published (it lists paths and image ids), and what is left of its

@@ -139,7 +139,7 @@ class Scorer:
         self._decode_next(plan, shard)
         scored = self.score_files(files, list(plan.id_columns), decoded, lookup)
         for sink in sinks:
-            sink.commit(shard, scored.predictions, scored.rejects)
+            sink.commit(shard, scored.predictions, scored.rejects, plan.key)
         _release_copies(files)  # committed: the plan's copies of this shard's objects are done with
         self._keep_history(shard, scored)  # after the commit: only what was committed
         return _result(files, scored, time.perf_counter() - start, waited, self.predictor.compile_failed)

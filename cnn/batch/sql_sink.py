@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,6 +50,7 @@ from cnn.batch.tables import (
     split_embeddings,
 )
 from cnn.errors import UserError
+from cnn.io import credentials as url_credentials
 from cnn.io.inputs import VERSION_COLUMN
 
 if TYPE_CHECKING:
@@ -87,7 +89,9 @@ class SqlSink:
             with self.engine.connect():
                 pass
         except Exception as exc:  # noqa: BLE001 - drivers raise their own types for bad URLs and servers
-            detail = str(exc).replace(parsed.password, "***") if parsed.password else str(exc)
+            detail = url_credentials.scrub(
+                str(exc).replace(parsed.password, "***") if parsed.password else str(exc), url
+            )
             raise UserError(f"cannot open the table database {redact(url)}: {type(exc).__name__}: {detail}") from None
         self.quote = self.engine.dialect.identifier_preparer.quote  # identifiers are quoted by SQLAlchemy
         self._indexed: set[str] = set()
@@ -137,7 +141,7 @@ class SqlSink:
             conn.execute(text(f"CREATE INDEX IF NOT EXISTS {index} ON {self.quote(name)} (model_name, path)"))
             self._indexed.add(name)
 
-    def current(self, model_name: str) -> pd.DataFrame:
+    def current(self, model_name: str, paths: Sequence[str] | None = None) -> pd.DataFrame:
         frames = []
         with self.engine.connect() as conn:
             for name in (self.table, self.rejects):
@@ -161,7 +165,7 @@ class SqlSink:
         latest = latest_per_path(*frames)
         return latest[CURRENT_COLUMNS]
 
-    def commit(self, shard: int, predictions: pd.DataFrame, rejects: pd.DataFrame) -> None:
+    def commit(self, shard: int, predictions: pd.DataFrame, rejects: pd.DataFrame, run_key: str = "") -> None:
         predictions, embeddings = split_embeddings(predictions)
         with self.engine.begin() as conn:  # one transaction per shard: all of it or none of it
             self._lock(conn)
@@ -262,6 +266,6 @@ def redact(url: str) -> str:
     """A database URL as SQLAlchemy renders it with the password hidden; text that is no URL is shown only when
     it cannot hold credentials."""
     try:
-        return str(parse_url(url).render_as_string(hide_password=True))
+        return url_credentials.redact(str(parse_url(url).render_as_string(hide_password=True)))  # and query credentials
     except (ArgumentError, ValueError):
         return url if "@" not in url else "<a database URL that does not parse>"

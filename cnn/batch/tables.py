@@ -5,6 +5,7 @@ of superseded rows)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import IO, Literal
 
@@ -87,6 +88,30 @@ def _column(frame: pd.DataFrame, name: str, default: object) -> pd.Series:
     if name not in frame.columns:
         return pd.Series(default, index=frame.index)
     return frame[name].replace("", None).fillna(default)
+
+
+_FORMULA = re.compile(r"^[=+\-@\t\r]")  # what a spreadsheet reads as the start of a formula (OWASP, CSV injection)
+_NUMBER = re.compile(r"^[-+]?\d+(\.\d+)?([eE][-+]?\d+)?$")  # a plain number is data, never a formula
+
+
+def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with every text cell that a spreadsheet would run as a formula (starting with = + - @, a tab or a
+    carriage return, and not a plain number) prefixed with a single quote, as OWASP recommends for CSV files that
+    people open in Excel or LibreOffice: a carried claim id `=HYPERLINK(...)` shows as text instead of running."""
+    out = frame.copy()
+    for column in out.columns:
+        if out[column].dtype != object and not pd.api.types.is_string_dtype(out[column]):
+            continue
+        values = out[column]
+        risky = values.map(lambda v: isinstance(v, str) and bool(_FORMULA.match(v)) and not _NUMBER.match(v))
+        if risky.any():
+            out.loc[risky, column] = "'" + values[risky].astype(str)
+    return out
+
+
+def write_csv(frame: pd.DataFrame, target: Path | IO[bytes]) -> None:
+    """A table as CSV, spreadsheet-safe (`spreadsheet_safe`): the one way the sinks write CSV."""
+    spreadsheet_safe(frame).to_csv(target, index=False)
 
 
 def read_csv_table(source: Path | IO[bytes]) -> pd.DataFrame:

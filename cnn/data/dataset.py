@@ -21,21 +21,22 @@ as it is, and moves to the new layout at its next ingest.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from cnn.choices import SPLITS
+from cnn.choices import DATASET_NAME, SPLITS
 from cnn.limits import DEFAULT_MAX_FILE_BYTES
 from cnn.errors import UserError
 from cnn.formats import migrated
+from cnn.io.storage import is_url
 
 MANIFEST_COLUMNS = [
     "image_id",
@@ -54,7 +55,6 @@ MANIFEST_COLUMNS = [
     "version",  # an object's version id or ETag ("" for a local file)
     "reviewed",  # the label came from a reviewer (a filled-in review table)
 ]
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 POINTER = "CURRENT"
 META_FORMAT = 2  # dataset.json: 1 named one cache file (`cache_token`); 2 names the cache's shards
 GENERATIONS = "generations"
@@ -70,7 +70,7 @@ def usable_rows(manifest: pd.DataFrame, split: str | None = None, distinct: bool
 
 def validate_name(name: str) -> str:
     """Return `name` if it is a safe dataset or model name, else raise UserError."""
-    if not _NAME.match(name or ""):
+    if not DATASET_NAME.match(name or ""):
         raise UserError(
             f"invalid name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
         )
@@ -104,6 +104,17 @@ class DatasetMeta:
     def split_key(self) -> tuple[int, float, float, str]:
         """Splitting parameters; a change redraws the splits."""
         return (self.seed, self.val_fraction, self.test_fraction, self.group_column)
+
+    def identity(self) -> str:
+        """Which data this dataset is, beyond its name: a digest of where it was ingested from (a pseudonym of the
+        source, never the path), so a name re-used for other data is told apart by the promotion gate."""
+        return hashlib.sha256(self.source.encode("utf-8")).hexdigest()[:16]
+
+    def for_sharing(self) -> dict[str, object]:
+        """dataset.json as shared stores (MLflow) may hold it: the source by its folder's name (or its URL without
+        credentials), never the absolute path on the host that ingested it."""
+        source = self.source if is_url(self.source) else PurePath(self.source).name
+        return {**asdict(self), "source": source}
 
 
 class Dataset:

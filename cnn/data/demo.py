@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from cnn.data.garments import write_garments
 from cnn.errors import UserError
 
 XRAY_CLASSES = {"normal": 0.55, "nodule": 0.25, "opacity": 0.20}
@@ -271,7 +272,13 @@ def _generate_claims(out: Path, n: int | None, seed: int, size: int | None) -> D
     return DemoDataset("claims", out, out, n, 0)
 
 
+def _generate_garments(out: Path, n: int | None, seed: int, size: int | None) -> DemoDataset:
+    n = write_garments(out, n or 20_000, seed, size or 28)
+    return DemoDataset("garments", out, out, n, 0)
+
+
 GENERATORS: dict[str, Callable[[Path, int | None, int, int | None], DemoDataset]] = {
     "xray": _generate_xray,
     "claims": _generate_claims,
+    "garments": _generate_garments,
 }

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -35,7 +34,7 @@ from cnn.data.dataset import (
 from cnn.io.decode import DecodeSpec
 from cnn.errors import UserError
 from cnn.fsio import atomic_path, write_json_atomic
-from cnn.choices import SPLITS
+from cnn.choices import CLASS_NAME, CLASS_NAME_RULE, SPLITS
 from cnn.limits import DEFAULT_TIME_LIMIT_S, MAX_FILE_MB
 from cnn.io.pool import DecodeOutcome, ProgressFn, decode_many
 from cnn.io.pseudonyms import dicom_tag, pseudonym
@@ -44,7 +43,6 @@ from cnn.data.report import IngestStats, build_report, save_report
 from cnn.data.splits import assign_splits
 from cnn.io.storage import is_url, local_path, redact
 
-_CLASS_NAME = re.compile(r"^[^\W_][\w .+()-]{0,63}$")
 
 
 @contextmanager
@@ -124,7 +122,7 @@ def stage_scan(source: str | Path, dataset_dir: Path, options: IngestOptions) ->
     """List the source's files into staging/scan.parquet; raise UserError for an unusable source."""
     validate_name(Path(dataset_dir).name)
     options.fractions()  # validate before any work
-    listing = scan_source(source, options.group_column)
+    listing = scan_source(source, options.group_column, options.allow_outside)
     listing = _added_to(Dataset(dataset_dir), listing, everything=options.add or listing.layout == "review")
     staging = staging_dir(dataset_dir)
     if staging.exists():
@@ -394,11 +392,10 @@ def stage_split(dataset_dir: Path, options: IngestOptions, pseudonym_key: bytes 
         detail = "; ".join(f"{n} x {r}" for r, n in reasons.items())
         raise UserError(f"{scan.source} holds no usable image ({len(frame)} files rejected: {detail})")
     classes = sorted(frame.loc[ok, "label"].unique())
-    bad = [c for c in classes if not _CLASS_NAME.match(c)]
+    bad = [c for c in classes if not CLASS_NAME.match(c)]
     if bad:  # class names become column names (prob_<class>) in every prediction table
         raise UserError(
-            f"{scan.source}: class name(s) {', '.join(map(repr, bad))} cannot be used; use letters, "
-            "digits, spaces and _ . + - ( ) (at most 64), starting with a letter or digit"
+            f"{scan.source}: class name(s) {', '.join(map(repr, bad))} cannot be used; use {CLASS_NAME_RULE}"
         )
     if len(classes) < 2:
         raise UserError(f"{scan.source} has {len(classes)} class ({', '.join(classes)}); at least two are needed")

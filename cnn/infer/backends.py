@@ -173,7 +173,21 @@ def export_onnx(weights: str | Path, contract: str | Path | ModelContract, targe
             external_data=False,
             verbose=False,
         )
+        _without_host_paths(partial)
     return Path(target)
+
+
+def _without_host_paths(path: Path) -> None:
+    """Drop the exporter's per-node metadata (the Python stack that built each node, with this host's absolute
+    paths): the export is registered and shared, and nothing reads it back."""
+    # imported here: heavy (onnx): only where a model is exported
+    import onnx
+
+    model = onnx.load(str(path))
+    for graph in [model.graph, *(f for f in model.functions)]:
+        for node in graph.node:
+            del node.metadata_props[:]
+    onnx.save(model, str(path))
 
 
 class _quiet_exporter:

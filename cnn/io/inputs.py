@@ -4,8 +4,9 @@ tells an unchanged object without reading it again. `content_ids` hashes what is
 
 from __future__ import annotations
 
-import glob
+import os
 import re
+import stat
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -18,9 +19,11 @@ from cnn.fsio import sha256_file
 from cnn.io import storage
 from cnn.io.decode import DecodeError, open_regular_file
 from cnn.io.pool import sample_size
-from cnn.io.sources import MANIFEST_SUFFIXES, iter_files, load_manifest_table, object_stats, visible_objects
+from cnn.io.sources import MANIFEST_SUFFIXES, load_manifest_table, object_stats, refuse_outside, visible_objects
+from cnn.io.walk import matches, split_glob, split_object_glob, walk_files
+from cnn.limits import DEFAULT_MAX_FILE_BYTES
 
-VERSION_COLUMN = "source_version"  # an object's version id or ETag when it was listed ("" for a local file)
+VERSION_COLUMN = "source_version"  # an object's version id or ETag when listed; a local file's stat_version
 _ID_COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
@@ -30,27 +33,34 @@ class ScoringInputs:
 
     files: pd.DataFrame  # columns: path, *id_columns
     id_columns: list[str]
+    outside: int = 0  # links leaving the source that were not read (cnn.io.walk)
 
 
-def list_inputs(source: str, reserved: Collection[str] = ()) -> ScoringInputs:
+def list_inputs(source: str, reserved: Collection[str] = (), allow_outside: bool = False) -> ScoringInputs:
     """A folder (recursive), a glob, or a CSV/Parquet manifest with `path` and any id columns; each may be an object
     store URL (`s3://bucket/incoming/`, `s3://bucket/incoming/**/*.jpg`, `s3://bucket/batch.csv`), and a manifest
     may name objects. Objects carry their version (`source_version`), which tells an unchanged object without
     reading it again. A manifest's id columns must not be named like the `reserved` ones (or `prob_*`): the columns the
-    output has already."""
+    output has already. Links leaving a folder or glob, and manifest rows outside the manifest's folder, are not
+    read unless `allow_outside` (cnn.io.walk)."""
     source = storage.local_path(source)
+    storage.refuse_credentials(source)
     reserved = {*reserved, VERSION_COLUMN}
-    inputs = _list_objects(source, reserved) if storage.is_url(source) else _list_local(source, reserved)
+    if storage.is_url(source):
+        inputs = _list_objects(source, reserved, allow_outside)
+    else:
+        inputs = _list_local(source, reserved, allow_outside)
     if inputs.files["path"].map(storage.is_url).any():
         inputs = _with_versions(inputs)
     return inputs
 
 
-def _list_objects(source: str, reserved: set[str]) -> ScoringInputs:
+def _list_objects(source: str, reserved: set[str], allow_outside: bool) -> ScoringInputs:
     if source.lower().endswith(MANIFEST_SUFFIXES):
-        return _list_manifest(source, reserved)
+        return _list_manifest(source, reserved, allow_outside)
     if any(ch in source for ch in "*?["):
-        urls = storage.glob(source)
+        prefix, pattern = split_object_glob(source)
+        urls = sorted(found.url for parts, found in visible_objects(prefix) if matches(pattern, parts))
     else:
         urls = sorted(found.url for _, found in visible_objects(source))
     if not urls:
@@ -65,7 +75,7 @@ def _with_versions(inputs: ScoringInputs) -> ScoringInputs:
     return replace(inputs, files=inputs.files.assign(**{VERSION_COLUMN: versions}))
 
 
-def _list_manifest(path: Path | str, reserved: set[str]) -> ScoringInputs:
+def _list_manifest(path: Path | str, reserved: set[str], allow_outside: bool) -> ScoringInputs:
     """A CSV/Parquet manifest (a file or an object) with `path` and any id columns to carry to the output; its
     relative paths start from its own folder."""
     shown = storage.redact(str(path))
@@ -84,6 +94,7 @@ def _list_manifest(path: Path | str, reserved: set[str]) -> ScoringInputs:
     files = table.copy()
     base = storage.parent(str(path)) if storage.is_url(path) else str(Path(path).parent)
     files["path"] = [_beside(base, p) for p in files["path"].astype(str)]
+    refuse_outside(files["path"], base if storage.is_url(path) else Path(base), "manifest", allow_outside)
     files[ids] = files[ids].astype(str)
     return ScoringInputs(files.drop_duplicates("path", ignore_index=True)[["path", *ids]], ids)
 
@@ -96,33 +107,62 @@ def _beside(base: str, path: str) -> str:
     return storage.join(base, path) if storage.is_url(base) else str(Path(base) / path)
 
 
-def _list_local(source: str, reserved: set[str]) -> ScoringInputs:
+def _list_local(source: str, reserved: set[str], allow_outside: bool) -> ScoringInputs:
     path = Path(source).expanduser()
     if path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
-        return _list_manifest(path, reserved)
+        return _list_manifest(path, reserved, allow_outside)
     if path.is_dir():
-        files = pd.DataFrame({"path": sorted(str(p) for p in iter_files(path))})
+        root, found = path, walk_files(path, allow_outside=allow_outside)
     elif any(ch in source for ch in "*?["):
-        files = pd.DataFrame({"path": sorted(p for p in glob.glob(str(path), recursive=True) if Path(p).is_file())})
+        root, pattern = split_glob(source)
+        if not root.is_dir():
+            raise UserError(f"nothing to score: {root} (the folder of the glob) is not a folder")
+        found = walk_files(root, pattern, allow_outside=allow_outside)
     else:
         raise UserError(f"nothing to score: {source} is not a folder, a glob or a CSV/Parquet manifest")
-    return ScoringInputs(files.drop_duplicates("path", ignore_index=True), [])
+    found.warn(root)
+    files = pd.DataFrame({"path": [str(p) for p in found.files]}, dtype=object)
+    return ScoringInputs(files.drop_duplicates("path", ignore_index=True), [], len(found.outside))
 
 
-def content_ids(paths: Sequence[str], threads: int = 4) -> list[str]:
+def stat_version(path: str) -> str:
+    """A local file's version, as an object's ETag is one: `stat:size:mtime_ns:ctime_ns:inode` ("" when it is not a
+    regular file one can stat). Writing, truncating, replacing or renaming a file over it changes the inode or the
+    ctime (which no user can set), so an unchanged stat means unchanged bytes on a filesystem that keeps them."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    if not stat.S_ISREG(st.st_mode):
+        return ""
+    return f"stat:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+
+
+def with_stat_versions(files: pd.DataFrame) -> pd.DataFrame:
+    """`files` with VERSION_COLUMN filled for local paths by `stat_version` (objects keep theirs): one stat per file,
+    so planning knows an unchanged file without reading it."""
+    paths = files["path"].astype(str)
+    given = files[VERSION_COLUMN].astype(str) if VERSION_COLUMN in files.columns else pd.Series("", index=files.index)
+    local = ~paths.map(storage.is_url)
+    versions = given.where(~local, [stat_version(p) if is_local else "" for p, is_local in zip(paths, local)])
+    return files.assign(**{VERSION_COLUMN: versions.to_numpy(dtype=object)})
+
+
+def content_ids(paths: Sequence[str], threads: int = 4, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> list[str]:
     """The sha256 of each file's bytes (the `image_id`); "" for a file that cannot be read as a regular file. Objects
-    (URLs) are read several at a time."""
+    (URLs) are read several at a time. At most `max_file_bytes + 1` bytes of any input are read: a larger file's id
+    is the hash of what was read, which no file within the limit can share (the decoder rejects it as too large)."""
     urls = [i for i, p in enumerate(paths) if storage.is_url(p)]
     if urls:
-        found = dict(zip(urls, storage.sha256_objects([paths[i] for i in urls])))
+        found = dict(zip(urls, storage.sha256_objects([paths[i] for i in urls], max_bytes=max_file_bytes)))
         rest = [i for i in range(len(paths)) if i not in found]
-        local = dict(zip(rest, content_ids([paths[i] for i in rest], threads))) if rest else {}
+        local = dict(zip(rest, content_ids([paths[i] for i in rest], threads, max_file_bytes))) if rest else {}
         return [found[i] if i in found else local[i] for i in range(len(paths))]
 
     def digest(path: str) -> str:
         try:
             with open_regular_file(path) as handle:  # never blocks on a FIFO, never streams a device
-                return sha256_file(handle)
+                return sha256_file(handle, max_file_bytes + 1)
         except (DecodeError, OSError):
             return ""  # unreadable or not a regular file: the decoder reports why
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import resource
 import signal
 import sys
 import threading
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import psutil
 
 from cnn import stopping
 from cnn.io.decode import (
@@ -47,6 +49,7 @@ DecodeFn = Callable[[str, DecodeSpec, frozenset[str]], "DecodeOutcome"]
 START_GRACE_S = 30.0  # what a process of its own may take to start before its file's time limit begins
 CHUNK_BYTES = 1 << 20  # files per task: about this many bytes of them...
 MAX_CHUNK = 64  # ...but at most this many (a chunk's outcomes come back together)
+WORKER_MEMORY_FLOOR = 3 << 30  # address space a decode worker may add, at least (see memory_ceiling)
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,28 @@ _worker_decode: DecodeFn | None = None
 _worker_started: Any = None  # the pool's shared clock: when the task in each slot started running
 
 
+def memory_ceiling(spec: DecodeSpec) -> int:
+    """The address space one decode worker may add to what it holds at start: room for the largest file, its
+    decoded pixels and the decoder's copies (a file allowed by the limits never comes near it)."""
+    return max(WORKER_MEMORY_FLOOR, 8 * spec.max_file_bytes)
+
+
+def limit_worker_memory(extra: int) -> None:
+    """Cap this process's address space at what it maps now plus `extra` (RLIMIT_AS): a file that makes a decoder
+    allocate without bound fails in this worker (a MemoryError, a reject) instead of taking the host."""
+    try:
+        ceiling = psutil.Process().memory_info().vms + extra
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        resource.setrlimit(
+            resource.RLIMIT_AS, (ceiling if hard == resource.RLIM_INFINITY else min(ceiling, hard), hard)
+        )
+    except (OSError, ValueError):  # a host that forbids it: the time limit still holds
+        pass
+
+
 def _init_worker(spec: DecodeSpec, known: frozenset[str], decode: DecodeFn, env: dict[str, str], started: Any) -> None:
     global _worker_spec, _worker_known, _worker_decode, _worker_started
+    limit_worker_memory(memory_ceiling(spec))
     _worker_started = started
     os.environ.update(env)  # a forkserver started earlier has an older environment than this process
     _worker_spec, _worker_known, _worker_decode = spec, known, decode
@@ -207,7 +230,13 @@ class _IsolatedPool:
                 chunk.append(todo.popleft())
             slot = min(set(range(_Pool.depth(self.workers))) - {s for _, s in self.running.values()})
             self.pool.started[slot] = 0.0  # not started: waiting in the queue or for a worker process to start
-            future = self.pool.submit(_decode_in_worker, slot, [self.paths[i] for i in chunk])
+            try:
+                future = self.pool.submit(_decode_in_worker, slot, [self.paths[i] for i in chunk])
+            except BrokenProcessPool:  # a worker died since the last collect: its task's future says which
+                todo.extendleft(reversed(chunk))
+                if not self.running:  # nothing left to tell the death by: start a fresh pool on the next fill
+                    self._stop(kill=True)
+                return
             self.running[future] = (chunk, slot)
 
     def _started(self, slot: int) -> float:
@@ -335,7 +364,7 @@ def _reusable_pool(key: tuple[object, ...]) -> _Pool | None:
     global _idle
     with _idle_lock:
         idle, _idle = _idle, None
-    if idle is not None and idle[0] == key:
+    if idle is not None and idle[0] == key and not getattr(idle[1], "_broken", False):  # a worker may die idle
         return idle[1]
     if idle is not None:
         idle[1].shutdown(wait=False, cancel_futures=True)

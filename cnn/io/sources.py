@@ -11,9 +11,13 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
+from cnn import stopping
 from cnn.choices import SPLIT_ALIASES, SPLITS
 from cnn.errors import UserError
+from cnn.fsio import inside
 from cnn.io import storage
+from cnn.io.walk import ALLOW_FLAG, walk_files
+from cnn.limits import MAX_SOURCE_ENTRIES
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 # version: an object's version id or ETag ("" for a local file, whose size and mtime say when it changed)
@@ -31,8 +35,11 @@ class SourceListing:
     skipped: int = 0  # loose files without a class folder, or repeated rows of a manifest
 
 
-def scan_source(source: str | os.PathLike[str], group_column: str = "group") -> SourceListing:
-    """List every candidate file of `source` with its label, preset split and group."""
+def scan_source(
+    source: str | os.PathLike[str], group_column: str = "group", allow_outside: bool = False
+) -> SourceListing:
+    """List every candidate file of `source` with its label, preset split and group. Links that leave a folder
+    source are not read, and a manifest's or review table's paths must stay in its folder, unless `allow_outside`."""
     source = storage.local_path(str(source))
     if storage.is_url(source):
         listing = _scan_objects(source, group_column)
@@ -45,23 +52,14 @@ def scan_source(source: str | os.PathLike[str], group_column: str = "group") -> 
     if root.is_file():
         if root.suffix.lower() not in MANIFEST_SUFFIXES:
             raise UserError(f"source {root} is a file but not a CSV or Parquet manifest")
-        listing = _scan_manifest(root.resolve(), group_column)
+        listing = _scan_manifest(root.resolve(), group_column, allow_outside)
     elif _split_dirs(root):
-        listing = _scan_split_folders(root.resolve())
+        listing = _scan_split_folders(root.resolve(), allow_outside)
     else:
-        listing = _scan_class_folders(root.resolve())
+        listing = _scan_class_folders(root.resolve(), allow_outside)
     if listing.files.empty:
         raise UserError(f"no files found in {root}")
     return listing
-
-
-def iter_files(folder: Path) -> list[Path]:
-    """All non-hidden files below `folder`, sorted, skipping hidden folders."""
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
-    return found
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -77,28 +75,33 @@ def _split_dirs(root: Path) -> dict[str, Path]:
     return {}
 
 
-def _class_rows(folder: Path, split: str | None) -> tuple[list[dict[str, object]], int]:
+def _class_rows(
+    folder: Path, split: str | None, root: Path, allow_outside: bool
+) -> tuple[list[dict[str, object]], int]:
+    """The rows of a class-folder tree, and the files skipped: loose files and links leading out of `root`."""
     rows: list[dict[str, object]] = []
-    for class_dir in _subdirs(folder):
-        for path in iter_files(class_dir):
-            rows.append(_row(str(path.absolute()), class_dir.name, split, None))
     loose = sum(1 for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    for class_dir in _subdirs(folder):
+        found = walk_files(class_dir, root=root, allow_outside=allow_outside)
+        found.warn(root)
+        loose += len(found.outside)
+        rows += [_row(str(path.absolute()), class_dir.name, split, None) for path in found.files]
     return rows, loose
 
 
-def _scan_class_folders(root: Path) -> SourceListing:
-    rows, loose = _class_rows(root, None)
-    return SourceListing(_frame(rows), "class-folders", root, loose)
+def _scan_class_folders(root: Path, allow_outside: bool) -> SourceListing:
+    rows, skipped = _class_rows(root, None, root, allow_outside)
+    return SourceListing(_frame(rows), "class-folders", root, skipped)
 
 
-def _scan_split_folders(root: Path) -> SourceListing:
+def _scan_split_folders(root: Path, allow_outside: bool) -> SourceListing:
     rows: list[dict[str, object]] = []
-    loose = 0
+    skipped = 0
     for split, folder in sorted(_split_dirs(root).items()):
-        split_rows, split_loose = _class_rows(folder, split)
+        split_rows, split_skipped = _class_rows(folder, split, root, allow_outside)
         rows += split_rows
-        loose += split_loose
-    return SourceListing(_frame(rows), "split-folders", root, loose)
+        skipped += split_skipped
+    return SourceListing(_frame(rows), "split-folders", root, skipped)
 
 
 def _scan_objects(url: str, group_column: str) -> SourceListing:
@@ -128,9 +131,15 @@ def _scan_objects(url: str, group_column: str) -> SourceListing:
 
 def visible_objects(url: str) -> Iterator[tuple[tuple[str, ...], storage.ObjectInfo]]:
     """The objects below the prefix `url`, each with its key's parts below it, skipping hidden ones (a part that
-    starts with `.`, as on disk); streamed."""
+    starts with `.`, as on disk); streamed, bounded like a walk (MAX_SOURCE_ENTRIES), and stopped by SIGTERM."""
     prefix = url.rstrip("/")
-    for found in storage.iter_objects(prefix):
+    for count, found in enumerate(storage.iter_objects(prefix), 1):
+        if count > MAX_SOURCE_ENTRIES:
+            raise UserError(
+                f"{storage.redact(prefix)} holds more than {MAX_SOURCE_ENTRIES:,} objects; score or ingest it in parts"
+            )
+        if count % 1000 == 0:
+            stopping.check()
         parts = tuple(found.url[len(prefix) + 1 :].split("/"))
         if not any(part.startswith(".") for part in parts):
             yield parts, found
@@ -151,11 +160,13 @@ def _object_row(
     }
 
 
-def _scan_manifest(manifest: Path | str, group_column: str) -> SourceListing:
+def _scan_manifest(manifest: Path | str, group_column: str, allow_outside: bool = False) -> SourceListing:
     table = load_manifest_table(manifest)
     base = _folder_of(manifest)
     if REVIEWED_LABEL in table.columns:
-        return _scan_review(manifest, base, table, group_column)
+        listing = _scan_review(manifest, base, table, group_column)
+        refuse_outside(listing.files["path"], base, "review table", allow_outside)
+        return listing
     missing = [c for c in ("path", "label") if c not in table.columns]
     if missing:
         raise UserError(
@@ -178,6 +189,7 @@ def _scan_manifest(manifest: Path | str, group_column: str) -> SourceListing:
             )
         )
     frame = _frame(rows)
+    refuse_outside(frame["path"], base, "manifest", allow_outside)
     repeated = int(frame["path"].duplicated().sum())  # a file listed twice is ingested once (first row wins)
     frame = _with_object_stats(frame.drop_duplicates("path", ignore_index=True))
     return SourceListing(frame, "manifest", base, repeated)
@@ -205,6 +217,27 @@ def _review_path(base: Path | str, path: str) -> str:
     if storage.is_url(beside) or Path(path).is_absolute() or Path(beside).exists():
         return beside
     return str(Path(path).expanduser().absolute())
+
+
+def refuse_outside(paths: Iterable[str], base: Path | str, kind: str, allow_outside: bool) -> None:
+    """A manifest's or review table's rows name files in its own folder (links resolved; for one in an object store,
+    objects under its prefix): a table edited by someone else must not pull other files into training or scoring.
+    A UserError names the first row outside and the option that allows it."""
+    if allow_outside:
+        return
+    outside = [p for p in paths if not _within(str(p), base)]
+    if outside:
+        first = storage.redact(outside[0]) if storage.is_url(outside[0]) else Path(outside[0]).name
+        raise UserError(
+            f"{len(outside)} row(s) of the {kind} name files outside its folder (first: {first}); move them beside "
+            f"it, or pass {ALLOW_FLAG} if they are meant to be read from there"
+        )
+
+
+def _within(path: str, base: Path | str) -> bool:
+    if isinstance(base, str) or storage.is_url(path):  # an object store: objects under the table's prefix
+        return storage.is_url(path) and isinstance(base, str) and path.startswith(base.rstrip("/") + "/")
+    return inside(path, base)
 
 
 def load_manifest_table(path: Path | str) -> pd.DataFrame:

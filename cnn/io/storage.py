@@ -15,11 +15,8 @@ import hashlib
 import os
 import re
 import threading
-import time
-import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 from cnn.errors import UserError
 from cnn.fsio import atomic_path
+from cnn.io import credentials as url_credentials
 
 # scheme -> the fsspec implementation's package; package -> the pip extra that installs it
 BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
@@ -70,11 +68,20 @@ def local_path(text: str) -> str:
 
 
 def redact(url: str) -> str:
-    """A URL without any user or password part (never written anywhere with them)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
+    """A URL without its user info and with every credential in its query masked (never shown with them)."""
+    if "://" not in url:
         return url
-    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+    parts = urlsplit(url)
+    return url_credentials.redact(parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl())
+
+
+def refuse_credentials(url: str) -> None:
+    """Object store URLs never carry credentials (user info, or a token, key or signature in the query): they would
+    reach flow parameters, logs and tables. Raise a UserError saying where credentials belong."""
+    if is_url(url) and ("@" in urlsplit(url).netloc or url_credentials.carries_credentials(url)):
+        raise UserError(
+            f"{redact(url)}: put credentials in the environment, ~/.aws or the store's own config, never in the URL"
+        )
 
 
 def filesystem(url: str) -> tuple[Any, str]:
@@ -83,8 +90,7 @@ def filesystem(url: str) -> tuple[Any, str]:
     package = BACKENDS.get(name)
     if package is None:
         raise UserError(f"{redact(url)}: unsupported URL scheme {name!r} (use s3://, gs://, az:// or file://)")
-    if "@" in urlsplit(url).netloc and name.startswith("s3"):
-        raise UserError(f"{redact(url)}: put credentials in the environment or ~/.aws, never in the URL")
+    refuse_credentials(url)
     # imported here: object stores only: fsspec and the store's client load on the first URL
     import fsspec
 
@@ -194,7 +200,12 @@ def read_object(url: str, max_bytes: int | None = None) -> bytes:
     fs, path = filesystem(url)
     if max_bytes is None:
         return bytes(fs.cat_file(path))
-    return bytes(fs.cat_file(path, start=0, end=max_bytes + 1))
+    try:
+        return bytes(fs.cat_file(path, start=0, end=max_bytes + 1))
+    except Exception:  # a ranged read of an empty object is refused by some stores (416): it has no bytes to give
+        if fs.info(path).get("size") == 0:
+            return b""
+        raise
 
 
 def write_object(url: str, data: bytes) -> None:
@@ -208,19 +219,6 @@ def write_object(url: str, data: bytes) -> None:
     fs.pipe_file(path, data)
 
 
-def remove(urls: Iterable[str]) -> None:
-    """Delete objects (missing ones are fine)."""
-    for url in urls:
-        try:
-            if not is_url(url):
-                os.unlink(url)
-                continue
-            fs, path = filesystem(url)
-            fs.rm_file(path)
-        except FileNotFoundError:
-            pass
-
-
 def list_prefix(url: str) -> list[str]:
     """The URLs (or paths) of the objects (files) below `url`, sorted (for small listings: a table's parts); a
     local listing leaves out the temporary files of writes in progress."""
@@ -230,39 +228,34 @@ def list_prefix(url: str) -> list[str]:
     return sorted(o.url for o in iter_objects(url))
 
 
-def glob(pattern: str) -> list[str]:
-    """Objects matching a glob URL (`s3://bucket/photos/**/*.jpg`), sorted."""
-    fs, path = filesystem(pattern)
-    protocol = scheme(pattern)
-    try:
-        found = fs.glob(path, detail=True)
-    except OSError as exc:
-        raise UserError(f"cannot list {redact(pattern)}: {exc}") from None
-    return sorted(f"{protocol}://{name}" for name, i in found.items() if i.get("type") != "directory")
-
-
-def sha256_objects(urls: list[str], threads: int = READ_THREADS) -> list[str]:
-    """The sha256 of each object's bytes ("" where it cannot be read), reading several at a time."""
-    return [digest for digest, _ in fetch_objects(urls, None, threads=threads)]
+def sha256_objects(urls: list[str], threads: int = READ_THREADS, max_bytes: int | None = None) -> list[str]:
+    """The sha256 of each object's bytes, or of its first `max_bytes + 1` ("" where it cannot be read), reading
+    several at a time."""
+    return [digest for digest, _ in fetch_objects(urls, None, threads=threads, max_bytes=max_bytes)]
 
 
 def fetch_objects(
-    urls: list[str], folder: Path | None, budget: int = SPOOL_BYTES, threads: int = READ_THREADS
+    urls: list[str],
+    folder: Path | None,
+    budget: int = SPOOL_BYTES,
+    threads: int = READ_THREADS,
+    max_bytes: int | None = None,
 ) -> list[tuple[str, str]]:
-    """(sha256, local copy) of each object, reading several at a time ("", "" where one cannot be read). With a
-    `folder`, the bytes are kept there as `<sha256>` files, up to `budget` bytes in all (beyond it: no copy), so
-    that what reads them next (the decoder) reads a local file instead of fetching the object a second time."""
+    """(sha256, local copy) of each object, reading several at a time ("", "" where one cannot be read); with
+    `max_bytes`, at most `max_bytes + 1` bytes of each are fetched (an oversize object is hashed on those and never
+    kept). With a `folder`, the bytes are kept there as `<sha256>` files, up to `budget` bytes in all (beyond it: no
+    copy), so that what reads them next (the decoder) reads a local file instead of fetching the object again."""
     kept, lock = [0], threading.Lock()
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
 
     def fetch(url: str) -> tuple[str, str]:
         try:
-            data = read_object(url)
+            data = read_object(url, max_bytes)
         except Exception:  # noqa: BLE001 - each store's client raises its own types: the decoder says why
             return "", ""
         digest = hashlib.sha256(data).hexdigest()
-        if folder is None:
+        if folder is None or (max_bytes is not None and len(data) > max_bytes):
             return digest, ""
         with lock:
             if kept[0] + len(data) > budget:
@@ -288,106 +281,11 @@ def parent(url: str) -> str:
     return head if scheme(head) and head.count("/") >= 2 and not head.endswith(":/") else url
 
 
-# --- a lock in the store --------------------------------------------------------------------------------------
-
-LOCK_LEASE_S = 60.0  # a lock whose holder has not renewed it for this long is taken over (a killed holder)
-LOCK_WAIT_S = 900.0  # how long to wait for a lock before giving up (a busy publish, not a dead one)
-
-
-class LockTimeout(TimeoutError):
-    """Another process held the lock for longer than LOCK_WAIT_S, renewing it all along."""
-
-
-def create_exclusive(url: str, data: bytes) -> str:
-    """Create an object only if there is none (S3's conditional PUT, `If-None-Match: *`; O_EXCL on disk): its
-    version, or "" when one exists already."""
-    if not is_url(url):
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(url, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return ""
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        return info(url).version
-    return _conditional_put(url, data, IfNoneMatch="*")
-
-
-def replace_if(url: str, data: bytes, version: str) -> str:
-    """Replace an object only if it still has `version` (S3's `If-Match`): its new version, or "" when it changed."""
-    if not is_url(url):
-        try:
-            if info(url).version != version:
-                return ""
-        except FileNotFoundError:
-            return ""
-        write_object(url, data)
-        return info(url).version
-    return _conditional_put(url, data, IfMatch=f'"{version}"')
-
-
-def _conditional_put(url: str, data: bytes, **condition: str) -> str:
-    fs, path = filesystem(url)
-    if not hasattr(fs, "call_s3"):  # stores without conditional writes here (gs://, az://): no exclusion
-        fs.pipe_file(path, data)
-        return info(url).version
-    bucket, key, _ = fs.split_path(path)
-    try:
-        answer = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
-    except OSError as exc:
-        if "condition" in str(exc).lower():  # 412 Precondition Failed (or 409 for a concurrent conditional write)
-            return ""
-        raise
-    fs.invalidate_cache(path)
-    return str(answer.get("ETag", "")).strip('"')
-
-
-@contextmanager
-def exclusive(url: str, lease_s: float | None = None, wait_s: float | None = None) -> Iterator[None]:
-    """Hold the lock object `url` for the block: one holder at a time across processes and machines. The holder
-    renews it every quarter lease; a lock nobody renewed for a whole lease (its holder was killed) is taken over.
-    Needs conditional writes (S3 and S3-compatible stores, local disk); elsewhere it does not exclude."""
-    lease = LOCK_LEASE_S if lease_s is None else lease_s
-    deadline = time.monotonic() + (LOCK_WAIT_S if wait_s is None else wait_s)
-    owner = uuid.uuid4().hex
-    seen, since = "", time.monotonic()
-    while not (version := create_exclusive(url, f"{owner} 0".encode())):
-        try:
-            current = info(url).version
-        except FileNotFoundError:
-            continue  # released meanwhile
-        if current != seen:
-            seen, since = current, time.monotonic()
-        elif time.monotonic() - since > lease:  # not renewed for a lease: its holder is gone
-            if _unchanged(url, seen):
-                remove([url])
-            continue
-        if time.monotonic() > deadline:
-            raise LockTimeout(f"{redact(url)} stayed locked by another process for {LOCK_WAIT_S:.0f} s")
-        time.sleep(min(0.5, lease / 8))
-    stop = threading.Event()
-    renewer = threading.Thread(target=_renew, args=(url, owner, version, lease, stop), daemon=True)
-    renewer.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        renewer.join()
-        remove([url])
-
-
-def _unchanged(url: str, version: str) -> bool:
-    try:
-        return info(url).version == version
-    except FileNotFoundError:
-        return False
-
-
-def _renew(url: str, owner: str, version: str, lease: float, stop: threading.Event) -> None:
-    beat = 0
-    while not stop.wait(lease / 4):
-        beat += 1
-        try:
-            version = replace_if(url, f"{owner} {beat}".encode(), version) or version
-        except Exception:  # noqa: BLE001 - a failed renewal is retried at the next beat
-            continue
+def delta_options(url: str) -> dict[str, str]:
+    """What delta-rs needs beyond what it reads from the environment itself (the same AWS_*, GOOGLE_*, AZURE_*
+    variables as fsspec): plain HTTP allowed where an on-premises S3 endpoint is named by an http:// URL."""
+    if scheme(url) in ("s3", "s3a"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+        if endpoint.startswith("http://"):
+            return {"AWS_ALLOW_HTTP": "true"}
+    return {}

@@ -16,6 +16,8 @@ import torch
 from cnn.metrics.classification import expected_calibration_error
 
 _TINY = 1e-30  # float32 probabilities underflow to 0; a floor keeps their logs finite
+FOLDS = 5  # the validation split's folds that decide whether T helps (fit on four, judge on the fifth)
+MIN_TO_DECIDE = 20  # validation images below which held-out folds are too small to tell: T = 1 is kept
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,7 @@ class Calibration:
     """The fitted temperature and what it did: ECE and NLL before and after, on validation and test."""
 
     temperature: float
-    applied: bool  # False when it would have made the test split's ECE worse (then T = 1 is kept)
+    applied: bool  # False when T did not lower the NLL of held-out validation folds (then T = 1 is kept)
     val_ece_before: float
     val_ece_after: float
     test_ece_before: float | None
@@ -31,6 +33,8 @@ class Calibration:
     val_nll_before: float
     val_nll_after: float
     note: str = ""
+    cv_nll_before: float | None = None  # the validation folds' held-out NLL at T = 1 ...
+    cv_nll_after: float | None = None  # ... and at the T fitted on the other folds (what decides `applied`)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -82,37 +86,64 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray, max_iter: int = 200) 
     return temperature if np.isfinite(temperature) and 0.01 < temperature < 100 else 1.0
 
 
+def cross_validated_nll(
+    probs: np.ndarray, labels: np.ndarray, folds: int = FOLDS, seed: int = 0
+) -> tuple[float, float]:
+    """(NLL at T = 1, NLL at the T fitted on the other folds), each fold of the validation split held out in turn:
+    whether temperature scaling helps data it was not fitted on, decided without the test split."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    before = after = 0.0
+    for held in np.array_split(order, folds):
+        rest = np.setdiff1d(order, held, assume_unique=True)
+        temperature = fit_temperature(probs[rest], labels[rest])
+        before += nll(probs[held], labels[held]) * len(held)
+        after += nll(rescale(probs[held], temperature), labels[held]) * len(held)
+    return before / len(labels), after / len(labels)
+
+
 def calibrate(
     val_probs: np.ndarray,
     val_labels: np.ndarray,
     test_probs: np.ndarray | None = None,
     test_labels: np.ndarray | None = None,
 ) -> Calibration:
-    """Fit T on validation; keep T = 1 where the test split's ECE would get worse (reported in `note`)."""
+    """Fit T on validation and apply it where it lowers the NLL of held-out validation folds (`cross_validated_nll`);
+    the test split decides nothing: its ECE is reported before and after, whichever way it went."""
+    val_probs, val_labels = np.asarray(val_probs), np.asarray(val_labels)
     temperature = fit_temperature(val_probs, val_labels)
     val_after = rescale(val_probs, temperature)
-    has_test = test_probs is not None and test_labels is not None and len(test_labels) > 0
-    test_before = expected_calibration_error(test_probs, test_labels) if has_test else None  # type: ignore[arg-type]
-    test_after = (
-        expected_calibration_error(rescale(test_probs, temperature), test_labels)  # type: ignore[arg-type]
-        if has_test
-        else None
-    )
-    applied, note = True, ""
-    if test_before is not None and test_after is not None and test_after > test_before:
+    cv_before = cv_after = None
+    if len(val_labels) < MIN_TO_DECIDE:
         applied = False
+        note = f"{len(val_labels)} validation images are too few to tell whether T = {temperature:.3f} helps (T = 1)"
+    else:
+        cv_before, cv_after = cross_validated_nll(val_probs, val_labels)
+        applied = cv_after < cv_before
         note = (
-            f"T = {temperature:.3f} fitted on validation would raise the test ECE from {test_before:.4f} to "
-            f"{test_after:.4f}; probabilities are left uncalibrated (T = 1)"
+            ""
+            if applied
+            else (
+                f"T = {temperature:.3f} did not lower the NLL of held-out validation folds ({cv_before:.4f} -> "
+                f"{cv_after:.4f}): T = 1 kept"
+            )
         )
+    chosen = temperature if applied else 1.0
+    test_before = test_after = None
+    if test_probs is not None and test_labels is not None and len(test_labels):
+        test_before = expected_calibration_error(test_probs, test_labels)
+        test_after = expected_calibration_error(rescale(test_probs, chosen), test_labels)
+        if test_after > test_before:  # reported, never acted on: the test split only reports
+            note = (note + " " if note else "") + f"On test the ECE rose from {test_before:.4f} to {test_after:.4f}."
     return Calibration(
-        temperature=temperature if applied else 1.0,
+        temperature=chosen,
         applied=applied,
         val_ece_before=expected_calibration_error(val_probs, val_labels) if len(val_labels) else 0.0,
         val_ece_after=expected_calibration_error(val_after, val_labels) if len(val_labels) else 0.0,
         test_ece_before=test_before,
-        test_ece_after=test_after if applied else test_before,
+        test_ece_after=test_after,
         val_nll_before=nll(val_probs, val_labels),
         val_nll_after=nll(val_after, val_labels),
         note=note,
+        cv_nll_before=cv_before,
+        cv_nll_after=cv_after,
     )

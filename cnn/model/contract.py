@@ -13,14 +13,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from cnn.choices import CLASS_NAME, CLASS_NAME_RULE, DATASET_NAME
+from cnn.errors import UserError
 from cnn.formats import migrated
 from cnn.fsio import write_json_atomic
 from cnn.io.decode import DecodeSpec
 from cnn.limits import DEFAULT_MAX_FILE_BYTES
 from cnn.metrics.operating_points import OperatingPoint
 
+MAX_CLASSES = 10_000
 CONTRACT_FORMAT = 1  # contract.json's format (cnn.formats)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class ContractError(ValueError):
+    """A contract that is malformed or out of range."""
 
 
 @dataclass
@@ -42,6 +49,33 @@ class ModelContract:
     format_version: int = CONTRACT_FORMAT
     temperature: float = 1.0  # calibration: every predictor divides the logits by it
     operating_points: list[dict[str, Any]] = field(default_factory=list)  # OperatingPoint.to_dict(), in order
+    dataset_id: str = ""  # DatasetMeta.identity(): which data the dataset name stood for ("" before it was kept)
+
+    def __post_init__(self) -> None:
+        problem = self.problem()
+        if problem:
+            raise ContractError(problem)
+
+    def problem(self) -> str:
+        """What makes this contract unusable, or "": class names are checked here, not only at ingest, since they
+        become columns and parts of file names; sizes and counts are bounded before anything is allocated."""
+        classes = self.classes
+        if not isinstance(classes, list) or len(classes) < 2 or len(classes) > MAX_CLASSES:
+            return f"it must list 2 to {MAX_CLASSES} classes"
+        bad = [c for c in classes if not isinstance(c, str) or not CLASS_NAME.match(c)]
+        if bad:
+            return f"class name(s) {', '.join(map(repr, bad[:3]))} are not {CLASS_NAME_RULE}"
+        if len(set(classes)) != len(classes):
+            return "its class names repeat"
+        if self.channels not in (1, 3) or not isinstance(self.image_size, int) or not 8 <= self.image_size <= 4096:
+            return f"channels {self.channels!r} and image size {self.image_size!r} are out of range (1 or 3; 8-4096)"
+        if len(self.mean) != self.channels or len(self.std) != self.channels or min(self.std, default=0) <= 0:
+            return "its mean and std must give one value per channel (std above 0)"
+        if self.dataset and not DATASET_NAME.match(self.dataset):
+            return f"dataset name {self.dataset!r} is not a valid name"
+        if not (0 < self.temperature < 1e6) or not isinstance(self.max_file_bytes, int) or self.max_file_bytes <= 0:
+            return "its temperature or file size limit is out of range"
+        return ""
 
     def points(self) -> list[OperatingPoint]:
         """The operating points, in the order they decide."""
@@ -77,9 +111,15 @@ class ModelContract:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelContract:
-        """Read contract.json (the one reader of that file)."""
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        return cls(**migrated(data, CONTRACT_FORMAT, {}, "the model's contract.json"))
+        """Read contract.json (the one reader of that file); a contract that is malformed or out of range is a
+        UserError naming what is wrong."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ContractError("it is not a JSON object")
+            return cls(**migrated(data, CONTRACT_FORMAT, {}, "the model's contract.json"))
+        except (ValueError, TypeError, RecursionError) as exc:  # ContractError: ValueError; bad keys: TypeError
+            raise UserError(f"the model's contract.json cannot be used: {exc}") from None
 
 
 def to_model_input(

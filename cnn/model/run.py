@@ -138,8 +138,11 @@ class FitResult:
     budget: BudgetReport | None = None  # how a --max-minutes budget was planned and spent
 
     def save(self) -> Path:
-        """fit.json: everything but the contract (saved beside it as contract.json)."""
-        summary = {k: v for k, v in asdict(self).items() if k != "contract"}
+        """fit.json: everything but the contract (saved beside it as contract.json); the run's own files by their
+        path inside the run folder, so the record holds no path of the host (and survives the folder moving)."""
+        summary = {k: v for k, v in asdict(self).items() if k not in ("contract", "run_dir")}
+        weights = Path(self.weights)
+        summary["weights"] = str(weights.relative_to(self.run_dir) if weights.is_relative_to(self.run_dir) else weights)
         return write_json_atomic(RunFolder(self.run_dir).fit, {**summary, "format_version": FIT_FORMAT})
 
     @classmethod
@@ -148,7 +151,9 @@ class FitResult:
         folder = RunFolder(Path(run_dir))
         data = migrated(json.loads(folder.fit.read_text(encoding="utf-8")), FIT_FORMAT, {1: _nested_val}, "fit.json")
         data.pop("format_version")
-        data.update(run_dir=folder.root, weights=Path(data["weights"]), contract=ModelContract.load(folder.contract))
+        data.pop("run_dir", None)  # written by earlier versions; the folder read is the run's folder
+        weights = folder.root / data["weights"]  # relative inside the run folder (an absolute path stays as it is)
+        data.update(run_dir=folder.root, weights=weights, contract=ModelContract.load(folder.contract))
         data["history"] = [EpochRecord.from_dict(h) for h in data.get("history", [])]
         if data.get("budget"):
             data["budget"] = BudgetReport(**data["budget"])

@@ -27,6 +27,7 @@ from cnn.data.loaders import CacheDataset, SplitData, load_split, make_loader
 from cnn.errors import UserError
 from cnn.fsio import atomic_path, write_text_atomic
 from cnn.metrics.classification import ClassificationMetrics, compute_metrics
+from cnn.model import recipe
 from cnn.model.budget import Budget, Schedule
 from cnn.model.contract import ModelContract
 from cnn.model.distributed import Dist
@@ -125,12 +126,27 @@ class _Parts:
         return self.average.module if self.average is not None else self.model
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with torch's fused kernel (one kernel for all parameters, on CPU and CUDA; the default per-tensor loop
+    cost a tenth of a small image's step), or Nesterov SGD with the foreach kernels (fused SGD fails on a momentum
+    buffer that a frozen backbone never made: freeze_epochs)."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
-            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+            model.parameters(),
+            lr=cfg.peak_lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=True,
+            foreach=True,
         )
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.peak_lr,
+        weight_decay=cfg.weight_decay,
+        fused=fused or None,
+        foreach=None if fused else True,
+    )
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
@@ -140,7 +156,7 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
     warmup = min(total - 1, int(cfg.warmup_epochs * steps_per_epoch))
     if cfg.schedule == "onecycle" and not cfg.max_minutes:
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=max(warmup / total, 0.05)
+            optimizer, max_lr=cfg.peak_lr, total_steps=total, pct_start=max(warmup / total, 0.05)
         )
     kind = "constant" if cfg.schedule == "constant" else "cosine"
     return torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(kind, warmup, total))
@@ -187,7 +203,7 @@ def train_one_epoch(
         rt.scaler.update()
         parts.scheduler.step()
         if parts.average is not None:
-            parts.average.update(parts.model)
+            parts.average.step(parts.model)
         total += loss.item() * len(y)
         seen += len(y)
         steps += 1
@@ -250,42 +266,56 @@ class _Setup:
             self.policy.to_dict(),
             dataset.name,
             max_file_bytes=meta.max_file_bytes,
+            dataset_id=meta.identity(),
         )
         self.train: SplitData = load_split(dataset, "train", self.classes)
         self.val: SplitData = load_split(dataset, "val", self.classes)
         if len(self.train.slots) == 0:
             raise UserError(f"dataset {dataset.name} has no training images")
         augmented = self.policy_name != "none"
-        workers = cfg.loader_workers if cfg.loader_workers is not None else (2 if augmented else 0)
+        # Small images augment in a few microseconds each: in this process that costs less than two workers that
+        # compete with the training threads for the same cores (bench/train.py).
+        in_workers = augmented and meta.image_size > recipe.IN_PROCESS_AUGMENT
+        workers = cfg.loader_workers if cfg.loader_workers is not None else (2 if in_workers else 0)
         policy = self.policy.to_dict() if augmented else None
         weights = _class_weights(self.train.labels, len(self.classes))
         sampler = weights[self.train.labels] if cfg.imbalance == "sampler" else None
         self.train_data = CacheDataset(self.train, policy)
         self.sampler: DistributedSampler[int] | None = None
         if dist.enabled:
-            if cfg.batch_size % dist.world:
-                raise UserError(f"batch size {cfg.batch_size} must be divisible by the {dist.world} processes")
+            if cfg.batch % dist.world:
+                raise UserError(f"batch size {cfg.batch} must be divisible by the {dist.world} processes")
             if sampler is not None or cfg.freeze_epochs:
                 raise UserError("distributed training supports imbalance none/class_weights and no freeze_epochs")
             self.sampler = DistributedSampler(self.train_data, dist.world, dist.rank, shuffle=True, seed=cfg.seed)
             self.train_loader = make_loader(
-                self.train_data, cfg.batch_size // dist.world, True, workers, sampler=self.sampler
+                self.train_data, cfg.batch // dist.world, True, workers, sampler=self.sampler
             )
         else:
-            self.train_loader = make_loader(self.train_data, cfg.batch_size, True, workers, sampler)
-        self.val_loader = make_loader(CacheDataset(self.val), cfg.batch_size * 2, False, 0)
+            self.train_loader = make_loader(self.train_data, cfg.batch, True, workers, sampler)
+        self.val_loader = make_loader(CacheDataset(self.val), cfg.batch * 2, False, 0)
         self.loss_weight = torch.tensor(weights, dtype=torch.float32) if cfg.imbalance == "class_weights" else None
 
 
 def check_config(cfg: TrainConfig) -> None:
     """Catch mistakes before any work starts: unknown model, bad policy, missing weights, bad device."""
-    if cfg.model not in list_models():
-        raise UserError(f"unknown model {cfg.model!r}; choose one of: {', '.join(list_models())}")
+    if cfg.model != recipe.AUTO and cfg.model not in list_models():
+        raise UserError(f"unknown model {cfg.model!r}; choose one of: auto, {', '.join(list_models())}")
+    if cfg.model == recipe.AUTO and (cfg.weights or cfg.model_options):
+        raise UserError("--weights and model options belong to a named model: set --model too")
     load_policy(resolve_policy(cfg.policy, 3))
     weights = resolve_weights(cfg.weights, cfg.model, cfg.download_weights)
     if weights is not None and not weights.is_file():
         raise UserError(f"pretrained weights not found: {cfg.weights} (a local file, or imagenet)")
     resolve_device(cfg.device)
+
+
+def resolved_config(cfg: TrainConfig, dataset: Dataset) -> TrainConfig:
+    """`cfg` with what it leaves to the data (model, batch size, learning rate, policy: cnn.model.recipe) decided
+    for this dataset's image size, channels and training images."""
+    meta = dataset.meta()
+    train_images = len(dataset.usable("train", distinct=True))
+    return recipe.resolve_recipe(cfg, meta.image_size, meta.channels, train_images)
 
 
 def fit(
@@ -324,7 +354,7 @@ def _build_parts(cfg: TrainConfig, setup: _Setup, device: torch.device, precisio
         amp_dtype,
         scaler,
     )
-    optimizer = build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model, device)
     scheduler = build_scheduler(cfg, optimizer, len(setup.train_loader))
     loss_fn = nn.CrossEntropyLoss(
         weight=None if setup.loss_weight is None else setup.loss_weight.to(device), label_smoothing=cfg.label_smoothing
@@ -351,6 +381,7 @@ def _fit(
     device: torch.device,
 ) -> FitResult:
     started = time.monotonic()
+    cfg = resolved_config(cfg, dataset)
     seed_everything(cfg.seed)
     setup = _Setup(cfg, dataset, dist)
     last = RunFolder(run_dir).checkpoint
@@ -418,7 +449,7 @@ def bf16_training_speedup(cfg: TrainConfig, contract: ModelContract, device: tor
         model = create_model(cfg.model, len(contract.classes), contract.channels, None, **cfg.model_options)
         memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
         model = model.to(device).to(memory_format=memory).train()
-        n, size = min(cfg.batch_size, 32), contract.image_size
+        n, size = min(cfg.batch, 32), contract.image_size
         x = torch.randn(n, contract.channels, size, size, device=device).contiguous(memory_format=memory)
         y = torch.randint(0, len(contract.classes), (n,), device=device)
 
@@ -451,7 +482,7 @@ def _budget(
     assert isinstance(schedule, Schedule)  # build_scheduler's under a budget
     spe = max(1, len(setup.train_loader))
     seconds, val = cfg.max_minutes * 60, len(setup.val.slots)
-    return Budget(seconds, spe, val, cfg.batch_size, schedule, steps=state.epoch * spe, start=started)
+    return Budget(seconds, spe, val, cfg.batch, schedule, steps=state.epoch * spe, start=started)
 
 
 def _run_epoch(
@@ -472,6 +503,8 @@ def _run_epoch(
     start = time.perf_counter()
     # Under DDP every rank must run the same steps: the time budget is checked between epochs only.
     stats = train_one_epoch(parts, setup.train_loader, cfg.grad_clip, epoch, None if dist.enabled else deadline, budget)
+    if parts.average is not None and parts.average.steps:  # the epoch's last steps count in what is validated
+        parts.average.update(parts.model)
     if dist.enabled and deadline is not None:
         stats = EpochStats(stats.loss_sum, stats.images, stats.steps, dist.any(time.monotonic() > deadline))
     return time.perf_counter() - start, stats

@@ -176,6 +176,7 @@ class CropViews:
     searched: np.ndarray
     norms: np.ndarray  # each view's squared length
     flat: bool  # a blank or uniform image: nobody's copy by layout
+    side: int  # the content's long side in px, before reduction: small images may be matched more loosely
 
     def coarse(self, pooled: np.ndarray, pooled_norms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For each earlier layout (on the coarse grid: `pooled`, with its squared lengths), the RMS difference for
@@ -235,7 +236,8 @@ def region_views(regions: Sequence[np.ndarray]) -> list[CropViews]:
         norms = (views**2).sum(axis=2)
         flat = _flat(found[:, 0, 0])
         for i, small, view, norm, first, blank in zip(positions, smalls, views, norms, found, flat):
-            out[i] = CropViews(small, view, first.reshape(-1, first.shape[2]), norm, bool(blank))
+            side = max(regions[i].shape[:2])
+            out[i] = CropViews(small, view, first.reshape(-1, first.shape[2]), norm, bool(blank), side)
     return [v for v in out if v is not None]
 
 

@@ -1,5 +1,5 @@
 """What a version scored (`History`), for `cnn similar` and the next runs' reuse check: kept under CNN_HOME and
-extended atomically after each run."""
+extended after each run by appending a segment (its rows and indexes), never by rewriting what is there."""
 
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from cnn.fsio import write_text_atomic
-from cnn.similarity.fingerprints import layout_matrix, layouts_of
-from cnn.similarity.index import VectorIndex
+from cnn.similarity.fingerprints import layout_matrix
+from cnn.similarity.index import SegmentedIndex, VectorIndex
 
 HISTORY_COLUMNS = ["image_id", "path_key", "label", "ids", "phash", "phash_mirror", "layout", "scored_at"]
 
@@ -28,39 +31,43 @@ def path_key(path: str) -> str:
 
 
 class History:
-    """What a version scored, for `cnn similar` and the reuse check: a FAISS index and its rows, as one
-    generation folder that a `CURRENT` file names; `extend` writes a new generation and swaps the pointer in one
-    rename, under a lock, so readers never see half an extension and concurrent runs take turns."""
+    """What a version scored, for `cnn similar` and the reuse check: segments (each a folder with its rows, a FAISS
+    index of the embeddings and one of the layouts) that a `CURRENT` file lists in order. `extend` writes the run's
+    new rows as a new segment and rewrites `CURRENT` in one rename, under a lock, so readers never see half an
+    extension and concurrent runs take turns. Segments are merged like a binary counter (the newest into the one
+    before it while it holds at least as many rows), so each row is rewritten at most log2(n) times over a history
+    of n rows, and there are at most log2(n) segments to search."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
-    def _current(self) -> Path | None:
+    def _segments(self) -> list[Path]:
         pointer = self.folder / "CURRENT"
         if not pointer.is_file():
-            return None
-        generation = self.folder / pointer.read_text(encoding="utf-8").strip()
-        return generation if generation.is_dir() else None
+            return []
+        names = pointer.read_text(encoding="utf-8").split()
+        return [self.folder / n for n in names if (self.folder / n).is_dir()]
 
     def generation(self) -> str:
-        """The current generation's name ("" when nothing was scored yet)."""
-        current = self._current()
-        return current.name if current is not None else ""
+        """What the history holds now, as one name ("" when nothing was scored yet): changes with every extension."""
+        return "+".join(s.name for s in self._segments())
 
     def rows(self) -> pd.DataFrame:
-        current = self._current()
-        if current is None:
+        frames = [pd.read_parquet(s / "rows.parquet") for s in self._segments()]
+        if not frames:
             return pd.DataFrame({c: pd.Series(dtype=object) for c in HISTORY_COLUMNS})
-        return pd.read_parquet(current / "rows.parquet")
+        return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
-    def index(self) -> VectorIndex | None:
-        current = self._current()
-        return VectorIndex.load(current / "vectors.faiss") if current is not None else None
+    def index(self) -> VectorIndex | SegmentedIndex | None:
+        segments = self._segments()
+        return SegmentedIndex([VectorIndex.load(s / "vectors.faiss") for s in segments]) if segments else None
 
-    def layout_index(self) -> VectorIndex | None:
-        current = self._current()
-        path = current / "layouts.faiss" if current is not None else None
-        return VectorIndex.load(path) if path is not None and path.is_file() else None
+    def layout_index(self) -> VectorIndex | SegmentedIndex | None:
+        """The layouts' index, where every segment has one (its row ids must follow the rows)."""
+        paths = [s / "layouts.faiss" for s in self._segments()]
+        if not paths or not all(p.is_file() for p in paths):
+            return None
+        return SegmentedIndex([VectorIndex.load(p) for p in paths])
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
@@ -75,27 +82,46 @@ class History:
     def extend(self, rows: pd.DataFrame, vectors: np.ndarray) -> int:
         """Add the rows (HISTORY_COLUMNS) whose image_id is not there yet, with their vectors; the number added."""
         with self._lock():
-            old_rows, old_index = self.rows(), self.index()
-            fresh = ~rows["image_id"].isin(set(old_rows["image_id"])) & ~rows["image_id"].duplicated()
+            segments = self._segments()
+            fresh = ~rows["image_id"].isin(_known(segments, rows["image_id"])) & ~rows["image_id"].duplicated()
             if not fresh.any():
                 return 0
+            new_rows = rows.loc[fresh, HISTORY_COLUMNS].reset_index(drop=True)
             new_vectors = np.asarray(vectors, dtype=np.float32)[fresh.to_numpy()]
-            index = old_index.add(new_vectors) if old_index is not None else VectorIndex.build(new_vectors)
-            combined = pd.concat([old_rows, rows.loc[fresh, HISTORY_COLUMNS]], ignore_index=True)
-            layout_index = self.layout_index()
-            if layout_index is not None and len(layout_index) == len(old_rows):  # only the new rows' layouts
-                layout_index = layout_index.add(layouts_of(combined[len(old_rows) :], layout_index.index.d))
-            else:
-                grid = layout_matrix(combined)
-                layout_index = VectorIndex.build(grid, metric="l2") if grid is not None else None
-            generation = self.folder / f"gen-{uuid.uuid4().hex[:12]}"
-            generation.mkdir()
-            combined.to_parquet(generation / "rows.parquet", index=False)
-            index.save(generation / "vectors.faiss")
-            if layout_index is not None:
-                layout_index.save(generation / "layouts.faiss")
-            previous = self._current()
-            write_text_atomic(self.folder / "CURRENT", generation.name)  # the commit point
-            if previous is not None:
-                shutil.rmtree(previous, ignore_errors=True)
+            kept, merged = list(segments), []
+            while kept and len(new_rows) >= _count(kept[-1]):  # a binary counter's carry
+                older = kept.pop()
+                merged.append(older)
+                new_rows = pd.concat([pd.read_parquet(older / "rows.parquet"), new_rows], ignore_index=True)
+                new_vectors = np.concatenate([VectorIndex.load(older / "vectors.faiss").vectors(), new_vectors])
+            segment = self._write(new_rows, new_vectors)
+            write_text_atomic(self.folder / "CURRENT", "\n".join(s.name for s in [*kept, segment]))  # the commit point
+            for old in merged:
+                shutil.rmtree(old, ignore_errors=True)
             return int(fresh.sum())
+
+    def _write(self, rows: pd.DataFrame, vectors: np.ndarray) -> Path:
+        """A new segment: its rows, the embeddings' index, the layouts' index (where the rows have layouts)."""
+        segment = self.folder / f"seg-{uuid.uuid4().hex[:12]}"
+        segment.mkdir()
+        rows.to_parquet(segment / "rows.parquet", index=False)
+        VectorIndex.build(vectors).save(segment / "vectors.faiss")
+        grid = layout_matrix(rows)
+        if grid is not None:
+            VectorIndex.build(grid, metric="l2").save(segment / "layouts.faiss")
+        return segment
+
+
+def _known(segments: list[Path], image_ids: pd.Series) -> set[str]:
+    """Which of `image_ids` the segments hold: one narrow column per segment, matched in Arrow."""
+    wanted = pa.array(image_ids.astype(str).unique(), pa.string())
+    found: set[str] = set()
+    for segment in segments:
+        stored = pq.read_table(segment / "rows.parquet", columns=["image_id"]).column(0)
+        found.update(stored.filter(pc.is_in(stored, value_set=wanted)).to_pylist())
+    return found
+
+
+def _count(segment: Path) -> int:
+    """A segment's rows, from its Parquet footer."""
+    return int(pq.read_metadata(segment / "rows.parquet").num_rows)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from cnn.data.dataset import Dataset
 from cnn.fsio import atomic_path, write_json_atomic
@@ -20,6 +21,7 @@ from cnn.model.contract import ModelContract
 from cnn.model.run import RunFolder
 from cnn.similarity.fingerprints import layouts, phashes
 from cnn.similarity.index import VectorIndex
+from cnn.similarity.tolerance import Tolerance
 from cnn.trust.evaluation import split_images
 
 SEMANTIC_QUANTILE, SEMANTIC_FLOOR, SEMANTIC_OFF = 0.999, 0.95, 0.9999
@@ -40,26 +42,45 @@ class Reference:
         return pd.read_parquet(self.folder / "train_rows.parquet")
 
     def vectors(self) -> np.ndarray:
-        vectors: np.ndarray = np.load(self.folder / "train_embeddings.npy", allow_pickle=False).astype(np.float32)
-        return vectors
+        """The training embeddings, one row per training row (checked before anything is allocated)."""
+        return _matrix(self.folder / "train_embeddings.npy", self._row_count())
 
     def index(self) -> VectorIndex:
+        """The training embeddings' index, its file's layout checked against them before it is read."""
         path = self.folder / "train.faiss"
-        return VectorIndex.load(path) if path.is_file() else VectorIndex.build(self.vectors())
+        if not path.is_file():
+            return VectorIndex.build(self.vectors())
+        shape = np.load(self.folder / "train_embeddings.npy", mmap_mode="r", allow_pickle=False).shape
+        return VectorIndex.load(path, shape[1] if len(shape) == 2 else None, self._row_count())
+
+    def _row_count(self) -> int:
+        # from the Parquet footer: the check needs the count, not a second read of the rows the lookup already reads
+        return int(pq.read_metadata(self.folder / "train_rows.parquet").num_rows)
 
     def drift(self) -> DriftReference:
         """The held-out split's statistics for the drift check (cnn.metrics.drift)."""
         return DriftReference.from_dict(json.loads((self.folder / "drift.json").read_text(encoding="utf-8")))
 
     def drift_embeddings(self) -> np.ndarray:
-        vectors: np.ndarray = np.load(self.folder / "val_embeddings.npy", allow_pickle=False).astype(np.float32)
-        return vectors
+        return _matrix(self.folder / "val_embeddings.npy")
 
-    def semantic_cosine(self) -> float | None:
-        """The embedding cosine from which two images count as the same picture (None: the check is off)."""
+    def reuse_thresholds(self) -> tuple[float | None, Tolerance]:
+        """From reuse.json, read once: the embedding cosine from which two images count as the same picture (None:
+        the check is off) and the near-copy tolerances (the photo ones for versions registered before them)."""
         path = self.folder / "reuse.json"
-        found = json.loads(path.read_text(encoding="utf-8")).get("semantic_cosine") if path.is_file() else None
-        return float(found) if found is not None else None
+        found = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        found = found if isinstance(found, dict) else {}
+        semantic = found.get("semantic_cosine")
+        return (float(semantic) if semantic is not None else None), Tolerance.from_dict(found)
+
+
+def _matrix(path: Path, rows: int | None = None) -> np.ndarray:
+    """A 2-D float .npy file as float32; mapped first, so a header that claims more than the file holds raises a
+    ValueError instead of allocating it."""
+    mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+    if mapped.ndim != 2 or (rows is not None and mapped.shape[0] != rows) or mapped.dtype.kind != "f":
+        raise ValueError(f"{path.name}: {mapped.dtype} array of shape {mapped.shape}, expected {rows} float rows")
+    return np.asarray(mapped, dtype=np.float32)
 
 
 def semantic_threshold(vectors: np.ndarray) -> dict[str, float | None]:
@@ -101,7 +122,8 @@ def save_reference(
             np.save(handle, np.asarray(vectors, dtype=np.float16), allow_pickle=False)
     VectorIndex.build(train_vectors).save(folder / "train.faiss")
     write_json_atomic(folder / "drift.json", drift.to_dict())
-    write_json_atomic(folder / "reuse.json", semantic_threshold(train_vectors))
+    tolerance = Tolerance.calibrate(rows)  # how alike distinct training images are at this size
+    write_json_atomic(folder / "reuse.json", {**semantic_threshold(train_vectors), **tolerance.to_dict()})
     return Reference(folder)
 
 

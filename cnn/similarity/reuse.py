@@ -15,9 +15,7 @@ import numpy as np
 import pandas as pd
 
 from cnn.similarity.fingerprints import (
-    COARSE_BELOW,
     HASH_SIZE,
-    LAYOUT_RMS,
     REFINED,
     CropViews,
     as_bytes,
@@ -29,10 +27,10 @@ from cnn.similarity.fingerprints import (
     region_views,
 )
 from cnn.similarity.history import History, path_key
-from cnn.similarity.index import K, VectorIndex, normalise
+from cnn.similarity.index import K, SegmentedIndex, VectorIndex, normalise
 from cnn.similarity.reference import Reference
+from cnn.similarity.tolerance import TOLERANT_FROM, Tolerance
 
-NEAR_BITS = 10  # Hamming distance (of 256 bits) up to which two images count as the same photo (bench/reuse.py)
 CANDIDATES = 16
 
 
@@ -71,7 +69,7 @@ class HashTable:
     (exact; about a millisecond per image against a million earlier images, bench/reuse.py), layouts through a
     Euclidean index (`layout_index`, built from the rows unless given)."""
 
-    def __init__(self, rows: pd.DataFrame, layout_index: VectorIndex | None = None) -> None:
+    def __init__(self, rows: pd.DataFrame, layout_index: VectorIndex | SegmentedIndex | None = None) -> None:
         # imported here: heavy (FAISS): only where an index is built or searched
         import faiss
 
@@ -106,13 +104,14 @@ class HashTable:
         image_ids: Sequence[str],
         hashes: Sequence[str],
         own_paths: Sequence[str],
-        near_bits: int = NEAR_BITS,
+        tolerance: Tolerance = Tolerance(),
         views: Sequence[CropViews | None] = (),
         before: Sequence[int] | None = None,
     ) -> list[Match | None]:
-        """For each image, the earlier row it copies: the same bytes, a pHash within `near_bits` of the row's (or of
-        its mirror image's), or one of its crop `views` within LAYOUT_RMS of the row's layout. Rows of its own path
-        (the same file scored again) do not count, nor rows from `before[q]` on where given."""
+        """For each image, the earlier row it copies: the same bytes, a pHash within `tolerance.bits` of the row's
+        (or of its mirror image's), or one of its crop `views` within `tolerance.rms` of the row's layout (both by
+        the image's size, which its views know). Rows of its own path (the same file scored again) do not count,
+        nor rows from `before[q]` on where given."""
         n = len(self.rows)
         stops = np.asarray(before if before is not None else [n] * len(image_ids), np.int64)
         allowed = _Allowed(self.path_keys, np.asarray(own_paths, dtype=object), stops)
@@ -123,13 +122,15 @@ class HashTable:
         if searched and n:
             found_d, found_i = self.index.search(hash_bits([hashes[i] for i in searched]), 16)
         near: dict[int, tuple[Any, Any]] = dict(zip(searched, zip(found_d, found_i)))
+        sides = [v.side if v is not None else TOLERANT_FROM for v in views] or [TOLERANT_FROM] * len(image_ids)
         for q, image_id in enumerate(image_ids):
             exact = [i for i in self.by_id.get(image_id, []) if allowed(q, i)]
             if exact:
                 out[q] = Match(exact[0], "exact", "phash_bits", 0)
                 continue
+            within = tolerance.bits(sides[q])
             for distance, position in zip(*near.get(q, ((), ()))):
-                if position < 0 or distance > near_bits:
+                if position < 0 or distance > within:
                     break
                 if allowed(q, int(position) // 2):
                     out[q] = Match(int(position) // 2, "near", "phash_bits", int(distance))
@@ -137,12 +138,12 @@ class HashTable:
         todo = [(q, v) for q, (m, v) in enumerate(zip(out, views)) if m is None and v is not None]
         picked = np.asarray([q for q, _ in todo], np.int64)
         sub = _Allowed(self.path_keys, allowed.owns[picked], allowed.stops[picked])
-        for (q, _), match in zip(todo, self._cropped([v for _, v in todo], sub)):
+        for (q, _), match in zip(todo, self._cropped([v for _, v in todo], sub, tolerance)):
             out[q] = match
         return out
 
-    def _cropped(self, views: list[CropViews], allowed: _Allowed) -> list[Match | None]:
-        """For each image's crop views, the earlier row whose layout one of them repeats within LAYOUT_RMS:
+    def _cropped(self, views: list[CropViews], allowed: _Allowed, tolerance: Tolerance) -> list[Match | None]:
+        """For each image's crop views, the earlier row whose layout one of them repeats within the tolerance:
         candidates from the index (nearest to the uncropped views), then every view against each candidate."""
         if not views or self.layout_index is None or self.layouts is None:
             return [None] * len(views)
@@ -155,10 +156,11 @@ class HashTable:
                 out.append(None)
                 continue
             coarse, crops = view.coarse(self.pooled[rows], self.pooled_norms[rows])
+            gate, rms = tolerance.gate(view.side), tolerance.rms(view.side)
             refined = {int(rows[i]): view.refined(self.layouts[rows[i]], int(crops[i]))
-                       for i in np.argsort(coarse)[:REFINED] if coarse[i] <= COARSE_BELOW}  # fmt: skip
+                       for i in np.argsort(coarse)[:REFINED] if coarse[i] <= gate}  # fmt: skip
             best = min(refined, key=lambda row: refined[row], default=None)
-            near = best is not None and refined[best] <= LAYOUT_RMS
+            near = best is not None and refined[best] <= rms
             out.append(
                 Match(best, "near", "layout_rms", round(refined[best], 2)) if near and best is not None else None
             )
@@ -183,19 +185,21 @@ class Lookup:
     train: HashTable
     train_index: VectorIndex
     history: HashTable
-    history_index: VectorIndex | None = None  # the history's embeddings (for the semantic check)
+    history_index: VectorIndex | SegmentedIndex | None = None  # the history's embeddings (the semantic check)
     semantic: float | None = None  # the cosine from which two embeddings are the same picture (None: off)
     run: HashTable | None = None  # earlier shards of this run
+    tolerance: Tolerance = Tolerance()  # how far a near copy may be, by image size (the version's: reuse.json)
 
     @classmethod
     def load(cls, reference: Reference, history: History) -> Lookup:
-        semantic = reference.semantic_cosine()
+        semantic, tolerance = reference.reuse_thresholds()
         return cls(
             HashTable(reference.rows()),
             reference.index(),
             HashTable(history.rows(), history.layout_index()),
             history.index() if semantic is not None else None,
             semantic,
+            tolerance=tolerance,
         )
 
     def with_run(self, rows: pd.DataFrame) -> Lookup:
@@ -219,13 +223,14 @@ class Lookup:
              "phash_mirror": mirrored, "layout": [bytes(v) for v in grid]},
             dtype=object,
         )  # fmt: skip
+        tol = self.tolerance
         sources: list[tuple[str, pd.DataFrame, list[Match | None]]] = [
-            ("training", self.train.rows, self.train.matches(image_ids, plain, [""] * n, views=views)),
-            ("scored", self.history.rows, self.history.matches(image_ids, plain, keys, views=views)),
+            ("training", self.train.rows, self.train.matches(image_ids, plain, [""] * n, tol, views)),
+            ("scored", self.history.rows, self.history.matches(image_ids, plain, keys, tol, views)),
         ]
         if self.run is not None:
-            sources.append(("this run", self.run.rows, self.run.matches(image_ids, plain, keys, views=views)))
-        shard = HashTable(rows).matches(image_ids, plain, keys, views=views, before=range(n))
+            sources.append(("this run", self.run.rows, self.run.matches(image_ids, plain, keys, tol, views)))
+        shard = HashTable(rows).matches(image_ids, plain, keys, tol, views, before=range(n))
         sources.append(("this run", rows, shard))
         return Copies(rows, sources)
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from cnn.fsio import atomic_path, write_json_atomic
+from cnn.fsio import atomic_path, file_in, write_json_atomic
 from cnn.infer.predictor import Predictor
 from cnn.io.storage import is_url, write_object
 from cnn.metrics.operating_points import decide
@@ -163,8 +163,8 @@ def explain_image(
     files = []
     for target, heat in zip(targets, maps):
         suffix = "" if target == label else f"-{classes[target]}"
-        files.append(save_png(overlay(image, heat), out_dir / f"{name}.cam{suffix}.png"))
-    files.append(save_png(feature_grid(feature_maps(predictor, image)), out_dir / f"{name}.features.png"))
+        files.append(save_png(overlay(image, heat), file_in(out_dir, f"{name}.cam{suffix}.png")))
+    files.append(save_png(feature_grid(feature_maps(predictor, image)), file_in(out_dir, f"{name}.features.png")))
     top = [(classes[j], float(probs[j])) for j in np.argsort(-probs)[:top_k]]
     summary = {
         "label": classes[label],
@@ -173,7 +173,7 @@ def explain_image(
         "temperature": predictor.contract.temperature,
         "files": [f.name for f in files],
     }
-    files.append(write_json_atomic(out_dir / f"{name}.json", summary))
+    files.append(write_json_atomic(file_in(out_dir, f"{name}.json"), summary))
     return ImageExplanation(name, classes[label], classes[decision], top, files)
 
 

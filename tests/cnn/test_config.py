@@ -13,8 +13,8 @@ from cnn.errors import UserError
 def test_yaml_then_overrides_and_readable_errors(tmp_path: Path) -> None:
     path = tmp_path / "train.yaml"
     path.write_text("epochs: 3\nlr: 0.01\n")
-    cfg = TrainConfig.load(path, lr=0.02, batch_size=None)
-    assert (cfg.epochs, cfg.lr, cfg.batch_size) == (3, 0.02, 32)  # None means "not given on the command line"
+    cfg = TrainConfig.load(path, lr=0.02, epochs=None)
+    assert (cfg.epochs, cfg.lr, cfg.batch_size) == (3, 0.02, None)  # None means "not given on the command line"
     path.write_text("epochs: 3\nlearning_rate: 0.01\n")
     with pytest.raises(UserError, match="invalid training config: learning_rate: Extra inputs are not permitted"):
         TrainConfig.load(path)

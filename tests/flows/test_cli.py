@@ -48,6 +48,21 @@ def test_missing_source_is_one_line_and_exit_2(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "args",
+    [
+        ["ingest", "s3://bucket/scans/?X-Amz-Signature=CANARY", "--dataset", "x"],
+        ["score", "az://box/in/?sv=1&sig=CANARY", "--model", "x"],
+        ["score", "in", "--model", "x", "--output", "s3://bucket/p.parquet?token=CANARY"],
+    ],
+)
+def test_a_url_with_a_credential_is_refused_before_any_flow_run_records_it(tmp_path: Path, args: list[str]) -> None:
+    result = _run_cli(args, tmp_path / "home")
+    assert result.returncode == 2 and "never in the URL" in result.stderr, result.stderr
+    assert "CANARY" not in result.stdout + result.stderr and "Traceback" not in result.stderr
+    assert not [p for p in (tmp_path / "home").rglob("*") if p.is_file()]  # no flow run: no server, no database
+
+
+@pytest.mark.parametrize(
     "args,message",
     [
         (["--dataset", "bad name!"], "invalid name"),

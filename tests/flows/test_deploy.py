@@ -161,6 +161,7 @@ def test_prefect_yaml_covers_every_flow() -> None:
         "flows/train.py:train_flow",
         "flows/ingest.py:ingest_flow",
         "flows/pipeline.py:pipeline_flow",
+        "flows/tables.py:tables_flow",
     } <= entrypoints
     pools = {d["work_pool"]["name"] for d in _deployments()}
     assert pools == {"cpu", "gpu"}

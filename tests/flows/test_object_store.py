@@ -1,5 +1,5 @@
 """The pipeline on object storage, with the installed `cnn` against a real S3-compatible server: ingest from a
-bucket, train, score a bucket prefix into Parquet in another bucket, then a night with new and replaced objects;
+bucket, train, score a bucket prefix into Delta tables in another bucket, then a night with new and replaced objects;
 the store's secret key never shows in what the run leaves behind."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnn.batch.object_sink import read_manifest
+from cnn.batch.delta_sink import DeltaSink, read_tables
 from cnn.io import storage
-from tests.helpers import clean_env, read_table, tiny_config, write_patterns
+from tests.helpers import clean_env, tiny_config, write_patterns
 from tests.s3 import S3Server
 
 CNN = str(Path(sys.executable).with_name("cnn"))
@@ -46,23 +46,24 @@ def test_ingest_train_and_score_with_buckets_then_an_incremental_night(
     tiny_config(tmp_path / "fast.yaml", epochs=3)
     output = cnn("ingest", f"{training}/patterns", "--dataset", "patterns", "--image-size", "24", "--channels", "1")
     output += cnn("train", "--dataset", "patterns", "--config", str(tmp_path / "fast.yaml"))
-    out = f"{results}/predictions/scores.parquet"
+    out = f"{results}/scores"
     score = ["score", f"{incoming}/", "--model", "patterns", "--output", out, "--shard-size", "5"]
     score += ["--review-below", "0.99"]  # rows for the review queue, each with its overlay
     first = cnn(*score)
     assert "12 predictions, 0 rejects" in first, first[-2000:]
-    table = read_table(out)
+    sink = DeltaSink(out)
+    table = read_tables(sink, current=True)["predictions"]
     assert len(table) == 12 and table["path"].is_unique and table["path"].str.startswith(f"{incoming}/").all()
     assert (table["source_version"].str.len() > 0).all()
-    manifest = read_manifest(out)
-    assert manifest["tables"]["predictions"]["version"] == storage.info(out).version
+    commits = sink.table("predictions").version()  # type: ignore[union-attr]
+    assert commits == 2  # one commit per shard of 5: 12 images, 3 shards, versions 0-2
     overlays = table["explanation"].dropna()
-    assert len(overlays) > 0 and overlays.str.startswith("scores.explanations/").all()  # relative, in the bucket
-    assert all(storage.read_object(f"{results}/predictions/{e}")[:2] == b"\xff\xd8" for e in overlays)  # JPEGs
-    assert not storage.list_prefix(f"{out}.parts")
+    assert len(overlays) > 0 and overlays.str.startswith("explanations/").all()  # relative, in the bucket
+    assert all(storage.read_object(f"{out}/{e}")[:2] == b"\xff\xd8" for e in overlays)  # JPEGs
 
     again = cnn(*score)
     assert "0 predictions, 0 rejects, 12 already scored" in again, again[-2000:]
+    assert sink.table("predictions").version() == commits  # type: ignore[union-attr]  # nothing written
 
     # the next night: two new objects and one replaced by other bytes under the same key
     fs, _ = storage.filesystem(incoming)
@@ -75,7 +76,7 @@ def test_ingest_train_and_score_with_buckets_then_an_incremental_night(
     _upload(write_patterns(tmp_path / "night2", per_class=1, seed=9), f"{incoming}/2026-12-01")
     night = cnn(*score)
     assert "4 predictions, 0 rejects, 11 already scored" in night, night[-2000:]
-    table = read_table(out)
+    table = read_tables(sink, current=True)["predictions"]
     live = table[table["superseded_at"].isna()]
     assert len(live) == 15 and live["path"].is_unique
     old = table[table["path"] == replaced]

@@ -166,3 +166,73 @@ def test_the_workspace_refuses_pickled_models_unless_the_user_allows_them(
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")  # the user's own setting wins
     workspace.configure()
     assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "true"
+
+
+def test_the_same_dataset_name_re_ingested_as_another_modality_is_another_task(home: Path) -> None:
+    source = write_patterns(home.parent / "modal-src", per_class=20, seed=5)
+    ingest(source, home / "datasets" / "modal", IngestOptions(image_size=24, channels=3, decode_workers=1))
+    first = _train(home, "--dataset", "modal")
+    assert "@champion" in first, first
+    ingest(source, home / "datasets" / "modal", IngestOptions(image_size=24, channels=1, decode_workers=1))
+    second = _train(home, "--dataset", "modal")  # same name, same classes, grayscale now
+    assert "@challenger" in second and "trained on another task" in second and "channels 1" in second, second
+    assert aliases("modal")["champion"] == "1"
+
+
+def _store_copy(home: Path, name: str, relative: str) -> Path:
+    """The registry store's file `relative` of the only logged model that holds one (what an attacker would edit)."""
+    found = [p for p in (home / "mlartifacts").rglob(relative) if p.is_file() and "models" in p.parts]
+    assert found, relative
+    return found[-1]
+
+
+def test_a_version_without_its_digest_manifest_is_refused_not_trusted(home: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from cnn.errors import UserError
+    from flows import versions
+
+    assert "@champion" in _train(home, "--dataset", "patterns", "--register-as", "bare")
+    client = MlflowClient()
+    for tag in ("files.sha256", "contract.sha256"):  # the probe's way in: drop the tags, swap the classes
+        client.delete_model_version_tag("bare", "1", tag)
+    contract = _store_copy(home, "bare", "contract.json")
+    contract.write_text(contract.read_text().replace('"checker"', '"zzz"'))
+    shutil.rmtree(home / "models" / "bare", ignore_errors=True)
+    with pytest.raises(UserError, match=r"bare v1 has no digest manifest"):
+        versions.load("bare", "1")
+    scored = runner.invoke(app, ["score", str(home.parent / "pattern-src"), "--model", "bare", "--output", "b.csv"])
+    assert scored.exit_code == 2 and "no digest manifest" in scored.output and "Traceback" not in scored.output
+
+
+@pytest.mark.parametrize(
+    "relative", ["artifacts/reference/train_rows.parquet", "artifacts/reference/reuse.json", "code/cnn/__init__.py"]
+)
+def test_a_changed_reference_or_code_file_is_refused_by_every_loader(home: Path, relative: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from cnn.errors import UserError
+    from flows import versions
+
+    name = "cover" + str(abs(hash(relative)) % 1000)
+    assert "@champion" in _train(home, "--dataset", "patterns", "--register-as", name)
+    stored = next(
+        p for p in (home / "mlartifacts").rglob(Path(relative).name) if p.as_posix().endswith(relative)
+        and _logged_by(p, name)
+    )  # fmt: skip
+    stored.write_bytes(stored.read_bytes() + b"\n")
+    shutil.rmtree(home / "models" / name, ignore_errors=True)
+    with pytest.raises(UserError, match="do not match the sha256 digests"):
+        versions.load(name, "1")
+    with pytest.raises(MlflowException, match="do not match the digest recorded at registration"):
+        mlflow.pyfunc.load_model(f"models:/{name}@champion")  # the README's route: checked before the code runs
+    with pytest.raises(UserError, match="do not match the sha256 digests"):
+        versions.load_pyfunc(f"{name}@champion")
+
+
+def _logged_by(path: Path, model: str) -> bool:
+    """Whether `path` lies in the logged model that version 1 of `model` was registered from."""
+    from mlflow.tracking import MlflowClient
+
+    source = MlflowClient().get_model_version(model, "1").source  # models:/m-<id>
+    return source.rsplit("/", 1)[-1] in path.parts

@@ -578,11 +578,13 @@ def test_backends_score_what_torch_scores_and_auto_measures_each_once(home: Path
     assert f"{precision} on {runtime}" in said or (runtime == "torch" and "torch: the fastest here" in said)
     speeds = [k for k in tags if k.startswith("backend.") and k.endswith(f".speedup.{host_type()}")]
     assert speeds  # the candidates that agreed were timed, on this host type
-    # later runs read the tags: a candidate tagged far faster (and agreeing) is taken without measuring again
+    # later runs read the tags: a candidate tagged far faster than any measured (and agreeing) is taken without
+    # measuring again (a tiny model's measured speeds vary widely by host: onnxruntime fp32 can exceed 50x torch's)
+    fastest = round(10 * max(50.0, *(float(tags[k]) for k in speeds)), 1)  # as the tag below stores it
     client.set_model_version_tag("patterns", version, "backend.openvino-int8.agreement", "1.0")
-    client.set_model_version_tag("patterns", version, f"backend.openvino-int8.speedup.{host_type()}", "50.0")
+    client.set_model_version_tag("patterns", version, f"backend.openvino-int8.speedup.{host_type()}", f"{fastest:.1f}")
     frame, said = score("fast.parquet", "--backend", "auto")
-    assert "int8 on openvino (the fastest here" in said and "50.00x torch fp32's speed" in said
+    assert "int8 on openvino (the fastest here" in said and f"{fastest:.2f}x torch fp32's speed" in said, said
     assert (frame["label"] == reference["label"]).mean() >= 0.8  # int8, calibrated on the validation split
 
 

@@ -59,6 +59,17 @@ def trained(cnn_home: Path) -> Path:
     return config
 
 
+def test_what_mlflow_keeps_names_no_path_of_the_host(trained: Path, cnn_home: Path) -> None:
+    """The logged model's MLmodel, the dataset's record and every other artifact the training wrote hold paths
+    relative to the model or the source, never the workspace's or the project's absolute paths (MLflow's own
+    store keeps where its artifact folder is, which is the store's configuration, not shared content)."""
+    roots = [str(cnn_home.parent), str(Path(__file__).parents[2]), sys.prefix]
+    artifacts = [p for p in (cnn_home / "mlartifacts").rglob("*") if p.is_file() and p.suffix != ".pyc"]
+    assert any(p.name == "MLmodel" for p in artifacts) and any(p.name == "dataset.json" for p in artifacts)
+    hits = [str(p.relative_to(cnn_home)) for p in artifacts if any(r.encode() in p.read_bytes() for r in roots)]
+    assert not hits, hits
+
+
 def test_training_is_tracked_in_mlflow(trained: Path, cnn_home: Path) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -268,14 +279,16 @@ def test_local_model_copies_are_keyed_by_run_and_published_whole(trained: Path, 
 
     from flows import versions
 
-    run_id = MlflowClient().get_model_version("patterns", "1").run_id
+    mv = MlflowClient().get_model_version("patterns", "1")
+    run_id, digest = mv.run_id, mv.tags[versions.MANIFEST_TAG]
     folder = cnn_home / "models" / "patterns"
     folder.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder / f"1-{run_id}-{digest[:12]}", ignore_errors=True)
     (folder / f".1-{run_id}.dead.tmp").mkdir()  # what a download killed midway leaves
     (folder / "1-otherrun").mkdir()  # version 1 of a registry that was rebuilt since: not ours
-    fetched = versions.fetch("patterns", "1", run_id)
-    assert fetched == folder / f"1-{run_id}" and (fetched / "MLmodel").is_file()
-    assert versions.fetch("patterns", "1", run_id) == fetched  # downloaded once
+    fetched = versions.fetch("patterns", "1", run_id, digest)
+    assert fetched == folder / f"1-{run_id}-{digest[:12]}" and (fetched / "MLmodel").is_file()
+    assert versions.fetch("patterns", "1", run_id, digest) == fetched  # downloaded once
     assert versions.load("patterns", "1").contract.classes == ["checker", "horizontal", "vertical"]
 
 
@@ -312,6 +325,7 @@ def test_the_registered_model_serves_from_a_fresh_virtualenv_built_from_its_requ
     command = [str(venv / "bin" / "mlflow"), "models", "serve", "-m", str(model), "--env-manager", "local"]
     env = clean_env(cnn_home, drop=("PREFECT_", "MLFLOW_", "PYTHONPATH"))
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"  # as an activated virtualenv: its uvicorn
+    env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()  # the pyfunc checks its files against the registry
     server = subprocess.Popen(
         [*command, "-h", "127.0.0.1", "-p", str(port)],
         env=env,

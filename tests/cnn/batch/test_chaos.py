@@ -1,4 +1,5 @@
-"""Chaos: kill -9 at random moments of ingest and of scoring into Parquet, SQLite and PostgreSQL, again and again.
+"""Chaos: kill -9 at random moments of ingest and of scoring into Parquet, Delta tables, SQLite and PostgreSQL, again
+and again.
 After every re-run: each input exactly once (one current row per path, for its newest bytes), no duplicate key,
 no temporary file left, and a dataset that loads whole after every kill."""
 
@@ -81,6 +82,11 @@ def _sha256(path: Path) -> str:
 
 
 def _tables(output: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if isinstance(output, Path) and not output.suffix:  # Delta tables: the current row derived as readers do
+        from cnn.batch.delta_sink import DeltaSink, read_tables
+
+        tables = read_tables(DeltaSink(str(output)), current=True)
+        return tables["predictions"], tables["rejects"]
     if isinstance(output, Path):
         return pd.read_parquet(output), pd.read_parquet(output.with_name(f"{output.stem}.rejects.parquet"))
     from sqlalchemy import create_engine
@@ -100,7 +106,10 @@ def _tables(output: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def _check_exactly_once(output: str | Path, folder: Path) -> None:
     predictions, rejects = _tables(output)
     assert not predictions.duplicated(["image_id", "model_name", "model_version"]).any()
-    assert not rejects.duplicated(["path", "model_name", "model_version"]).any()
+    # Delta tables keep every attempt at every version of a rejected file (rows are never rewritten); the others keep
+    # the last
+    attempt = ["image_id", "attempts"] if isinstance(output, Path) and not output.suffix else []
+    assert not rejects.duplicated(["path", "model_name", "model_version", *attempt]).any()
     rows = pd.concat([predictions, rejects], ignore_index=True)
     current = rows[rows["superseded_at"].isna()]
     files = {str(p): p for p in folder.rglob("*") if p.is_file()}
@@ -119,6 +128,7 @@ def test_scoring_killed_at_random_moments_then_rerun_leaves_every_input_exactly_
     table = f"chaos_{uuid.uuid4().hex[:8]}"
     outputs: list[str | Path] = [
         tmp_path / "out" / "p.parquet",
+        tmp_path / "out" / "delta",
         f"sqlite:///{tmp_path / 'p.db'}#preds",
         f"{PG_URL}#{table}",
     ]

@@ -47,14 +47,14 @@ def test_id_columns_named_like_output_columns_are_refused_up_front(tmp_path: Pat
 def test_a_bucket_is_read_once_per_new_object_and_not_at_all_when_unchanged(
     trained: FitResult, tmp_path: Path, s3: S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cnn.batch.object_sink import ObjectSink
+    from cnn.batch.delta_sink import DeltaSink
     from cnn.io import storage
 
     bucket = s3.bucket("scoring")
     folder = incoming_batch(tmp_path / "in")
     fs, root = storage.filesystem(bucket)
     fs.pipe({f"{root}/in/{p.relative_to(folder).as_posix()}": p.read_bytes() for p in folder.rglob("*") if p.is_file()})
-    sink = ObjectSink(f"{bucket}/out/preds.parquet")
+    sink = DeltaSink(f"{bucket}/out/preds")
     inputs = list_inputs(f"{bucket}/in/")
     assert (inputs.files["source_version"].str.len() > 0).all()
     plan = plan_shards(inputs, [sink], MODEL, shard_size=4, run_dir=tmp_path / "run")
@@ -93,3 +93,35 @@ def test_copies_a_killed_run_left_are_swept_after_a_week_and_a_live_runs_are_kep
         os.utime(path, (week_ago, week_ago))
     assert sweep_copies(tmp_path) == 1
     assert not (tmp_path / "killed" / "objects").exists() and (tmp_path / "live" / "objects" / "ab12").is_file()
+
+
+def test_unchanged_local_files_are_known_by_their_stat_without_reading_them(
+    trained: FitResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second night reads none of the files the first scored; a file rewritten since is read again; and
+    --verify-content reads everything (where timestamps cannot be trusted)."""
+    from cnn.batch import plan as planning
+    from cnn.batch.file_sink import FileSink
+
+    folder = incoming_batch(tmp_path / "in")
+    sink = FileSink(tmp_path / "out" / "preds.parquet")
+    first = plan_shards(list_inputs(str(folder)), [sink], MODEL, shard_size=4, run_dir=tmp_path / "run")
+    scorer = Scorer(scoring_predictor(trained), MODEL, ScoringOptions())
+    for shard in range(first.shards):
+        scorer.score_shard(first, shard, [sink])
+    sink.finish()
+
+    hashed: list[str] = []
+    real = planning.content_ids
+    monkeypatch.setattr(planning, "content_ids", lambda paths, **kw: hashed.extend(paths) or real(paths, **kw))
+    again = plan_shards(list_inputs(str(folder)), [sink], MODEL, shard_size=4, run_dir=tmp_path / "run2")
+    assert (again.files, hashed) == (0, [])
+    changed = sorted(folder.rglob("*.png"))[0]
+    changed.write_bytes(changed.read_bytes())  # the same bytes written again: its ctime moves, so it is read
+    plan_shards(list_inputs(str(folder)), [sink], MODEL, shard_size=4, run_dir=tmp_path / "run3")
+    assert hashed == [str(changed)]
+    hashed.clear()
+    verified = plan_shards(
+        list_inputs(str(folder)), [sink], MODEL, shard_size=4, run_dir=tmp_path / "run4", verify_content=True
+    )
+    assert verified.files == 0 and len(hashed) == len(list_inputs(str(folder)).files)

@@ -203,3 +203,21 @@ def test_drift_rows_are_kept_once_per_run_and_statistic(tmp_path: Path) -> None:
             with sink.engine.connect() as conn:
                 table = pd.read_sql_query('select * from "preds_drift"', conn)
         assert len(table) == 4 and set(table.loc[table["flow_run_id"] == "r1", "p_value"]) == {0.6, 0.002}
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_neutralised(tmp_path: Path) -> None:
+    from cnn.batch.tables import read_csv_table, spreadsheet_safe, write_csv
+
+    frame = pd.DataFrame(
+        {
+            "claim_id": ['=HYPERLINK("http://x","y")', "+1+cmd", "-2+3", "@SUM(A1)", "\tx", "C-1", "-12.5"],
+            "confidence": [0.5] * 7,
+        }
+    )
+    safe = spreadsheet_safe(frame)
+    assert safe["claim_id"].tolist()[:5] == ["'" + v for v in frame["claim_id"][:5]]
+    assert safe["claim_id"].tolist()[5:] == ["C-1", "-12.5"]  # text and plain numbers are data, left as they are
+    write_csv(frame, tmp_path / "t.csv")
+    again = read_csv_table(tmp_path / "t.csv")
+    assert not again["claim_id"].str.match(r"^[=+@\t]").any()
+    assert spreadsheet_safe(again).equals(again)  # written again, nothing is quoted twice

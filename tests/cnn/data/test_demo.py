@@ -42,5 +42,19 @@ def test_claims_class_folders(tmp_path: Path) -> None:
 
 
 def test_unknown_kind() -> None:
-    with pytest.raises(UserError, match="claims, xray"):
+    with pytest.raises(UserError, match="claims, garments, xray"):
         generate("mri", "/tmp/never")
+
+
+def test_garments_are_deterministic_balanced_small_grayscale_scans(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from cnn.data.garments import GARMENT_CLASSES
+
+    a = generate("garments", tmp_path / "a", n=40, seed=3)
+    assert _digest(a.root) == _digest(generate("garments", tmp_path / "b", n=40, seed=3).root)
+    assert _digest(a.root) != _digest(generate("garments", tmp_path / "c", n=40, seed=4).root)
+    assert sorted(p.name for p in a.source.iterdir()) == sorted(GARMENT_CLASSES)
+    assert {len(list((a.source / label).glob("*.png"))) for label in GARMENT_CLASSES} == {4}  # balanced
+    with Image.open(next((a.source / "coat").glob("*.png"))) as image:
+        assert (image.mode, image.size) == ("L", (28, 28))

@@ -509,3 +509,14 @@ def test_library_warnings_go_to_the_debug_log_with_the_file_name(caplog: pytest.
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     notes = [r.getMessage() for r in caplog.records if r.name == "cnn.io.decode"]
     assert any(n.startswith("SC_rgb_jpeg.dcm: UserWarning: Expected explicit VR") for n in notes), notes
+
+
+def test_a_reject_reason_never_quotes_a_value_read_from_the_file(tmp_path: Path) -> None:
+    """A malformed WindowCenter holding a name: the reason names the format and the kind of problem, never the
+    tag's value (reasons reach the dataset report, the model card, MLflow and Prefect)."""
+    from tests.helpers import with_window_center, write_dicom
+
+    path = with_window_center(write_dicom(tmp_path / "scan.dcm", np.full((16, 16), 100), "P-1"), "CANARY^Jane")
+    with pytest.raises(DecodeError) as rejected:
+        decode_bytes(path.read_bytes(), DecodeSpec(channels=1, size=16))
+    assert rejected.value.reason == "corrupt DICOM data (ValueError)" and "CANARY" not in str(rejected.value)

@@ -101,3 +101,18 @@ def test_small_files_travel_in_chunks_and_a_bad_one_is_still_named(tmp_path: Pat
     rejected = {Path(o.path).name: o.kind for o in outcomes if not o.ok}
     assert rejected == {"037-slow.png": RejectKind.TIME_LIMIT, "101-crash.png": RejectKind.WORKER_DIED}
     assert sum(o.ok for o in outcomes) == 158
+
+
+def test_a_decode_worker_cannot_allocate_past_its_ceiling(tmp_path: Path) -> None:
+    """In a process under the worker's limit, an allocation far past it fails there (a MemoryError: a reject),
+    instead of taking the host's memory."""
+    import subprocess
+    import sys
+
+    code = (
+        "from cnn.io.pool import limit_worker_memory\n"
+        "limit_worker_memory(512 << 20)\n"
+        "try:\n    bytearray(4 << 30)\nexcept MemoryError:\n    print('refused')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "refused", done.stderr[-2000:]

@@ -152,7 +152,7 @@ def test_a_task_fetches_its_objects_together_and_a_missing_one_is_its_own_reject
     paths = [f"{url}/a.png", f"{url}/b.png", f"{url}/gone.png"]
     with decode.prefetched(paths, spec):
         assert set(decode._PREFETCHED) == set(paths)  # fetched before the first read
-        storage.remove([f"{url}/a.png"])  # the task reads what it fetched
+        s3.admin().rm_file(f"{url}/a.png"[len("s3://") :])  # the task reads what it fetched
         assert read_image_bytes(paths[0], spec) == b"a" * 10
         with pytest.raises(DecodeError) as large:
             read_image_bytes(paths[1], spec)
@@ -160,3 +160,21 @@ def test_a_task_fetches_its_objects_together_and_a_missing_one_is_its_own_reject
             read_image_bytes(paths[2], spec)
     assert large.value.kind == RejectKind.TOO_LARGE and gone.value.kind == RejectKind.NOT_FOUND
     assert decode._PREFETCHED == {}
+
+
+def test_an_object_glob_is_matched_on_a_bounded_streamed_listing(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`s3://bucket/in/**/*.png` lists the same objects a local glob would list from the same tree (hidden keys
+    left out), and a prefix holding more objects than a source may is refused, not listed for hours."""
+    from cnn.batch.plan import list_inputs
+    from cnn.io import sources
+
+    url = s3.bucket("globbed")
+    fs, path = storage.filesystem(url)
+    keys = ["in/a.png", "in/x/b.png", "in/x/y/c.png", "in/x/c.jpg", "in/.hidden/d.png", "other/e.png"]
+    fs.pipe({f"{path}/{key}": b"x" for key in keys})
+    listed = list_inputs(f"{url}/in/**/*.png").files["path"].tolist()
+    assert listed == [f"{url}/{k}" for k in ("in/a.png", "in/x/b.png", "in/x/y/c.png")]
+    assert list_inputs(f"{url}/in/*/*.png").files["path"].tolist() == [f"{url}/in/x/b.png"]
+    monkeypatch.setattr(sources, "MAX_SOURCE_ENTRIES", 2)
+    with pytest.raises(UserError, match="holds more than 2 objects"):
+        list_inputs(f"{url}/in/**/*.png")

@@ -29,3 +29,32 @@ def test_normalisation_and_the_model_input() -> None:
     x = to_model_input(batch, torch.tensor([0.5]), torch.tensor([0.25]), torch.device("cpu"), channels_last=False)
     assert tuple(x.shape) == (2, 1, 4, 4) and x.dtype == torch.float32
     assert x.flatten().tolist() == pytest.approx([2.0] * 32)  # (1.0 - 0.5) / 0.25
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"classes": ["clear", "o/../../../../tmp/x"]},  # a class name that would become a path
+        {"classes": ["clear", "clear"]},
+        {"classes": ["only"]},
+        {"channels": 4},
+        {"image_size": 10**9},  # would size every buffer
+        {"std": [0.0]},
+        {"dataset": "../other"},
+        {"format_version": 0},
+        {"unknown_key": 1},
+    ],
+)
+def test_a_contract_is_validated_when_it_is_loaded_not_only_at_ingest(tmp_path: Path, change: dict) -> None:
+    import json
+    from dataclasses import asdict
+
+    from cnn.errors import UserError
+
+    good = ModelContract("small_cnn", ["clear", "effusion"], 1, 28, "pad", [0.5], [0.25], dataset="xray")
+    path = tmp_path / "contract.json"
+    path.write_text(json.dumps({**asdict(good), **change}))
+    with pytest.raises(UserError, match="contract.json"):
+        ModelContract.load(path)
+    path.write_text(json.dumps(asdict(good)))
+    assert ModelContract.load(path) == good

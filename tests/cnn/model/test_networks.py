@@ -133,3 +133,15 @@ def test_imagenet_weights_come_from_torchs_cache_checked_against_the_published_h
     model = create_model("resnet18", 3, 3, found)  # the backbone takes the file's weights, the head is new
     assert torch.equal(model.conv1.weight, source.conv1.weight) and model.fc.out_features == 3
     assert resolve_weights(str(placed), "resnet18") == placed and resolve_weights(None, "resnet18") is None
+
+
+def test_small_resnet_has_its_stages_as_blocks_and_a_linear_head() -> None:
+    from cnn.model.networks import cam_layer, classifier_layer, feature_blocks
+
+    model = create_model("small_resnet", 10, 1, widths=[8, 16, 32, 64])
+    assert [name for name, _ in feature_blocks("small_resnet", model)] == ["stem", "layer1", "layer2", "layer3"]
+    assert cam_layer("small_resnet", model) is model.layer3
+    assert classifier_layer("small_resnet", model).in_features == 2 * 64  # max and mean pooling, concatenated
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(UserError, match="4 widths"):
+        create_model("small_resnet", 10, 1, widths=[8, 16])

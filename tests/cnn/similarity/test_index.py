@@ -42,3 +42,22 @@ def test_the_index_is_exact_when_small_and_hnsw_when_large(monkeypatch: pytest.M
     assert len(grown) == 350 and hasattr(grown.index, "hnsw")
     loaded = VectorIndex.load(grown.save(tmp_path / "i.faiss"))
     assert loaded.search(vectors[:5], 1)[1][:, 0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_an_index_file_is_checked_before_faiss_allocates_what_it_claims(tmp_path: Path) -> None:
+    """A FAISS header whose size field claims a billion vectors is refused by reading 45 bytes, and an index that
+    does not match its reference (dimension, rows) is refused too."""
+    import struct
+
+    from cnn.similarity.index import IndexFileError, VectorIndex
+
+    vectors = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
+    path = VectorIndex.build(vectors).save(tmp_path / "train.faiss")
+    assert len(VectorIndex.load(path, 8, 20)) == 20
+    with pytest.raises(IndexFileError, match="expected 21 of 8"):
+        VectorIndex.load(path, 8, 21)
+    data = bytearray(path.read_bytes())
+    data[37:45] = struct.pack("<Q", 10**9 * 8)  # the codes' size field of a flat index
+    path.write_bytes(bytes(data))
+    with pytest.raises(IndexFileError, match="more than the file holds"):
+        VectorIndex.load(path, 8, 20)

@@ -12,6 +12,7 @@ from cnn.similarity import history as scored_history
 from cnn.similarity.fingerprints import crop_views, phashes
 from cnn.similarity.index import VectorIndex
 from cnn.similarity.reuse import HashTable, Lookup
+from cnn.similarity.tolerance import CALIBRATE_FROM, Tolerance
 from tests.cnn.similarity.images import claims, hash_table, letterbox, photo, shown
 
 
@@ -63,3 +64,62 @@ def test_the_same_photo_twice_in_one_shard_is_a_copy_of_the_first(tmp_path: Path
     notes = lookup.annotate(lookup.copies(["x", "y", "z"], ["/a", "/b", "/c"], images, ids), ["none"] * 3, None)
     assert notes["duplicate_kind"].tolist()[:2] == [None, None] and notes["duplicate_kind"].iloc[2] == "near"
     assert '"claim": "A1"' in notes["duplicate_of"].iloc[2] and '"source": "this run"' in notes["duplicate_of"].iloc[2]
+
+
+def test_a_small_image_resized_and_saved_as_jpeg_is_found_and_its_classmates_are_not() -> None:
+    """At 28 px a copy resized by 0.5-2x and saved at JPEG quality 70 moves tens of hash bits: the tolerances grow
+    for small images (the photo tolerances alone missed these copies), still short of distinct images of a class."""
+    import io
+
+    from PIL import Image
+
+    from cnn.data.garments import render_garment
+    from cnn.io.decode import DecodeSpec, decode_bytes
+
+    spec = DecodeSpec(channels=1, size=28)
+
+    def decoded(image: Image.Image, fmt: str) -> np.ndarray:
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt, **({"quality": 70} if fmt == "JPEG" else {}))
+        return decode_bytes(buffer.getvalue(), spec).array
+
+    scans = [Image.fromarray(render_garment("shirt", np.random.default_rng([7, i]))) for i in range(CALIBRATE_FROM)]
+    table = hash_table(np.stack([decoded(o, "PNG") for o in scans]))  # a version's training images
+    originals = scans[:12]
+    factors = [0.6, 0.8, 1.5, 2.0]  # at exactly 0.5x (14 px left of 28) half the copies are missed: docs/similarity.md
+    copies = np.stack([decoded(o.resize((round(28 * f), round(28 * f))), "JPEG") for o in originals for f in factors])
+    others = np.stack([decoded(Image.fromarray(render_garment("shirt", np.random.default_rng([8, i]))), "PNG")
+                       for i in range(24)])  # fmt: skip
+
+    def found(images: np.ndarray, tolerance: Tolerance) -> list:
+        hashes, _ = phashes(images)
+        ids = [f"q{i}" for i in range(len(images))]
+        return table.matches(ids, hashes, [""] * len(images), tolerance, crop_views(images))
+
+    def right(tolerance: Tolerance) -> int:
+        rows = [m.row if m is not None else None for m in found(copies, tolerance)]
+        return sum(r == i // len(factors) for i, r in enumerate(rows))
+
+    calibrated = Tolerance.calibrate(table.rows)  # distinct garments differ a lot: the tolerances may grow
+    assert calibrated.bits(28) > Tolerance().bits(28) and calibrated.bits(64) == Tolerance().bits(64)
+    assert Tolerance.calibrate(table.rows.head(CALIBRATE_FROM - 1)) == Tolerance()  # too few to tell
+    assert right(calibrated) >= 0.9 * len(copies) > right(Tolerance())  # the photo tolerances missed them
+    assert found(others, calibrated) == [None] * len(others)
+
+
+def test_small_images_that_are_alike_keep_the_photo_tolerances() -> None:
+    """Distinct generated X-rays at 32 px differ by little more than noise: calibrated on them the tolerances stay
+    where they are for photos, so distinct X-rays are not called copies of each other."""
+    from PIL import Image
+
+    from cnn.data.demo import render_xray
+
+    def at_32(i: int) -> np.ndarray:  # as the decoder reduces a 128 px X-ray for a 32 px model
+        image = Image.fromarray((render_xray("normal", np.random.default_rng([5, i]), 128) * 255).astype(np.uint8))
+        return np.asarray(image.resize((32, 32), Image.Resampling.LANCZOS))[:, :, None]
+
+    table = hash_table(np.stack([at_32(i) for i in range(CALIBRATE_FROM)]))
+    calibrated = Tolerance.calibrate(table.rows)
+    assert calibrated.bits(32) < 20 and calibrated.rms(32) < 4.0
+    assert Tolerance.from_dict({**calibrated.to_dict(), "other": 1}) == calibrated  # as reuse.json keeps it
+    assert Tolerance.from_dict({}) == Tolerance()  # a version registered before calibration: the photo tolerances

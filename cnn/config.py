@@ -352,6 +352,11 @@ class ScoreConfig(ClusterConfig):
         True, description="Review rows whose mirror image gets another label (models trained with flips)"
     )
     review_margin: float = Field(0.05, ge=0, le=1, description="Review rows this close to an operating point")
+    review_push: bool = Field(
+        True,
+        description="Push the open review rows to Label Studio after publishing, where the worker's environment "
+        "names one (CNN_LABEL_STUDIO_URL); a server that is down is tried again at the next run",
+    )
     precision: Precision = Field(
         "auto", description="auto: bf16 where it agrees with fp32 and is faster here; fp32 or bf16"
     )

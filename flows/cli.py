@@ -21,6 +21,7 @@ from cnn.config import FlowConfig, IngestOptions, ScoreConfig, TrainConfig
 from cnn.errors import UserError
 from cnn.io import storage
 from flows.boundary import command as _command
+from flows.review_cli import review_app
 from flows.tables_cli import tables_app
 
 app = typer.Typer(
@@ -527,6 +528,7 @@ def demo() -> None:
 
 
 app.add_typer(tables_app, name="tables")
+app.add_typer(review_app, name="review")
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from cnn.errors import UserError
 from cnn.io import credentials as url_credentials
 
 ENV, SECRET = "env:", "secret:"
+DEFAULT_TABLE = "default"  # `table: default`: the workspace's table (CNN_PREDICTIONS_URL), else SQLite in CNN_HOME
 CLI_VARIABLE = "CNN_TABLE_URL"  # where a command keeps a URL it was given with a password
 
 
@@ -47,8 +48,19 @@ def refuse_passwords(spec: str | None) -> None:
         )
 
 
+def default_table() -> str:
+    """The workspace's prediction table: CNN_PREDICTIONS_URL (kept in the environment, so a password never becomes
+    a flow parameter), else SQLite under CNN_HOME."""
+    from flows import workspace
+
+    default = os.environ.get("CNN_PREDICTIONS_URL") or f"sqlite:///{workspace.current().home / 'predictions.db'}"
+    return default if "#" in default else default + "#predictions"
+
+
 def resolve(spec: str) -> str:
-    """The `URL#table` a spec names: references are read here, in the process that opens the table."""
+    """The `URL#table` a spec names: references (and `default`) are read here, in the process that opens it."""
+    if spec == DEFAULT_TABLE:
+        return default_table()
     reference, sep, table = spec.partition("#")
     if reference.startswith(ENV):
         name = reference.removeprefix(ENV)

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import pandas as pd
 from mlflow.exceptions import MlflowException
 
+from cnn.data.dataset import cached_images
 from cnn.errors import UserError
 from cnn.io.decode import DecodeError, decode_bytes, read_image_bytes
-from cnn.similarity.index import SegmentedIndex, VectorIndex
+from cnn.similarity.reference import nearest_rows
 from cnn.trust.explain import ImageExplanation, explain_image, save_png, tile_sheet
 from flows import versions, workspace
 
@@ -94,10 +94,10 @@ def similar(image: str, spec: str, k: int, out: Path, device: str = "cpu") -> Si
     except DecodeError as exc:
         raise UserError(f"cannot read {image}: {exc.reason}") from None
     probs, vector = predictor.predict_with_embeddings(array[None])
-    training = _nearest(reference.index(), reference.rows(), vector, k)
+    training = reference.nearest(vector, k)[0]
     history = versions.history(ref)
     index = history.index()
-    scored = _nearest(index, history.rows(), vector, k) if index is not None else []
+    scored = nearest_rows(index, history.rows(), vector, k)[0] if index is not None else []
     for row in scored:
         row.update(json.loads(str(row.pop("ids") or "{}")))
     tiles = _training_images(predictor.contract.dataset, [str(r["image_id"]) for r in training])
@@ -111,27 +111,6 @@ def similar(image: str, spec: str, k: int, out: Path, device: str = "cpu") -> Si
     return SimilarOutcome(ref.label, label, training, scored, sheet)
 
 
-def _nearest(
-    index: VectorIndex | SegmentedIndex, rows: pd.DataFrame, vector: np.ndarray, k: int
-) -> list[dict[str, object]]:
-    similarity, ids = index.search(vector, k)
-    found = []
-    for rank, (score, position) in enumerate(zip(similarity[0], ids[0]), start=1):
-        if position < 0:
-            continue
-        row = rows.iloc[int(position)]
-        found.append(
-            {"rank": rank, "similarity": round(float(score), 4), "image_id": row["image_id"], "label": row["label"],
-             **({"ids": row["ids"]} if "ids" in rows.columns else {})}
-        )  # fmt: skip
-    return found
-
-
 def _training_images(dataset: str, image_ids: list[str]) -> list[np.ndarray | None]:
     """The training images from the dataset's cache (None where the dataset is not on this machine)."""
-    found = workspace.current().dataset(dataset) if dataset else None
-    if found is None or not found.exists():
-        return [None] * len(image_ids)
-    cache = found.open_cache()
-    index = cache.index()
-    return [np.asarray(cache.get(i)) if i in index else None for i in image_ids]
+    return cached_images(workspace.current().dataset(dataset) if dataset else None, image_ids)

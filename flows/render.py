@@ -92,6 +92,9 @@ def scoring(summary: ScoringSummary) -> None:
     if summary.drift:
         colour = "bold red" if summary.drifted else "green"
         console.print(f"[{colour}]{summary.drift}[/]", highlight=False)
+    if summary.review_push:
+        colour = "yellow" if "not pushed" in summary.review_push else "green"
+        console.print(f"[{colour}]{summary.review_push}[/]", highlight=False)
     console.print(
         f"{summary.predicted} predictions, {summary.rejected} rejects, {summary.skipped} already "
         f"scored, {summary.retried} transient rejects tried again; tables:\n  " + "\n  ".join(summary.tables),

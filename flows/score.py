@@ -6,7 +6,6 @@ Each task wraps one library call (`cnn.batch`) and passes typed references: the 
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -40,7 +39,7 @@ from flows.processes import sigterm_at_safe_points
 from flows.progress import reported_progress
 
 quiet_user_errors()
-DEFAULT_TABLE = "default"  # `table: default`: the workspace's table (CNN_PREDICTIONS_URL), beside an --output file
+DEFAULT_TABLE = credentials.DEFAULT_TABLE  # `table: default`: the workspace's table, beside an --output file
 
 
 class DriftDetected(UserError):
@@ -62,11 +61,9 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def _sinks(output: str | None, table: str | None, partition_by: list[str] | None = None) -> list[Sink]:
-    """The sinks of a run. The default table is CNN_PREDICTIONS_URL (kept in the environment, so a password
-    never becomes a flow parameter), else SQLite under CNN_HOME; `env:`/`secret:` references resolve here."""
-    default = os.environ.get("CNN_PREDICTIONS_URL") or f"sqlite:///{workspace.current().home / 'predictions.db'}"
-    if "#" not in default:
-        default += "#predictions"
+    """The sinks of a run: the default table (credentials.default_table) where none is named; `env:`/`secret:`
+    references resolve here."""
+    default = credentials.default_table()
     named = default if table == DEFAULT_TABLE else (credentials.resolve(table) if table else None)
     return open_sink(output, named, default, partition_by)
 
@@ -231,10 +228,20 @@ def score_flow(source: str, config: ScoreConfig, home: str | None = None) -> Sco
         report = check_drift(model, config, results, flow_run_id, str(run_dir)) if config.drift else None
     if report is not None:
         summary = replace(summary, drift=report.describe(), drifted=report.drifted)
+    if config.review_push and summary.needs_review:
+        summary = replace(summary, review_push=push_review(config, model.name))
     create_table_artifact(summary.rows(), key="score-summary", description="Scoring summary")
     if report is not None and report.drifted and config.fail_on_drift:
         raise DriftDetected(f"{report.describe()} (--fail-on-drift); the predictions are written")
     return summary
+
+
+def push_review(config: ScoreConfig, model_name: str) -> str:
+    """The run's review queue to Label Studio, where one is configured (flows.review.push_after_scoring)."""
+    # imported here: the push's modules (Label Studio's client, rendering) load only where a push happens
+    from flows.review import push_after_scoring
+
+    return push_after_scoring(config.output or config.table or DEFAULT_TABLE, model_name)
 
 
 def _explanations(config: ScoreConfig, home: Path) -> tuple[str, str]:

@@ -131,6 +131,11 @@ def load(name: str, version: str, device: str = "cpu") -> Predictor:
     return Predictor.load(weights, contract, device)
 
 
+def load_contract(name: str, version: str) -> ModelContract:
+    """A registered version's data contract (its classes, input, operating points), checked like its weights."""
+    return ModelContract.load(_artifact_paths(version_files(name, version))[1])
+
+
 def find_version(spec: str) -> ModelVersion:
     """The registered version MODEL[@alias|:version] names (a bare name: @champion); UserError if none."""
     name, alias, version = parse_spec(spec)

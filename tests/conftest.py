@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from tests.helpers import image_bytes
+from tests.labelstudio import LabelStudioServer
+from tests.labelstudio import serve as serve_label_studio
 from tests.s3 import S3Server, serve
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -74,6 +76,12 @@ def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioServer]:
+    """One real Label Studio (its own virtual environment, SQLite, local files) for the whole session."""
+    yield from serve_label_studio(tmp_path_factory.mktemp("label-studio"))
 
 
 @pytest.fixture(scope="session")

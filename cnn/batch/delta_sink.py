@@ -27,6 +27,7 @@ and removes unreferenced ones; planning reads only the rows of the paths it list
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
@@ -44,10 +45,13 @@ from cnn.batch.tables import (
     CURRENT_COLUMNS,
     EMBEDDING,
     KEY,
+    REVIEWER_COLUMNS,
+    as_time,
     duplicates,
     latest_per_path,
     mark_superseded,
     review_queue,
+    row_keys,
 )
 from cnn.choices import PARTITION_COLUMNS
 from cnn.errors import UserError
@@ -143,6 +147,42 @@ class DeltaSink:
     def commit_migrated(self, kind: DeltaKind, frame: pd.DataFrame, app_id: str) -> None:
         """Append a table an earlier version wrote, once (`cnn tables migrate`)."""
         self._append(kind, _as_bytes(frame), app_id)
+
+    def review_rows(self) -> pd.DataFrame:
+        """The current review queue: the predictions flagged for review (read with a filter) that no newer row of
+        their path replaced, most urgent first, with the newest answer from `reviews` for each."""
+        found = self.table("predictions")
+        if found is None:
+            return pd.DataFrame()
+        dataset = found.to_pyarrow_dataset()
+        columns = [c for c in dataset.schema.names if c != EMBEDDING]
+        flagged = dataset.to_table(columns=columns, filter=pc.field("needs_review") == True).to_pandas()  # noqa: E712
+        if flagged.empty:
+            return review_queue(flagged, pd.DataFrame())
+        stamps = ["model_name", "path", "scored_at"]
+        scored = pd.concat([self._read(kind, stamps, None) for kind in ("predictions", "rejects")])
+        scored["scored_at"] = as_time(scored["scored_at"])
+        newest = scored.groupby(row_keys(scored, ["model_name", "path"]))["scored_at"].max()
+        latest = row_keys(flagged, ["model_name", "path"]).map(newest)
+        live = flagged.loc[(as_time(flagged["scored_at"]) >= latest).to_numpy()]
+        reviews = self.table("reviews")
+        answered = reviews.to_pyarrow_table().to_pandas() if reviews is not None else pd.DataFrame()
+        return review_queue(live, _newest(answered))
+
+    def record_reviews(self, answers: pd.DataFrame) -> int:
+        """Append the answers to rows of the queue to `reviews` in one commit, named by their content (the same
+        answers twice are written once); the view takes the newest answer of each prediction."""
+        queue = self.review_rows()
+        if answers.empty or queue.empty:
+            return 0
+        frame = answers[[*KEY, *REVIEWER_COLUMNS]].astype({"model_version": str})
+        frame = frame.loc[row_keys(frame, KEY).isin(row_keys(queue, KEY)).to_numpy()]  # answers to rows it holds
+        if frame.empty:
+            return 0
+        frame = frame.assign(reviewed_at=pd.to_datetime(frame["reviewed_at"], utc=True))
+        digest = hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()[:24]
+        self._append("reviews", frame, f"cnn-review/{digest}")
+        return len(frame)
 
     def finish(self) -> list[str]:
         """Nothing to publish: every commit is visible when made. Where the tables live."""

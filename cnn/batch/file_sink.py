@@ -35,6 +35,7 @@ from cnn.batch.tables import (
     DRIFT_KEY,
     KEY,
     REJECT_KEY,
+    REVIEWER_COLUMNS,
     as_time,
     duplicates,
     latest_per_path,
@@ -143,6 +144,31 @@ class FileSink:
             table = table.loc[~row_keys(table, DRIFT_KEY).duplicated(keep="last")]
             with atomic_path(self.drift_path) as tmp:
                 write_csv(table, tmp) if self.csv else table.to_parquet(tmp, index=False)
+
+    def review_rows(self) -> pd.DataFrame:
+        with self._lock():
+            return self._read_review()
+
+    def record_reviews(self, answers: pd.DataFrame) -> int:
+        """The answers go into the review file (atomically, under the output's lock), by row key; a publish keeps
+        them, like everything a reviewer writes there."""
+        with self._lock():
+            review = self._read_review()
+            if review.empty or answers.empty:
+                return 0
+            keyed = answers.set_index(row_keys(answers, KEY))
+            index = row_keys(review, KEY)
+            matched = index.isin(keyed.index)
+            for column in REVIEWER_COLUMNS:
+                values = index[matched].map(keyed[column].to_dict())
+                if column not in review.columns:
+                    review[column] = pd.Series(None, index=review.index, dtype=object)
+                review[column] = review[column].astype(object)
+                review.loc[matched, column] = values.to_numpy()
+            review["reviewed_at"] = pd.to_datetime(review["reviewed_at"], utc=True, format="ISO8601")
+            with atomic_path(self.review_path) as tmp:
+                write_csv(review, tmp) if self.csv else review.to_parquet(tmp, index=False)
+            return int(matched.sum())
 
     def _merged(self) -> dict[str, pd.DataFrame]:
         """The tables as the publish writes them: what is published plus every committed part, each key once."""

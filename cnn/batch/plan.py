@@ -15,7 +15,7 @@ import pandas as pd
 from cnn.batch.masking import Masking
 from cnn.batch.run import SPOOL, ModelRef, ShardPlan
 from cnn.batch.sinks import Sink
-from cnn.batch.tables import EMBEDDING, OUTPUT_COLUMNS, REJECT_COLUMNS, REVIEW_COLUMN, SIMILARITY_COLUMNS
+from cnn.batch.tables import EMBEDDING, OUTPUT_COLUMNS, REJECT_COLUMNS, REVIEWER_COLUMNS, SIMILARITY_COLUMNS
 from cnn.fsio import atomic_path
 from cnn.io import inputs as listing
 from cnn.io import storage
@@ -29,7 +29,7 @@ RESERVED = {
     *REJECT_COLUMNS,
     *SIMILARITY_COLUMNS,
     *PLAN_COLUMNS,
-    REVIEW_COLUMN,
+    *REVIEWER_COLUMNS,
     VERSION_COLUMN,
     EMBEDDING,
 }

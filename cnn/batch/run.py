@@ -140,6 +140,7 @@ class ScoringSummary:
     copies: int = 0
     drift: str = ""  # the drift check's verdict
     drifted: bool = False
+    review_push: str = ""  # what the push to Label Studio did, or why it did not (empty: none configured)
 
     @property
     def images_per_s(self) -> float:

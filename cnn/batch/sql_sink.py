@@ -42,7 +42,7 @@ from cnn.batch.tables import (
     KEY,
     LATER_COLUMNS,
     REJECT_KEY,
-    REVIEW_COLUMN,
+    REVIEWER_COLUMNS,
     duplicates,
     latest_per_path,
     review_queue,
@@ -214,7 +214,7 @@ class SqlSink:
         insert = postgresql_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
         records = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
         statement = insert(table).values(records)
-        update = {c: statement.excluded[c] for c in frame.columns if c not in key and c != REVIEW_COLUMN}
+        update = {c: statement.excluded[c] for c in frame.columns if c not in key and c not in REVIEWER_COLUMNS}
         conn.execute(statement.on_conflict_do_update(index_elements=key, set_=update))
 
     def record_drift(self, rows: pd.DataFrame) -> None:
@@ -224,6 +224,36 @@ class SqlSink:
             self._lock(conn)
             self._ensure(conn, name, frame, DRIFT_KEY, history=False)
             self._upsert(conn, name, frame, DRIFT_KEY)
+
+    def review_rows(self) -> pd.DataFrame:
+        """The current rows of `<table>_review`, most urgent first."""
+        with self.engine.connect() as conn:
+            columns = self._columns(conn, self.review)
+            if not columns:
+                return pd.DataFrame()
+            where = " WHERE superseded_at IS NULL" if "superseded_at" in columns else ""
+            order = " ORDER BY urgency DESC" if "urgency" in columns else ""
+            return pd.read_sql_query(text(f"SELECT * FROM {self.quote(self.review)}{where}{order}"), conn)
+
+    def record_reviews(self, answers: pd.DataFrame) -> int:
+        """The answers into `<table>_review` by key, in one transaction (columns added where missing)."""
+        if answers.empty:
+            return 0
+        frame = answers[[*KEY, *REVIEWER_COLUMNS]].astype({"model_version": str})
+        frame = frame.assign(reviewed_at=pd.to_datetime(frame["reviewed_at"], utc=True))
+        with self.engine.begin() as conn:
+            if not self._columns(conn, self.review):
+                return 0
+            self._lock(conn)
+            self._ensure(conn, self.review, frame, KEY, history=False)
+            sets = ", ".join(f"{self.quote(c)} = :{c}" for c in REVIEWER_COLUMNS)
+            keys = " AND ".join(f"{self.quote(c)} = :{c}" for c in KEY)
+            statement = text(f"UPDATE {self.quote(self.review)} SET {sets} WHERE {keys}")
+            records = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+            for record in records:
+                if isinstance(record["reviewed_at"], pd.Timestamp):
+                    record["reviewed_at"] = record["reviewed_at"].to_pydatetime()
+            return sum(conn.execute(statement, record).rowcount for record in records)
 
     def finish(self) -> list[str]:
         with self.engine.connect() as conn:  # the side tables exist once a run wrote to them

@@ -33,6 +33,9 @@ REJECT_COLUMNS = ["image_id", "path", "reason", "reject_kind", "attempts"]
 SIMILARITY_COLUMNS = ["phash", "neighbour_label", "neighbour_agreement", "duplicate_of", "duplicate_kind"]
 KEY = ["image_id", "model_name", "model_version"]
 REVIEW_COLUMN = "reviewed_label"  # the review table's column a reviewer fills in; a run never overwrites it
+# what a review pull (cnn.review.answers) writes beside it: label | unusable | none_of_these | disputed, the Label
+# Studio user ids that answered, and when; a scoring run never overwrites these either
+REVIEWER_COLUMNS = [REVIEW_COLUMN, "review_verdict", "reviewed_by", "reviewed_at"]
 DRIFT_KEY = ["flow_run_id", "name"]
 EMBEDDING = "embedding"  # a prediction frame's column of float16 vectors, kept in the embeddings side table
 REJECT_KEY = ["path", "model_name", "model_version"]
@@ -187,11 +190,11 @@ def review_queue(predictions: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFra
         queue = pd.DataFrame(columns=[*KEY, REVIEW_COLUMN])
     else:
         flagged = predictions["needs_review"].astype(str).str.lower().isin(["true", "1"])
-        queue = _without(predictions.loc[flagged & _live(predictions)], "top_k", "flow_run_id", "run_id")
+        queue = _without(predictions.loc[flagged & _live(predictions)], "flow_run_id", "run_id")
         queue[REVIEW_COLUMN] = pd.Series(None, index=queue.index, dtype=object)
     if not earlier.empty and REVIEW_COLUMN in earlier.columns:
         keyed = earlier.set_index(row_keys(earlier, KEY))
-        theirs = [c for c in earlier.columns if c not in queue.columns or c == REVIEW_COLUMN]
+        theirs = [c for c in earlier.columns if c not in queue.columns or c in REVIEWER_COLUMNS]
         index = row_keys(queue, KEY)
         for column in theirs:
             queue[column] = index.map(keyed[column].to_dict()).where(index.isin(keyed.index), None).to_numpy()

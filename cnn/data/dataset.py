@@ -308,3 +308,13 @@ class ImageCache:
             raise KeyError(image_id)
         image: np.ndarray = self.images.read([slot])[0]
         return image
+
+
+def cached_images(dataset: Dataset | None, image_ids: Sequence[str]) -> list[np.ndarray | None]:
+    """The images of these ids from the dataset's cache, as decoded for training (None for an id not there, or
+    for every id where the dataset is not on this machine)."""
+    if dataset is None or not dataset.exists():
+        return [None] * len(image_ids)
+    cache = dataset.open_cache()
+    index = cache.index()
+    return [np.asarray(cache.get(i)) if i in index else None for i in image_ids]

@@ -141,7 +141,8 @@ def _shown_source(source: str | Path) -> str:
 
 def _added_to(dataset: Dataset, listing: SourceListing, everything: bool) -> SourceListing:
     """The listing plus the dataset's earlier files: all of them when adding (`--add`, a review table), else only
-    those a reviewer labelled, which a scheduled re-ingest of the raw source must not drop. A reviewed label wins
+    those a reviewer labelled, which a scheduled re-ingest of the raw source must not drop; never a file a review
+    table's reviewer called unusable or none of the classes (`excluded`). A reviewed label wins
     over the source's for the same file; otherwise the listing's label wins (a correction). Earlier files keep
     their split (see `_fixed_and_allowed`) and are not decoded again."""
     if not dataset.exists():
@@ -154,6 +155,7 @@ def _added_to(dataset: Dataset, listing: SourceListing, everything: bool) -> Sou
         listing = replace(listing, files=keep)
     else:
         old = old[~old["path"].isin(set(listing.files["path"]))]
+    old = old[~old["path"].isin(set(listing.excluded))]  # a reviewer said it is unusable or none of the classes
     earlier = pd.DataFrame(
         {
             "path": old["path"],

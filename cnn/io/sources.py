@@ -23,6 +23,8 @@ MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 # version: an object's version id or ETag ("" for a local file, whose size and mtime say when it changed)
 SOURCE_COLUMNS = ["path", "label", "split", "group", "size_bytes", "mtime_ns", "version", "reviewed"]
 REVIEWED_LABEL = "reviewed_label"  # a scoring run's review table, once a reviewer filled this column
+REVIEW_VERDICT = "review_verdict"  # beside it after `cnn review pull`: label | unusable | none_of_these | disputed
+EXCLUDING_VERDICTS = ("unusable", "none_of_these")  # never a training label: such a file leaves the dataset
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class SourceListing:
     layout: str  # "class-folders" | "split-folders" | "manifest" | "review" (a filled-in review table)
     root: Path | str  # a folder, or an object store URL
     skipped: int = 0  # loose files without a class folder, or repeated rows of a manifest
+    excluded: tuple[str, ...] = ()  # a review table's files a reviewer called unusable or none of the classes
 
 
 def scan_source(
@@ -200,14 +203,17 @@ def _scan_review(manifest: Path | str, base: Path | str, table: pd.DataFrame, gr
     is ignored, and rows left blank are skipped."""
     if "path" not in table.columns:
         raise UserError(f"review table {manifest} has no `path` column")
-    labelled = table[~table[REVIEWED_LABEL].map(_blank)]
+    verdicts = table[REVIEW_VERDICT].astype(str) if REVIEW_VERDICT in table.columns else pd.Series("", table.index)
+    excluding = verdicts.isin(EXCLUDING_VERDICTS)
+    labelled = table[~table[REVIEWED_LABEL].map(_blank) & ~excluding]
     groups = labelled[group_column] if group_column in labelled.columns else pd.Series([None] * len(labelled))
     rows = [
         _row(_review_path(base, str(path)), str(label).strip(), None, None if _blank(g) else str(g), True)
         for path, label, g in zip(labelled["path"], labelled[REVIEWED_LABEL], groups)
     ]
     frame = _frame(rows).drop_duplicates("path", keep="last", ignore_index=True)
-    return SourceListing(_with_object_stats(frame), "review", base, len(table) - len(frame))
+    excluded = tuple(_review_path(base, str(p)) for p in table.loc[excluding, "path"])
+    return SourceListing(_with_object_stats(frame), "review", base, len(table) - len(frame), excluded)
 
 
 def _review_path(base: Path | str, path: str) -> str:

@@ -20,11 +20,32 @@ from cnn.metrics.drift import DriftReference, DriftSample, reference_sample
 from cnn.model.contract import ModelContract
 from cnn.model.run import RunFolder
 from cnn.similarity.fingerprints import layouts, phashes
-from cnn.similarity.index import VectorIndex
+from cnn.similarity.index import SegmentedIndex, VectorIndex
 from cnn.similarity.tolerance import Tolerance
 from cnn.trust.evaluation import split_images
 
 SEMANTIC_QUANTILE, SEMANTIC_FLOOR, SEMANTIC_OFF = 0.999, 0.95, 0.9999
+
+
+def nearest_rows(
+    index: VectorIndex | SegmentedIndex, rows: pd.DataFrame, vectors: np.ndarray, k: int
+) -> list[list[dict[str, object]]]:
+    """For each vector, the k nearest rows of `rows` (row i = the index's vector i): rank, similarity, image_id,
+    label and, where the rows carry them, their id columns (`ids`)."""
+    similarity, positions = index.search(vectors, k)
+    found = []
+    for scores, ids in zip(similarity, positions):
+        near = []
+        for rank, (score, position) in enumerate(zip(scores, ids), start=1):
+            if position < 0:
+                continue
+            row = rows.iloc[int(position)]
+            near.append(
+                {"rank": rank, "similarity": round(float(score), 4), "image_id": row["image_id"], "label": row["label"],
+                 **({"ids": row["ids"]} if "ids" in rows.columns else {})}
+            )  # fmt: skip
+        found.append(near)
+    return found
 
 
 @dataclass(frozen=True)
@@ -52,6 +73,10 @@ class Reference:
             return VectorIndex.build(self.vectors())
         shape = np.load(self.folder / "train_embeddings.npy", mmap_mode="r", allow_pickle=False).shape
         return VectorIndex.load(path, shape[1] if len(shape) == 2 else None, self._row_count())
+
+    def nearest(self, vectors: np.ndarray, k: int) -> list[list[dict[str, object]]]:
+        """For each vector, its k nearest training images: rank, cosine similarity, image_id and label."""
+        return nearest_rows(self.index(), self.rows(), vectors, k)
 
     def _row_count(self) -> int:
         # from the Parquet footer: the check needs the count, not a second read of the rows the lookup already reads

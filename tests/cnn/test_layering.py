@@ -24,6 +24,7 @@ LAYERS = [
     {"cnn.trust"},
     {"cnn.similarity"},
     {"cnn.batch"},
+    {"cnn.review"},
 ]
 
 

@@ -1,0 +1,73 @@
+"""`cnn review pull`: reviewers' answers from the model's Label Studio project into the review table it was pushed
+from (cnn.review.answers states the rule for several reviewers of one image); only answers that are new or changed
+are written, so a pull repeated without new work writes nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+
+from cnn.batch.tables import KEY, REVIEWER_COLUMNS, row_keys
+from cnn.review.answers import VERDICT_COLUMN, answers
+from cnn.review.labelstudio import LabelStudio
+from cnn.review.tasks import project_title
+
+
+@dataclass(frozen=True)
+class Pulled:
+    """The answers a pull found, and those that are new or changed against the review table."""
+
+    answers: pd.DataFrame  # KEY + REVIEWER_COLUMNS, one row per answered task
+    changed: pd.DataFrame  # the rows of `answers` the table does not hold yet
+    project: int | None  # None: nothing was ever pushed for this model
+
+    def counts(self) -> dict[str, int]:
+        verdicts = self.answers[VERDICT_COLUMN].value_counts().to_dict() if len(self.answers) else {}
+        return {"answered": len(self.answers), "new or changed": len(self.changed), **verdicts}
+
+    def describe(self, written: int) -> str:
+        if self.project is None:
+            return "no Label Studio project for this model yet: push its review queue first"
+        counts = self.counts()
+        said = f"{counts['answered']} answered task(s), {len(self.changed)} new or changed answer(s) written"
+        extra = [f"{counts[k]} {k.replace('_', ' ')}" for k in ("disputed", "unusable", "none_of_these") if k in counts]
+        missing = len(self.changed) - written
+        if missing > 0:
+            extra.append(f"{missing} no longer in the review table")
+        return said + (f" ({', '.join(extra)})" if extra else "")
+
+
+def pull(client: LabelStudio, model_name: str, classes: Sequence[str] | None, queue: pd.DataFrame) -> Pulled:
+    """The answers of the model's project, and which of them `queue` (the review table as it is) lacks; with
+    `classes`, an answer that is not one of them is disputed."""
+    found = client.project(project_title(model_name))
+    if found is None:
+        empty = answers([])
+        return Pulled(empty, empty, None)
+    got = answers(client.tasks(int(found["id"])), {model_name: list(classes)} if classes is not None else None)
+    return Pulled(got, _changed(got, queue), int(found["id"]))
+
+
+def _changed(got: pd.DataFrame, queue: pd.DataFrame) -> pd.DataFrame:
+    """The answers that differ from what the table holds for the same key (or that it does not hold)."""
+    if got.empty or queue.empty:
+        return got
+    held = queue.reindex(columns=[*KEY, *REVIEWER_COLUMNS])
+    held = held.set_index(row_keys(held, KEY))
+    held = held.loc[~held.index.duplicated(keep="last")]
+    keys = row_keys(got, KEY)
+    differs = pd.Series(~keys.isin(held.index).to_numpy(), index=got.index)
+    for column in REVIEWER_COLUMNS:
+        before = keys.map(_text(held[column], column).to_dict()).fillna("")
+        differs |= before.to_numpy() != _text(got[column], column).to_numpy()
+    return got.loc[differs].reset_index(drop=True)
+
+
+def _text(values: pd.Series, column: str) -> pd.Series:
+    """Values compared as text (a time in UTC ISO form; empty for a missing value), as every sink reads back."""
+    if column == "reviewed_at":
+        times = pd.to_datetime(values, utc=True, format="ISO8601")
+        return times.map(lambda t: "" if pd.isna(t) else t.isoformat())
+    return values.astype(object).where(values.notna(), "").astype(str).str.strip()

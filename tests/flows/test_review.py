@@ -1,0 +1,148 @@
+"""The review queue in Label Studio, against a real Label Studio: the nightly run pushes its review rows as tasks
+with pre-annotations (idempotent, most urgent first, pictures served by Label Studio, no path or identifier), a
+Label Studio that is down never fails scoring, and `cnn review pull` brings reviewers' answers back (one rule for
+several reviewers) so that `cnn ingest` adds the labels and drops what a reviewer called unusable."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from cnn.data.dataset import Dataset
+from flows.cli import app
+from tests.helpers import free_port, pattern_dataset, tiny_config, write_patterns
+from tests.labelstudio import LabelStudioServer
+
+runner = CliRunner()
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.slowest]  # a trained model, a real Label Studio
+
+
+@pytest.fixture(scope="module")
+def home(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A workspace with the pattern dataset and a registered `patterns` champion."""
+    saved = dict(os.environ)
+    root = tmp_path_factory.mktemp("review")
+    os.environ["CNN_HOME"] = str(root / "home")
+    from flows import workspace
+
+    workspace.configure()
+    pattern_dataset(root / "home")
+    config = root / "fast.yaml"
+    tiny_config(config, epochs=3, batch_size=16)
+    result = runner.invoke(app, ["train", "--dataset", "patterns", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    yield root / "home"
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _score(folder: Path, out: Path, *extra: str) -> str:
+    result = runner.invoke(
+        app, ["score", str(folder), "--model", "patterns", "--output", str(out), "--review-below", "0.999", *extra]
+    )
+    assert result.exit_code == 0, result.output
+    return " ".join(result.output.split())
+
+
+def _tasks(label_studio: LabelStudioServer) -> tuple[int, list[dict[str, Any]]]:
+    with label_studio.api() as api:
+        project = next(p for p in api.get("/api/projects").json()["results"] if p["title"] == "cnn review: patterns")
+        params = {"exportType": "JSON", "download_all_tasks": "true", "download_resources": "false"}
+        return project["id"], api.get(f"/api/projects/{project['id']}/export", params=params).json()
+
+
+def test_down_label_studio_never_fails_scoring(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CNN_LABEL_STUDIO_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("CNN_LABEL_STUDIO_TOKEN", "legacy-token")
+    monkeypatch.setenv("CNN_LABEL_STUDIO_FILES", str(tmp_path / "files"))
+    said = _score(write_patterns(tmp_path / "incoming", per_class=2, seed=3), tmp_path / "preds.parquet")
+    assert "review queue not pushed: Label Studio at" in said and "the next run pushes it" in said
+    assert len(pd.read_parquet(tmp_path / "preds.parquet")) == 6  # the predictions are written all the same
+
+
+def test_push_then_pull_then_ingest(
+    home: Path, tmp_path: Path, label_studio: LabelStudioServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in label_studio.env().items():
+        monkeypatch.setenv(name, value)
+    incoming = write_patterns(tmp_path / "incoming", per_class=3, seed=11)
+    out = tmp_path / "preds.parquet"
+    said = _score(incoming, out)  # the nightly run pushes its review rows itself
+    queue = pd.read_parquet(tmp_path / "preds.review.parquet")
+    assert len(queue) >= 4, "the test needs several rows to review"
+    assert f"review queue pushed: {len(queue)} new task(s)" in said
+
+    project, tasks = _tasks(label_studio)
+    assert sorted(t["data"]["image_id"] for t in tasks) == sorted(queue["image_id"])
+    by_id = {t["data"]["image_id"]: t for t in tasks}
+    with label_studio.api() as api:
+        for _, row in queue.iterrows():
+            task = by_id[row["image_id"]]
+            made = api.get("/api/predictions", params={"task": task["id"]}).json()
+            assert [p["model_version"] for p in made] == ["patterns v1"]
+            assert made[0]["result"][0]["value"]["choices"] == [row["decision"]]
+            assert task["data"]["urgency"] == pytest.approx(row["urgency"], abs=1e-6)
+    values = [str(v) for t in tasks for v in t["data"].values()]
+    assert not any("/tmp" in v or str(home) in v for v in values)  # no absolute path
+    assert not any(Path(p).name in v for p in queue["path"] for v in values)  # no file name either
+    pictures = [v for v in values if v.endswith((".png", ".jpg"))]
+    assert len(pictures) == 3 * len(tasks) and all(v.startswith("/data/local-files/?d=cnn-review/") for v in pictures)
+    ids_in_creation_order = [t["data"]["image_id"] for t in sorted(tasks, key=lambda t: t["id"])]
+    assert ids_in_creation_order == queue["image_id"].tolist()  # pushed most urgent first
+    with label_studio.api() as api:  # the pictures are served by Label Studio to its users
+        picture = api.get(tasks[0]["data"]["image"])
+        assert picture.status_code == 200 and picture.content.startswith(b"\x89PNG")
+        assert api.get(tasks[0]["data"]["overlay"]).content.startswith(b"\xff\xd8")
+        views = api.get("/api/dm/views", params={"project": project}).json()
+        assert any(v["data"].get("ordering") == ["-tasks:data.urgency"] for v in views)
+
+    again = runner.invoke(app, ["review", "push", str(out), "--model", "patterns"])
+    assert again.exit_code == 0, again.output
+    assert f"0 new task(s), 0 updated, {len(queue)} unchanged" in again.output
+    assert len(_tasks(label_studio)[1]) == len(queue)  # re-pushing never duplicates
+
+    # reviewers answer: one relabels, two disagree on another, one calls an image unusable
+    second = ("second.reviewer@example.org", "another-long-password-2")
+    second_id = label_studio.add_user(*second)
+    first, torn, unusable = (by_id[i]["id"] for i in queue["image_id"][:3])
+    classes = ["checker", "horizontal", "vertical"]
+    relabel = next(c for c in classes if c != queue["decision"].iloc[0])
+    label_studio.annotate(first, relabel)
+    label_studio.annotate(torn, "horizontal")
+    label_studio.annotate(torn, "vertical", as_user=second)
+    label_studio.annotate(unusable, "(unusable image)")
+
+    pulled = runner.invoke(app, ["review", "pull", str(out), "--model", "patterns"])
+    assert pulled.exit_code == 0, pulled.output
+    assert "3 answered task(s), 3 new or changed answer(s) written (1 disputed, 1 unusable)" in pulled.output
+    review = pd.read_parquet(tmp_path / "preds.review.parquet").set_index("image_id")
+    ids = queue["image_id"].tolist()
+    assert review.loc[ids[0], "reviewed_label"] == relabel and review.loc[ids[0], "review_verdict"] == "label"
+    assert review.loc[ids[0], "reviewed_by"] == "1"  # Label Studio's user id, not a name or an e-mail
+    assert review.loc[ids[1], "review_verdict"] == "disputed" and pd.isna(review.loc[ids[1], "reviewed_label"])
+    assert review.loc[ids[1], "reviewed_by"] == f"1,{second_id}"
+    assert review.loc[ids[2], "review_verdict"] == "unusable"
+    assert pd.notna(review.loc[ids[0], "reviewed_at"])
+    quiet = runner.invoke(app, ["review", "pull", str(out), "--model", "patterns"])
+    assert "0 new or changed answer(s) written" in quiet.output  # nothing new: nothing written
+
+    # the unusable image was in the dataset already: the review removes it; the relabelled one is added
+    unusable_path = str(Path(queue["path"].iloc[2]).resolve())
+    before = runner.invoke(app, ["ingest", str(incoming), "--dataset", "patterns", "--add"])
+    assert before.exit_code == 0, before.output
+    assert unusable_path in set(Dataset(home / "datasets" / "patterns").manifest()["path"])
+    added = runner.invoke(
+        app, ["ingest", str(tmp_path / "preds.review.parquet"), "--dataset", "patterns", "--allow-outside"]
+    )
+    assert added.exit_code == 0, added.output
+    manifest = Dataset(home / "datasets" / "patterns").manifest().set_index("path")
+    relabelled = str(Path(queue["path"].iloc[0]).resolve())
+    assert manifest.loc[relabelled, "label"] == relabel and bool(manifest.loc[relabelled, "reviewed"])
+    assert unusable_path not in manifest.index
+    assert str(Path(queue["path"].iloc[1]).resolve()) in manifest.index  # disputed: left as the source had it

@@ -49,7 +49,7 @@ class LabelStudioServer:
         )
 
     def add_user(self, email: str, password: str) -> int:
-        """Another reviewer of the same organisation (signed up through the invite link, as a person would); their id."""
+        """Another reviewer of the organisation (signed up through the invite link, as a person would); their id."""
         with self.api() as api:
             invite = api.get("/api/invite").json()
         token = str(invite.get("token") or invite["invite_url"].rsplit("token=", 1)[-1])
@@ -126,7 +126,7 @@ def serve(folder: Path) -> Iterator[LabelStudioServer]:
         COLLECT_ANALYTICS="false",
         LATEST_VERSION_CHECK="false",  # no call to PyPI at start
     )
-    log = open(folder / "label-studio.log", "wb")  # noqa: SIM115 - closed when the server stops
+    log = open(folder / "label-studio.log", "wb")
     process = subprocess.Popen(
         [str(BINARY), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
          "--username", EMAIL, "--password", PASSWORD, "--data-dir", str(folder / "data")],

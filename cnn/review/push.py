@@ -118,7 +118,8 @@ def ensure_project(client: LabelStudio, model: ReviewModel, reviewers: int) -> i
     urgency and the storage that serves the task pictures."""
     title, config = project_title(model.name), label_config(model.classes)
     found = client.project(title)
-    wanted = {"label_config": config, "maximum_annotations": reviewers}
+    # the newest version's predictions pre-fill the choice a reviewer sees (Label Studio's "prelabel" setting)
+    wanted = {"label_config": config, "maximum_annotations": reviewers, "model_version": f"{model.name} v{model.version}"}
     if found is None:
         found = client.create_project(
             {

@@ -33,8 +33,8 @@ def project_title(model_name: str) -> str:
 
 
 def label_config(classes: Sequence[str]) -> str:
-    """The labeling interface: the image, the overlay and the similar cases side by side, the model's reading
-    below, and one single choice among the classes and the two reserved answers, with number keys."""
+    """The labeling interface: the image and its overlay side by side, one single choice among the classes and
+    the two reserved answers (number keys), then the model's reading and the nearest training cases."""
     choices = [*classes, NONE_OF_THESE, UNUSABLE]
     lines = []
     for i, value in enumerate(choices):
@@ -45,17 +45,17 @@ def label_config(classes: Sequence[str]) -> str:
             "<View>",
             '  <Header value="$title"/>',
             '  <View style="display: flex; gap: 12px; flex-wrap: wrap">',
-            '    <View style="flex: 1; min-width: 280px"><Header value="Image (as the model saw it)" size="6"/>',
-            f'      <Image name="{IMAGE}" value="$image" zoom="true" zoomControl="true"/></View>',
-            '    <View style="flex: 1; min-width: 280px"><Header value="Grad-CAM of the predicted class" size="6"/>',
-            '      <Image name="overlay" value="$overlay"/></View>',
+            '    <View style="flex: 1; min-width: 260px"><Header value="Image (as the model saw it)" size="6"/>',
+            f'      <Image name="{IMAGE}" value="$image" zoom="true" zoomControl="true" maxHeight="360px"/></View>',
+            '    <View style="flex: 1; min-width: 260px"><Header value="Grad-CAM of the predicted class" size="6"/>',
+            '      <Image name="overlay" value="$overlay" maxHeight="360px"/></View>',
             "  </View>",
-            '  <HyperText name="details" value="$details"/>',
-            '  <Header value="Nearest training cases" size="6"/>',
-            '  <Image name="similar" value="$similar"/>',
             f'  <Choices name="{CHOICES}" toName="{IMAGE}" choice="single-radio" showInline="true" required="true">',
             *lines,
             "  </Choices>",
+            '  <HyperText name="details" value="$details"/>',
+            '  <Header value="Nearest training cases" size="6"/>',
+            '  <Image name="similar" value="$similar" maxWidth="900px"/>',
             "</View>",
         ]
     )

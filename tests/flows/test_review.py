@@ -6,6 +6,8 @@ several reviewers) so that `cnn ingest` adds the labels and drops what a reviewe
 from __future__ import annotations
 
 import os
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,9 +19,14 @@ from typer.testing import CliRunner
 from cnn.data.dataset import Dataset
 from flows.cli import app
 from tests.helpers import free_port, pattern_dataset, tiny_config, write_patterns
-from tests.labelstudio import LabelStudioServer
+from tests.labelstudio import EMAIL, PASSWORD, LabelStudioServer
 
 runner = CliRunner()
+CHROMIUM = os.environ.get("CNN_TEST_CHROMIUM", "/usr/bin/chromium")  # Debian's (`make browser`): nothing downloaded
+# headless as root, and quiet: no calls out (this machine's closed network refuses them, many at a time)
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                  "--disable-background-networking", "--disable-component-update"]  # fmt: skip
+SCREENSHOTS = Path(os.environ["CNN_DOCS_SCREENSHOTS"]) if os.environ.get("CNN_DOCS_SCREENSHOTS") else None
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.slowest]  # a trained model, a real Label Studio
 
 
@@ -146,3 +153,69 @@ def test_push_then_pull_then_ingest(
     assert manifest.loc[relabelled, "label"] == relabel and bool(manifest.loc[relabelled, "reviewed"])
     assert unusable_path not in manifest.index
     assert str(Path(queue["path"].iloc[1]).resolve()) in manifest.index  # disputed: left as the source had it
+
+
+def test_a_reviewer_works_the_queue_in_a_real_browser(
+    home: Path, tmp_path: Path, label_studio: LabelStudioServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Log in to Label Studio's own page, open the most urgent task, see the image, the overlay and the model's
+    choice, pick another class, submit; `cnn review pull` and `cnn ingest` carry that label into the dataset."""
+    from playwright.sync_api import sync_playwright
+
+    for name, value in label_studio.env().items():
+        monkeypatch.setenv(name, value)
+    incoming = write_patterns(tmp_path / "incoming", per_class=2, seed=21)
+    out = tmp_path / "night.parquet"
+    _score(incoming, out, "--no-review-push")
+    pushed = runner.invoke(app, ["review", "push", str(out), "--model", "patterns"])
+    assert pushed.exit_code == 0 and "new task(s)" in pushed.output, pushed.output
+    queue = pd.read_parquet(tmp_path / "night.review.parquet")
+    first = queue.iloc[0]
+    project, tasks = _tasks(label_studio)
+    task = next(t for t in tasks if t["data"]["image_id"] == first["image_id"])
+    other = next(c for c in ("checker", "horizontal", "vertical") if c != first["decision"])
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{label_studio.url}/user/login/")
+            page.fill("input[name=email]", EMAIL)
+            page.fill("input[name=password]", PASSWORD)
+            page.click("button[type=submit]")
+            page.wait_for_url(lambda url: "/user/login" not in url)  # logged in: Label Studio's home page
+            if SCREENSHOTS:  # the project's task list, as the docs show it
+                page.goto(f"{label_studio.url}/projects/{project}/data")
+                page.locator("img[src*='local-files']").first.wait_for(timeout=60_000)
+                page.screenshot(path=str(SCREENSHOTS / "review-queue.png"))
+            page.goto(f"{label_studio.url}/projects/{project}/data?task={task['id']}")
+            choices = page.locator("label.lsf-choice__checkbox")
+            choices.first.wait_for(timeout=60_000)
+            shown = page.locator("img[src*='local-files']")
+            shown.nth(2).wait_for(timeout=60_000)
+            srcs = [shown.nth(i).get_attribute("src") or "" for i in range(shown.count())]
+            assert any("-image.png" in s for s in srcs) and any("-overlay.jpg" in s for s in srcs)
+            page.wait_for_function(
+                "() => [...document.querySelectorAll(\"img[src*='local-files']\")].every(i => i.naturalWidth > 0)"
+            )
+            checked = page.locator("label.lsf-choice__checkbox.ant-radio-wrapper-checked")
+            assert checked.inner_text().startswith(str(first["decision"]))  # the model's choice, pre-filled
+            choices.filter(has_text=re.compile(rf"^{other}")).click()
+            assert checked.inner_text().startswith(other)
+            page.screenshot(path=str(SCREENSHOTS / "review-task.png") if SCREENSHOTS else str(tmp_path / "task.png"))
+            page.get_by_role("button", name="Submit").click()
+            with label_studio.api() as api:
+                deadline = time.monotonic() + 60
+                while not api.get(f"/api/tasks/{task['id']}/annotations").json():
+                    assert time.monotonic() < deadline, "the submitted answer never reached Label Studio"
+                    time.sleep(0.5)
+        finally:
+            browser.close()
+
+    pulled = runner.invoke(app, ["review", "pull", str(out), "--model", "patterns", "--out", str(tmp_path / "a.csv")])
+    assert pulled.exit_code == 0 and "1 new or changed answer(s) written" in pulled.output, pulled.output
+    added = runner.invoke(app, ["ingest", str(tmp_path / "a.csv"), "--dataset", "patterns", "--allow-outside"])
+    assert added.exit_code == 0, added.output
+    manifest = Dataset(home / "datasets" / "patterns").manifest().set_index("path")
+    path = str(Path(first["path"]).resolve())
+    assert manifest.loc[path, "label"] == other and bool(manifest.loc[path, "reviewed"])

@@ -189,6 +189,13 @@ def train(
     node_rank: Annotated[int | None, _opt(TRAIN, "node_rank")] = None,
     master_addr: Annotated[str | None, _opt(TRAIN, "master_addr")] = None,
     master_port: Annotated[int | None, _opt(TRAIN, "master_port")] = None,
+    reviews: Annotated[
+        str | None,
+        typer.Option(
+            help="A prediction table (as `cnn score` named it) whose reviewers' answers in Label Studio are pulled "
+            "and added to the dataset first."
+        ),
+    ] = None,
 ) -> None:
     """Train a CNN, track it in MLflow, register a version and gate its promotion (Prefect flow `train`)."""
     from flows import render
@@ -220,7 +227,7 @@ def train(
         master_addr=master_addr,
         master_port=master_port,
     )
-    render.training(run_training(dataset, cfg, resume))
+    render.training(run_training(dataset, cfg, resume, reviews))
 
 
 @app.command()

@@ -30,11 +30,13 @@ def pipeline_flow(
     options: IngestOptions | None = None,
     config: TrainConfig | None = None,
     scoring: ScoreConfig | None = None,
+    reviews: str | None = None,
 ) -> PipelineOutcome:
-    """Refresh DATASET from SOURCE, train and gate a model, then score INCOMING with its champion (the scoring
-    config's model is replaced by the model just trained)."""
+    """Refresh DATASET from SOURCE, take reviewers' answers from Label Studio for the prediction table REVIEWS
+    (where given), train and gate a model, then score INCOMING with its champion (the scoring config's model is
+    replaced by the model just trained)."""
     ingested = ingest_flow(source=source, dataset=dataset, options=options)
-    trained = train_flow(dataset=dataset, config=config)
+    trained = train_flow(dataset=dataset, config=config, reviews=reviews)
     champion = f"{trained.gate.model}@champion"
     score_config = scoring.model_copy(update={"model": champion}) if scoring else ScoreConfig(model=champion)
     scored = score_flow(source=incoming, config=score_config)

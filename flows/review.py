@@ -21,6 +21,7 @@ from cnn.batch.file_sink import FileSink
 from cnn.batch.sinks import output_sink
 from cnn.batch.sql_sink import SqlSink
 from cnn.batch.tables import REVIEW_COLUMN, write_csv
+from cnn.config import IngestOptions
 from cnn.errors import UserError
 from cnn.fsio import atomic_path
 from cnn.review.labelstudio import URL_VARIABLE, LabelStudio, LabelStudioUnavailable, ReviewServer
@@ -51,8 +52,10 @@ def review_table(target: str) -> ReviewTable:
     """The prediction table a target names, as `cnn score` takes it: a SQL `URL#table` (or `env:`/`secret:`
     reference, or `default`: the workspace's table), else an --output file, folder or object-store prefix."""
     scheme = target.partition(":")[0].partition("+")[0].lower()
-    if scheme in SQL_SCHEMES or target == credentials.DEFAULT_TABLE or target.startswith(
-        (credentials.ENV, credentials.SECRET)
+    if (
+        scheme in SQL_SCHEMES
+        or target == credentials.DEFAULT_TABLE
+        or target.startswith((credentials.ENV, credentials.SECRET))
     ):
         return SqlSink.from_url(credentials.resolve(target))
     return output_sink(target)
@@ -156,6 +159,38 @@ def write_answered(target: str, model: str, out: Path) -> int:
     with atomic_path(out) as tmp:
         write_csv(answered, tmp) if out.suffix.lower() == ".csv" else answered.to_parquet(tmp, index=False)
     return len(answered)
+
+
+def take_reviews(table: str, model: str, dataset: str) -> str:
+    """Before a training: pull the answers for MODEL into TABLE's review queue, then add every answered row to
+    DATASET (a label where reviewers agreed; out, where they called the image unusable or none of the classes).
+    Label Studio down or not configured: the training goes on with what the dataset holds, and says so."""
+    if not os.environ.get(URL_VARIABLE):
+        return "reviews not pulled: no Label Studio configured (CNN_LABEL_STUDIO_URL)"
+    try:
+        pulled = pull_answers(table, model, None)
+    except LabelStudioUnavailable as exc:
+        return f"reviews not pulled: {exc} - training on the dataset as it is"
+    folder = workspace.current().home / "reviews" / dataset
+    answered = folder / "answered.parquet"
+    if not write_answered(table, model, answered):
+        return f"reviews pulled ({pulled.said}); none to add to {dataset}"
+    # imported here: the ingest flow imports this module's neighbours; only a training that takes reviews needs it
+    from flows.ingest import ingest_flow
+
+    meta = workspace.current().dataset(dataset).meta()
+    options = IngestOptions(
+        image_size=meta.image_size,
+        channels=meta.channels,  # type: ignore[arg-type]  # 1 or 3, as the dataset recorded it
+        resize=meta.resize,  # type: ignore[arg-type]  # pad or crop, as recorded
+        seed=meta.seed,
+        val_fraction=meta.val_fraction,
+        test_fraction=meta.test_fraction,
+        group_column=meta.group_column,
+        allow_outside=True,  # the rows come from our own prediction table, whose files live where scoring read them
+    )
+    ingest_flow(source=str(answered), dataset=dataset, options=options)
+    return f"reviews pulled ({pulled.said}) and added to {dataset}"
 
 
 def push_after_scoring(target: str, model: str, token_secret: str | None = None) -> str:

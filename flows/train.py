@@ -31,6 +31,7 @@ from flows.logfilter import quiet_user_errors
 from flows.processes import sigterm_at_safe_points
 from flows.progress import reported_progress
 from flows.registry import GateDecision, GateRules
+from flows.review import take_reviews
 
 quiet_user_errors()
 
@@ -67,7 +68,9 @@ def run_directory(home: Path, model_name: str, resume: bool) -> Path:
     return root / datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
 
 
-def train(dataset: str, config: TrainConfig, resume: bool = False) -> TrainOutcome | NodeOutcome:
+def train(
+    dataset: str, config: TrainConfig, resume: bool = False, reviews: str | None = None
+) -> TrainOutcome | NodeOutcome:
     """Check the config, then run the flow on node 0 or this node's share of a multi-node job. The caller has
     configured the workspace (the CLI does, once per command)."""
     ws = workspace.current()
@@ -75,7 +78,7 @@ def train(dataset: str, config: TrainConfig, resume: bool = False) -> TrainOutco
     validate_name(config.register_as or dataset)
     check_config(config)
     if config.node_rank == 0:
-        return train_flow(dataset=dataset, config=config, resume=resume)
+        return train_flow(dataset=dataset, config=config, resume=resume, reviews=reviews)
     name = config.register_as or dataset
     run_dir = run_directory(ws.home, name, resume) if resume else ws.home / "runs" / name / f"node-{config.node_rank}"
     launch_distributed(str(ws.dataset(dataset).root), str(run_dir), config, "", resume)
@@ -253,15 +256,22 @@ def write_model_card(dataset_dir: str, run_dir: str, run_id: str, config: TrainC
     return str(markdown)
 
 
-@flow(name="train")
+@flow(name="train", log_prints=True)
 def train_flow(
-    dataset: str, config: TrainConfig | None = None, resume: bool = False, home: str | None = None
+    dataset: str,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    home: str | None = None,
+    reviews: str | None = None,
 ) -> TrainOutcome:
-    """Train a classifier on DATASET, track it in MLflow, register it and gate its promotion."""
+    """Train a classifier on DATASET, track it in MLflow, register it and gate its promotion. With REVIEWS (a
+    prediction table, as `cnn score` named it), reviewers' answers in Label Studio are pulled and added first."""
     ws = workspace.configure(home)
     config = config or TrainConfig()
     check_config(config)
     model_name = config.register_as or dataset
+    if reviews:
+        print(take_reviews(reviews, model_name, dataset))
     dataset_dir = str(ws.dataset(dataset).require().root)
     config = resolved_config(config, Dataset(dataset_dir))  # MLflow, the card and the run log what was decided
     run_dir = str(run_directory(ws.home, model_name, resume))

@@ -20,7 +20,8 @@ class Pulled:
     """The answers a pull found, and those that are new or changed against the review table."""
 
     answers: pd.DataFrame  # KEY + REVIEWER_COLUMNS, one row per answered task
-    changed: pd.DataFrame  # the rows of `answers` the table does not hold yet
+    changed: pd.DataFrame  # the rows of `answers` to rows of the table that it does not hold yet
+    elsewhere: int  # answers to rows this table does not hold (pushed from another table, or since replaced)
     project: int | None  # None: nothing was ever pushed for this model
 
     def counts(self) -> dict[str, int]:
@@ -31,11 +32,10 @@ class Pulled:
         if self.project is None:
             return "no Label Studio project for this model yet: push its review queue first"
         counts = self.counts()
-        said = f"{counts['answered']} answered task(s), {len(self.changed)} new or changed answer(s) written"
+        said = f"{counts['answered']} answered task(s), {written} new or changed answer(s) written"
         extra = [f"{counts[k]} {k.replace('_', ' ')}" for k in ("disputed", "unusable", "none_of_these") if k in counts]
-        missing = len(self.changed) - written
-        if missing > 0:
-            extra.append(f"{missing} no longer in the review table")
+        if self.elsewhere:
+            extra.append(f"{self.elsewhere} for rows this table does not hold")
         return said + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -45,15 +45,16 @@ def pull(client: LabelStudio, model_name: str, classes: Sequence[str] | None, qu
     found = client.project(project_title(model_name))
     if found is None:
         empty = answers([])
-        return Pulled(empty, empty, None)
+        return Pulled(empty, empty, 0, None)
     got = answers(client.tasks(int(found["id"])), {model_name: list(classes)} if classes is not None else None)
-    return Pulled(got, _changed(got, queue), int(found["id"]))
+    held = row_keys(got, KEY).isin(row_keys(queue, KEY)) if len(queue) else pd.Series(False, index=got.index)
+    return Pulled(got, _changed(got.loc[held.to_numpy()], queue), int((~held).sum()), int(found["id"]))
 
 
 def _changed(got: pd.DataFrame, queue: pd.DataFrame) -> pd.DataFrame:
     """The answers that differ from what the table holds for the same key (or that it does not hold)."""
     if got.empty or queue.empty:
-        return got
+        return got.reset_index(drop=True)
     held = queue.reindex(columns=[*KEY, *REVIEWER_COLUMNS])
     held = held.set_index(row_keys(held, KEY))
     held = held.loc[~held.index.duplicated(keep="last")]

@@ -31,7 +31,7 @@ from cnn.fsio import atomic_path
 from cnn.io.decode import DecodeError
 from cnn.review.labelstudio import LabelStudio
 from cnn.review.render import Rendered, ReviewModel, render
-from cnn.review.tasks import TaskImages, label_config, model_tag, prediction, project_title, task_data
+from cnn.review.tasks import TaskImages, label_config, model_tag, prediction, project_title, task_data, version_tag
 
 FOLDER = "cnn-review"  # below Label Studio's document root
 URGENCY_VIEW = "By urgency"
@@ -119,7 +119,11 @@ def ensure_project(client: LabelStudio, model: ReviewModel, reviewers: int) -> i
     title, config = project_title(model.name), label_config(model.classes)
     found = client.project(title)
     # the newest version's predictions pre-fill the choice a reviewer sees (Label Studio's "prelabel" setting)
-    wanted = {"label_config": config, "maximum_annotations": reviewers, "model_version": f"{model.name} v{model.version}"}
+    wanted = {
+        "label_config": config,
+        "maximum_annotations": reviewers,
+        "model_version": version_tag(model.name, model.version),
+    }
     if found is None:
         found = client.create_project(
             {

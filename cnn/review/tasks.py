@@ -120,7 +120,12 @@ def prediction(row: pd.Series) -> dict[str, Any]:
 
 
 def model_tag(row: pd.Series) -> str:
-    return f"{row['model_name']} v{row['model_version']}"
+    return version_tag(str(row["model_name"]), str(row["model_version"]))
+
+
+def version_tag(name: str, version: str) -> str:
+    """How a version names its predictions in Label Studio (and the project pre-fills from the newest)."""
+    return f"{name} v{version}"
 
 
 def details_html(row: pd.Series, neighbours: Sequence[Neighbour], points: Sequence[OperatingPoint]) -> str:

@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cnn.data.dataset import Dataset
+from cnn.errors import UserError
 from flows.cli import app
 from tests.helpers import free_port, pattern_dataset, tiny_config, write_patterns
 from tests.labelstudio import EMAIL, PASSWORD, LabelStudioServer
@@ -219,3 +220,41 @@ def test_a_reviewer_works_the_queue_in_a_real_browser(
     manifest = Dataset(home / "datasets" / "patterns").manifest().set_index("path")
     path = str(Path(first["path"]).resolve())
     assert manifest.loc[path, "label"] == other and bool(manifest.loc[path, "reviewed"])
+
+
+def test_training_takes_the_reviews_first(
+    home: Path, tmp_path: Path, label_studio: LabelStudioServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The weekly training pulls before it trains: an answer given in Label Studio is in the dataset it trains on."""
+    for name, value in label_studio.env().items():
+        monkeypatch.setenv(name, value)
+    incoming = write_patterns(tmp_path / "incoming", per_class=2, seed=31)
+    out = tmp_path / "week.parquet"
+    _score(incoming, out)
+    first = pd.read_parquet(tmp_path / "week.review.parquet").iloc[0]
+    _, tasks = _tasks(label_studio)
+    task = next(t for t in tasks if t["data"]["image_id"] == first["image_id"])
+    other = next(c for c in ("checker", "horizontal", "vertical") if c != first["decision"])
+    label_studio.annotate(task["id"], other)
+
+    config = tmp_path / "fast.yaml"
+    tiny_config(config, epochs=1, batch_size=16)
+    trained = runner.invoke(app, ["train", "--dataset", "patterns", "--config", str(config), "--reviews", str(out)])
+    assert trained.exit_code == 0, trained.output
+    manifest = Dataset(home / "datasets" / "patterns").manifest().set_index("path")
+    path = str(Path(first["path"]).resolve())
+    assert manifest.loc[path, "label"] == other and bool(manifest.loc[path, "reviewed"])
+
+
+def test_the_token_can_live_in_a_prefect_secret_block(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.blocks.system import Secret
+
+    from flows.review import review_server
+
+    monkeypatch.setenv("CNN_LABEL_STUDIO_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("CNN_LABEL_STUDIO_FILES", "/srv/label-studio/files")
+    monkeypatch.delenv("CNN_LABEL_STUDIO_TOKEN", raising=False)
+    Secret(value="a.personal.token").save("review-token", overwrite=True)
+    assert review_server("review-token").token == "a.personal.token"
+    with pytest.raises(UserError, match="no API token"):
+        review_server()

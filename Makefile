@@ -44,7 +44,7 @@ docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
 
 # lint, types, the docs and the suite without its slowest end-to-end tier (under 8 minutes on 2 cores)
-test: lint docs browser labelstudio
+test: lint docs
 	$(BIN)/python -m pytest -q -m "not slowest"
 
 # everything, the slowest tier (whole flows through real servers and the installed command) included: what CI runs

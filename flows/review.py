@@ -24,7 +24,7 @@ from cnn.batch.tables import REVIEW_COLUMN, write_csv
 from cnn.config import IngestOptions
 from cnn.errors import UserError
 from cnn.fsio import atomic_path
-from cnn.review.labelstudio import URL_VARIABLE, LabelStudio, LabelStudioUnavailable, ReviewServer
+from cnn.review.labelstudio import URL_VARIABLE, LabelStudio, ReviewServer
 from cnn.review.pull import pull
 from cnn.review.push import PushOutcome, open_rows, push
 from cnn.review.render import ReviewModel
@@ -91,7 +91,7 @@ def review_models(name: str, wanted: list[str]) -> dict[str, ReviewModel]:
 
 
 @task(cache_policy=NO_CACHE)
-def push_queue(target: str, model: str, reviewers: int, token_secret: str | None) -> PushOutcome | None:
+def push_queue(target: str, model: str, reviewers: int | None, token_secret: str | None) -> PushOutcome | None:
     """Push the open review rows of `model` in the table to its Label Studio project; None when there are none."""
     rows = open_rows(review_table(target).review_rows(), model)
     if rows.empty:
@@ -129,7 +129,7 @@ def _classes(queue: pd.DataFrame, model: str) -> list[str] | None:
 
 
 @flow(name="review-push", log_prints=True)
-def review_push_flow(table: str, model: str, reviewers: int = 1, token_secret: str | None = None) -> str:
+def review_push_flow(table: str, model: str, reviewers: int | None = None, token_secret: str | None = None) -> str:
     """Send the review queue of MODEL in TABLE to Label Studio (a project per model; idempotent)."""
     workspace.configure(None)
     outcome = push_queue(table, model, reviewers, token_secret)
@@ -169,7 +169,7 @@ def take_reviews(table: str, model: str, dataset: str) -> str:
         return "reviews not pulled: no Label Studio configured (CNN_LABEL_STUDIO_URL)"
     try:
         pulled = pull_answers(table, model, None)
-    except LabelStudioUnavailable as exc:
+    except UserError as exc:  # Label Studio down, a refused token, a table not there yet: train all the same
         return f"reviews not pulled: {exc} - training on the dataset as it is"
     folder = workspace.current().home / "reviews" / dataset
     answered = folder / "answered.parquet"
@@ -199,7 +199,7 @@ def push_after_scoring(target: str, model: str, token_secret: str | None = None)
     if not os.environ.get(URL_VARIABLE):
         return ""
     try:
-        outcome = push_queue(target, model, 1, token_secret)
-    except LabelStudioUnavailable as exc:
+        outcome = push_queue(target, model, None, token_secret)
+    except UserError as exc:  # down, a refused token, a setting missing: the predictions stand; said, not raised
         return f"review queue not pushed: {exc} - the next run pushes it"
     return "review queue: nothing open to push" if outcome is None else f"review queue pushed: {outcome.describe()}"

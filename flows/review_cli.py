@@ -36,7 +36,10 @@ SECRET = Annotated[
 def push(
     table: TABLE,
     model: MODEL,
-    reviewers: Annotated[int, typer.Option(min=1, max=20, help="Reviewers who answer each image.")] = 1,
+    reviewers: Annotated[
+        int | None,
+        typer.Option(min=1, max=20, help="Reviewers who answer each image (default: the project's setting, 1 when new)."),
+    ] = None,
     token_secret: SECRET = None,
 ) -> None:
     """Send the open review rows to the model's Label Studio project (created on first push; re-pushing updates)."""

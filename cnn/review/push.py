@@ -77,10 +77,11 @@ def push(
     client: LabelStudio,
     rows: pd.DataFrame,
     models: Mapping[str, ReviewModel],
-    reviewers: int = 1,
+    reviewers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> PushOutcome:
-    """Push `rows` (open_rows of one model; `models` holds each of their versions) to the model's project."""
+    """Push `rows` (open_rows of one model; `models` holds each of their versions) to the model's project; with
+    `reviewers`, each image is answered by that many reviewers (else the project keeps its setting, 1 when new)."""
     newest = models[max(models, key=int)]
     project = ensure_project(client, newest, reviewers)
     folder = client.server.files_dir / FOLDER / _UNSAFE.sub("_", newest.name)
@@ -113,7 +114,7 @@ def push(
     return PushOutcome(project, len(created), updated, unchanged, unreadable)
 
 
-def ensure_project(client: LabelStudio, model: ReviewModel, reviewers: int) -> int:
+def ensure_project(client: LabelStudio, model: ReviewModel, reviewers: int | None) -> int:
     """The model's project (created, or its labeling config brought up to the model's classes), with its tab by
     urgency and the storage that serves the task pictures."""
     title, config = project_title(model.name), label_config(model.classes)

@@ -69,7 +69,11 @@ def test_compose_file_validates_and_mirrors_the_tested_setup() -> None:
     assert services["dask-scheduler"]["command"].startswith("dask scheduler --host 0.0.0.0 --port 8786")
     assert "dask worker tcp://dask-scheduler:8786" in services["dask-worker"]["command"]
     assert "ports" not in services["dask-scheduler"]  # no authentication: never published
-    assert services["dask-worker"]["volumes"] == services["worker-cpu"]["volumes"] == ["data:/data"]
+    assert (
+        services["dask-worker"]["volumes"]
+        == services["worker-cpu"]["volumes"]
+        == ["data:/data", "review-files:/review-files"]
+    )
     nightly = next(d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"] if d["name"] == "nightly")
     assert "cluster" in nightly["parameters"]["config"] and "tcp://dask-scheduler:8786" in PREFECT_YAML.read_text()
     assert "postgresql+asyncpg" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
@@ -103,6 +107,17 @@ def test_compose_file_validates_and_mirrors_the_tested_setup() -> None:
     assert "'images', 'predictions', 'mlflow-artifacts'" in services["s3-buckets"]["command"][-1]
     assert nightly["parameters"]["source"].startswith("s3://images/")
     assert nightly["parameters"]["config"]["output"].startswith("s3://predictions/")
+    # Label Studio: its own database and role, not published, the pictures on a volume the workers share with it
+    review = services["label-studio"]
+    assert review["image"] == "heartexlabs/label-studio:1.23.2" and "ports" not in review
+    assert review["environment"]["POSTGRE_USER"] == review["environment"]["POSTGRE_NAME"] == "label_studio"
+    assert review["environment"]["POSTGRE_PASSWORD"].startswith("${LABEL_STUDIO_DB_PASSWORD:?")
+    assert (
+        "review-files:/label-studio/files" in review["volumes"]
+        and "review-files:/review-files" in (services["worker-cpu"]["volumes"])
+    )
+    assert pipeline_env["CNN_LABEL_STUDIO_FILES_IN_SERVER"] == review["environment"]["LOCAL_FILES_DOCUMENT_ROOT"]
+    assert pipeline_env["CNN_LABEL_STUDIO_TOKEN"] == "${LABEL_STUDIO_TOKEN:-}"  # by reference, never in a file
     tool = shutil.which("docker-compose")
     if tool is None:
         pytest.skip("docker-compose (Debian's 1.29 package) is not installed; .ci/run installs it")
@@ -113,6 +128,9 @@ def test_compose_file_validates_and_mirrors_the_tested_setup() -> None:
             "PREFECT_DB_PASSWORD",
             "MLFLOW_DB_PASSWORD",
             "PREDICTIONS_DB_PASSWORD",
+            "LABEL_STUDIO_DB_PASSWORD",
+            "LABEL_STUDIO_ADMIN_EMAIL",
+            "LABEL_STUDIO_ADMIN_PASSWORD",
             "PREFECT_API_AUTH_STRING",
             "MLFLOW_TRACKING_PASSWORD",
             "MLFLOW_WORKER_PASSWORD",
@@ -308,6 +326,7 @@ def test_postgres_init_script_gives_each_service_only_its_own_database() -> None
     script = PREFECT_YAML.with_name("postgres-init.sql")
     admin = [psql, "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-q"]
     passwords = ["-v", "prefect_password=a", "-v", "mlflow_password=b", "-v", "writer_password=c"]
+    passwords += ["-v", "label_studio_password=d"]
     for _ in range(2):
         ran = subprocess.run([*admin, *passwords, "-f", str(script)], capture_output=True, text=True)
         assert ran.returncode == 0, ran.stderr
@@ -318,7 +337,7 @@ def test_postgres_init_script_gives_each_service_only_its_own_database() -> None
 
     wrote = as_writer("predictions", "create table probe_t(x int); insert into probe_t values (1); drop table probe_t")
     assert wrote.returncode == 0, wrote.stderr
-    for database in ("prefect", "mlflow", "mlflow_auth"):
+    for database in ("prefect", "mlflow", "mlflow_auth", "label_studio"):
         assert "CONNECT privilege" in as_writer(database, "select 1").stderr
     assert "permission denied to create database" in as_writer("predictions", "create database nope").stderr
     assert "permission denied" in as_writer("predictions", "create role intruder").stderr

@@ -38,7 +38,7 @@ def push(
     model: MODEL,
     reviewers: Annotated[
         int | None,
-        typer.Option(min=1, max=20, help="Reviewers who answer each image (default: the project's setting, 1 when new)."),
+        typer.Option(min=1, max=20, help="Reviewers who answer each image (default: the project's, 1 when new)."),
     ] = None,
     token_secret: SECRET = None,
 ) -> None:

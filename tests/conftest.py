@@ -18,12 +18,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
-SERVERS = {"s3", "s3_server", "prefect_server"}  # fixtures that start a real server
+SERVERS = {"s3", "s3_server", "prefect_server", "label_studio"}  # fixtures that start a real server
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test that starts a real server (S3, Prefect) is end-to-end, whatever its module: `make test-fast` leaves it
-    out without anyone remembering to mark it."""
+    """A test that starts a real server (S3, Prefect, Label Studio) is end-to-end, whatever its module: `make
+    test-fast` leaves it out without anyone remembering to mark it."""
     for item in items:
         if SERVERS & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)

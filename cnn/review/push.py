@@ -11,6 +11,8 @@
   version, before the task that shows them exists; a task names them by that relative path only.
 - Rows a reviewer answered already (in the table) are not pushed again; a file that can no longer be read is
   counted and skipped, never a failed push.
+- Pushes of one model take turns (a file lock in its picture folder, which every pusher shares), so two pushes at
+  once never create the same image's task twice.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from typing import Any
 from urllib.parse import quote
 
 import pandas as pd
+from filelock import FileLock, Timeout
 
 from cnn.batch.tables import REVIEWER_COLUMNS
+from cnn.errors import UserError
 from cnn.fsio import atomic_path
 from cnn.io.decode import DecodeError
 from cnn.review.labelstudio import LabelStudio
@@ -34,6 +38,7 @@ from cnn.review.render import Rendered, ReviewModel, render
 from cnn.review.tasks import TaskImages, label_config, model_tag, prediction, project_title, task_data, version_tag
 
 FOLDER = "cnn-review"  # below Label Studio's document root
+LOCK_WAIT_S = 600
 URGENCY_VIEW = "By urgency"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 # what a row's task shows: a change in any of these updates the task
@@ -83,8 +88,28 @@ def push(
     """Push `rows` (open_rows of one model; `models` holds each of their versions) to the model's project; with
     `reviewers`, each image is answered by that many reviewers (else the project keeps its setting, 1 when new)."""
     newest = models[max(models, key=int)]
-    project = ensure_project(client, newest, reviewers)
     folder = client.server.files_dir / FOLDER / _UNSAFE.sub("_", newest.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:  # pushes of one model take turns (a second would not see the tasks the first is creating)
+        with FileLock(folder / ".push.lock", timeout=LOCK_WAIT_S):
+            return _push(client, rows, models, newest, folder, reviewers, progress)
+    except Timeout:
+        raise UserError(
+            f"another push of {newest.name} has held the review folder for {LOCK_WAIT_S // 60} minutes; "
+            "try again when it has finished"
+        ) from None
+
+
+def _push(
+    client: LabelStudio,
+    rows: pd.DataFrame,
+    models: Mapping[str, ReviewModel],
+    newest: ReviewModel,
+    folder: Path,
+    reviewers: int | None,
+    progress: Callable[[int, int], None] | None,
+) -> PushOutcome:
+    project = ensure_project(client, newest, reviewers)
     existing = {str(t["data"].get("image_id")): t for t in client.tasks(project) if t.get("data")}
     created: list[dict[str, Any]] = []
     updated = unchanged = unreadable = 0
@@ -120,11 +145,9 @@ def ensure_project(client: LabelStudio, model: ReviewModel, reviewers: int | Non
     title, config = project_title(model.name), label_config(model.classes)
     found = client.project(title)
     # the newest version's predictions pre-fill the choice a reviewer sees (Label Studio's "prelabel" setting)
-    wanted = {
-        "label_config": config,
-        "maximum_annotations": reviewers,
-        "model_version": version_tag(model.name, model.version),
-    }
+    wanted: dict[str, Any] = {"label_config": config, "model_version": version_tag(model.name, model.version)}
+    if reviewers is not None:  # a nightly push leaves what an admin set in Label Studio alone
+        wanted["maximum_annotations"] = reviewers
     if found is None:
         found = client.create_project(
             {

@@ -258,3 +258,31 @@ def test_the_token_can_live_in_a_prefect_secret_block(home: Path, monkeypatch: p
     assert review_server("review-token").token == "a.personal.token"
     with pytest.raises(UserError, match="no API token"):
         review_server()
+
+
+def test_two_pushes_at_once_create_each_task_once(
+    home: Path, tmp_path: Path, label_studio: LabelStudioServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cnn.review.labelstudio import LabelStudio
+    from cnn.review.push import open_rows, push
+    from flows.review import review_models, review_server, review_table
+
+    for name, value in label_studio.env().items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "race.parquet"
+    _score(write_patterns(tmp_path / "incoming", per_class=2, seed=41), out, "--no-review-push")
+    rows = open_rows(review_table(str(out)).review_rows(), "patterns")
+    models = review_models("patterns", rows["model_version"].astype(str).unique().tolist())
+
+    def one_push(_: int) -> int:
+        with LabelStudio(review_server()) as client:
+            return push(client, rows, models).created
+
+    with ThreadPoolExecutor(2) as pool:
+        created = list(pool.map(one_push, range(2)))
+    assert sorted(created) == [0, len(rows)]  # the second waited, then found every task made
+    _, tasks = _tasks(label_studio)
+    mine = [t for t in tasks if t["data"]["image_id"] in set(rows["image_id"])]
+    assert len(mine) == len(rows)

@@ -6,6 +6,7 @@ Each task wraps one library call (`cnn.batch`) and passes typed references: the 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +33,7 @@ from cnn.errors import UserError
 from cnn.io import storage
 from cnn.metrics import drift
 from cnn.metrics.drift import DriftReport
+from cnn.review.labelstudio import URL_VARIABLE
 from cnn.trust.plots import plot_drift
 from flows import cluster, credentials, tracking, versions, workspace
 from flows.logfilter import quiet_user_errors
@@ -228,7 +230,7 @@ def score_flow(source: str, config: ScoreConfig, home: str | None = None) -> Sco
         report = check_drift(model, config, results, flow_run_id, str(run_dir)) if config.drift else None
     if report is not None:
         summary = replace(summary, drift=report.describe(), drifted=report.drifted)
-    if config.review_push and summary.needs_review:
+    if config.review_push:  # also with nothing new to review: what an earlier night could not push goes now
         summary = replace(summary, review_push=push_review(config, model.name))
     create_table_artifact(summary.rows(), key="score-summary", description="Scoring summary")
     if report is not None and report.drifted and config.fail_on_drift:
@@ -238,6 +240,8 @@ def score_flow(source: str, config: ScoreConfig, home: str | None = None) -> Sco
 
 def push_review(config: ScoreConfig, model_name: str) -> str:
     """The run's review queue to Label Studio, where one is configured (flows.review.push_after_scoring)."""
+    if not os.environ.get(URL_VARIABLE):
+        return ""
     # imported here: the push's modules (Label Studio's client, rendering) load only where a push happens
     from flows.review import push_after_scoring
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from typer.testing import CliRunner
 from cnn.data.dataset import Dataset
 from cnn.errors import UserError
 from flows.cli import app
-from tests.helpers import free_port, pattern_dataset, tiny_config, write_patterns
+from tests.helpers import free_port, tiny_config, write_patterns
 from tests.labelstudio import EMAIL, PASSWORD, LabelStudioServer
 
 runner = CliRunner()
@@ -32,22 +31,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.slowest]  # a train
 
 
 @pytest.fixture(scope="module")
-def home(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A workspace with the pattern dataset and a registered `patterns` champion."""
-    saved = dict(os.environ)
-    root = tmp_path_factory.mktemp("review")
-    os.environ["CNN_HOME"] = str(root / "home")
-    from flows import workspace
+def home(champion_home: Path) -> Path:
+    """A workspace with the pattern dataset and a registered `patterns` champion (tests/flows/conftest.py)."""
+    return champion_home
 
-    workspace.configure()
-    pattern_dataset(root / "home")
-    config = root / "fast.yaml"
-    tiny_config(config, epochs=3, batch_size=16)
-    result = runner.invoke(app, ["train", "--dataset", "patterns", "--config", str(config)])
-    assert result.exit_code == 0, result.output
-    yield root / "home"
-    os.environ.clear()
-    os.environ.update(saved)
+
+@pytest.fixture
+def reviewing(label_studio: LabelStudioServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This test's environment names the session's Label Studio, as a worker's would."""
+    for name, value in label_studio.env().items():
+        monkeypatch.setenv(name, value)
 
 
 def _score(folder: Path, out: Path, *extra: str) -> str:
@@ -75,10 +68,8 @@ def test_down_label_studio_never_fails_scoring(home: Path, tmp_path: Path, monke
 
 
 def test_push_then_pull_then_ingest(
-    home: Path, tmp_path: Path, label_studio: LabelStudioServer, monkeypatch: pytest.MonkeyPatch
+    home: Path, tmp_path: Path, label_studio: LabelStudioServer, reviewing: None
 ) -> None:
-    for name, value in label_studio.env().items():
-        monkeypatch.setenv(name, value)
     incoming = write_patterns(tmp_path / "incoming", per_class=3, seed=11)
     out = tmp_path / "preds.parquet"
     said = _score(incoming, out)  # the nightly run pushes its review rows itself
@@ -157,14 +148,12 @@ def test_push_then_pull_then_ingest(
 
 
 def test_a_reviewer_works_the_queue_in_a_real_browser(
-    home: Path, tmp_path: Path, label_studio: LabelStudioServer, monkeypatch: pytest.MonkeyPatch
+    home: Path, tmp_path: Path, label_studio: LabelStudioServer, reviewing: None
 ) -> None:
     """Log in to Label Studio's own page, open the most urgent task, see the image, the overlay and the model's
     choice, pick another class, submit; `cnn review pull` and `cnn ingest` carry that label into the dataset."""
     from playwright.sync_api import sync_playwright
 
-    for name, value in label_studio.env().items():
-        monkeypatch.setenv(name, value)
     incoming = write_patterns(tmp_path / "incoming", per_class=2, seed=21)
     out = tmp_path / "night.parquet"
     _score(incoming, out, "--no-review-push")
@@ -223,11 +212,9 @@ def test_a_reviewer_works_the_queue_in_a_real_browser(
 
 
 def test_training_takes_the_reviews_first(
-    home: Path, tmp_path: Path, label_studio: LabelStudioServer, monkeypatch: pytest.MonkeyPatch
+    home: Path, tmp_path: Path, label_studio: LabelStudioServer, reviewing: None
 ) -> None:
     """The weekly training pulls before it trains: an answer given in Label Studio is in the dataset it trains on."""
-    for name, value in label_studio.env().items():
-        monkeypatch.setenv(name, value)
     incoming = write_patterns(tmp_path / "incoming", per_class=2, seed=31)
     out = tmp_path / "week.parquet"
     _score(incoming, out)
@@ -261,7 +248,7 @@ def test_the_token_can_live_in_a_prefect_secret_block(home: Path, monkeypatch: p
 
 
 def test_two_pushes_at_once_create_each_task_once(
-    home: Path, tmp_path: Path, label_studio: LabelStudioServer, monkeypatch: pytest.MonkeyPatch
+    home: Path, tmp_path: Path, label_studio: LabelStudioServer, reviewing: None
 ) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -269,8 +256,6 @@ def test_two_pushes_at_once_create_each_task_once(
     from cnn.review.push import open_rows, push
     from flows.review import review_models, review_server, review_table
 
-    for name, value in label_studio.env().items():
-        monkeypatch.setenv(name, value)
     out = tmp_path / "race.parquet"
     _score(write_patterns(tmp_path / "incoming", per_class=2, seed=41), out, "--no-review-push")
     rows = open_rows(review_table(str(out)).review_rows(), "patterns")

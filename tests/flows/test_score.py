@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,7 @@ from tests.helpers import (
     api_json,
     clean_env,
     free_port,
-    pattern_dataset,
     requires_postgres,
-    tiny_config,
     unusable_compiler,
     write_patterns,
 )
@@ -41,22 +38,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.slowest]  # minutes: in make test-al
 
 
 @pytest.fixture(scope="module")
-def home(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A workspace with the pattern dataset and a registered `patterns` champion."""
-    saved = dict(os.environ)
-    root = tmp_path_factory.mktemp("scoring")
-    os.environ["CNN_HOME"] = str(root / "home")
-    from flows import workspace
-
-    workspace.configure()
-    pattern_dataset(root / "home")
-    config = root / "fast.yaml"
-    tiny_config(config, epochs=3, batch_size=16)
-    result = runner.invoke(app, ["train", "--dataset", "patterns", "--config", str(config)])
-    assert result.exit_code == 0, result.output
-    yield root / "home"
-    os.environ.clear()
-    os.environ.update(saved)
+def home(champion_home: Path) -> Path:
+    """A workspace with the pattern dataset and a registered `patterns` champion (tests/flows/conftest.py)."""
+    return champion_home
 
 
 def _mixed_folder(base: Path, n_per_class: int = 4, seed: int = 7) -> tuple[Path, int]:

@@ -35,6 +35,7 @@ from flows.progress import reported_progress
 
 quiet_user_errors()
 ReviewTable = FileSink | DeltaSink | SqlSink
+TOKEN_SECRET_VARIABLE = "CNN_LABEL_STUDIO_TOKEN_SECRET"  # a worker's way to name a Secret block holding the token
 SQL_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "mssql", "oracle")
 
 
@@ -62,8 +63,10 @@ def review_table(target: str) -> ReviewTable:
 
 
 def review_server(token_secret: str | None = None) -> ReviewServer:
-    """The Label Studio this worker's environment names (the token from a Prefect Secret block where given)."""
+    """The Label Studio this worker's environment names; the token from the Prefect Secret block `token_secret`
+    (or the one CNN_LABEL_STUDIO_TOKEN_SECRET names, for unattended runs), else from CNN_LABEL_STUDIO_TOKEN."""
     token = None
+    token_secret = token_secret or os.environ.get(TOKEN_SECRET_VARIABLE) or None
     if token_secret:
         token = credentials.resolve(f"{credentials.SECRET}{token_secret}").rstrip("#")
     server = ReviewServer.from_environment(os.environ, token)

@@ -243,6 +243,9 @@ def test_the_token_can_live_in_a_prefect_secret_block(home: Path, monkeypatch: p
     monkeypatch.delenv("CNN_LABEL_STUDIO_TOKEN", raising=False)
     Secret(value="a.personal.token").save("review-token", overwrite=True)
     assert review_server("review-token").token == "a.personal.token"
+    monkeypatch.setenv("CNN_LABEL_STUDIO_TOKEN_SECRET", "review-token")  # unattended: the worker names the block
+    assert review_server().token == "a.personal.token"
+    monkeypatch.delenv("CNN_LABEL_STUDIO_TOKEN_SECRET")
     with pytest.raises(UserError, match="no API token"):
         review_server()
 

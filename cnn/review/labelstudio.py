@@ -43,9 +43,18 @@ class ReviewServer:
 
     url: str
     token: str
-    files_dir: Path
+    files_dir: Path | None  # None: not set (a pull needs no pictures; a push refuses to start)
     files_dir_in_server: str
     timeout_s: float = TIMEOUT_S
+
+    def pictures(self) -> Path:
+        """The folder the push writes task pictures to (below Label Studio's document root)."""
+        if self.files_dir is None:
+            raise UserError(
+                f"{FILES_VARIABLE} is not set: name the folder Label Studio serves local files from "
+                "(its LOCAL_FILES_DOCUMENT_ROOT, mounted here); the review pictures are written below it"
+            )
+        return self.files_dir
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str], token: str | None = None) -> ReviewServer | None:
@@ -61,13 +70,8 @@ class ReviewServer:
                 "Studio's Account & Settings) or pass --token-secret BLOCK (a Prefect Secret block holding it)"
             )
         files = environ.get(FILES_VARIABLE, "").strip()
-        if not files:
-            raise UserError(
-                f"{FILES_VARIABLE} is not set: name the folder Label Studio serves local files from "
-                "(its LOCAL_FILES_DOCUMENT_ROOT, mounted here); the review images are written below it"
-            )
         in_server = environ.get(SERVER_FILES_VARIABLE, "").strip() or files
-        return cls(url.rstrip("/"), token, Path(files).expanduser(), in_server.rstrip("/"))
+        return cls(url.rstrip("/"), token, Path(files).expanduser() if files else None, in_server.rstrip("/"))
 
 
 class LabelStudio:

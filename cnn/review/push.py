@@ -88,7 +88,7 @@ def push(
     """Push `rows` (open_rows of one model; `models` holds each of their versions) to the model's project; with
     `reviewers`, each image is answered by that many reviewers (else the project keeps its setting, 1 when new)."""
     newest = models[max(models, key=int)]
-    folder = client.server.files_dir / FOLDER / _UNSAFE.sub("_", newest.name)
+    folder = client.server.pictures() / FOLDER / _UNSAFE.sub("_", newest.name)
     folder.mkdir(parents=True, exist_ok=True)
     try:  # pushes of one model take turns (a second would not see the tasks the first is creating)
         with FileLock(folder / ".push.lock", timeout=LOCK_WAIT_S):
@@ -162,7 +162,7 @@ def ensure_project(client: LabelStudio, model: ReviewModel, reviewers: int | Non
     elif any(found.get(k) != v for k, v in wanted.items()):
         found = client.update_project(int(found["id"]), wanted)
     project = int(found["id"])
-    folder = client.server.files_dir / FOLDER / _UNSAFE.sub("_", model.name)
+    folder = client.server.pictures() / FOLDER / _UNSAFE.sub("_", model.name)
     folder.mkdir(parents=True, exist_ok=True)
     in_server = f"{client.server.files_dir_in_server}/{FOLDER}/{folder.name}"
     if not any(s.get("path", "").rstrip("/") == in_server for s in client.local_storages(project)):
@@ -185,7 +185,7 @@ def _write(pictures: Rendered, folder: Path, row: pd.Series, client: LabelStudio
 def _store(path: Path, content: bytes, client: LabelStudio) -> str:
     with atomic_path(path) as tmp:
         tmp.write_bytes(content)
-    relative = path.relative_to(client.server.files_dir).as_posix()
+    relative = path.relative_to(client.server.pictures()).as_posix()
     return f"/data/local-files/?d={quote(relative)}"
 
 

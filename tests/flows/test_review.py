@@ -248,6 +248,11 @@ def test_the_token_can_live_in_a_prefect_secret_block(home: Path, monkeypatch: p
     monkeypatch.delenv("CNN_LABEL_STUDIO_TOKEN_SECRET")
     with pytest.raises(UserError, match="no API token"):
         review_server()
+    monkeypatch.setenv("CNN_LABEL_STUDIO_TOKEN", "legacy-token")
+    monkeypatch.delenv("CNN_LABEL_STUDIO_FILES")
+    without = review_server()  # a pull needs no picture folder; a push says what to set
+    with pytest.raises(UserError, match="CNN_LABEL_STUDIO_FILES is not set"):
+        without.pictures()
 
 
 def test_two_pushes_at_once_create_each_task_once(

@@ -81,10 +81,7 @@ class SimilarOutcome:
 def similar(image: str, spec: str, k: int, out: Path, device: str = "cpu") -> SimilarOutcome:
     """The k nearest training images (label, cosine similarity) and previously scored images (their carried id
     columns) of IMAGE, by the version's embeddings, as rows and as a contact sheet."""
-    mv, predictor = versions.load_spec(spec, device)
-    ref = versions.ModelRef(
-        mv.name, str(mv.version), mv.run_id or "", str(versions.version_files(mv.name, str(mv.version)))
-    )
+    ref, predictor = versions.load_version(versions.find_version(spec), device)
     reference = versions.reference(ref)
     if not reference.exists:
         raise UserError(f"{ref.label} was registered before similar-case search existed; train a new version")

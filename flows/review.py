@@ -20,13 +20,13 @@ from cnn.batch.delta_sink import DeltaSink
 from cnn.batch.file_sink import FileSink
 from cnn.batch.sinks import output_sink
 from cnn.batch.sql_sink import SqlSink
-from cnn.batch.tables import REVIEW_COLUMN, write_csv
+from cnn.batch.tables import write_csv
 from cnn.config import IngestOptions
 from cnn.errors import UserError
 from cnn.fsio import atomic_path
 from cnn.review.labelstudio import URL_VARIABLE, LabelStudio, ReviewServer
 from cnn.review.pull import pull
-from cnn.review.push import PushOutcome, open_rows, push
+from cnn.review.push import PushOutcome, answered, open_rows, push
 from cnn.review.render import ReviewModel
 from cnn.similarity.reference import Reference
 from flows import credentials, versions, workspace
@@ -45,8 +45,6 @@ class PullSummary:
 
     model: str
     said: str
-    written: int
-    labelled: int  # answers with a class: what the next ingest adds
 
 
 def review_table(target: str) -> ReviewTable:
@@ -83,10 +81,7 @@ def review_models(name: str, wanted: list[str]) -> dict[str, ReviewModel]:
     ws = workspace.current()
     models = {}
     for version in sorted(set(wanted), key=int):
-        mv = versions.find_version(f"{name}:{version}")
-        files = versions.version_files(name, version)
-        ref = versions.ModelRef(mv.name, str(mv.version), mv.run_id or "", str(files))
-        predictor = versions.load(name, version, "cpu")
+        ref, predictor = versions.load_version(versions.find_version(f"{name}:{version}"), "cpu")
         reference: Reference | None = versions.reference(ref)
         dataset = predictor.contract.dataset
         models[version] = ReviewModel(name, version, predictor, reference, ws.dataset(dataset) if dataset else None)
@@ -115,10 +110,9 @@ def pull_answers(target: str, model: str, token_secret: str | None) -> PullSumma
     with LabelStudio(review_server(token_secret)) as client:
         pulled = pull(client, model, classes, queue)
     written = table.record_reviews(pulled.changed) if len(pulled.changed) else 0
-    labelled = int(pulled.answers["reviewed_label"].notna().sum()) if len(pulled.answers) else 0
     rows = [{"item": k, "count": v} for k, v in pulled.counts().items()]
     create_table_artifact(rows, key="review-pull", description=f"Review answers pulled for {model}")
-    return PullSummary(model, pulled.describe(written), written, labelled)
+    return PullSummary(model, pulled.describe(written))
 
 
 def _classes(queue: pd.DataFrame, model: str) -> list[str] | None:
@@ -149,19 +143,12 @@ def review_pull_flow(table: str, model: str, token_secret: str | None = None) ->
 def write_answered(target: str, model: str, out: Path) -> int:
     """The answered rows of MODEL's review queue in the table, as a file `cnn ingest` takes; the rows written."""
     queue = review_table(target).review_rows()
-    if queue.empty:
-        answered = queue
-    else:
-        answered = queue.loc[queue["model_name"].astype(str) == model]
-        columns = [c for c in (REVIEW_COLUMN, "review_verdict") if c in answered.columns]
-        given = pd.Series(False, index=answered.index)
-        for column in columns:
-            given |= answered[column].fillna("").astype(str).str.strip() != ""
-        answered = answered.loc[given]
+    rows = queue.loc[queue["model_name"].astype(str) == model] if len(queue) else queue
+    rows = rows.loc[answered(rows)]
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
-        write_csv(answered, tmp) if out.suffix.lower() == ".csv" else answered.to_parquet(tmp, index=False)
-    return len(answered)
+        write_csv(rows, tmp) if out.suffix.lower() == ".csv" else rows.to_parquet(tmp, index=False)
+    return len(rows)
 
 
 def take_reviews(table: str, model: str, dataset: str) -> str:

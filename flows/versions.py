@@ -131,6 +131,14 @@ def load(name: str, version: str, device: str = "cpu") -> Predictor:
     return Predictor.load(weights, contract, device)
 
 
+def load_version(mv: ModelVersion, device: str = "cpu") -> tuple[ModelRef, Predictor]:
+    """A registered version pinned (its files fetched and checked once) and a plain Predictor of it."""
+    files = version_files(mv.name, str(mv.version))
+    weights, contract = _artifact_paths(files)
+    ref = ModelRef(mv.name, str(mv.version), mv.run_id or "", str(files))
+    return ref, Predictor.load(weights, contract, device)
+
+
 def load_contract(name: str, version: str) -> ModelContract:
     """A registered version's data contract (its classes, input, operating points), checked like its weights."""
     return ModelContract.load(_artifact_paths(version_files(name, version))[1])

@@ -61,6 +61,14 @@ class PushOutcome:
         return said + (f", {self.unreadable} image(s) no longer readable (not pushed)" if self.unreadable else "")
 
 
+def answered(rows: pd.DataFrame) -> pd.Series:
+    """Which rows a reviewer answered: a label or a verdict (by hand or from a pull) is there."""
+    given = pd.Series(False, index=rows.index)
+    for column in [c for c in REVIEWER_COLUMNS if c in rows.columns and c != "reviewed_at"]:
+        given |= rows[column].fillna("").astype(str).str.strip() != ""
+    return given
+
+
 def open_rows(queue: pd.DataFrame, model_name: str) -> pd.DataFrame:
     """The queue's rows of this model that no reviewer answered yet, most urgent first."""
     if queue.empty or "model_name" not in queue.columns:
@@ -68,10 +76,7 @@ def open_rows(queue: pd.DataFrame, model_name: str) -> pd.DataFrame:
     rows = queue.loc[queue["model_name"].astype(str) == model_name]
     if "superseded_at" in rows.columns:
         rows = rows.loc[rows["superseded_at"].isna()]
-    answered = pd.Series(False, index=rows.index)
-    for column in [c for c in REVIEWER_COLUMNS if c in rows.columns and c != "reviewed_at"]:
-        answered |= rows[column].fillna("").astype(str).str.strip() != ""
-    rows = rows.loc[~answered]
+    rows = rows.loc[~answered(rows)]
     if "urgency" in rows.columns:
         rows = rows.assign(_u=pd.to_numeric(rows["urgency"], errors="coerce"))
         rows = rows.sort_values("_u", ascending=False, na_position="last", kind="stable").drop(columns="_u")
@@ -88,8 +93,7 @@ def push(
     """Push `rows` (open_rows of one model; `models` holds each of their versions) to the model's project; with
     `reviewers`, each image is answered by that many reviewers (else the project keeps its setting, 1 when new)."""
     newest = models[max(models, key=int)]
-    folder = client.server.pictures() / FOLDER / _UNSAFE.sub("_", newest.name)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = picture_folder(client, newest.name)
     try:  # pushes of one model take turns (a second would not see the tasks the first is creating)
         with FileLock(folder / ".push.lock", timeout=LOCK_WAIT_S):
             return _push(client, rows, models, newest, folder, reviewers, progress)
@@ -162,8 +166,7 @@ def ensure_project(client: LabelStudio, model: ReviewModel, reviewers: int | Non
     elif any(found.get(k) != v for k, v in wanted.items()):
         found = client.update_project(int(found["id"]), wanted)
     project = int(found["id"])
-    folder = client.server.pictures() / FOLDER / _UNSAFE.sub("_", model.name)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = picture_folder(client, model.name)
     in_server = f"{client.server.files_dir_in_server}/{FOLDER}/{folder.name}"
     if not any(s.get("path", "").rstrip("/") == in_server for s in client.local_storages(project)):
         client.add_local_storage(project, in_server, "cnn review pictures")
@@ -172,14 +175,27 @@ def ensure_project(client: LabelStudio, model: ReviewModel, reviewers: int | Non
     return project
 
 
+def picture_folder(client: LabelStudio, model_name: str) -> Path:
+    """Where a model's task pictures live, below Label Studio's document root (made if missing)."""
+    folder = client.server.pictures() / FOLDER / _UNSAFE.sub("_", model_name)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _image_part(row: pd.Series) -> str:
+    """The start of every picture name of a row's image (its id, made safe and short)."""
+    return _UNSAFE.sub("_", str(row["image_id"]))[:40]
+
+
+def _stem(row: pd.Series) -> str:
+    """The picture names of a row's image as one version showed it."""
+    return f"{_image_part(row)}-v{_UNSAFE.sub('_', str(row['model_version']))}"
+
+
 def _write(pictures: Rendered, folder: Path, row: pd.Series, client: LabelStudio) -> TaskImages:
     """Write the pictures (atomically) and name them as Label Studio serves them."""
-    stem = f"{_UNSAFE.sub('_', str(row['image_id']))[:40]}-v{_UNSAFE.sub('_', str(row['model_version']))}"
-    urls = []
-    for suffix, content in (("image.png", pictures.image), ("overlay.jpg", pictures.overlay)):
-        urls.append(_store(folder / f"{stem}-{suffix}", content, client))
-    urls.append(_store(folder / f"{stem}-similar.png", pictures.similar, client))
-    return TaskImages(*urls)
+    named = (("image.png", pictures.image), ("overlay.jpg", pictures.overlay), ("similar.png", pictures.similar))
+    return TaskImages(*(_store(folder / f"{_stem(row)}-{suffix}", content, client) for suffix, content in named))
 
 
 def _store(path: Path, content: bytes, client: LabelStudio) -> str:
@@ -203,9 +219,8 @@ def _update(client: LabelStudio, task: dict[str, Any], data: dict[str, Any], row
 
 def _remove_older(folder: Path, row: pd.Series) -> None:
     """The pictures an earlier version's task showed, once the task shows this version's."""
-    image = _UNSAFE.sub("_", str(row["image_id"]))[:40]
-    current = f"{image}-v{_UNSAFE.sub('_', str(row['model_version']))}-"
-    for stale in folder.glob(f"{image}-v*"):
+    current = f"{_stem(row)}-"
+    for stale in folder.glob(f"{_image_part(row)}-v*"):
         if not stale.name.startswith(current):
             stale.unlink(missing_ok=True)
 

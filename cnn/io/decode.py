@@ -28,6 +28,7 @@ from PIL import Image, ImageFile, ImageOps
 
 from cnn.choices import RESIZE_MODES, Resize
 from cnn.errors import UserError
+from cnn.io.plain import decode_plain
 from cnn.io.storage import is_url, read_object
 from cnn.limits import DEFAULT_MAX_FILE_BYTES
 
@@ -300,8 +301,16 @@ def _decode(data: bytes, spec: DecodeSpec) -> DecodedImage:
     if len(data) > spec.max_file_bytes:
         raise _too_large(len(data), spec)
     fmt = sniff_format(data[:1024])
+    plain = decode_plain(data, fmt, spec.channels, spec.size, spec.resize, spec.pixel_limit)
+    if plain is not None and _finished(plain[0], spec):
+        array, width, height = plain
+        return DecodedImage(
+            array=array if array.ndim == 3 else array[:, :, None], width=width, height=height, format=fmt
+        )
     try:
-        if fmt == "DICOM":
+        if plain is not None:  # the same pixels Pillow would decode: Pillow converts and resizes them
+            image, width, height = Image.fromarray(plain[0], "L" if plain[0].ndim == 2 else "RGB"), *plain[1:]
+        elif fmt == "DICOM":
             image, width, height = _open_dicom(data, spec)
         else:
             image, width, height = _open_pillow(data, fmt, spec)
@@ -320,6 +329,12 @@ def _decode(data: bytes, spec: DecodeSpec) -> DecodedImage:
     if array.ndim == 2:
         array = array[:, :, None]
     return DecodedImage(array=np.ascontiguousarray(array), width=width, height=height, format=fmt)
+
+
+def _finished(array: np.ndarray, spec: DecodeSpec) -> bool:
+    """Whether decoded pixels already have the channels and size `spec` asks for."""
+    channels = 1 if array.ndim == 2 else array.shape[2]
+    return channels == spec.channels and (spec.size is None or array.shape[:2] == (spec.size, spec.size))
 
 
 def decode_file(path: str | os.PathLike[str], spec: DecodeSpec) -> DecodedImage:

@@ -8,6 +8,11 @@ file that kills its decoder is named ("decoder process died: signal 9") and the 
 Small files travel in chunks: a worker gets up to `MAX_CHUNK` files (about `CHUNK_BYTES` of them) per task, so a
 28 px PNG does not pay a round trip between processes of its own. A chunk that runs past the time limit is not
 blamed on any one file: its files are decoded again one task each, where the limit applies per file.
+
+Decoded pixels of a fixed size do not travel back through the pool's pipe: each task slot owns a region of a shared
+scratch file (`_Regions`, in /dev/shm where there is one) that its worker writes the arrays into; only the small
+facts of each file are pickled. Through the pipe, a 224 px image cost the parent more than decoding it did the
+worker (pickling, a dozen pipe round trips, unpickling), and a chunk of them blocked the other worker's results.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ import os
 import resource
 import signal
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -50,6 +57,8 @@ START_GRACE_S = 30.0  # what a process of its own may take to start before its f
 CHUNK_BYTES = 1 << 20  # files per task: about this many bytes of them...
 MAX_CHUNK = 64  # ...but at most this many (a chunk's outcomes come back together)
 WORKER_MEMORY_FLOOR = 3 << 30  # address space a decode worker may add, at least (see memory_ceiling)
+REGION_MIN_ITEM = 16 << 10  # images at least this large go through the shared regions (smaller ones pickle cheaply)
+REGION_BYTES = 8 << 20  # what one task slot's region may hold at most (it caps the files of a chunk)
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,7 @@ class DecodeOutcome:
     format: str = ""
     array: np.ndarray | None = None
     kind: RejectKind | None = None  # why it was rejected, for machines
+    stored_at: int = -1  # between a worker and the pool only: the item of the shared regions holding the array
 
     @property
     def ok(self) -> bool:
@@ -77,6 +87,7 @@ _worker_decode: DecodeFn | None = None
 
 
 _worker_started: Any = None  # the pool's shared clock: when the task in each slot started running
+_worker_regions: tuple[str, np.ndarray] | None = None  # (token, the shared regions as this worker maps them)
 
 
 def memory_ceiling(spec: DecodeSpec) -> int:
@@ -122,11 +133,107 @@ def decode_one(path: str, spec: DecodeSpec, known: frozenset[str] = frozenset())
     return DecodeOutcome(path, image_id, "ok", "", image.width, image.height, image.format, image.array)
 
 
-def _decode_in_worker(slot: int, paths: list[str]) -> list[DecodeOutcome]:
+def _decode_in_worker(slot: int, paths: list[str], region: RegionRef | None = None) -> list[DecodeOutcome]:
     assert _worker_spec is not None and _worker_decode is not None, "worker not initialised"
     _worker_started[slot] = time.monotonic()  # the limit counts from here, not from the queue (one clock: Linux)
     with prefetched(paths, _worker_spec):  # a chunk of small objects: fetched together, not one by one
-        return [_worker_decode(path, _worker_spec, _worker_known) for path in paths]
+        outcomes = [_worker_decode(path, _worker_spec, _worker_known) for path in paths]
+    items = _mapped_regions(region) if region is not None else None
+    if items is None or region is None:
+        return outcomes
+    for k, outcome in enumerate(outcomes):
+        if outcome.array is not None and outcome.array.shape == items.shape[1:]:
+            items[region.base + k] = outcome.array
+            outcomes[k] = DecodeOutcome(
+                outcome.path,
+                outcome.image_id,
+                outcome.status,
+                outcome.reason,
+                outcome.width,
+                outcome.height,
+                outcome.format,
+                None,
+                outcome.kind,
+                region.base + k,
+            )
+    return outcomes
+
+
+@dataclass(frozen=True)
+class RegionRef:
+    """Where a task's worker leaves its arrays: the shared regions (by a path any process of this user can open and
+    a token naming this set of regions) and the first item of the task's region."""
+
+    path: str
+    token: str
+    shape: tuple[int, ...]
+    base: int
+
+
+def _mapped_regions(region: RegionRef) -> np.ndarray | None:
+    """This worker's map of the shared regions (opened once per set); None where it cannot be opened: the arrays
+    then travel through the pipe."""
+    global _worker_regions
+    if _worker_regions is not None and _worker_regions[0] == region.token:
+        return _worker_regions[1]
+    try:
+        items = np.memmap(region.path, dtype=np.uint8, mode="r+", shape=region.shape)
+    except (OSError, ValueError):
+        return None
+    _worker_regions = (region.token, items)
+    return items
+
+
+class _Regions:
+    """The shared scratch file of one decode_many call: `tasks` regions of `per_task` items of `item` shape. Unnamed
+    (O_TMPFILE, in /dev/shm where there is one), so nothing is left behind whatever ends the process; workers open it
+    through this process's /proc entry."""
+
+    def __init__(self, tasks: int, per_task: int, item: tuple[int, ...]) -> None:
+        self.per_task, self.shape = per_task, (tasks * per_task, *item)
+        shm = "/dev/shm"
+        self.handle = tempfile.TemporaryFile(dir=shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None)
+        os.ftruncate(self.handle.fileno(), int(np.prod(self.shape)))
+        self.items = np.memmap(self.handle, dtype=np.uint8, mode="r+", shape=self.shape)
+        self.path, self.token = f"/proc/{os.getpid()}/fd/{self.handle.fileno()}", uuid.uuid4().hex
+
+    @classmethod
+    def for_spec(cls, spec: DecodeSpec, tasks: int, chunk: int) -> _Regions | None:
+        """Regions for arrays of `spec`'s fixed size where they are large enough to pay (see REGION_MIN_ITEM), on
+        Linux (the /proc entry); else None."""
+        if spec.size is None or not sys.platform.startswith("linux"):
+            return None
+        item = (spec.size, spec.size, spec.channels)
+        if int(np.prod(item)) < REGION_MIN_ITEM:
+            return None
+        try:
+            return cls(tasks, chunk, item)
+        except OSError:  # no room for a scratch file: through the pipe
+            return None
+
+    def ref(self, slot: int) -> RegionRef:
+        return RegionRef(self.path, self.token, self.shape, slot * self.per_task)
+
+    def take(self, outcome: DecodeOutcome) -> DecodeOutcome:
+        """The outcome with its array copied out of the regions (the region is free for the slot's next task)."""
+        if outcome.stored_at < 0:
+            return outcome
+        array = np.array(self.items[outcome.stored_at])
+        return DecodeOutcome(
+            outcome.path,
+            outcome.image_id,
+            outcome.status,
+            outcome.reason,
+            outcome.width,
+            outcome.height,
+            outcome.format,
+            array,
+            outcome.kind,
+        )
+
+    def close(self) -> None:
+        del self.items
+        self.handle.close()
 
 
 def sample_size(paths: Sequence[str]) -> float:
@@ -142,12 +249,14 @@ def sample_size(paths: Sequence[str]) -> float:
     return sum(sizes) / max(1, len(sizes))
 
 
-def chunk_size(paths: list[str], workers: int) -> int:
-    """Files per task: about CHUNK_BYTES of them by `sample_size` (1 where it is unknown), at most MAX_CHUNK, and few
-    enough that every worker gets several tasks."""
+def chunk_size(paths: list[str], workers: int, spec: DecodeSpec | None = None) -> int:
+    """Files per task: about CHUNK_BYTES of them by `sample_size` (1 where it is unknown), at most MAX_CHUNK, few
+    enough that every worker gets several tasks, and (for a fixed output size) whose arrays fit a REGION_BYTES
+    region."""
     by_bytes = int(CHUNK_BYTES // max(sample_size(paths), 1.0))
     busy = -(-len(paths) // (4 * workers))  # ceil: at least four tasks per worker
-    return max(1, min(by_bytes, MAX_CHUNK, busy))
+    by_region = MAX_CHUNK if spec is None or spec.size is None else REGION_BYTES // (spec.size**2 * spec.channels)
+    return max(1, min(by_bytes, MAX_CHUNK, busy, by_region))
 
 
 def default_workers() -> int:
@@ -202,7 +311,8 @@ class _IsolatedPool:
         self.pool: _Pool | None = None
         # each task: its files and its slot in the pool's clock of start times (-1: none, never overdue)
         self.running: dict[Future[list[DecodeOutcome]], tuple[list[int], int]] = {}
-        self.chunk = chunk_size(paths, workers)
+        self.chunk = chunk_size(paths, workers, spec)
+        self.regions: _Regions | None = None  # made with the first pool
         self.alone: set[int] = set()  # files of a chunk that ran past the limit: one task each from now on
 
     def outcomes(self) -> Iterator[DecodeOutcome]:
@@ -218,12 +328,16 @@ class _IsolatedPool:
                     emitted += 1
         finally:
             self._stop(kill=bool(self.running))
+            if self.regions is not None:
+                self.regions.close()
 
     def _fill(self, todo: deque[int]) -> None:
         if self.pool is None:
             self.pool = _reusable_pool(self._key()) or _Pool(
                 self.workers, self.context, (self.spec, self.known, self.decode, self.env)
             )
+        if self.regions is None:
+            self.regions = _Regions.for_spec(self.spec, _Pool.depth(self.workers), self.chunk)
         while todo and len(self.running) < _Pool.depth(self.workers):  # a little queued work keeps workers busy
             chunk = [todo.popleft()]
             while todo and len(chunk) < self.chunk and chunk[0] not in self.alone and todo[0] not in self.alone:
@@ -231,7 +345,8 @@ class _IsolatedPool:
             slot = min(set(range(_Pool.depth(self.workers))) - {s for _, s in self.running.values()})
             self.pool.started[slot] = 0.0  # not started: waiting in the queue or for a worker process to start
             try:
-                future = self.pool.submit(_decode_in_worker, slot, [self.paths[i] for i in chunk])
+                region = self.regions.ref(slot) if self.regions is not None else None
+                future = self.pool.submit(_decode_in_worker, slot, [self.paths[i] for i in chunk], region)
             except BrokenProcessPool:  # a worker died since the last collect: its task's future says which
                 todo.extendleft(reversed(chunk))
                 if not self.running:  # nothing left to tell the death by: start a fresh pool on the next fill
@@ -254,7 +369,10 @@ class _IsolatedPool:
         for future in finished:
             chunk, _ = self.running.pop(future)
             try:
-                results.update(zip(chunk, future.result()))
+                outcomes = future.result()
+                if self.regions is not None:  # copied out now: the slot's region is free for its next task
+                    outcomes = [self.regions.take(outcome) for outcome in outcomes]
+                results.update(zip(chunk, outcomes))
             except BrokenProcessPool:
                 broken = True
                 self.running[future] = (chunk, -1)  # put back: its files are among the suspects below

@@ -116,3 +116,31 @@ def test_a_decode_worker_cannot_allocate_past_its_ceiling(tmp_path: Path) -> Non
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "refused", done.stderr[-2000:]
+
+
+def test_large_arrays_come_back_through_the_shared_regions_intact(tmp_path: Path) -> None:
+    from cnn.io.pool import REGION_MIN_ITEM, _Regions
+
+    spec = DecodeSpec(channels=3, size=96)  # 27 KB per image: through the regions
+    assert 96 * 96 * 3 >= REGION_MIN_ITEM and _Regions.for_spec(spec, 4, 8) is not None
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(40):  # several tasks per slot: each region is written again by later tasks
+        (tmp_path / f"{i:02d}.png").write_bytes(image_bytes(rng.integers(0, 256, (50 + i, 70, 3), dtype=np.uint8)))
+        paths.append(str(tmp_path / f"{i:02d}.png"))
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    paths.insert(7, str(tmp_path / "bad.png"))
+    outcomes = list(decode_many(paths, spec, workers=2))  # kept past the call: copies, not views of the regions
+    assert [o.path for o in outcomes] == paths
+    assert not outcomes[7].ok and outcomes[7].stored_at == -1
+    for path, outcome in zip(paths, outcomes):
+        if path.endswith("bad.png"):
+            continue
+        assert outcome.stored_at == -1 and outcome.array is not None
+        np.testing.assert_array_equal(outcome.array, decode_one(path, spec).array)
+
+
+def test_a_worker_that_cannot_open_the_regions_sends_its_arrays_through_the_pipe(tmp_path: Path) -> None:
+    from cnn.io.pool import RegionRef, _mapped_regions
+
+    assert _mapped_regions(RegionRef(str(tmp_path / "gone"), "t", (4, 8, 8, 3), 0)) is None

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.ingest import best_rate
 from cnn.batch.file_sink import FileSink
-from cnn.batch.plan import plan_shards
+from cnn.batch.plan import plan_shards, shard_files
 from cnn.batch.run import ModelRef, ScoringOptions, decode_ahead_helps
 from cnn.batch.shard import Scorer
 from cnn.config import IngestOptions
@@ -100,7 +100,7 @@ def engine_score(paths: list[Path], predictor: Predictor, work: Path) -> None:
     shutil.rmtree(plan_dir, ignore_errors=True)
     plan_dir.mkdir()
     frame = pd.DataFrame({"path": [str(p) for p in paths]})
-    plan = plan_shards(ScoringInputs(frame, []), [sink], ref, 1024, plan_dir)
+    plan = plan_shards(ScoringInputs(frame, []), [sink], ref, shard_files(predictor.contract.image_size), plan_dir)
     scorer = Scorer(predictor, ref, ScoringOptions(batch_size=256, decode_ahead=decode_ahead_helps("cpu")))
     for shard in range(plan.shards):
         scorer.score_shard(plan, shard, [sink])

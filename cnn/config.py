@@ -314,7 +314,12 @@ class ScoreConfig(ClusterConfig):
     )
     decode_workers: int = Field(0, ge=0, description="Decoding processes of a single-process run (0 = all cores)")
     decode_time_limit_s: float = Field(DEFAULT_TIME_LIMIT_S, gt=0, description="Seconds one file may take to decode")
-    shard_size: int = Field(256, ge=1, description="Files per shard (each shard commits on its own)")
+    shard_size: int = Field(
+        0,
+        ge=0,
+        description="Files per shard (each shard commits on its own); 0: by the model's input size, 256 at 224 px "
+        "and more for smaller images (about the same pixels per shard, at most 8192 files)",
+    )
     max_attempts: int = Field(
         3,
         ge=1,

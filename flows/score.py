@@ -89,16 +89,17 @@ def plan_shards(source: str, config: ScoreConfig, model: ModelRef, run_dir: str)
     """List and hash the inputs, drop those the tables already hold with the same bytes, cut the rest into shards."""
     inputs = planning.list_inputs(source, config.allow_outside)
     sinks = _sinks(config.output, config.table, config.partition_by)
+    contract = versions.contract(model)
     return planning.plan_shards(
         inputs,
         sinks,
         model,
-        config.shard_size,
+        planning.shard_files(contract.image_size, config.shard_size),
         Path(run_dir),
         rescore=config.rescore,
         max_attempts=config.max_attempts,
         masking=_masking(config),
-        max_file_bytes=versions.contract(model).max_file_bytes,
+        max_file_bytes=contract.max_file_bytes,
         verify_content=config.verify_content,
     )
 

@@ -96,6 +96,20 @@ def _transient(kind: str) -> bool:
         return False
 
 
+SHARD_FILES_AT_224 = 256  # files per shard at a 224 px input; smaller inputs get more, up to MAX_SHARD_FILES
+MAX_SHARD_FILES = 8192
+
+
+def shard_files(image_size: int, shard_size: int = 0) -> int:
+    """Files per shard: `shard_size` where given, else about the pixels of 256 images at 224 px (a shard commits its
+    own table parts, which cost the same whatever its images: 256 thumbnails of 28 px spent most of their shard's
+    time committing)."""
+    if shard_size > 0:
+        return shard_size
+    scaled = SHARD_FILES_AT_224 * (224 * 224) // max(1, image_size * image_size)
+    return max(SHARD_FILES_AT_224, min(MAX_SHARD_FILES, scaled))
+
+
 def plan_shards(
     inputs: ScoringInputs,
     sinks: Sequence[Sink],

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 from collections import Counter
 from collections.abc import Sequence
@@ -40,8 +41,15 @@ class ShardPlan:
 
     def rows(self, shard: int) -> pd.DataFrame:
         """The files of one shard, with their image_id and duplicate mark."""
-        files = pd.read_parquet(self.path)
+        files = _plan_frame(self.path, self.key)
         return files[files["shard"] == shard].drop(columns="shard").reset_index(drop=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _plan_frame(path: str, key: str) -> pd.DataFrame:
+    """The plan's rows, read once per process and plan (`key` is the plan's own id: a new plan at the same path is
+    read again); every shard used to read the whole file twice (its own rows, and the next shard's)."""
+    return pd.read_parquet(path)
 
 
 @dataclass(frozen=True)

@@ -339,18 +339,33 @@ class _NpyWriter:
         header = io.BytesIO()
         np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
         self.offset, self.item = len(header.getvalue()), int(np.prod(shape[1:]))
+        self.pending: list[np.ndarray] = []  # arrays for slots first, first + 1, ... not written yet
+        self.first = 0
         self.handle = open(path, "wb")
         self.handle.write(header.getvalue())
         self.handle.flush()
         self.handle.truncate(self.offset + shape[0] * self.item)  # unwritten slots stay holes
 
     def write(self, slot: int, array: np.ndarray) -> None:
-        data = np.ascontiguousarray(array, dtype=np.uint8)
-        if data.size != self.item:
-            raise ValueError(f"an item of {data.size} bytes in a file of {self.item}-byte items")
-        os.pwrite(self.handle.fileno(), data.data, self.offset + slot * self.item)
+        """Write `array` at `slot`; consecutive slots are gathered into one call of about a megabyte."""
+        if array.size != self.item:
+            raise ValueError(f"an item of {array.size} bytes in a file of {self.item}-byte items")
+        if self.pending and slot != self.first + len(self.pending):
+            self._flush()
+        if not self.pending:
+            self.first = slot
+        self.pending.append(array)
+        if len(self.pending) * self.item >= 1 << 20:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            data = np.ascontiguousarray(np.stack(self.pending), dtype=np.uint8)
+            os.pwrite(self.handle.fileno(), data.data, self.offset + self.first * self.item)
+            self.pending = []
 
     def close(self) -> None:
+        self._flush()
         os.fsync(self.handle.fileno())  # on disk before the ids file says the shard is complete
         self.handle.close()
 

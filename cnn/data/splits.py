@@ -7,7 +7,7 @@ the others are placed greedily, largest first, where their labels are most under
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
 import numpy as np
 import pandas as pd
@@ -87,14 +87,14 @@ def _place_free_units(frame: pd.DataFrame, unit_split: dict[int, str], fractions
         order = rng.permutation(len(free_units))
         # Largest units first pack best; the seeded permutation breaks ties deterministically.
         ranked = sorted((free_units[i] for i in order), key=lambda u: -len(members_of[u]))
+        rank = {split: -SPLITS.index(split) for split in allowed}  # ties go to the split listed first
         for unit in ranked:
             labels = members_of[unit]
-
-            def deficit(split: str, labels: list[str] = labels) -> float:
-                total: float = sum(shares[split] * label_totals[lb] - counts[lb][split] for lb in labels)  # noqa: B023 - max() calls it at once
-                return total
-
-            best = max(allowed, key=lambda s: (deficit(s), -SPLITS.index(s)))
+            best, best_key = allowed[0], (-math.inf, 0)
+            for split in allowed:  # the split this unit's labels are furthest behind their share in
+                deficit: float = sum(shares[split] * label_totals[lb] - counts[lb][split] for lb in labels)
+                if (deficit, rank[split]) > best_key:
+                    best, best_key = split, (deficit, rank[split])
             unit_split[unit] = best
             for label in labels:
                 counts[label][best] += 1

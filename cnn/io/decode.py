@@ -162,6 +162,18 @@ def _unknown_format(head: bytes) -> DecodeError:
 def open_regular_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """Open a file for reading only if it is a regular file (symlinks to one are fine); a FIFO, socket, device,
     directory, dangling link or link loop raises DecodeError at once, never blocks and never streams forever."""
+    fd, _ = _open_regular(path)
+    try:
+        handle = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with handle:
+        yield handle
+
+
+def _open_regular(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """A read-only descriptor of a regular file and its size (see open_regular_file); DecodeError otherwise."""
     try:
         mode = os.stat(path).st_mode  # before opening: a socket cannot be opened, a device should not be
         if not stat.S_ISREG(mode):
@@ -177,15 +189,35 @@ def open_regular_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
             raise DecodeError(RejectKind.NOT_A_FILE, "not a regular file (symlink loop)") from None
         raise DecodeError(RejectKind.UNREADABLE, f"cannot read the file: {os.strerror(exc.errno or 0)}") from None
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise DecodeError(RejectKind.NOT_A_FILE, f"not a regular file ({_file_type(mode)})")
-        handle = os.fdopen(fd, "rb")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DecodeError(RejectKind.NOT_A_FILE, f"not a regular file ({_file_type(st.st_mode)})")
     except BaseException:
         os.close(fd)
         raise
-    with handle:
-        yield handle
+    return fd, st.st_size
+
+
+def read_regular_file(path: str | os.PathLike[str], limit: int, refuse_over: int | None = None) -> bytes:
+    """At most `limit` bytes of a regular file (see open_regular_file), read with plain system calls: for a
+    thumbnail, Python's buffered file object cost more than the read. With `refuse_over`, a file whose size is
+    larger raises DecodeError (too large) before anything is read."""
+    fd, size = _open_regular(path)
+    try:
+        if refuse_over is not None and size > refuse_over:
+            raise _too_large(size, refuse_over)
+        # size + 1 first: asking for the limit makes Python allocate a buffer of that size for every file
+        data = os.read(fd, min(size + 1, limit))
+        while len(data) < limit and len(data) > size:  # it grew since fstat: read on, up to the limit
+            more = os.read(fd, limit - len(data))
+            if not more:
+                break
+            data += more
+        return data
+    except OSError as exc:
+        raise DecodeError(RejectKind.UNREADABLE, f"cannot read the file: {os.strerror(exc.errno or 0)}") from None
+    finally:
+        os.close(fd)
 
 
 def _file_type(mode: int) -> str:
@@ -254,24 +286,12 @@ def _read_object(url: str, spec: DecodeSpec) -> bytes:
 
 
 def _read_file(path: str | os.PathLike[str], spec: DecodeSpec) -> bytes:
-    with open_regular_file(path) as handle:
-        try:
-            size = os.fstat(handle.fileno()).st_size
-            if size > spec.max_file_bytes:
-                raise _too_large(size, spec)
-            # size + 1 first: asking for the limit + 1 makes Python allocate a buffer of that size for every file
-            data = handle.read(size + 1)
-            if len(data) > size:  # it grew since fstat: read on, up to the limit + 1
-                data += handle.read(spec.max_file_bytes + 1 - len(data))
-        except OSError as exc:
-            raise DecodeError(RejectKind.UNREADABLE, f"cannot read the file: {os.strerror(exc.errno or 0)}") from None
-    return data
+    return read_regular_file(path, spec.max_file_bytes + 1, refuse_over=spec.max_file_bytes)
 
 
-def _too_large(size: int, spec: DecodeSpec) -> DecodeError:
-    return DecodeError(
-        RejectKind.TOO_LARGE, f"file too large: {size} bytes exceeds the {spec.max_file_bytes}-byte limit"
-    )
+def _too_large(size: int, spec: DecodeSpec | int) -> DecodeError:
+    limit = spec if isinstance(spec, int) else spec.max_file_bytes
+    return DecodeError(RejectKind.TOO_LARGE, f"file too large: {size} bytes exceeds the {limit}-byte limit")
 
 
 def check_decoder_settings() -> None:
@@ -288,25 +308,25 @@ def decode_bytes(data: bytes, spec: DecodeSpec, source: str = "") -> DecodedImag
     libraries (pydicom's VR notes, Pillow's EXIF notes) go to the debug log with the file's name, never to the
     terminal of a normal run."""
     check_decoder_settings()  # outside the try below: a setting must not turn every file into a reject
+    if len(data) > spec.max_file_bytes:
+        raise _too_large(len(data), spec)
+    fmt = sniff_format(data[:1024])
+    plain = decode_plain(data, fmt, spec.channels, spec.size, spec.resize, spec.pixel_limit)
+    if plain is not None and _finished(plain[0], spec):  # the C libraries raise or return: no warnings to catch
+        array, width, height = plain
+        return DecodedImage(
+            array=array if array.ndim == 3 else array[:, :, None], width=width, height=height, format=fmt
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            return _decode(data, spec)
+            return _decode(data, spec, fmt, plain)
         finally:
             for note in caught:
                 _log.debug("%s: %s: %s", os.path.basename(source) or "<bytes>", note.category.__name__, note.message)
 
 
-def _decode(data: bytes, spec: DecodeSpec) -> DecodedImage:
-    if len(data) > spec.max_file_bytes:
-        raise _too_large(len(data), spec)
-    fmt = sniff_format(data[:1024])
-    plain = decode_plain(data, fmt, spec.channels, spec.size, spec.resize, spec.pixel_limit)
-    if plain is not None and _finished(plain[0], spec):
-        array, width, height = plain
-        return DecodedImage(
-            array=array if array.ndim == 3 else array[:, :, None], width=width, height=height, format=fmt
-        )
+def _decode(data: bytes, spec: DecodeSpec, fmt: str, plain: tuple[np.ndarray, int, int] | None) -> DecodedImage:
     try:
         if plain is not None:  # the same pixels Pillow would decode: Pillow converts and resizes them
             image, width, height = Image.fromarray(plain[0], "L" if plain[0].ndim == 2 else "RGB"), *plain[1:]

@@ -4,6 +4,7 @@ tells an unchanged object without reading it again. `content_ids` hashes what is
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import stat
@@ -15,9 +16,8 @@ from pathlib import Path
 import pandas as pd
 
 from cnn.errors import UserError
-from cnn.fsio import sha256_file
 from cnn.io import storage
-from cnn.io.decode import DecodeError, open_regular_file
+from cnn.io.decode import DecodeError, read_regular_file
 from cnn.io.pool import sample_size
 from cnn.io.sources import MANIFEST_SUFFIXES, load_manifest_table, object_stats, refuse_outside, visible_objects
 from cnn.io.walk import matches, split_glob, split_object_glob, walk_files
@@ -161,8 +161,7 @@ def content_ids(paths: Sequence[str], threads: int = 4, max_file_bytes: int = DE
 
     def digest(path: str) -> str:
         try:
-            with open_regular_file(path) as handle:  # never blocks on a FIFO, never streams a device
-                return sha256_file(handle, max_file_bytes + 1)
+            return hashlib.sha256(read_regular_file(path, max_file_bytes + 1)).hexdigest()
         except (DecodeError, OSError):
             return ""  # unreadable or not a regular file: the decoder reports why
 

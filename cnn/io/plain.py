@@ -21,6 +21,7 @@ import math
 import struct
 import zlib
 
+import imagecodecs
 import numpy as np
 from PIL import Image
 
@@ -44,11 +45,6 @@ def decode_plain(
     width, height, components = header
     if width * height > min(pixel_limit, Image.MAX_IMAGE_PIXELS or pixel_limit) or width < 1 or height < 1:
         return None  # Pillow's path names the decompression bomb
-    # imported here: its codecs load on first use; Pillow decodes where it is missing
-    try:
-        import imagecodecs
-    except ImportError:  # pragma: no cover - a dependency; only a broken install lacks it
-        return None
     try:
         array = imagecodecs.png_decode(data) if fmt == "PNG" else imagecodecs.jpeg8_decode(data)
     except Exception:  # noqa: BLE001 - whatever the C library objects to, Pillow's path gives the verdict

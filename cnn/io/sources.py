@@ -88,7 +88,10 @@ def _class_rows(
         found = walk_files(class_dir, root=root, allow_outside=allow_outside)
         found.warn(root)
         loose += len(found.outside)
-        rows += [_row(str(path.absolute()), class_dir.name, split, None) for path in found.files]
+        rows += [
+            _row(os.path.abspath(path), class_dir.name, split, None, stat=(size, mtime))
+            for path, size, mtime in zip(found.files, found.sizes, found.mtimes)
+        ]
     return rows, loose
 
 
@@ -289,12 +292,20 @@ def _resolve(base: Path | str, path: str) -> str:
     return str((candidate if candidate.is_absolute() else base / candidate).absolute())
 
 
-def _row(path: str, label: str, split: str | None, group: str | None, reviewed: bool = False) -> dict[str, object]:
-    size, mtime = -1, -1  # missing (the decoder reports it as a reject), or an object (see _with_object_stats)
-    if not storage.is_url(path):
+def _row(
+    path: str,
+    label: str,
+    split: str | None,
+    group: str | None,
+    reviewed: bool = False,
+    stat: tuple[int, int] | None = None,
+) -> dict[str, object]:
+    """One listed file; `stat` is its (size, mtime_ns) where the walk read them already."""
+    size, mtime = stat or (-1, -1)  # missing (the decoder reports it as a reject), or an object (_with_object_stats)
+    if stat is None and not storage.is_url(path):
         try:
-            stat = os.stat(path)
-            size, mtime = int(stat.st_size), int(stat.st_mtime_ns)
+            found = os.stat(path)
+            size, mtime = int(found.st_size), int(found.st_mtime_ns)
         except OSError:
             pass
     return {

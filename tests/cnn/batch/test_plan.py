@@ -125,3 +125,12 @@ def test_unchanged_local_files_are_known_by_their_stat_without_reading_them(
         list_inputs(str(folder)), [sink], MODEL, shard_size=4, run_dir=tmp_path / "run4", verify_content=True
     )
     assert verified.files == 0 and len(hashed) == len(list_inputs(str(folder)).files)
+
+
+def test_shards_hold_about_the_same_pixels_whatever_the_input_size() -> None:
+    from cnn.batch.plan import MAX_SHARD_FILES, shard_files
+
+    assert shard_files(224) == 256 and shard_files(512) == 256  # never fewer than at 224 px
+    assert shard_files(112) == 1024 and shard_files(64) == 3136
+    assert shard_files(28) == MAX_SHARD_FILES  # 16384 by pixels, capped
+    assert shard_files(28, shard_size=32) == 32  # a size the user gives wins

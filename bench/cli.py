@@ -8,17 +8,24 @@ against the running server), and a Python process that imports the library, load
 local copy and runs plan_shards + score_shard + the merge, both with torch fp32 (so only the overhead differs).
 Target: at most 3 s between them. A first `cnn score` before the timed ones fetches the version and pays the one-off
 precision measurement (kept as version tags), as a first night would.
+
+Each `cnn score` is also cut into its parts, from the flow run the server recorded: the time before the flow run
+starts (the interpreter, imports, the flow run's creation), each task (resolve-model, plan-shards, score-shard,
+publish-tables, extend-history, check-drift) and what is left of the flow run and the process after the last task.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 LIBRARY = """
@@ -40,12 +47,48 @@ sink.finish()
 """
 
 
-def timed(command: list[str], env: dict[str, str]) -> float:
+@dataclass
+class Run:
+    """One timed process: its wall time and, for `cnn score`, its flow run's parts (seconds by name)."""
+
+    seconds: float
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+def timed(command: list[str], env: dict[str, str]) -> Run:
+    began = time.time()
     start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
     if done.returncode:
         raise SystemExit(f"{command[:3]} failed:\n{done.stderr[-3000:]}")
-    return time.perf_counter() - start
+    found = re.search(r"/runs/flow-run/([0-9a-f-]{36})", done.stdout + done.stderr)
+    return Run(seconds, flow_parts(found.group(1), began, began + seconds) if found else {})
+
+
+def flow_parts(flow_run_id: str, began: float, ended: float) -> dict[str, float]:
+    """Seconds before the flow run started, in each task (by name, summed over shards), and after the last task."""
+    # imported here: the bench talks to the server only once it is up (PREFECT_API_URL set by main)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(flow_run_id)  # type: ignore[arg-type]  # a UUID's text
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    parts: dict[str, float] = defaultdict(float)
+    assert flow_run.start_time is not None
+    parts["before the flow (interpreter, imports, flow run)"] = flow_run.start_time.timestamp() - began
+    last = flow_run.start_time.timestamp()
+    for task in tasks:
+        if task.start_time is not None and task.end_time is not None:
+            parts[task.name.rsplit("-", 1)[0]] += (task.end_time - task.start_time).total_seconds()
+            last = max(last, task.end_time.timestamp())
+    parts["after the last task (flow end, exit)"] = ended - last
+    return dict(parts)
+
+
+def best(runs: list[Run]) -> Run:
+    return min(runs, key=lambda run: run.seconds)
 
 
 def main() -> None:
@@ -74,30 +117,34 @@ def main() -> None:
             env["PREFECT_API_URL"] = api_url
             source = f"{tmp}/incoming/images"
 
-            def cli(i: int, *extra: str) -> float:
+            def cli(i: int, *extra: str) -> Run:
                 same = ["--backend", "torch", "--precision", "fp32"]  # the library call's engine
                 out = f"{tmp}/cli-{i}-{len(extra)}.parquet"
                 return timed([cnn, "score", source, "--model", "xray", *same, *extra, "--output", out], env)
 
-            first = cli(0)  # measures the backends once per version and host type
+            first = cli(0).seconds  # measures the backends once per version and host type
             files = next(p for p in (home / "models" / "xray").glob("*-*") if not p.name.endswith(".derived"))
-            cli_s = min(cli(i + 1) for i in range(args.repeats))
-            bare = ["--explain", "none", "--no-embeddings", "--no-drift"]  # what the library call leaves out too
-            bare_s = min(cli(i + 1, *bare) for i in range(args.repeats))
+            full = best([cli(i + 1) for i in range(args.repeats)])
+            bare_flags = ["--explain", "none", "--no-embeddings", "--no-drift"]  # what the library call leaves out too
+            bare = best([cli(i + 1, *bare_flags) for i in range(args.repeats)])
             lib_s = min(
-                timed([sys.executable, "-c", LIBRARY, str(files), source, f"{tmp}/lib-{i}.parquet"], env)
+                timed([sys.executable, "-c", LIBRARY, str(files), source, f"{tmp}/lib-{i}.parquet"], env).seconds
                 for i in range(args.repeats)
             )
             shutil.rmtree(f"{tmp}/lib-0.parquet.run", ignore_errors=True)
         print(f"{args.n} images at 64 px, small_cnn, server up at {api_url}; best of {args.repeats}")
         print(f"first cnn score (measures the backends once): {first:.1f} s")
-        print(f"cnn score:    {cli_s:.1f} s (defaults: heat maps for the review queue, similar cases, drift check)")
-        print(f"cnn score --explain none --no-embeddings --no-drift: {bare_s:.1f} s")
+        print(f"cnn score:    {full.seconds:.1f} s (defaults: heat maps for the review queue, similar cases, drift)")
+        print(f"cnn score --explain none --no-embeddings --no-drift: {bare.seconds:.1f} s")
         print(f"library call: {lib_s:.1f} s (fresh process: imports, load, plan, score, merge)")
         print(
-            f"fixed cost of the CLI: {bare_s - lib_s:.1f} s (target <= 3 s); "
-            f"the default checks add {cli_s - bare_s:.1f} s"
+            f"fixed cost of the CLI: {bare.seconds - lib_s:.1f} s (target <= 3 s); "
+            f"the default checks add {full.seconds - bare.seconds:.1f} s"
         )
+        print(f"\n{'part of cnn score':52s} {'bare':>7s} {'defaults':>9s} {'added':>7s}")
+        for name in dict.fromkeys([*bare.parts, *full.parts]):
+            b, f = bare.parts.get(name, 0.0), full.parts.get(name, 0.0)
+            print(f"{name:52s} {b:6.2f}s {f:8.2f}s {f - b:+6.2f}s")
 
 
 if __name__ == "__main__":

@@ -542,10 +542,14 @@ app.add_typer(review_app, name="review")
 
 def main() -> None:
     """Console-script entry point."""
-    from flows.processes import stop_on_sigterm
+    from flows.processes import exit_without_teardown, stop_on_sigterm
 
     stop_on_sigterm()
-    app()
+    try:
+        app()
+    except SystemExit as done:  # typer ends every command with one
+        exit_without_teardown(done.code)
+    exit_without_teardown(0)
 
 
 if __name__ == "__main__":

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from cnn.batch.run import ScoringSummary
 from cnn.data.dataset import Dataset
 from cnn.data.report import DatasetReport
-from flows.explain import ExplainOutcome, SimilarOutcome
-from flows.train import NodeOutcome, TrainOutcome
+
+if TYPE_CHECKING:  # only named in annotations: `cnn score` must not import training and explanations to print
+    from cnn.batch.run import ScoringSummary
+    from flows.explain import ExplainOutcome, SimilarOutcome
+    from flows.train import NodeOutcome, TrainOutcome
 
 console = Console(soft_wrap=True)
 
@@ -56,6 +59,9 @@ def dataset_report(dataset_dir: Path) -> None:
 
 def training(outcome: TrainOutcome | NodeOutcome) -> None:
     """Test metrics and the gate's decision (or what a worker node did)."""
+    # imported here: flows.train is heavy, and `cnn score` prints through this module too
+    from flows.train import NodeOutcome
+
     if isinstance(outcome, NodeOutcome):
         console.print(f"node {outcome.node_rank} finished its part of the distributed training")
         return

@@ -1,6 +1,9 @@
-"""Explanations you can look at: Grad-CAM heat maps (pytorch-grad-cam, the maintained implementation) over the
-layer each architecture declares in the model registry, the feature maps of every convolution block (the hidden
-layers), and contact sheets of both.
+"""Explanations you can look at: Grad-CAM heat maps over the layer each architecture declares in the model registry,
+the feature maps of every convolution block (the hidden layers), and contact sheets of both.
+
+Grad-CAM is computed here as pytorch-grad-cam's GradCAM computes it (the maintained implementation; a test holds our
+maps and overlays equal to its own): importing that package loads scikit-learn, matplotlib and torchvision, about
+2.5 s of every scoring run that draws a heat map, for a class score's gradient, a mean and a weighted sum.
 
 Grad-CAM needs gradients, so it runs on an unfused fp32 copy of the model (never the scoring engine's folded,
 autocast one); the heat map of a class does not depend on the temperature (a positive scale of the logits).
@@ -26,41 +29,70 @@ from cnn.model.contract import to_model_input
 from cnn.model.networks import cam_layer, feature_blocks
 
 VIEW = 224  # overlays are enlarged to at least this side: model inputs are often 28-64 px
+_IMAGE_WEIGHT = 0.55  # of the image in an overlay; the rest is the heat map's colour
 
 
 def heatmaps(predictor: Predictor, images: np.ndarray, targets: Sequence[int], batch_size: int = 32) -> np.ndarray:
-    """Grad-CAM maps (N, H, W) in [0, 1] at the input size, for class `targets[i]` of image i."""
-    # imported here: heavy (about 2.5 s with its dependencies): only when heat maps are drawn
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-    model = predictor.model
+    """Grad-CAM maps (N, H, W) in [0, 1] at the input size, for class `targets[i]` of image i: the gradient of the
+    class score at the CAM layer, averaged over each channel, weighs that layer's activations; the positive part of
+    the sum, scaled to [0, 1] and resized to the input (Selvaraju et al.; pytorch-grad-cam's GradCAM)."""
     if not len(images):
         return np.zeros((0, *images.shape[1:3]), dtype=np.float32)
+    model = predictor.model
     mean = torch.tensor(predictor.contract.mean, device=predictor.device)
     std = torch.tensor(predictor.contract.std, device=predictor.device)
     layer = cam_layer(predictor.contract.model, model)
     out = []
-    with _gradients_from(model, layer), GradCAM(model=model, target_layers=[layer]) as cam:
+    with _gradients_from(model, layer) as captured:
         for start in range(0, len(images), batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
             x = to_model_input(batch, mean, std, predictor.device, channels_last=False)
-            wanted = [ClassifierOutputTarget(int(t)) for t in targets[start : start + batch_size]]
-            out.append(np.asarray(cam(input_tensor=x, targets=wanted), dtype=np.float32))
+            logits = model(x)
+            wanted = torch.as_tensor(list(targets[start : start + batch_size]), device=logits.device)
+            score = logits.gather(1, wanted[:, None]).sum()
+            source, used = captured.pop()
+            (grads,) = torch.autograd.grad(score, source)
+            activations = used.detach().cpu().numpy()  # what the network went on with, as the library records
+            weights = np.mean(grads.cpu().numpy(), axis=(2, 3))
+            cam = np.maximum((weights[:, :, None, None] * activations).sum(axis=1), 0)
+            size = (x.shape[-1], x.shape[-2])
+            out.append(_scaled(_scaled(cam, size)))  # twice, as the library scales each layer's map, then the mean
     return np.concatenate(out)
 
 
+def _scaled(cam: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Each map shifted to a minimum of 0 and divided by its maximum, resized (bilinear) to `size` (width, height)."""
+    # imported here: OpenCV's bilinear resize of float maps, the library's; only when heat maps are drawn
+    import cv2
+
+    scaled = []
+    for image in cam:
+        image = image - np.min(image)
+        image = image / (1e-7 + np.max(image))
+        scaled.append(cv2.resize(image.astype(np.float32), size) if size is not None else image)
+    return np.asarray(scaled, dtype=np.float32)
+
+
 @contextmanager
-def _gradients_from(model: torch.nn.Module, layer: torch.nn.Module) -> Iterator[None]:
+def _gradients_from(
+    model: torch.nn.Module, layer: torch.nn.Module
+) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
     """Grad-CAM needs the gradient of a class score at `layer`'s output only: freeze every parameter and make
     that output the graph's leaf, so nothing before the layer is recorded and the backward pass stops there
     (several times faster than differentiating the whole network; the maps are the same)."""
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for param, _ in frozen:
         param.requires_grad_(False)
-    hook = layer.register_forward_hook(lambda _m, _i, output: output.detach().requires_grad_(True).clone())
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []  # (the leaf, the layer's output as the network uses it)
+
+    def leaf(_module: torch.nn.Module, _input: object, output: torch.Tensor) -> torch.Tensor:
+        source = output.detach().requires_grad_(True)
+        captured.append((source, source.clone()))  # a clone: an in-place layer after this one may change it
+        return captured[-1][1]
+
+    hook = layer.register_forward_hook(leaf)
     try:
-        yield
+        yield captured
     finally:
         hook.remove()
         for param, wanted in frozen:
@@ -69,12 +101,14 @@ def _gradients_from(model: torch.nn.Module, layer: torch.nn.Module) -> Iterator[
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, side: int = VIEW) -> Image.Image:
     """The heat map (jet colours) blended over the image, enlarged to at least `side` pixels."""
-    # imported here: heavy (about 2.5 s with its dependencies): only when heat maps are drawn
-    from pytorch_grad_cam.utils.image import show_cam_on_image
+    # imported here: OpenCV's jet colour map, the library's; only when heat maps are drawn
+    import cv2
 
-    rgb = image if image.shape[2] == 3 else np.repeat(image, 3, axis=2)
-    blended = show_cam_on_image(rgb.astype(np.float32) / 255.0, heatmap, use_rgb=True, image_weight=0.55)
-    picture = Image.fromarray(blended)
+    rgb = (image if image.shape[2] == 3 else np.repeat(image, 3, axis=2)).astype(np.float32) / 255.0
+    levels = (255 * heatmap).astype(np.uint8)
+    jet = cv2.cvtColor(cv2.applyColorMap(levels, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB).astype(np.float32) / 255
+    blended = (1 - _IMAGE_WEIGHT) * jet + _IMAGE_WEIGHT * rgb  # show_cam_on_image's blend
+    picture = Image.fromarray((255 * (blended / np.max(blended))).astype(np.uint8))
     return picture.resize((side, side), Image.Resampling.BILINEAR) if picture.width < side else picture
 
 

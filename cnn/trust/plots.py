@@ -14,7 +14,8 @@ from cnn.metrics.drift import CATEGORICAL, CONTINUOUS, DriftReference, DriftSamp
 from cnn.model.run import EpochRecord
 
 
-def _pyplot() -> Any:  # matplotlib.pyplot, imported late: the Agg backend must be chosen first
+def pyplot() -> Any:
+    """matplotlib.pyplot, with the Agg backend (files only): imported on first use."""
     # imported here: heavy: only when a plot is drawn (and the Agg backend must be chosen first)
     import matplotlib
 
@@ -27,12 +28,12 @@ def _pyplot() -> Any:  # matplotlib.pyplot, imported late: the Agg backend must 
 def _save(fig: Any, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def plot_confusion(confusion: Sequence[Sequence[int]], classes: list[str], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     cm = np.asarray(confusion)
     fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(classes), 1.0 + 0.6 * len(classes)))
     ax.imshow(cm, cmap="Blues")
@@ -50,7 +51,7 @@ def plot_roc(probs: np.ndarray, labels: np.ndarray, classes: list[str], path: Pa
     # imported here: heavy (about a second): only where these metrics are computed
     from sklearn.metrics import roc_curve
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4.5))
     for c, name in enumerate(classes):
         positives = labels == c
@@ -81,7 +82,7 @@ def plot_reliability(
     probs: np.ndarray, labels: np.ndarray, path: Path, bins: int = 10, before: np.ndarray | None = None
 ) -> Path:
     """Accuracy against confidence per bin; with `before`, the uncalibrated probabilities beside the calibrated."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
     if before is not None and len(labels):
@@ -97,7 +98,7 @@ def plot_reliability(
 
 
 def plot_history(records: Sequence[EpochRecord], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [r.epoch for r in records]
     history = [r.metrics() for r in records]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -116,7 +117,7 @@ def plot_history(records: Sequence[EpochRecord], path: Path) -> Path:
 def plot_drift(reference: DriftReference, batch: DriftSample, path: Path) -> Path:
     """The batch against the version's reference: histograms of the continuous statistics, shares of the classes
     and formats."""
-    plt = _pyplot()
+    plt = pyplot()
     continuous, categorical = CONTINUOUS, CATEGORICAL
     fig, axes = plt.subplots(2, 3, figsize=(11, 6))
     for ax, name in zip(axes.flat, continuous):

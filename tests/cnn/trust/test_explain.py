@@ -1,6 +1,6 @@
-"""Explanations: Grad-CAM (pytorch-grad-cam) over the layer each architecture declares, feature maps of every block,
-`explain_image`'s files, and a heat map that means something: a model whose classes differ only by a patch in the
-top-left corner looks at that corner."""
+"""Explanations: Grad-CAM (as pytorch-grad-cam computes it) over the layer each architecture declares, feature
+maps of every block, `explain_image`'s files, and a heat map that means something: a model whose classes differ only
+by a patch in the top-left corner looks at that corner."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from cnn.model.contract import ModelContract
 from cnn.model.networks import create_model, feature_blocks, list_models
 from cnn.model.train import fit
 from cnn.trust.evaluation import split_images
-from cnn.trust.explain import explain_image, feature_maps, heatmaps, peak_quadrant
+from cnn.trust.explain import _IMAGE_WEIGHT, explain_image, feature_maps, heatmaps, overlay, peak_quadrant
 from tests.cnn.conftest import FAST
 
 
@@ -100,3 +100,38 @@ def test_the_heat_map_peaks_where_the_evidence_is(tmp_path: Path) -> None:
     in_corner = np.mean([peak_quadrant(m) == 0 for m in maps])
     print(f"accuracy {right.mean():.2f}, heat map in the corner for {in_corner:.0%}")
     assert in_corner >= 0.8, f"the heat map peaks in the top-left quadrant for only {in_corner:.0%} of the images"
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("name", list_models())
+def test_heat_maps_and_overlays_are_pytorch_grad_cams_own(name: str, channels: int) -> None:
+    """The maps and overlays equal what pytorch-grad-cam's GradCAM and show_cam_on_image make of the same model."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from cnn.model.contract import to_model_input
+    from cnn.model.networks import cam_layer
+
+    predictor = _predictor(name, channels)
+    images = np.random.default_rng(1).integers(0, 256, (5, 64, 64, channels), dtype=np.uint8)
+    targets = [0, 2, 1, 1, 0]
+    ours = heatmaps(predictor, images, targets, batch_size=3)
+
+    model, layer = predictor.model, cam_layer(name, predictor.model)
+    mean, std = torch.tensor(predictor.contract.mean), torch.tensor(predictor.contract.std)
+    x = to_model_input(torch.from_numpy(images), mean, std, predictor.device, channels_last=False)
+    frozen = [p.requires_grad_(False) for p in model.parameters()]  # as heatmaps runs it: gradients at the layer
+    hook = layer.register_forward_hook(lambda _m, _i, output: output.detach().requires_grad_(True).clone())
+    try:
+        with GradCAM(model=model, target_layers=[layer]) as cam:
+            theirs = cam(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
+    finally:
+        hook.remove()
+        for param in frozen:
+            param.requires_grad_(True)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    rgb = images[0] if channels == 3 else np.repeat(images[0], 3, axis=2)
+    drawn = show_cam_on_image(rgb.astype(np.float32) / 255.0, theirs[0], use_rgb=True, image_weight=_IMAGE_WEIGHT)
+    ours_drawn = np.asarray(overlay(images[0], ours[0], side=64))
+    assert np.abs(ours_drawn.astype(int) - drawn.astype(int)).max() <= 1  # a map within 1e-5: a level apart at most

@@ -28,7 +28,7 @@ from PIL import Image, ImageFile, ImageOps
 
 from cnn.choices import RESIZE_MODES, Resize
 from cnn.errors import UserError
-from cnn.io.plain import decode_plain
+from cnn.io.plain import decode_plain, finished
 from cnn.io.storage import is_url, read_object
 from cnn.limits import DEFAULT_MAX_FILE_BYTES
 
@@ -221,16 +221,13 @@ def read_regular_file(path: str | os.PathLike[str], limit: int, refuse_over: int
 
 
 def _file_type(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISDIR, "directory"),
-        (stat.S_ISFIFO, "FIFO"),
-        (stat.S_ISSOCK, "socket"),
-        (stat.S_ISCHR, "character device"),
-        (stat.S_ISBLK, "block device"),
-    ):
-        if test(mode):
-            return name
-    return "special file"
+    kinds = {
+        stat.S_ISDIR: "directory",
+        stat.S_ISFIFO: "FIFO",
+        stat.S_ISSOCK: "socket",
+        stat.S_ISCHR: "character device",
+    }
+    return next((name for test, name in {**kinds, stat.S_ISBLK: "block device"}.items() if test(mode)), "special file")
 
 
 def read_image_bytes(path: str | os.PathLike[str], spec: DecodeSpec) -> bytes:
@@ -312,7 +309,7 @@ def decode_bytes(data: bytes, spec: DecodeSpec, source: str = "") -> DecodedImag
         raise _too_large(len(data), spec)
     fmt = sniff_format(data[:1024])
     plain = decode_plain(data, fmt, spec.channels, spec.size, spec.resize, spec.pixel_limit)
-    if plain is not None and _finished(plain[0], spec):  # the C libraries raise or return: no warnings to catch
+    if plain is not None and finished(plain[0], spec.channels, spec.size):  # no warnings to catch: C raises or returns
         array, width, height = plain
         return DecodedImage(
             array=array if array.ndim == 3 else array[:, :, None], width=width, height=height, format=fmt
@@ -349,12 +346,6 @@ def _decode(data: bytes, spec: DecodeSpec, fmt: str, plain: tuple[np.ndarray, in
     if array.ndim == 2:
         array = array[:, :, None]
     return DecodedImage(array=np.ascontiguousarray(array), width=width, height=height, format=fmt)
-
-
-def _finished(array: np.ndarray, spec: DecodeSpec) -> bool:
-    """Whether decoded pixels already have the channels and size `spec` asks for."""
-    channels = 1 if array.ndim == 2 else array.shape[2]
-    return channels == spec.channels and (spec.size is None or array.shape[:2] == (spec.size, spec.size))
 
 
 def decode_file(path: str | os.PathLike[str], spec: DecodeSpec) -> DecodedImage:

@@ -55,6 +55,12 @@ def decode_plain(
     return array, width, height
 
 
+def finished(array: np.ndarray, channels: int, size: int | None) -> bool:
+    """Whether decoded pixels already have the channels and the (square) size asked for."""
+    have = 1 if array.ndim == 2 else array.shape[2]
+    return have == channels and (size is None or array.shape[:2] == (size, size))
+
+
 def _png_header(data: bytes) -> tuple[int, int, int] | None:
     """Width, height and components of a plain PNG (see the module's docstring), else None."""
     if not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR" or len(data) < 33:

@@ -91,8 +91,13 @@ def _place_free_units(frame: pd.DataFrame, unit_split: dict[int, str], fractions
         for unit in ranked:
             labels = members_of[unit]
             best, best_key = allowed[0], (-math.inf, 0)
+            single = labels[0] if len(labels) == 1 else None  # most units: one file (0 + x is x: the same sums)
             for split in allowed:  # the split this unit's labels are furthest behind their share in
-                deficit: float = sum(shares[split] * label_totals[lb] - counts[lb][split] for lb in labels)
+                deficit: float = (
+                    shares[split] * label_totals[single] - counts[single][split]
+                    if single is not None
+                    else sum(shares[split] * label_totals[lb] - counts[lb][split] for lb in labels)
+                )
                 if (deficit, rank[split]) > best_key:
                     best, best_key = split, (deficit, rank[split])
             unit_split[unit] = best

@@ -216,7 +216,13 @@ class _Regions:
         self.per_task, self.shape = per_task, (tasks * per_task, *item)
         shm = "/dev/shm"
         self.handle = tempfile.TemporaryFile(dir=shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None)
-        os.ftruncate(self.handle.fileno(), int(np.prod(self.shape)))
+        try:
+            # Reserved now, not on first write: a worker writing into a full tmpfs (a container's 64 MB /dev/shm)
+            # would die of SIGBUS; here the shortage is an OSError, and the arrays go through the pipe instead.
+            os.posix_fallocate(self.handle.fileno(), 0, int(np.prod(self.shape)))
+        except BaseException:
+            self.handle.close()
+            raise
         self.items = np.memmap(self.handle, dtype=np.uint8, mode="r+", shape=self.shape)
         self.path, self.token = f"/proc/{os.getpid()}/fd/{self.handle.fileno()}", uuid.uuid4().hex
 
@@ -231,7 +237,7 @@ class _Regions:
             return None
         try:
             return cls(tasks, chunk, item)
-        except OSError:  # no room for a scratch file: through the pipe
+        except OSError:  # no room for the scratch file (or no posix_fallocate here): through the pipe
             return None
 
     def ref(self, slot: int) -> RegionRef:

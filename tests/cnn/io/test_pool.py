@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from cnn.io.decode import DecodeSpec, RejectKind
 from cnn.io.pool import DecodeOutcome, decode_many, decode_one
@@ -144,3 +145,24 @@ def test_a_worker_that_cannot_open_the_regions_sends_its_arrays_through_the_pipe
     from cnn.io.pool import RegionRef, _mapped_regions
 
     assert _mapped_regions(RegionRef(str(tmp_path / "gone"), "t", (4, 8, 8, 3), 0)) is None
+
+
+def test_without_room_for_the_shared_regions_the_arrays_come_through_the_pipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full /dev/shm (a container's 64 MB) must not become workers dying of SIGBUS: the room is reserved up front,
+    and where it cannot be, decoding goes on without the regions."""
+    import errno
+
+    from cnn.io import pool
+
+    def no_room(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pool.os, "posix_fallocate", no_room)
+    spec = DecodeSpec(channels=3, size=96)
+    assert pool._Regions.for_spec(spec, 4, 8) is None
+    paths = _files(tmp_path, [f"{i:02d}.png" for i in range(6)])
+    outcomes = list(decode_many(paths, spec, workers=2))
+    assert all(o.ok and o.array is not None and o.array.shape == (96, 96, 3) for o in outcomes)
+    np.testing.assert_array_equal(outcomes[3].array, decode_one(paths[3], spec).array)

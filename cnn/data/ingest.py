@@ -370,17 +370,6 @@ class _NpyWriter:
         self.handle.close()
 
 
-def _open_shard(dataset: Dataset, token: str, shape: tuple[int, ...]) -> np.ndarray:
-    images_path, _ = dataset.cache_paths(token)
-    images_path.parent.mkdir(parents=True, exist_ok=True)
-    return np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=shape)
-
-
-def _close_shard(dataset: Dataset, token: str, images: np.ndarray, ids: list[str]) -> None:
-    images.flush()  # type: ignore[attr-defined]  # an open_memmap
-    _write_ids(dataset, token, images.shape[0], ids)
-
-
 def _write_ids(dataset: Dataset, token: str, capacity: int, ids: list[str]) -> None:
     slots = np.full(capacity, "", dtype="<U64")
     slots[: len(ids)] = ids
@@ -394,12 +383,13 @@ def _compact(dataset: Dataset, cache: ImageCache, live: set[str]) -> str:
     index = cache.index()
     ids = [image_id for image_id in index if image_id in live]
     token = uuid.uuid4().hex[:12]
-    images = _open_shard(dataset, token, (len(ids), *cache.images.image_shape))
-    step = max(1, (64 << 20) // max(1, int(np.prod(cache.images.image_shape))))  # about 64 MB per copy
+    images = _NpyWriter(dataset.cache_paths(token)[0], (len(ids), *cache.images.image_shape))
+    step = max(1, (64 << 20) // max(1, int(np.prod(cache.images.image_shape))))  # about 64 MB read at a time
     for start in range(0, len(ids), step):
-        chunk = ids[start : start + step]
-        images[start : start + len(chunk)] = cache.images.read([index[i] for i in chunk])
-    _close_shard(dataset, token, images, ids)
+        for slot, image in enumerate(cache.images.read([index[i] for i in ids[start : start + step]]), start):
+            images.write(slot, image)
+    images.close()
+    _write_ids(dataset, token, len(ids), ids)
     return token
 
 

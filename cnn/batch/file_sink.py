@@ -46,8 +46,10 @@ from cnn.batch.tables import (
     side_table,
     split_embeddings,
     write_csv,
+    write_parquet,
 )
 from cnn.errors import UserError
+from cnn.frames import among
 from cnn.fsio import atomic_path
 
 
@@ -121,7 +123,7 @@ class FileSink:
             parts = [(rejects, "rej"), (embeddings, "emb"), (predictions, "pred")]
             for frame, kind in [(f, k) for f, k in parts if k != "emb" or len(f)]:
                 with atomic_path(self.parts / f"{name}.{kind}.parquet") as tmp:
-                    frame.to_parquet(tmp, index=False)
+                    write_parquet(frame, tmp)
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
@@ -158,7 +160,7 @@ class FileSink:
                 return 0
             keyed = answers.set_index(row_keys(answers, KEY))
             index = row_keys(review, KEY)
-            matched = index.isin(keyed.index)
+            matched = among(index, keyed.index)
             for column in REVIEWER_COLUMNS:
                 values = index[matched].map(keyed[column].to_dict())
                 if column not in review.columns:
@@ -192,7 +194,7 @@ class FileSink:
             targets.append(("dup", self.duplicates_path))
         if len(tables["emb"]):
             with atomic_path(self.embeddings_path) as tmp:
-                tables["emb"].to_parquet(tmp, index=False)
+                write_parquet(tables["emb"], tmp)
         for kind, target in targets:
             for stale in target.parent.glob(f".{target.name}.*.tmp"):  # a killed run's unfinished merge
                 stale.unlink(missing_ok=True)

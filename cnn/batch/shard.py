@@ -24,7 +24,7 @@ import pandas as pd
 from cnn.batch.masking import Masking
 from cnn.batch.run import ModelRef, ScoringOptions, ShardPlan, ShardResult
 from cnn.batch.sinks import Sink
-from cnn.batch.tables import EMBEDDING, REJECT_COLUMNS, SIMILARITY_COLUMNS
+from cnn.batch.tables import EMBEDDING, REJECT_COLUMNS, SIMILARITY_COLUMNS, write_parquet
 from cnn.fsio import atomic_path
 from cnn.infer.predictions import prediction_columns
 from cnn.infer.predictor import Predictor
@@ -163,7 +163,7 @@ class Scorer:
     def _keep_history(self, shard: int, scored: Scored) -> None:
         if scored.history is not None and self.options.history_dir:
             with atomic_path(Path(self.options.history_dir) / f"shard-{shard:06d}.parquet") as tmp:
-                scored.history.to_parquet(tmp, index=False)
+                write_parquet(scored.history, tmp)
 
     @property
     def _spec(self) -> DecodeSpec:

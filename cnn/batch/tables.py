@@ -11,6 +11,7 @@ from typing import IO, Literal
 
 import pandas as pd
 
+from cnn.frames import among
 from cnn.io import storage
 from cnn.io.inputs import VERSION_COLUMN
 
@@ -59,6 +60,13 @@ def side_table(main: str, kind: SideTable, layout: TableLayout = "file") -> str:
         return storage.join(main, f"_{kind}" if kind in ("rejects", "embeddings") else f"_{kind}.parquet")
     stem, _, suffix = main.rpartition(".")
     return f"{stem}.{kind}.{'parquet' if kind == 'embeddings' else suffix}"
+
+
+def write_parquet(frame: pd.DataFrame, path: str | Path) -> None:
+    """A table as Parquet, vectors without dictionary encoding: Arrow tries to dictionary-encode every float of every
+    vector, half the time of writing an embeddings table, for values that almost never repeat."""
+    plain = [str(c) for c in frame.columns if c != EMBEDDING] if EMBEDDING in frame.columns else True
+    frame.to_parquet(path, index=False, use_dictionary=plain)
 
 
 def split_embeddings(predictions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -197,9 +205,9 @@ def review_queue(predictions: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFra
         theirs = [c for c in earlier.columns if c not in queue.columns or c in REVIEWER_COLUMNS]
         index = row_keys(queue, KEY)
         for column in theirs:
-            queue[column] = index.map(keyed[column].to_dict()).where(index.isin(keyed.index), None).to_numpy()
+            queue[column] = index.map(keyed[column].to_dict()).where(among(index, keyed.index), None).to_numpy()
         reviewed = earlier[earlier[REVIEW_COLUMN].fillna("").astype(str).str.strip() != ""]
-        queue = pd.concat([queue, reviewed[~row_keys(reviewed, KEY).isin(index)]], ignore_index=True)
+        queue = pd.concat([queue, reviewed[~among(row_keys(reviewed, KEY), index)]], ignore_index=True)
     if "urgency" in queue.columns and len(queue):
         queue = queue.assign(_u=pd.to_numeric(queue["urgency"], errors="coerce")).sort_values(
             "_u", ascending=False, na_position="last", kind="stable"

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from pydantic import ConfigDict, Field
 
+from cnn.frames import among
 from cnn.config import IngestOptions
 from cnn.data.dataset import (
     GENERATIONS,
@@ -153,11 +154,11 @@ def _added_to(dataset: Dataset, listing: SourceListing, everything: bool) -> Sou
     reviewed = old["reviewed"].fillna(False).astype(bool)
     if not everything:
         old = old[reviewed]
-        keep = listing.files[~listing.files["path"].isin(set(old["path"]))]
+        keep = listing.files[~among(listing.files["path"], old["path"])]
         listing = replace(listing, files=keep)
     else:
-        old = old[~old["path"].isin(set(listing.files["path"]))]
-    old = old[~old["path"].isin(set(listing.excluded))]  # a reviewer said it is unusable or none of the classes
+        old = old[~among(old["path"], listing.files["path"])]
+    old = old[~among(old["path"], listing.excluded)]  # a reviewer said it is unusable or none of the classes
     earlier = pd.DataFrame(
         {
             "path": old["path"],
@@ -209,7 +210,7 @@ def plan_decode(dataset_dir: Path, options: IngestOptions) -> DecodePlan:
     reuse_mask, reused = _reusable_rows(files, previous, old_index)
     reused.to_parquet(staging / "reused.parquet", index=False)
     known = usable_rows(previous, distinct=True)  # what a part need not decode again: the bytes are cached
-    known = known.loc[known["image_id"].isin(list(old_index)), ["image_id", "width", "height", "format"]]
+    known = known.loc[among(known["image_id"], list(old_index)), ["image_id", "width", "height", "format"]]
     known.to_parquet(staging / "known.parquet", index=False)
     todo = files.loc[~reuse_mask, ["path"]]
     todo.to_parquet(staging / "todo.parquet", index=False)
@@ -296,7 +297,7 @@ def _reusable_rows(
     unchanged = pd.Series(True, index=files.index)
     for column in stamp:
         unchanged &= joined[column] == joined[f"{column}_prev"]
-    still_valid = (joined["status"] == "rejected") | joined["image_id"].isin(list(old_index))
+    still_valid = (joined["status"] == "rejected") | among(joined["image_id"], list(old_index))
     mask = (unchanged & still_valid & (files["size_bytes"] >= 0)).fillna(False).astype(bool)
     reused = prev.loc[files.loc[mask, "path"]].reset_index()
     return mask, reused

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from cnn.batch.tables import KEY, REVIEWER_COLUMNS, row_keys
+from cnn.frames import among
 from cnn.review.answers import VERDICT_COLUMN, answers
 from cnn.review.labelstudio import LabelStudio
 from cnn.review.tasks import project_title
@@ -47,8 +48,8 @@ def pull(client: LabelStudio, model_name: str, classes: Sequence[str] | None, qu
         empty = answers([])
         return Pulled(empty, empty, 0, None)
     got = answers(client.tasks(int(found["id"])), {model_name: list(classes)} if classes is not None else None)
-    held = row_keys(got, KEY).isin(row_keys(queue, KEY)) if len(queue) else pd.Series(False, index=got.index)
-    return Pulled(got, _changed(got.loc[held.to_numpy()], queue), int((~held).sum()), int(found["id"]))
+    held = among(row_keys(got, KEY), row_keys(queue, KEY))
+    return Pulled(got, _changed(got.loc[held], queue), int((~held).sum()), int(found["id"]))
 
 
 def _changed(got: pd.DataFrame, queue: pd.DataFrame) -> pd.DataFrame:
@@ -59,7 +60,7 @@ def _changed(got: pd.DataFrame, queue: pd.DataFrame) -> pd.DataFrame:
     held = held.set_index(row_keys(held, KEY))
     held = held.loc[~held.index.duplicated(keep="last")]
     keys = row_keys(got, KEY)
-    differs = pd.Series(~keys.isin(held.index).to_numpy(), index=got.index)
+    differs = pd.Series(~among(keys, held.index), index=got.index)
     for column in REVIEWER_COLUMNS:
         before = keys.map(_text(held[column], column).to_dict()).fillna("")
         differs |= before.to_numpy() != _text(got[column], column).to_numpy()

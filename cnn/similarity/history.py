@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from cnn.frames import among
 from cnn.fsio import write_text_atomic
 from cnn.similarity.fingerprints import layout_matrix
 from cnn.similarity.index import SegmentedIndex, VectorIndex
@@ -83,7 +84,7 @@ class History:
         """Add the rows (HISTORY_COLUMNS) whose image_id is not there yet, with their vectors; the number added."""
         with self._lock():
             segments = self._segments()
-            fresh = ~rows["image_id"].isin(_known(segments, rows["image_id"])) & ~rows["image_id"].duplicated()
+            fresh = ~among(rows["image_id"], _known(segments, rows["image_id"])) & ~rows["image_id"].duplicated()
             if not fresh.any():
                 return 0
             new_rows = rows.loc[fresh, HISTORY_COLUMNS].reset_index(drop=True)

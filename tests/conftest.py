@@ -87,7 +87,13 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[None]:
     """One throwaway Prefect server (SQLite) for every flow test of the session."""
+    from prefect.logging.configuration import ensure_logging_setup
     from prefect.testing.utilities import prefect_test_harness
 
+    # Prefect's console handler keeps the stderr of the moment its logging is set up. Left to the first flow a test
+    # runs, that is a CliRunner's stream, closed when the command returns: every later log line of the session
+    # then fails to print ("I/O operation on closed file", a RecursionError through Prefect's print logging), and a
+    # test module that passes in the whole suite fails when run alone.
+    ensure_logging_setup()
     with prefect_test_harness(server_startup_timeout=120):
         yield

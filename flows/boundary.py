@@ -19,8 +19,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def command(func: F) -> F:
-    """Configure the workspace, run the command, and turn UserError (and invalid options) into one red line and
-    a non-zero exit, never a traceback."""
+    """Configure the workspace, run the command, and turn UserError, invalid options and faults of the
+    infrastructure (flows.faults: a full disk, a server that does not answer, a locked table) into one red line
+    and a non-zero exit, never a traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -38,5 +39,14 @@ def command(func: F) -> F:
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
+        except Exception as exc:
+            # imported here: only a failing command needs the classifier (and the SQLAlchemy types it reads)
+            from flows.faults import infrastructure_fault
+
+            fault = infrastructure_fault(exc)
+            if fault is None:  # a bug: its traceback is what a maintainer needs
+                raise
+            err_console.print(f"[bold red]error:[/] {fault}", highlight=False)
+            raise typer.Exit(fault.exit_code) from None
 
     return wrapper  # type: ignore[return-value]  # functools.wraps keeps the signature typer reads

@@ -21,6 +21,7 @@ from cnn.config import FlowConfig, IngestOptions, ScoreConfig, TrainConfig
 from cnn.errors import UserError
 from cnn.io import storage
 from flows.boundary import command as _command
+from flows.faults import note_place
 from flows.review_cli import review_app
 from flows.tables_cli import tables_app
 
@@ -313,6 +314,8 @@ def score(
     )
     for url in (source, cfg.output or ""):  # before the flow run records its parameters
         storage.refuse_credentials(storage.local_path(url))
+    if cfg.output and not storage.is_url(cfg.output):
+        note_place("--output", storage.local_path(cfg.output))  # a full disk's message shows its room
     render.scoring(run_scoring(source, cfg))
 
 

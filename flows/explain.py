@@ -19,6 +19,7 @@ from cnn.io.decode import DecodeError, decode_bytes, read_image_bytes
 from cnn.similarity.reference import nearest_rows
 from cnn.trust.explain import ImageExplanation, explain_image, save_png, tile_sheet
 from flows import versions, workspace
+from flows.faults import unreachable
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -58,7 +59,9 @@ def card(spec: str) -> str:
     mv = versions.find_version(spec)
     try:
         path = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="model_card/card.md")
-    except (MlflowException, OSError):
+    except (MlflowException, OSError) as exc:
+        if unreachable(exc):
+            raise
         if mv.description:
             return str(mv.description)
         raise UserError(

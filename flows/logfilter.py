@@ -29,11 +29,21 @@ def shareable(text: str) -> str:
 
 
 class _UserErrorFilter(logging.Filter):
+    """User errors and faults of the infrastructure (flows.faults) are logged as their one line, not a traceback."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], UserError):
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and (isinstance(error, UserError) or _infrastructure(error)):
             record.exc_info = None
             record.exc_text = None
         return True
+
+
+def _infrastructure(error: BaseException) -> bool:
+    # imported here: the classifier loads SQLAlchemy's types, which only a failing run needs
+    from flows.faults import infrastructure_fault
+
+    return infrastructure_fault(error) is not None
 
 
 class _PathFilter(logging.Filter):

@@ -21,6 +21,7 @@ from cnn.metrics.operating_points import check
 from cnn.model.contract import ModelContract
 from cnn.trust.evaluation import score_split
 from flows import versions
+from flows.faults import unreachable
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,9 @@ class GateDecision:
 def alias_version(client: MlflowClient, model: str, alias: str) -> str | None:
     try:
         return str(client.get_model_version_by_alias(model, alias).version)
-    except MlflowException:
+    except MlflowException as exc:
+        if unreachable(exc):  # "no champion" only when the server says so, never when it is down
+            raise
         return None
 
 
@@ -186,7 +189,9 @@ def promote(model: str, version: str) -> str:
     client = MlflowClient()
     try:
         client.get_model_version(model, version)
-    except MlflowException:
+    except MlflowException as exc:
+        if unreachable(exc):
+            raise
         raise UserError(f"model {model!r} has no version {version}") from None
     old = alias_version(client, model, CHAMPION)
     if old == version:

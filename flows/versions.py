@@ -34,6 +34,7 @@ from cnn.similarity.reference import Reference
 from cnn.similarity.reuse import Lookup
 from cnn.trust.evaluation import split_images
 from flows import workspace
+from flows.faults import unreachable
 from flows.mlflow_model import MANIFEST_TAG, manifest, manifest_digest
 
 DIGEST_TAGS = {"weights": "weights.sha256", "contract": "contract.sha256", "onnx": "onnx.sha256"}  # shown in the UI
@@ -150,7 +151,9 @@ def find_version(spec: str) -> ModelVersion:
     client = MlflowClient()
     try:
         return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    except MlflowException:
+    except MlflowException as exc:
+        if unreachable(exc):  # a server that does not answer has not said the model is missing
+            raise
         raise UserError(
             f"model {spec!r} not found in the registry at {mlflow.get_tracking_uri()}; "
             "train one with `cnn train` or check the name, alias and version"

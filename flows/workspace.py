@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnn.data.dataset import Dataset, validate_name
+from cnn.waits import Waits
 from flows.automations import HEARTBEAT_S
 
 DEFAULT_HOME = "./data"
@@ -93,6 +94,7 @@ def configure(home: str | os.PathLike[str] | None = None) -> Workspace:
         "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true",
         "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",  # our models are pickle-free; a rewritten MLmodel is refused
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # one tqdm line per artifact file buries the rich output
+        **client_waits(Waits.from_environment()),
     }
     if not os.environ.get("PREFECT_API_URL") and (served := _served_api_url(ws)):
         os.environ["PREFECT_API_URL"] = served  # `cnn serve` is running here: runs show up in its UI
@@ -108,6 +110,19 @@ def configure(home: str | os.PathLike[str] | None = None) -> Workspace:
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     return ws
+
+
+def client_waits(waits: Waits) -> dict[str, str]:
+    """The MLflow and Prefect clients' own settings for the bounded waits (cnn.waits): their defaults retry a dead
+    server for about four minutes (MLflow: 7 tries with a backoff factor of 2 and 120 s timeouts) before saying so."""
+    return {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(waits.retries),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(max(1, round(waits.backoff_s))),  # MLflow reads a whole number
+        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(waits.timeout_s))),
+        "PREFECT_CLIENT_MAX_RETRIES": str(waits.retries),
+        "PREFECT_API_REQUEST_TIMEOUT": f"{waits.timeout_s:g}",
+    }
 
 
 def _private_files() -> None:

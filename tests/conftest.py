@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import image_bytes
+from tests.helpers import TinyDisk, can_mount, image_bytes
 from tests.labelstudio import LabelStudioServer
 from tests.labelstudio import serve as serve_label_studio
 from tests.s3 import S3Server, serve
@@ -97,3 +97,15 @@ def prefect_server() -> Iterator[None]:
     ensure_logging_setup()
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[TinyDisk]:
+    """A real, nearly full disk: a 512 KB tmpfs (unmounted afterwards)."""
+    if not can_mount():
+        pytest.skip("mounting a tmpfs needs root (CI and the dev machines run as root)")
+    disk = TinyDisk(tmp_path / "tiny")
+    try:
+        yield disk
+    finally:
+        disk.close()

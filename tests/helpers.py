@@ -7,7 +7,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -74,6 +76,35 @@ def wait_until_up(url: str, timeout: float = 120, auth: str | None = None) -> No
         except OSError:
             time.sleep(0.5)
     raise AssertionError(f"{url} did not come up within {timeout:.0f} s")
+
+
+class TinyDisk:
+    """A tmpfs of a few hundred KB mounted on a folder (a real full disk: ENOSPC from the kernel), which a test can
+    fill (`fill`, leaving `room` bytes) and grow again (`grow`, the space freed)."""
+
+    def __init__(self, mount: Path, size: int = 512 << 10) -> None:
+        self.mount = mount
+        mount.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mount)], check=True)
+
+    def fill(self, room: int = 0) -> None:
+        """Leave about `room` bytes free."""
+        free = shutil.disk_usage(self.mount).free
+        with open(self.mount / ".filler", "ab") as handle:
+            handle.write(b"\0" * max(0, free - room))
+
+    def grow(self, size: int = 64 << 20) -> None:
+        """Free space: the filler goes and the disk grows to `size`."""
+        (self.mount / ".filler").unlink(missing_ok=True)
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(self.mount)], check=True)
+
+    def close(self) -> None:
+        subprocess.run(["umount", "-l", str(self.mount)], check=False)
+
+
+def can_mount() -> bool:
+    """Whether this process may mount a tmpfs (root, or CAP_SYS_ADMIN): CI and the dev machines run as root."""
+    return os.geteuid() == 0 and shutil.which("mount") is not None
 
 
 def _postgres_up() -> bool:

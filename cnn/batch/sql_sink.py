@@ -33,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, OperationalError
 
 from cnn.batch.tables import (
     CURRENT_COLUMNS,
@@ -49,9 +49,10 @@ from cnn.batch.tables import (
     side_table,
     split_embeddings,
 )
-from cnn.errors import UserError
+from cnn.errors import InfrastructureError, UserError
 from cnn.io import credentials as url_credentials
 from cnn.io.inputs import VERSION_COLUMN
+from cnn.waits import Waits
 
 if TYPE_CHECKING:
     from sqlalchemy.types import TypeEngine
@@ -64,7 +65,7 @@ class SqlSink:
 
     Each shard is one transaction. On PostgreSQL it first takes a transaction-scoped advisory lock on the table,
     so concurrent runs create and alter the tables and upsert in turn; SQLite serialises writers itself (a
-    writer waits up to 30 s for the lock, then the shard's retry takes over)."""
+    writer waits up to CNN_LOCK_TIMEOUT_S for the lock, then the shard's retry takes over)."""
 
     DIALECTS = ("postgresql", "sqlite")
 
@@ -72,6 +73,7 @@ class SqlSink:
         if not _TABLE.match(table):
             raise UserError(f"invalid table name {table!r}: use letters, digits and _, starting with a letter")
         self.url, self.table = url, table
+        waits = Waits.from_environment()
         self.rejects, self.review, self.embeddings, self.duplicates, self.drift = (
             side_table(table, kind, "sql") for kind in ("rejects", "review", "embeddings", "duplicates", "drift")
         )
@@ -83,7 +85,8 @@ class SqlSink:
         if backend not in self.DIALECTS:  # refused before any file is decoded
             raise UserError(f"prediction tables live in SQLite or PostgreSQL, not {backend}: {redact(url)}")
         try:
-            self.engine = create_engine(parsed, connect_args={"timeout": 30} if backend == "sqlite" else {})
+            pool = {} if backend == "sqlite" else {"pool_timeout": waits.timeout_s}  # a free connection, or a message
+            self.engine = create_engine(parsed, connect_args=_connect_args(backend, waits), **pool)
             if backend == "sqlite":
                 _begin_immediate(self.engine)
             with self.engine.connect():
@@ -92,7 +95,10 @@ class SqlSink:
             detail = url_credentials.scrub(
                 str(exc).replace(parsed.password, "***") if parsed.password else str(exc), url
             )
-            raise UserError(f"cannot open the table database {redact(url)}: {type(exc).__name__}: {detail}") from None
+            message = f"cannot open the table database {redact(url)}: {type(exc).__name__}: {detail}"
+            if isinstance(exc, OperationalError):  # the server refused, timed out or is gone: not the URL's fault
+                raise InfrastructureError(f"{message}; check that the database is up and reachable") from None
+            raise UserError(message) from None
         self.quote = self.engine.dialect.identifier_preparer.quote  # identifiers are quoted by SQLAlchemy
         self._indexed: set[str] = set()
 
@@ -259,6 +265,18 @@ class SqlSink:
         with self.engine.connect() as conn:  # the side tables exist once a run wrote to them
             extra = [n for n in (self.review, self.embeddings, self.duplicates) if self._columns(conn, n)]
         return [f"{redact(self.url)}#{name}" for name in (self.table, self.rejects, *extra)]
+
+
+def _connect_args(backend: str, waits: Waits) -> dict[str, Any]:
+    """Bounded waits (cnn.waits): SQLite waits `lock_timeout_s` for another writer; PostgreSQL gives up connecting
+    after `timeout_s` and a statement waiting for a lock (a table another session holds) after `lock_timeout_s`,
+    with "canceling statement due to lock timeout", instead of waiting until someone kills the run."""
+    if backend == "sqlite":
+        return {"timeout": waits.lock_timeout_s}
+    return {
+        "connect_timeout": max(1, round(waits.timeout_s)),
+        "options": f"-c lock_timeout={round(waits.lock_timeout_s * 1000)}",
+    }
 
 
 def _begin_immediate(engine: Any) -> None:

@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlsplit
 from cnn.errors import UserError
 from cnn.fsio import atomic_path
 from cnn.io import credentials as url_credentials
+from cnn.waits import Waits
 
 # scheme -> the fsspec implementation's package; package -> the pip extra that installs it
 BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
@@ -95,7 +96,7 @@ def filesystem(url: str) -> tuple[Any, str]:
     import fsspec
 
     try:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = fsspec.core.url_to_fs(url, **_client_waits(name))
     except ImportError:
         raise UserError(
             f"reading {name}:// URLs needs {package}: pip install '.[{EXTRA[package]}]' (or pip install {package})"
@@ -283,9 +284,29 @@ def parent(url: str) -> str:
 
 def delta_options(url: str) -> dict[str, str]:
     """What delta-rs needs beyond what it reads from the environment itself (the same AWS_*, GOOGLE_*, AZURE_*
-    variables as fsspec): plain HTTP allowed where an on-premises S3 endpoint is named by an http:// URL."""
+    variables as fsspec): the bounded waits (cnn.waits) of its object store client, and plain HTTP allowed where an
+    on-premises S3 endpoint is named by an http:// URL."""
+    if not is_url(url):
+        return {}
+    waits = Waits.from_environment()
+    options = {
+        "timeout": f"{waits.timeout_s:g}s",
+        "connect_timeout": f"{waits.timeout_s:g}s",
+        "max_retries": str(waits.retries),
+        "retry_timeout": f"{waits.longest_s():g}s",
+    }
     if scheme(url) in ("s3", "s3a"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
         if endpoint.startswith("http://"):
-            return {"AWS_ALLOW_HTTP": "true"}
-    return {}
+            options["AWS_ALLOW_HTTP"] = "true"
+    return options
+
+
+def _client_waits(name: str) -> dict[str, Any]:
+    """The bounded waits (cnn.waits) for an S3 client (botocore's timeouts and standard retries with backoff); the
+    other stores' clients keep their own."""
+    if name not in ("s3", "s3a"):
+        return {}
+    waits = Waits.from_environment()
+    timeouts = {"connect_timeout": waits.timeout_s, "read_timeout": waits.timeout_s}
+    return {"config_kwargs": {**timeouts, "retries": {"max_attempts": waits.retries + 1, "mode": "standard"}}}

@@ -20,7 +20,7 @@ from cnn.metrics.comparison import compare_paired
 from cnn.metrics.operating_points import check
 from cnn.model.contract import ModelContract
 from cnn.trust.evaluation import score_split
-from flows import versions
+from flows import tracking, versions
 from flows.faults import unreachable
 
 
@@ -74,10 +74,13 @@ def gate_split(dataset: Dataset) -> str:
 def register_and_gate(
     model_uri: str, model: str, run_id: str, dataset: Dataset, files: dict[str, Path], rules: GateRules
 ) -> GateDecision:
-    """Register a new version (with the sha256 of its weights, contract and ONNX export), compare it with @champion
-    on the same images, move the aliases. A gate that cannot decide tags the version `gate_failed` and raises."""
+    """Register a new version (with the sha256 of its weights, contract and ONNX export) and compare it with
+    @champion on the same images, recording the decision as version tags; `publish` moves the aliases once the card
+    is written. A gate that cannot decide tags the version `gate_failed` and raises."""
     client = MlflowClient()
-    version = str(mlflow.register_model(model_uri, model, tags={"run_id": run_id, "dataset": dataset.name}).version)
+    mark_incomplete(model)  # earlier registrations that stopped part way: refused from now on, and said so
+    tags = {"run_id": run_id, "dataset": dataset.name, versions.REGISTERED_TAG: "pending"}
+    version = str(mlflow.register_model(model_uri, model, tags=tags).version)
     versions.record_digests(model, version, files)
     try:
         decision = _decide(client, model, version, dataset, rules)
@@ -85,10 +88,6 @@ def register_and_gate(
         client.set_model_version_tag(model, version, "gate.decision", "gate_failed")
         client.set_model_version_tag(model, version, "gate.reason", str(exc)[:5000])
         raise
-    if decision.decision == CHAMPION:
-        _crown(client, model, version, decision.champion_version)
-    else:
-        client.set_registered_model_alias(model, CHALLENGER, version)
     tags = {
         "gate.decision": decision.decision,
         "gate.reason": decision.reason,
@@ -101,6 +100,43 @@ def register_and_gate(
         if value:
             client.set_model_version_tag(model, version, key, value)
     return decision
+
+
+def publish(decision: GateDecision) -> None:
+    """The last step of a registration, after the gate's tags and the card: mark the version complete, then move the
+    aliases the gate decided. A registration stopped before this leaves a version every loader refuses and no alias
+    pointing at it; the next training of the model marks it incomplete (`mark_incomplete`)."""
+    client, model, version = MlflowClient(), decision.model, decision.version
+    client.set_model_version_tag(model, version, versions.REGISTERED_TAG, "true")
+    if decision.decision == CHAMPION:
+        _crown(client, model, version, decision.champion_version)
+    else:
+        client.set_registered_model_alias(model, CHALLENGER, version)
+
+
+def mark_incomplete(model: str) -> list[str]:
+    """Tag `registration.complete=false` on the versions of `model` whose registration stopped part way (killed, or
+    the tracking server gone) and whose training is no longer running; the versions marked."""
+    client, marked = MlflowClient(), []
+    try:
+        found = client.search_model_versions(f"name = '{model}'")
+    except MlflowException as exc:
+        if unreachable(exc):
+            raise
+        return []  # no such model yet
+    for mv in found:
+        if versions.registration_state(mv) != "unfinished":
+            continue
+        try:
+            still = client.get_run(mv.run_id).data.tags.get(tracking.OUTCOME) == "running" if mv.run_id else False
+        except MlflowException as exc:
+            if unreachable(exc):
+                raise
+            still = False  # its run was deleted
+        if not still:
+            client.set_model_version_tag(model, str(mv.version), versions.REGISTERED_TAG, "false")
+            marked.append(str(mv.version))
+    return marked
 
 
 TASK_FIELDS = ("dataset", "dataset_id", "classes", "channels", "image_size", "resize", "mean", "std")  # same task
@@ -188,11 +224,12 @@ def promote(model: str, version: str) -> str:
     """Make `version` the champion by hand; the replaced champion keeps @previous."""
     client = MlflowClient()
     try:
-        client.get_model_version(model, version)
+        mv = client.get_model_version(model, version)
     except MlflowException as exc:
         if unreachable(exc):
             raise
         raise UserError(f"model {model!r} has no version {version}") from None
+    versions.require_registered(mv)
     old = alias_version(client, model, CHAMPION)
     if old == version:
         return f"{model} v{version} is already @champion"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import platform
+import socket
 import tempfile
 import time
 import warnings
@@ -59,8 +61,9 @@ def start_run(dataset: Dataset, cfg: TrainConfig, model_name: str) -> str:
     """Open the run: params (flattened config), environment tags, the dataset as an MLflow input."""
     import torch
 
-    mlflow.set_experiment(experiment_for(dataset.name))
-    with mlflow.start_run(run_name=f"{model_name}-{cfg.model}") as run:
+    experiment = mlflow.set_experiment(experiment_for(dataset.name))
+    repair_abandoned(experiment.experiment_id)
+    with mlflow.start_run(run_name=f"{model_name}-{cfg.model}", tags=_owner()) as run:  # owned from its creation
         mlflow.log_params(cfg.for_sharing().flat())
         manifest_digest = hashlib.sha256(dataset.manifest_path.read_bytes()).hexdigest()
         mlflow.set_tags(
@@ -90,6 +93,89 @@ def start_run(dataset: Dataset, cfg: TrainConfig, model_name: str) -> str:
         mlflow.log_dict(dataset.meta().for_sharing(), f"dataset/{dataset.meta_path.name}")  # no host paths
         mlflow.log_text(cfg.for_sharing().to_yaml(), "config/config.yaml")
         return run.info.run_id
+
+
+OUTCOME = "cnn.outcome"  # running | finished | failed | killed: what the command that owns the run last said
+_ABANDONED = (
+    "abandoned: the command that ran it ended without closing it (killed, or the tracking server did not answer "
+    "when it failed)"
+)
+
+
+def _owner() -> dict[str, str]:
+    """Who runs it, so that a later command on this host can tell a training that still runs from one that died."""
+    pid = str(os.getpid())
+    return {OUTCOME: "running", "cnn.host": socket.gethostname(), "cnn.pid": pid, "cnn.started": _started()}
+
+
+def _started(pid: int | None = None) -> str:
+    """The process's start time in clock ticks since boot (/proc/PID/stat, field 22): with the pid, one process."""
+    try:
+        stat = Path(f"/proc/{pid or os.getpid()}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]  # fields after the command name, which may hold spaces
+
+
+@contextmanager
+def outcome(run_id: str) -> Iterator[None]:
+    """The training run ends FINISHED when the block completes, FAILED with `failure.reason` when it raises (KILLED
+    when interrupted). Where the server does not answer at that moment the run keeps `cnn.outcome=running`, and the
+    next training on this host marks it FAILED (`repair_abandoned`)."""
+    try:
+        yield
+    except BaseException as exc:
+        killed = isinstance(exc, (KeyboardInterrupt, SystemExit))
+        _end(run_id, "KILLED" if killed else "FAILED", _reason(exc))
+        raise
+    _end(run_id, "FINISHED")
+
+
+def _reason(exc: BaseException) -> str:
+    # imported here: the classifier is needed only by a run that failed
+    from flows.faults import infrastructure_fault
+    from flows.logfilter import shareable
+
+    said = str(infrastructure_fault(exc) or exc).strip().splitlines()
+    return shareable(f"{type(exc).__name__}: {said[0] if said else ''}")[:DESCRIPTION_LIMIT]
+
+
+def _end(run_id: str, status: str, reason: str = "") -> None:
+    tags = {OUTCOME: status.lower(), **({"failure.reason": reason} if reason else {})}
+    try:
+        client = MlflowClient()
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+        client.set_terminated(run_id, status)
+    except Exception as exc:  # noqa: BLE001 - the tracking server may be what failed; the next training repairs it
+        logging.getLogger(__name__).warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
+
+
+def reopen(run_id: str) -> None:
+    """A resumed training's run: owned by this process from now on (RUNNING again, whatever its last outcome)."""
+    client = MlflowClient()
+    for key, value in _owner().items():
+        client.set_tag(run_id, key, value)
+    client.update_run(run_id, status="RUNNING")
+
+
+def repair_abandoned(experiment_id: str) -> list[str]:
+    """Mark FAILED the runs of this experiment that a command on this host opened and never closed, whose process is
+    gone (a kill -9, an OOM kill, or a failure while the tracking server was down); the ids marked."""
+    client, host, repaired = MlflowClient(), socket.gethostname(), []
+    running = client.search_runs([experiment_id], filter_string=f"tags.`{OUTCOME}` = 'running'", max_results=500)
+    for run in running:
+        tags = run.data.tags
+        pid = tags.get("cnn.pid", "")
+        if tags.get("cnn.host") != host or not pid.isdigit():
+            continue  # another host's runs: only that host can tell whether they still run
+        if _started(int(pid)) and _started(int(pid)) == tags.get("cnn.started"):
+            continue  # still running
+        client.set_tag(run.info.run_id, OUTCOME, "failed")
+        client.set_tag(run.info.run_id, "failure.reason", _ABANDONED)
+        client.set_terminated(run.info.run_id, "FAILED")
+        repaired.append(run.info.run_id)
+    return repaired
 
 
 def log_epoch(run_id: str, record: EpochRecord) -> None:

@@ -90,7 +90,9 @@ def start_run(dataset_dir: str, run_dir: str, config: TrainConfig, model_name: s
     """Open (or, on resume, reopen) the MLflow run of this training."""
     id_file = RunFolder(Path(run_dir)).tracking_id
     if id_file.is_file():
-        return id_file.read_text().strip()
+        run_id = id_file.read_text().strip()
+        tracking.reopen(run_id)
+        return run_id
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     run_id = tracking.start_run(Dataset(dataset_dir), config, model_name)
     id_file.write_text(run_id)
@@ -256,6 +258,12 @@ def write_model_card(dataset_dir: str, run_dir: str, run_id: str, config: TrainC
     return str(markdown)
 
 
+@task(name="publish-version", cache_policy=NO_CACHE)
+def publish_version(decision: GateDecision) -> None:
+    """Mark the version's registration complete, then move the aliases the gate decided."""
+    registry.publish(decision)
+
+
 @flow(name="train", log_prints=True)
 def train_flow(
     dataset: str,
@@ -277,14 +285,16 @@ def train_flow(
     run_dir = str(run_directory(ws.home, model_name, resume))
     with sigterm_at_safe_points():  # training stops between steps, keeping the last epoch's checkpoint
         run_id = start_run(dataset_dir, run_dir, config, model_name)
-        fit_model(dataset_dir, run_dir, run_id, config, resume)
-        calibrate_model(dataset_dir, run_dir, run_id, config)
-        test_metrics = evaluate_model(dataset_dir, run_dir, run_id)
-        build_reference(dataset_dir, run_dir)
-        export_onnx(run_dir)
-        model_uri = log_model(dataset_dir, run_dir, run_id)
-        decision = register_and_gate(model_uri, model_name, run_id, dataset_dir, run_dir, config)
-        write_model_card(dataset_dir, run_dir, run_id, config, decision)
+        with tracking.outcome(run_id):  # FAILED with its reason, never FINISHED with nothing in it
+            fit_model(dataset_dir, run_dir, run_id, config, resume)
+            calibrate_model(dataset_dir, run_dir, run_id, config)
+            test_metrics = evaluate_model(dataset_dir, run_dir, run_id)
+            build_reference(dataset_dir, run_dir)
+            export_onnx(run_dir)
+            model_uri = log_model(dataset_dir, run_dir, run_id)
+            decision = register_and_gate(model_uri, model_name, run_id, dataset_dir, run_dir, config)
+            write_model_card(dataset_dir, run_dir, run_id, config, decision)
+            publish_version(decision)  # complete, then the aliases: never an alias on a half-registered version
     RunFolder(Path(run_dir)).done.write_text(run_id)
     create_table_artifact(
         [{"metric": k, "test": round(v, 4)} for k, v in test_metrics.items()],

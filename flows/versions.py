@@ -145,12 +145,48 @@ def load_contract(name: str, version: str) -> ModelContract:
     return ModelContract.load(_artifact_paths(version_files(name, version))[1])
 
 
+# "pending" from the moment a version is created, "true" once its digests, gate decision and card are recorded (set
+# last, before the aliases move), "false" when a later training found its registration stopped part way
+REGISTERED_TAG = "registration.complete"
+GATE_TAG = "gate.decision"
+
+
+def registration_state(mv: ModelVersion) -> str:
+    """complete: the registration finished (REGISTERED_TAG true, or a version registered before that tag existed
+    with its manifest digest, gate decision and card); incomplete: marked so by a later training; unfinished: it
+    stopped part way (or is still under way)."""
+    tags = mv.tags or {}
+    marker = tags.get(REGISTERED_TAG)
+    if marker is not None:
+        return {"true": "complete", "false": "incomplete"}.get(marker, "unfinished")
+    earlier = tags.get(MANIFEST_TAG) and tags.get(GATE_TAG, "gate_failed") != "gate_failed" and mv.description
+    return "complete" if earlier else "unfinished"
+
+
+def require_registered(mv: ModelVersion) -> None:
+    """Refuse (UserError) a version whose registration did not finish: it is not scored, promoted or carded."""
+    if registration_state(mv) == "complete":
+        return
+    tags = mv.tags or {}
+    if tags.get(GATE_TAG) == "gate_failed":
+        why = f"its promotion gate failed ({tags.get('gate.reason', 'no reason recorded')[:300]})"
+    else:
+        recorded = [what for tag, what in ((MANIFEST_TAG, "digests"), (GATE_TAG, "gate decision")) if tags.get(tag)]
+        recorded += ["card"] if mv.description else []
+        why = f"its registration stopped part way (recorded: {', '.join(recorded) or 'nothing beyond the files'})"
+    raise UserError(
+        f"model {mv.name} v{mv.version} is not usable: {why}, so it is not scored, promoted or carded. Train again "
+        "(the next training marks it incomplete) or name a complete version"
+    )
+
+
 def find_version(spec: str) -> ModelVersion:
-    """The registered version MODEL[@alias|:version] names (a bare name: @champion); UserError if none."""
+    """The registered version MODEL[@alias|:version] names (a bare name: @champion); UserError if none, or if its
+    registration did not finish."""
     name, alias, version = parse_spec(spec)
     client = MlflowClient()
     try:
-        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as exc:
         if unreachable(exc):  # a server that does not answer has not said the model is missing
             raise
@@ -158,6 +194,8 @@ def find_version(spec: str) -> ModelVersion:
             f"model {spec!r} not found in the registry at {mlflow.get_tracking_uri()}; "
             "train one with `cnn train` or check the name, alias and version"
         ) from None
+    require_registered(mv)
+    return mv
 
 
 def load_pyfunc(spec: str) -> mlflow.pyfunc.PyFuncModel:

@@ -209,3 +209,42 @@ def test_the_workspace_bounds_mlflow_and_prefect_but_never_overrides_the_user(
     workspace.configure()
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2" and os.environ["PREFECT_CLIENT_MAX_RETRIES"] == "2"
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+
+
+def test_a_failed_training_run_ends_failed_and_an_abandoned_one_is_repaired(cnn_home: Path) -> None:
+    import subprocess
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from flows import tracking
+
+    workspace.configure()
+    experiment = mlflow.set_experiment("cnn-faults").experiment_id
+    client = MlflowClient()
+
+    def run(**tags: str) -> str:
+        return str(client.create_run(experiment, tags=tags).info.run_id)
+
+    failing, finishing = run(), run()
+    with pytest.raises(ValueError), tracking.outcome(failing):
+        raise ValueError("no usable images in split val")
+    with tracking.outcome(finishing):
+        pass
+    assert client.get_run(failing).info.status == "FAILED"
+    assert client.get_run(failing).data.tags["failure.reason"] == "ValueError: no usable images in split val"
+    assert client.get_run(finishing).info.status == "FINISHED"
+
+    ended = subprocess.Popen(["true"])  # a process that has ended: its pid names no process now
+    ended.wait()
+    ours = tracking._owner()  # this process, which is still running
+    dead = run(**{**ours, "cnn.pid": str(ended.pid)})
+    reused = run(**{**ours, "cnn.started": "1"})  # our pid, another start time: an earlier process with our pid
+    alive = run(**ours)
+    elsewhere = run(**{**ours, "cnn.host": "another-host", "cnn.pid": "1"})
+    assert sorted(tracking.repair_abandoned(experiment)) == sorted([dead, reused])
+    for run_id in (dead, reused):
+        assert client.get_run(run_id).info.status == "FAILED"
+        assert client.get_run(run_id).data.tags["failure.reason"].startswith("abandoned")
+    for run_id in (alive, elsewhere):
+        assert client.get_run(run_id).data.tags["cnn.outcome"] == "running"

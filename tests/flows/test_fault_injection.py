@@ -23,6 +23,7 @@ from cnn.errors import EXIT_IO, EXIT_OS, EXIT_TEMPORARY
 from cnn.io.storage import local_path
 from tests.helpers import (
     TinyDisk,
+    api_json,
     clean_env,
     free_port,
     pattern_dataset,
@@ -333,3 +334,48 @@ def test_a_registration_stopped_at_any_step_is_refused_then_marked_by_the_next_t
     }
     code, said, _ = cnn(env, "score", str(images), "--model", "patterns", *output)
     assert code == 0, said[-3000:]
+
+
+def _finished_tasks(api: str, name: str) -> int:
+    """How many task runs named `name` the Prefect server at `api` holds as Completed (0 while it does not answer)."""
+    body = {"task_runs": {"name": {"like_": name}, "state": {"type": {"any_": ["COMPLETED"]}}}}
+    try:
+        return len(api_json(f"{api}/task_runs/filter", body, tries=1))
+    except (OSError, ValueError):
+        return 0
+
+
+def test_an_orchestration_server_killed_mid_run_is_named_and_a_rerun_completes(
+    trained: tuple[dict[str, str], Path], tmp_path: Path
+) -> None:
+    env, _ = trained
+    src = write_patterns(tmp_path / "many", per_class=100, seed=11)  # 300 files in shards of 10: the run lasts
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"]
+    server_env = {**clean_env(), "PREFECT_HOME": str(tmp_path / "prefect-server")}
+    with open(tmp_path / "prefect.log", "wb") as log:
+        server = subprocess.Popen(command, env=server_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    output = ["--output", str(tmp_path / "night.parquet")]
+    score = ["score", str(src), "--model", "patterns", "--shard-size", "10", *output]
+    try:
+        wait_until_up(f"{api}/health")
+        running = subprocess.Popen(
+            [str(BIN / "cnn"), *score],
+            env={**env, "PREFECT_API_URL": api},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 300
+        while _finished_tasks(api, "score-shard") < 2:
+            assert running.poll() is None and time.monotonic() < deadline, running.communicate()[0].decode()[-3000:]
+            time.sleep(0.1)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    killed = time.monotonic()
+    said = running.communicate(timeout=300)[0].decode()
+    assert_fault((running.returncode, said, time.monotonic() - killed), EXIT_TEMPORARY, f"the Prefect server at {api}")
+    code, said, _ = cnn(env, *score)  # no PREFECT_API_URL: a throwaway server
+    assert code == 0, said[-3000:]
+    assert_each_file_once(output[1], src)

@@ -146,7 +146,8 @@ class _Unavailable(BaseHTTPRequestHandler):
         self.send_response(503)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":  # a HEAD answer has no body
+            self.wfile.write(body)
 
     do_GET = do_HEAD = do_PUT = do_POST = _fail
 
@@ -155,6 +156,8 @@ class _Unavailable(BaseHTTPRequestHandler):
 
 
 def test_an_object_store_answering_503_is_named_after_bounded_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    from s3fs import S3FileSystem
+
     from cnn.io import storage
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Unavailable)
@@ -164,6 +167,7 @@ def test_an_object_store_answering_503_is_named_after_bounded_retries(monkeypatc
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     monkeypatch.setenv("CNN_RETRIES", "1")
+    S3FileSystem.clear_instance_cache()  # fsspec reuses a client made for another endpoint by an earlier test
     try:
         started = time.monotonic()
         error = _raised(lambda: storage.read_object(f"s3://faults-{os.getpid()}/image.png"))

@@ -21,6 +21,7 @@ import hashlib
 import multiprocessing
 import os
 import resource
+import select
 import signal
 import sys
 import tempfile
@@ -108,8 +109,44 @@ def limit_worker_memory(extra: int) -> None:
         pass
 
 
-def _init_worker(spec: DecodeSpec, known: frozenset[str], decode: DecodeFn, env: dict[str, str], started: Any) -> None:
+def die_with(pid: int) -> None:
+    """End this process as soon as process `pid` (the command that started it) ends, however it ends (kill -9, an OOM
+    kill, a SIGBUS): a forkserver's worker is the server's child and holds the server open, so neither the kernel's
+    parent-death signal nor the server's own exit would end it. A daemon thread waits on a pidfd of `pid`
+    (Linux 5.3+; elsewhere it looks once a second)."""
+    try:
+        handle: int | None = os.pidfd_open(pid)
+    except ProcessLookupError:  # gone already
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd here
+        handle = None
+
+    def watch() -> None:
+        if handle is not None:
+            select.select([handle], [], [])  # readable once the process has ended
+        else:
+            while _alive(pid):
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name=f"exit-with-{pid}", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process now holds the number: ours is gone
+        return False
+    return True
+
+
+def _init_worker(
+    spec: DecodeSpec, known: frozenset[str], decode: DecodeFn, env: dict[str, str], parent: int, started: Any
+) -> None:
     global _worker_spec, _worker_known, _worker_decode, _worker_started
+    die_with(parent)  # no decode worker outlives its command
     limit_worker_memory(memory_ceiling(spec))
     _worker_started = started
     os.environ.update(env)  # a forkserver started earlier has an older environment than this process
@@ -419,7 +456,7 @@ class _IsolatedPool:
         receiver, sender = self.context.Pipe(duplex=False)
         process = self.context.Process(  # type: ignore[attr-defined]  # every concrete context has Process
             target=_decode_alone,
-            args=(sender, self.paths[i], self.spec, self.known, self.decode, self.env),
+            args=(sender, self.paths[i], self.spec, self.known, self.decode, self.env, os.getpid()),
             daemon=True,
         )
         process.start()
@@ -481,7 +518,8 @@ class _Pool(ProcessPoolExecutor):
 
     def __init__(self, workers: int, context: multiprocessing.context.BaseContext, initargs: tuple[Any, ...]) -> None:
         self.started: Any = context.Array("d", _Pool.depth(workers), lock=False)
-        super().__init__(workers, mp_context=context, initializer=_init_worker, initargs=(*initargs, self.started))
+        initargs = (*initargs, os.getpid(), self.started)
+        super().__init__(workers, mp_context=context, initializer=_init_worker, initargs=initargs)
 
     @staticmethod
     def depth(workers: int) -> int:
@@ -509,8 +547,9 @@ def _keep_pool(key: tuple[object, ...], pool: _Pool) -> None:
 
 
 def _decode_alone(
-    sender: Any, path: str, spec: DecodeSpec, known: frozenset[str], decode: DecodeFn, env: dict[str, str]
+    sender: Any, path: str, spec: DecodeSpec, known: frozenset[str], decode: DecodeFn, env: dict[str, str], parent: int
 ) -> None:
+    die_with(parent)
     os.environ.update(env)
     sender.send(None)  # started: the time limit counts from here, not from the process start
     sender.send(decode(path, spec, known))

@@ -166,3 +166,38 @@ def test_without_room_for_the_shared_regions_the_arrays_come_through_the_pipe(
     outcomes = list(decode_many(paths, spec, workers=2))
     assert all(o.ok and o.array is not None and o.array.shape == (96, 96, 3) for o in outcomes)
     np.testing.assert_array_equal(outcomes[3].array, decode_one(paths[3], spec).array)
+
+
+_HOLDS_WORKERS = """
+import sys, threading, time
+from pathlib import Path
+from cnn.io.decode import DecodeSpec
+from cnn.io.pool import decode_many
+threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()  # threads: the pool takes a forkserver
+paths = sorted(str(p) for p in Path(sys.argv[1]).glob("*.png"))
+outcomes = decode_many(paths, DecodeSpec(channels=1, size=16), workers=2)
+next(outcomes)  # the workers run
+print("ready", flush=True)
+time.sleep(3600)
+"""
+
+
+@pytest.mark.parametrize("death", [signal.SIGKILL, signal.SIGBUS])  # kill -9 or the OOM killer; a bus error
+def test_no_decode_process_outlives_its_command(tmp_path: Path, death: signal.Signals) -> None:
+    import subprocess
+    import sys
+
+    import psutil
+
+    for i in range(40):
+        (tmp_path / f"{i:03d}.png").write_bytes(image_bytes(np.full((16, 16), i, np.uint8)))
+    command = subprocess.Popen(
+        [sys.executable, "-c", _HOLDS_WORKERS, str(tmp_path)], stdout=subprocess.PIPE, cwd=Path(__file__).parents[3]
+    )
+    assert command.stdout is not None and command.stdout.readline().strip() == b"ready"
+    descendants = psutil.Process(command.pid).children(recursive=True)  # forkserver, workers, resource tracker
+    assert len(descendants) >= 3, descendants
+    command.send_signal(death)
+    command.wait()
+    gone, alive = psutil.wait_procs(descendants, timeout=15)
+    assert not alive, [" ".join(p.cmdline())[:120] for p in alive]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -32,8 +33,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.pool import NullPool
 
 from cnn.batch.tables import (
     CURRENT_COLUMNS,
@@ -85,10 +87,7 @@ class SqlSink:
         if backend not in self.DIALECTS:  # refused before any file is decoded
             raise UserError(f"prediction tables live in SQLite or PostgreSQL, not {backend}: {redact(url)}")
         try:
-            pool = {} if backend == "sqlite" else {"pool_timeout": waits.timeout_s}  # a free connection, or a message
-            self.engine = create_engine(parsed, connect_args=_connect_args(backend, waits), **pool)
-            if backend == "sqlite":
-                _begin_immediate(self.engine)
+            self.engine = _engine(url, backend, waits)
             with self.engine.connect():
                 pass
         except Exception as exc:  # noqa: BLE001 - drivers raise their own types for bad URLs and servers
@@ -265,6 +264,30 @@ class SqlSink:
         with self.engine.connect() as conn:  # the side tables exist once a run wrote to them
             extra = [n for n in (self.review, self.embeddings, self.duplicates) if self._columns(conn, n)]
         return [f"{redact(self.url)}#{name}" for name in (self.table, self.rejects, *extra)]
+
+
+POOL_SIZE = 2  # connections a command holds to one PostgreSQL database at most (shards commit one at a time)
+_engines: dict[tuple[str, Waits], Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def _engine(url: str, backend: str, waits: Waits) -> Engine:
+    """One engine per database and process, whatever number of sinks a run opens (every task opens its own): a
+    PostgreSQL pool of POOL_SIZE connections, no overflow, checked before use (a server restarted since leaves
+    dead ones), a message after `timeout_s` waiting for one; SQLite opens a connection per use (nothing to pool,
+    and none held on a file someone replaced)."""
+    with _engines_lock:
+        key = (url, waits)
+        if key not in _engines:
+            arguments = _connect_args(backend, waits)
+            if backend == "sqlite":
+                engine = create_engine(parse_url(url), connect_args=arguments, poolclass=NullPool)
+                _begin_immediate(engine)
+            else:
+                pool = {"pool_size": POOL_SIZE, "max_overflow": 0, "pool_timeout": waits.timeout_s}
+                engine = create_engine(parse_url(url), connect_args=arguments, pool_pre_ping=True, **pool)
+            _engines[key] = engine
+        return _engines[key]
 
 
 def _connect_args(backend: str, waits: Waits) -> dict[str, Any]:

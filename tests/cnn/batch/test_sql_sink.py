@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -80,3 +82,45 @@ def test_sql_duplicates_table_collects_the_copies(tmp_path: Path) -> None:
     assert copies["image_id"].tolist() == ["id1", "id2"] and copies["earlier_image_id"].tolist() == ["old1", "old2"]
     assert copies["earlier_source"].tolist() == ["training", "scored"]
     assert "#preds_duplicates" in sink.finish()[-1]
+
+
+@pytest.fixture
+def limited_role() -> Iterator[str]:
+    """A PostgreSQL role allowed 3 connections at once (a managed database's per-user limit), and its URL."""
+    import psycopg
+
+    role = f"cnn_limited_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(host="127.0.0.1", user="postgres", dbname="test", autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 3")
+        admin.execute(f"GRANT CREATE, USAGE ON SCHEMA public TO {role}")
+    try:
+        yield f"postgresql://{role}@127.0.0.1:5432/test"
+    finally:
+        with psycopg.connect(host="127.0.0.1", user="postgres", dbname="test", autocommit=True) as admin:
+            admin.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
+            for name in ("", "_rejects", "_review", "_duplicates", "_embeddings", "_drift"):
+                admin.execute(f"DROP TABLE IF EXISTS limited{name}")
+            admin.execute(f"DROP OWNED BY {role}")
+            admin.execute(f"DROP ROLE {role}")
+
+
+@requires_postgres
+def test_a_run_holds_a_stated_number_of_connections_however_many_shards(limited_role: str) -> None:
+    """Every task of a run opens its sinks again (a Prefect task gets its arguments, not open objects): 35 shards
+    used to leave 35 pools' connections open, and a role limited to 3 failed on the fourth shard."""
+    import psycopg
+
+    from cnn.batch.sql_sink import POOL_SIZE
+
+    for shard in range(35):
+        sink = SqlSink(limited_role, "limited")
+        sink.current("m")
+        preds, rejects = table_rows(2)
+        ids = [f"{shard}-{i}" for i in range(len(preds))]
+        sink.commit(shard, preds.assign(image_id=ids, path=[f"/p/{i}.png" for i in ids]), rejects.iloc[:0])
+    role = limited_role.split("//")[1].split("@")[0]
+    with psycopg.connect(host="127.0.0.1", user="postgres", dbname="test") as admin:
+        held = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (role,)).fetchone()
+        rows = admin.execute("SELECT count(*) FROM limited").fetchone()
+    assert held is not None and held[0] <= POOL_SIZE
+    assert rows == (70,)

@@ -30,6 +30,57 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+@contextmanager
+def atomic_set(targets: list[Path], journal: Path) -> Iterator[list[Path]]:
+    """Replace several files as one: yield a temporary path beside each target; once all are written (a full disk
+    while writing any of them leaves every target as it was), the journal lists the renames, they are made, and the
+    journal goes. A process killed between renames leaves the journal: `finish_set` completes the set."""
+    finish_set(journal)
+    temps = []
+    for target in targets:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".set.tmp", dir=target.parent)
+        os.close(fd)
+        temps.append(Path(name))
+    try:
+        yield temps
+        for tmp in temps:
+            _fsync(tmp)
+        names = [
+            [os.path.relpath(t, journal.parent), os.path.relpath(target, journal.parent)]
+            for t, target in zip(temps, targets)
+        ]
+        write_text_atomic(journal, json.dumps(names))  # relative names: the folder may be shared, its path is not
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    finish_set(journal)
+
+
+def finish_set(journal: Path) -> bool:
+    """Complete the renames a killed `atomic_set` left in `journal` (those whose temporary file is still there were
+    not made yet); whether there was one."""
+    try:
+        pairs = json.loads(journal.read_text())
+    except (OSError, ValueError):
+        return False
+    for tmp, target in pairs:
+        if (journal.parent / tmp).exists():
+            os.replace(journal.parent / tmp, journal.parent / target)
+    _fsync(journal.parent)
+    journal.unlink(missing_ok=True)
+    return True
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def inside(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
     """Whether `path`, links resolved, lies within `folder` (links resolved too)."""
     real, base = os.path.realpath(path), os.path.realpath(folder)

@@ -50,7 +50,7 @@ from cnn.batch.tables import (
 )
 from cnn.errors import UserError
 from cnn.frames import among
-from cnn.fsio import atomic_path
+from cnn.fsio import atomic_path, atomic_set, finish_set
 
 
 class Sink(Protocol):
@@ -84,6 +84,7 @@ class FileSink:
         )
         self.parts = self.path.with_name(self.path.name + ".parts")
         self.lock_path = self.path.with_name(f".{self.path.name}.lock")
+        self.journal = self.path.with_name(f".{self.path.name}.publish.json")  # a publish's renames, while made
         self.csv = suffix == ".csv"
 
     def _read(self, path: Path) -> pd.DataFrame:
@@ -111,6 +112,7 @@ class FileSink:
 
     def current(self, model_name: str, paths: Sequence[str] | None = None) -> pd.DataFrame:
         with self._lock():  # a consistent view: no merge removes parts while they are read
+            finish_set(self.journal)  # a publish killed between its renames: its set completed first
             latest = latest_per_path(self._all("pred"), self._all("rej"))
         return latest.loc[latest["model_name"] == model_name, CURRENT_COLUMNS].reset_index(drop=True)
 
@@ -188,18 +190,23 @@ class FileSink:
         return tables
 
     def _merge(self) -> list[str]:
+        finish_set(self.journal)  # a publish killed between its renames: complete that set first
         tables = self._merged()
         targets = [("pred", self.path), ("rej", self.rejects_path), ("review", self.review_path)]
         if len(tables["dup"]):
             targets.append(("dup", self.duplicates_path))
         if len(tables["emb"]):
-            with atomic_path(self.embeddings_path) as tmp:
-                write_parquet(tables["emb"], tmp)
-        for kind, target in targets:
+            targets.append(("emb", self.embeddings_path))
+        for _, target in targets:
             for stale in target.parent.glob(f".{target.name}.*.tmp"):  # a killed run's unfinished merge
                 stale.unlink(missing_ok=True)
-            with atomic_path(target) as tmp:
-                if self.csv:
+        # the tables as one set: all written before any replaces its file, so a disk that fills midway leaves the
+        # published set as it was (and the parts, merged again by the next run)
+        with atomic_set([target for _, target in targets], self.journal) as temps:
+            for (kind, _), tmp in zip(targets, temps):
+                if kind == "emb":
+                    write_parquet(tables[kind], tmp)
+                elif self.csv:
                     write_csv(tables[kind], tmp)
                 else:
                     tables[kind].to_parquet(tmp, index=False)

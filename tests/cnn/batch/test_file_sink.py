@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -9,6 +10,7 @@ import pytest
 
 from cnn.batch.file_sink import FileSink
 from tests.cnn.batch.rows import current_rows, table_rows
+from tests.helpers import TinyDisk
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".csv"])
@@ -88,3 +90,28 @@ def test_two_runs_writing_the_same_file_lose_nothing(tmp_path: Path) -> None:
     FileSink(tmp_path / "out.parquet").finish()
     out = pd.read_parquet(tmp_path / "out.parquet")
     assert len(out) == 2 * 12 * 3 and out["image_id"].is_unique
+
+
+def test_a_publish_on_a_full_disk_leaves_the_published_set_as_it_was(tiny_disk: TinyDisk) -> None:
+    """Each table file is atomic; the set must be too: a disk that fills while the merge writes the fourth table
+    used to leave three tables of the new run beside the old fourth."""
+    sink = FileSink(tiny_disk.mount / "night.parquet")
+    sink.commit(0, *table_rows(3))
+    sink.finish()
+    published = _tables(tiny_disk.mount)
+    assert {"night.parquet", "night.rejects.parquet", "night.review.parquet"} <= set(published)
+    preds, rejects = table_rows(400, version="2")
+    reasons = [os.urandom(100).hex() for _ in range(len(preds))]  # 80 KB that no encoding shrinks
+    sink.commit(1, preds.assign(review_reason=reasons, needs_review=True), rejects)  # the review table as big
+    tiny_disk.fill(room=120 << 10)  # room for the new predictions table, not for the whole set
+    with pytest.raises(OSError):
+        sink.finish()
+    assert _tables(tiny_disk.mount) == published
+    assert not list(tiny_disk.mount.glob(".night.*.tmp"))
+    tiny_disk.grow()
+    sink.finish()  # the parts were kept: the next publish merges them
+    assert len(pd.read_parquet(sink.path)) == 403 and not sink.parts.exists()
+
+
+def _tables(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.glob("night.*") if p.is_file()}

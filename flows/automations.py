@@ -8,8 +8,9 @@ another nor a final state within the window, and its action sets the run's state
 
 from __future__ import annotations
 
+import logging
 import os
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ def ensure_crash_detection(within_s: int | None = None) -> str:
     from prefect.client.orchestration import get_client
 
     automation = crash_detection(within_s or crash_after_s())
+    crash_stale_runs(within_s)  # runs that died while the server was down: the automation missed them
     with get_client(sync_client=True) as client:
         existing = client.read_automations_by_name(CRASH_DETECTION)
         if not existing:
@@ -74,3 +76,55 @@ def ensure_crash_detection(within_s: int | None = None) -> str:
         for duplicate in extra:  # e.g. created twice by `prefect automation create -f`
             client.delete_automation(duplicate.id)
         return str(first.id)
+
+
+FLOWS = ("ingest", "augment", "train", "score", "pipeline", "review-push", "review-pull", "tables")  # ours
+HEARTBEAT = "prefect.flow-run.heartbeat"
+
+
+def crash_stale_runs(within_s: int | None = None) -> list[str]:
+    """Mark Crashed our flow runs still Running whose last heartbeat is older than the window: what the automation
+    does, for runs it cannot judge because the server was down while their window passed (a proactive trigger is
+    only evaluated while the server runs, so a run whose client lost the server stayed Running for good). Runs that
+    never sent a heartbeat are left alone (nothing says how often they would). Returns the ids marked."""
+    # imported here: Prefect's client loads only in the commands that talk to its server
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+    from prefect.states import Crashed
+
+    within = within_s or crash_after_s()
+    running = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])))
+    marked = []
+    with get_client(sync_client=True) as client:
+        for run in client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOWS))), flow_run_filter=running
+        ):
+            beats = EventFilter(
+                event=EventNameFilter(name=[HEARTBEAT]), resource=EventResourceFilter(id=[f"prefect.flow-run.{run.id}"])
+            )
+            found = client.read_events(beats, limit=1).events
+            if not found or datetime.now(UTC) - found[0].occurred < timedelta(seconds=within):
+                continue
+            message = f"no heartbeat for {within} s (found when the server was reachable again): the process died"
+            client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+            marked.append(str(run.id))
+    return marked
+
+
+def crash_stale_runs_quietly() -> None:
+    """`crash_stale_runs` at the start of a flow run on a shared server (PREFECT_API_URL): the next nightly run marks
+    the runs that died while the server was down. Never fails the run that calls it."""
+    if not os.environ.get("PREFECT_API_URL"):
+        return  # a throwaway server: its runs are this command's own
+    try:
+        crash_stale_runs()
+    except Exception as exc:  # noqa: BLE001 - housekeeping: the run goes on whatever the server answers
+        logging.getLogger(__name__).warning("could not look for crashed flow runs: %s", exc)

@@ -35,7 +35,7 @@ from cnn.metrics import drift
 from cnn.metrics.drift import DriftReport
 from cnn.review.labelstudio import URL_VARIABLE
 from cnn.trust.plots import plot_drift
-from flows import cluster, credentials, tracking, versions, workspace
+from flows import automations, cluster, credentials, tracking, versions, workspace
 from flows.logfilter import quiet_user_errors
 from flows.processes import sigterm_at_safe_points
 from flows.progress import reported_progress
@@ -196,6 +196,7 @@ def score_flow(source: str, config: ScoreConfig, home: str | None = None) -> Sco
     """Score every new image of SOURCE with the configured model into prediction tables, exactly once."""
     ws = workspace.configure(home)
     credentials.refuse_passwords(config.table)
+    automations.crash_stale_runs_quietly()  # runs that died while the server was down
     context = get_run_context()
     flow_run = getattr(context, "flow_run", None)
     flow_run_id = str(flow_run.id) if flow_run is not None else ""

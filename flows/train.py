@@ -26,7 +26,7 @@ from cnn.model.train import check_config, fit, resolved_config
 from cnn.similarity import reference
 from cnn.trust.card import GateSummary, build_card
 from cnn.trust.evaluation import CalibrationResult, calibrate_run, evaluate_run, record_checks
-from flows import registry, tracking, workspace
+from flows import automations, registry, tracking, workspace
 from flows.logfilter import quiet_user_errors
 from flows.processes import sigterm_at_safe_points
 from flows.progress import reported_progress
@@ -275,6 +275,7 @@ def train_flow(
     """Train a classifier on DATASET, track it in MLflow, register it and gate its promotion. With REVIEWS (a
     prediction table, as `cnn score` named it), reviewers' answers in Label Studio are pulled and added first."""
     ws = workspace.configure(home)
+    automations.crash_stale_runs_quietly()  # runs that died while the server was down
     config = config or TrainConfig()
     check_config(config)
     model_name = config.register_as or dataset

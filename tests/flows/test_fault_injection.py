@@ -379,3 +379,80 @@ def test_an_orchestration_server_killed_mid_run_is_named_and_a_rerun_completes(
     code, said, _ = cnn(env, *score)  # no PREFECT_API_URL: a throwaway server
     assert code == 0, said[-3000:]
     assert_each_file_once(output[1], src)
+
+
+class Orchestration:
+    """A real `prefect server start` on loopback (SQLite under `home`), killed and started again on the same port."""
+
+    def __init__(self, home: Path) -> None:
+        self.port, self.home = free_port(), home
+        self.api = f"http://127.0.0.1:{self.port}/api"
+        self.start()
+
+    def start(self) -> None:
+        command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port), "--no-ui"]
+        env = {**clean_env(), "PREFECT_HOME": str(self.home)}
+        with open(self.home.parent / "prefect.log", "ab") as log:
+            self.server = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        wait_until_up(f"{self.api}/health")
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.server.wait()
+
+
+def test_a_run_whose_server_died_is_marked_crashed_once_the_server_is_back(
+    trained: tuple[dict[str, str], Path], tmp_path: Path
+) -> None:
+    """The server goes down mid-run: the command stops with a message, and nothing can tell the server so. When the
+    server is back, the crashed-run automation must still mark the run Crashed (it used to stay Running for good)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.automations import ensure_crash_detection
+
+    env, _ = trained
+    src = write_patterns(tmp_path / "many", per_class=100, seed=12)
+    orchestration = Orchestration(tmp_path / "prefect-server")
+    try:
+        with temporary_settings({PREFECT_API_URL: orchestration.api}):
+            ensure_crash_detection(20)
+        score = [
+            "score",
+            str(src),
+            "--model",
+            "patterns",
+            "--shard-size",
+            "10",
+            "--output",
+            str(tmp_path / "p.parquet"),
+        ]
+        run_env = {**env, "PREFECT_API_URL": orchestration.api, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+        running = subprocess.Popen(
+            [str(BIN / "cnn"), *score], env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 300
+        while _finished_tasks(orchestration.api, "score-shard") < 1:
+            assert running.poll() is None and time.monotonic() < deadline, running.communicate()[0].decode()[-3000:]
+            time.sleep(0.1)
+        orchestration.kill()
+        assert running.wait(timeout=300) == EXIT_TEMPORARY
+        time.sleep(30)  # down for longer than the automation's window, as a server down for minutes is
+        orchestration.start()
+        (run,) = api_json(f"{orchestration.api}/flow_runs/filter", {})
+        # the automation alone may never judge it (its window passed while the server was down: the run stayed
+        # Running for 3 minutes after the restart in one try); the next `cnn serve`, `cnn automations` or flow run
+        # looks for runs whose heartbeats stopped
+        code, said, _ = cnn({**env, "PREFECT_API_URL": orchestration.api}, "automations", "--crash-after", "20")
+        assert code == 0, said[-3000:]
+        state, deadline = run["state_type"], time.monotonic() + 180
+        while state == "RUNNING" and time.monotonic() < deadline:
+            time.sleep(2)
+            state = api_json(f"{orchestration.api}/flow_runs/{run['id']}")["state_type"]
+        assert state == "CRASHED", state
+    finally:
+        orchestration.kill()

@@ -41,8 +41,12 @@ class ShardPlan:
 
     def rows(self, shard: int) -> pd.DataFrame:
         """The files of one shard, with their image_id and duplicate mark."""
-        files = _plan_frame(self.path, self.key)
+        files = self.frame()
         return files[files["shard"] == shard].drop(columns="shard").reset_index(drop=True)
+
+    def frame(self) -> pd.DataFrame:
+        """Every planned file (path, image_id, duplicate mark, shard, ...), read once per process."""
+        return _plan_frame(self.path, self.key)
 
 
 @functools.lru_cache(maxsize=1)

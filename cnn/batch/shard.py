@@ -10,9 +10,10 @@ inference. An orchestrator keeps one per run and process, and calls `score_shard
 
 from __future__ import annotations
 
+import functools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -137,7 +138,7 @@ class Scorer:
         decoded = self._decode_shard(plan, shard, files)
         waited = time.perf_counter() - start
         self._decode_next(plan, shard)
-        scored = self.score_files(files, list(plan.id_columns), decoded, lookup)
+        scored = self.score_files(files, list(plan.id_columns), decoded, lookup, functools.partial(planned_owner, plan))
         for sink in sinks:
             sink.commit(shard, scored.predictions, scored.rejects, plan.key)
         _release_copies(files)  # committed: the plan's copies of this shard's objects are done with
@@ -177,15 +178,17 @@ class Scorer:
         id_columns: list[str],
         decoded: list[DecodeOutcome] | None = None,
         lookup: Lookup | None = None,
+        owner: Callable[[str, str], str | None] | None = None,
     ) -> Scored:
         """A prediction or a reject for each row of `files` (rows the plan marked `same_bytes_as` an earlier row
         become "duplicate" rejects without being decoded), the shard's drift sample and its history rows.
-        `decoded` holds the outcomes of the rows to decode where they were decoded already (in order)."""
+        `decoded` holds the outcomes of the rows to decode where they were decoded already (in order); `owner(image_id,
+        path)` names the file of the run that these bytes belong to, if another (for a file changed since planning)."""
         lookup = lookup if lookup is not None else self.lookup
         listed, marked = files, _planned_duplicates(files)
         files = files.loc[~_marked(files)].reset_index(drop=True)
         outcomes = decoded if decoded is not None else decode_rows(files, self._spec, self.options)
-        kept = self._kept(files, outcomes)
+        kept = self._kept(files, outcomes, owner)
         copies = self._start_reuse_check(kept, id_columns, lookup)
         probs, vectors, mirrored = self._predict(kept.images)
         predictions = self._prediction_rows(files, kept, id_columns, probs, mirrored)
@@ -207,8 +210,12 @@ class Scorer:
             history[EMBEDDING] = halves
         return Scored(predictions, rejects, drift, history)
 
-    def _kept(self, files: pd.DataFrame, outcomes: list[DecodeOutcome]) -> _Decoded:
-        """The decoded images, each distinct image once; unreadable files and repeats become rejects."""
+    def _kept(
+        self, files: pd.DataFrame, outcomes: list[DecodeOutcome], owner: Callable[[str, str], str | None] | None = None
+    ) -> _Decoded:
+        """The decoded images, each distinct image once; unreadable files and repeats become rejects. A file whose
+        bytes changed since planning is judged by what was decoded: where they are another planned file's bytes, it
+        is that file's duplicate (its row would otherwise take that file's: same bytes, model and version)."""
         planned = dict(zip(files["path"], files["image_id"])) if "image_id" in files.columns else {}
         rejects: list[tuple[str, str, str, str]] = []
         arrays, positions, image_ids, sizes, formats = [], [], [], [], []
@@ -218,9 +225,8 @@ class Scorer:
                 kind = outcome.kind.value if outcome.kind else RejectKind.CORRUPT.value
                 # unread bytes (too large, time limit, ...) keep the id the plan hashed: the next run compares it
                 rejects.append((outcome.image_id or planned.get(outcome.path, ""), outcome.path, outcome.reason, kind))
-            elif outcome.image_id in first_path:
-                earlier = self.masking.path(first_path[outcome.image_id])
-                reason = f"duplicate of {earlier} (same bytes, predicted once)"
+            elif (earlier := _earlier(first_path, planned, outcome, owner)) is not None:
+                reason = f"duplicate of {self.masking.path(earlier)} (same bytes, predicted once)"
                 rejects.append((outcome.image_id, outcome.path, reason, RejectKind.DUPLICATE.value))
             else:
                 first_path[outcome.image_id] = outcome.path
@@ -334,6 +340,27 @@ def decode_rows(files: pd.DataFrame, spec: DecodeSpec, options: ScoringOptions) 
     reads = [c or p for c, p in zip(_copies(rows), paths)]
     outcomes = decode_many(reads, spec, options.decode_workers, time_limit_s=options.decode_time_limit_s)
     return [o if o.path == p else replace(o, path=p) for o, p in zip(outcomes, paths)]
+
+
+def planned_owner(plan: ShardPlan, image_id: str, path: str) -> str | None:
+    """The first file of `plan`, other than `path`, planned with these bytes (none: None)."""
+    files = plan.frame()
+    same = files[(files["image_id"] == image_id) & (files["path"] != path)]
+    return str(same["path"].iloc[0]) if len(same) else None
+
+
+def _earlier(
+    first_path: dict[str, str],
+    planned: dict[str, str],
+    outcome: DecodeOutcome,
+    owner: Callable[[str, str], str | None] | None,
+) -> str | None:
+    """The file whose duplicate `outcome` is: one decoded before it in this shard with the same bytes, else (when its
+    bytes changed since planning) another planned file with those bytes."""
+    if outcome.image_id in first_path:
+        return first_path[outcome.image_id]
+    changed = planned.get(outcome.path, outcome.image_id) != outcome.image_id
+    return owner(outcome.image_id, outcome.path) if changed and owner is not None else None
 
 
 def extend_history(parts_dir: Path, history: History) -> int:

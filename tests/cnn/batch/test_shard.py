@@ -167,3 +167,33 @@ def test_pseudonymized_columns_and_paths_still_make_increments_work(trained: Fit
     assert again.files == 0  # "already done" compares the pseudonymized paths
     with pytest.raises(UserError, match="cannot pseudonymize patient"):
         _run(folder / "claims.csv", sink, predictor, tmp_path, masking=Masking(("patient",), b"key"))
+
+
+@pytest.mark.parametrize("kind", ["parquet", "sqlite", "delta"])
+def test_a_file_replaced_by_a_copy_after_planning_never_takes_another_files_row(
+    trained: FitResult, tmp_path: Path, kind: str
+) -> None:
+    """Between planning and decoding, a file of a later shard is replaced by a copy of a file of an earlier shard (a
+    duplicate photo still uploading at scan time). Its row must not replace the earlier file's (same bytes, model
+    and version): it is the duplicate, and the summary's counts are what the sinks hold."""
+    from cnn.batch.delta_sink import DeltaSink
+    from cnn.batch.sql_sink import SqlSink
+
+    folder = write_patterns(tmp_path / "in", per_class=4, seed=8)
+    sink = {
+        "parquet": lambda: FileSink(tmp_path / "out.parquet"),
+        "sqlite": lambda: SqlSink(f"sqlite:///{tmp_path / 'out.db'}", "preds"),
+        "delta": lambda: DeltaSink(str(tmp_path / "delta")),
+    }[kind]()
+    plan = plan_shards(list_inputs(str(folder)), [sink], MODEL, shard_size=4, run_dir=tmp_path)
+    first, last = plan.rows(0)["path"].iloc[0], plan.rows(plan.shards - 1)["path"].iloc[-1]
+    shutil.copy(first, Path(last).with_name(".uploading"))  # the hook: after planning, before decoding
+    Path(last).with_name(".uploading").replace(last)
+    scorer = Scorer(scoring_predictor(trained), MODEL, ScoringOptions())
+    results = [scorer.score_shard(plan, i, [sink]) for i in range(plan.shards)]
+    summary = summarise(results, plan, MODEL, seconds=1.0, tables=sink.finish())
+    rows = sink.current("patterns")
+    predicted, rejected = rows.loc[rows["reject_kind"] == "", "path"], rows.loc[rows["reject_kind"] != "", "path"]
+    assert first in set(predicted) and list(rejected) == [last]  # the earlier file keeps its row
+    assert (summary.predicted, summary.rejected) == (len(predicted), len(rejected)) == (11, 1)
+    assert summary.rejects_by_kind == {"duplicate": 1}

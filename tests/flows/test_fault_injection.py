@@ -302,17 +302,19 @@ def test_a_tracking_server_killed_mid_training_and_the_next_training_marks_the_r
 @pytest.mark.parametrize(
     "after",
     [
-        b"model-versions/create",  # the version exists, nothing recorded on it
-        b"model-versions/set-tag",  # one digest recorded
-        b"model-versions/update",  # digests, gate decision and card recorded, not yet marked complete
+        (b"model-versions/create",),  # the version exists, nothing recorded on it
+        (b"model-versions/create", b"model-versions/set-tag"),  # one digest recorded
+        # digests and the gate's decision recorded, the card being written: the kill lands before the version is
+        # marked complete even when it comes a few requests late (card.json, the description, then the marker)
+        (b"model-versions/create", b"model_card/card.md"),
     ],
 )
 def test_a_registration_stopped_at_any_step_is_refused_then_marked_by_the_next_training(
-    tmp_path: Path, tracking_server: Tracking, after: bytes
+    tmp_path: Path, tracking_server: Tracking, after: tuple[bytes, ...]
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    env, train = _train_until_killed(tmp_path, tracking_server, after)
+    env, train = _train_until_killed(tmp_path, tracking_server, *after)
     env = {**env, "MLFLOW_TRACKING_URI": tracking_server.url}
     client = MlflowClient(tracking_server.url)
     assert client.get_registered_model("patterns").aliases == {}  # no alias on a half-registered version

@@ -308,6 +308,7 @@ def test_a_tracking_server_killed_mid_training_and_the_next_training_marks_the_r
         # marked complete even when it comes a few requests late (card.json, the description, then the marker)
         (b"model-versions/create", b"model_card/card.md"),
     ],
+    ids=["created", "one-digest", "card"],
 )
 def test_a_registration_stopped_at_any_step_is_refused_then_marked_by_the_next_training(
     tmp_path: Path, tracking_server: Tracking, after: tuple[bytes, ...]

@@ -106,6 +106,18 @@ def run_group(command: list[str]) -> int:
         stop_group(proc)
 
 
+EXIT_GRACE_S = 15.0  # the longest a command's exit waits for threads and atexit handlers (flushes to servers)
+
+
+def _leave(status: int) -> NoReturn:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
 def exit_without_teardown(code: object) -> NoReturn:
     """End the command as Python's exit does (other threads joined and thread or process pools shut down, the atexit
     handlers run: Prefect's log and event flush, logging's, multiprocessing's cleanup; the streams flushed), then
@@ -114,13 +126,13 @@ def exit_without_teardown(code: object) -> NoReturn:
     if isinstance(code, str):
         print(code, file=sys.stderr)
     status = code if isinstance(code, int) else (0 if code is None else 1)
+    # Bounded: with its server gone, Prefect's event and log flush retried for minutes after the command had said
+    # so (155 s in one run); past EXIT_GRACE_S the command ends without them.
+    deadline = threading.Timer(EXIT_GRACE_S, _leave, (status,))
+    deadline.daemon = True
+    deadline.start()
     try:
         threading._shutdown()  # type: ignore[attr-defined]  # what Python's own exit calls first
         atexit._run_exitfuncs()
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):  # a closed pipe (`cnn ... | head`): nothing more to say
-                pass
-        os._exit(status)
+        _leave(status)  # a closed pipe (`cnn ... | head`) leaves nothing more to say

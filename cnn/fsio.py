@@ -45,7 +45,7 @@ def atomic_set(targets: list[Path], journal: Path) -> Iterator[list[Path]]:
     try:
         yield temps
         for tmp in temps:
-            _fsync(tmp)
+            fsync_path(tmp)
         names = [
             [os.path.relpath(t, journal.parent), os.path.relpath(target, journal.parent)]
             for t, target in zip(temps, targets)
@@ -68,12 +68,13 @@ def finish_set(journal: Path) -> bool:
     for tmp, target in pairs:
         if (journal.parent / tmp).exists():
             os.replace(journal.parent / tmp, journal.parent / target)
-    _fsync(journal.parent)
+    fsync_path(journal.parent)
     journal.unlink(missing_ok=True)
     return True
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -35,6 +35,7 @@ import pandas as pd
 from cnn.choices import DATASET_NAME, SPLITS
 from cnn.limits import DEFAULT_MAX_FILE_BYTES
 from cnn.errors import UserError
+from cnn.fsio import fsync_path
 from cnn.formats import migrated
 from cnn.io.storage import is_url
 
@@ -197,7 +198,7 @@ class Dataset:
         if meta.cache_shards:
             durable += [path for token in meta.cache_shards for path in self.cache_paths(token)] + [self.cache_dir]
         for path in durable:
-            _fsync(path)
+            fsync_path(path)
         pointer = self.root / POINTER
         tmp = pointer.with_name(f".{POINTER}.{os.getpid()}.tmp")
         with open(tmp, "w", encoding="utf-8") as handle:
@@ -205,7 +206,7 @@ class Dataset:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, pointer)
-        _fsync(self.root)
+        fsync_path(self.root)
         self._generation = folder
 
     def cache_paths(self, token: str) -> tuple[Path, Path]:
@@ -234,15 +235,6 @@ def _sharded_cache(data: dict[str, Any]) -> dict[str, Any]:
     """dataset.json format 1 -> 2: the one cache file of an ingest before shards is the cache's only shard."""
     legacy = data.pop("cache_token", "")
     return {**data, "cache_shards": data.get("cache_shards") or ([legacy] if legacy else [])}
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a folder's entries') data to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ShardedImages:

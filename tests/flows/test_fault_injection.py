@@ -215,6 +215,15 @@ def _mlflow_server(port: int, store: Path) -> subprocess.Popen[bytes]:
     return server
 
 
+def _kill_group(server: subprocess.Popen[bytes]) -> None:
+    """A server and its workers (the processes in the group it leads), as an OOM kill would."""
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    server.wait()
+
+
 class Tracking:
     """A real tracking server on loopback, killed and restarted on the same port and store."""
 
@@ -227,12 +236,7 @@ class Tracking:
         return (self.store / "log").read_bytes()
 
     def kill(self) -> None:
-        """The server and its workers (uvicorn's processes, in the group the server leads), as an OOM kill would."""
-        try:
-            os.killpg(self.server.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.server.wait()
+        _kill_group(self.server)
 
     def restart(self) -> None:
         self.server = _mlflow_server(self.port, self.store)
@@ -402,11 +406,7 @@ class Orchestration:
         wait_until_up(f"{self.api}/health")
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.server.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.server.wait()
+        _kill_group(self.server)
 
 
 def test_a_run_whose_server_died_is_marked_crashed_once_the_server_is_back(

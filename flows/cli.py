@@ -545,9 +545,9 @@ app.add_typer(review_app, name="review")
 
 def main() -> None:
     """Console-script entry point."""
-    from flows.processes import exit_without_teardown, stop_on_sigterm
+    from flows.processes import exit_without_teardown, guard
 
-    stop_on_sigterm()
+    guard()
     try:
         app()
     except SystemExit as done:  # typer ends every command with one

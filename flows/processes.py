@@ -16,9 +16,26 @@ from typing import NoReturn
 
 from cnn import stopping
 from cnn.stopping import TERMINATED
+from flows import watchdog
+
+SIGTERM_GRACE_S = 10.0  # how long a SIGTERM waits for a safe point before the command raises wherever it is
+EXIT_GRACE_S = 15.0  # the longest a command's exit waits for threads and atexit handlers (flushes to servers)
+# past both, and a little more, native code holds the command: its watchdog ends it with SIGKILL
+KILL_AFTER_S = SIGTERM_GRACE_S + EXIT_GRACE_S + 5.0
+_watchdog: subprocess.Popen[bytes] | None = None
 
 
-def stop_on_sigterm(grace_s: float = 10.0) -> None:
+def guard(kill_after_s: float = KILL_AFTER_S) -> None:
+    """What every command sets up first: SIGTERM stops it at a safe point (`stop_on_sigterm`), and a watchdog process
+    (flows.watchdog) ends it `kill_after_s` after a SIGTERM that native code kept it from honouring, and stops the
+    children it leaves behind (Prefect's throwaway server) however it ends."""
+    global _watchdog
+    stop_on_sigterm(SIGTERM_GRACE_S)
+    if _watchdog is None:
+        _watchdog = watchdog.start(kill_after_s)
+
+
+def stop_on_sigterm(grace_s: float = SIGTERM_GRACE_S) -> None:
     """SIGTERM (Kubernetes, Prefect workers, `timeout`) stops a command the way Ctrl-C does, at a safe point: the
     library's loops stop between files, shards and training steps (`cnn.stopping.check`), `finally` blocks and
     atexit handlers run (children stopped, Prefect's temporary server shut down). Where no safe point comes
@@ -104,9 +121,6 @@ def run_group(command: list[str]) -> int:
                 stopping.check()  # a safe point: SIGTERM stops the child group at once
     finally:
         stop_group(proc)
-
-
-EXIT_GRACE_S = 15.0  # the longest a command's exit waits for threads and atexit handlers (flushes to servers)
 
 
 def _leave(status: int) -> NoReturn:

@@ -3,7 +3,8 @@
   T/predictions/   one row per prediction, with its embedding (float16 bytes), appended shard by shard
                    (Hive-partitioned by --partition-by)
   T/rejects/       one row per file that could not be scored
-  T/reviews/       reviewers' answers (`reviewed_label` by image), appended; none are written by scoring
+  T/reviews/       reviewers' answers (`reviewed_label` by image bytes and version), appended; none are written by
+                   scoring
   T/drift/         one row per drift statistic and run
 
 each a Delta table that pandas, Polars, DuckDB and Spark read (docs/operations/delta-tables.md). The review queue,
@@ -42,6 +43,7 @@ from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from cnn import choices
 from cnn.batch.tables import (
+    ANSWER_KEY,
     CURRENT_COLUMNS,
     EMBEDDING,
     KEY,
@@ -55,6 +57,7 @@ from cnn.batch.tables import (
 )
 from cnn.choices import PARTITION_COLUMNS
 from cnn.errors import UserError
+from cnn.frames import among
 from cnn.io import storage
 
 DeltaKind = Literal["predictions", "rejects", "reviews", "drift"]  # cnn.choices.DELTA_TABLES
@@ -175,8 +178,9 @@ class DeltaSink:
         queue = self.review_rows()
         if answers.empty or queue.empty:
             return 0
-        frame = answers[[*KEY, *REVIEWER_COLUMNS]].astype({"model_version": str})
-        frame = frame.loc[row_keys(frame, KEY).isin(row_keys(queue, KEY)).to_numpy()]  # answers to rows it holds
+        frame = answers[[*ANSWER_KEY, *REVIEWER_COLUMNS]].astype({"model_version": str})
+        held = among(row_keys(frame, ANSWER_KEY), row_keys(queue, ANSWER_KEY))
+        frame = frame.loc[held]  # answers to rows it holds
         if frame.empty:
             return 0
         frame = frame.assign(reviewed_at=pd.to_datetime(frame["reviewed_at"], utc=True))
@@ -291,8 +295,9 @@ def read_tables(sink: DeltaSink, as_of: datetime | None = None, current: bool = 
 
 
 def _newest(reviews: pd.DataFrame) -> pd.DataFrame:
-    """The newest answer for each prediction (a reviewer who changes their mind writes a newer row)."""
+    """The newest answer for each image and version (a reviewer who changes their mind writes a newer row)."""
     if reviews.empty:
         return reviews
     order = "reviewed_at" if "reviewed_at" in reviews.columns else "scored_at"
-    return reviews.sort_values(order, kind="stable").drop_duplicates(KEY, keep="last")
+    key = KEY if "path" in reviews.columns else ANSWER_KEY  # rows migrated from a review file keep their path
+    return reviews.sort_values(order, kind="stable").drop_duplicates(key, keep="last")

@@ -7,8 +7,8 @@ moment and run again therefore ends with every input exactly once, as a predicti
 History: a path has one *current* row per model name, across both tables (`superseded_at` empty). When
 a path is scored again (its bytes changed, a transient reject was retried, `--rescore` with another
 version) the new row becomes current and the earlier one is kept, with `superseded_at` set to the time
-the new row was scored. Prediction rows are unique per (image_id, model, version), rejects per (path,
-model, version).
+the new row was scored. Prediction rows are unique per (path, image_id, model, version): a path and its bytes,
+so two paths with the same bytes never share a row; rejects per (path, model, version).
 
 Embeddings (the model's description of each image, `--embeddings`) go to a side table keyed like the predictions:
 `X.embeddings.parquet` (float16 lists; also beside a CSV output) or `<table>_embeddings` (float16 bytes), written
@@ -31,6 +31,7 @@ from typing import Protocol
 import pandas as pd
 
 from cnn.batch.tables import (
+    ANSWER_KEY,
     CURRENT_COLUMNS,
     DRIFT_KEY,
     KEY,
@@ -45,6 +46,7 @@ from cnn.batch.tables import (
     row_keys,
     side_table,
     split_embeddings,
+    with_paths,
     write_csv,
     write_parquet,
 )
@@ -57,8 +59,10 @@ class Sink(Protocol):
     """Where predictions and rejects go."""
 
     def current(self, model_name: str, paths: Sequence[str] | None = None) -> pd.DataFrame:
-        """The current row of each path this model name scored (CURRENT_COLUMNS; reject_kind "" = predicted); a
-        sink may leave out paths not in `paths` (what planning asks about)."""
+        """The current row of each path this model name scored (CURRENT_COLUMNS; reject_kind "" = predicted), of
+        `paths` only where given (what planning asks about). Every sink answers alike: planning's duplicates are
+        among the paths a run lists, and a copy of an image scored under a path it does not list gets a row of its
+        own (the reuse check marks it)."""
 
     def commit(self, shard: int, predictions: pd.DataFrame, rejects: pd.DataFrame, run_key: str = "") -> None:
         """Make one shard's rows durable, exactly once (`run_key`: the plan's id, the same for a retried shard)."""
@@ -114,7 +118,10 @@ class FileSink:
         with self._lock():  # a consistent view: no merge removes parts while they are read
             finish_set(self.journal)  # a publish killed between its renames: its set completed first
             latest = latest_per_path(self._all("pred"), self._all("rej"))
-        return latest.loc[latest["model_name"] == model_name, CURRENT_COLUMNS].reset_index(drop=True)
+        wanted = latest["model_name"] == model_name
+        if paths is not None:
+            wanted &= among(latest["path"], list(paths))
+        return latest.loc[wanted, CURRENT_COLUMNS].reset_index(drop=True)
 
     def commit(self, shard: int, predictions: pd.DataFrame, rejects: pd.DataFrame, run_key: str = "") -> None:
         name = f"shard-{shard:06d}-{uuid.uuid4().hex[:12]}"  # unique across runs writing the same output
@@ -154,14 +161,14 @@ class FileSink:
             return self._read_review()
 
     def record_reviews(self, answers: pd.DataFrame) -> int:
-        """The answers go into the review file (atomically, under the output's lock), by row key; a publish keeps
-        them, like everything a reviewer writes there."""
+        """The answers go into the review file (atomically, under the output's lock), to every row of the answered
+        bytes and version (ANSWER_KEY); a publish keeps them, like everything a reviewer writes there."""
         with self._lock():
             review = self._read_review()
             if review.empty or answers.empty:
                 return 0
-            keyed = answers.set_index(row_keys(answers, KEY))
-            index = row_keys(review, KEY)
+            keyed = answers.set_index(row_keys(answers, ANSWER_KEY))
+            index = row_keys(review, ANSWER_KEY)
             matched = among(index, keyed.index)
             for column in REVIEWER_COLUMNS:
                 values = index[matched].map(keyed[column].to_dict())
@@ -176,9 +183,11 @@ class FileSink:
 
     def _merged(self) -> dict[str, pd.DataFrame]:
         """The tables as the publish writes them: what is published plus every committed part, each key once."""
-        tables = {}
+        tables: dict[str, pd.DataFrame] = {}
         for kind, key in (("pred", KEY), ("rej", REJECT_KEY), ("emb", KEY)):
             merged = self._all(kind)
+            if kind == "emb":  # vectors an earlier version kept without their path take their prediction's
+                merged = with_paths(merged, tables["pred"])
             if not merged.empty:  # the newest row of a key wins (a retried reject, bytes that came back)
                 merged["scored_at"] = as_time(merged["scored_at"])
                 merged = merged.sort_values("scored_at", kind="stable")

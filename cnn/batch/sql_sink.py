@@ -38,6 +38,7 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.pool import NullPool
 
 from cnn.batch.tables import (
+    ANSWER_KEY,
     CURRENT_COLUMNS,
     DRIFT_KEY,
     EMBEDDING,
@@ -100,6 +101,7 @@ class SqlSink:
             raise UserError(message) from None
         self.quote = self.engine.dialect.identifier_preparer.quote  # identifiers are quoted by SQLAlchemy
         self._indexed: set[str] = set()
+        self._keyed: set[str] = set()  # tables whose unique key was checked (once per sink)
 
     @classmethod
     def from_url(cls, spec: str) -> SqlSink:
@@ -128,6 +130,9 @@ class SqlSink:
             return String(512) if series.name in key else Text()
 
         existing = self._columns(conn, name)
+        if existing and name not in self._keyed:
+            self._rekey(conn, name, frame, key, existing)
+            existing = self._columns(conn, name)
         if not existing:
             meta = MetaData()
             Table(
@@ -146,29 +151,63 @@ class SqlSink:
             conn.execute(text(f"CREATE INDEX IF NOT EXISTS {index} ON {self.quote(name)} (model_name, path)"))
             self._indexed.add(name)
 
+    def _rekey(self, conn: Connection, name: str, frame: pd.DataFrame, key: list[str], existing: set[str]) -> None:
+        """Bring a table an earlier version created up to `key`: a prediction row's key was (image_id, model,
+        version) before it became (path, image_id, model, version); the embeddings table then kept no path, and its
+        rows take their prediction's. SQLite cannot alter a constraint, so alembic's batch mode rebuilds the table
+        there (in this transaction: concurrent writers wait on the lock)."""
+        # alembic loads only for a table an earlier version created
+        from alembic.migration import MigrationContext
+        from alembic.operations import Operations
+
+        self._keyed.add(name)
+        constraint = f"uq_{name}_key"
+        found = [u for u in inspect(conn).get_unique_constraints(name) if u["name"] == constraint]
+        if not found or list(found[0]["column_names"]) == key:
+            return
+        if "path" in key and "path" not in existing:
+            conn.execute(text(f"ALTER TABLE {self.quote(name)} ADD COLUMN {self.quote('path')} VARCHAR(512)"))
+            self._fill_paths(conn, name)
+        operations = Operations(MigrationContext.configure(conn))
+        with operations.batch_alter_table(name) as batch:
+            batch.drop_constraint(constraint, type_="unique")
+            batch.create_unique_constraint(constraint, key)
+
+    def _fill_paths(self, conn: Connection, name: str) -> None:
+        """Each row of `name` takes the path of the prediction with its bytes and version (one such row under the
+        earlier key); a row without one is removed (a vector whose prediction is gone)."""
+        rows, main = self.quote(name), self.quote(self.table)
+        match = " AND ".join(f"p.{self.quote(c)} = {rows}.{self.quote(c)}" for c in ANSWER_KEY)
+        conn.execute(text(f"UPDATE {rows} SET path = (SELECT MAX(p.path) FROM {main} p WHERE {match})"))
+        conn.execute(text(f"DELETE FROM {rows} WHERE path IS NULL"))
+
     def current(self, model_name: str, paths: Sequence[str] | None = None) -> pd.DataFrame:
-        frames = []
+        listed = None if paths is None else list(dict.fromkeys(map(str, paths)))
         with self.engine.connect() as conn:
-            for name in (self.table, self.rejects):
-                columns = self._columns(conn, name)
-                if columns:
-                    readable = (
-                        "path",
-                        "image_id",
-                        "model_name",
-                        "model_version",
-                        "scored_at",
-                        *LATER_COLUMNS,
-                        VERSION_COLUMN,
-                    )
-                    wanted = [c for c in readable if c in columns]
-                    where = "model_name = :m" + (" AND superseded_at IS NULL" if "superseded_at" in columns else "")
-                    query = f"SELECT {', '.join(map(self.quote, wanted))} FROM {self.quote(name)} WHERE {where}"
-                    frames.append(pd.read_sql_query(text(query), conn, params={"m": model_name}))
-                else:
-                    frames.append(pd.DataFrame())
-        latest = latest_per_path(*frames)
-        return latest[CURRENT_COLUMNS]
+            predictions, rejects = (
+                self._current_rows(conn, name, model_name, listed) for name in (self.table, self.rejects)
+            )
+        return latest_per_path(predictions, rejects)[CURRENT_COLUMNS]
+
+    def _current_rows(self, conn: Connection, name: str, model_name: str, paths: list[str] | None) -> pd.DataFrame:
+        """The rows of `name` not superseded, of `paths` only where given (read by the (model_name, path) index, a
+        chunk of paths at a time)."""
+        columns = self._columns(conn, name)
+        if not columns:
+            return pd.DataFrame()
+        readable = ("path", "image_id", "model_name", "model_version", "scored_at", *LATER_COLUMNS, VERSION_COLUMN)
+        where = "model_name = :m" + (" AND superseded_at IS NULL" if "superseded_at" in columns else "")
+        query = (
+            f"SELECT {', '.join(self.quote(c) for c in readable if c in columns)} FROM {self.quote(name)} WHERE {where}"
+        )
+        if paths is None:
+            return pd.read_sql_query(text(query), conn, params={"m": model_name})
+        statement = text(query + " AND path IN :paths").bindparams(bindparam("paths", expanding=True))
+        chunks = [
+            pd.read_sql_query(statement, conn, params={"m": model_name, "paths": paths[start : start + _IN_CHUNK]})
+            for start in range(0, len(paths), _IN_CHUNK)
+        ]
+        return pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame()
 
     def commit(self, shard: int, predictions: pd.DataFrame, rejects: pd.DataFrame, run_key: str = "") -> None:
         predictions, embeddings = split_embeddings(predictions)
@@ -241,10 +280,11 @@ class SqlSink:
             return pd.read_sql_query(text(f"SELECT * FROM {self.quote(self.review)}{where}{order}"), conn)
 
     def record_reviews(self, answers: pd.DataFrame) -> int:
-        """The answers into `<table>_review` by key, in one transaction (columns added where missing)."""
+        """The answers into `<table>_review`, to every row of the answered bytes and version (ANSWER_KEY), in one
+        transaction (columns added where missing)."""
         if answers.empty:
             return 0
-        frame = answers[[*KEY, *REVIEWER_COLUMNS]].astype({"model_version": str})
+        frame = answers[[*ANSWER_KEY, *REVIEWER_COLUMNS]].astype({"model_version": str})
         frame = frame.assign(reviewed_at=pd.to_datetime(frame["reviewed_at"], utc=True))
         with self.engine.begin() as conn:
             if not self._columns(conn, self.review):
@@ -252,7 +292,7 @@ class SqlSink:
             self._lock(conn)
             self._ensure(conn, self.review, frame, KEY, history=False)
             sets = ", ".join(f"{self.quote(c)} = :{c}" for c in REVIEWER_COLUMNS)
-            keys = " AND ".join(f"{self.quote(c)} = :{c}" for c in KEY)
+            keys = " AND ".join(f"{self.quote(c)} = :{c}" for c in ANSWER_KEY)
             statement = text(f"UPDATE {self.quote(self.review)} SET {sets} WHERE {keys}")
             records = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
             for record in records:
@@ -266,6 +306,7 @@ class SqlSink:
         return [f"{redact(self.url)}#{name}" for name in (self.table, self.rejects, *extra)]
 
 
+_IN_CHUNK = 1000  # paths per `IN (...)` of a planning read
 POOL_SIZE = 2  # connections a command holds to one PostgreSQL database at most (shards commit one at a time)
 _engines: dict[tuple[str, Waits], Engine] = {}
 _engines_lock = threading.Lock()

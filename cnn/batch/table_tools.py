@@ -15,7 +15,16 @@ import pyarrow.dataset as ds
 from deltalake import DeltaTable
 
 from cnn.batch.delta_sink import DELTA_TABLES, DeltaKind, DeltaSink, read_tables
-from cnn.batch.tables import EMBEDDING, KEY, REVIEW_COLUMN, read_csv_table, row_keys, side_table, write_csv
+from cnn.batch.tables import (
+    EMBEDDING,
+    KEY,
+    REVIEW_COLUMN,
+    read_csv_table,
+    row_keys,
+    side_table,
+    with_paths,
+    write_csv,
+)
 from cnn.choices import DELTA_EXPORTS, PARTITION_COLUMNS
 from cnn.errors import UserError
 from cnn.fsio import atomic_path
@@ -126,7 +135,8 @@ def _read_old(old: str) -> dict[DeltaKind, pd.DataFrame]:
         embeddings = _concat(_parts(storage.join(target, "_embeddings"), ""))
         review = _read_file(side_table(target, "review", "partitioned"))
         drift = _read_file(side_table(target, "drift", "partitioned"))
-    predictions, embeddings = _newest_per_key(predictions), _newest_per_key(embeddings)
+    predictions = _newest_per_key(predictions)
+    embeddings = _newest_per_key(with_paths(embeddings, predictions))
     if len(embeddings) and len(predictions):
         vectors = embeddings.set_index(row_keys(embeddings, KEY))[EMBEDDING]
         predictions[EMBEDDING] = row_keys(predictions, KEY).map(vectors).to_numpy()

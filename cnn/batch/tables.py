@@ -32,7 +32,13 @@ OUTPUT_COLUMNS = [
 REJECT_COLUMNS = ["image_id", "path", "reason", "reject_kind", "attempts"]
 # what the reuse check and the similar cases add to a prediction row (cnn.similarity.reuse.Lookup.annotate)
 SIMILARITY_COLUMNS = ["phash", "neighbour_label", "neighbour_agreement", "duplicate_of", "duplicate_kind"]
-KEY = ["image_id", "model_name", "model_version"]
+# A row's identity: its path and its bytes, per model version. Two paths with the same bytes never share a row (a
+# copy scored in a later run keeps its own row; the earlier path keeps its), and a path whose bytes changed gets a
+# new row that supersedes its old one.
+KEY = ["path", "image_id", "model_name", "model_version"]
+# What a reviewer's answer is about: an image's bytes as one version read them, whatever path holds them (a Label
+# Studio task carries no path); it applies to every row of those bytes.
+ANSWER_KEY = ["image_id", "model_name", "model_version"]
 REVIEW_COLUMN = "reviewed_label"  # the review table's column a reviewer fills in; a run never overwrites it
 # what a review pull (cnn.review.answers) writes beside it: label | unusable | none_of_these | disputed, the Label
 # Studio user ids that answered, and when; a scoring run never overwrites these either
@@ -74,8 +80,29 @@ def split_embeddings(predictions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFr
     if EMBEDDING not in predictions.columns:
         return predictions, pd.DataFrame()
     side = predictions[[*KEY, "scored_at", EMBEDDING]].copy()
-    side.insert(3, "dim", [len(v) for v in side[EMBEDDING]])
+    side.insert(len(KEY), "dim", [len(v) for v in side[EMBEDDING]])
     return predictions.drop(columns=EMBEDDING), side
+
+
+def with_paths(embeddings: pd.DataFrame, predictions: pd.DataFrame) -> pd.DataFrame:
+    """An embeddings table with every row's `path`: tables written while a row's key was its bytes alone (before
+    2026-12) kept no path beside a vector; each such row takes the path of the prediction it was written with
+    (same bytes, version and time)."""
+    if embeddings.empty or ("path" in embeddings.columns and embeddings["path"].notna().all()):
+        return embeddings
+    missing = embeddings["path"].isna() if "path" in embeddings.columns else pd.Series(True, index=embeddings.index)
+    if predictions.empty:
+        return embeddings.loc[~missing]
+    match = [*ANSWER_KEY, "scored_at"]
+    owners = predictions[[*match, "path"]].assign(scored_at=as_time(predictions["scored_at"]))
+    owners = owners.set_index(row_keys(owners, match))["path"]
+    owners = owners[~owners.index.duplicated(keep="last")]
+    old = embeddings.loc[missing, match].assign(scored_at=as_time(embeddings.loc[missing, "scored_at"]))
+    out = embeddings.copy()
+    if "path" not in out.columns:
+        out.insert(0, "path", pd.Series(None, index=out.index, dtype=object))
+    out.loc[missing, "path"] = row_keys(old, match).map(owners.to_dict()).to_numpy()
+    return out.loc[out["path"].notna()]  # a vector whose prediction is gone has no row to belong to
 
 
 def row_keys(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
@@ -201,13 +228,15 @@ def review_queue(predictions: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFra
         queue = _without(predictions.loc[flagged & _live(predictions)], "flow_run_id", "run_id")
         queue[REVIEW_COLUMN] = pd.Series(None, index=queue.index, dtype=object)
     if not earlier.empty and REVIEW_COLUMN in earlier.columns:
-        keyed = earlier.set_index(row_keys(earlier, KEY))
+        key = KEY if "path" in earlier.columns else ANSWER_KEY  # a review table's rows, or answers (Delta's reviews)
+        earlier = earlier.loc[~row_keys(earlier, key).duplicated(keep="last")]
+        keyed = earlier.set_index(row_keys(earlier, key))
         theirs = [c for c in earlier.columns if c not in queue.columns or c in REVIEWER_COLUMNS]
-        index = row_keys(queue, KEY)
+        index = row_keys(queue, key)
         for column in theirs:
             queue[column] = index.map(keyed[column].to_dict()).where(among(index, keyed.index), None).to_numpy()
         reviewed = earlier[earlier[REVIEW_COLUMN].fillna("").astype(str).str.strip() != ""]
-        queue = pd.concat([queue, reviewed[~among(row_keys(reviewed, KEY), index)]], ignore_index=True)
+        queue = pd.concat([queue, reviewed[~among(row_keys(reviewed, key), index)]], ignore_index=True)
     if "urgency" in queue.columns and len(queue):
         queue = queue.assign(_u=pd.to_numeric(queue["urgency"], errors="coerce")).sort_values(
             "_u", ascending=False, na_position="last", kind="stable"

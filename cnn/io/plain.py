@@ -112,7 +112,7 @@ def _jpeg_header(data: bytes, channels: int, size: int | None, resize: str) -> t
             height, width, components = struct.unpack_from(">HHB", segment, 1)
             frame = (width, height, components)
         at += 2 + length
-    if frame is None or frame[2] not in (1, 3):
+    if frame is None or frame[2] not in (1, 3) or 0 in frame[:2]:  # a height of 0 comes later (DNL): Pillow's path
         return None
     width, height, components = frame
     if size is not None and _drafted(width, height, components, channels, size, resize):

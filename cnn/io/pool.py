@@ -39,6 +39,7 @@ import numpy as np
 import psutil
 
 from cnn import stopping
+from cnn.cpus import usable_cpus
 from cnn.io.decode import (
     DecodeError,
     DecodeSpec,
@@ -309,11 +310,8 @@ def chunk_size(paths: list[str], workers: int, spec: DecodeSpec | None = None) -
 
 
 def default_workers() -> int:
-    """All the cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
+    """All the cores this process may use (its affinity, within its container's CPU quota)."""
+    return usable_cpus()
 
 
 def decode_many(

@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from cnn.batch.tables import KEY, REVIEW_COLUMN
+from cnn.batch.tables import ANSWER_KEY, REVIEW_COLUMN
 from cnn.review.tasks import CHOICES, VERDICTS
 
 VERDICT_COLUMN = "review_verdict"  # label | unusable | none_of_these | disputed
@@ -37,7 +37,7 @@ class Vote:
 
 
 def answers(tasks: Iterable[dict[str, Any]], classes_of: dict[str, Sequence[str]] | None = None) -> pd.DataFrame:
-    """One row per answered task: KEY (from the task's data) and REVIEWER_COLUMNS. A choice that is no longer a
+    """One row per answered task: ANSWER_KEY (from the task's data) and REVIEWER_COLUMNS. A choice that is no longer a
     class of the model (`classes_of[model]`, where given) is disputed rather than trusted."""
     rows = []
     for task in tasks:
@@ -61,7 +61,7 @@ def answers(tasks: Iterable[dict[str, Any]], classes_of: dict[str, Sequence[str]
                 "reviewed_at": counted[-1].at,
             }
         )
-    frame = pd.DataFrame(rows, columns=[*KEY, *REVIEWER_COLUMNS])
+    frame = pd.DataFrame(rows, columns=[*ANSWER_KEY, *REVIEWER_COLUMNS])
     frame["reviewed_at"] = pd.to_datetime(frame["reviewed_at"], utc=True)
     return frame
 

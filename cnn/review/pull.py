@@ -7,9 +7,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
-from cnn.batch.tables import KEY, REVIEWER_COLUMNS, row_keys
+from cnn.batch.tables import ANSWER_KEY, REVIEWER_COLUMNS, row_keys
 from cnn.frames import among
 from cnn.review.answers import VERDICT_COLUMN, answers
 from cnn.review.labelstudio import LabelStudio
@@ -20,7 +21,7 @@ from cnn.review.tasks import project_title
 class Pulled:
     """The answers a pull found, and those that are new or changed against the review table."""
 
-    answers: pd.DataFrame  # KEY + REVIEWER_COLUMNS, one row per answered task
+    answers: pd.DataFrame  # ANSWER_KEY + REVIEWER_COLUMNS, one row per answered task
     changed: pd.DataFrame  # the rows of `answers` to rows of the table that it does not hold yet
     elsewhere: int  # answers to rows this table does not hold (pushed from another table, or since replaced)
     project: int | None  # None: nothing was ever pushed for this model
@@ -48,22 +49,28 @@ def pull(client: LabelStudio, model_name: str, classes: Sequence[str] | None, qu
         empty = answers([])
         return Pulled(empty, empty, 0, None)
     got = answers(client.tasks(int(found["id"])), {model_name: list(classes)} if classes is not None else None)
-    held = among(row_keys(got, KEY), row_keys(queue, KEY))
+    held = among(row_keys(got, ANSWER_KEY), row_keys(queue, ANSWER_KEY))
     return Pulled(got, _changed(got.loc[held], queue), int((~held).sum()), int(found["id"]))
 
 
 def _changed(got: pd.DataFrame, queue: pd.DataFrame) -> pd.DataFrame:
-    """The answers that differ from what the table holds for the same key (or that it does not hold)."""
+    """The answers that differ from what the table holds for their bytes and version (on any of the rows of those
+    bytes: two paths may hold them), or that it does not hold."""
     if got.empty or queue.empty:
         return got.reset_index(drop=True)
-    held = queue.reindex(columns=[*KEY, *REVIEWER_COLUMNS])
-    held = held.set_index(row_keys(held, KEY))
-    held = held.loc[~held.index.duplicated(keep="last")]
-    keys = row_keys(got, KEY)
-    differs = pd.Series(~among(keys, held.index), index=got.index)
+    got = got.reset_index(drop=True)
+    held = queue.reindex(columns=[*ANSWER_KEY, *REVIEWER_COLUMNS]).reset_index(drop=True)
+    keys, held_keys = row_keys(got, ANSWER_KEY), row_keys(held, ANSWER_KEY)
+    differs = ~among(keys, held_keys)
+    position = pd.Series(np.arange(len(got)), index=keys.to_numpy())
+    position = position[~position.index.duplicated(keep="last")]
+    answered = held_keys.map(position)  # each held row's answer, if any
+    mine = answered.notna().to_numpy()
+    at = answered[mine].astype(int).to_numpy()
     for column in REVIEWER_COLUMNS:
-        before = keys.map(_text(held[column], column).to_dict()).fillna("")
-        differs |= before.to_numpy() != _text(got[column], column).to_numpy()
+        before = _text(held[column], column).to_numpy()[mine]
+        after = _text(got[column], column).to_numpy()[at]
+        differs[at[before != after]] = True
     return got.loc[differs].reset_index(drop=True)
 
 

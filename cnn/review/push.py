@@ -70,7 +70,8 @@ def answered(rows: pd.DataFrame) -> pd.Series:
 
 
 def open_rows(queue: pd.DataFrame, model_name: str) -> pd.DataFrame:
-    """The queue's rows of this model that no reviewer answered yet, most urgent first."""
+    """The queue's rows of this model that no reviewer answered yet, most urgent first, one per image: a task shows an
+    image's bytes, so the same photo under two paths is one task (its answer lands on both rows)."""
     if queue.empty or "model_name" not in queue.columns:
         return queue.iloc[0:0]
     rows = queue.loc[queue["model_name"].astype(str) == model_name]
@@ -80,7 +81,7 @@ def open_rows(queue: pd.DataFrame, model_name: str) -> pd.DataFrame:
     if "urgency" in rows.columns:
         rows = rows.assign(_u=pd.to_numeric(rows["urgency"], errors="coerce"))
         rows = rows.sort_values("_u", ascending=False, na_position="last", kind="stable").drop(columns="_u")
-    return rows.reset_index(drop=True)
+    return rows.drop_duplicates("image_id").reset_index(drop=True)
 
 
 def push(

@@ -115,3 +115,26 @@ def test_a_publish_on_a_full_disk_leaves_the_published_set_as_it_was(tiny_disk: 
 
 def _tables(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.glob("night.*") if p.is_file()}
+
+
+def test_vectors_an_earlier_version_kept_without_paths_take_their_predictions_path(tmp_path: Path) -> None:
+    """Before a row's key held its path, `X.embeddings.parquet` had none; a publish gives each old vector its
+    prediction's path, so a copy of an old image under a new path keeps its own vector beside the old one."""
+    import numpy as np
+
+    sink = FileSink(tmp_path / "out.parquet")
+    old = table_rows(2)[0]
+    old.to_parquet(sink.path, index=False)
+    vectors = old[["image_id", "model_name", "model_version", "scored_at"]].assign(dim=2)
+    vectors["embedding"] = [np.array([0.5, 1.0], np.float16)] * 2
+    vectors.to_parquet(sink.embeddings_path, index=False)
+    copy = table_rows(1)[0].assign(path="/p/new.png", scored_at=pd.Timestamp("2026-12-01", tz="UTC"))
+    sink.commit(0, copy.assign(embedding=[[1.0, 2.0]]), table_rows(0)[1].iloc[0:0])
+    sink.finish()
+    merged = pd.read_parquet(sink.embeddings_path).sort_values("path")
+    assert merged[["path", "image_id"]].values.tolist() == [
+        ["/p/0.png", "id0"],
+        ["/p/1.png", "id1"],
+        ["/p/new.png", "id0"],
+    ]
+    assert sorted(pd.read_parquet(sink.path)["path"]) == ["/p/0.png", "/p/1.png", "/p/new.png"]

@@ -81,3 +81,23 @@ def test_answers_land_in_the_review_queue_and_survive_the_next_run(kind: str, tm
     assert queue.loc["id1", "reviewed_label"] == "b"
     assert queue.loc["id2", "review_verdict"] == "unusable"
     assert len(queue) == 4  # one row per image: the replaced rows left the queue
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv", "delta", "sql"])
+def test_an_answer_applies_to_every_path_holding_the_answered_bytes(kind: str, tmp_path: Path) -> None:
+    """A Label Studio task is an image's bytes as a version read them (it carries no path). The same photo scored
+    under two paths (two nights, two claims) is two rows of the queue, and the reviewer's answer lands on both."""
+    sink = _sink(kind, tmp_path)
+    preds, rejects = _flagged(2)
+    sink.commit(0, preds, rejects, "run-1")
+    copy = preds.iloc[[0]].assign(path="/claims/other.png", scored_at=pd.Timestamp("2026-01-02", tz="UTC"))
+    sink.commit(1, copy, rejects.iloc[0:0], "run-2")
+    sink.finish()
+    queue = sink.review_rows()
+    assert sorted(queue.loc[queue["image_id"] == "id0", "path"]) == ["/claims/other.png", "/p/0.png"]
+    sink.record_reviews(_answers(("id0", "b", "label", "7")))
+    queue = sink.review_rows()
+    answered = queue.loc[queue["image_id"] == "id0"]
+    assert sorted(answered["path"]) == ["/claims/other.png", "/p/0.png"]  # still one row per path
+    assert answered["reviewed_label"].tolist() == ["b", "b"]
+    assert all(_blank(v) for v in queue.loc[queue["image_id"] == "id1", "reviewed_label"])

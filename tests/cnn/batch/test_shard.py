@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -12,14 +14,15 @@ import pytest
 from cnn.batch.file_sink import FileSink
 from cnn.batch.masking import Masking
 from cnn.batch.plan import list_inputs, mark_duplicates, plan_shards
-from cnn.batch.run import ModelRef, ScoringOptions, summarise
+from cnn.batch.run import ModelRef, ScoringOptions, ScoringSummary, ShardPlan, summarise
 from cnn.batch.shard import Scorer
+from cnn.batch.sinks import Sink
 from cnn.errors import UserError
 from cnn.infer.predictor import Predictor
 from cnn.io.decode import RejectKind
 from cnn.model.run import FitResult
 from tests.cnn.batch.batches import incoming_batch, scoring_predictor
-from tests.helpers import write_patterns
+from tests.helpers import PG_URL, requires_postgres, write_patterns
 
 MODEL = ModelRef("patterns", "1", "run-1")
 
@@ -169,31 +172,88 @@ def test_pseudonymized_columns_and_paths_still_make_increments_work(trained: Fit
         _run(folder / "claims.csv", sink, predictor, tmp_path, masking=Masking(("patient",), b"key"))
 
 
-@pytest.mark.parametrize("kind", ["parquet", "sqlite", "delta"])
+SINKS = ["parquet", "csv", "sqlite", pytest.param("postgresql", marks=requires_postgres), "delta"]
+
+
+@pytest.fixture(params=SINKS)
+def any_sink(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Sink]:
+    """A fresh sink of each kind: files, SQLite, PostgreSQL (tables of their own, dropped after), Delta."""
+    from cnn.batch.delta_sink import DeltaSink
+    from cnn.batch.sql_sink import SqlSink
+
+    kind, table = request.param, f"preds_{uuid.uuid4().hex[:8]}"
+    yield {
+        "parquet": lambda: FileSink(tmp_path / "out.parquet"),
+        "csv": lambda: FileSink(tmp_path / "out.csv"),
+        "sqlite": lambda: SqlSink(f"sqlite:///{tmp_path / 'out.db'}", "preds"),
+        "postgresql": lambda: SqlSink(PG_URL, table),
+        "delta": lambda: DeltaSink(str(tmp_path / "delta")),
+    }[kind]()
+    if kind == "postgresql":
+        from sqlalchemy import create_engine, text
+
+        with create_engine(PG_URL).begin() as conn:
+            for side in ("", "_rejects", "_review", "_duplicates", "_embeddings", "_drift"):
+                conn.execute(text(f'DROP TABLE IF EXISTS "{table}{side}"'))
+
+
+def held(sink: Sink, model: str = "patterns") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(predictions, rejects): the current rows the sink holds for `model`, one per path."""
+    rows = sink.current(model)
+    return rows[rows["reject_kind"] == ""], rows[rows["reject_kind"] != ""]
+
+
+def _score(plan: ShardPlan, sink: Sink, predictor: Predictor) -> ScoringSummary:
+    scorer = Scorer(predictor, MODEL, ScoringOptions())
+    results = [scorer.score_shard(plan, i, [sink]) for i in range(plan.shards)]
+    return summarise(results, plan, MODEL, seconds=1.0, tables=sink.finish())
+
+
 def test_a_file_replaced_by_a_copy_after_planning_never_takes_another_files_row(
-    trained: FitResult, tmp_path: Path, kind: str
+    trained: FitResult, tmp_path: Path, any_sink: Sink
 ) -> None:
     """Between planning and decoding, a file of a later shard is replaced by a copy of a file of an earlier shard (a
     duplicate photo still uploading at scan time). Its row must not replace the earlier file's (same bytes, model
     and version): it is the duplicate, and the summary's counts are what the sinks hold."""
-    from cnn.batch.delta_sink import DeltaSink
-    from cnn.batch.sql_sink import SqlSink
-
     folder = write_patterns(tmp_path / "in", per_class=4, seed=8)
-    sink = {
-        "parquet": lambda: FileSink(tmp_path / "out.parquet"),
-        "sqlite": lambda: SqlSink(f"sqlite:///{tmp_path / 'out.db'}", "preds"),
-        "delta": lambda: DeltaSink(str(tmp_path / "delta")),
-    }[kind]()
-    plan = plan_shards(list_inputs(str(folder)), [sink], MODEL, shard_size=4, run_dir=tmp_path)
+    plan = plan_shards(list_inputs(str(folder)), [any_sink], MODEL, shard_size=4, run_dir=tmp_path)
     first, last = plan.rows(0)["path"].iloc[0], plan.rows(plan.shards - 1)["path"].iloc[-1]
     shutil.copy(first, Path(last).with_name(".uploading"))  # the hook: after planning, before decoding
     Path(last).with_name(".uploading").replace(last)
-    scorer = Scorer(scoring_predictor(trained), MODEL, ScoringOptions())
-    results = [scorer.score_shard(plan, i, [sink]) for i in range(plan.shards)]
-    summary = summarise(results, plan, MODEL, seconds=1.0, tables=sink.finish())
-    rows = sink.current("patterns")
-    predicted, rejected = rows.loc[rows["reject_kind"] == "", "path"], rows.loc[rows["reject_kind"] != "", "path"]
-    assert first in set(predicted) and list(rejected) == [last]  # the earlier file keeps its row
+    summary = _score(plan, any_sink, scoring_predictor(trained))
+    predicted, rejected = held(any_sink)
+    assert first in set(predicted["path"]) and list(rejected["path"]) == [last]  # the earlier file keeps its row
     assert (summary.predicted, summary.rejected) == (len(predicted), len(rejected)) == (11, 1)
     assert summary.rejects_by_kind == {"duplicate": 1}
+
+
+def test_two_paths_with_the_same_bytes_never_share_a_row_across_runs(
+    trained: FitResult, tmp_path: Path, any_sink: Sink
+) -> None:
+    """A row's identity is its path and its bytes. Tonight's batch holds a copy of a photo an earlier night scored
+    under another path, and a file that turns into a copy of another of last night's photos after planning (a hook
+    between planning and decoding): each keeps a row of its own, with the bytes that were decoded, and last night's
+    rows stay as they were. (With a key of bytes alone, tonight's rows replaced last night's: paths lost in
+    silence, and the summary said more than the tables held.)"""
+    predictor = scoring_predictor(trained)
+    night1 = sorted(write_patterns(tmp_path / "night1", per_class=2, seed=21).rglob("*.png"))
+    first = _score(
+        plan_shards(list_inputs(str(tmp_path / "night1")), [any_sink], MODEL, 4, tmp_path), any_sink, predictor
+    )
+    predicted, rejected = held(any_sink)
+    assert (first.predicted, first.rejected) == (len(predicted), len(rejected)) == (6, 0)
+    before = dict(zip(predicted["path"], predicted["image_id"]))
+
+    night2 = sorted(write_patterns(tmp_path / "night2", per_class=2, seed=22).rglob("*.png"))
+    shutil.copy(night1[0], night2[0])  # a copy of last night's photo, there at scan time
+    plan = plan_shards(list_inputs(str(tmp_path / "night2")), [any_sink], MODEL, 4, tmp_path)
+    shutil.copy(night1[1], night2[1].with_name(".uploading"))  # the hook: after planning, before decoding
+    night2[1].with_name(".uploading").replace(night2[1])
+    second = _score(plan, any_sink, predictor)
+
+    predicted, rejected = held(any_sink)
+    ids = dict(zip(predicted["path"], predicted["image_id"]))
+    assert {path: ids.get(path) for path in before} == before  # last night's rows are all still there
+    assert ids[str(night2[0])] == before[str(night1[0])] and ids[str(night2[1])] == before[str(night1[1])]
+    assert len(predicted) == 12 and rejected.empty  # every path of both nights once
+    assert (second.predicted, second.rejected) == (len(predicted) - first.predicted, 0)

@@ -124,3 +124,73 @@ def test_a_run_holds_a_stated_number_of_connections_however_many_shards(limited_
         rows = admin.execute("SELECT count(*) FROM limited").fetchone()
     assert held is not None and held[0] <= POOL_SIZE
     assert rows == (70,)
+
+
+def _old_tables(url: str, table: str) -> None:
+    """Tables as the versions before 2026-12 created them: predictions unique per (image_id, model, version), and an
+    embeddings table without a path."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    stamp, blob = ("TIMESTAMP WITH TIME ZONE", "BYTEA") if engine.dialect.name == "postgresql" else ("DATETIME", "BLOB")
+    key = "image_id, model_name, model_version"
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                f"CREATE TABLE {table} (image_id VARCHAR(512), path TEXT, label TEXT, confidence FLOAT, "
+                f"needs_review BOOLEAN, model_name VARCHAR(512), model_version VARCHAR(512), scored_at {stamp}, "
+                f"superseded_at {stamp}, CONSTRAINT uq_{table}_key UNIQUE ({key}))"
+            )
+        )
+        conn.execute(text(f"CREATE INDEX ix_{table}_path ON {table} (model_name, path)"))
+        conn.execute(
+            text(
+                f"CREATE TABLE {table}_embeddings (image_id VARCHAR(512), model_name VARCHAR(512), "
+                f"model_version VARCHAR(512), dim BIGINT, scored_at {stamp}, embedding {blob}, "
+                f"CONSTRAINT uq_{table}_embeddings_key UNIQUE ({key}))"
+            )
+        )
+        for i in range(2):
+            conn.execute(
+                text(f"INSERT INTO {table} VALUES (:id, :path, 'a', 0.9, false, 'm', '1', :at, NULL)"),
+                {"id": f"id{i}", "path": f"/p/{i}.png", "at": pd.Timestamp("2025-06-01", tz="UTC").to_pydatetime()},
+            )
+            conn.execute(
+                text(f"INSERT INTO {table}_embeddings VALUES (:id, 'm', '1', 2, :at, :v)"),
+                {"id": f"id{i}", "at": pd.Timestamp("2025-06-01", tz="UTC").to_pydatetime(), "v": b"\x00<\x00<"},
+            )
+    engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=requires_postgres)])
+def test_a_table_keyed_by_bytes_alone_is_rekeyed_by_path_and_bytes(tmp_path: Path, backend: str) -> None:
+    """A table an earlier version wrote (key: image_id, model, version) takes the new key at the first commit, keeping
+    its rows; its vectors take their prediction's path; then a copy of an old image under a new path gets a row of
+    its own instead of taking the old path's."""
+    from sqlalchemy import create_engine, inspect, text
+
+    table = f"old_{uuid.uuid4().hex[:8]}"
+    url = f"sqlite:///{tmp_path / 'old.db'}" if backend == "sqlite" else PG_URL
+    _old_tables(url, table)
+    try:
+        sink = SqlSink(url, table)
+        copy = table_rows(1)[0].assign(path="/p/new.png", scored_at=pd.Timestamp("2026-12-01", tz="UTC"))
+        sink.commit(0, copy.assign(embedding=[[1.0, 2.0]]), table_rows(0)[1].iloc[0:0])
+        with sink.engine.connect() as conn:
+            keys = {u["name"]: u["column_names"] for u in inspect(conn).get_unique_constraints(table)}
+            rows = pd.read_sql_query(text(f"SELECT path, image_id FROM {table} ORDER BY path"), conn)
+            vectors = pd.read_sql_query(text(f"SELECT path, image_id FROM {table}_embeddings ORDER BY path"), conn)
+            indexes = {i["name"] for i in inspect(conn).get_indexes(table)}
+        assert keys == {f"uq_{table}_key": ["path", "image_id", "model_name", "model_version"]}
+        assert rows.values.tolist() == [["/p/0.png", "id0"], ["/p/1.png", "id1"], ["/p/new.png", "id0"]]
+        assert vectors.values.tolist() == rows.values.tolist()  # the old vectors found their paths
+        assert f"ix_{table}_path" in indexes  # the rebuilt SQLite table keeps its index
+        assert sorted(sink.current("m")["path"]) == ["/p/0.png", "/p/1.png", "/p/new.png"]  # each path current
+        sink.commit(1, copy.assign(label="b"), table_rows(0)[1].iloc[0:0])  # upserts on the new key
+        with sink.engine.connect() as conn:
+            assert conn.execute(text(f"SELECT count(*) FROM {table}")).scalar() == 3
+    finally:
+        if backend == "postgresql":
+            with create_engine(PG_URL).begin() as conn:
+                for side in ("", "_rejects", "_review", "_duplicates", "_embeddings"):
+                    conn.execute(text(f'DROP TABLE IF EXISTS "{table}{side}"'))

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from prefect.events.schemas.automations import AutomationCore
 
 CRASH_DETECTION = "cnn: mark flow runs Crashed when their heartbeats stop"
+HEARTBEAT = "prefect.flow-run.heartbeat"
 HEARTBEAT_S = 60  # the workspace's PREFECT_FLOWS_HEARTBEAT_FREQUENCY unless the user sets one (Prefect: 180)
 MISSED_BEATS = 3  # a run is declared dead after this many heartbeat periods of silence
 
@@ -37,9 +38,9 @@ def crash_detection(within_s: int) -> AutomationCore:
         name=CRASH_DETECTION,
         description="A flow run that stopped sending heartbeats died without a word (kill -9, OOM, lost node).",
         trigger=EventTrigger(
-            after={"prefect.flow-run.heartbeat"},
+            after={HEARTBEAT},
             expect={
-                "prefect.flow-run.heartbeat",
+                HEARTBEAT,
                 "prefect.flow-run.Completed",
                 "prefect.flow-run.Failed",
                 "prefect.flow-run.Cancelled",
@@ -79,14 +80,16 @@ def ensure_crash_detection(within_s: int | None = None) -> str:
 
 
 FLOWS = ("ingest", "augment", "train", "score", "pipeline", "review-push", "review-pull", "tables")  # ours
-HEARTBEAT = "prefect.flow-run.heartbeat"
 
 
 def crash_stale_runs(within_s: int | None = None) -> list[str]:
-    """Mark Crashed our flow runs still Running whose last heartbeat is older than the window: what the automation
+    """Mark Crashed our flow runs still Running that have been silent for longer than the window: what the automation
     does, for runs it cannot judge because the server was down while their window passed (a proactive trigger is
-    only evaluated while the server runs, so a run whose client lost the server stayed Running for good). Runs that
-    never sent a heartbeat are left alone (nothing says how often they would). Returns the ids marked."""
+    only evaluated while the server runs, so a run whose client lost the server stayed Running for good), and for
+    runs that never sent a heartbeat (the automation waits for a first one). A run's last sign of life is its newest
+    event (a heartbeat, a state change of it or of one of its tasks), else when it entered Running: our runs send
+    a heartbeat every HEARTBEAT_S (the workspace, the compose file and the k8s template set it), so one silent for
+    the window is dead. Returns the ids marked."""
     # imported here: Prefect's client loads only in the commands that talk to its server
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
@@ -97,23 +100,23 @@ def crash_stale_runs(within_s: int | None = None) -> list[str]:
         FlowRunFilterStateType,
     )
     from prefect.client.schemas.objects import StateType
-    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+    from prefect.events.filters import EventAnyResourceFilter, EventFilter
     from prefect.states import Crashed
 
     within = within_s or crash_after_s()
     running = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])))
     marked = []
+    now = datetime.now(UTC)
     with get_client(sync_client=True) as client:
         for run in client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOWS))), flow_run_filter=running
         ):
-            beats = EventFilter(
-                event=EventNameFilter(name=[HEARTBEAT]), resource=EventResourceFilter(id=[f"prefect.flow-run.{run.id}"])
-            )
-            found = client.read_events(beats, limit=1).events
-            if not found or datetime.now(UTC) - found[0].occurred < timedelta(seconds=within):
+            about = EventFilter(any_resource=EventAnyResourceFilter(id=[f"prefect.flow-run.{run.id}"]))
+            found = client.read_events(about, limit=1).events  # the newest first
+            since = found[0].occurred if found else (run.state.timestamp if run.state else None)
+            if since is None or now - since < timedelta(seconds=within):
                 continue
-            message = f"no heartbeat for {within} s (found when the server was reachable again): the process died"
+            message = f"no sign of life for {within} s (found when the server was reachable again): the process died"
             client.set_flow_run_state(run.id, Crashed(message=message), force=True)
             marked.append(str(run.id))
     return marked

@@ -41,6 +41,7 @@ def start(kill_after_s: float) -> subprocess.Popen[bytes] | None:
             pass_fds=(read,),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C and a signal to the command's group are the command's, not its own
         )
     except OSError:  # no process to spare (a limit on processes): the command runs without one
         os.close(read)
@@ -107,6 +108,10 @@ def _zombie(pid: int) -> bool:
 def watch(wakeup: int, command: int, kill_after_s: float) -> None:
     """Watch `command` until it ends: SIGKILL it `kill_after_s` after a SIGTERM it has not ended by, then stop the
     children it left."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        # Ctrl-C, a process manager's SIGTERM to the group, a closed terminal: the command's to handle; the
+        # watchdog stays until the command has ended (it must outlast a SIGTERM to enforce it)
+        signal.signal(sig, signal.SIG_IGN)
     try:
         ended = os.pidfd_open(command)
     except OSError:  # gone already

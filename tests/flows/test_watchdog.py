@@ -90,3 +90,58 @@ def test_prefect_s_throwaway_server_does_not_outlive_its_command(tmp_path: Path,
             command.kill()
         if server is not None and server.is_running():
             server.kill()
+
+
+_INTERRUPTIBLE = """
+import sys, threading
+from flows.processes import guard
+
+guard()
+print("ready", flush=True)
+try:
+    threading.Event().wait()
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+"""
+
+
+def _wait_until_running(pid: int) -> None:
+    """Until the process has set its own SIGINT disposition (caught or ignored): Python is up and watching."""
+    import time
+
+    for _ in range(200):
+        status = Path(f"/proc/{pid}/status").read_text()
+        masks = {
+            line.split(":")[0]: int(line.split()[1], 16)
+            for line in status.splitlines()
+            if line.startswith(("SigCgt:", "SigIgn:"))
+        }
+        if (masks["SigCgt"] | masks["SigIgn"]) & (1 << (signal.SIGINT - 1)):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the watchdog never started")
+
+
+def test_ctrl_c_to_the_terminal_s_group_is_the_command_s_alone() -> None:
+    """Ctrl-C signals the whole foreground group, watchdog included: it leaves the signal to the command (no
+    traceback of its own) and ends with it."""
+    command = subprocess.Popen(
+        [sys.executable, "-c", _INTERRUPTIBLE],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert command.stdout is not None and command.stdout.readline().strip() == "ready"
+        (watchdog,) = psutil.Process(command.pid).children()
+        _wait_until_running(watchdog.pid)
+        os.killpg(command.pid, signal.SIGINT)
+        _, stderr = command.communicate(timeout=30)
+    finally:
+        if command.poll() is None:
+            os.killpg(command.pid, signal.SIGKILL)
+    assert command.returncode == 130 and stderr.strip() == "interrupted", stderr
+    watchdog.wait(timeout=10)  # it ended with its command

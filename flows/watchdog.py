@@ -39,8 +39,9 @@ def start(kill_after_s: float) -> subprocess.Popen[bytes] | None:
         watchdog = subprocess.Popen(
             [sys.executable, "-I", "-S", __file__, str(read), str(os.getpid()), f"{kill_after_s:g}"],
             pass_fds=(read,),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,  # it holds none of the command's streams: a caller reading the command's
+            stdout=subprocess.DEVNULL,  # output sees its end when the command ends
+            stderr=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C and a signal to the command's group are the command's, not its own
         )
     except OSError:  # no process to spare (a limit on processes): the command runs without one
@@ -105,6 +106,15 @@ def _zombie(pid: int) -> bool:
         return True
 
 
+def _tell(command: int, line: str) -> None:
+    """Write `line` to the command's stderr, wherever it goes (a terminal, a pipe, a log file: appended)."""
+    try:
+        with open(f"/proc/{command}/fd/2", "a") as stderr:
+            print(line, file=stderr, flush=True)
+    except OSError:  # closed, or not ours to open
+        pass
+
+
 def watch(wakeup: int, command: int, kill_after_s: float) -> None:
     """Watch `command` until it ends: SIGKILL it `kill_after_s` after a SIGTERM it has not ended by, then stop the
     children it left."""
@@ -132,11 +142,10 @@ def watch(wakeup: int, command: int, kill_after_s: float) -> None:
                 deadline = time.monotonic() + kill_after_s
         children.update(_children(command))
         if deadline is not None and time.monotonic() >= deadline:
-            print(
+            _tell(
+                command,
                 f"error: the command did not stop within {kill_after_s:g} s of SIGTERM (native code held it); "
                 "killed (SIGKILL)",
-                file=sys.stderr,
-                flush=True,
             )
             os.kill(command, signal.SIGKILL)
             deadline = float("inf")

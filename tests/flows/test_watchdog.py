@@ -72,7 +72,12 @@ threading.Event().wait()
 @pytest.mark.e2e
 @pytest.mark.parametrize("death", [signal.SIGKILL, signal.SIGBUS])  # kill -9 or the OOM killer; a bus error
 def test_prefect_s_throwaway_server_does_not_outlive_its_command(tmp_path: Path, death: signal.Signals) -> None:
-    env = clean_env(tmp_path, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_EPHEMERAL_ENABLED="true")
+    env = clean_env(
+        tmp_path,
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        PREFECT_SERVER_EPHEMERAL_ENABLED="true",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",  # as the workspace sets it: a loaded host is slow
+    )
     command = subprocess.Popen(
         [sys.executable, "-c", _WITH_PREFECT_SERVER], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
     )

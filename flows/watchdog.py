@@ -66,23 +66,30 @@ def _children(pid: int) -> dict[int, str]:
         except OSError:
             continue
         for child in map(int, listed):
-            if child != os.getpid() and (started := _start_time(child)):
-                found[child] = started
+            if child != os.getpid() and (stat := _stat(child)) is not None:
+                found[child] = stat[1]
     return found
 
 
-def _start_time(pid: int) -> str:
+def _stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time) of process `pid` from /proc/PID/stat (fields 3 and 22), or None where it is gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()  # counted after the command name
     except OSError:
-        return ""
-    return stat.rsplit(")", 1)[-1].split()[19]  # field 22, counted after the command name
+        return None
+    return fields[0], fields[19]
+
+
+def _running(pid: int, started: str) -> bool:
+    """Whether the child noted with start time `started` still runs (not reaped, not a zombie, not a new pid)."""
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z" and stat[1] == started
 
 
 def _stop(children: dict[int, str]) -> None:
     """SIGTERM to each child still running (to its whole group where it leads one), SIGKILL after STOP_S."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        alive = {pid for pid, started in children.items() if _start_time(pid) == started}
+        alive = {pid for pid, started in children.items() if _running(pid, started)}
         for pid in alive:
             try:
                 if os.getpgid(pid) == pid:
@@ -94,16 +101,9 @@ def _stop(children: dict[int, str]) -> None:
         deadline = time.monotonic() + STOP_S
         while alive and time.monotonic() < deadline:
             time.sleep(0.1)
-            alive = {pid for pid in alive if _start_time(pid) == children[pid] and not _zombie(pid)}
+            alive = {pid for pid in alive if _running(pid, children[pid])}
         if not alive:
             return
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def _tell(command: int, line: str) -> None:

@@ -131,7 +131,7 @@ class SqlSink:
 
         existing = self._columns(conn, name)
         if existing and name not in self._keyed:
-            self._rekey(conn, name, frame, key, existing)
+            self._rekey(conn, name, key, existing)
             existing = self._columns(conn, name)
         if not existing:
             meta = MetaData()
@@ -151,20 +151,20 @@ class SqlSink:
             conn.execute(text(f"CREATE INDEX IF NOT EXISTS {index} ON {self.quote(name)} (model_name, path)"))
             self._indexed.add(name)
 
-    def _rekey(self, conn: Connection, name: str, frame: pd.DataFrame, key: list[str], existing: set[str]) -> None:
+    def _rekey(self, conn: Connection, name: str, key: list[str], existing: set[str]) -> None:
         """Bring a table an earlier version created up to `key`: a prediction row's key was (image_id, model,
         version) before it became (path, image_id, model, version); the embeddings table then kept no path, and its
         rows take their prediction's. SQLite cannot alter a constraint, so alembic's batch mode rebuilds the table
         there (in this transaction: concurrent writers wait on the lock)."""
-        # alembic loads only for a table an earlier version created
-        from alembic.migration import MigrationContext
-        from alembic.operations import Operations
-
         self._keyed.add(name)
         constraint = f"uq_{name}_key"
         found = [u for u in inspect(conn).get_unique_constraints(name) if u["name"] == constraint]
         if not found or list(found[0]["column_names"]) == key:
             return
+        # alembic loads only for a table an earlier version created
+        from alembic.migration import MigrationContext
+        from alembic.operations import Operations
+
         if "path" in key and "path" not in existing:
             conn.execute(text(f"ALTER TABLE {self.quote(name)} ADD COLUMN {self.quote('path')} VARCHAR(512)"))
             self._fill_paths(conn, name)
